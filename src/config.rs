@@ -1,0 +1,923 @@
+//! Layered settings: built-in defaults < YAML file < environment.
+//!
+//! The file is `--config PATH`, else `$HARNESS_CONFIG`, else `./harness.yml` when present.
+//! Every key can be overridden with `HARNESS_<SECTION>__<KEY>` (nested sections joined by
+//! `__`, e.g. `HARNESS_GOVERNANCE__PAUSE_AFTER_ERROR_BURST__THRESHOLD=5`); `DATABASE_URL`
+//! sets `database.url` and `HARNESS_HOME` sets `home`.
+//!
+//! Guarantees: an unknown key, a value of the wrong type or a value out of range is an
+//! [`Error`] that names the key, where it came from (file or variable) and what is allowed.
+//! Secrets (database password, API tokens, webhook URL) never appear in `Debug` output or in
+//! [`Config::to_redacted_yaml`].
+//!
+//! This is the only module that reads the process environment for settings.
+//!
+//! ```
+//! let cfg = harness::config::Config::load_from(
+//!     None,
+//!     [("HARNESS_BULK__MAX_CONCURRENT".to_string(), "4".to_string())],
+//! ).unwrap();
+//! assert_eq!(cfg.bulk.max_concurrent, 4);
+//! assert_eq!(cfg.bulk.retry_attempts, 3);
+//! ```
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use secrecy::{ExposeSecret, SecretString};
+use serde::{Deserialize, Serialize};
+use serde_norway::{Mapping, Value};
+
+/// Environment variables that are not `SECTION__KEY` overrides but are still ours.
+const ENV_CONFIG_FILE: &str = "HARNESS_CONFIG";
+const ENV_HOME: &str = "HARNESS_HOME";
+const ENV_DATABASE_URL: &str = "DATABASE_URL";
+const ENV_PREFIX: &str = "HARNESS_";
+const DEFAULT_FILE: &str = "harness.yml";
+
+/// A configuration problem, phrased for the person who has to fix it.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path} is not valid YAML: {message}")]
+    Syntax { path: PathBuf, message: String },
+    #[error("unknown key `{key}` ({origin}); {hint}")]
+    UnknownKey {
+        key: String,
+        origin: Origin,
+        hint: String,
+    },
+    #[error("invalid value for `{key}` ({origin}): {message}")]
+    Invalid {
+        key: String,
+        origin: Origin,
+        message: String,
+    },
+}
+
+/// Where a setting came from, so an error can point at the line to change.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Origin {
+    Default,
+    File(PathBuf),
+    Env(String),
+}
+
+impl fmt::Display for Origin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Origin::Default => write!(f, "built-in default"),
+            Origin::File(p) => write!(f, "in {}", p.display()),
+            Origin::Env(v) => write!(f, "from environment variable {v}"),
+        }
+    }
+}
+
+/// A secret string: deserializes from a plain string, prints as `[redacted]` everywhere.
+#[derive(Clone, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(SecretString);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Secret(SecretString::from(value.into()))
+    }
+    pub fn expose(&self) -> &str {
+        self.0.expose_secret()
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("[redacted]")
+    }
+}
+
+impl Serialize for Secret {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str("[redacted]")
+    }
+}
+
+/// The effective configuration of one `harness` process.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Directory for the private PostgreSQL and local state (`$HARNESS_HOME`).
+    pub home: PathBuf,
+    pub database: DatabaseConfig,
+    pub bulk: BulkConfig,
+    pub governance: GovernanceConfig,
+    pub telemetry: TelemetryConfig,
+    pub persistence: PersistenceConfig,
+    pub escalation: EscalationConfig,
+    pub api: ApiConfig,
+    pub executor: ExecutorConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            home: PathBuf::from(".harness"),
+            database: DatabaseConfig::default(),
+            bulk: BulkConfig::default(),
+            governance: GovernanceConfig::default(),
+            telemetry: TelemetryConfig::default(),
+            persistence: PersistenceConfig::default(),
+            escalation: EscalationConfig::default(),
+            api: ApiConfig::default(),
+            executor: ExecutorConfig::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DatabaseConfig {
+    /// `postgres://…`; unset means "start a private server under `home`".
+    pub url: Option<Secret>,
+    pub max_connections: u32,
+    /// Where to find `initdb`/`postgres` for the private server; unset means search.
+    pub pg_bindir: Option<PathBuf>,
+}
+
+impl Default for DatabaseConfig {
+    fn default() -> Self {
+        DatabaseConfig {
+            url: None,
+            max_connections: 10,
+            pg_bindir: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BulkConfig {
+    /// Tasks one replica runs at once (its worker pool's capacity before the governor).
+    pub max_concurrent: u32,
+    /// Default retries of a task after its first attempt.
+    pub retry_attempts: u32,
+    /// Base of the exponential retry backoff.
+    pub retry_delay_seconds: u64,
+}
+
+impl Default for BulkConfig {
+    fn default() -> Self {
+        BulkConfig {
+            max_concurrent: 8,
+            retry_attempts: 3,
+            retry_delay_seconds: 15,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GovernanceConfig {
+    pub cpu_high_pct: f64,
+    pub mem_high_pct: f64,
+    pub window_s: u64,
+    pub pause_after_error_burst: ErrorBurstConfig,
+    pub human_review_after_pause_bursts: u32,
+}
+
+impl Default for GovernanceConfig {
+    fn default() -> Self {
+        GovernanceConfig {
+            cpu_high_pct: 85.0,
+            mem_high_pct: 85.0,
+            window_s: 30,
+            pause_after_error_burst: ErrorBurstConfig::default(),
+            human_review_after_pause_bursts: 3,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ErrorBurstConfig {
+    pub threshold: u32,
+    pub duration_s: u64,
+}
+
+impl Default for ErrorBurstConfig {
+    fn default() -> Self {
+        ErrorBurstConfig {
+            threshold: 10,
+            duration_s: 60,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable on a terminal, JSON lines otherwise.
+    Auto,
+    Json,
+    Pretty,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TelemetryConfig {
+    pub sample_interval_s: u64,
+    pub log_interval_s: u64,
+    pub log_format: LogFormat,
+}
+
+impl Default for TelemetryConfig {
+    fn default() -> Self {
+        TelemetryConfig {
+            sample_interval_s: 2,
+            log_interval_s: 10,
+            log_format: LogFormat::Auto,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PersistenceConfig {
+    pub gc_completed_after_days: u32,
+}
+
+impl Default for PersistenceConfig {
+    fn default() -> Self {
+        PersistenceConfig {
+            gc_completed_after_days: 7,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EscalationConfig {
+    pub enabled: bool,
+    pub webhook_url: Option<Secret>,
+    pub email_to: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Scope {
+    Read,
+    Admin,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiToken {
+    pub token: Secret,
+    pub scope: Scope,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ApiConfig {
+    pub bind: SocketAddr,
+    pub tokens: Vec<ApiToken>,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        ApiConfig {
+            bind: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            tokens: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ExecutorConfig {
+    pub python: String,
+    pub default_timeout_s: u64,
+    pub max_memory_mb: u64,
+    pub max_cpu_percent: u32,
+}
+
+impl Default for ExecutorConfig {
+    fn default() -> Self {
+        ExecutorConfig {
+            python: "python3".to_string(),
+            default_timeout_s: 300,
+            max_memory_mb: 256,
+            max_cpu_percent: 50,
+        }
+    }
+}
+
+/// Which file to read, in precedence order.
+fn choose_file(explicit: Option<&Path>, env: &BTreeMap<String, String>) -> Option<PathBuf> {
+    if let Some(p) = explicit {
+        return Some(p.to_path_buf());
+    }
+    if let Some(p) = env.get(ENV_CONFIG_FILE).filter(|p| !p.is_empty()) {
+        return Some(PathBuf::from(p));
+    }
+    let default = PathBuf::from(DEFAULT_FILE);
+    default.is_file().then_some(default)
+}
+
+impl Config {
+    /// Loads from the process environment and the chosen file.
+    pub fn load(explicit_file: Option<&Path>) -> Result<Config, Error> {
+        Self::load_from(explicit_file, std::env::vars())
+    }
+
+    /// Loads with an explicit environment (tests pass their own).
+    pub fn load_from(
+        explicit_file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, Error> {
+        let env: BTreeMap<String, String> = env.into_iter().collect();
+        let defaults = serde_norway::to_value(Config::default()).expect("defaults serialize");
+        let mut merged = defaults.clone();
+        let mut origins: BTreeMap<String, Origin> = BTreeMap::new();
+
+        if let Some(path) = choose_file(explicit_file, &env) {
+            let text = std::fs::read_to_string(&path).map_err(|source| Error::Read {
+                path: path.clone(),
+                source,
+            })?;
+            let file: Value = serde_norway::from_str(&text).map_err(|e| Error::Syntax {
+                path: path.clone(),
+                message: e.to_string(),
+            })?;
+            match file {
+                Value::Null => {}
+                Value::Mapping(_) => {
+                    let origin = Origin::File(path.clone());
+                    overlay(&mut merged, &defaults, file, "", &origin, &mut origins)?;
+                }
+                _ => {
+                    return Err(Error::Syntax {
+                        path,
+                        message: "the top level must be a mapping of sections".into(),
+                    });
+                }
+            }
+        }
+
+        for (var, raw) in &env {
+            let key = if var == ENV_DATABASE_URL {
+                "database.url".to_string()
+            } else if var == ENV_HOME {
+                "home".to_string()
+            } else if let Some(rest) = var.strip_prefix(ENV_PREFIX) {
+                if !rest.contains("__") {
+                    continue; // HARNESS_CONFIG and other non-setting variables
+                }
+                rest.split("__")
+                    .map(str::to_ascii_lowercase)
+                    .collect::<Vec<_>>()
+                    .join(".")
+            } else {
+                continue;
+            };
+            let origin = Origin::Env(var.clone());
+            let default_here = lookup(&defaults, &key).ok_or_else(|| Error::UnknownKey {
+                key: key.clone(),
+                origin: origin.clone(),
+                hint: hint_for(&defaults, &key),
+            })?;
+            let value = env_value(raw, default_here);
+            set_path(&mut merged, &key, value);
+            origins.insert(key, origin);
+        }
+
+        let origin_of = |key: &str| -> Origin {
+            // The most specific recorded origin: `api.tokens[0].scope` came with `api.tokens`.
+            let mut probe = key.to_string();
+            loop {
+                if let Some(o) = origins.get(&probe) {
+                    return o.clone();
+                }
+                match probe.rfind(['.', '[']) {
+                    Some(i) => probe.truncate(i),
+                    None => return Origin::Default,
+                }
+            }
+        };
+
+        let cfg: Config = serde_path_to_error::deserialize(merged).map_err(|e| {
+            let key = e.path().to_string();
+            Error::Invalid {
+                origin: origin_of(&key),
+                message: e.into_inner().to_string(),
+                key,
+            }
+        })?;
+        cfg.validate().map_err(|(key, message)| Error::Invalid {
+            origin: origin_of(&key),
+            key,
+            message,
+        })?;
+        Ok(cfg)
+    }
+
+    /// Range checks that types alone cannot express. Returns `(key, what is allowed)`.
+    fn validate(&self) -> Result<(), (String, String)> {
+        fn range<T: PartialOrd + fmt::Display + Copy>(
+            key: &str,
+            v: T,
+            lo: T,
+            hi: T,
+        ) -> Result<(), (String, String)> {
+            if v < lo || v > hi {
+                Err((
+                    key.to_string(),
+                    format!("{v} is out of range; allowed {lo} to {hi}"),
+                ))
+            } else {
+                Ok(())
+            }
+        }
+        range(
+            "database.max_connections",
+            self.database.max_connections,
+            1,
+            1000,
+        )?;
+        range("bulk.max_concurrent", self.bulk.max_concurrent, 1, 10_000)?;
+        range("bulk.retry_attempts", self.bulk.retry_attempts, 0, 100)?;
+        range(
+            "bulk.retry_delay_seconds",
+            self.bulk.retry_delay_seconds,
+            0,
+            86_400,
+        )?;
+        range(
+            "governance.cpu_high_pct",
+            self.governance.cpu_high_pct,
+            1.0,
+            100.0,
+        )?;
+        range(
+            "governance.mem_high_pct",
+            self.governance.mem_high_pct,
+            1.0,
+            100.0,
+        )?;
+        range("governance.window_s", self.governance.window_s, 1, 86_400)?;
+        let burst = &self.governance.pause_after_error_burst;
+        range(
+            "governance.pause_after_error_burst.threshold",
+            burst.threshold,
+            1,
+            1_000_000,
+        )?;
+        range(
+            "governance.pause_after_error_burst.duration_s",
+            burst.duration_s,
+            1,
+            86_400,
+        )?;
+        range(
+            "governance.human_review_after_pause_bursts",
+            self.governance.human_review_after_pause_bursts,
+            1,
+            1000,
+        )?;
+        range(
+            "telemetry.sample_interval_s",
+            self.telemetry.sample_interval_s,
+            1,
+            3600,
+        )?;
+        range(
+            "telemetry.log_interval_s",
+            self.telemetry.log_interval_s,
+            1,
+            86_400,
+        )?;
+        range(
+            "persistence.gc_completed_after_days",
+            self.persistence.gc_completed_after_days,
+            1,
+            36_500,
+        )?;
+        range(
+            "executor.default_timeout_s",
+            self.executor.default_timeout_s,
+            1,
+            86_400,
+        )?;
+        range(
+            "executor.max_memory_mb",
+            self.executor.max_memory_mb,
+            16,
+            65_536,
+        )?;
+        range(
+            "executor.max_cpu_percent",
+            self.executor.max_cpu_percent,
+            1,
+            100,
+        )?;
+        if self.executor.python.trim().is_empty() {
+            return Err((
+                "executor.python".into(),
+                "must name a Python interpreter".into(),
+            ));
+        }
+        if let Some(url) = &self.database.url {
+            let ok = url::Url::parse(url.expose())
+                .map(|u| matches!(u.scheme(), "postgres" | "postgresql"))
+                .unwrap_or(false);
+            if !ok {
+                return Err((
+                    "database.url".into(),
+                    "must be a URL of the form postgres://user:password@host:port/database".into(),
+                ));
+            }
+        }
+        if let Some(url) = &self.escalation.webhook_url {
+            let ok = url::Url::parse(url.expose())
+                .map(|u| matches!(u.scheme(), "http" | "https"))
+                .unwrap_or(false);
+            if !ok {
+                return Err((
+                    "escalation.webhook_url".into(),
+                    "must be an http:// or https:// URL".into(),
+                ));
+            }
+        }
+        for (i, t) in self.api.tokens.iter().enumerate() {
+            if t.token.expose().len() < 16 {
+                return Err((
+                    format!("api.tokens[{i}].token"),
+                    "must be at least 16 characters".into(),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The effective configuration as YAML, with every secret replaced by `[redacted]`
+    /// (the database URL keeps everything but its password, so it stays useful).
+    pub fn to_redacted_yaml(&self) -> String {
+        let mut value = serde_norway::to_value(self).expect("config serializes");
+        if let Some(url) = &self.database.url {
+            set_path(
+                &mut value,
+                "database.url",
+                Value::String(redact_url(url.expose())),
+            );
+        }
+        serde_norway::to_string(&value).expect("value serializes")
+    }
+}
+
+/// `postgres://user:secret@host/db` → `postgres://user:[redacted]@host/db`.
+pub fn redact_url(raw: &str) -> String {
+    match url::Url::parse(raw) {
+        Ok(mut u) => {
+            if u.password().is_some() {
+                let _ = u.set_password(Some("[redacted]"));
+            }
+            // Query parameters may carry a password too (`?password=`).
+            if u.query().is_some_and(|q| q.contains("password")) {
+                u.set_query(Some("[redacted]"));
+            }
+            u.to_string()
+        }
+        Err(_) => "[redacted]".to_string(),
+    }
+}
+
+/// Merges `src` (from a file) into `dst`, rejecting keys that the defaults do not have.
+fn overlay(
+    dst: &mut Value,
+    defaults: &Value,
+    src: Value,
+    prefix: &str,
+    origin: &Origin,
+    origins: &mut BTreeMap<String, Origin>,
+) -> Result<(), Error> {
+    let Value::Mapping(src) = src else {
+        unreachable!("callers pass mappings")
+    };
+    for (k, v) in src {
+        let name = match &k {
+            Value::String(s) => s.clone(),
+            other => serde_norway::to_string(other)
+                .unwrap_or_default()
+                .trim()
+                .to_string(),
+        };
+        let key = if prefix.is_empty() {
+            name.clone()
+        } else {
+            format!("{prefix}.{name}")
+        };
+        let Some(default_here) = lookup(defaults, &key) else {
+            return Err(Error::UnknownKey {
+                hint: hint_for(defaults, &key),
+                key,
+                origin: origin.clone(),
+            });
+        };
+        match (default_here, v) {
+            (Value::Mapping(_), Value::Null) => {}
+            (Value::Mapping(_), v @ Value::Mapping(_)) => {
+                overlay(dst, defaults, v, &key, origin, origins)?;
+            }
+            (_, v) => {
+                set_path(dst, &key, v);
+                origins.insert(key, origin.clone());
+            }
+        }
+    }
+    Ok(())
+}
+
+fn lookup<'a>(root: &'a Value, dotted: &str) -> Option<&'a Value> {
+    dotted.split('.').try_fold(root, |v, part| match v {
+        Value::Mapping(m) => m.get(Value::String(part.to_string())),
+        _ => None,
+    })
+}
+
+fn set_path(root: &mut Value, dotted: &str, value: Value) {
+    let mut cur = root;
+    let parts: Vec<&str> = dotted.split('.').collect();
+    for (i, part) in parts.iter().enumerate() {
+        if !matches!(cur, Value::Mapping(_)) {
+            *cur = Value::Mapping(Mapping::new());
+        }
+        let Value::Mapping(m) = cur else {
+            unreachable!()
+        };
+        let k = Value::String(part.to_string());
+        if i + 1 == parts.len() {
+            m.insert(k, value);
+            return;
+        }
+        cur = m.entry(k).or_insert(Value::Null);
+    }
+}
+
+/// "did you mean" and the list of keys allowed where the unknown one was found.
+fn hint_for(defaults: &Value, key: &str) -> String {
+    let (parent, leaf) = match key.rsplit_once('.') {
+        Some((p, l)) => (Some(p), l),
+        None => (None, key),
+    };
+    let section = match parent {
+        Some(p) => lookup(defaults, p),
+        None => Some(defaults),
+    };
+    let Some(Value::Mapping(m)) = section else {
+        return format!("`{}` has no sub-keys", parent.unwrap_or_default());
+    };
+    let allowed: Vec<String> = m
+        .keys()
+        .filter_map(|k| k.as_str().map(str::to_string))
+        .collect();
+    let closest = allowed
+        .iter()
+        .map(|a| (edit_distance(a, leaf), a))
+        .filter(|(d, _)| *d <= 3)
+        .min();
+    let place = parent.map_or("at the top level".to_string(), |p| format!("in `{p}`"));
+    match closest {
+        Some((_, a)) => format!(
+            "did you mean `{}`? allowed {place}: {}",
+            parent.map_or(a.clone(), |p| format!("{p}.{a}")),
+            allowed.join(", ")
+        ),
+        None => format!("allowed {place}: {}", allowed.join(", ")),
+    }
+}
+
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut cur = vec![i + 1; b.len() + 1];
+        for (j, cb) in b.iter().enumerate() {
+            cur[j + 1] = (prev[j] + usize::from(ca != *cb))
+                .min(prev[j + 1] + 1)
+                .min(cur[j] + 1);
+        }
+        prev = cur;
+    }
+    prev[b.len()]
+}
+
+/// Environment values are strings; give them the type the default has, so
+/// `HARNESS_BULK__MAX_CONCURRENT=4` is a number while a numeric-looking password stays text.
+fn env_value(raw: &str, default_here: &Value) -> Value {
+    match default_here {
+        Value::String(_) | Value::Null => Value::String(raw.to_string()),
+        _ => serde_norway::from_str(raw).unwrap_or_else(|_| Value::String(raw.to_string())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    fn file(text: &str) -> tempfile::NamedTempFile {
+        use std::io::Write;
+        let mut f = tempfile::Builder::new().suffix(".yml").tempfile().unwrap();
+        f.write_all(text.as_bytes()).unwrap();
+        f
+    }
+
+    #[test]
+    fn defaults_match_the_predecessor() {
+        let c = Config::load_from(None, env(&[])).unwrap();
+        assert_eq!(c.bulk.max_concurrent, 8);
+        assert_eq!(c.bulk.retry_attempts, 3);
+        assert_eq!(c.bulk.retry_delay_seconds, 15);
+        assert_eq!(c.governance.cpu_high_pct, 85.0);
+        assert_eq!(c.governance.pause_after_error_burst.threshold, 10);
+        assert_eq!(c.governance.pause_after_error_burst.duration_s, 60);
+        assert_eq!(c.governance.human_review_after_pause_bursts, 3);
+        assert_eq!(c.telemetry.sample_interval_s, 2);
+        assert_eq!(c.persistence.gc_completed_after_days, 7);
+        assert_eq!(c.api.bind.to_string(), "127.0.0.1:8080");
+        assert_eq!(c.executor.default_timeout_s, 300);
+    }
+
+    #[test]
+    fn file_overrides_defaults_and_env_overrides_file() {
+        let f = file(
+            "bulk:\n  max_concurrent: 5\n  retry_attempts: 7\ngovernance:\n  pause_after_error_burst:\n    threshold: 4\n",
+        );
+        let c = Config::load_from(
+            Some(f.path()),
+            env(&[
+                ("HARNESS_BULK__MAX_CONCURRENT", "2"),
+                (
+                    "HARNESS_GOVERNANCE__PAUSE_AFTER_ERROR_BURST__DURATION_S",
+                    "9",
+                ),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.bulk.max_concurrent, 2, "env beats file");
+        assert_eq!(c.bulk.retry_attempts, 7, "file beats default");
+        assert_eq!(c.bulk.retry_delay_seconds, 15, "default stays");
+        assert_eq!(c.governance.pause_after_error_burst.threshold, 4);
+        assert_eq!(c.governance.pause_after_error_burst.duration_s, 9);
+    }
+
+    #[test]
+    fn harness_config_variable_chooses_the_file() {
+        let f = file("bulk:\n  retry_attempts: 9\n");
+        let c = Config::load_from(None, env(&[("HARNESS_CONFIG", f.path().to_str().unwrap())]))
+            .unwrap();
+        assert_eq!(c.bulk.retry_attempts, 9);
+    }
+
+    #[test]
+    fn database_url_and_home_aliases() {
+        let c = Config::load_from(
+            None,
+            env(&[
+                ("DATABASE_URL", "postgres://u:pw@localhost:5432/db"),
+                ("HARNESS_HOME", "/tmp/h"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(
+            c.database.url.unwrap().expose(),
+            "postgres://u:pw@localhost:5432/db"
+        );
+        assert_eq!(c.home, PathBuf::from("/tmp/h"));
+    }
+
+    #[test]
+    fn unknown_file_key_names_key_file_and_suggestion() {
+        let f = file("bulk:\n  max_concurent: 5\n");
+        let err = Config::load_from(Some(f.path()), env(&[]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("`bulk.max_concurent`"), "{err}");
+        assert!(err.contains(f.path().to_str().unwrap()), "{err}");
+        assert!(err.contains("did you mean `bulk.max_concurrent`"), "{err}");
+    }
+
+    #[test]
+    fn unknown_env_key_names_the_variable() {
+        let err = Config::load_from(None, env(&[("HARNESS_BULK__NOPE", "1")]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("`bulk.nope`"), "{err}");
+        assert!(err.contains("HARNESS_BULK__NOPE"), "{err}");
+    }
+
+    #[test]
+    fn wrong_type_names_key_and_origin() {
+        let err = Config::load_from(None, env(&[("HARNESS_BULK__MAX_CONCURRENT", "lots")]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("`bulk.max_concurrent`"), "{err}");
+        assert!(err.contains("HARNESS_BULK__MAX_CONCURRENT"), "{err}");
+
+        let f = file("telemetry:\n  log_format: fancy\n");
+        let err = Config::load_from(Some(f.path()), env(&[]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("`telemetry.log_format`"), "{err}");
+        assert!(err.contains("pretty"), "lists the allowed values: {err}");
+    }
+
+    #[test]
+    fn out_of_range_names_key_and_range() {
+        let f = file("bulk:\n  max_concurrent: 0\n");
+        let err = Config::load_from(Some(f.path()), env(&[]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("`bulk.max_concurrent`"), "{err}");
+        assert!(err.contains("allowed 1 to 10000"), "{err}");
+        assert!(err.contains(f.path().to_str().unwrap()), "{err}");
+    }
+
+    #[test]
+    fn tokens_from_json_env_and_bad_scope() {
+        let c = Config::load_from(
+            None,
+            env(&[(
+                "HARNESS_API__TOKENS",
+                r#"[{"token":"0123456789abcdef-admin","scope":"admin"}]"#,
+            )]),
+        )
+        .unwrap();
+        assert_eq!(c.api.tokens[0].scope, Scope::Admin);
+
+        let err = Config::load_from(
+            None,
+            env(&[(
+                "HARNESS_API__TOKENS",
+                r#"[{"token":"0123456789abcdef-admin","scope":"root"}]"#,
+            )]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("api.tokens[0].scope"), "{err}");
+        assert!(err.contains("HARNESS_API__TOKENS"), "{err}");
+    }
+
+    #[test]
+    fn malformed_yaml_is_a_syntax_error() {
+        let f = file("bulk: [unclosed\n");
+        let err = Config::load_from(Some(f.path()), env(&[])).unwrap_err();
+        assert!(matches!(err, Error::Syntax { .. }), "{err}");
+    }
+
+    #[test]
+    fn secrets_are_redacted() {
+        let c = Config::load_from(
+            None,
+            env(&[
+                ("DATABASE_URL", "postgres://app:hunter2@db:5432/harness"),
+                (
+                    "HARNESS_ESCALATION__WEBHOOK_URL",
+                    "https://hooks.example/T0/secret-path",
+                ),
+                (
+                    "HARNESS_API__TOKENS",
+                    r#"[{"token":"supersecrettoken-123","scope":"read"}]"#,
+                ),
+            ]),
+        )
+        .unwrap();
+        let yaml = c.to_redacted_yaml();
+        let debug = format!("{c:?}");
+        for out in [&yaml, &debug] {
+            assert!(!out.contains("hunter2"), "{out}");
+            assert!(!out.contains("secret-path"), "{out}");
+            assert!(!out.contains("supersecrettoken"), "{out}");
+        }
+        assert!(
+            yaml.contains("postgres://app:%5Bredacted%5D@db:5432/harness")
+                || yaml.contains("app:[redacted]@db"),
+            "{yaml}"
+        );
+    }
+
+    #[test]
+    fn numeric_looking_string_stays_a_string() {
+        let c = Config::load_from(None, env(&[("HARNESS_EXECUTOR__PYTHON", "3")])).unwrap();
+        assert_eq!(c.executor.python, "3");
+    }
+}

@@ -1,0 +1,169 @@
+//! The connection pool, the migrations in `migrations/`, and the private PostgreSQL server
+//! that stands in when no database URL is configured.
+//!
+//! Guarantees: [`migrate`] is idempotent and safe to run from several processes at once
+//! (sqlx serialises it with an advisory lock); connection errors never show a password.
+//! Holds no business rules: the tables belong to `queue`, `agents`, `scheduler`, `governor`.
+
+pub mod private;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use sqlx::PgPool;
+use sqlx::migrate::Migrator;
+use sqlx::postgres::PgPoolOptions;
+
+use crate::config::{Config, redact_url};
+pub use private::{PrivateServer, ServerOptions};
+
+/// Every migration in `migrations/`, embedded in the binary.
+pub static MIGRATOR: Migrator = sqlx::migrate!("./migrations");
+
+/// The database a private server creates for the harness itself.
+pub const PRIVATE_DATABASE: &str = "harness";
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(
+        "DATABASE_URL is not set and no PostgreSQL server binaries were found \
+         (searched: {searched}); install PostgreSQL (e.g. `apt-get install postgresql`) \
+         or set DATABASE_URL"
+    )]
+    NoBinaries { searched: String },
+    #[error("{what}: {detail}")]
+    Server { what: String, detail: String },
+    #[error(
+        "PostgreSQL must run as the unprivileged user `{user}` (it refuses root), but that user \
+         cannot enter {path}; set HARNESS_HOME to a directory it can reach (e.g. under /tmp)"
+    )]
+    Unreachable { user: String, path: PathBuf },
+    #[error("cannot use {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot connect to PostgreSQL at {url}: {source}")]
+    Connect { url: String, source: sqlx::Error },
+    #[error("database migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("database error: {0}")]
+    Sql(#[from] sqlx::Error),
+}
+
+/// An open database: the pool, and the private server behind it when there is one.
+#[derive(Debug)]
+pub struct Database {
+    pub pool: PgPool,
+    url: String,
+    server: Option<PrivateServer>,
+}
+
+impl Database {
+    /// Connects to `database.url`, or starts (or joins) the private server under `home`.
+    pub async fn open(cfg: &Config) -> Result<Database, Error> {
+        let (url, server) = match &cfg.database.url {
+            Some(url) => (url.expose().to_string(), None),
+            None => {
+                let options = ServerOptions {
+                    bindir: cfg.database.pg_bindir.clone(),
+                    ephemeral: false,
+                };
+                let server = start_private(cfg.home.clone(), options).await?;
+                create_database(&server, PRIVATE_DATABASE).await?;
+                (server.url(PRIVATE_DATABASE), Some(server))
+            }
+        };
+        let pool = connect(&url, cfg.database.max_connections).await?;
+        Ok(Database { pool, url, server })
+    }
+
+    /// The URL the pool connects to (contains the password when the configured one does).
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    pub fn private_server(&self) -> Option<&PrivateServer> {
+        self.server.as_ref()
+    }
+
+    /// Closes the pool, then leaves (and, if last, stops) the private server.
+    pub async fn close(self) {
+        self.pool.close().await;
+        if let Some(server) = self.server {
+            let _ = tokio::task::spawn_blocking(move || server.stop()).await;
+        }
+    }
+}
+
+/// Starts or joins the private server without blocking the runtime.
+pub async fn start_private(home: PathBuf, options: ServerOptions) -> Result<PrivateServer, Error> {
+    tokio::task::spawn_blocking(move || PrivateServer::start(&home, &options))
+        .await
+        .expect("private server start-up panicked")
+}
+
+/// Creates `name` on the private server unless it exists (safe when two processes race).
+pub async fn create_database(server: &PrivateServer, name: &str) -> Result<(), Error> {
+    let admin = connect(&server.url("postgres"), 1).await?;
+    let exists: bool =
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
+            .bind(name)
+            .fetch_one(&admin)
+            .await?;
+    if !exists {
+        // CREATE DATABASE takes no bind parameters; the name is quoted as an identifier.
+        let sql = format!("CREATE DATABASE {}", quote_ident(name));
+        if let Err(e) = sqlx::query(&sql).execute(&admin).await {
+            let duplicate = e
+                .as_database_error()
+                .and_then(|d| d.code())
+                .is_some_and(|c| c == "42P04" || c == "23505");
+            if !duplicate {
+                return Err(e.into());
+            }
+        }
+    }
+    admin.close().await;
+    Ok(())
+}
+
+/// `"name"` with embedded quotes doubled: an identifier that cannot break out of its quotes.
+pub fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// A pool on `url` whose errors name the server but never the password.
+pub async fn connect(url: &str, max_connections: u32) -> Result<PgPool, Error> {
+    PgPoolOptions::new()
+        .max_connections(max_connections)
+        .acquire_timeout(Duration::from_secs(10))
+        .connect(url)
+        .await
+        .map_err(|source| Error::Connect {
+            url: redact_url(url),
+            source,
+        })
+}
+
+/// Applies every migration not applied yet.
+pub async fn migrate(pool: &PgPool) -> Result<(), Error> {
+    MIGRATOR.run(pool).await?;
+    Ok(())
+}
+
+/// True when every embedded migration has been applied (what readiness means).
+pub async fn migrations_current(pool: &PgPool) -> Result<bool, Error> {
+    let applied: Vec<i64> =
+        match sqlx::query_scalar("SELECT version FROM _sqlx_migrations WHERE success")
+            .fetch_all(pool)
+            .await
+        {
+            Ok(v) => v,
+            Err(e) if e.as_database_error().and_then(|d| d.code()).as_deref() == Some("42P01") => {
+                return Ok(false);
+            }
+            Err(e) => return Err(e.into()),
+        };
+    Ok(MIGRATOR.iter().all(|m| applied.contains(&m.version)))
+}

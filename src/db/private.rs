@@ -1,0 +1,535 @@
+//! A private PostgreSQL server for development and tests, run from the installed binaries.
+//!
+//! Layout under the harness home (`.harness/` or `$HARNESS_HOME`):
+//! `pg/` (data directory and Unix socket), `pg.log` (server log), `pg.port` (the port of the
+//! running server), `pg.lock` (held exclusively while a process starts or stops the server)
+//! and `pg.users` (held *shared* by every process that uses the server).
+//!
+//! Guarantees: several `harness` processes on one home share one server; the server is
+//! stopped by the last process that leaves it (an exclusive `pg.users` lock succeeds only
+//! then). A process killed with `kill -9` leaves the server running, and the next process
+//! attaches to it. As root, `initdb` and `postgres` run as `postgres` (or `nobody`) because
+//! PostgreSQL refuses to run as root.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read, Seek, SeekFrom};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{self, Signal};
+use nix::unistd::{Pid, Uid, User};
+
+use super::Error;
+
+/// Settings of a private server beyond PostgreSQL's defaults.
+#[derive(Debug, Clone, Default)]
+pub struct ServerOptions {
+    /// Where `initdb`/`postgres` live; `None` searches (see [`find_bindir`]).
+    pub bindir: Option<PathBuf>,
+    /// Trade durability for speed (fsync off); for throwaway test servers only.
+    pub ephemeral: bool,
+}
+
+/// A handle on the shared private server. Dropping it leaves the server to the other users,
+/// or stops it when this was the last one.
+pub struct PrivateServer {
+    home: PathBuf,
+    port: u16,
+    /// Held shared for as long as this process uses the server.
+    users_lock: Option<File>,
+    /// Present when this process started the server, so it can reap it.
+    child: Option<Child>,
+}
+
+impl std::fmt::Debug for PrivateServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PrivateServer")
+            .field("home", &self.home)
+            .field("port", &self.port)
+            .finish()
+    }
+}
+
+/// Locates the PostgreSQL server binaries: the explicit directory, else `pg_config --bindir`,
+/// else `/usr/lib/postgresql/<version>/bin` (highest version first), else `$PATH`.
+pub fn find_bindir(explicit: Option<&Path>) -> Result<PathBuf, Error> {
+    let pg_config = Command::new("pg_config")
+        .arg("--bindir")
+        .stderr(Stdio::null())
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| PathBuf::from(String::from_utf8_lossy(&o.stdout).trim()));
+    search_bindir(
+        explicit,
+        pg_config,
+        Path::new("/usr/lib/postgresql"),
+        std::env::var_os("PATH"),
+    )
+}
+
+/// The search of [`find_bindir`], with every input given (so it can be tested).
+pub fn search_bindir(
+    explicit: Option<&Path>,
+    pg_config_bindir: Option<PathBuf>,
+    versions_root: &Path,
+    path_var: Option<std::ffi::OsString>,
+) -> Result<PathBuf, Error> {
+    let has_server = |dir: &Path| dir.join("initdb").is_file() && dir.join("postgres").is_file();
+    if let Some(dir) = explicit {
+        return if has_server(dir) {
+            Ok(dir.to_path_buf())
+        } else {
+            Err(Error::NoBinaries {
+                searched: format!("{} (database.pg_bindir)", dir.display()),
+            })
+        };
+    }
+    let mut searched = Vec::new();
+    if let Some(dir) = pg_config_bindir {
+        if has_server(&dir) {
+            return Ok(dir);
+        }
+        searched.push(format!("{} (pg_config --bindir)", dir.display()));
+    } else {
+        searched.push("pg_config (not on PATH)".to_string());
+    }
+    let mut versioned: Vec<(u32, PathBuf)> = fs::read_dir(versions_root)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let version = e.file_name().to_str()?.parse::<u32>().ok()?;
+            Some((version, e.path().join("bin")))
+        })
+        .collect();
+    versioned.sort_by_key(|v| std::cmp::Reverse(v.0));
+    if let Some((_, dir)) = versioned.iter().find(|(_, d)| has_server(d)) {
+        return Ok(dir.clone());
+    }
+    searched.push(format!("{}/*/bin", versions_root.display()));
+    if let Some(dir) = path_var.and_then(|p| std::env::split_paths(&p).find(|d| has_server(d))) {
+        return Ok(dir);
+    }
+    searched.push("$PATH".to_string());
+    Err(Error::NoBinaries {
+        searched: searched.join(", "),
+    })
+}
+
+/// The unprivileged account PostgreSQL runs as when we are root.
+fn run_as_user() -> Option<User> {
+    if !Uid::effective().is_root() {
+        return None;
+    }
+    User::from_name("postgres")
+        .ok()
+        .flatten()
+        .or_else(|| User::from_name("nobody").ok().flatten())
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
+    move |source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+fn open_lock(path: &Path) -> Result<File, Error> {
+    OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .open(path)
+        .map_err(io_err(path))
+}
+
+impl PrivateServer {
+    /// Starts the server under `home`, or attaches to the one already running there.
+    /// Blocking: call it from `spawn_blocking` inside an async runtime.
+    pub fn start(home: &Path, options: &ServerOptions) -> Result<PrivateServer, Error> {
+        fs::create_dir_all(home).map_err(io_err(home))?;
+        let home = home.canonicalize().map_err(io_err(home))?;
+        let startup = open_lock(&home.join("pg.lock"))?;
+        startup.lock().map_err(io_err(&home.join("pg.lock")))?;
+        let users = open_lock(&home.join("pg.users"))?;
+        users
+            .lock_shared()
+            .map_err(io_err(&home.join("pg.users")))?;
+
+        let data = home.join("pg");
+        if let Some(port) = running_port(&home, &data) {
+            tracing::info!(port, home = %home.display(), "attached to the running private PostgreSQL");
+            return Ok(PrivateServer {
+                home,
+                port,
+                users_lock: Some(users),
+                child: None,
+            });
+        }
+
+        let bindir = find_bindir(options.bindir.as_deref())?;
+        let user = run_as_user();
+        if let Some(u) = &user {
+            check_reachable(&home, u)?;
+        }
+        if !data.join("PG_VERSION").is_file() {
+            init_data_dir(&bindir, &data, user.as_ref())?;
+        }
+
+        let mut last_err = None;
+        for _ in 0..3 {
+            let port = free_port().map_err(io_err(&home))?;
+            match spawn_server(&bindir, &home, &data, port, user.as_ref(), options) {
+                Ok(child) => {
+                    fs::write(home.join("pg.port"), port.to_string())
+                        .map_err(io_err(&home.join("pg.port")))?;
+                    tracing::info!(port, home = %home.display(), "started private PostgreSQL");
+                    return Ok(PrivateServer {
+                        home,
+                        port,
+                        users_lock: Some(users),
+                        child: Some(child),
+                    });
+                }
+                // Another program may have taken the port between our probe and the bind.
+                Err(e) => last_err = Some(e),
+            }
+        }
+        Err(last_err.expect("at least one attempt"))
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    pub fn home(&self) -> &Path {
+        &self.home
+    }
+
+    /// A connection URL for `database` over the server's Unix socket.
+    pub fn url(&self, database: &str) -> String {
+        let socket_dir = self.home.join("pg");
+        let host: String =
+            url::form_urlencoded::byte_serialize(socket_dir.to_string_lossy().as_bytes()).collect();
+        format!(
+            "postgres://postgres@localhost/{database}?host={host}&port={}",
+            self.port
+        )
+    }
+
+    /// The same server over TCP, for tools that prefer it (`psql -h 127.0.0.1 -p …`).
+    pub fn tcp_url(&self, database: &str) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/{database}", self.port)
+    }
+
+    /// Leaves the server; stops it when no other process uses it. Blocking.
+    pub fn stop(mut self) -> Result<(), Error> {
+        self.leave()
+    }
+
+    fn leave(&mut self) -> Result<(), Error> {
+        let Some(users) = self.users_lock.take() else {
+            return Ok(());
+        };
+        let lock_path = self.home.join("pg.lock");
+        let startup = open_lock(&lock_path)?;
+        startup.lock().map_err(io_err(&lock_path))?;
+        drop(users);
+        let users = open_lock(&self.home.join("pg.users"))?;
+        if users.try_lock().is_err() {
+            tracing::debug!(
+                "private PostgreSQL still in use by another process; leaving it running"
+            );
+            return Ok(());
+        }
+        let data = self.home.join("pg");
+        if let Some(pid) = postmaster_pid(&data) {
+            // SIGINT is PostgreSQL's "fast" shutdown: roll back sessions, checkpoint, exit.
+            let _ = signal::kill(Pid::from_raw(pid), Signal::SIGINT);
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while process_alive(pid) && Instant::now() < deadline {
+                if let Some(child) = &mut self.child
+                    && let Ok(Some(_)) = child.try_wait()
+                {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            if process_alive(pid) {
+                let _ = signal::kill(Pid::from_raw(pid), Signal::SIGQUIT);
+            }
+        }
+        if let Some(mut child) = self.child.take() {
+            let _ = child.wait();
+        }
+        let _ = fs::remove_file(self.home.join("pg.port"));
+        tracing::info!(home = %self.home.display(), "stopped private PostgreSQL");
+        Ok(())
+    }
+}
+
+impl Drop for PrivateServer {
+    fn drop(&mut self) {
+        if let Err(e) = self.leave() {
+            tracing::warn!(error = %e, "could not stop the private PostgreSQL");
+        }
+    }
+}
+
+fn process_alive(pid: i32) -> bool {
+    // EPERM means it exists but belongs to another user (postgres, when we are root).
+    !matches!(
+        signal::kill(Pid::from_raw(pid), None),
+        Err(nix::errno::Errno::ESRCH)
+    )
+}
+
+fn postmaster_pid(data: &Path) -> Option<i32> {
+    let text = fs::read_to_string(data.join("postmaster.pid")).ok()?;
+    text.lines().next()?.trim().parse().ok()
+}
+
+/// The port of a server that is running on `data` and accepting connections.
+fn running_port(home: &Path, data: &Path) -> Option<u16> {
+    let recorded: u16 = fs::read_to_string(home.join("pg.port"))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    let text = fs::read_to_string(data.join("postmaster.pid")).ok()?;
+    let lines: Vec<&str> = text.lines().collect();
+    let pid: i32 = lines.first()?.trim().parse().ok()?;
+    let port: u16 = lines.get(3)?.trim().parse().ok()?;
+    let ready = lines.get(7).is_some_and(|s| s.trim() == "ready");
+    (process_alive(pid) && ready && port == recorded).then_some(port)
+}
+
+/// PostgreSQL, running as `user`, must be able to enter every directory above its data.
+fn check_reachable(home: &Path, user: &User) -> Result<(), Error> {
+    for dir in home.ancestors() {
+        let Ok(meta) = fs::metadata(dir) else {
+            continue;
+        };
+        let mode = meta.permissions().mode();
+        let ok = if meta.uid() == user.uid.as_raw() {
+            mode & 0o100 != 0
+        } else if meta.gid() == user.gid.as_raw() {
+            mode & 0o010 != 0
+        } else {
+            mode & 0o001 != 0
+        };
+        if !ok {
+            return Err(Error::Unreachable {
+                user: user.name.clone(),
+                path: dir.to_path_buf(),
+            });
+        }
+    }
+    Ok(())
+}
+
+fn as_user(cmd: &mut Command, user: Option<&User>) {
+    if let Some(u) = user {
+        // std drops root's supplementary groups (setgroups(0)) when it changes the uid.
+        cmd.uid(u.uid.as_raw()).gid(u.gid.as_raw());
+        cmd.env("HOME", &u.dir).env("USER", &u.name);
+    }
+}
+
+fn chown_to(path: &Path, user: Option<&User>) -> Result<(), Error> {
+    if let Some(u) = user {
+        std::os::unix::fs::chown(path, Some(u.uid.as_raw()), Some(u.gid.as_raw()))
+            .map_err(io_err(path))?;
+    }
+    Ok(())
+}
+
+fn init_data_dir(bindir: &Path, data: &Path, user: Option<&User>) -> Result<(), Error> {
+    fs::create_dir_all(data).map_err(io_err(data))?;
+    fs::set_permissions(data, fs::Permissions::from_mode(0o700)).map_err(io_err(data))?;
+    chown_to(data, user)?;
+    let mut cmd = Command::new(bindir.join("initdb"));
+    cmd.arg("-D")
+        .arg(data)
+        .args([
+            "-U",
+            "postgres",
+            "-A",
+            "trust",
+            "-E",
+            "UTF8",
+            "--locale=C",
+            "--no-sync",
+        ])
+        .current_dir(data)
+        .stdin(Stdio::null());
+    as_user(&mut cmd, user);
+    let out = cmd.output().map_err(|e| Error::Server {
+        what: format!("running {}", bindir.join("initdb").display()),
+        detail: e.to_string(),
+    })?;
+    if !out.status.success() {
+        // Leave no half-initialised directory behind: the next start would trust it.
+        let _ = fs::remove_dir_all(data);
+        return Err(Error::Server {
+            what: "initdb".into(),
+            detail: format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        });
+    }
+    Ok(())
+}
+
+fn free_port() -> std::io::Result<u16> {
+    Ok(std::net::TcpListener::bind(("127.0.0.1", 0))?
+        .local_addr()?
+        .port())
+}
+
+fn spawn_server(
+    bindir: &Path,
+    home: &Path,
+    data: &Path,
+    port: u16,
+    user: Option<&User>,
+    options: &ServerOptions,
+) -> Result<Child, Error> {
+    let log_path = home.join("pg.log");
+    let log = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .map_err(io_err(&log_path))?;
+    let log_start = log.metadata().map(|m| m.len()).unwrap_or(0);
+    // A crashed server may leave a stale pid file behind; postgres itself checks whether
+    // that pid is alive, so only a dead one is removed here.
+    if let Some(pid) = postmaster_pid(data)
+        && !process_alive(pid)
+    {
+        let _ = fs::remove_file(data.join("postmaster.pid"));
+    }
+    let mut cmd = Command::new(bindir.join("postgres"));
+    cmd.arg("-D")
+        .arg(data)
+        .arg("-p")
+        .arg(port.to_string())
+        .arg("-k")
+        .arg(data)
+        .args([
+            "-c",
+            "listen_addresses=127.0.0.1",
+            "-c",
+            "max_connections=200",
+        ]);
+    if options.ephemeral {
+        cmd.args([
+            "-c",
+            "fsync=off",
+            "-c",
+            "synchronous_commit=off",
+            "-c",
+            "full_page_writes=off",
+        ]);
+    }
+    cmd.current_dir(data)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().map_err(io_err(&log_path))?)
+        .stderr(log)
+        // Its own process group: Ctrl-C in our terminal must not stop a server that other
+        // processes may still be using; the last user stops it.
+        .process_group(0);
+    as_user(&mut cmd, user);
+    let mut child = cmd.spawn().map_err(|e| Error::Server {
+        what: format!("starting {}", bindir.join("postgres").display()),
+        detail: e.to_string(),
+    })?;
+
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Err(Error::Server {
+                what: format!("PostgreSQL exited during start-up ({status})"),
+                detail: log_tail(&log_path, log_start),
+            });
+        }
+        let text = fs::read_to_string(data.join("postmaster.pid")).unwrap_or_default();
+        if text.lines().nth(7).is_some_and(|s| s.trim() == "ready") {
+            return Ok(child);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(Error::Server {
+                what: "PostgreSQL did not become ready within 60 s".into(),
+                detail: log_tail(&log_path, log_start),
+            });
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// What the server logged since `from`, at most the last 4 KiB.
+fn log_tail(path: &Path, from: u64) -> String {
+    let Ok(mut f) = File::open(path) else {
+        return String::new();
+    };
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    let start = from.max(len.saturating_sub(4096));
+    let mut buf = String::new();
+    let _ = f.seek(SeekFrom::Start(start));
+    let _ = f.read_to_string(&mut buf);
+    format!("server log {}:\n{}", path.display(), buf.trim_end())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn search_reports_everything_it_looked_at() {
+        let empty = tempfile::tempdir().unwrap();
+        let err = search_bindir(
+            None,
+            None,
+            &empty.path().join("nothing"),
+            Some(empty.path().as_os_str().to_owned()),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("pg_config"), "{err}");
+        assert!(err.contains("nothing/*/bin"), "{err}");
+        assert!(err.contains("$PATH"), "{err}");
+        assert!(err.contains("install PostgreSQL"), "{err}");
+        assert!(err.contains("DATABASE_URL"), "{err}");
+    }
+
+    #[test]
+    fn search_prefers_the_highest_version() {
+        let root = tempfile::tempdir().unwrap();
+        for v in ["9", "15", "13"] {
+            let bin = root.path().join(v).join("bin");
+            fs::create_dir_all(&bin).unwrap();
+            fs::write(bin.join("initdb"), "").unwrap();
+            fs::write(bin.join("postgres"), "").unwrap();
+        }
+        let found = search_bindir(None, None, root.path(), None).unwrap();
+        assert_eq!(found, root.path().join("15").join("bin"));
+    }
+
+    #[test]
+    fn explicit_bindir_without_binaries_is_an_error() {
+        let empty = tempfile::tempdir().unwrap();
+        let err = search_bindir(Some(empty.path()), None, Path::new("/nonexistent"), None)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("database.pg_bindir"), "{err}");
+    }
+}

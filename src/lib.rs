@@ -1,0 +1,8 @@
+//! Agent Harness runs user agents and background jobs 24/7 on a fleet of identical replicas
+//! coordinated only through PostgreSQL. See `ARCHITECTURE.md` for how the modules fit.
+
+pub mod config;
+pub mod db;
+pub mod telemetry;
+
+pub use config::Config;

@@ -1,0 +1,209 @@
+//! Test support: every test gets its own database, created from a migrated template.
+//!
+//! With `DATABASE_URL` set, databases are created on that server (the role needs CREATEDB).
+//! Otherwise one private PostgreSQL serves the whole test run: the first test binary starts
+//! it, later binaries and parallel tests join it (the private server's lock files), and the
+//! last process to exit stops it.
+#![allow(dead_code)]
+
+use std::hash::{Hash, Hasher};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Mutex, OnceLock};
+
+use harness::db::{self, PrivateServer, ServerOptions};
+use sqlx::{Connection, PgConnection, PgPool};
+
+static SERVER: OnceLock<Mutex<Option<PrivateServer>>> = OnceLock::new();
+static ADMIN_URL: OnceLock<String> = OnceLock::new();
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+extern "C" fn stop_server_at_exit() {
+    if let Some(server) = SERVER
+        .get()
+        .and_then(|l| l.lock().ok().and_then(|mut s| s.take()))
+    {
+        let _ = server.stop();
+    }
+}
+
+/// Where the test run's private server lives: outside the checkout, because PostgreSQL runs
+/// as an unprivileged user when the tests run as root and must be able to reach its data.
+pub fn test_home() -> PathBuf {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    env!("CARGO_TARGET_TMPDIR").hash(&mut h);
+    std::env::temp_dir().join(format!(
+        "harness-test-{:012x}",
+        h.finish() & 0xffff_ffff_ffff
+    ))
+}
+
+/// URL of a database on the test server from which databases can be created.
+pub fn admin_url() -> String {
+    ADMIN_URL
+        .get_or_init(|| {
+            if let Ok(url) = std::env::var("DATABASE_URL") {
+                return url;
+            }
+            let server = PrivateServer::start(
+                &test_home(),
+                &ServerOptions {
+                    bindir: None,
+                    ephemeral: true,
+                },
+            )
+            .expect("start the private PostgreSQL for tests");
+            let url = server.url("postgres");
+            SERVER.set(Mutex::new(Some(server))).expect("set once");
+            // SAFETY: registering a plain extern "C" function with atexit has no preconditions.
+            unsafe {
+                nix::libc::atexit(stop_server_at_exit);
+            }
+            url
+        })
+        .clone()
+}
+
+/// `url` with its database name replaced.
+pub fn url_for(admin: &str, database: &str) -> String {
+    let mut u = url::Url::parse(admin).expect("admin url");
+    u.set_path(&format!("/{database}"));
+    u.to_string()
+}
+
+fn template_name() -> String {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    for m in db::MIGRATOR.iter() {
+        m.version.hash(&mut h);
+        m.checksum.hash(&mut h);
+    }
+    format!("harness_tpl_{:012x}", h.finish() & 0xffff_ffff_ffff)
+}
+
+/// Creates the migrated template once per server (serialised across processes by an
+/// advisory lock) and returns its name.
+async fn ensure_template(admin: &mut PgConnection) -> String {
+    let name = template_name();
+    sqlx::query("SELECT pg_advisory_lock(727274)")
+        .execute(&mut *admin)
+        .await
+        .unwrap();
+    let ready: Option<bool> =
+        sqlx::query_scalar("SELECT datistemplate FROM pg_database WHERE datname = $1")
+            .bind(&name)
+            .fetch_optional(&mut *admin)
+            .await
+            .unwrap();
+    if ready != Some(true) {
+        if ready.is_some() {
+            // A half-built template from an interrupted run.
+            sqlx::query(&format!(
+                "DROP DATABASE {} WITH (FORCE)",
+                db::quote_ident(&name)
+            ))
+            .execute(&mut *admin)
+            .await
+            .unwrap();
+        }
+        sqlx::query(&format!("CREATE DATABASE {}", db::quote_ident(&name)))
+            .execute(&mut *admin)
+            .await
+            .unwrap();
+        let pool = db::connect(&url_for(&admin_url(), &name), 2).await.unwrap();
+        db::migrate(&pool).await.unwrap();
+        pool.close().await;
+        sqlx::query(&format!(
+            "ALTER DATABASE {} WITH is_template true",
+            db::quote_ident(&name)
+        ))
+        .execute(&mut *admin)
+        .await
+        .unwrap();
+    }
+    sqlx::query("SELECT pg_advisory_unlock(727274)")
+        .execute(&mut *admin)
+        .await
+        .unwrap();
+    name
+}
+
+/// A database of one test's own, dropped when the value is dropped.
+pub struct TestDb {
+    pub pool: PgPool,
+    pub url: String,
+    pub name: String,
+}
+
+impl TestDb {
+    /// A fresh, migrated database.
+    pub async fn new() -> TestDb {
+        Self::create(true).await
+    }
+
+    /// A fresh database with no tables at all.
+    pub async fn empty() -> TestDb {
+        Self::create(false).await
+    }
+
+    async fn create(migrated: bool) -> TestDb {
+        let admin_url = tokio::task::spawn_blocking(admin_url).await.unwrap();
+        let mut admin = PgConnection::connect(&admin_url).await.unwrap();
+        let name = format!(
+            "harness_test_{}_{}_{:06x}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::Relaxed),
+            rand::random::<u32>() & 0xffffff
+        );
+        let sql = if migrated {
+            let template = ensure_template(&mut admin).await;
+            format!(
+                "CREATE DATABASE {} TEMPLATE {}",
+                db::quote_ident(&name),
+                db::quote_ident(&template)
+            )
+        } else {
+            format!("CREATE DATABASE {}", db::quote_ident(&name))
+        };
+        sqlx::query(&sql).execute(&mut admin).await.unwrap();
+        admin.close().await.unwrap();
+        let url = url_for(&admin_url, &name);
+        let pool = db::connect(&url, 10).await.unwrap();
+        TestDb { pool, url, name }
+    }
+
+    /// A configuration pointing at this database, with defaults elsewhere.
+    pub fn config(&self) -> harness::Config {
+        harness::Config::load_from(None, [("DATABASE_URL".to_string(), self.url.clone())])
+            .expect("test config")
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let name = self.name.clone();
+        let admin = admin_url();
+        // Drop runs outside any async context we could borrow; use a small runtime of its own.
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                if let Ok(mut c) = PgConnection::connect(&admin).await {
+                    let _ = sqlx::query(&format!(
+                        "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+                        db::quote_ident(&name)
+                    ))
+                    .execute(&mut c)
+                    .await;
+                }
+            });
+        })
+        .join();
+    }
+}
+
+/// The `harness` binary built for this test run.
+pub fn harness_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_harness")
+}

@@ -1,0 +1,422 @@
+//! The ground the rest stands on: migrations, the private server, configuration at the edge.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{TestDb, harness_bin};
+use harness::db::{self, PrivateServer, ServerOptions};
+
+const TABLES: [&str; 6] = [
+    "agents",
+    "tasks",
+    "handoffs",
+    "replicas",
+    "metrics",
+    "governance_events",
+];
+
+async fn tables(pool: &sqlx::PgPool) -> Vec<String> {
+    sqlx::query_scalar(
+        "SELECT table_name::text FROM information_schema.tables \
+         WHERE table_schema = 'public' AND table_name <> '_sqlx_migrations' ORDER BY 1",
+    )
+    .fetch_all(pool)
+    .await
+    .unwrap()
+}
+
+fn assert_has_all_tables(found: &[String]) {
+    for t in TABLES {
+        assert!(
+            found.iter().any(|f| f == t),
+            "table {t} missing from {found:?}"
+        );
+    }
+}
+
+/// A command for the harness binary with a clean harness environment.
+fn harness(home: &Path) -> Command {
+    let mut cmd = Command::new(harness_bin());
+    for (k, _) in std::env::vars() {
+        if k.starts_with("HARNESS_") || k == "DATABASE_URL" {
+            cmd.env_remove(k);
+        }
+    }
+    cmd.env("HARNESS_HOME", home).env("RUST_LOG", "warn");
+    cmd
+}
+
+#[tokio::test]
+async fn migrations_apply_twice_without_change() {
+    let test = TestDb::empty().await;
+    assert!(tables(&test.pool).await.is_empty());
+    assert!(!db::migrations_current(&test.pool).await.unwrap());
+    db::migrate(&test.pool).await.unwrap();
+    let first = tables(&test.pool).await;
+    assert_has_all_tables(&first);
+    db::migrate(&test.pool).await.unwrap();
+    assert_eq!(tables(&test.pool).await, first);
+    assert!(db::migrations_current(&test.pool).await.unwrap());
+}
+
+#[tokio::test]
+async fn tasks_table_has_the_predecessor_columns_and_constraints() {
+    let test = TestDb::new().await;
+    let cols: Vec<String> = sqlx::query_scalar(
+        "SELECT column_name::text FROM information_schema.columns WHERE table_name = 'tasks'",
+    )
+    .fetch_all(&test.pool)
+    .await
+    .unwrap();
+    for c in [
+        "id",
+        "agent_id",
+        "status",
+        "scheduled_at",
+        "started_at",
+        "completed_at",
+        "result",
+        "error",
+        "retry_count",
+        "created_at",
+        "kind",
+        "payload",
+        "priority",
+        "attempt",
+        "max_retries",
+        "idempotency_key",
+        "locked_by",
+        "fire_at",
+    ] {
+        assert!(cols.iter().any(|x| x == c), "tasks.{c} missing");
+    }
+    // Unique idempotency key.
+    let insert = "INSERT INTO tasks (kind, idempotency_key) VALUES ('noop', 'k')";
+    sqlx::query(insert).execute(&test.pool).await.unwrap();
+    assert!(sqlx::query(insert).execute(&test.pool).await.is_err());
+    // Unknown status refused.
+    assert!(
+        sqlx::query("INSERT INTO tasks (kind, status) VALUES ('noop', 'bogus')")
+            .execute(&test.pool)
+            .await
+            .is_err()
+    );
+}
+
+#[tokio::test]
+async fn harness_migrate_against_database_url() {
+    let test = TestDb::empty().await;
+    let home = tempfile::tempdir().unwrap();
+    let out = harness(home.path())
+        .arg("migrate")
+        .env("DATABASE_URL", &test.url)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_has_all_tables(&tables(&test.pool).await);
+    // Did not start a private server, since a URL was given.
+    assert!(!home.path().join("pg").exists());
+    // Twice is fine.
+    let again = harness(home.path())
+        .arg("migrate")
+        .env("DATABASE_URL", &test.url)
+        .output()
+        .unwrap();
+    assert!(again.status.success());
+}
+
+/// A home directory that the unprivileged PostgreSQL user can reach.
+fn reachable_home() -> tempfile::TempDir {
+    let dir = tempfile::Builder::new()
+        .prefix("harness-home-")
+        .tempdir_in(std::env::temp_dir())
+        .unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    dir
+}
+
+async fn tables_in_private(home: &Path) -> Vec<String> {
+    let home = home.to_path_buf();
+    let server =
+        tokio::task::spawn_blocking(move || PrivateServer::start(&home, &ServerOptions::default()))
+            .await
+            .unwrap()
+            .unwrap();
+    let pool = db::connect(&server.url(db::PRIVATE_DATABASE), 1)
+        .await
+        .unwrap();
+    let found = tables(&pool).await;
+    pool.close().await;
+    tokio::task::spawn_blocking(move || server.stop())
+        .await
+        .unwrap()
+        .unwrap();
+    found
+}
+
+fn postmaster_pid(home: &Path) -> Option<i32> {
+    std::fs::read_to_string(home.join("pg/postmaster.pid"))
+        .ok()?
+        .lines()
+        .next()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+fn alive(pid: i32) -> bool {
+    !matches!(
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None),
+        Err(nix::errno::Errno::ESRCH)
+    )
+}
+
+#[tokio::test]
+async fn migrate_without_url_creates_tables_in_a_private_server_and_stops_it() {
+    let home = reachable_home();
+    let out = harness(home.path()).arg("migrate").output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(home.path().join("pg/PG_VERSION").is_file(), "initdb ran");
+    // The process was the only user, so it stopped the server on exit.
+    assert!(postmaster_pid(home.path()).is_none_or(|p| !alive(p)));
+    assert_has_all_tables(&tables_in_private(home.path()).await);
+}
+
+/// Starts `harness up` and waits until it says it is up.
+fn spawn_up(home: &Path) -> Child {
+    let mut child = harness(home)
+        .arg("up")
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if line.contains("is up") {
+                let _ = tx.send(());
+            }
+        }
+    });
+    rx.recv_timeout(Duration::from_secs(60))
+        .expect("harness up did not report being up within 60 s");
+    child
+}
+
+fn terminate(child: &mut Child) {
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let status = child.wait().unwrap();
+    assert!(status.success(), "harness exited with {status}");
+}
+
+#[tokio::test]
+async fn two_processes_share_one_private_server() {
+    let home = reachable_home();
+    let mut a = spawn_up(home.path());
+    let pid = postmaster_pid(home.path()).expect("server running");
+    let mut b = spawn_up(home.path());
+    assert_eq!(
+        postmaster_pid(home.path()),
+        Some(pid),
+        "b joined a's server"
+    );
+
+    terminate(&mut a);
+    assert!(
+        alive(pid),
+        "server must outlive its starter while b uses it"
+    );
+    // b still works: a second `migrate` joins the same server.
+    let out = harness(home.path()).arg("migrate").output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(alive(pid));
+
+    terminate(&mut b);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while alive(pid) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(!alive(pid), "the last user stops the server");
+}
+
+#[tokio::test]
+async fn server_killed_users_leave_it_for_the_next_process() {
+    let home = reachable_home();
+    let mut a = spawn_up(home.path());
+    let pid = postmaster_pid(home.path()).unwrap();
+    a.kill().unwrap(); // SIGKILL: no chance to stop the server
+    a.wait().unwrap();
+    assert!(alive(pid));
+    // The next process attaches to the orphaned server instead of fighting over the data.
+    let out = harness(home.path()).arg("migrate").output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while alive(pid) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(!alive(pid), "the last user stopped it");
+}
+
+#[test]
+fn private_server_runs_as_an_unprivileged_user() {
+    use nix::unistd::{Uid, User};
+    let home = reachable_home();
+    let out = harness(home.path()).arg("migrate").output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let data_owner = std::fs::metadata(home.path().join("pg")).unwrap();
+    use std::os::unix::fs::MetadataExt;
+    if Uid::effective().is_root() {
+        assert_ne!(
+            data_owner.uid(),
+            0,
+            "as root, the data directory belongs to the server user"
+        );
+
+        // And as a non-root user, the same binary runs the server as itself.
+        let nobody = User::from_name("nobody").unwrap().expect("user nobody");
+        let dir = reachable_home();
+        let bin = dir.path().join("harness");
+        std::fs::copy(harness_bin(), &bin).unwrap();
+        let own_home = dir.path().join("home");
+        std::fs::create_dir(&own_home).unwrap();
+        std::os::unix::fs::chown(
+            &own_home,
+            Some(nobody.uid.as_raw()),
+            Some(nobody.gid.as_raw()),
+        )
+        .unwrap();
+        let mut cmd = Command::new(&bin);
+        for (k, _) in std::env::vars() {
+            if k.starts_with("HARNESS_") || k == "DATABASE_URL" {
+                cmd.env_remove(k);
+            }
+        }
+        let out = cmd
+            .arg("migrate")
+            .env("HARNESS_HOME", &own_home)
+            .current_dir(dir.path())
+            .uid(nobody.uid.as_raw())
+            .gid(nobody.gid.as_raw())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "as nobody: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let owner = std::fs::metadata(own_home.join("pg")).unwrap().uid();
+        assert_eq!(owner, nobody.uid.as_raw());
+    } else {
+        assert_eq!(data_owner.uid(), Uid::effective().as_raw());
+        eprintln!(
+            "not root: the root-to-postgres switch is exercised when the suite runs as root (CI)"
+        );
+    }
+}
+
+#[test]
+fn missing_binaries_give_one_clear_error() {
+    let home = reachable_home();
+    let empty = tempfile::tempdir().unwrap();
+    let out = harness(home.path())
+        .arg("migrate")
+        .env("HARNESS_DATABASE__PG_BINDIR", empty.path())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("no PostgreSQL server binaries were found"),
+        "{err}"
+    );
+    assert!(err.contains("install PostgreSQL"), "{err}");
+    assert!(err.contains("DATABASE_URL"), "{err}");
+    assert!(!home.path().join("pg").exists(), "nothing half-made");
+}
+
+#[test]
+fn config_command_prints_effective_values_with_secrets_redacted() {
+    let home = tempfile::tempdir().unwrap();
+    let file = home.path().join("h.yml");
+    std::fs::write(&file, "bulk:\n  max_concurrent: 5\n  retry_attempts: 6\n").unwrap();
+    let out = harness(home.path())
+        .args(["config", "--config"])
+        .arg(&file)
+        .env("HARNESS_BULK__MAX_CONCURRENT", "4")
+        .env(
+            "DATABASE_URL",
+            "postgres://app:hunter2@db.internal:5432/harness",
+        )
+        .env(
+            "HARNESS_API__TOKENS",
+            r#"[{"token":"tok-0123456789abcdef","scope":"admin"}]"#,
+        )
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let yaml = String::from_utf8_lossy(&out.stdout);
+    let v: serde_json::Value = serde_norway::from_str(&yaml).unwrap();
+    assert_eq!(v["bulk"]["max_concurrent"], 4);
+    assert_eq!(v["bulk"]["retry_attempts"], 6);
+    assert_eq!(v["bulk"]["retry_delay_seconds"], 15);
+    assert!(
+        !yaml.contains("hunter2") && !yaml.contains("tok-0123"),
+        "{yaml}"
+    );
+    assert!(
+        yaml.contains("db.internal"),
+        "non-secret parts of the URL stay: {yaml}"
+    );
+}
+
+#[test]
+fn bad_configuration_exits_non_zero_naming_the_key() {
+    let home = tempfile::tempdir().unwrap();
+    let file = home.path().join("h.yml");
+    std::fs::write(&file, "governance:\n  cpu_high_pct: 250\n").unwrap();
+    let out = harness(home.path())
+        .args(["migrate", "--config"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("governance.cpu_high_pct"), "{err}");
+    assert!(err.contains("allowed 1 to 100"), "{err}");
+    assert!(err.contains("h.yml"), "{err}");
+}
