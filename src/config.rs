@@ -166,6 +166,10 @@ pub struct BulkConfig {
     pub retry_attempts: u32,
     /// Base of the exponential retry backoff.
     pub retry_delay_seconds: u64,
+    /// How often an idle replica looks for delayed tasks and lost wake-ups.
+    pub poll_interval_ms: u64,
+    /// How long running tasks may finish after SIGTERM before they are handed back.
+    pub shutdown_grace_s: u64,
 }
 
 impl Default for BulkConfig {
@@ -174,6 +178,8 @@ impl Default for BulkConfig {
             max_concurrent: 8,
             retry_attempts: 3,
             retry_delay_seconds: 15,
+            poll_interval_ms: 1000,
+            shutdown_grace_s: 30,
         }
     }
 }
@@ -247,12 +253,15 @@ impl Default for TelemetryConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct PersistenceConfig {
     pub gc_completed_after_days: u32,
+    /// Tasks of a replica whose heartbeat is older than this go back to the queue.
+    pub rescue_after_s: u64,
 }
 
 impl Default for PersistenceConfig {
     fn default() -> Self {
         PersistenceConfig {
             gc_completed_after_days: 7,
+            rescue_after_s: 10,
         }
     }
 }

@@ -3,6 +3,10 @@
 
 pub mod config;
 pub mod db;
+pub mod pool;
+pub mod queue;
+pub mod replica;
 pub mod telemetry;
 
 pub use config::Config;
+pub use replica::Harness;

@@ -1,15 +1,21 @@
 //! The `harness` subcommands. Each one loads the layered configuration, then calls the
 //! library; errors are printed once, with what to do about them, and exit non-zero.
 
+mod bench;
+
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
-use anyhow::Context;
-use clap::{Parser, Subcommand};
+use anyhow::{Context, bail};
+use chrono::{DateTime, Utc};
+use clap::{Args, Parser, Subcommand};
 
-use harness::Config;
 use harness::config::redact_url;
 use harness::db::{self, Database};
+use harness::queue::{NewTask, Queue, Status};
+use harness::replica::{BUILTIN_KINDS, builtin_handlers};
+use harness::{Config, Harness};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -20,8 +26,8 @@ use harness::db::{self, Database};
 fleet of identical replicas that share nothing but a PostgreSQL database.\n\n\
 Settings come from built-in defaults, then a YAML file (--config, $HARNESS_CONFIG or \
 ./harness.yml), then HARNESS_<SECTION>__<KEY> environment variables; DATABASE_URL sets \
-database.url. Without a database URL, a private PostgreSQL is started under .harness/ \
-($HARNESS_HOME) from the installed server binaries."
+database.url. Without a database URL, a private PostgreSQL is started (or joined) under \
+.harness/ ($HARNESS_HOME) from the installed server binaries."
 )]
 pub struct Cli {
     /// YAML configuration file [default: $HARNESS_CONFIG, else ./harness.yml when present]
@@ -35,16 +41,90 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Start a development instance: a private PostgreSQL when no DATABASE_URL is set,
-    /// migrations, then run until Ctrl-C
+    /// migrations, and a replica, until Ctrl-C
     #[command(long_about = "Start a development instance in one command.\n\n\
 With no database URL configured this starts (or joins) a private PostgreSQL under \
 .harness/ ($HARNESS_HOME) from the installed server binaries, applies the migrations, \
-and runs until Ctrl-C or SIGTERM. The private server stops when its last user exits.")]
+and runs a replica until Ctrl-C or SIGTERM. The private server stops when its last user exits.")]
     Up,
+    /// Run a replica: claim and run tasks until SIGTERM/Ctrl-C (a second signal exits at once)
+    #[command(
+        visible_alias = "resume",
+        long_about = "Run a replica until SIGTERM or Ctrl-C.\n\n\
+The replica registers itself in the replicas table, heartbeats it, claims tasks of the kinds \
+it knows (built in: noop, echo) as capacity allows, and rescues tasks of replicas that stopped \
+heartbeating. On the first signal it stops claiming, lets running tasks finish for \
+bulk.shutdown_grace_s, and hands the rest back to the queue without counting an attempt; a \
+second signal exits at once."
+    )]
+    Serve,
     /// Apply pending database migrations (idempotent; safe from several processes at once)
     Migrate,
     /// Print the effective configuration as YAML, with secrets redacted
     Config,
+    /// Add a task to the queue and print {"id", "status", "deduplicated"}
+    Enqueue(EnqueueArgs),
+    /// Count tasks per status, with the total and success rate
+    Stats {
+        /// Print JSON instead of a table
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show a task's whole record, its attempt history included
+    Inspect {
+        /// The task id
+        task_id: i64,
+        /// Print JSON instead of text
+        #[arg(long)]
+        json: bool,
+    },
+    /// Measure enqueue rate, processing rate and pick-up latency of no-op tasks
+    Bench(bench::BenchArgs),
+}
+
+#[derive(Debug, Args)]
+struct EnqueueArgs {
+    /// The task kind (built in: noop, echo)
+    kind: String,
+    /// The payload, as JSON
+    payload: String,
+    /// At most one task per key: enqueueing the key again returns the existing task
+    #[arg(long, value_name = "KEY")]
+    idempotency_key: Option<String>,
+    /// Higher runs first
+    #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
+    priority: i32,
+    /// Not before this long from now, e.g. 30s, 5m, 1h
+    #[arg(long, value_parser = parse_duration, conflicts_with = "run_at")]
+    delay: Option<Duration>,
+    /// Not before this time (RFC 3339, e.g. 2026-01-31T12:00:00Z)
+    #[arg(long, value_name = "RFC3339", value_parser = parse_time)]
+    run_at: Option<DateTime<Utc>>,
+    /// Retries after the first attempt [default: bulk.retry_attempts]
+    #[arg(long)]
+    max_retries: Option<u32>,
+    /// Time limit of each attempt, e.g. 90s [default: the kind's]
+    #[arg(long, value_parser = parse_duration)]
+    timeout: Option<Duration>,
+}
+
+/// `30s`, `5m`, `1h 30m`, `250ms`; a bare number is seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    if let Ok(secs) = s.parse::<f64>() {
+        if secs.is_finite() && secs >= 0.0 {
+            return Ok(Duration::from_secs_f64(secs));
+        }
+        return Err(format!("{s:?} is not a duration; use e.g. 30s, 5m, 1h"));
+    }
+    humantime::parse_duration(s)
+        .map_err(|e| format!("{s:?} is not a duration ({e}); use e.g. 30s, 5m, 1h"))
+}
+
+fn parse_time(s: &str) -> Result<DateTime<Utc>, String> {
+    DateTime::parse_from_rfc3339(s)
+        .map(|t| t.with_timezone(&Utc))
+        .map_err(|e| format!("{s:?} is not an RFC 3339 time ({e}); use e.g. 2026-01-31T12:00:00Z"))
 }
 
 pub fn run(cli: Cli) -> ExitCode {
@@ -68,12 +148,17 @@ pub fn run(cli: Cli) -> ExitCode {
     };
     let result = runtime.block_on(async move {
         match cli.command {
-            Command::Up => up(cfg).await,
+            Command::Up => serve(cfg, true).await,
+            Command::Serve => serve(cfg, false).await,
             Command::Migrate => migrate(cfg).await,
             Command::Config => {
                 print!("{}", cfg.to_redacted_yaml());
                 Ok(())
             }
+            Command::Enqueue(args) => enqueue(cfg, args).await,
+            Command::Stats { json } => stats(cfg, json).await,
+            Command::Inspect { task_id, json } => inspect(cfg, task_id, json).await,
+            Command::Bench(args) => bench::run(cfg, args).await,
         }
     });
     match result {
@@ -105,32 +190,177 @@ async fn migrate(cfg: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn up(cfg: Config) -> anyhow::Result<()> {
+async fn serve(cfg: Config, announce: bool) -> anyhow::Result<()> {
     let database = open_migrated(&cfg).await?;
-    match database.private_server() {
-        Some(server) => eprintln!(
-            "Agent Harness is up with a private PostgreSQL under {} \
-             (psql \"{}\").\nMigrations applied. Press Ctrl-C to stop.",
-            server.home().display(),
-            server.tcp_url(db::PRIVATE_DATABASE)
-        ),
-        None => eprintln!(
-            "Agent Harness is up on {}.\nMigrations applied. Press Ctrl-C to stop.",
-            redact_url(database.url())
-        ),
+    let harness = builtin_handlers(Harness::builder())
+        .config(cfg.clone())
+        .pool(database.pool.clone())
+        .build()
+        .await?;
+    if announce {
+        match database.private_server() {
+            Some(server) => eprintln!(
+                "Agent Harness is up with a private PostgreSQL under {} (psql \"{}\").\n\
+                 Replica {} is running tasks of kinds {}. Press Ctrl-C to stop.",
+                server.home().display(),
+                server.tcp_url(db::PRIVATE_DATABASE),
+                harness.replica_id(),
+                harness.kinds().join(", "),
+            ),
+            None => eprintln!(
+                "Agent Harness is up on {}.\nReplica {} is running tasks of kinds {}. \
+                 Press Ctrl-C to stop.",
+                redact_url(database.url()),
+                harness.replica_id(),
+                harness.kinds().join(", "),
+            ),
+        }
     }
-    shutdown_signal().await;
-    eprintln!("Stopping.");
+    harness
+        .serve(async {
+            shutdown_signal().await;
+            // A second signal: exit at once, leaving unfinished tasks to be rescued.
+            tokio::spawn(async {
+                shutdown_signal().await;
+                eprintln!("second signal: exiting now");
+                std::process::exit(130);
+            });
+        })
+        .await?;
     database.close().await;
     Ok(())
 }
 
+async fn enqueue(cfg: Config, args: EnqueueArgs) -> anyhow::Result<()> {
+    if !BUILTIN_KINDS.contains(&args.kind.as_str()) {
+        bail!(
+            "unknown kind {:?}: this binary runs kinds {}",
+            args.kind,
+            BUILTIN_KINDS.join(", ")
+        );
+    }
+    let payload: serde_json::Value = serde_json::from_str(&args.payload)
+        .map_err(|e| anyhow::anyhow!("the payload is not valid JSON: {e}"))?;
+    let mut task = NewTask::new(args.kind, payload).priority(args.priority);
+    if let Some(k) = args.idempotency_key {
+        task = task.idempotency_key(k);
+    }
+    if let Some(d) = args.delay {
+        task = task.delay(d);
+    }
+    if let Some(t) = args.run_at {
+        task = task.run_at(t);
+    }
+    if let Some(n) = args.max_retries {
+        task = task.max_retries(n);
+    }
+    if let Some(t) = args.timeout {
+        task = task.timeout(t);
+    }
+    let database = open_migrated(&cfg).await?;
+    let queue = Queue::new(database.pool.clone(), cfg.bulk.retry_attempts);
+    let result = queue.enqueue(task).await;
+    database.close().await;
+    println!("{}", serde_json::to_string(&result?)?);
+    Ok(())
+}
+
+async fn stats(cfg: Config, json: bool) -> anyhow::Result<()> {
+    let database = open_migrated(&cfg).await?;
+    let queue = Queue::new(database.pool.clone(), cfg.bulk.retry_attempts);
+    let stats = queue.stats().await;
+    database.close().await;
+    let stats = stats?;
+    if json {
+        let mut obj = serde_json::Map::new();
+        obj.insert("total".into(), stats.total.into());
+        for s in Status::ALL {
+            obj.insert(s.as_str().into(), stats.count(s).into());
+        }
+        obj.insert("success_rate".into(), stats.success_rate.into());
+        println!("{}", serde_json::Value::Object(obj));
+    } else {
+        for s in Status::ALL {
+            println!("{:<16} {:>10}", s.as_str(), stats.count(s));
+        }
+        println!("{:<16} {:>10}", "total", stats.total);
+        println!("{:<16} {:>9.1}%", "success rate", stats.success_rate);
+    }
+    Ok(())
+}
+
+async fn inspect(cfg: Config, id: i64, json: bool) -> anyhow::Result<()> {
+    let database = open_migrated(&cfg).await?;
+    let queue = Queue::new(database.pool.clone(), cfg.bulk.retry_attempts);
+    let task = queue.get(id).await;
+    database.close().await;
+    let task = task?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&task)?);
+        return Ok(());
+    }
+    let t = |v: Option<DateTime<Utc>>| v.map_or("-".to_string(), |t| t.to_rfc3339());
+    println!("task {} ({})", task.id, task.kind);
+    println!("  status        {}", task.status);
+    println!("  priority      {}", task.priority);
+    println!(
+        "  attempt       {} (retries {}/{})",
+        task.attempt, task.retry_count, task.max_retries
+    );
+    if let Some(k) = &task.idempotency_key {
+        println!("  idempotency   {k}");
+    }
+    println!("  created_at    {}", task.created_at.to_rfc3339());
+    println!("  scheduled_at  {}", task.scheduled_at.to_rfc3339());
+    println!("  started_at    {}", t(task.started_at));
+    println!("  completed_at  {}", t(task.completed_at));
+    if let Some(r) = &task.replica {
+        println!("  replica       {r}");
+    }
+    println!("  payload       {}", task.payload);
+    if let Some(r) = &task.result {
+        println!("  result        {r}");
+    }
+    if let Some(e) = &task.error {
+        println!("  error         {e}");
+    }
+    for a in task.attempts.as_array().into_iter().flatten() {
+        println!(
+            "  attempt {} {} on {} ({} → {}): {}",
+            a["attempt"],
+            a["status"].as_str().unwrap_or("?"),
+            a["replica"].as_str().unwrap_or("?"),
+            a["started_at"].as_str().unwrap_or("?"),
+            a["ended_at"].as_str().unwrap_or("?"),
+            a["error"].as_str().unwrap_or("")
+        );
+    }
+    Ok(())
+}
+
 /// Resolves on the first SIGINT (Ctrl-C) or SIGTERM.
-async fn shutdown_signal() {
+pub async fn shutdown_signal() {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
     tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
+        _ = int.recv() => {}
         _ = term.recv() => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("30s"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
+        assert_eq!(parse_duration("1h 30m"), Ok(Duration::from_secs(5400)));
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("2"), Ok(Duration::from_secs(2)));
+        assert!(parse_duration("soon").unwrap_err().contains("30s"));
+        assert!(parse_duration("-1").is_err());
     }
 }

@@ -105,7 +105,12 @@ pub async fn start_private(home: PathBuf, options: ServerOptions) -> Result<Priv
 
 /// Creates `name` on the private server unless it exists (safe when two processes race).
 pub async fn create_database(server: &PrivateServer, name: &str) -> Result<(), Error> {
-    let admin = connect(&server.url("postgres"), 1).await?;
+    create_database_at(&server.url("postgres"), name).await
+}
+
+/// Creates database `name` on the server of `admin_url` unless it exists.
+pub async fn create_database_at(admin_url: &str, name: &str) -> Result<(), Error> {
+    let admin = connect(admin_url, 1).await?;
     let exists: bool =
         sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
             .bind(name)
@@ -126,6 +131,30 @@ pub async fn create_database(server: &PrivateServer, name: &str) -> Result<(), E
     }
     admin.close().await;
     Ok(())
+}
+
+/// Drops database `name` on the server of `admin_url`, disconnecting its sessions.
+pub async fn drop_database_at(admin_url: &str, name: &str) -> Result<(), Error> {
+    let admin = connect(admin_url, 1).await?;
+    sqlx::query(&format!(
+        "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+        quote_ident(name)
+    ))
+    .execute(&admin)
+    .await?;
+    admin.close().await;
+    Ok(())
+}
+
+/// `url` with its database name replaced.
+pub fn with_database(url: &str, database: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut u) => {
+            u.set_path(&format!("/{database}"));
+            u.to_string()
+        }
+        Err(_) => url.to_string(),
+    }
 }
 
 /// `"name"` with embedded quotes doubled: an identifier that cannot break out of its quotes.

@@ -1,0 +1,303 @@
+//! `harness bench`: throughput and latency of the queue, measured on a fresh database.
+//!
+//! 1. Enqueue: `--tasks` no-op tasks in bulk statements of `--batch` rows from `--producers`
+//!    concurrent connections; tasks per second of wall time.
+//! 2. Process: `--replicas` `harness serve` processes with `--concurrency` each run them;
+//!    the rate is tasks / (last completion − first claim), both read from the database.
+//! 3. Pick-up latency: one idle replica; tasks enqueued one at a time, each waited for;
+//!    latency is `started_at − created_at` of each task, as the database clock saw them.
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use clap::Args;
+use serde::Serialize;
+use serde_json::json;
+
+use harness::Config;
+use harness::db::{self, Database};
+use harness::queue::{NewTask, Queue};
+
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// No-op tasks to enqueue and process
+    #[arg(long, default_value_t = 20_000)]
+    tasks: usize,
+    /// Tasks each replica runs at once (its bulk.max_concurrent)
+    #[arg(long, default_value_t = 256)]
+    concurrency: u32,
+    /// Replica processes that process the tasks
+    #[arg(long, default_value_t = 1)]
+    replicas: u32,
+    /// Rows per bulk enqueue statement
+    #[arg(long, default_value_t = 5_000)]
+    batch: usize,
+    /// Concurrent producers (connections) doing the bulk enqueue
+    #[arg(long, default_value_t = 2)]
+    producers: usize,
+    /// Sequential single enqueues for the pick-up latency
+    #[arg(long, default_value_t = 200)]
+    latency_samples: usize,
+    /// Repeat the whole measurement and report the medians
+    #[arg(long, default_value_t = 1)]
+    runs: usize,
+    /// Print one JSON object
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Clone, Serialize)]
+struct Measurement {
+    enqueue_per_s: f64,
+    process_per_s: f64,
+    latency_p50_ms: f64,
+    latency_p99_ms: f64,
+}
+
+pub async fn run(cfg: Config, args: BenchArgs) -> anyhow::Result<()> {
+    if args.tasks == 0
+        || args.concurrency == 0
+        || args.replicas == 0
+        || args.runs == 0
+        || args.producers == 0
+        || args.batch == 0
+    {
+        bail!(
+            "--tasks, --concurrency, --replicas, --runs, --producers and --batch must be at least 1"
+        );
+    }
+    let database = Database::open(&cfg).await?;
+    let admin_url = db::with_database(database.url(), "postgres");
+    let mut runs = Vec::new();
+    for i in 0..args.runs {
+        let name = format!("harness_bench_{}_{i}", std::process::id());
+        db::create_database_at(&admin_url, &name).await?;
+        let url = db::with_database(database.url(), &name);
+        let result = measure(&cfg, &args, &url).await;
+        db::drop_database_at(&admin_url, &name).await?;
+        let m = result?;
+        if !args.json {
+            eprintln!(
+                "run {}: enqueue {:.0}/s, process {:.0}/s, pick-up p50 {:.2} ms p99 {:.2} ms",
+                i + 1,
+                m.enqueue_per_s,
+                m.process_per_s,
+                m.latency_p50_ms,
+                m.latency_p99_ms
+            );
+        }
+        runs.push(m);
+    }
+    database.close().await;
+
+    let med = |f: fn(&Measurement) -> f64| {
+        let mut v: Vec<f64> = runs.iter().map(f).collect();
+        v.sort_by(|a, b| a.total_cmp(b));
+        v[v.len() / 2]
+    };
+    let summary = Measurement {
+        enqueue_per_s: med(|m| m.enqueue_per_s).round(),
+        process_per_s: med(|m| m.process_per_s).round(),
+        latency_p50_ms: (med(|m| m.latency_p50_ms) * 1000.0).round() / 1000.0,
+        latency_p99_ms: (med(|m| m.latency_p99_ms) * 1000.0).round() / 1000.0,
+    };
+    if args.json {
+        let mut v = serde_json::to_value(&summary)?;
+        v["tasks"] = json!(args.tasks);
+        v["concurrency"] = json!(args.concurrency);
+        v["replicas"] = json!(args.replicas);
+        v["producers"] = json!(args.producers);
+        v["batch"] = json!(args.batch);
+        v["runs"] = json!(args.runs);
+        v["cpus"] = json!(std::thread::available_parallelism().map_or(0, |n| n.get()));
+        println!("{v}");
+    } else {
+        println!(
+            "{} no-op tasks ({} producers, batches of {}), {} replica(s) × concurrency {}, \
+             median of {} run(s):",
+            args.tasks, args.producers, args.batch, args.replicas, args.concurrency, args.runs
+        );
+        println!(
+            "  bulk enqueue      {:>10.0} tasks/s",
+            summary.enqueue_per_s
+        );
+        println!(
+            "  processing        {:>10.0} tasks/s",
+            summary.process_per_s
+        );
+        println!(
+            "  pick-up latency   p50 {:.2} ms, p99 {:.2} ms",
+            summary.latency_p50_ms, summary.latency_p99_ms
+        );
+    }
+    Ok(())
+}
+
+/// Replica processes that are stopped (SIGTERM, then SIGKILL) when dropped.
+struct Replicas(Vec<Child>);
+
+impl Replicas {
+    fn spawn(cfg: &Config, url: &str, n: u32, concurrency: u32) -> anyhow::Result<Replicas> {
+        let exe = std::env::current_exe().context("locating the harness binary")?;
+        let mut children = Vec::new();
+        for _ in 0..n {
+            let mut cmd = Command::new(&exe);
+            for (k, _) in std::env::vars() {
+                if k.starts_with("HARNESS_") {
+                    cmd.env_remove(k);
+                }
+            }
+            let child = cmd
+                .arg("serve")
+                .env("DATABASE_URL", url)
+                .env("HARNESS_HOME", &cfg.home)
+                .env("HARNESS_BULK__MAX_CONCURRENT", concurrency.to_string())
+                .env("HARNESS_DATABASE__MAX_CONNECTIONS", "10")
+                .env("RUST_LOG", "warn")
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .spawn()
+                .context("starting a replica")?;
+            children.push(child);
+        }
+        Ok(Replicas(children))
+    }
+
+    fn stop_all_but_first(&mut self) {
+        let rest: Vec<Child> = self.0.drain(1..).collect();
+        stop(rest);
+    }
+}
+
+fn stop(children: Vec<Child>) {
+    for c in &children {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(c.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+    }
+    for mut c in children {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = c.try_wait() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+}
+
+impl Drop for Replicas {
+    fn drop(&mut self) {
+        stop(std::mem::take(&mut self.0));
+    }
+}
+
+async fn measure(cfg: &Config, args: &BenchArgs, url: &str) -> anyhow::Result<Measurement> {
+    let pool = db::connect(url, args.producers as u32 + 2).await?;
+    db::migrate(&pool).await?;
+    let queue = Queue::new(pool.clone(), 0);
+
+    // 1. Bulk enqueue: batches shared out to the producers.
+    let batches: Vec<usize> = (0..args.tasks)
+        .step_by(args.batch)
+        .map(|start| args.batch.min(args.tasks - start))
+        .collect();
+    let next = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let batches = std::sync::Arc::new(batches);
+    // Connections are opened before the clock starts.
+    let mut conns = Vec::new();
+    for _ in 0..args.producers {
+        conns.push(pool.acquire().await?);
+    }
+    let started = Instant::now();
+    let mut producers = tokio::task::JoinSet::new();
+    for mut conn in conns {
+        let (queue, next, batches) = (queue.clone(), next.clone(), batches.clone());
+        producers.spawn(async move {
+            loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let Some(&n) = batches.get(i) else {
+                    return Ok::<_, harness::queue::Error>(());
+                };
+                queue
+                    .enqueue_many_in(&mut conn, vec![NewTask::new("noop", json!({})); n])
+                    .await?;
+            }
+        });
+    }
+    while let Some(r) = producers.join_next().await {
+        r??;
+    }
+    let enqueue_per_s = args.tasks as f64 / started.elapsed().as_secs_f64();
+
+    // 2. Processing by replica processes.
+    let mut replicas = Replicas::spawn(cfg, url, args.replicas, args.concurrency)?;
+    let deadline = Instant::now() + Duration::from_secs(600);
+    // The progress check must not load the system it measures: "anything not completed?"
+    // is one probe of the partial tasks_status_idx, where counting completed rows would scan.
+    loop {
+        let left: bool =
+            sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM tasks WHERE status <> 'completed')")
+                .fetch_one(&pool)
+                .await?;
+        if !left {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("the tasks did not all complete within 10 minutes");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let window: f64 = sqlx::query_scalar(
+        "SELECT EXTRACT(EPOCH FROM max(completed_at) - min(started_at))::float8 FROM tasks",
+    )
+    .fetch_one(&pool)
+    .await?;
+    let process_per_s = args.tasks as f64 / window.max(1e-6);
+
+    // 3. Pick-up latency on one idle replica.
+    replicas.stop_all_but_first();
+    let mut latencies = Vec::with_capacity(args.latency_samples);
+    for _ in 0..args.latency_samples {
+        let id = queue.enqueue(NewTask::new("noop", json!({}))).await?.id;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let row: (Option<f64>,) = sqlx::query_as(
+                "SELECT EXTRACT(EPOCH FROM started_at - created_at)::float8 FROM tasks \
+                 WHERE id = $1 AND status = 'completed'",
+            )
+            .bind(id)
+            .fetch_optional(&pool)
+            .await?
+            .unwrap_or((None,));
+            if let Some(secs) = row.0 {
+                latencies.push(secs * 1000.0);
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!("task {id} was not picked up within 10 s");
+            }
+            tokio::time::sleep(Duration::from_micros(500)).await;
+        }
+    }
+    drop(replicas);
+    pool.close().await;
+    latencies.sort_by(|a, b| a.total_cmp(b));
+    let pct = |p: f64| -> f64 {
+        if latencies.is_empty() {
+            return 0.0;
+        }
+        let i = ((latencies.len() as f64 - 1.0) * p).round() as usize;
+        latencies[i]
+    };
+    Ok(Measurement {
+        enqueue_per_s,
+        process_per_s,
+        latency_p50_ms: pct(0.5),
+        latency_p99_ms: pct(0.99),
+    })
+}

@@ -1,0 +1,808 @@
+//! The worker pool of one replica: an apalis worker fed by our own backend over `queue`.
+//!
+//! ```text
+//! claimer ──(claim n = free permits)──▶ channel ──▶ apalis Backend ──▶ Runner (tower Service)
+//!    ▲                                                                   │ timeout, cancel,
+//!    └──────── permits released when an attempt ends ◀───────────────────┤ panic → Outcome
+//!                                            completion writer ◀─────────┘ (batched, fenced)
+//! ```
+//!
+//! Guarantees:
+//! - never more tasks claimed than [`Capacity`] has free permits: a claimed row holds a permit
+//!   from the claim until its attempt has ended;
+//! - every attempt ends in exactly one [`Outcome`] (success, error, panic → failed, timeout,
+//!   cancel), written back in batches through [`Queue::complete`];
+//! - on shutdown, claimed-but-unstarted tasks and tasks still running after the grace period
+//!   go back to `pending` without counting an attempt.
+//!
+//! The pool never talks SQL itself: claiming, completing and releasing go through `queue`.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use apalis::prelude::*;
+use apalis_core::backend::BackendConfig;
+use apalis_core::backend::finalize::Ephemeral;
+use apalis_core::layers::Identity;
+use futures::FutureExt;
+use futures::future::BoxFuture;
+use serde_json::Value;
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::queue::{Claimed, Completion, Outcome, Queue, TaskId, backoff};
+
+/// What a handler sees of the task it runs.
+#[derive(Debug, Clone)]
+pub struct TaskContext {
+    pub id: TaskId,
+    pub kind: String,
+    pub payload: Value,
+    /// 1 for the first attempt.
+    pub attempt: i32,
+    pub agent_id: Option<i64>,
+    pub traceparent: Option<String>,
+    /// Cancelled when the task is cancelled or the replica gives up on it; a long handler
+    /// may watch it to stop early (it is also dropped at that point).
+    pub cancel: CancellationToken,
+}
+
+/// A handler's failure: its message is stored as the task's error.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HandlerError(pub String);
+
+impl<E: std::fmt::Display> From<E> for HandlerError {
+    fn from(e: E) -> Self {
+        HandlerError(e.to_string())
+    }
+}
+
+type HandlerFn =
+    Arc<dyn Fn(TaskContext) -> BoxFuture<'static, Result<Value, HandlerError>> + Send + Sync>;
+
+/// A registered task kind.
+#[derive(Clone)]
+pub struct Handler {
+    func: HandlerFn,
+    /// The kind's default timeout (a task's own `timeout_ms` overrides it).
+    pub timeout: Option<Duration>,
+}
+
+impl Handler {
+    /// A handler of the payload alone, like the predecessor's `register_handler`.
+    pub fn from_payload<F, Fut, E>(f: F) -> Handler
+    where
+        F: Fn(Value) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<Value, E>> + Send + 'static,
+        E: std::fmt::Display + 'static,
+    {
+        Handler {
+            func: Arc::new(move |ctx: TaskContext| {
+                let fut = f(ctx.payload);
+                async move { fut.await.map_err(|e| HandlerError(e.to_string())) }.boxed()
+            }),
+            timeout: None,
+        }
+    }
+
+    /// A handler that sees the whole [`TaskContext`].
+    pub fn from_context<F, Fut>(f: F) -> Handler
+    where
+        F: Fn(TaskContext) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<Value, HandlerError>> + Send + 'static,
+    {
+        Handler {
+            func: Arc::new(move |ctx| f(ctx).boxed()),
+            timeout: None,
+        }
+    }
+
+    pub fn with_timeout(mut self, timeout: Duration) -> Handler {
+        self.timeout = Some(timeout);
+        self
+    }
+}
+
+/// Handlers by kind.
+#[derive(Clone, Default)]
+pub struct Registry {
+    handlers: HashMap<String, Handler>,
+}
+
+impl Registry {
+    pub fn insert(&mut self, kind: impl Into<String>, handler: Handler) {
+        self.handlers.insert(kind.into(), handler);
+    }
+    pub fn get(&self, kind: &str) -> Option<&Handler> {
+        self.handlers.get(kind)
+    }
+    pub fn kinds(&self) -> Vec<String> {
+        let mut k: Vec<String> = self.handlers.keys().cloned().collect();
+        k.sort();
+        k
+    }
+}
+
+/// How many tasks the pool may run at once. The governor changes it while the pool runs;
+/// the claimer never claims more rows than there are free permits.
+#[derive(Debug)]
+pub struct Capacity {
+    sem: Arc<Semaphore>,
+    /// Permits still to be withdrawn after a decrease (taken as running tasks end).
+    debt: Mutex<usize>,
+    granted: std::sync::atomic::AtomicUsize,
+}
+
+impl Capacity {
+    pub fn new(n: usize) -> Arc<Capacity> {
+        Arc::new(Capacity {
+            sem: Arc::new(Semaphore::new(n)),
+            debt: Mutex::new(0),
+            granted: n.into(),
+        })
+    }
+
+    /// The number of tasks currently allowed to run at once.
+    pub fn granted(&self) -> usize {
+        self.granted.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Changes the grant. An increase is usable at once; a decrease takes effect as running
+    /// tasks end (nothing running is interrupted).
+    pub fn set(&self, n: usize) {
+        let old = self.granted.swap(n, std::sync::atomic::Ordering::Relaxed);
+        let mut debt = self.debt.lock().expect("capacity lock");
+        if n > old {
+            let mut more = n - old;
+            let repaid = more.min(*debt);
+            *debt -= repaid;
+            more -= repaid;
+            self.sem.add_permits(more);
+        } else {
+            *debt += old - n;
+            let taken = self.sem.forget_permits(*debt);
+            *debt -= taken;
+        }
+    }
+
+    /// Withdraws free permits still owed after a decrease.
+    fn settle(&self) {
+        let mut debt = self.debt.lock().expect("capacity lock");
+        if *debt > 0 {
+            let taken = self.sem.forget_permits(*debt);
+            *debt -= taken;
+        }
+    }
+}
+
+/// A claimed task on its way to the runner, holding its capacity permit.
+pub struct Job {
+    claimed: Claimed,
+    _permit: OwnedSemaphorePermit,
+}
+
+/// The apalis backend: claimed rows arrive on a channel from the claimer.
+#[derive(Clone)]
+struct ClaimedRows {
+    rx: Arc<Mutex<mpsc::Receiver<Job>>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("claimed-rows backend: {0}")]
+pub struct BackendError(String);
+
+impl Backend for ClaimedRows {
+    type Task = Task<Job>;
+    type Error = BackendError;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut Context<'_>,
+        _: &WorkerContext,
+    ) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    // apalis polls this only when its concurrency layer has a free slot.
+    fn poll_next(
+        &mut self,
+        cx: &mut Context<'_>,
+        _: &WorkerContext,
+    ) -> Poll<Option<Result<Task<Job>, Self::Error>>> {
+        let mut rx = self.rx.lock().expect("backend lock");
+        match rx.poll_recv(cx) {
+            Poll::Ready(Some(job)) => {
+                let id = apalis::prelude::TaskId::Int(job.claimed.id as u64);
+                Poll::Ready(Some(Ok(TaskBuilder::new(job).task_id(id).build())))
+            }
+            // The claimer has stopped (shutdown): idle until the monitor stops the worker.
+            Poll::Ready(None) | Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn poll_close(
+        &mut self,
+        _: &mut Context<'_>,
+        _: &WorkerContext,
+    ) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl BackendConfig for ClaimedRows {
+    type Args = Job;
+    type Id = i64;
+    type Kind = Ephemeral;
+    type Config = ();
+    type Layer = Identity;
+    fn config(&self) -> &() {
+        &()
+    }
+    fn middleware(&mut self, _: &mut WorkerContext) -> Identity {
+        Identity::new()
+    }
+}
+
+/// Settings of a pool.
+#[derive(Debug, Clone)]
+pub struct PoolOptions {
+    pub replica: String,
+    /// The largest capacity the governor may grant (`bulk.max_concurrent`).
+    pub max_concurrent: usize,
+    pub retry_base: Duration,
+    /// Timeout of a kind with none of its own.
+    pub default_timeout: Duration,
+    pub poll_interval: Duration,
+    pub shutdown_grace: Duration,
+}
+
+/// The most rows one claim statement takes.
+const MAX_CLAIM: usize = 1000;
+/// How long a claimer with a backlog waits for freed capacity to gather into one claim.
+const CLAIM_GATHER: Duration = Duration::from_millis(2);
+/// The most completions one statement writes.
+const MAX_COMPLETE: usize = 2000;
+
+/// What the runner, claimer and shutdown share.
+struct Shared {
+    queue: Queue,
+    registry: Arc<Registry>,
+    options: PoolOptions,
+    completions: mpsc::Sender<Completion>,
+    /// Running attempts: id → (attempt, cancel token).
+    running: Mutex<HashMap<TaskId, (i32, CancellationToken)>>,
+    /// Signalled whenever a running attempt ends.
+    ended: Notify,
+}
+
+impl Shared {
+    fn running_count(&self) -> usize {
+        self.running.lock().expect("running lock").len()
+    }
+}
+
+/// The tower service at the bottom of the apalis stack: runs one attempt end to end.
+#[derive(Clone)]
+struct Runner {
+    shared: Arc<Shared>,
+}
+
+impl tower::Service<Task<Job>> for Runner {
+    type Response = ();
+    type Error = Infallible;
+    type Future = BoxFuture<'static, Result<(), Infallible>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, task: Task<Job>) -> Self::Future {
+        let shared = self.shared.clone();
+        async move {
+            run_attempt(shared, task.args).await;
+            Ok(())
+        }
+        .boxed()
+    }
+}
+
+fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
+    p.downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| p.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "panic with a non-string payload".to_string())
+}
+
+async fn run_attempt(shared: Arc<Shared>, job: Job) {
+    let Job {
+        claimed: c,
+        _permit,
+    } = job;
+    let token = CancellationToken::new();
+    shared
+        .running
+        .lock()
+        .expect("running lock")
+        .insert(c.id, (c.attempt, token.clone()));
+    let span = tracing::info_span!(
+        "task.execute",
+        task.id = c.id,
+        task.kind = %c.kind,
+        task.attempt = c.attempt,
+        replica = %shared.options.replica,
+    );
+    let outcome = async {
+        let Some(handler) = shared.registry.get(&c.kind) else {
+            return Outcome::Failed(format!(
+                "no handler for kind {:?} on replica {}",
+                c.kind, shared.options.replica
+            ));
+        };
+        let timeout = c
+            .timeout_ms
+            .map(|ms| Duration::from_millis(ms as u64))
+            .or(handler.timeout)
+            .unwrap_or(shared.options.default_timeout);
+        let ctx = TaskContext {
+            id: c.id,
+            kind: c.kind.clone(),
+            payload: c.payload.clone(),
+            attempt: c.attempt,
+            agent_id: c.agent_id,
+            traceparent: c.traceparent.clone(),
+            cancel: token.clone(),
+        };
+        let run = AssertUnwindSafe((handler.func)(ctx)).catch_unwind();
+        let outcome = tokio::select! {
+            r = tokio::time::timeout(timeout, run) => match r {
+                Ok(Ok(Ok(v))) => Outcome::Success(v),
+                Ok(Ok(Err(HandlerError(e)))) => Outcome::Failed(e),
+                Ok(Err(panic)) => Outcome::Failed(format!("handler panicked: {}", panic_message(&*panic))),
+                Err(_) => Outcome::TimedOut(format!("timed out after {:.3}s", timeout.as_secs_f64())),
+            },
+            _ = token.cancelled() => Outcome::Cancelled,
+        };
+        match &outcome {
+            Outcome::Success(_) => tracing::debug!("task completed"),
+            Outcome::Cancelled => tracing::info!("task cancelled"),
+            Outcome::Failed(e) | Outcome::TimedOut(e) => tracing::warn!(error = %e, "task attempt failed"),
+        }
+        outcome
+    }
+    .instrument(span)
+    .await;
+
+    let retry_at = chrono::Utc::now()
+        + backoff::delay(
+            shared.options.retry_base,
+            (c.retry_count + 1) as u32,
+            &mut rand::thread_rng(),
+        );
+    // Still ours? A shutdown past its grace period may have released it already.
+    let still_ours = shared
+        .running
+        .lock()
+        .expect("running lock")
+        .remove(&c.id)
+        .is_some();
+    if still_ours {
+        let _ = shared
+            .completions
+            .send(Completion {
+                id: c.id,
+                attempt: c.attempt,
+                outcome,
+                retry_at,
+            })
+            .await;
+    }
+    shared.ended.notify_waiters();
+    // `_permit` drops here: the capacity is free for the next claim.
+}
+
+/// A running pool. Dropping it does not stop it: call [`Pool::shutdown`].
+pub struct Pool {
+    shared: Arc<Shared>,
+    capacity: Arc<Capacity>,
+    stop_claiming: CancellationToken,
+    claimer: tokio::task::JoinHandle<()>,
+    writer: tokio::task::JoinHandle<()>,
+    stop_writer: CancellationToken,
+    monitor: tokio::task::JoinHandle<()>,
+    stop_monitor: Option<tokio::sync::oneshot::Sender<()>>,
+    unstarted: Arc<Mutex<mpsc::Receiver<Job>>>,
+}
+
+impl Pool {
+    /// Starts claiming and running tasks. `wake` is notified on `LISTEN` wake-ups.
+    pub fn start(
+        queue: Queue,
+        registry: Arc<Registry>,
+        capacity: Arc<Capacity>,
+        options: PoolOptions,
+        wake: Arc<Notify>,
+    ) -> Pool {
+        let (jobs_tx, jobs_rx) = mpsc::channel::<Job>(options.max_concurrent.max(1));
+        let (done_tx, done_rx) = mpsc::channel::<Completion>(options.max_concurrent.max(1) * 2);
+        let shared = Arc::new(Shared {
+            queue: queue.clone(),
+            registry: registry.clone(),
+            options: options.clone(),
+            completions: done_tx,
+            running: Mutex::new(HashMap::new()),
+            ended: Notify::new(),
+        });
+
+        let stop_writer = CancellationToken::new();
+        let writer = tokio::spawn(write_completions(
+            queue.clone(),
+            options.replica.clone(),
+            done_rx,
+            stop_writer.clone(),
+        ));
+
+        let stop_claiming = CancellationToken::new();
+        let claimer = tokio::spawn(claim_loop(
+            queue,
+            registry.kinds(),
+            capacity.clone(),
+            options.clone(),
+            wake,
+            jobs_tx,
+            stop_claiming.clone(),
+        ));
+
+        let unstarted = Arc::new(Mutex::new(jobs_rx));
+        let backend = ClaimedRows {
+            rx: unstarted.clone(),
+        };
+        let runner = Runner {
+            shared: shared.clone(),
+        };
+        let max = options.max_concurrent.max(1);
+        let name = format!("pool-{}", options.replica);
+        let monitor = Monitor::new().register(move |_restarts| {
+            WorkerBuilder::new(name.clone())
+                .backend(backend.clone())
+                .concurrency(max)
+                // Each attempt on its own tokio task, so handlers use every core.
+                .parallelize(tokio::spawn)
+                .build(runner.clone())
+        });
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let monitor = tokio::spawn(async move {
+            let signal = async move {
+                let _ = stop_rx.await;
+                Ok(())
+            };
+            if let Err(e) = monitor.run_with_signal(signal).await {
+                tracing::error!(error = %e, "worker pool stopped with an error");
+            }
+        });
+
+        Pool {
+            shared,
+            capacity,
+            stop_claiming,
+            claimer,
+            writer,
+            stop_writer,
+            monitor,
+            stop_monitor: Some(stop_tx),
+            unstarted,
+        }
+    }
+
+    /// A cheap handle for the replica's background loops (heartbeat, cancel listener).
+    pub fn handle(&self) -> PoolHandle {
+        PoolHandle {
+            shared: self.shared.clone(),
+            capacity: self.capacity.clone(),
+        }
+    }
+
+    /// Stops claiming, gives running attempts `shutdown_grace` to finish, then puts every
+    /// unfinished task back to `pending` without counting the attempt.
+    pub async fn shutdown(mut self) {
+        self.stop_claiming.cancel();
+        let _ = (&mut self.claimer).await;
+
+        // Claimed but never started: straight back to the queue.
+        let unstarted: Vec<TaskId> = {
+            let mut rx = self.unstarted.lock().expect("backend lock");
+            let mut ids = Vec::new();
+            while let Ok(job) = rx.try_recv() {
+                ids.push(job.claimed.id);
+            }
+            ids
+        };
+        self.release(&unstarted, "claimed but not started").await;
+
+        let deadline = tokio::time::Instant::now() + self.shared.options.shutdown_grace;
+        loop {
+            let ended = self.shared.ended.notified();
+            if self.shared.running_count() == 0 {
+                break;
+            }
+            if tokio::time::timeout_at(deadline, ended).await.is_err() {
+                break;
+            }
+        }
+        let leftover: Vec<(TaskId, CancellationToken)> = self
+            .shared
+            .running
+            .lock()
+            .expect("running lock")
+            .drain()
+            .map(|(id, (_, token))| (id, token))
+            .collect();
+        if !leftover.is_empty() {
+            let ids: Vec<TaskId> = leftover.iter().map(|(id, _)| *id).collect();
+            self.release(&ids, "still running after the shutdown grace period")
+                .await;
+            for (_, token) in leftover {
+                token.cancel();
+            }
+        }
+
+        if let Some(stop) = self.stop_monitor.take() {
+            let _ = stop.send(());
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(5), &mut self.monitor).await;
+        self.stop_writer.cancel();
+        let _ = (&mut self.writer).await;
+    }
+
+    async fn release(&self, ids: &[TaskId], why: &str) {
+        if ids.is_empty() {
+            return;
+        }
+        match self
+            .shared
+            .queue
+            .release(&self.shared.options.replica, ids)
+            .await
+        {
+            Ok(n) => tracing::info!(released = n, reason = why, "returned tasks to the queue"),
+            Err(e) => tracing::error!(
+                error = %e,
+                tasks = ?ids,
+                "could not return tasks to the queue; other replicas will rescue them"
+            ),
+        }
+    }
+}
+
+/// What the rest of a replica may see and do while the pool runs.
+#[derive(Clone)]
+pub struct PoolHandle {
+    shared: Arc<Shared>,
+    capacity: Arc<Capacity>,
+}
+
+impl PoolHandle {
+    /// Attempts running right now.
+    pub fn running(&self) -> usize {
+        self.shared.running_count()
+    }
+
+    pub fn capacity(&self) -> &Arc<Capacity> {
+        &self.capacity
+    }
+
+    /// Aborts a running attempt of this pool (a cancel request). Returns whether it was here.
+    pub fn cancel(&self, id: TaskId) -> bool {
+        match self.shared.running.lock().expect("running lock").get(&id) {
+            Some((_, token)) => {
+                token.cancel();
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+async fn claim_loop(
+    queue: Queue,
+    kinds: Vec<String>,
+    capacity: Arc<Capacity>,
+    options: PoolOptions,
+    wake: Arc<Notify>,
+    jobs: mpsc::Sender<Job>,
+    stop: CancellationToken,
+) {
+    let mut failures = 0u32;
+    // Whether the last claim came back full: the queue has a backlog.
+    let mut busy = false;
+    loop {
+        capacity.settle();
+        let mut permits = tokio::select! {
+            p = capacity.sem.clone().acquire_owned() => p.expect("semaphore never closed"),
+            _ = stop.cancelled() => return,
+        };
+        if busy {
+            // With a backlog, permits come back a few at a time; claiming each trickle
+            // separately spends a round trip per row. Wait briefly for a quarter of the
+            // capacity to gather, so claims stay batched. An idle queue never waits here.
+            let target = (capacity.granted() / 4).clamp(1, MAX_CLAIM);
+            let deadline = tokio::time::Instant::now() + CLAIM_GATHER;
+            while permits.num_permits() < target {
+                match tokio::time::timeout_at(deadline, capacity.sem.clone().acquire_owned()).await
+                {
+                    Ok(p) => permits.merge(p.expect("semaphore never closed")),
+                    Err(_) => break,
+                }
+            }
+        }
+        // Take every other free permit too: one statement claims for all of them.
+        let more = capacity.sem.available_permits().min(MAX_CLAIM - 1);
+        if more > 0
+            && let Ok(p) = capacity.sem.clone().try_acquire_many_owned(more as u32)
+        {
+            permits.merge(p);
+        }
+        let want = permits.num_permits();
+        let t0 = std::time::Instant::now();
+        let claimed = tokio::select! {
+            r = queue.claim(&options.replica, want as u32, &kinds) => r,
+            _ = stop.cancelled() => return,
+        };
+        tracing::trace!(
+            want,
+            got = claimed.as_ref().map_or(0, Vec::len),
+            ms = t0.elapsed().as_secs_f64() * 1000.0,
+            "claim"
+        );
+        match claimed {
+            Ok(rows) => {
+                failures = 0;
+                let got = rows.len();
+                busy = got == want;
+                for row in rows {
+                    let permit = permits.split(1).expect("one permit per claimed row");
+                    if jobs
+                        .send(Job {
+                            claimed: row,
+                            _permit: permit,
+                        })
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+                drop(permits);
+                if got < want {
+                    // The queue is drained: sleep until a NOTIFY or the next poll.
+                    tokio::select! {
+                        _ = wake.notified() => {}
+                        _ = tokio::time::sleep(options.poll_interval) => {}
+                        _ = stop.cancelled() => return,
+                    }
+                }
+            }
+            Err(e) => {
+                drop(permits);
+                busy = false;
+                failures += 1;
+                let wait = backoff::nominal(Duration::from_millis(100), failures)
+                    .min(Duration::from_secs(5));
+                tracing::warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "claim failed");
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = stop.cancelled() => return,
+                }
+            }
+        }
+    }
+}
+
+/// Writes finished attempts in batches: whatever has arrived while the previous statement
+/// ran goes into the next one.
+async fn write_completions(
+    queue: Queue,
+    replica: String,
+    mut rx: mpsc::Receiver<Completion>,
+    stop: CancellationToken,
+) {
+    let mut batch = Vec::with_capacity(MAX_COMPLETE);
+    loop {
+        let n = tokio::select! {
+            n = rx.recv_many(&mut batch, MAX_COMPLETE) => n,
+            _ = stop.cancelled() => {
+                while let Ok(c) = rx.try_recv() {
+                    batch.push(c);
+                }
+                if !batch.is_empty() {
+                    write_with_retry(&queue, &replica, &batch, 10).await;
+                }
+                return;
+            }
+        };
+        if n == 0 {
+            return;
+        }
+        write_with_retry(&queue, &replica, &batch, u32::MAX).await;
+        batch.clear();
+    }
+}
+
+async fn write_with_retry(queue: &Queue, replica: &str, batch: &[Completion], tries: u32) {
+    let mut failures = 0u32;
+    loop {
+        let t0 = std::time::Instant::now();
+        let result = queue.complete(replica, batch).await;
+        tracing::trace!(
+            n = batch.len(),
+            ms = t0.elapsed().as_secs_f64() * 1000.0,
+            "complete"
+        );
+        match result {
+            Ok(n) => {
+                if (n as usize) < batch.len() {
+                    tracing::info!(
+                        stale = batch.len() - n as usize,
+                        "completions fenced out: those tasks were rescued and belong to a newer attempt"
+                    );
+                }
+                return;
+            }
+            Err(e) => {
+                failures += 1;
+                if failures >= tries {
+                    tracing::error!(error = %e, tasks = batch.len(), "giving up writing completions; the tasks will be rescued");
+                    return;
+                }
+                let wait = backoff::nominal(Duration::from_millis(100), failures)
+                    .min(Duration::from_secs(5));
+                tracing::warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "writing completions failed");
+                tokio::time::sleep(wait).await;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn capacity_decrease_waits_for_running_tasks() {
+        let cap = Capacity::new(4);
+        let held = cap.sem.clone().try_acquire_many_owned(3).unwrap();
+        cap.set(2);
+        assert_eq!(cap.granted(), 2);
+        // One free permit could be withdrawn at once; one more is owed.
+        assert_eq!(cap.sem.available_permits(), 0);
+        drop(held);
+        cap.settle();
+        assert_eq!(cap.sem.available_permits(), 2);
+        cap.set(5);
+        assert_eq!(cap.sem.available_permits(), 5);
+    }
+
+    #[test]
+    fn capacity_increase_repays_debt_first() {
+        let cap = Capacity::new(3);
+        let held = cap.sem.clone().try_acquire_many_owned(3).unwrap();
+        cap.set(1); // owes 2
+        cap.set(2); // owes 1
+        drop(held);
+        cap.settle();
+        assert_eq!(cap.sem.available_permits(), 2);
+    }
+
+    #[test]
+    fn panic_messages_are_kept() {
+        let p = std::panic::catch_unwind(|| panic!("boom {}", 7)).unwrap_err();
+        assert_eq!(panic_message(&*p), "boom 7");
+        let p = std::panic::catch_unwind(|| panic!("static")).unwrap_err();
+        assert_eq!(panic_message(&*p), "static");
+    }
+}

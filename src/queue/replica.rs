@@ -1,0 +1,100 @@
+//! Replica liveness: each replica registers a row in `replicas`, heartbeats it on a
+//! dedicated connection (so a busy pool cannot starve it), and removes it on exit.
+//! [`super::Queue::rescue`] reads these rows to find the tasks of dead replicas.
+
+use std::time::Duration;
+
+use sqlx::postgres::PgConnectOptions;
+use sqlx::{ConnectOptions, PgConnection};
+
+use super::Error;
+
+/// A unique replica id: host name plus a random suffix, e.g. `web-1-4f9c2a`.
+pub fn new_replica_id() -> String {
+    let host = nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .unwrap_or_else(|| "replica".to_string());
+    format!("{host}-{:06x}", rand::random::<u32>() & 0xff_ffff)
+}
+
+/// The heartbeat connection of one replica.
+pub struct Heartbeat {
+    options: PgConnectOptions,
+    replica: String,
+    conn: Option<PgConnection>,
+}
+
+const BEAT: &str = "
+INSERT INTO replicas (id, hostname, pid, version, running, capacity, heartbeat_at)
+VALUES ($1, $2, $3, $4, $5, $6, now())
+ON CONFLICT (id) DO UPDATE SET heartbeat_at = now(), running = $5, capacity = $6";
+
+impl Heartbeat {
+    pub fn new(options: PgConnectOptions, replica: &str) -> Heartbeat {
+        Heartbeat {
+            options,
+            replica: replica.to_string(),
+            conn: None,
+        }
+    }
+
+    /// Records that the replica is alive (registering it on the first beat or after its row
+    /// was removed). Reconnects when the connection was lost; never waits more than `limit`.
+    pub async fn beat(
+        &mut self,
+        running: i32,
+        capacity: i32,
+        limit: Duration,
+    ) -> Result<(), Error> {
+        let fut = async {
+            if self.conn.is_none() {
+                let mut c = self.options.connect().await?;
+                // A stuck statement must not hold up the next beat for long.
+                sqlx::query("SET statement_timeout = '5s'")
+                    .execute(&mut c)
+                    .await?;
+                self.conn = Some(c);
+            }
+            let conn = self.conn.as_mut().expect("just connected");
+            let host = nix::unistd::gethostname()
+                .ok()
+                .and_then(|h| h.into_string().ok())
+                .unwrap_or_default();
+            sqlx::query(BEAT)
+                .bind(&self.replica)
+                .bind(host)
+                .bind(std::process::id() as i32)
+                .bind(env!("CARGO_PKG_VERSION"))
+                .bind(running)
+                .bind(capacity)
+                .execute(conn)
+                .await?;
+            Ok::<_, sqlx::Error>(())
+        };
+        match tokio::time::timeout(limit, fut).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => {
+                self.conn = None;
+                Err(e.into())
+            }
+            Err(_) => {
+                self.conn = None;
+                Err(Error::Db(sqlx::Error::PoolTimedOut))
+            }
+        }
+    }
+
+    /// Removes the replica's row (clean exit).
+    pub async fn deregister(&mut self) -> Result<(), Error> {
+        if self.conn.is_none() {
+            self.conn = Some(self.options.connect().await?);
+        }
+        let conn = self.conn.as_mut().expect("connected");
+        sqlx::query("DELETE FROM replicas WHERE id = $1")
+            .bind(&self.replica)
+            .execute(conn)
+            .await?;
+        Ok(())
+    }
+}

@@ -1,0 +1,333 @@
+//! A replica: the [`Harness`] a program builds with its handlers, and what `serve` runs —
+//! the worker pool, the heartbeat, the `LISTEN` connection and the maintenance loops.
+//!
+//! ```no_run
+//! # async fn demo(cfg: harness::Config, pool: sqlx::PgPool) -> Result<(), Box<dyn std::error::Error>> {
+//! use harness::{Harness, queue::NewTask};
+//! use serde_json::json;
+//!
+//! let harness = Harness::builder()
+//!     .config(cfg)
+//!     .pool(pool)
+//!     .handler("demo", |payload: serde_json::Value| async move {
+//!         Ok::<_, std::convert::Infallible>(json!({ "result": payload["value"] }))
+//!     })
+//!     .build()
+//!     .await?;
+//! let id = harness
+//!     .queue()
+//!     .enqueue(NewTask::new("demo", json!({ "value": 42 })).idempotency_key("k1"))
+//!     .await?;
+//! harness.serve(async { let _ = tokio::signal::ctrl_c().await; }).await?;
+//! # Ok(()) }
+//! ```
+//!
+//! Guarantees: the replica registers its heartbeat row before it claims anything and
+//! removes it on a clean exit; the heartbeat runs on its own connection, so a pool busy with
+//! claims and completions cannot starve it; every replica rescues tasks of dead replicas.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::Value;
+use sqlx::PgPool;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::pool::{Capacity, Handler, Pool, PoolOptions, Registry};
+use crate::queue::replica::{Heartbeat, new_replica_id};
+use crate::queue::{self, Listener, Queue, Wakeup};
+
+/// How often completed and cancelled tasks past their retention are pruned.
+const PRUNE_EVERY: Duration = Duration::from_secs(600);
+const PRUNE_BATCH: u32 = 5000;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("Harness::builder() needs {0}")]
+    Missing(&'static str),
+    #[error(transparent)]
+    Db(#[from] crate::db::Error),
+    #[error(transparent)]
+    Queue(#[from] queue::Error),
+}
+
+/// Builds a [`Harness`]: configuration, database pool and handlers by kind.
+#[derive(Default)]
+pub struct HarnessBuilder {
+    config: Option<Config>,
+    pool: Option<PgPool>,
+    registry: Registry,
+    replica_id: Option<String>,
+}
+
+impl HarnessBuilder {
+    pub fn config(mut self, cfg: Config) -> Self {
+        self.config = Some(cfg);
+        self
+    }
+
+    /// The database pool (migrated). Without one, `build` connects to `database.url`.
+    pub fn pool(mut self, pool: PgPool) -> Self {
+        self.pool = Some(pool);
+        self
+    }
+
+    /// Registers a handler of the payload for `kind`; its `Ok` value is the task's result
+    /// and its `Err` message the task's error.
+    pub fn handler<F, Fut, E>(mut self, kind: impl Into<String>, f: F) -> Self
+    where
+        F: Fn(Value) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<Value, E>> + Send + 'static,
+        E: std::fmt::Display + 'static,
+    {
+        self.registry.insert(kind, Handler::from_payload(f));
+        self
+    }
+
+    /// Registers a fully specified [`Handler`] (context-aware, own timeout).
+    pub fn handler_with(mut self, kind: impl Into<String>, handler: Handler) -> Self {
+        self.registry.insert(kind, handler);
+        self
+    }
+
+    /// Overrides the generated replica id (host name plus a random suffix).
+    pub fn replica_id(mut self, id: impl Into<String>) -> Self {
+        self.replica_id = Some(id.into());
+        self
+    }
+
+    pub async fn build(self) -> Result<Harness, Error> {
+        let cfg = self.config.unwrap_or_default();
+        let pool = match self.pool {
+            Some(p) => p,
+            None => {
+                let url = cfg
+                    .database
+                    .url
+                    .as_ref()
+                    .ok_or(Error::Missing("a pool or database.url"))?;
+                crate::db::connect(url.expose(), cfg.database.max_connections).await?
+            }
+        };
+        let queue = Queue::new(pool.clone(), cfg.bulk.retry_attempts);
+        Ok(Harness {
+            capacity: Capacity::new(cfg.bulk.max_concurrent as usize),
+            replica: self.replica_id.unwrap_or_else(new_replica_id),
+            registry: Arc::new(self.registry),
+            cfg,
+            pool,
+            queue,
+        })
+    }
+}
+
+/// One replica's worth of Agent Harness: a queue handle and, once served, a worker pool.
+pub struct Harness {
+    cfg: Config,
+    pool: PgPool,
+    queue: Queue,
+    registry: Arc<Registry>,
+    replica: String,
+    capacity: Arc<Capacity>,
+}
+
+impl Harness {
+    pub fn builder() -> HarnessBuilder {
+        HarnessBuilder::default()
+    }
+
+    pub fn queue(&self) -> &Queue {
+        &self.queue
+    }
+
+    pub fn replica_id(&self) -> &str {
+        &self.replica
+    }
+
+    /// The kinds this replica claims.
+    pub fn kinds(&self) -> Vec<String> {
+        self.registry.kinds()
+    }
+
+    /// The pool's capacity (what the governor adjusts).
+    pub fn capacity(&self) -> Arc<Capacity> {
+        self.capacity.clone()
+    }
+
+    /// Runs the replica until `shutdown` resolves, then drains: no new claims, running tasks
+    /// get `bulk.shutdown_grace_s` to finish, unfinished ones go back to the queue.
+    pub async fn serve(self, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
+        let Harness {
+            cfg,
+            pool,
+            queue,
+            registry,
+            replica,
+            capacity,
+        } = self;
+        let sample = Duration::from_secs(cfg.telemetry.sample_interval_s);
+        let mut heartbeat = Heartbeat::new((*pool.connect_options()).clone(), &replica);
+        // Registered before the first claim, so no one rescues what we are about to take.
+        heartbeat
+            .beat(0, capacity.granted() as i32, Duration::from_secs(10))
+            .await?;
+        // Listening before the first claim, so a task enqueued in between wakes us.
+        let mut listener = Listener::connect(&pool).await?;
+        let wake = Arc::new(Notify::new());
+        let pool_running = Pool::start(
+            queue.clone(),
+            registry.clone(),
+            capacity.clone(),
+            PoolOptions {
+                replica: replica.clone(),
+                max_concurrent: cfg.bulk.max_concurrent as usize,
+                retry_base: Duration::from_secs(cfg.bulk.retry_delay_seconds),
+                default_timeout: Duration::from_secs(cfg.executor.default_timeout_s),
+                poll_interval: Duration::from_millis(cfg.bulk.poll_interval_ms),
+                shutdown_grace: Duration::from_secs(cfg.bulk.shutdown_grace_s),
+            },
+            wake.clone(),
+        );
+        let handle = pool_running.handle();
+        tracing::info!(
+            replica = %replica,
+            kinds = ?registry.kinds(),
+            capacity = capacity.granted(),
+            "replica serving"
+        );
+
+        let stop = CancellationToken::new();
+        let mut loops = tokio::task::JoinSet::new();
+
+        // Heartbeat: its own connection and its own task.
+        {
+            let stop = stop.clone();
+            let handle = handle.clone();
+            loops.spawn(async move {
+                let mut tick = tokio::time::interval(sample);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tokio::select! {
+                        _ = tick.tick() => {}
+                        _ = stop.cancelled() => break,
+                    }
+                    let running = handle.running() as i32;
+                    let granted = handle.capacity().granted() as i32;
+                    if let Err(e) = heartbeat.beat(running, granted, sample).await {
+                        tracing::warn!(error = %e, "heartbeat failed; retrying next interval");
+                    }
+                }
+            });
+        }
+
+        // Wake-ups and cancel requests.
+        {
+            let stop = stop.clone();
+            let handle = handle.clone();
+            let wake = wake.clone();
+            loops.spawn(async move {
+                loop {
+                    let next = tokio::select! {
+                        n = listener.next() => n,
+                        _ = stop.cancelled() => break,
+                    };
+                    match next {
+                        Ok(Wakeup::Tasks) | Ok(Wakeup::Reconnected) => wake.notify_one(),
+                        Ok(Wakeup::Cancel(id)) => {
+                            if handle.cancel(id) {
+                                tracing::info!(task.id = id, "cancel requested; aborting");
+                            }
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "LISTEN connection failed; polling until it is back");
+                            tokio::select! {
+                                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                                _ = stop.cancelled() => break,
+                            }
+                        }
+                    }
+                }
+            });
+        }
+
+        // Maintenance: rescue dead replicas' tasks, catch missed cancels, prune.
+        {
+            let stop = stop.clone();
+            let queue = queue.clone();
+            let handle = handle.clone();
+            let replica = replica.clone();
+            let rescue_after = Duration::from_secs(cfg.persistence.rescue_after_s);
+            let retention =
+                Duration::from_secs(cfg.persistence.gc_completed_after_days as u64 * 86_400);
+            let wake = wake.clone();
+            loops.spawn(async move {
+                let mut tick = tokio::time::interval(sample);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                let mut last_prune = tokio::time::Instant::now();
+                loop {
+                    tokio::select! {
+                        _ = tick.tick() => {}
+                        _ = stop.cancelled() => break,
+                    }
+                    match queue.rescue(rescue_after).await {
+                        Ok(ids) if !ids.is_empty() => {
+                            tracing::warn!(tasks = ?ids, "rescued tasks of replicas that stopped heartbeating");
+                            wake.notify_one();
+                        }
+                        Ok(_) => {}
+                        Err(e) => tracing::warn!(error = %e, "rescue failed"),
+                    }
+                    if let Ok(ids) = queue.cancel_requested(&replica).await {
+                        for id in ids {
+                            handle.cancel(id);
+                        }
+                    }
+                    if last_prune.elapsed() >= PRUNE_EVERY {
+                        last_prune = tokio::time::Instant::now();
+                        match queue.prune(retention, PRUNE_BATCH).await {
+                            Ok(0) => {}
+                            Ok(n) => tracing::info!(deleted = n, "pruned finished tasks"),
+                            Err(e) => tracing::warn!(error = %e, "prune failed"),
+                        }
+                    }
+                }
+            });
+        }
+
+        shutdown.await;
+        tracing::info!(
+            replica = %replica,
+            running = handle.running(),
+            grace_s = cfg.bulk.shutdown_grace_s,
+            "shutting down: no new claims; running tasks may finish"
+        );
+        // The heartbeat keeps going while running tasks drain, or they would be rescued.
+        pool_running.shutdown().await;
+        stop.cancel();
+        loops.join_all().await;
+        // Deregister with a fresh connection: the loop's may have been mid-failure.
+        let mut hb = Heartbeat::new((*pool.connect_options()).clone(), &replica);
+        if let Err(e) = hb.deregister().await {
+            tracing::warn!(error = %e, "could not remove the replica row; it will age out");
+        }
+        tracing::info!(replica = %replica, "replica stopped");
+        Ok(())
+    }
+}
+
+/// The built-in kinds of the stock binary.
+pub fn builtin_handlers(builder: HarnessBuilder) -> HarnessBuilder {
+    builder
+        .handler("noop", |_payload: Value| async {
+            Ok::<_, std::convert::Infallible>(serde_json::json!({}))
+        })
+        .handler("echo", |payload: Value| async move {
+            Ok::<_, std::convert::Infallible>(payload)
+        })
+}
+
+/// The kinds [`builtin_handlers`] registers.
+pub const BUILTIN_KINDS: [&str; 2] = ["noop", "echo"];

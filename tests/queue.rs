@@ -1,0 +1,470 @@
+//! The queue's SQL protocol against a real PostgreSQL: enqueue, idempotency, claim order,
+//! delays, fenced completion, retries, rescue, release, cancel, prune.
+
+mod common;
+
+use std::time::Duration;
+
+use chrono::Utc;
+use common::TestDb;
+use harness::queue::replica::Heartbeat;
+use harness::queue::{Completion, Error, NewTask, Outcome, Queue, Status};
+use serde_json::json;
+
+fn kinds() -> Vec<String> {
+    vec!["demo".to_string()]
+}
+
+fn queue(db: &TestDb) -> Queue {
+    Queue::new(db.pool.clone(), 3)
+}
+
+fn done(id: i64, attempt: i32, outcome: Outcome) -> Completion {
+    Completion {
+        id,
+        attempt,
+        outcome,
+        retry_at: Utc::now(),
+    }
+}
+
+#[tokio::test]
+async fn every_lifecycle_transition() {
+    let db = TestDb::new().await;
+    let q = queue(&db);
+    let e = q
+        .enqueue(NewTask::new("demo", json!({"value": 42})))
+        .await
+        .unwrap();
+    assert_eq!(e.status, Status::Pending);
+    assert!(!e.deduplicated);
+
+    // pending → running
+    let c = q.claim("r1", 10, &kinds()).await.unwrap();
+    assert_eq!(c.len(), 1);
+    assert_eq!((c[0].id, c[0].attempt), (e.id, 1));
+    let t = q.get(e.id).await.unwrap();
+    assert_eq!(t.status, Status::Running);
+    assert_eq!(t.replica.as_deref(), Some("r1"));
+    assert!(t.started_at.is_some());
+
+    // running → completed
+    assert_eq!(
+        q.complete(
+            "r1",
+            &[done(e.id, 1, Outcome::Success(json!({"result": 42})))]
+        )
+        .await
+        .unwrap(),
+        1
+    );
+    let t = q.get(e.id).await.unwrap();
+    assert_eq!(t.status, Status::Completed);
+    assert_eq!(t.result, Some(json!({"result": 42})));
+    assert!(t.completed_at.is_some() && t.replica.is_none());
+    assert!(t.created_at <= t.started_at.unwrap() && t.started_at <= t.completed_at);
+
+    // running → retry_scheduled → running → failed (max_retries 1)
+    let f = q
+        .enqueue(NewTask::new("demo", json!({})).max_retries(1))
+        .await
+        .unwrap();
+    let c = q.claim("r1", 1, &kinds()).await.unwrap();
+    q.complete(
+        "r1",
+        &[done(f.id, c[0].attempt, Outcome::Failed("boom 1".into()))],
+    )
+    .await
+    .unwrap();
+    let t = q.get(f.id).await.unwrap();
+    assert_eq!((t.status, t.retry_count), (Status::RetryScheduled, 1));
+    assert_eq!(t.error.as_deref(), Some("boom 1"));
+    let c = q.claim("r1", 1, &kinds()).await.unwrap();
+    assert_eq!(c[0].attempt, 2);
+    q.complete("r1", &[done(f.id, 2, Outcome::Failed("boom 2".into()))])
+        .await
+        .unwrap();
+    let t = q.get(f.id).await.unwrap();
+    assert_eq!(t.status, Status::Failed);
+    assert_eq!(t.error.as_deref(), Some("boom 2"));
+    let history = t.attempts.as_array().unwrap();
+    assert_eq!(
+        history.len(),
+        2,
+        "every attempt's error is kept: {history:?}"
+    );
+    assert_eq!(history[0]["error"], "boom 1");
+    assert_eq!(history[1]["attempt"], 2);
+
+    // running → timeout (no retries)
+    let to = q
+        .enqueue(NewTask::new("demo", json!({})).max_retries(0))
+        .await
+        .unwrap();
+    q.claim("r1", 1, &kinds()).await.unwrap();
+    q.complete(
+        "r1",
+        &[done(
+            to.id,
+            1,
+            Outcome::TimedOut("timed out after 1s".into()),
+        )],
+    )
+    .await
+    .unwrap();
+    assert_eq!(q.get(to.id).await.unwrap().status, Status::Timeout);
+
+    // pending → cancelled
+    let p = q.enqueue(NewTask::new("demo", json!({}))).await.unwrap();
+    assert_eq!(q.cancel(p.id).await.unwrap(), Status::Cancelled);
+    assert!(
+        q.claim("r1", 10, &kinds()).await.unwrap().is_empty(),
+        "a cancelled task is never claimed"
+    );
+    assert!(matches!(
+        q.cancel(p.id).await,
+        Err(Error::WrongState { .. })
+    ));
+
+    // running → cancel requested → cancelled by its owner
+    let r = q.enqueue(NewTask::new("demo", json!({}))).await.unwrap();
+    q.claim("r1", 1, &kinds()).await.unwrap();
+    assert_eq!(q.cancel(r.id).await.unwrap(), Status::Running);
+    assert_eq!(q.cancel_requested("r1").await.unwrap(), vec![r.id]);
+    q.complete("r1", &[done(r.id, 1, Outcome::Cancelled)])
+        .await
+        .unwrap();
+    assert_eq!(q.get(r.id).await.unwrap().status, Status::Cancelled);
+
+    let s = q.stats().await.unwrap();
+    assert_eq!(s.total, 5);
+    assert_eq!(s.count(Status::Completed), 1);
+    assert_eq!(s.count(Status::Cancelled), 2);
+    assert_eq!(s.success_rate, 33.3);
+}
+
+#[tokio::test]
+async fn idempotency_key_returns_the_existing_task_and_success_is_reused() {
+    let db = TestDb::new().await;
+    let q = queue(&db);
+    let first = q
+        .enqueue(NewTask::new("demo", json!({"v": 1})).idempotency_key("k1"))
+        .await
+        .unwrap();
+    let c = q.claim("r1", 1, &kinds()).await.unwrap();
+    q.complete(
+        "r1",
+        &[done(
+            first.id,
+            c[0].attempt,
+            Outcome::Success(json!({"ok": true})),
+        )],
+    )
+    .await
+    .unwrap();
+
+    let again = q
+        .enqueue(NewTask::new("demo", json!({"v": 2})).idempotency_key("k1"))
+        .await
+        .unwrap();
+    assert_eq!(
+        again,
+        harness::queue::Enqueued {
+            id: first.id,
+            status: Status::Completed,
+            deduplicated: true
+        }
+    );
+    assert!(
+        q.claim("r1", 10, &kinds()).await.unwrap().is_empty(),
+        "a succeeded task is never run again"
+    );
+    let t = q.get(first.id).await.unwrap();
+    assert_eq!(t.result, Some(json!({"ok": true})));
+    assert_eq!(t.payload, json!({"v": 1}), "the stored task is untouched");
+}
+
+#[tokio::test]
+async fn eight_concurrent_enqueues_of_one_key_make_one_row() {
+    let db = TestDb::new().await;
+    let q = queue(&db);
+    let mut handles = Vec::new();
+    for i in 0..8 {
+        let q = q.clone();
+        handles.push(tokio::spawn(async move {
+            q.enqueue(NewTask::new("demo", json!({"i": i})).idempotency_key("same"))
+                .await
+                .unwrap()
+        }));
+    }
+    let mut results = Vec::new();
+    for h in handles {
+        results.push(h.await.unwrap());
+    }
+    let ids: std::collections::HashSet<_> = results.iter().map(|r| r.id).collect();
+    assert_eq!(ids.len(), 1);
+    assert_eq!(results.iter().filter(|r| !r.deduplicated).count(), 1);
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM tasks")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(rows, 1);
+}
+
+#[tokio::test]
+async fn bulk_enqueue_with_duplicates_reports_which_existed() {
+    let db = TestDb::new().await;
+    let q = queue(&db);
+    let existing = q
+        .enqueue(NewTask::new("demo", json!({})).idempotency_key("old"))
+        .await
+        .unwrap();
+    let batch = vec![
+        NewTask::new("demo", json!({"n": 0})),
+        NewTask::new("demo", json!({"n": 1})).idempotency_key("old"),
+        NewTask::new("demo", json!({"n": 2})).idempotency_key("new"),
+        NewTask::new("demo", json!({"n": 3})),
+        NewTask::new("demo", json!({"n": 4})).idempotency_key("new"),
+        NewTask::new("demo", json!({"n": 5})),
+    ];
+    let out = q.enqueue_many(batch).await.unwrap();
+    assert_eq!(out.len(), 6);
+    let dedup: Vec<bool> = out.iter().map(|e| e.deduplicated).collect();
+    assert_eq!(dedup, [false, true, false, false, true, false]);
+    assert_eq!(out[1].id, existing.id);
+    assert_eq!(out[2].id, out[4].id);
+    // Entries map to their own rows, in input order.
+    for (i, e) in out.iter().enumerate() {
+        if !e.deduplicated {
+            let t = q.get(e.id).await.unwrap();
+            assert_eq!(t.payload["n"], i, "entry {i} maps to its own row");
+        }
+    }
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM tasks")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(rows, 5);
+}
+
+#[tokio::test]
+async fn enqueue_inside_a_transaction_exists_only_on_commit() {
+    let db = TestDb::new().await;
+    let q = queue(&db);
+    let mut tx = db.pool.begin().await.unwrap();
+    let e = q
+        .enqueue_in(&mut tx, NewTask::new("demo", json!({})))
+        .await
+        .unwrap();
+    tx.rollback().await.unwrap();
+    assert!(matches!(q.get(e.id).await, Err(Error::NotFound(_))));
+
+    let mut tx = db.pool.begin().await.unwrap();
+    let many = q
+        .enqueue_many_in(&mut tx, vec![NewTask::new("demo", json!({})); 3])
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    for e in many {
+        assert_eq!(q.get(e.id).await.unwrap().status, Status::Pending);
+    }
+}
+
+#[tokio::test]
+async fn claims_follow_priority_then_schedule_and_never_exceed_the_limit() {
+    let db = TestDb::new().await;
+    let q = queue(&db);
+    let low = q
+        .enqueue(NewTask::new("demo", json!({})).priority(-5))
+        .await
+        .unwrap();
+    let mid1 = q.enqueue(NewTask::new("demo", json!({}))).await.unwrap();
+    let mid2 = q.enqueue(NewTask::new("demo", json!({}))).await.unwrap();
+    let high = q
+        .enqueue(NewTask::new("demo", json!({})).priority(10))
+        .await
+        .unwrap();
+
+    let first = q.claim("r1", 2, &kinds()).await.unwrap();
+    assert_eq!(
+        first.iter().map(|c| c.id).collect::<Vec<_>>(),
+        [high.id, mid1.id]
+    );
+    let rest = q.claim("r2", 10, &kinds()).await.unwrap();
+    assert_eq!(
+        rest.iter().map(|c| c.id).collect::<Vec<_>>(),
+        [mid2.id, low.id]
+    );
+    assert!(q.claim("r3", 0, &kinds()).await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn delayed_task_is_not_claimed_early() {
+    let db = TestDb::new().await;
+    let q = queue(&db);
+    let later = q
+        .enqueue(NewTask::new("demo", json!({})).delay(Duration::from_millis(600)))
+        .await
+        .unwrap();
+    let at = q
+        .enqueue(NewTask::new("demo", json!({})).run_at(Utc::now() + chrono::Duration::hours(1)))
+        .await
+        .unwrap();
+    assert!(q.claim("r1", 10, &kinds()).await.unwrap().is_empty());
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let c = q.claim("r1", 10, &kinds()).await.unwrap();
+    assert_eq!(c.iter().map(|c| c.id).collect::<Vec<_>>(), [later.id]);
+    assert_eq!(q.get(at.id).await.unwrap().status, Status::Pending);
+}
+
+#[tokio::test]
+async fn a_stale_attempt_never_overwrites_a_newer_one() {
+    let db = TestDb::new().await;
+    let q = queue(&db);
+    let e = q.enqueue(NewTask::new("demo", json!({}))).await.unwrap();
+    q.claim("dead", 1, &kinds()).await.unwrap();
+    // "dead" never heartbeated: its task is rescued and claimed again by "live".
+    assert_eq!(q.rescue(Duration::from_secs(10)).await.unwrap(), vec![e.id]);
+    let c = q.claim("live", 1, &kinds()).await.unwrap();
+    assert_eq!(c[0].attempt, 2);
+    // The old attempt reports late: fenced out.
+    assert_eq!(
+        q.complete("dead", &[done(e.id, 1, Outcome::Success(json!("stale")))])
+            .await
+            .unwrap(),
+        0
+    );
+    assert_eq!(q.get(e.id).await.unwrap().status, Status::Running);
+    // Even with the right owner name, the attempt number fences it.
+    assert_eq!(
+        q.complete("live", &[done(e.id, 1, Outcome::Success(json!("stale")))])
+            .await
+            .unwrap(),
+        0
+    );
+    assert_eq!(
+        q.complete("live", &[done(e.id, 2, Outcome::Success(json!("fresh")))])
+            .await
+            .unwrap(),
+        1
+    );
+    let t = q.get(e.id).await.unwrap();
+    assert_eq!(t.result, Some(json!("fresh")));
+    assert_eq!(t.attempts[0]["status"], "lost");
+}
+
+#[tokio::test]
+async fn rescue_spares_live_replicas_and_counts_the_attempt() {
+    let db = TestDb::new().await;
+    let q = queue(&db);
+    let mut hb = Heartbeat::new((*db.pool.connect_options()).clone(), "alive");
+    hb.beat(1, 8, Duration::from_secs(5)).await.unwrap();
+    let a = q.enqueue(NewTask::new("demo", json!({}))).await.unwrap();
+    q.claim("alive", 1, &kinds()).await.unwrap();
+    let b = q
+        .enqueue(NewTask::new("demo", json!({})).max_retries(0))
+        .await
+        .unwrap();
+    q.claim("gone", 1, &kinds()).await.unwrap();
+
+    let rescued = q.rescue(Duration::from_secs(10)).await.unwrap();
+    assert_eq!(rescued, vec![b.id]);
+    assert_eq!(q.get(a.id).await.unwrap().status, Status::Running);
+    let t = q.get(b.id).await.unwrap();
+    assert_eq!(
+        t.status,
+        Status::Failed,
+        "no retries left: the lost attempt fails it"
+    );
+    assert!(t.error.unwrap().contains("stopped heartbeating"));
+
+    // An old heartbeat counts as dead.
+    sqlx::query("UPDATE replicas SET heartbeat_at = now() - interval '1 minute'")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(q.rescue(Duration::from_secs(10)).await.unwrap(), vec![a.id]);
+    let t = q.get(a.id).await.unwrap();
+    assert_eq!((t.status, t.retry_count), (Status::Pending, 1));
+    hb.deregister().await.unwrap();
+}
+
+#[tokio::test]
+async fn release_returns_work_without_counting_an_attempt() {
+    let db = TestDb::new().await;
+    let q = queue(&db);
+    let e = q.enqueue(NewTask::new("demo", json!({}))).await.unwrap();
+    q.claim("r1", 1, &kinds()).await.unwrap();
+    assert_eq!(q.release("r1", &[e.id]).await.unwrap(), 1);
+    let t = q.get(e.id).await.unwrap();
+    assert_eq!(
+        (t.status, t.attempt, t.retry_count),
+        (Status::Pending, 0, 0)
+    );
+    assert_eq!(q.claim("r2", 1, &kinds()).await.unwrap()[0].attempt, 1);
+}
+
+#[tokio::test]
+async fn bad_input_names_the_field_and_stores_nothing() {
+    let db = TestDb::new().await;
+    let q = queue(&db);
+    for (task, field) in [
+        (NewTask::new("", json!({})), "kind"),
+        (NewTask::new("has space", json!({})), "kind"),
+        (
+            NewTask::new("demo", json!({})).idempotency_key(""),
+            "idempotency_key",
+        ),
+        (
+            NewTask::new("demo", json!({})).max_retries(5000),
+            "max_retries",
+        ),
+        (
+            NewTask::new("demo", json!({})).timeout(Duration::ZERO),
+            "timeout",
+        ),
+    ] {
+        match q.enqueue(task).await {
+            Err(Error::Invalid { field: f, .. }) => assert_eq!(f, field),
+            other => panic!("expected invalid {field}, got {other:?}"),
+        }
+    }
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM tasks")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(rows, 0);
+}
+
+#[tokio::test]
+async fn prune_deletes_old_finished_tasks_in_batches() {
+    let db = TestDb::new().await;
+    let q = queue(&db);
+    let ids: Vec<i64> = q
+        .enqueue_many(vec![NewTask::new("demo", json!({})); 25])
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.id)
+        .collect();
+    let claimed = q.claim("r1", 20, &kinds()).await.unwrap();
+    let batch: Vec<_> = claimed
+        .iter()
+        .map(|c| done(c.id, c.attempt, Outcome::Success(json!({}))))
+        .collect();
+    q.complete("r1", &batch).await.unwrap();
+    q.cancel(ids[24]).await.unwrap();
+    // 15 of the completed ones are old.
+    sqlx::query("UPDATE tasks SET completed_at = now() - interval '8 days' WHERE id = ANY($1)")
+        .bind(&ids[..15])
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let pruned = q.prune(Duration::from_secs(7 * 86400), 4).await.unwrap();
+    assert_eq!(pruned, 15);
+    let left: i64 = sqlx::query_scalar("SELECT count(*) FROM tasks")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(left, 10);
+}
