@@ -318,7 +318,8 @@ impl Harness {
     }
 }
 
-/// The built-in kinds of the stock binary.
+/// The built-in kinds of the stock binary: `noop` returns `{}`, `echo` returns its payload,
+/// `sleep` waits `{"ms": N}` milliseconds (at most an hour) and returns `{"slept_ms": N}`.
 pub fn builtin_handlers(builder: HarnessBuilder) -> HarnessBuilder {
     builder
         .handler("noop", |_payload: Value| async {
@@ -327,7 +328,15 @@ pub fn builtin_handlers(builder: HarnessBuilder) -> HarnessBuilder {
         .handler("echo", |payload: Value| async move {
             Ok::<_, std::convert::Infallible>(payload)
         })
+        .handler("sleep", |payload: Value| async move {
+            let ms = payload["ms"]
+                .as_u64()
+                .filter(|ms| *ms <= 3_600_000)
+                .ok_or("payload.ms must be a whole number of milliseconds from 0 to 3600000")?;
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+            Ok::<_, &str>(serde_json::json!({ "slept_ms": ms }))
+        })
 }
 
 /// The kinds [`builtin_handlers`] registers.
-pub const BUILTIN_KINDS: [&str; 2] = ["noop", "echo"];
+pub const BUILTIN_KINDS: [&str; 3] = ["noop", "echo", "sleep"];

@@ -25,7 +25,7 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 20_000)]
     tasks: usize,
     /// Tasks each replica runs at once (its bulk.max_concurrent)
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = 512)]
     concurrency: u32,
     /// Replica processes that process the tasks
     #[arg(long, default_value_t = 1)]

@@ -52,7 +52,7 @@ and runs a replica until Ctrl-C or SIGTERM. The private server stops when its la
         visible_alias = "resume",
         long_about = "Run a replica until SIGTERM or Ctrl-C.\n\n\
 The replica registers itself in the replicas table, heartbeats it, claims tasks of the kinds \
-it knows (built in: noop, echo) as capacity allows, and rescues tasks of replicas that stopped \
+it knows (built in: noop, echo, sleep) as capacity allows, and rescues tasks of replicas that stopped \
 heartbeating. On the first signal it stops claiming, lets running tasks finish for \
 bulk.shutdown_grace_s, and hands the rest back to the queue without counting an attempt; a \
 second signal exits at once."
@@ -84,7 +84,7 @@ second signal exits at once."
 
 #[derive(Debug, Args)]
 struct EnqueueArgs {
-    /// The task kind (built in: noop, echo)
+    /// The task kind (built in: noop, echo, sleep)
     kind: String,
     /// The payload, as JSON
     payload: String,

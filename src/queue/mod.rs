@@ -129,6 +129,25 @@ impl<'r> sqlx::Decode<'r, sqlx::Postgres> for Status {
 pub const MAX_KEY_LEN: usize = 512;
 /// Longest kind name accepted.
 pub const MAX_KIND_LEN: usize = 128;
+/// Largest payload accepted, serialised: the queue carries work descriptions, not data.
+pub const MAX_PAYLOAD_BYTES: usize = 16 * 1024 * 1024;
+
+/// The serialised size of `v`, without building the string.
+fn json_len(v: &Value) -> usize {
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0 += b.len();
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut c = Count(0);
+    let _ = serde_json::to_writer(&mut c, v);
+    c.0
+}
 
 /// A task to enqueue. Built with [`NewTask::new`] and its option methods.
 #[derive(Debug, Clone)]
@@ -219,6 +238,16 @@ impl NewTask {
                 reason: format!(
                     "{:?} must be 1 to {MAX_KIND_LEN} characters of letters, digits, _ - . :",
                     self.kind
+                ),
+            });
+        }
+        let size = json_len(&self.payload);
+        if size > MAX_PAYLOAD_BYTES {
+            return Err(Error::Invalid {
+                field: "payload",
+                reason: format!(
+                    "is {size} bytes; at most {MAX_PAYLOAD_BYTES} bytes are accepted (store large \
+                     data elsewhere and pass a reference)"
                 ),
             });
         }

@@ -1,0 +1,444 @@
+//! The worker pool in process: handlers' outcomes, retries, capacity, cancel, graceful drain.
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use common::TestDb;
+use harness::pool::Handler;
+use harness::queue::{NewTask, Status, Task};
+use harness::{Config, Harness};
+use serde_json::{Value, json};
+use tokio::sync::oneshot;
+
+/// A config for fast tests: quick polls and heartbeats, no retries unless asked.
+fn config(db: &TestDb, extra: &[(&str, &str)]) -> Config {
+    let mut env = vec![
+        ("DATABASE_URL".to_string(), db.url.clone()),
+        (
+            "HARNESS_BULK__POLL_INTERVAL_MS".to_string(),
+            "50".to_string(),
+        ),
+        ("HARNESS_BULK__RETRY_ATTEMPTS".to_string(), "0".to_string()),
+        (
+            "HARNESS_TELEMETRY__SAMPLE_INTERVAL_S".to_string(),
+            "1".to_string(),
+        ),
+    ];
+    env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+    Config::load_from(None, env).unwrap()
+}
+
+/// Serves `harness` in the background; the returned sender stops it.
+fn serve(harness: Harness) -> (oneshot::Sender<()>, tokio::task::JoinHandle<()>) {
+    let (tx, rx) = oneshot::channel::<()>();
+    let handle = tokio::spawn(async move {
+        harness
+            .serve(async {
+                let _ = rx.await;
+            })
+            .await
+            .unwrap();
+    });
+    (tx, handle)
+}
+
+async fn wait_final(db: &TestDb, id: i64, within: Duration) -> Task {
+    let q = harness::queue::Queue::new(db.pool.clone(), 0);
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let t = q.get(id).await.unwrap();
+        if t.status.is_final() {
+            return t;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "task {id} still {} after {within:?}",
+            t.status
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn every_outcome_ends_in_its_status_and_never_stays_running() {
+    let db = TestDb::new().await;
+    let h = Harness::builder()
+        .config(config(&db, &[]))
+        .pool(db.pool.clone())
+        .handler("ok", |p: Value| async move {
+            Ok::<_, String>(json!({"result": p["value"]}))
+        })
+        .handler("fail", |_p: Value| async {
+            Err::<Value, _>("out of cheese")
+        })
+        .handler("panic", |_p: Value| async {
+            if true {
+                panic!("boom at {}", 42);
+            }
+            Ok::<Value, String>(json!({}))
+        })
+        .handler_with(
+            "slow",
+            Handler::from_payload(|_p: Value| async {
+                tokio::time::sleep(Duration::from_secs(30)).await;
+                Ok::<_, String>(json!({}))
+            })
+            .with_timeout(Duration::from_millis(300)),
+        )
+        .build()
+        .await
+        .unwrap();
+    let q = h.queue().clone();
+    let ok = q
+        .enqueue(NewTask::new("ok", json!({"value": 42})))
+        .await
+        .unwrap()
+        .id;
+    let fail = q.enqueue(NewTask::new("fail", json!({}))).await.unwrap().id;
+    let panic = q
+        .enqueue(NewTask::new("panic", json!({})))
+        .await
+        .unwrap()
+        .id;
+    let slow = q.enqueue(NewTask::new("slow", json!({}))).await.unwrap().id;
+    // A per-task timeout overrides the kind's.
+    let slow_own = q
+        .enqueue(NewTask::new("slow", json!({})).timeout(Duration::from_millis(100)))
+        .await
+        .unwrap()
+        .id;
+    let (stop, served) = serve(h);
+
+    let t = wait_final(&db, ok, Duration::from_secs(10)).await;
+    assert_eq!(
+        (t.status, t.result),
+        (Status::Completed, Some(json!({"result": 42})))
+    );
+    let t = wait_final(&db, fail, Duration::from_secs(10)).await;
+    assert_eq!(
+        (t.status, t.error.as_deref()),
+        (Status::Failed, Some("out of cheese"))
+    );
+    let t = wait_final(&db, panic, Duration::from_secs(10)).await;
+    assert_eq!(t.status, Status::Failed);
+    assert!(
+        t.error
+            .as_deref()
+            .unwrap()
+            .contains("handler panicked: boom at 42"),
+        "{t:?}"
+    );
+    let t = wait_final(&db, slow, Duration::from_secs(10)).await;
+    assert_eq!(t.status, Status::Timeout);
+    assert!(
+        t.error
+            .as_deref()
+            .unwrap()
+            .contains("timed out after 0.300s"),
+        "{t:?}"
+    );
+    let t = wait_final(&db, slow_own, Duration::from_secs(10)).await;
+    assert_eq!(t.status, Status::Timeout);
+    assert!(t.error.as_deref().unwrap().contains("0.100s"), "{t:?}");
+
+    stop.send(()).unwrap();
+    served.await.unwrap();
+    let running: i64 = sqlx::query_scalar("SELECT count(*) FROM tasks WHERE status = 'running'")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(running, 0);
+}
+
+#[tokio::test]
+async fn failures_retry_with_exponential_backoff_then_succeed() {
+    let db = TestDb::new().await;
+    let calls = Arc::new(AtomicUsize::new(0));
+    let c = calls.clone();
+    let h = Harness::builder()
+        .config(config(&db, &[("HARNESS_BULK__RETRY_DELAY_SECONDS", "1")]))
+        .pool(db.pool.clone())
+        .handler("flaky", move |_p: Value| {
+            let n = c.fetch_add(1, Ordering::SeqCst);
+            async move {
+                if n < 2 {
+                    Err(format!("attempt {} failed", n + 1))
+                } else {
+                    Ok(json!({"after": n + 1}))
+                }
+            }
+        })
+        .build()
+        .await
+        .unwrap();
+    let id = h
+        .queue()
+        .enqueue(NewTask::new("flaky", json!({})).max_retries(3))
+        .await
+        .unwrap()
+        .id;
+    let (stop, served) = serve(h);
+    let t = wait_final(&db, id, Duration::from_secs(20)).await;
+    stop.send(()).unwrap();
+    served.await.unwrap();
+
+    assert_eq!(t.status, Status::Completed);
+    assert_eq!((t.attempt, t.retry_count), (3, 2));
+    assert_eq!(t.result, Some(json!({"after": 3})));
+    let history = t.attempts.as_array().unwrap();
+    assert_eq!(history.len(), 2);
+    assert_eq!(history[0]["error"], "attempt 1 failed");
+    // Retry n waits base × 2^(n-1) ± 20%: ≥ 0.8 s, then ≥ 1.6 s.
+    let ended_1: chrono::DateTime<chrono::Utc> =
+        serde_json::from_value(history[0]["ended_at"].clone()).unwrap();
+    let started_2: chrono::DateTime<chrono::Utc> =
+        serde_json::from_value(history[1]["started_at"].clone()).unwrap();
+    let ended_2: chrono::DateTime<chrono::Utc> =
+        serde_json::from_value(history[1]["ended_at"].clone()).unwrap();
+    let gap1 = (started_2 - ended_1).num_milliseconds();
+    let gap2 = (t.started_at.unwrap() - ended_2).num_milliseconds();
+    assert!((790..=1700).contains(&gap1), "first retry after {gap1} ms");
+    assert!(
+        (1590..=2900).contains(&gap2),
+        "second retry after {gap2} ms"
+    );
+}
+
+#[tokio::test]
+async fn never_more_running_than_capacity_and_priority_first() {
+    let db = TestDb::new().await;
+    let now = Arc::new(AtomicUsize::new(0));
+    let max = Arc::new(AtomicUsize::new(0));
+    let order = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let (n, m, o) = (now.clone(), max.clone(), order.clone());
+    let h = Harness::builder()
+        .config(config(&db, &[("HARNESS_BULK__MAX_CONCURRENT", "3")]))
+        .pool(db.pool.clone())
+        .handler("work", move |p: Value| {
+            let (n, m) = (n.clone(), m.clone());
+            o.lock().unwrap().push(p["n"].as_i64().unwrap());
+            async move {
+                let running = n.fetch_add(1, Ordering::SeqCst) + 1;
+                m.fetch_max(running, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(40)).await;
+                n.fetch_sub(1, Ordering::SeqCst);
+                Ok::<_, String>(json!({}))
+            }
+        })
+        .build()
+        .await
+        .unwrap();
+    let q = h.queue().clone();
+    let low: Vec<i64> = q
+        .enqueue_many(
+            (0..20)
+                .map(|i| NewTask::new("work", json!({"n": i})))
+                .collect(),
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| e.id)
+        .collect();
+    q.enqueue(NewTask::new("work", json!({"n": -1})).priority(5))
+        .await
+        .unwrap();
+    let (stop, served) = serve(h);
+    for id in &low {
+        wait_final(&db, *id, Duration::from_secs(20)).await;
+    }
+    stop.send(()).unwrap();
+    served.await.unwrap();
+    assert_eq!(
+        max.load(Ordering::SeqCst),
+        3,
+        "ran at most (and at best) 3 at once"
+    );
+    let order = order.lock().unwrap().clone();
+    assert_eq!(
+        order[0], -1,
+        "the high-priority task started first: {order:?}"
+    );
+    assert_eq!(
+        &order[1..],
+        (0..20).collect::<Vec<i64>>(),
+        "then in enqueue order"
+    );
+}
+
+#[tokio::test]
+async fn a_running_task_is_cancelled_by_its_owner() {
+    let db = TestDb::new().await;
+    let started = Arc::new(tokio::sync::Notify::new());
+    let s = started.clone();
+    let h = Harness::builder()
+        .config(config(&db, &[]))
+        .pool(db.pool.clone())
+        .handler("long", move |_p: Value| {
+            let s = s.clone();
+            async move {
+                s.notify_one();
+                tokio::time::sleep(Duration::from_secs(60)).await;
+                Ok::<_, String>(json!({}))
+            }
+        })
+        .build()
+        .await
+        .unwrap();
+    let q = h.queue().clone();
+    let id = q.enqueue(NewTask::new("long", json!({}))).await.unwrap().id;
+    let (stop, served) = serve(h);
+    tokio::time::timeout(Duration::from_secs(10), started.notified())
+        .await
+        .expect("task started");
+    let asked = tokio::time::Instant::now();
+    assert_eq!(q.cancel(id).await.unwrap(), Status::Running);
+    let t = wait_final(&db, id, Duration::from_secs(5)).await;
+    assert_eq!(t.status, Status::Cancelled);
+    assert!(
+        asked.elapsed() < Duration::from_secs(2),
+        "aborted promptly: {:?}",
+        asked.elapsed()
+    );
+    stop.send(()).unwrap();
+    served.await.unwrap();
+}
+
+#[tokio::test]
+async fn graceful_shutdown_finishes_or_returns_work_without_counting_attempts() {
+    let db = TestDb::new().await;
+    let started = Arc::new(AtomicUsize::new(0));
+    let s = started.clone();
+    let h = Harness::builder()
+        .config(config(
+            &db,
+            &[
+                ("HARNESS_BULK__MAX_CONCURRENT", "2"),
+                ("HARNESS_BULK__SHUTDOWN_GRACE_S", "1"),
+            ],
+        ))
+        .pool(db.pool.clone())
+        .handler("quick", |_p: Value| async {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            Ok::<_, String>(json!({}))
+        })
+        .handler("stuck", move |_p: Value| {
+            s.fetch_add(1, Ordering::SeqCst);
+            async {
+                tokio::time::sleep(Duration::from_secs(60)).await;
+                Ok::<_, String>(json!({}))
+            }
+        })
+        .build()
+        .await
+        .unwrap();
+    let replica = h.replica_id().to_string();
+    let q = h.queue().clone();
+    let quick = q
+        .enqueue(NewTask::new("quick", json!({})).priority(9))
+        .await
+        .unwrap()
+        .id;
+    let stuck = q
+        .enqueue(NewTask::new("stuck", json!({})).priority(8))
+        .await
+        .unwrap()
+        .id;
+    let waiting: Vec<i64> = q
+        .enqueue_many(vec![NewTask::new("stuck", json!({})); 4])
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| e.id)
+        .collect();
+    let (stop, served) = serve(h);
+    // Both slots busy: `quick` and `stuck` are running.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while started.load(Ordering::SeqCst) == 0 {
+        assert!(tokio::time::Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    stop.send(()).unwrap();
+    let t0 = tokio::time::Instant::now();
+    served.await.unwrap();
+    assert!(
+        t0.elapsed() < Duration::from_secs(4),
+        "drain took {:?}",
+        t0.elapsed()
+    );
+
+    // The quick one finished within the grace period.
+    assert_eq!(q.get(quick).await.unwrap().status, Status::Completed);
+    // The stuck one outlived the grace: back to pending, its attempt not counted.
+    let t = q.get(stuck).await.unwrap();
+    assert_eq!(
+        (t.status, t.attempt, t.retry_count),
+        (Status::Pending, 0, 0),
+        "{t:?}"
+    );
+    for id in waiting {
+        let t = q.get(id).await.unwrap();
+        assert_eq!((t.status, t.attempt), (Status::Pending, 0), "{t:?}");
+    }
+    // The replica deregistered.
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM replicas WHERE id = $1")
+        .bind(&replica)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(rows, 0);
+}
+
+#[tokio::test]
+async fn capacity_changes_apply_without_restarting_workers() {
+    let db = TestDb::new().await;
+    let now = Arc::new(AtomicUsize::new(0));
+    let max = Arc::new(AtomicUsize::new(0));
+    let (n, m) = (now.clone(), max.clone());
+    let h = Harness::builder()
+        .config(config(&db, &[("HARNESS_BULK__MAX_CONCURRENT", "6")]))
+        .pool(db.pool.clone())
+        .handler("work", move |_p: Value| {
+            let (n, m) = (n.clone(), m.clone());
+            async move {
+                let running = n.fetch_add(1, Ordering::SeqCst) + 1;
+                m.fetch_max(running, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(30)).await;
+                n.fetch_sub(1, Ordering::SeqCst);
+                Ok::<_, String>(json!({}))
+            }
+        })
+        .build()
+        .await
+        .unwrap();
+    let capacity = h.capacity();
+    capacity.set(2);
+    let q = h.queue().clone();
+    let ids: Vec<i64> = q
+        .enqueue_many(vec![NewTask::new("work", json!({})); 30])
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| e.id)
+        .collect();
+    let (stop, served) = serve(h);
+    for id in &ids[..15] {
+        wait_final(&db, *id, Duration::from_secs(20)).await;
+    }
+    assert_eq!(max.load(Ordering::SeqCst), 2);
+    capacity.set(5);
+    max.store(0, Ordering::SeqCst);
+    for id in &ids {
+        wait_final(&db, *id, Duration::from_secs(20)).await;
+    }
+    stop.send(()).unwrap();
+    served.await.unwrap();
+    let peak = max.load(Ordering::SeqCst);
+    assert!(
+        peak > 2 && peak <= 5,
+        "after raising the grant to 5, peak was {peak}"
+    );
+}
