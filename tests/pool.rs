@@ -117,32 +117,16 @@ async fn every_outcome_ends_in_its_status_and_never_stays_running() {
         (t.status, t.result),
         (Status::Completed, Some(json!({"result": 42})))
     );
-    let t = wait_final(&db, fail, Duration::from_secs(10)).await;
-    assert_eq!(
-        (t.status, t.error.as_deref()),
-        (Status::Failed, Some("out of cheese"))
-    );
-    let t = wait_final(&db, panic, Duration::from_secs(10)).await;
-    assert_eq!(t.status, Status::Failed);
-    assert!(
-        t.error
-            .as_deref()
-            .unwrap()
-            .contains("handler panicked: boom at 42"),
-        "{t:?}"
-    );
-    let t = wait_final(&db, slow, Duration::from_secs(10)).await;
-    assert_eq!(t.status, Status::Timeout);
-    assert!(
-        t.error
-            .as_deref()
-            .unwrap()
-            .contains("timed out after 0.300s"),
-        "{t:?}"
-    );
-    let t = wait_final(&db, slow_own, Duration::from_secs(10)).await;
-    assert_eq!(t.status, Status::Timeout);
-    assert!(t.error.as_deref().unwrap().contains("0.100s"), "{t:?}");
+    for (id, status, error) in [
+        (fail, Status::Failed, "out of cheese"),
+        (panic, Status::Failed, "handler panicked: boom at 42"),
+        (slow, Status::Timeout, "timed out after 0.300s"),
+        (slow_own, Status::Timeout, "timed out after 0.100s"),
+    ] {
+        let t = wait_final(&db, id, Duration::from_secs(10)).await;
+        assert_eq!(t.status, status, "{t:?}");
+        assert!(t.error.as_deref().unwrap_or("").contains(error), "{t:?}");
+    }
 
     stop.send(()).unwrap();
     served.await.unwrap();

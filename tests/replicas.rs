@@ -378,3 +378,37 @@ async fn cli_enqueue_stats_inspect() {
     assert!(!missing.status.success());
     assert!(String::from_utf8_lossy(&missing.stderr).contains("task 999999 not found"));
 }
+
+#[tokio::test]
+async fn a_second_signal_exits_at_once() {
+    let db = TestDb::new().await;
+    let q = Queue::new(db.pool.clone(), 3);
+    let mut r = Replica::start(&db, &[("HARNESS_BULK__SHUTDOWN_GRACE_S", "60")]);
+    replica_id_of(&db, r.pid()).await;
+    let id = q
+        .enqueue(NewTask::new("sleep", json!({"ms": 60_000})))
+        .await
+        .unwrap()
+        .id;
+    until(Duration::from_secs(10), "the task to start", async || {
+        (q.get(id).await.unwrap().status == Status::Running).then_some(())
+    })
+    .await;
+    r.signal(Signal::SIGTERM);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        r.0.try_wait().unwrap().is_none(),
+        "first signal: draining, not gone"
+    );
+    let t0 = Instant::now();
+    r.signal(Signal::SIGINT);
+    let status = r.wait(Duration::from_secs(5));
+    assert!(
+        t0.elapsed() < Duration::from_secs(2),
+        "exited {:?} after the second signal",
+        t0.elapsed()
+    );
+    assert_eq!(status.code(), Some(130));
+    // The abandoned task is left running for other replicas to rescue.
+    assert_eq!(q.get(id).await.unwrap().status, Status::Running);
+}
