@@ -52,7 +52,9 @@ CREATE TABLE tasks (
     -- A running task whose owner should abort it (see queue::cancel).
     cancel_requested boolean     NOT NULL DEFAULT false,
     -- W3C trace context of the span that enqueued the task.
-    traceparent      text
+    traceparent      text,
+    -- Only a running task has an owner: the completion fence (owner + attempt) relies on it.
+    CONSTRAINT tasks_owner_iff_running CHECK ((status = 'running') = (locked_by IS NOT NULL))
 );
 
 -- Index design. `status` changes on every transition, so no update of a task is HOT and every

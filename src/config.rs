@@ -311,6 +311,16 @@ pub struct ExecutorConfig {
     pub default_timeout_s: u64,
     pub max_memory_mb: u64,
     pub max_cpu_percent: u32,
+    /// The account agents run as when the harness runs as root.
+    pub run_as: String,
+    /// After SIGTERM on timeout, how long before SIGKILL.
+    pub kill_grace_s: u64,
+    /// stdout and stderr are each kept up to this many KiB.
+    pub output_limit_kb: u64,
+    /// Processes an agent may run at once (RLIMIT_NPROC), a fork bomb's ceiling.
+    pub max_processes: u64,
+    /// Largest file an agent may write, MB (RLIMIT_FSIZE).
+    pub max_file_mb: u64,
 }
 
 impl Default for ExecutorConfig {
@@ -320,6 +330,11 @@ impl Default for ExecutorConfig {
             default_timeout_s: 300,
             max_memory_mb: 256,
             max_cpu_percent: 50,
+            run_as: "nobody".to_string(),
+            kill_grace_s: 2,
+            output_limit_kb: 256,
+            max_processes: 64,
+            max_file_mb: 1024,
         }
     }
 }
@@ -459,6 +474,34 @@ impl Config {
         range("bulk.max_concurrent", self.bulk.max_concurrent, 1, 10_000)?;
         range("bulk.retry_attempts", self.bulk.retry_attempts, 0, 100)?;
         range(
+            "bulk.poll_interval_ms",
+            self.bulk.poll_interval_ms,
+            10,
+            60_000,
+        )?;
+        range(
+            "bulk.shutdown_grace_s",
+            self.bulk.shutdown_grace_s,
+            0,
+            86_400,
+        )?;
+        range(
+            "persistence.rescue_after_s",
+            self.persistence.rescue_after_s,
+            3,
+            86_400,
+        )?;
+        if self.persistence.rescue_after_s < 3 * self.telemetry.sample_interval_s {
+            return Err((
+                "persistence.rescue_after_s".into(),
+                format!(
+                    "{} is too short: it must be at least three times telemetry.sample_interval_s \
+                     ({}), the heartbeat interval, or live replicas would lose their tasks",
+                    self.persistence.rescue_after_s, self.telemetry.sample_interval_s
+                ),
+            ));
+        }
+        range(
             "bulk.retry_delay_seconds",
             self.bulk.retry_delay_seconds,
             0,
@@ -532,6 +575,28 @@ impl Config {
             1,
             100,
         )?;
+        range("executor.kill_grace_s", self.executor.kill_grace_s, 0, 600)?;
+        range(
+            "executor.output_limit_kb",
+            self.executor.output_limit_kb,
+            1,
+            1_048_576,
+        )?;
+        range(
+            "executor.max_processes",
+            self.executor.max_processes,
+            1,
+            100_000,
+        )?;
+        range(
+            "executor.max_file_mb",
+            self.executor.max_file_mb,
+            1,
+            1_048_576,
+        )?;
+        if self.executor.run_as.trim().is_empty() {
+            return Err(("executor.run_as".into(), "must name a user account".into()));
+        }
         if self.executor.python.trim().is_empty() {
             return Err((
                 "executor.python".into(),
@@ -921,6 +986,21 @@ mod tests {
             yaml.contains("postgres://app:%5Bredacted%5D@db:5432/harness")
                 || yaml.contains("app:[redacted]@db"),
             "{yaml}"
+        );
+    }
+
+    #[test]
+    fn rescue_after_must_outlast_three_heartbeats() {
+        let err = Config::load_from(None, env(&[("HARNESS_TELEMETRY__SAMPLE_INTERVAL_S", "15")]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("persistence.rescue_after_s"), "{err}");
+        assert!(
+            err.contains("three times telemetry.sample_interval_s"),
+            "{err}"
+        );
+        assert!(
+            Config::load_from(None, env(&[("HARNESS_PERSISTENCE__RESCUE_AFTER_S", "0")])).is_err()
         );
     }
 

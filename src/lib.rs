@@ -1,11 +1,14 @@
 //! Agent Harness runs user agents and background jobs 24/7 on a fleet of identical replicas
 //! coordinated only through PostgreSQL. See `ARCHITECTURE.md` for how the modules fit.
 
+pub mod agents;
 pub mod config;
 pub mod db;
+pub mod executor;
 pub mod pool;
 pub mod queue;
 pub mod replica;
+pub mod scheduler;
 pub mod telemetry;
 
 pub use config::Config;

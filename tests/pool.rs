@@ -399,21 +399,34 @@ async fn capacity_changes_apply_without_restarting_workers() {
         .await
         .unwrap();
     let capacity = h.capacity();
-    capacity.set(2);
     let q = h.queue().clone();
     let ids: Vec<i64> = q
-        .enqueue_many(vec![NewTask::new("work", json!({})); 30])
+        .enqueue_many(vec![NewTask::new("work", json!({})); 120])
         .await
         .unwrap()
         .iter()
         .map(|e| e.id)
         .collect();
     let (stop, served) = serve(h);
-    for id in &ids[..15] {
+    // Under full load (6 at once), lower the grant to 2.
+    for id in &ids[..20] {
         wait_final(&db, *id, Duration::from_secs(20)).await;
     }
-    assert_eq!(max.load(Ordering::SeqCst), 2);
+    assert_eq!(max.load(Ordering::SeqCst), 6);
+    capacity.set(2);
+    // Tasks already running finish; then no more than 2 run at once.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    max.store(0, Ordering::SeqCst);
+    for id in &ids[..70] {
+        wait_final(&db, *id, Duration::from_secs(20)).await;
+    }
+    assert_eq!(
+        max.load(Ordering::SeqCst),
+        2,
+        "a decrease under load takes effect"
+    );
     capacity.set(5);
+    tokio::time::sleep(Duration::from_millis(100)).await;
     max.store(0, Ordering::SeqCst);
     for id in &ids {
         wait_final(&db, *id, Duration::from_secs(20)).await;
@@ -425,4 +438,43 @@ async fn capacity_changes_apply_without_restarting_workers() {
         peak > 2 && peak <= 5,
         "after raising the grant to 5, peak was {peak}"
     );
+}
+
+#[tokio::test]
+async fn a_task_rescued_and_reclaimed_by_the_same_replica_completes() {
+    let db = TestDb::new().await;
+    let h = Harness::builder()
+        .config(config(&db, &[("HARNESS_BULK__MAX_CONCURRENT", "2")]))
+        .pool(db.pool.clone())
+        .handler_with(
+            "slow",
+            Handler::from_context(|ctx| async move {
+                // The first attempt ends first; the second must still be recorded.
+                let ms = if ctx.attempt == 1 { 600 } else { 1200 };
+                tokio::time::sleep(Duration::from_millis(ms)).await;
+                Ok(json!({ "attempt": ctx.attempt }))
+            }),
+        )
+        .build()
+        .await
+        .unwrap();
+    let q = h.queue().clone();
+    let id = q.enqueue(NewTask::new("slow", json!({}))).await.unwrap().id;
+    let (stop, served) = serve(h);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while q.get(id).await.unwrap().status != Status::Running {
+        assert!(tokio::time::Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // As a rescue would (e.g. after a heartbeat stall): back to the queue mid-run.
+    sqlx::query("UPDATE tasks SET status = 'pending', locked_by = NULL WHERE id = $1")
+        .bind(id)
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let t = wait_final(&db, id, Duration::from_secs(10)).await;
+    stop.send(()).unwrap();
+    served.await.unwrap();
+    assert_eq!(t.status, Status::Completed, "{t:?}");
+    assert_eq!((t.attempt, t.result), (2, Some(json!({"attempt": 2}))));
 }

@@ -25,6 +25,7 @@ fn done(id: i64, attempt: i32, outcome: Outcome) -> Completion {
         attempt,
         outcome,
         retry_at: Utc::now(),
+        handoff: None,
     }
 }
 

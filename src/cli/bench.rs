@@ -21,6 +21,8 @@ use harness::queue::{NewTask, Queue};
 
 #[derive(Debug, Args)]
 pub struct BenchArgs {
+    #[command(flatten)]
+    pub file: super::FileArg,
     /// No-op tasks to enqueue and process
     #[arg(long, default_value_t = 20_000)]
     tasks: usize,

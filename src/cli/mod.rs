@@ -3,7 +3,7 @@
 
 mod bench;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -31,11 +31,19 @@ database.url. Without a database URL, a private PostgreSQL is started (or joined
 )]
 pub struct Cli {
     /// YAML configuration file [default: $HARNESS_CONFIG, else ./harness.yml when present]
-    #[arg(long, global = true, value_name = "PATH")]
+    #[arg(long, value_name = "PATH")]
     config: Option<PathBuf>,
 
     #[command(subcommand)]
     command: Command,
+}
+
+/// The configuration file, accepted after the subcommand too (`harness serve --config f.yml`).
+#[derive(Debug, Args)]
+pub struct FileArg {
+    /// YAML configuration file [default: $HARNESS_CONFIG, else ./harness.yml when present]
+    #[arg(long = "config", value_name = "PATH")]
+    pub file: Option<PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -46,7 +54,7 @@ enum Command {
 With no database URL configured this starts (or joins) a private PostgreSQL under \
 .harness/ ($HARNESS_HOME) from the installed server binaries, applies the migrations, \
 and runs a replica until Ctrl-C or SIGTERM. The private server stops when its last user exits.")]
-    Up,
+    Up(FileArg),
     /// Run a replica: claim and run tasks until SIGTERM/Ctrl-C (a second signal exits at once)
     #[command(
         visible_alias = "resume",
@@ -57,11 +65,11 @@ heartbeating. On the first signal it stops claiming, lets running tasks finish f
 bulk.shutdown_grace_s, and hands the rest back to the queue without counting an attempt; a \
 second signal exits at once."
     )]
-    Serve,
+    Serve(FileArg),
     /// Apply pending database migrations (idempotent; safe from several processes at once)
-    Migrate,
+    Migrate(FileArg),
     /// Print the effective configuration as YAML, with secrets redacted
-    Config,
+    Config(FileArg),
     /// Add a task to the queue and print {"id", "status", "deduplicated"}
     Enqueue(EnqueueArgs),
     /// Count tasks per status, with the total and success rate
@@ -69,6 +77,8 @@ second signal exits at once."
         /// Print JSON instead of a table
         #[arg(long)]
         json: bool,
+        #[command(flatten)]
+        file: FileArg,
     },
     /// Show a task's whole record, its attempt history included
     Inspect {
@@ -77,13 +87,47 @@ second signal exits at once."
         /// Print JSON instead of text
         #[arg(long)]
         json: bool,
+        #[command(flatten)]
+        file: FileArg,
     },
     /// Measure enqueue rate, processing rate and pick-up latency of no-op tasks
     Bench(bench::BenchArgs),
+    /// Run Python agent code once in the sandbox and print its result as JSON
+    #[command(
+        long_about = "Run a Python agent file once, exactly as a replica would: isolated \
+subprocess, scrubbed environment, resource limits, timeout. Prints the ExecutionResult \
+{status, result, error, stdout, stderr, exit_code, duration} as JSON. Exits 0 on success, \
+1 on error and 124 on timeout. Needs no database."
+    )]
+    Exec(ExecArgs),
+}
+
+#[derive(Debug, Args)]
+struct ExecArgs {
+    /// The agent file (Python defining `class Agent`)
+    file: PathBuf,
+    /// The agent's config, as a JSON object (passed to Agent(config)). The harness's own
+    /// config file goes before the subcommand: `harness --config f.yml exec ...`
+    #[arg(long, value_name = "JSON")]
+    config: Option<String>,
+    /// A previous run's state, as JSON (seen as self.handoff["state"])
+    #[arg(long, value_name = "JSON")]
+    state: Option<String>,
+    /// Time limit, e.g. 60s [default: executor.default_timeout_s]
+    #[arg(long, value_parser = parse_duration)]
+    timeout: Option<Duration>,
+    /// Memory limit in MB [default: executor.max_memory_mb]
+    #[arg(long)]
+    memory_mb: Option<u64>,
+    /// CPU share in percent [default: executor.max_cpu_percent]
+    #[arg(long)]
+    cpu_percent: Option<u32>,
 }
 
 #[derive(Debug, Args)]
 struct EnqueueArgs {
+    #[command(flatten)]
+    file: FileArg,
     /// The task kind (built in: noop, echo, sleep)
     kind: String,
     /// The payload, as JSON
@@ -127,8 +171,28 @@ fn parse_time(s: &str) -> Result<DateTime<Utc>, String> {
         .map_err(|e| format!("{s:?} is not an RFC 3339 time ({e}); use e.g. 2026-01-31T12:00:00Z"))
 }
 
+impl Command {
+    /// The config file named after the subcommand, if any.
+    fn file(&self) -> Option<&Path> {
+        match self {
+            Command::Up(f) | Command::Serve(f) | Command::Migrate(f) | Command::Config(f) => {
+                f.file.as_deref()
+            }
+            Command::Stats { file, .. } | Command::Inspect { file, .. } => file.file.as_deref(),
+            Command::Enqueue(a) => a.file.file.as_deref(),
+            Command::Bench(a) => a.file.file.as_deref(),
+            Command::Exec(_) => None,
+        }
+    }
+}
+
 pub fn run(cli: Cli) -> ExitCode {
-    let cfg = match Config::load(cli.config.as_deref()) {
+    let file = cli
+        .command
+        .file()
+        .or(cli.config.as_deref())
+        .map(Path::to_path_buf);
+    let cfg = match Config::load(file.as_deref()) {
         Ok(cfg) => cfg,
         Err(e) => {
             eprintln!("error: {e}");
@@ -148,26 +212,73 @@ pub fn run(cli: Cli) -> ExitCode {
     };
     let result = runtime.block_on(async move {
         match cli.command {
-            Command::Up => serve(cfg, true).await,
-            Command::Serve => serve(cfg, false).await,
-            Command::Migrate => migrate(cfg).await,
-            Command::Config => {
+            Command::Up(_) => serve(cfg, true).await,
+            Command::Serve(_) => serve(cfg, false).await,
+            Command::Migrate(_) => migrate(cfg).await,
+            Command::Config(_) => {
                 print!("{}", cfg.to_redacted_yaml());
                 Ok(())
             }
             Command::Enqueue(args) => enqueue(cfg, args).await,
-            Command::Stats { json } => stats(cfg, json).await,
-            Command::Inspect { task_id, json } => inspect(cfg, task_id, json).await,
+            Command::Stats { json, .. } => stats(cfg, json).await,
+            Command::Inspect { task_id, json, .. } => inspect(cfg, task_id, json).await,
             Command::Bench(args) => bench::run(cfg, args).await,
+            Command::Exec(args) => return exec(cfg, args).await,
         }
+        .map(|()| ExitCode::SUCCESS)
     });
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
     }
+}
+
+fn parse_json_arg(name: &str, raw: &str) -> anyhow::Result<serde_json::Value> {
+    serde_json::from_str(raw).map_err(|e| anyhow::anyhow!("{name} is not valid JSON: {e}"))
+}
+
+async fn exec(cfg: Config, args: ExecArgs) -> anyhow::Result<ExitCode> {
+    use harness::executor::{ExecStatus, Executor, RunSpec, Runtime};
+    let code = std::fs::read_to_string(&args.file)
+        .with_context(|| format!("reading {}", args.file.display()))?;
+    let executor = Executor::new(&cfg.executor)?;
+    if let Err(e) = executor.check_python(&code).await {
+        bail!("{} is not a valid agent: {e}", args.file.display());
+    }
+    let mut spec = RunSpec::new(Runtime::Python { code }, &executor);
+    if let Some(c) = &args.config {
+        let config = parse_json_arg("--config", c)?;
+        if !config.is_object() {
+            bail!("--config must be a JSON object");
+        }
+        spec.config = config;
+    }
+    if let Some(s) = &args.state {
+        let state = parse_json_arg("--state", s)?;
+        spec.handoff = serde_json::json!({
+            "agent_id": null, "run_number": 1, "state": state, "summary": null,
+            "metadata": {}, "compressed": false,
+        });
+    }
+    if let Some(t) = args.timeout {
+        spec.timeout = t;
+    }
+    if let Some(m) = args.memory_mb {
+        spec.memory_mb = m;
+    }
+    if let Some(p) = args.cpu_percent {
+        spec.cpu_percent = p;
+    }
+    let result = executor.run(&spec).await?;
+    println!("{}", serde_json::to_string_pretty(&result)?);
+    Ok(match result.status {
+        ExecStatus::Success => ExitCode::SUCCESS,
+        ExecStatus::Error => ExitCode::FAILURE,
+        ExecStatus::Timeout => ExitCode::from(124),
+    })
 }
 
 async fn open_migrated(cfg: &Config) -> anyhow::Result<Database> {

@@ -36,6 +36,7 @@ use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use crate::agents::handoff::HandoffWrite;
 use crate::queue::{Claimed, Completion, Outcome, Queue, TaskId, backoff};
 
 /// What a handler sees of the task it runs.
@@ -51,6 +52,43 @@ pub struct TaskContext {
     /// Cancelled when the task is cancelled or the replica gives up on it; a long handler
     /// may watch it to stop early (it is also dropped at that point).
     pub cancel: CancellationToken,
+    control: Arc<Mutex<Control>>,
+}
+
+/// What a handler asks of the pool beyond its `Ok`/`Err`.
+#[derive(Debug, Default)]
+struct Control {
+    handoff: Option<HandoffWrite>,
+    verdict: Option<Verdict>,
+}
+
+#[derive(Debug)]
+enum Verdict {
+    TimedOut(String),
+    Skip(String),
+    Defer(Duration),
+}
+
+impl TaskContext {
+    /// State for the agent's next run, written in the transaction that completes this task
+    /// (only if it completes successfully and this attempt still owns it).
+    pub fn hand_off(&self, write: HandoffWrite) {
+        self.control.lock().expect("control lock").handoff = Some(write);
+    }
+    /// Ends the attempt as `timeout` (retried while retries remain), e.g. when a sandboxed
+    /// process ran out of time.
+    pub fn timed_out(&self, message: impl Into<String>) {
+        self.control.lock().expect("control lock").verdict =
+            Some(Verdict::TimedOut(message.into()));
+    }
+    /// Ends the task as `cancelled` with this reason, without running it (never retried).
+    pub fn skip(&self, reason: impl Into<String>) {
+        self.control.lock().expect("control lock").verdict = Some(Verdict::Skip(reason.into()));
+    }
+    /// Puts the task back to `pending` for `delay`, its attempt not counted.
+    pub fn defer(&self, delay: Duration) {
+        self.control.lock().expect("control lock").verdict = Some(Verdict::Defer(delay));
+    }
 }
 
 /// A handler's failure: its message is stored as the task's error.
@@ -169,6 +207,19 @@ impl Capacity {
             let taken = self.sem.forget_permits(*debt);
             *debt -= taken;
         }
+    }
+
+    /// Pays debt out of permits just acquired; false when none are left to claim with.
+    fn repay(&self, permits: &mut OwnedSemaphorePermit) -> bool {
+        let mut debt = self.debt.lock().expect("capacity lock");
+        let n = (*debt).min(permits.num_permits());
+        if n > 0 {
+            if let Some(p) = permits.split(n) {
+                p.forget();
+            }
+            *debt -= n;
+        }
+        permits.num_permits() > 0
     }
 
     /// Withdraws free permits still owed after a decrease.
@@ -330,6 +381,7 @@ async fn run_attempt(shared: Arc<Shared>, job: Job) {
         .lock()
         .expect("running lock")
         .insert(c.id, (c.attempt, token.clone()));
+    let control = Arc::new(Mutex::new(Control::default()));
     let span = tracing::info_span!(
         "task.execute",
         task.id = c.id,
@@ -357,11 +409,19 @@ async fn run_attempt(shared: Arc<Shared>, job: Job) {
             agent_id: c.agent_id,
             traceparent: c.traceparent.clone(),
             cancel: token.clone(),
+            control: control.clone(),
         };
-        let run = AssertUnwindSafe((handler.func)(ctx)).catch_unwind();
+        // Inside the guard, so a handler that panics while building its future is caught too.
+        let func = handler.func.clone();
+        let run = AssertUnwindSafe(async move { func(ctx).await }).catch_unwind();
         let outcome = tokio::select! {
             r = tokio::time::timeout(timeout, run) => match r {
-                Ok(Ok(Ok(v))) => Outcome::Success(v),
+                Ok(Ok(Ok(v))) => match control.lock().expect("control lock").verdict.take() {
+                    None => Outcome::Success(v),
+                    Some(Verdict::TimedOut(e)) => Outcome::TimedOut(e),
+                    Some(Verdict::Skip(reason)) => Outcome::Skipped(reason),
+                    Some(Verdict::Defer(d)) => Outcome::Deferred(d),
+                },
                 Ok(Ok(Err(HandlerError(e)))) => Outcome::Failed(e),
                 Ok(Err(panic)) => Outcome::Failed(format!("handler panicked: {}", panic_message(&*panic))),
                 Err(_) => Outcome::TimedOut(format!("timed out after {:.3}s", timeout.as_secs_f64())),
@@ -371,6 +431,8 @@ async fn run_attempt(shared: Arc<Shared>, job: Job) {
         match &outcome {
             Outcome::Success(_) => tracing::debug!("task completed"),
             Outcome::Cancelled => tracing::info!("task cancelled"),
+            Outcome::Skipped(reason) => tracing::info!(%reason, "task skipped"),
+            Outcome::Deferred(d) => tracing::debug!(delay_ms = d.as_millis() as u64, "task deferred"),
             Outcome::Failed(e) | Outcome::TimedOut(e) => tracing::warn!(error = %e, "task attempt failed"),
         }
         outcome
@@ -384,14 +446,19 @@ async fn run_attempt(shared: Arc<Shared>, job: Job) {
             (c.retry_count + 1) as u32,
             &mut rand::thread_rng(),
         );
-    // Still ours? A shutdown past its grace period may have released it already.
-    let still_ours = shared
-        .running
-        .lock()
-        .expect("running lock")
-        .remove(&c.id)
-        .is_some();
-    if still_ours {
+    // Still ours? A shutdown past its grace period may have released it already, and the
+    // entry may belong to a newer attempt of the same task (rescued, then claimed again here).
+    let ours = |m: &HashMap<TaskId, (i32, CancellationToken)>| {
+        m.get(&c.id)
+            .is_some_and(|(attempt, _)| *attempt == c.attempt)
+    };
+    if ours(&shared.running.lock().expect("running lock")) {
+        let handoff = match outcome {
+            Outcome::Success(_) => control.lock().expect("control lock").handoff.take(),
+            _ => None,
+        };
+        // Sent before the entry goes, so a draining shutdown still counts this attempt
+        // while its completion waits for room in the writer's channel.
         let _ = shared
             .completions
             .send(Completion {
@@ -399,8 +466,15 @@ async fn run_attempt(shared: Arc<Shared>, job: Job) {
                 attempt: c.attempt,
                 outcome,
                 retry_at,
+                handoff,
             })
             .await;
+    }
+    {
+        let mut running = shared.running.lock().expect("running lock");
+        if ours(&running) {
+            running.remove(&c.id);
+        }
     }
     shared.ended.notify_waiters();
     // `_permit` drops here: the capacity is free for the next claim.
@@ -543,12 +617,13 @@ impl Pool {
             .map(|(id, (_, token))| (id, token))
             .collect();
         if !leftover.is_empty() {
+            // Stop them first, so no second replica runs them while this one still does.
+            for (_, token) in &leftover {
+                token.cancel();
+            }
             let ids: Vec<TaskId> = leftover.iter().map(|(id, _)| *id).collect();
             self.release(&ids, "still running after the shutdown grace period")
                 .await;
-            for (_, token) in leftover {
-                token.cancel();
-            }
         }
 
         if let Some(stop) = self.stop_monitor.take() {
@@ -626,6 +701,10 @@ async fn claim_loop(
             p = capacity.sem.clone().acquire_owned() => p.expect("semaphore never closed"),
             _ = stop.cancelled() => return,
         };
+        // After a decrease, permits freed by finishing tasks pay the debt before any claim.
+        if !capacity.repay(&mut permits) {
+            continue;
+        }
         if busy {
             // With a backlog, permits come back a few at a time; claiming each trickle
             // separately spends a round trip per row. Wait briefly for a quarter of the
@@ -649,10 +728,10 @@ async fn claim_loop(
         }
         let want = permits.num_permits();
         let t0 = std::time::Instant::now();
-        let claimed = tokio::select! {
-            r = queue.claim(&options.replica, want as u32, &kinds) => r,
-            _ = stop.cancelled() => return,
-        };
+        // Not raced against `stop`: a claim dropped after its COMMIT was sent would leave rows
+        // claimed that no one runs. Claimed rows go to the channel, and shutdown releases
+        // whatever was not started.
+        let claimed = queue.claim(&options.replica, want as u32, &kinds).await;
         tracing::trace!(
             want,
             got = claimed.as_ref().map_or(0, Vec::len),
@@ -720,7 +799,7 @@ async fn write_completions(
                     batch.push(c);
                 }
                 if !batch.is_empty() {
-                    write_with_retry(&queue, &replica, &batch, 10).await;
+                    write_with_retry(&queue, &replica, &batch, 10, &stop).await;
                 }
                 return;
             }
@@ -728,14 +807,28 @@ async fn write_completions(
         if n == 0 {
             return;
         }
-        write_with_retry(&queue, &replica, &batch, u32::MAX).await;
+        // Retry for as long as it takes while serving; once stopping, a bounded number of times
+        // (what is not written is rescued by other replicas).
+        let tries = if stop.is_cancelled() { 10 } else { u32::MAX };
+        write_with_retry(&queue, &replica, &batch, tries, &stop).await;
         batch.clear();
     }
 }
 
-async fn write_with_retry(queue: &Queue, replica: &str, batch: &[Completion], tries: u32) {
+async fn write_with_retry(
+    queue: &Queue,
+    replica: &str,
+    batch: &[Completion],
+    tries: u32,
+    stop: &CancellationToken,
+) {
     let mut failures = 0u32;
     loop {
+        let tries = if stop.is_cancelled() {
+            tries.min(10)
+        } else {
+            tries
+        };
         let t0 = std::time::Instant::now();
         let result = queue.complete(replica, batch).await;
         tracing::trace!(

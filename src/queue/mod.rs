@@ -267,7 +267,7 @@ impl NewTask {
         }
         if self
             .timeout
-            .is_some_and(|t| t.is_zero() || t > Duration::from_secs(7 * 86_400))
+            .is_some_and(|t| t < Duration::from_millis(1) || t > Duration::from_secs(7 * 86_400))
         {
             return Err(Error::Invalid {
                 field: "timeout",
@@ -353,6 +353,11 @@ pub enum Outcome {
     TimedOut(String),
     /// Aborted because someone cancelled the task; never retried.
     Cancelled,
+    /// Not run, on purpose (e.g. an agent's previous run still runs); ends `cancelled`
+    /// with the reason as its error. Never retried.
+    Skipped(String),
+    /// Not run now: back to `pending` after the delay, the attempt not counted.
+    Deferred(Duration),
 }
 
 /// The report of one finished attempt.
@@ -363,6 +368,8 @@ pub struct Completion {
     pub outcome: Outcome,
     /// When to retry, should this attempt have failed with retries left.
     pub retry_at: DateTime<Utc>,
+    /// An agent's next state, written in the same transaction if the completion applies.
+    pub handoff: Option<crate::agents::handoff::HandoffWrite>,
 }
 
 /// Counts per status.
@@ -466,7 +473,8 @@ UPDATE tasks t SET
 FROM unnest($1::bigint[], $2::int[], $3::bool[], $4::bool[], $5::jsonb[], $6::text[],
             $7::text[], $8::timestamptz[])
     AS u(id, attempt, ok, retryable, result, error, final_status, retry_at)
-WHERE t.id = u.id AND t.attempt = u.attempt AND t.locked_by = $9";
+WHERE t.id = u.id AND t.attempt = u.attempt AND t.locked_by = $9
+RETURNING t.id";
 
 // The hot statements' plans must not depend on table statistics, which lag behind a queue's
 // churn (a bulk load is not analyzed for up to a minute). Each runs in a transaction with
@@ -492,10 +500,13 @@ async fn pin_plan(conn: &mut PgConnection, settings: &'static str) -> Result<(),
 // Matches tasks_status_idx (status = 'running').
 const RESCUE: &str = "
 UPDATE tasks t SET
-    status = CASE WHEN t.retry_count < t.max_retries THEN 'pending' ELSE 'failed' END,
+    status = CASE WHEN t.cancel_requested THEN 'cancelled'
+                  WHEN t.retry_count < t.max_retries THEN 'pending' ELSE 'failed' END,
     retry_count = LEAST(t.retry_count + 1, t.max_retries),
     error = 'replica ' || t.locked_by || ' stopped heartbeating while running this task',
-    completed_at = CASE WHEN t.retry_count < t.max_retries THEN NULL ELSE now() END,
+    completed_at = CASE WHEN NOT t.cancel_requested AND t.retry_count < t.max_retries
+                        THEN NULL ELSE now() END,
+    cancel_requested = false,
     attempts = t.attempts || jsonb_build_array(jsonb_build_object(
         'attempt', t.attempt, 'status', 'lost', 'replica', t.locked_by,
         'error', 'replica stopped heartbeating', 'started_at', t.started_at, 'ended_at', now())),
@@ -532,7 +543,9 @@ impl Queue {
         task: NewTask,
     ) -> Result<Enqueued, Error> {
         task.validate()?;
-        loop {
+        // A conflict names an existing task; if that task is pruned before we read it,
+        // insert again (a few times at most: a pruned key is not re-pruned at once).
+        for _ in 0..3 {
             let row: Option<(TaskId, Status)> = sqlx::query_as(INSERT_ONE)
                 .bind(&task.kind)
                 .bind(&task.payload)
@@ -554,19 +567,16 @@ impl Queue {
                     deduplicated: false,
                 });
             }
-            // A conflict: the key (or the agent's cron tick) already names a task.
-            let existing: Option<(TaskId, Status)> = if let Some(key) = &task.idempotency_key {
-                sqlx::query_as("SELECT id, status FROM tasks WHERE idempotency_key = $1")
-                    .bind(key)
-                    .fetch_optional(&mut *conn)
-                    .await?
-            } else {
-                sqlx::query_as("SELECT id, status FROM tasks WHERE agent_id = $1 AND fire_at = $2")
-                    .bind(task.agent_id)
-                    .bind(task.fire_at)
-                    .fetch_optional(&mut *conn)
-                    .await?
-            };
+            // The key or the agent's cron tick (either may have conflicted) names a task.
+            let existing: Option<(TaskId, Status)> = sqlx::query_as(
+                "SELECT id, status FROM tasks \
+                 WHERE idempotency_key = $1 OR (agent_id = $2 AND fire_at = $3) LIMIT 1",
+            )
+            .bind(&task.idempotency_key)
+            .bind(task.agent_id)
+            .bind(task.fire_at)
+            .fetch_optional(&mut *conn)
+            .await?;
             if let Some((id, status)) = existing {
                 return Ok(Enqueued {
                     id,
@@ -574,16 +584,23 @@ impl Queue {
                     deduplicated: true,
                 });
             }
-            // The conflicting task was pruned between the two statements: insert again.
         }
+        Err(Error::Invalid {
+            field: "idempotency_key",
+            reason: "conflicted with a task that kept disappearing; try again".into(),
+        })
     }
 
     /// Enqueues many tasks in one statement. A duplicate key (in the table or within the
     /// batch) does not fail the batch: its entry reports the existing task, `deduplicated`.
     /// Results are in input order.
     pub async fn enqueue_many(&self, tasks: Vec<NewTask>) -> Result<Vec<Enqueued>, Error> {
-        let mut conn = self.pool.acquire().await?;
-        self.enqueue_many_in(&mut conn, tasks).await
+        // One transaction: if mapping the duplicates fails, no row stays behind for a
+        // caller's retry to duplicate.
+        let mut tx = self.pool.begin().await?;
+        let out = self.enqueue_many_in(&mut tx, tasks).await?;
+        tx.commit().await?;
+        Ok(out)
     }
 
     /// [`Queue::enqueue_many`] inside the caller's transaction.
@@ -698,13 +715,24 @@ impl Queue {
                 match by_key.get(k) {
                     Some(&(id, status)) if seen_key.insert(k) => (id, status, false),
                     Some(&(id, status)) => (id, status, true),
-                    None => {
-                        let &(id, status) = existing_key.get(k).ok_or_else(|| Error::Invalid {
-                            field: "idempotency_key",
-                            reason: format!("{k:?} conflicted but its task vanished; retry"),
-                        })?;
-                        (id, status, true)
-                    }
+                    None => match existing_key.get(k) {
+                        Some(&(id, status)) => (id, status, true),
+                        // The conflict was on the agent's cron tick, not on the key.
+                        None => {
+                            let (id, status): (TaskId, Status) = sqlx::query_as(
+                                "SELECT id, status FROM tasks WHERE agent_id = $1 AND fire_at = $2",
+                            )
+                            .bind(t.agent_id)
+                            .bind(t.fire_at)
+                            .fetch_optional(&mut *conn)
+                            .await?
+                            .ok_or_else(|| Error::Invalid {
+                                field: "idempotency_key",
+                                reason: format!("{k:?} conflicted but its task vanished; retry"),
+                            })?;
+                            (id, status, true)
+                        }
+                    },
                 }
             } else if let (Some(a), Some(f)) = (t.agent_id, t.fire_at) {
                 match by_fire.get(&(a, f)) {
@@ -767,9 +795,20 @@ impl Queue {
     /// Writes a batch of finished attempts in one statement. Returns how many rows changed:
     /// fewer than given when some attempts were stale (rescued and rerun elsewhere).
     pub async fn complete(&self, replica: &str, batch: &[Completion]) -> Result<u64, Error> {
-        if batch.is_empty() {
-            return Ok(0);
+        let mut deferred = 0;
+        for c in batch {
+            if let Outcome::Deferred(delay) = c.outcome {
+                deferred += self.defer(replica, c.id, c.attempt, delay).await?;
+            }
         }
+        let owned: Vec<&Completion> = batch
+            .iter()
+            .filter(|c| !matches!(c.outcome, Outcome::Deferred(_)))
+            .collect();
+        if owned.is_empty() {
+            return Ok(deferred);
+        }
+        let batch = owned;
         let n = batch.len();
         let mut id = Vec::with_capacity(n);
         let mut attempt = Vec::with_capacity(n);
@@ -779,7 +818,7 @@ impl Queue {
         let mut error: Vec<Option<&str>> = Vec::with_capacity(n);
         let mut final_status = Vec::with_capacity(n);
         let mut retry_at = Vec::with_capacity(n);
-        for c in batch {
+        for c in &batch {
             id.push(c.id);
             attempt.push(c.attempt);
             retry_at.push(c.retry_at);
@@ -788,6 +827,10 @@ impl Queue {
                 Outcome::Failed(e) => (false, true, None, Some(e.as_str()), Status::Failed),
                 Outcome::TimedOut(e) => (false, true, None, Some(e.as_str()), Status::Timeout),
                 Outcome::Cancelled => (false, false, None, Some("cancelled"), Status::Cancelled),
+                Outcome::Skipped(reason) => {
+                    (false, false, None, Some(reason.as_str()), Status::Cancelled)
+                }
+                Outcome::Deferred(_) => unreachable!("deferred attempts are filtered out above"),
             };
             ok.push(o);
             retryable.push(r);
@@ -797,7 +840,7 @@ impl Queue {
         }
         let mut tx = self.pool.begin().await?;
         pin_plan(&mut tx, COMPLETE_PLAN).await?;
-        let done = sqlx::query(COMPLETE)
+        let done: Vec<TaskId> = sqlx::query_scalar(COMPLETE)
             .bind(&id)
             .bind(&attempt)
             .bind(&ok)
@@ -807,17 +850,28 @@ impl Queue {
             .bind(&final_status)
             .bind(&retry_at)
             .bind(replica)
-            .execute(&mut *tx)
+            .fetch_all(&mut *tx)
             .await?;
+        // Handoffs only for the completions that applied (the fence let them through).
+        let applied: std::collections::HashSet<TaskId> = done.iter().copied().collect();
+        let handoffs: Vec<crate::agents::handoff::HandoffWrite> = batch
+            .iter()
+            .filter(|c| applied.contains(&c.id))
+            .filter_map(|c| c.handoff.clone())
+            .collect();
+        crate::agents::handoff::write_in(&mut tx, &handoffs).await?;
         tx.commit().await?;
-        Ok(done.rows_affected())
+        Ok(done.len() as u64 + deferred)
     }
 
     /// Puts tasks `replica` holds back to `pending` without counting the attempt (graceful
     /// shutdown of work that had not finished).
     pub async fn release(&self, replica: &str, ids: &[TaskId]) -> Result<u64, Error> {
         let done = sqlx::query(
-            "UPDATE tasks SET status = 'pending', locked_by = NULL, attempt = attempt - 1, \
+            "UPDATE tasks SET \
+                 status = CASE WHEN cancel_requested THEN 'cancelled' ELSE 'pending' END, \
+                 completed_at = CASE WHEN cancel_requested THEN now() END, \
+                 cancel_requested = false, locked_by = NULL, attempt = attempt - 1, \
                  started_at = NULL \
              WHERE id = ANY($1) AND locked_by = $2 AND status = 'running'",
         )
@@ -831,6 +885,29 @@ impl Queue {
                 .await?;
         }
         Ok(done.rows_affected())
+    }
+
+    /// Puts a running task back to `pending` for `delay`, its attempt not counted (an agent
+    /// run that must wait for the previous one). Fenced like a completion.
+    pub async fn defer(
+        &self,
+        replica: &str,
+        id: TaskId,
+        attempt: i32,
+        delay: Duration,
+    ) -> Result<u64, Error> {
+        Ok(sqlx::query(
+            "UPDATE tasks SET status = 'pending', locked_by = NULL, attempt = attempt - 1, \
+                 started_at = NULL, scheduled_at = now() + make_interval(secs => $4) \
+             WHERE id = $1 AND attempt = $2 AND locked_by = $3",
+        )
+        .bind(id)
+        .bind(attempt)
+        .bind(replica)
+        .bind(delay.as_secs_f64())
+        .execute(&self.pool)
+        .await?
+        .rows_affected())
     }
 
     /// Returns tasks held by replicas whose heartbeat is older than `rescue_after` to the

@@ -1,0 +1,587 @@
+//! The agent registry (code, schedule, limits) and the `agent` and `command` task kinds.
+//!
+//! An agent is a name, a runtime (`python` source defining `class Agent`, or a `command`
+//! argv), a config `{schedule, timezone, timeout, max_retries, memory_mb, cpu_percent, env,
+//! overlap}` and an `active` flag. Everything is validated before it is stored, and every
+//! error names the field and what is allowed. Every change sends `NOTIFY harness_agents`.
+//!
+//! A run of an agent is a task of kind `agent` (payload `{"agent_id", "input"}`): it runs in
+//! the executor's sandbox with the agent's limits, receives the previous handoff, and hands
+//! its state to the next run in the transaction that completes it (see [`handoff`]).
+
+pub mod handoff;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use sqlx::PgPool;
+
+use crate::executor::{ExecStatus, Executor, RunSpec, Runtime};
+use crate::pool::{Handler, HandlerError, TaskContext};
+use crate::queue::{Enqueued, NewTask, Queue};
+use crate::scheduler::CronSchedule;
+use handoff::{HandoffManager, HandoffWrite};
+
+/// The channel every replica's scheduler listens on for agent changes.
+pub const AGENTS_CHANNEL: &str = "harness_agents";
+/// The task kind of an agent run.
+pub const AGENT_KIND: &str = "agent";
+/// The task kind of an ad-hoc command run through the sandbox.
+pub const COMMAND_KIND: &str = "command";
+/// How long a run deferred by `overlap: queue` waits before it looks again.
+const OVERLAP_RECHECK: Duration = Duration::from_secs(1);
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("invalid {field}: {reason}")]
+    Invalid { field: &'static str, reason: String },
+    #[error("an agent named {0:?} already exists")]
+    Duplicate(String),
+    #[error("no agent named {0:?}")]
+    NotFound(String),
+    #[error("database error: {0}")]
+    Db(#[from] sqlx::Error),
+    #[error(transparent)]
+    Queue(#[from] crate::queue::Error),
+}
+
+fn invalid(field: &'static str, reason: impl Into<String>) -> Error {
+    Error::Invalid {
+        field,
+        reason: reason.into(),
+    }
+}
+
+/// What a run due while the previous run still runs does.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Overlap {
+    /// Recorded as skipped (`cancelled`, with the reason).
+    #[default]
+    Skip,
+    /// Waits until the previous run ends.
+    Queue,
+    /// Runs alongside.
+    Allow,
+}
+
+/// An agent's settings, stored as `agents.config`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    pub schedule: Option<String>,
+    pub timezone: Option<String>,
+    /// Seconds.
+    pub timeout: u64,
+    pub max_retries: u32,
+    pub memory_mb: u64,
+    pub cpu_percent: u32,
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    #[serde(default)]
+    pub overlap: Overlap,
+}
+
+/// Bounds on an agent's limits.
+pub const TIMEOUT_S: (u64, u64) = (1, 86_400);
+pub const MEMORY_MB: (u64, u64) = (16, 65_536);
+pub const CPU_PERCENT: (u32, u32) = (1, 100);
+pub const MAX_RETRIES: u32 = 100;
+/// Largest Python source accepted.
+pub const MAX_CODE_BYTES: usize = 1024 * 1024;
+
+impl AgentConfig {
+    /// The defaults of a new agent, from the executor and bulk settings.
+    pub fn defaults(cfg: &crate::Config) -> AgentConfig {
+        AgentConfig {
+            schedule: None,
+            timezone: None,
+            timeout: cfg.executor.default_timeout_s,
+            max_retries: cfg.bulk.retry_attempts,
+            memory_mb: cfg.executor.max_memory_mb,
+            cpu_percent: cfg.executor.max_cpu_percent,
+            env: BTreeMap::new(),
+            overlap: Overlap::Skip,
+        }
+    }
+
+    /// Checks every field; the error names the first bad one.
+    pub fn validate(&self) -> Result<(), Error> {
+        let between = |field, v: u64, (lo, hi): (u64, u64), unit: &str| {
+            if v < lo || v > hi {
+                Err(invalid(
+                    field,
+                    format!("{v} is out of range; allowed {lo} to {hi} {unit}"),
+                ))
+            } else {
+                Ok(())
+            }
+        };
+        between("timeout", self.timeout, TIMEOUT_S, "seconds (1 s to 24 h)")?;
+        between(
+            "memory_mb",
+            self.memory_mb,
+            MEMORY_MB,
+            "MB (16 MB to 64 GB)",
+        )?;
+        between(
+            "cpu_percent",
+            self.cpu_percent as u64,
+            (CPU_PERCENT.0 as u64, CPU_PERCENT.1 as u64),
+            "percent",
+        )?;
+        if self.max_retries > MAX_RETRIES {
+            return Err(invalid(
+                "max_retries",
+                format!("allowed 0 to {MAX_RETRIES}"),
+            ));
+        }
+        if let Some(s) = &self.schedule {
+            CronSchedule::parse(s, self.timezone.as_deref()).map_err(|e| invalid("schedule", e))?;
+        } else if let Some(tz) = &self.timezone {
+            CronSchedule::parse("0 0 * * *", Some(tz)).map_err(|e| invalid("timezone", e))?;
+        }
+        for (k, v) in &self.env {
+            let ok = !k.is_empty()
+                && !k.starts_with(|c: char| c.is_ascii_digit())
+                && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+            if !ok {
+                return Err(invalid(
+                    "env",
+                    format!("{k:?} is not a variable name (letters, digits, _)"),
+                ));
+            }
+            if k.starts_with("HARNESS_") {
+                return Err(invalid("env", format!("{k} is reserved for the harness")));
+            }
+            if v.contains('\0') {
+                return Err(invalid(
+                    "env",
+                    format!("the value of {k} contains a NUL byte"),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The parsed schedule, if any.
+    pub fn schedule(&self) -> Option<CronSchedule> {
+        self.schedule
+            .as_deref()
+            .and_then(|s| CronSchedule::parse(s, self.timezone.as_deref()).ok())
+    }
+}
+
+/// A registered agent.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Agent {
+    pub id: i64,
+    pub name: String,
+    pub runtime: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub code: Option<String>,
+    pub command: Option<Vec<String>>,
+    pub config: AgentConfig,
+    pub active: bool,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+impl Agent {
+    pub fn runtime(&self) -> Runtime {
+        match (&self.code, &self.command) {
+            (Some(code), _) => Runtime::Python { code: code.clone() },
+            (None, Some(argv)) => Runtime::Command { argv: argv.clone() },
+            (None, None) => Runtime::Command { argv: Vec::new() },
+        }
+    }
+
+    /// The next fire time after now, when the agent is active and scheduled.
+    pub fn next_fire(&self) -> Option<DateTime<Utc>> {
+        if !self.active {
+            return None;
+        }
+        self.config.schedule()?.next_after(Utc::now())
+    }
+}
+
+type Row = (
+    i64,
+    String,
+    String,
+    Option<String>,
+    Option<Vec<String>>,
+    Value,
+    bool,
+    DateTime<Utc>,
+    DateTime<Utc>,
+);
+
+fn from_row(r: Row) -> Result<Agent, Error> {
+    let config: AgentConfig = serde_json::from_value(r.5)
+        .map_err(|e| invalid("config", format!("stored config unreadable: {e}")))?;
+    Ok(Agent {
+        id: r.0,
+        name: r.1,
+        runtime: r.2,
+        code: r.3,
+        command: r.4,
+        config,
+        active: r.6,
+        created_at: r.7,
+        updated_at: r.8,
+    })
+}
+
+const COLUMNS: &str = "id, name, runtime, code, command, config, active, created_at, updated_at";
+
+/// A validated agent definition, ready to store.
+#[derive(Debug, Clone)]
+pub struct AgentSpec {
+    pub name: String,
+    pub runtime: Runtime,
+    pub config: AgentConfig,
+}
+
+/// Checks a name: 1–64 letters, digits, `_`, `-`, `.`, starting with a letter or digit.
+pub fn parse_name(name: &str) -> Result<String, Error> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'));
+    if ok {
+        Ok(name.to_string())
+    } else {
+        Err(invalid(
+            "name",
+            format!(
+                "{name:?} must be 1 to 64 letters, digits, _ - . starting with a letter or digit"
+            ),
+        ))
+    }
+}
+
+/// The registry: agents in the database.
+#[derive(Clone)]
+pub struct Agents {
+    pool: PgPool,
+    executor: Arc<Executor>,
+}
+
+impl Agents {
+    pub fn new(pool: PgPool, executor: Arc<Executor>) -> Agents {
+        Agents { pool, executor }
+    }
+
+    pub fn executor(&self) -> &Arc<Executor> {
+        &self.executor
+    }
+
+    /// Validates the code (Python compiles and defines `class Agent`; a command's program
+    /// exists) and the config.
+    pub async fn validate(&self, spec: &AgentSpec) -> Result<(), Error> {
+        parse_name(&spec.name)?;
+        spec.config.validate()?;
+        match &spec.runtime {
+            Runtime::Python { code } => {
+                if code.len() > MAX_CODE_BYTES {
+                    return Err(invalid("code", format!("is over {MAX_CODE_BYTES} bytes")));
+                }
+                self.executor
+                    .check_python(code)
+                    .await
+                    .map_err(|e| invalid("code", e))?;
+            }
+            Runtime::Command { argv } => {
+                let Some(program) = argv.first() else {
+                    return Err(invalid(
+                        "command",
+                        "is empty; give a program and its arguments",
+                    ));
+                };
+                if !crate::executor::program_exists(program) {
+                    return Err(invalid(
+                        "command",
+                        format!(
+                            "program {program:?} not found (agents see PATH=/usr/local/bin:/usr/bin:/bin)"
+                        ),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    pub async fn create(&self, spec: AgentSpec) -> Result<Agent, Error> {
+        self.validate(&spec).await?;
+        let (runtime, code, command) = split_runtime(&spec.runtime);
+        let row: Result<Row, sqlx::Error> = sqlx::query_as(&format!(
+            "WITH a AS (INSERT INTO agents (name, runtime, code, command, config) \
+             VALUES ($1, $2, $3, $4, $5) RETURNING {COLUMNS}) \
+             SELECT a.* FROM a, (SELECT pg_notify('harness_agents', '')) n"
+        ))
+        .bind(&spec.name)
+        .bind(runtime)
+        .bind(code)
+        .bind(command)
+        .bind(serde_json::to_value(&spec.config).expect("config serialises"))
+        .fetch_one(&self.pool)
+        .await;
+        match row {
+            Ok(r) => from_row(r),
+            Err(e) if e.as_database_error().and_then(|d| d.code()).as_deref() == Some("23505") => {
+                Err(Error::Duplicate(spec.name))
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    pub async fn list(&self) -> Result<Vec<Agent>, Error> {
+        let rows: Vec<Row> = sqlx::query_as(&format!("SELECT {COLUMNS} FROM agents ORDER BY name"))
+            .fetch_all(&self.pool)
+            .await?;
+        rows.into_iter().map(from_row).collect()
+    }
+
+    pub async fn get(&self, name: &str) -> Result<Agent, Error> {
+        let row: Option<Row> =
+            sqlx::query_as(&format!("SELECT {COLUMNS} FROM agents WHERE name = $1"))
+                .bind(name)
+                .fetch_optional(&self.pool)
+                .await?;
+        row.map(from_row)
+            .unwrap_or_else(|| Err(Error::NotFound(name.to_string())))
+    }
+
+    pub async fn get_by_id(&self, id: i64) -> Result<Agent, Error> {
+        let row: Option<Row> =
+            sqlx::query_as(&format!("SELECT {COLUMNS} FROM agents WHERE id = $1"))
+                .bind(id)
+                .fetch_optional(&self.pool)
+                .await?;
+        row.map(from_row)
+            .unwrap_or_else(|| Err(Error::NotFound(format!("#{id}"))))
+    }
+
+    /// Replaces an agent's runtime and config (validated first).
+    pub async fn update(
+        &self,
+        name: &str,
+        runtime: Runtime,
+        config: AgentConfig,
+    ) -> Result<Agent, Error> {
+        let spec = AgentSpec {
+            name: name.to_string(),
+            runtime,
+            config,
+        };
+        self.validate(&spec).await?;
+        let (rt, code, command) = split_runtime(&spec.runtime);
+        let row: Option<Row> = sqlx::query_as(&format!(
+            "WITH a AS (UPDATE agents SET runtime = $2, code = $3, command = $4, config = $5, \
+             updated_at = now() WHERE name = $1 RETURNING {COLUMNS}) \
+             SELECT a.* FROM a, (SELECT pg_notify('harness_agents', '')) n"
+        ))
+        .bind(name)
+        .bind(rt)
+        .bind(code)
+        .bind(command)
+        .bind(serde_json::to_value(&spec.config).expect("config serialises"))
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(from_row)
+            .unwrap_or_else(|| Err(Error::NotFound(name.to_string())))
+    }
+
+    pub async fn set_active(&self, name: &str, active: bool) -> Result<Agent, Error> {
+        let row: Option<Row> = sqlx::query_as(&format!(
+            "WITH a AS (UPDATE agents SET active = $2, updated_at = now() WHERE name = $1 \
+             RETURNING {COLUMNS}) SELECT a.* FROM a, (SELECT pg_notify('harness_agents', '')) n"
+        ))
+        .bind(name)
+        .bind(active)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(from_row)
+            .unwrap_or_else(|| Err(Error::NotFound(name.to_string())))
+    }
+
+    /// Removes an agent and its handoffs; its past tasks stay, detached.
+    pub async fn remove(&self, name: &str) -> Result<(), Error> {
+        let n = sqlx::query(
+            "WITH a AS (DELETE FROM agents WHERE name = $1 RETURNING id) \
+             SELECT a.id FROM a, (SELECT pg_notify('harness_agents', '')) n",
+        )
+        .bind(name)
+        .fetch_optional(&self.pool)
+        .await?;
+        n.map(|_| ())
+            .ok_or_else(|| Error::NotFound(name.to_string()))
+    }
+
+    /// Enqueues a run of the agent now.
+    pub async fn run(&self, queue: &Queue, name: &str, input: Value) -> Result<Enqueued, Error> {
+        let agent = self.get(name).await?;
+        Ok(queue.enqueue(self.run_task(&agent, input)).await?)
+    }
+
+    /// The task of one run of `agent`.
+    pub fn run_task(&self, agent: &Agent, input: Value) -> NewTask {
+        NewTask::new(AGENT_KIND, json!({ "agent_id": agent.id, "input": input }))
+            .agent_id(agent.id)
+            .max_retries(agent.config.max_retries)
+            // The sandbox enforces the agent's timeout; the pool's is a backstop above it.
+            .timeout(
+                Duration::from_secs(agent.config.timeout)
+                    + self.executor.kill_grace
+                    + Duration::from_secs(10),
+            )
+    }
+
+    pub fn handoffs(&self) -> HandoffManager {
+        HandoffManager::new(self.pool.clone())
+    }
+
+    /// Whether an earlier run of the agent than task `id` is running now.
+    async fn earlier_run_running(&self, agent_id: i64, id: i64) -> Result<bool, sqlx::Error> {
+        // tasks_status_idx: the running tasks of the fleet, a bounded set.
+        sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM tasks WHERE status = 'running' AND agent_id = $1 \
+             AND kind = 'agent' AND id < $2)",
+        )
+        .bind(agent_id)
+        .bind(id)
+        .fetch_one(&self.pool)
+        .await
+    }
+
+    /// One run of an agent, as the `agent` task kind.
+    async fn run_agent(&self, ctx: TaskContext) -> Result<Value, HandlerError> {
+        let agent_id = ctx.payload["agent_id"]
+            .as_i64()
+            .ok_or_else(|| HandlerError("payload.agent_id must be an agent id".into()))?;
+        let agent = match self.get_by_id(agent_id).await {
+            Ok(a) => a,
+            Err(Error::NotFound(_)) => {
+                ctx.skip(format!("agent #{agent_id} no longer exists"));
+                return Ok(Value::Null);
+            }
+            Err(e) => return Err(HandlerError(e.to_string())),
+        };
+        if agent.config.overlap != Overlap::Allow
+            && self
+                .earlier_run_running(agent.id, ctx.id)
+                .await
+                .map_err(|e| HandlerError(e.to_string()))?
+        {
+            match agent.config.overlap {
+                Overlap::Skip => ctx.skip(format!(
+                    "skipped: a previous run of agent {} is still running (overlap: skip)",
+                    agent.name
+                )),
+                _ => ctx.defer(OVERLAP_RECHECK),
+            }
+            return Ok(Value::Null);
+        }
+        let manager = self.handoffs();
+        let previous = manager
+            .load_artifact(agent.id)
+            .await
+            .map_err(|e| HandlerError(e.to_string()))?;
+        let mut spec = RunSpec::new(agent.runtime(), &self.executor);
+        spec.config = ctx
+            .payload
+            .get("config")
+            .cloned()
+            .unwrap_or_else(|| json!({}));
+        spec.input = ctx.payload.get("input").cloned().unwrap_or(Value::Null);
+        spec.handoff = handoff::for_agent(previous.as_ref());
+        spec.timeout = Duration::from_secs(agent.config.timeout);
+        spec.memory_mb = agent.config.memory_mb;
+        spec.cpu_percent = agent.config.cpu_percent;
+        spec.env = agent.config.env.clone();
+        spec.traceparent = ctx.traceparent.clone();
+        let result = self
+            .executor
+            .run(&spec)
+            .await
+            .map_err(|e| HandlerError(e.to_string()))?;
+        let error = result.error.clone().unwrap_or_default();
+        let record = serde_json::to_value(&result).expect("result serialises");
+        match result.status {
+            ExecStatus::Success => {
+                let value = result.result.clone().unwrap_or_else(|| json!({}));
+                ctx.hand_off(HandoffWrite::next(
+                    agent.id,
+                    previous.as_ref(),
+                    &value,
+                    json!({ "task_id": ctx.id, "status": "success", "duration": result.duration }),
+                ));
+                Ok(record)
+            }
+            ExecStatus::Timeout => {
+                ctx.timed_out(error);
+                Ok(record)
+            }
+            ExecStatus::Error => Err(HandlerError(error)),
+        }
+    }
+
+    /// The `agent` task kind.
+    pub fn agent_handler(&self) -> Handler {
+        let agents = self.clone();
+        Handler::from_context(move |ctx| {
+            let agents = agents.clone();
+            async move { agents.run_agent(ctx).await }
+        })
+    }
+
+    /// The `command` task kind: payload `{"argv": [...], "input"?, "timeout_s"?, "env"?}`.
+    pub fn command_handler(&self) -> Handler {
+        let executor = self.executor.clone();
+        Handler::from_context(move |ctx| {
+            let executor = executor.clone();
+            async move {
+                let argv: Vec<String> = serde_json::from_value(ctx.payload["argv"].clone())
+                    .map_err(|_| HandlerError("payload.argv must be a list of strings".into()))?;
+                let mut spec = RunSpec::new(Runtime::Command { argv }, &executor);
+                spec.input = ctx.payload.get("input").cloned().unwrap_or(Value::Null);
+                if let Some(t) = ctx.payload["timeout_s"].as_u64() {
+                    spec.timeout = Duration::from_secs(t.clamp(TIMEOUT_S.0, TIMEOUT_S.1));
+                }
+                if let Some(env) = ctx.payload.get("env") {
+                    spec.env = serde_json::from_value(env.clone()).map_err(|_| {
+                        HandlerError("payload.env must map names to strings".into())
+                    })?;
+                }
+                spec.traceparent = ctx.traceparent.clone();
+                let result = executor
+                    .run(&spec)
+                    .await
+                    .map_err(|e| HandlerError(e.to_string()))?;
+                let record = serde_json::to_value(&result).expect("result serialises");
+                match result.status {
+                    ExecStatus::Success => Ok(record),
+                    ExecStatus::Timeout => {
+                        ctx.timed_out(result.error.unwrap_or_default());
+                        Ok(record)
+                    }
+                    ExecStatus::Error => Err(HandlerError(result.error.unwrap_or_default())),
+                }
+            }
+        })
+    }
+}
+
+fn split_runtime(r: &Runtime) -> (&'static str, Option<&str>, Option<&[String]>) {
+    match r {
+        Runtime::Python { code } => ("python", Some(code.as_str()), None),
+        Runtime::Command { argv } => ("command", None, Some(argv.as_slice())),
+    }
+}

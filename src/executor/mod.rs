@@ -1,0 +1,673 @@
+//! Running agent code in an isolated, resource-limited subprocess.
+//!
+//! Every run gets:
+//! - a fresh working directory, removed afterwards;
+//! - a scrubbed environment: only `PATH`, `LANG`, `TZ`, `HOME` (the working directory), the
+//!   harness's own `HARNESS_*` run variables and the agent's `env`; never the harness's
+//!   database URL, tokens or webhook;
+//! - its own process group, and when the harness runs as root, the `executor.run_as` account;
+//! - limits: address space (`memory_mb`), CPU seconds (`timeout × cpu_percent`), open files,
+//!   file size, no core dumps, and a process count that contains a fork bomb;
+//! - a timeout: SIGTERM to the whole group, `kill_grace_s`, then SIGKILL; the group is also
+//!   killed when the agent exits, so nothing it started outlives it;
+//! - stdout and stderr kept up to `output_limit_kb` each, the rest drained.
+//!
+//! The result never travels on stdout: the Python runner writes it to `HARNESS_RESULT_FILE`;
+//! a command may write it there too, or print it as its last stdout line.
+//!
+//! This module never touches the database.
+
+use std::collections::BTreeMap;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{ExitStatus, Stdio};
+use std::sync::Once;
+use std::time::{Duration, Instant};
+
+use nix::sys::resource::{Resource, setrlimit};
+use nix::sys::signal::{Signal, killpg};
+use nix::unistd::{Pid, Uid, User};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+
+use crate::config::ExecutorConfig;
+
+const RUNNER: &str = include_str!("runner.py");
+/// The largest result accepted from an agent.
+pub const MAX_RESULT_BYTES: u64 = 16 * 1024 * 1024;
+/// The PATH agents see.
+const AGENT_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
+/// Inputs larger than this are passed by file only (an environment string is limited).
+const MAX_ENV_INPUT: usize = 64 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot prepare the run directory: {0}")]
+    RunDir(std::io::Error),
+    #[error("cannot start {program}: {source}")]
+    Spawn {
+        program: String,
+        source: std::io::Error,
+    },
+    #[error("executor.run_as names {0:?}, which is not a user on this host")]
+    NoSuchUser(String),
+    #[error(
+        "no Python interpreter found for agents: {0}; install python3 or set executor.python \
+         to an interpreter the agent user can run"
+    )]
+    NoPython(String),
+    #[error("the program {0:?} was not found (searched {AGENT_PATH})")]
+    NoProgram(String),
+}
+
+/// How a run ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ExecStatus {
+    Success,
+    Error,
+    Timeout,
+}
+
+/// The outcome of one run, in the predecessor's shape.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ExecutionResult {
+    pub status: ExecStatus,
+    pub result: Option<Value>,
+    pub error: Option<String>,
+    pub stdout: String,
+    pub stderr: String,
+    pub exit_code: Option<i32>,
+    /// Seconds.
+    pub duration: f64,
+}
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub enum Runtime {
+    /// Python source defining `class Agent`.
+    Python { code: String },
+    /// A program and its arguments.
+    Command { argv: Vec<String> },
+}
+
+/// One run: the code, its input and its limits.
+#[derive(Debug, Clone)]
+pub struct RunSpec {
+    pub runtime: Runtime,
+    pub config: Value,
+    /// The task's input (the payload's `input`).
+    pub input: Value,
+    /// The previous handoff artifact, or null.
+    pub handoff: Value,
+    pub timeout: Duration,
+    pub memory_mb: u64,
+    pub cpu_percent: u32,
+    pub env: BTreeMap<String, String>,
+    pub traceparent: Option<String>,
+}
+
+impl RunSpec {
+    pub fn new(runtime: Runtime, settings: &Executor) -> RunSpec {
+        RunSpec {
+            runtime,
+            config: json!({}),
+            input: Value::Null,
+            handoff: Value::Null,
+            timeout: settings.default_timeout,
+            memory_mb: settings.default_memory_mb,
+            cpu_percent: settings.default_cpu_percent,
+            env: BTreeMap::new(),
+            traceparent: None,
+        }
+    }
+}
+
+/// How agents are isolated on this host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Isolation {
+    /// rlimits only: CPU as a CPU-seconds budget, processes by RLIMIT_NPROC. Used when no
+    /// writable cgroup v2 hierarchy is available.
+    Rlimit,
+}
+
+impl Isolation {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Isolation::Rlimit => "rlimit",
+        }
+    }
+}
+
+/// The executor of one process: resolved interpreter, account and limits.
+#[derive(Debug, Clone)]
+pub struct Executor {
+    pub python: PathBuf,
+    run_as: Option<User>,
+    pub kill_grace: Duration,
+    pub output_limit: usize,
+    pub max_processes: u64,
+    pub max_file_bytes: u64,
+    pub default_timeout: Duration,
+    pub default_memory_mb: u64,
+    pub default_cpu_percent: u32,
+    pub isolation: Isolation,
+    runs_dir: PathBuf,
+}
+
+static DEGRADED: Once = Once::new();
+
+impl Executor {
+    /// Resolves the interpreter and the account from the configuration.
+    pub fn new(cfg: &ExecutorConfig) -> Result<Executor, Error> {
+        let run_as = if Uid::effective().is_root() {
+            Some(
+                User::from_name(&cfg.run_as)
+                    .ok()
+                    .flatten()
+                    .ok_or_else(|| Error::NoSuchUser(cfg.run_as.clone()))?,
+            )
+        } else {
+            None
+        };
+        let python = resolve_python(&cfg.python, run_as.as_ref())?;
+        let runs_dir = std::env::temp_dir().join("harness-runs");
+        std::fs::create_dir_all(&runs_dir).map_err(Error::RunDir)?;
+        // Other accounts must be able to enter it (the run dirs inside are private).
+        std::fs::set_permissions(&runs_dir, std::fs::Permissions::from_mode(0o711))
+            .map_err(Error::RunDir)?;
+        let isolation = Isolation::Rlimit;
+        DEGRADED.call_once(|| {
+            tracing::warn!(
+                isolation = isolation.as_str(),
+                "no writable cgroup v2 hierarchy: agent CPU is bounded as CPU seconds \
+                 (timeout × cpu_percent, RLIMIT_CPU) and processes by RLIMIT_NPROC"
+            )
+        });
+        Ok(Executor {
+            python,
+            run_as,
+            kill_grace: Duration::from_secs(cfg.kill_grace_s),
+            output_limit: (cfg.output_limit_kb * 1024) as usize,
+            max_processes: cfg.max_processes,
+            max_file_bytes: cfg.max_file_mb * 1024 * 1024,
+            default_timeout: Duration::from_secs(cfg.default_timeout_s),
+            default_memory_mb: cfg.max_memory_mb,
+            default_cpu_percent: cfg.max_cpu_percent,
+            isolation,
+            runs_dir,
+        })
+    }
+
+    /// The account agents run as (`None`: the harness's own).
+    pub fn run_as(&self) -> Option<&str> {
+        self.run_as.as_ref().map(|u| u.name.as_str())
+    }
+
+    /// Checks that Python source compiles and defines a top-level `class Agent`, without
+    /// running it. Returns the interpreter's message when it does not.
+    pub async fn check_python(&self, code: &str) -> Result<(), String> {
+        const CHECK: &str = "import ast, sys\n\
+            src = sys.stdin.read()\n\
+            try:\n    tree = ast.parse(src, 'agent.py')\n    compile(tree, 'agent.py', 'exec')\n\
+            except SyntaxError as e:\n    print('line %s: %s' % (e.lineno, e.msg)); sys.exit(1)\n\
+            if not any(isinstance(n, ast.ClassDef) and n.name == 'Agent' for n in tree.body):\n\
+            \x20   print('defines no top-level class Agent'); sys.exit(1)\n";
+        let mut child = tokio::process::Command::new(&self.python)
+            .args(["-c", CHECK])
+            .env_clear()
+            .env("PATH", AGENT_PATH)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| format!("cannot run {}: {e}", self.python.display()))?;
+        let mut stdin = child.stdin.take().expect("piped");
+        let code = code.to_string();
+        let writer = tokio::spawn(async move {
+            let _ = stdin.write_all(code.as_bytes()).await;
+        });
+        let out = tokio::time::timeout(Duration::from_secs(30), child.wait_with_output())
+            .await
+            .map_err(|_| "checking the code took more than 30 s".to_string())?
+            .map_err(|e| e.to_string())?;
+        let _ = writer.await;
+        if out.status.success() {
+            Ok(())
+        } else {
+            let msg = String::from_utf8_lossy(&out.stdout).trim().to_string();
+            Err(if msg.is_empty() {
+                String::from_utf8_lossy(&out.stderr).trim().to_string()
+            } else {
+                msg
+            })
+        }
+    }
+
+    /// Runs `spec` to the end (success, error or timeout). `Err` only when the run could not
+    /// be set up at all.
+    pub async fn run(&self, spec: &RunSpec) -> Result<ExecutionResult, Error> {
+        let started = Instant::now();
+        let dir = tempfile::Builder::new()
+            .prefix("run-")
+            .tempdir_in(&self.runs_dir)
+            .map_err(Error::RunDir)?;
+        let input = json!({ "config": spec.config, "input": spec.input, "handoff": spec.handoff });
+        let input_text = input.to_string();
+        let input_path = dir.path().join("input.json");
+        let result_path = dir.path().join("result.json");
+        std::fs::write(&input_path, &input_text).map_err(Error::RunDir)?;
+
+        let (program, args): (PathBuf, Vec<String>) = match &spec.runtime {
+            Runtime::Python { code } => {
+                std::fs::write(dir.path().join("agent.py"), code).map_err(Error::RunDir)?;
+                (self.python.clone(), vec!["-c".into(), RUNNER.into()])
+            }
+            Runtime::Command { argv } => {
+                let first = argv
+                    .first()
+                    .ok_or_else(|| Error::NoProgram(String::new()))?;
+                (find_program(first)?, argv[1..].to_vec())
+            }
+        };
+        if let Some(u) = &self.run_as {
+            for entry in [dir.path(), &input_path] {
+                std::os::unix::fs::chown(entry, Some(u.uid.as_raw()), Some(u.gid.as_raw()))
+                    .map_err(Error::RunDir)?;
+            }
+            if let Ok(p) = dir.path().join("agent.py").canonicalize() {
+                let _ = std::os::unix::fs::chown(p, Some(u.uid.as_raw()), Some(u.gid.as_raw()));
+            }
+        }
+
+        let mut cmd = tokio::process::Command::new(&program);
+        cmd.args(&args)
+            .current_dir(dir.path())
+            .env_clear()
+            .env("PATH", AGENT_PATH)
+            .env("LANG", "C.UTF-8")
+            .env("TZ", "UTC")
+            .env("HOME", dir.path())
+            .env("HARNESS_RESULT_FILE", &result_path)
+            .env("HARNESS_INPUT_FILE", &input_path)
+            .envs(&spec.env)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .process_group(0);
+        if let Some(tp) = &spec.traceparent {
+            cmd.env("TRACEPARENT", tp);
+        }
+        let is_command = matches!(spec.runtime, Runtime::Command { .. });
+        if is_command {
+            if input_text.len() <= MAX_ENV_INPUT {
+                cmd.env("HARNESS_INPUT", &input_text);
+            }
+            cmd.stdin(Stdio::piped());
+        } else {
+            cmd.stdin(Stdio::null());
+        }
+        if let Some(u) = &self.run_as {
+            cmd.uid(u.uid.as_raw()).gid(u.gid.as_raw());
+        }
+        let limits = Limits {
+            address_space: spec.memory_mb * 1024 * 1024,
+            cpu_seconds: cpu_budget(spec.timeout, spec.cpu_percent),
+            processes: self.nproc_limit(),
+            file_bytes: self.max_file_bytes,
+        };
+        // SAFETY: the closure runs in the forked child before exec and only calls
+        // setrlimit(2), which is async-signal-safe; it allocates nothing.
+        unsafe {
+            cmd.pre_exec(move || limits.apply());
+        }
+        let mut child = cmd.spawn().map_err(|source| Error::Spawn {
+            program: program.display().to_string(),
+            source,
+        })?;
+        let pgid = Pid::from_raw(child.id().map(|p| p as i32).unwrap_or(0));
+
+        if is_command {
+            let mut stdin = child.stdin.take().expect("piped");
+            tokio::spawn(async move {
+                let _ = stdin.write_all(input_text.as_bytes()).await;
+            });
+        }
+        let limit = self.output_limit;
+        let out = tokio::spawn(capture(child.stdout.take().expect("piped"), limit));
+        let err = tokio::spawn(capture(child.stderr.take().expect("piped"), limit));
+
+        let (status, timed_out) = tokio::select! {
+            s = child.wait() => (s.ok(), false),
+            _ = tokio::time::sleep(spec.timeout) => {
+                let _ = killpg(pgid, Signal::SIGTERM);
+                match tokio::time::timeout(self.kill_grace, child.wait()).await {
+                    Ok(s) => (s.ok(), true),
+                    Err(_) => {
+                        let _ = killpg(pgid, Signal::SIGKILL);
+                        (child.wait().await.ok(), true)
+                    }
+                }
+            }
+        };
+        // Whatever the agent left running in its group goes with it.
+        let _ = killpg(pgid, Signal::SIGKILL);
+        let stdout = finish_capture(out).await;
+        let stderr = finish_capture(err).await;
+
+        let exit_code = status.and_then(|s| s.code());
+        let file_result = read_result(&result_path);
+        let duration = started.elapsed().as_secs_f64();
+        let mut result = ExecutionResult {
+            status: ExecStatus::Error,
+            result: None,
+            error: None,
+            stdout,
+            stderr,
+            exit_code,
+            duration,
+        };
+        if timed_out {
+            result.status = ExecStatus::Timeout;
+            result.error = Some(format!(
+                "timed out after {:.3}s; the process group was terminated",
+                spec.timeout.as_secs_f64()
+            ));
+            return Ok(result);
+        }
+        match (&spec.runtime, file_result) {
+            (_, Err(e)) => result.error = Some(e),
+            (Runtime::Python { .. }, Ok(Some(v))) => {
+                if v["ok"] == json!(true) && exit_code == Some(0) {
+                    result.status = ExecStatus::Success;
+                    result.result = Some(v["result"].clone());
+                } else {
+                    result.error = Some(
+                        v["error"]
+                            .as_str()
+                            .map(str::to_string)
+                            .unwrap_or_else(|| describe_exit(status, &result.stderr)),
+                    );
+                }
+            }
+            (Runtime::Python { .. }, Ok(None)) => {
+                result.error = Some(format!(
+                    "the agent ended without a result: {}",
+                    describe_exit(status, &result.stderr)
+                ));
+            }
+            (Runtime::Command { .. }, Ok(from_file)) => {
+                let from_stdout = || {
+                    result
+                        .stdout
+                        .lines()
+                        .rev()
+                        .find(|l| !l.trim().is_empty())
+                        .and_then(|l| serde_json::from_str::<Value>(l).ok())
+                        .filter(Value::is_object)
+                };
+                let value = from_file.or_else(from_stdout);
+                if exit_code == Some(0) {
+                    result.status = ExecStatus::Success;
+                    result.result = Some(value.unwrap_or_else(|| json!({})));
+                } else {
+                    result.result = value;
+                    result.error = Some(describe_exit(status, &result.stderr));
+                }
+            }
+        }
+        Ok(result)
+    }
+
+    /// RLIMIT_NPROC counts every process of the account. For a dedicated account it is the
+    /// agent's ceiling; for our own account, what already runs is added so the agent gets its
+    /// share on top.
+    fn nproc_limit(&self) -> u64 {
+        match &self.run_as {
+            Some(_) => self.max_processes,
+            None => count_processes(Uid::effective()) + self.max_processes,
+        }
+    }
+}
+
+/// CPU seconds a run may use: its timeout × its CPU share, at least one second.
+pub fn cpu_budget(timeout: Duration, cpu_percent: u32) -> u64 {
+    ((timeout.as_secs_f64() * cpu_percent as f64 / 100.0).ceil() as u64).max(1)
+}
+
+#[derive(Clone, Copy)]
+struct Limits {
+    address_space: u64,
+    cpu_seconds: u64,
+    processes: u64,
+    file_bytes: u64,
+}
+
+impl Limits {
+    fn apply(&self) -> std::io::Result<()> {
+        let set = |r, v: u64| setrlimit(r, v, v).map_err(std::io::Error::from);
+        set(Resource::RLIMIT_AS, self.address_space)?;
+        // Soft limit sends SIGXCPU; the hard limit, a second later, SIGKILL.
+        setrlimit(Resource::RLIMIT_CPU, self.cpu_seconds, self.cpu_seconds + 1)
+            .map_err(std::io::Error::from)?;
+        set(Resource::RLIMIT_NOFILE, 256)?;
+        set(Resource::RLIMIT_CORE, 0)?;
+        set(Resource::RLIMIT_FSIZE, self.file_bytes)?;
+        set(Resource::RLIMIT_NPROC, self.processes)?;
+        Ok(())
+    }
+}
+
+fn count_processes(uid: Uid) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::read_dir("/proc")
+        .map(|entries| {
+            entries
+                .flatten()
+                .filter(|e| {
+                    e.file_name()
+                        .to_str()
+                        .is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit()))
+                })
+                .filter(|e| e.metadata().is_ok_and(|m| m.uid() == uid.as_raw()))
+                .count() as u64
+        })
+        .unwrap_or(0)
+}
+
+fn describe_exit(status: Option<ExitStatus>, stderr: &str) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    let how = match status {
+        Some(s) if s.code().is_some() => format!("exit code {}", s.code().unwrap_or(-1)),
+        Some(s) => match s.signal() {
+            Some(9) => "killed by SIGKILL (a resource limit, e.g. CPU time)".to_string(),
+            Some(24) => "killed by SIGXCPU: its CPU-time budget ran out".to_string(),
+            Some(25) => "killed by SIGXFSZ: it wrote a file over the size limit".to_string(),
+            Some(sig) => format!("killed by signal {sig}"),
+            None => "ended".to_string(),
+        },
+        None => "its status could not be read".to_string(),
+    };
+    let tail: String = stderr
+        .lines()
+        .rev()
+        .take(20)
+        .collect::<Vec<_>>()
+        .into_iter()
+        .rev()
+        .collect::<Vec<_>>()
+        .join("\n");
+    if tail.is_empty() {
+        how
+    } else {
+        format!("{how}; stderr:\n{tail}")
+    }
+}
+
+/// The result file: `Ok(None)` when absent, an error when too large or not JSON.
+fn read_result(path: &Path) -> Result<Option<Value>, String> {
+    let meta = match std::fs::metadata(path) {
+        Ok(m) => m,
+        Err(_) => return Ok(None),
+    };
+    if meta.len() > MAX_RESULT_BYTES {
+        return Err(format!(
+            "the result is {} bytes; at most {MAX_RESULT_BYTES} are accepted",
+            meta.len()
+        ));
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read the result: {e}"))?;
+    serde_json::from_str(&text)
+        .map(Some)
+        .map_err(|e| format!("the result is not valid JSON: {e}"))
+}
+
+/// Reads a stream to its end, keeping the first `limit` bytes and counting the rest.
+async fn capture(mut r: impl AsyncRead + Unpin, limit: usize) -> (Vec<u8>, u64) {
+    let mut kept = Vec::new();
+    let mut dropped = 0u64;
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        match r.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                let room = limit.saturating_sub(kept.len());
+                let take = room.min(n);
+                kept.extend_from_slice(&buf[..take]);
+                dropped += (n - take) as u64;
+            }
+        }
+    }
+    (kept, dropped)
+}
+
+async fn finish_capture(h: tokio::task::JoinHandle<(Vec<u8>, u64)>) -> String {
+    // The group is dead, so the pipes close; the timeout guards against a descendant that
+    // escaped the group still holding them.
+    match tokio::time::timeout(Duration::from_secs(5), h).await {
+        Ok(Ok((kept, dropped))) => {
+            let mut s = String::from_utf8_lossy(&kept).into_owned();
+            if dropped > 0 {
+                s.push_str(&format!("\n[truncated {dropped} bytes]"));
+            }
+            s
+        }
+        _ => "[output unavailable: a process outside the agent's group kept it open]".to_string(),
+    }
+}
+
+fn executable_by(path: &Path, user: Option<&User>) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let Some(u) = user else {
+        return nix::unistd::access(path, nix::unistd::AccessFlags::X_OK).is_ok();
+    };
+    let can = |meta: &std::fs::Metadata, bit_user: u32, bit_group: u32, bit_other: u32| {
+        let mode = meta.mode();
+        if meta.uid() == u.uid.as_raw() {
+            mode & bit_user != 0
+        } else if meta.gid() == u.gid.as_raw() {
+            mode & bit_group != 0
+        } else {
+            mode & bit_other != 0
+        }
+    };
+    let Ok(real) = path.canonicalize() else {
+        return false;
+    };
+    let dirs_ok = real
+        .ancestors()
+        .skip(1)
+        .all(|d| std::fs::metadata(d).is_ok_and(|m| can(&m, 0o100, 0o010, 0o001)));
+    dirs_ok && std::fs::metadata(&real).is_ok_and(|m| can(&m, 0o100, 0o010, 0o001))
+}
+
+/// The interpreter agents use: an absolute path as configured, else the first match on
+/// PATH that the agent account can execute (a version manager's shim under root's home is
+/// skipped when agents run as `nobody`), resolved to the real executable.
+fn resolve_python(configured: &str, user: Option<&User>) -> Result<PathBuf, Error> {
+    let candidates: Vec<PathBuf> = if configured.contains('/') {
+        vec![PathBuf::from(configured)]
+    } else {
+        let path = std::env::var_os("PATH").unwrap_or_default();
+        let mut dirs: Vec<PathBuf> = std::env::split_paths(&path).collect();
+        for d in AGENT_PATH.split(':') {
+            dirs.push(PathBuf::from(d));
+        }
+        dirs.into_iter().map(|d| d.join(configured)).collect()
+    };
+    let mut tried = Vec::new();
+    for c in candidates {
+        if !c.is_file() {
+            continue;
+        }
+        // Shims (pyenv, asdf) are scripts that exec the real interpreter; ask it where it is.
+        let real = std::process::Command::new(&c)
+            .args(["-c", "import sys; print(sys.executable)"])
+            .stderr(Stdio::null())
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| PathBuf::from(String::from_utf8_lossy(&o.stdout).trim()))
+            .filter(|p| p.is_file());
+        let Some(real) = real else {
+            tried.push(format!("{} (does not run)", c.display()));
+            continue;
+        };
+        if executable_by(&real, user) {
+            return Ok(real);
+        }
+        tried.push(format!(
+            "{} (user {} cannot execute it)",
+            real.display(),
+            user.map_or("?", |u| u.name.as_str())
+        ));
+    }
+    Err(Error::NoPython(if tried.is_empty() {
+        format!("{configured:?} is not on PATH")
+    } else {
+        tried.join(", ")
+    }))
+}
+
+fn find_program(name: &str) -> Result<PathBuf, Error> {
+    if name.contains('/') {
+        let p = PathBuf::from(name);
+        return if p.is_file() {
+            Ok(p)
+        } else {
+            Err(Error::NoProgram(name.to_string()))
+        };
+    }
+    AGENT_PATH
+        .split(':')
+        .map(|d| Path::new(d).join(name))
+        .find(|p| p.is_file())
+        .ok_or_else(|| Error::NoProgram(name.to_string()))
+}
+
+/// Whether a command's program exists (for validation before an agent is stored).
+pub fn program_exists(name: &str) -> bool {
+    find_program(name).is_ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_budget_is_timeout_times_share() {
+        assert_eq!(cpu_budget(Duration::from_secs(60), 50), 30);
+        assert_eq!(cpu_budget(Duration::from_secs(10), 100), 10);
+        assert_eq!(cpu_budget(Duration::from_millis(500), 1), 1);
+    }
+
+    #[test]
+    fn describe_exit_names_limits() {
+        use std::os::unix::process::ExitStatusExt;
+        assert!(describe_exit(Some(ExitStatus::from_raw(24)), "").contains("CPU-time budget"));
+        assert!(describe_exit(Some(ExitStatus::from_raw(3 << 8)), "boom").contains("exit code 3"));
+    }
+}
