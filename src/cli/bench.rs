@@ -41,9 +41,14 @@ pub struct BenchArgs {
     /// Sequential single enqueues for the pick-up latency
     #[arg(long, default_value_t = 200)]
     latency_samples: usize,
-    /// Repeat the whole measurement and report the medians
+    /// Repeat the whole measurement and report the medians; with --agent, the number of
+    /// agent runs timed
     #[arg(long, default_value_t = 1)]
     runs: usize,
+    /// Time runs of this Python agent through the sandbox, next to the same interpreter
+    /// running a trivial script (no database needed)
+    #[arg(long, value_name = "FILE")]
+    agent: Option<std::path::PathBuf>,
     /// Print one JSON object
     #[arg(long)]
     json: bool,
@@ -58,6 +63,9 @@ struct Measurement {
 }
 
 pub async fn run(cfg: Config, args: BenchArgs) -> anyhow::Result<()> {
+    if let Some(agent) = &args.agent {
+        return agent_bench(&cfg, agent, args.runs.max(1), args.json).await;
+    }
     if args.tasks == 0
         || args.concurrency == 0
         || args.replicas == 0
@@ -302,4 +310,89 @@ async fn measure(cfg: &Config, args: &BenchArgs, url: &str) -> anyhow::Result<Me
         latency_p50_ms: pct(0.5),
         latency_p99_ms: pct(0.99),
     })
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+/// Per-run time of an agent through the sandbox (fresh directory, scrubbed environment,
+/// limits, result file) against the bare interpreter starting and running `pass`.
+async fn agent_bench(
+    cfg: &Config,
+    file: &std::path::Path,
+    runs: usize,
+    json_out: bool,
+) -> anyhow::Result<()> {
+    use harness::executor::{ExecStatus, Executor, RunSpec, Runtime};
+    let code =
+        std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+    let executor = Executor::new(&cfg.executor)?;
+    let spec = RunSpec::new(Runtime::Python { code }, &executor);
+    let trivial = tempfile::Builder::new().suffix(".py").tempfile()?;
+    std::fs::write(trivial.path(), "pass\n")?;
+    // Warm the page cache for both before timing.
+    for _ in 0..3 {
+        let r = executor.run(&spec).await?;
+        if r.status != ExecStatus::Success {
+            bail!(
+                "the agent does not succeed: {}",
+                r.error.unwrap_or_default()
+            );
+        }
+        tokio::process::Command::new(&executor.python)
+            .arg(trivial.path())
+            .status()
+            .await?;
+    }
+    let mut run_ms = Vec::with_capacity(runs);
+    let mut bare_ms = Vec::with_capacity(runs);
+    // Interleaved, so both see the same machine load.
+    for _ in 0..runs {
+        let t = Instant::now();
+        executor.run(&spec).await?;
+        run_ms.push(t.elapsed().as_secs_f64() * 1000.0);
+        let t = Instant::now();
+        tokio::process::Command::new(&executor.python)
+            .arg(trivial.path())
+            .env_clear()
+            .stdin(Stdio::null())
+            .status()
+            .await?;
+        bare_ms.push(t.elapsed().as_secs_f64() * 1000.0);
+    }
+    run_ms.sort_by(|a, b| a.total_cmp(b));
+    bare_ms.sort_by(|a, b| a.total_cmp(b));
+    let (run_p50, run_p99, bare_p50) = (
+        percentile(&run_ms, 0.5),
+        percentile(&run_ms, 0.99),
+        percentile(&bare_ms, 0.5),
+    );
+    let round = |v: f64| (v * 1000.0).round() / 1000.0;
+    if json_out {
+        println!(
+            "{}",
+            json!({
+                "runs": runs,
+                "python": executor.python,
+                "run_p50_ms": round(run_p50),
+                "run_p99_ms": round(run_p99),
+                "bare_p50_ms": round(bare_p50),
+                "overhead_p50_ms": round(run_p50 - bare_p50),
+            })
+        );
+    } else {
+        println!(
+            "{runs} runs of {} with {}:",
+            file.display(),
+            executor.python.display()
+        );
+        println!("  through the harness   p50 {run_p50:.2} ms, p99 {run_p99:.2} ms");
+        println!("  bare interpreter      p50 {bare_p50:.2} ms");
+        println!("  harness overhead      p50 {:.2} ms", run_p50 - bare_p50);
+    }
+    Ok(())
 }

@@ -1,6 +1,7 @@
 //! The `harness` subcommands. Each one loads the layered configuration, then calls the
 //! library; errors are printed once, with what to do about them, and exit non-zero.
 
+mod agents;
 mod bench;
 
 use std::path::{Path, PathBuf};
@@ -92,6 +93,8 @@ second signal exits at once."
     },
     /// Measure enqueue rate, processing rate and pick-up latency of no-op tasks
     Bench(bench::BenchArgs),
+    /// Register, change, run and inspect agents
+    Agents(agents::AgentsArgs),
     /// Run Python agent code once in the sandbox and print its result as JSON
     #[command(
         long_about = "Run a Python agent file once, exactly as a replica would: isolated \
@@ -153,7 +156,7 @@ struct EnqueueArgs {
 }
 
 /// `30s`, `5m`, `1h 30m`, `250ms`; a bare number is seconds.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
+pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
     if let Ok(secs) = s.parse::<f64>() {
         if secs.is_finite() && secs >= 0.0 {
@@ -181,6 +184,7 @@ impl Command {
             Command::Stats { file, .. } | Command::Inspect { file, .. } => file.file.as_deref(),
             Command::Enqueue(a) => a.file.file.as_deref(),
             Command::Bench(a) => a.file.file.as_deref(),
+            Command::Agents(a) => a.file.file.as_deref(),
             Command::Exec(_) => None,
         }
     }
@@ -224,6 +228,7 @@ pub fn run(cli: Cli) -> ExitCode {
             Command::Inspect { task_id, json, .. } => inspect(cfg, task_id, json).await,
             Command::Bench(args) => bench::run(cfg, args).await,
             Command::Exec(args) => return exec(cfg, args).await,
+            Command::Agents(args) => agents::run(cfg, args).await,
         }
         .map(|()| ExitCode::SUCCESS)
     });
@@ -281,7 +286,7 @@ async fn exec(cfg: Config, args: ExecArgs) -> anyhow::Result<ExitCode> {
     })
 }
 
-async fn open_migrated(cfg: &Config) -> anyhow::Result<Database> {
+pub(crate) async fn open_migrated(cfg: &Config) -> anyhow::Result<Database> {
     let database = Database::open(cfg).await?;
     db::migrate(&database.pool)
         .await
@@ -302,12 +307,23 @@ async fn migrate(cfg: Config) -> anyhow::Result<()> {
 }
 
 async fn serve(cfg: Config, announce: bool) -> anyhow::Result<()> {
+    let executor = std::sync::Arc::new(harness::executor::Executor::new(&cfg.executor)?);
     let database = open_migrated(&cfg).await?;
+    let agents = harness::agents::Agents::new(database.pool.clone(), executor.clone());
     let harness = builtin_handlers(Harness::builder())
+        .handler_with(harness::agents::AGENT_KIND, agents.agent_handler())
+        .handler_with(harness::agents::COMMAND_KIND, agents.command_handler())
         .config(cfg.clone())
         .pool(database.pool.clone())
         .build()
         .await?;
+    tracing::info!(
+        python = %executor.python.display(),
+        run_as = executor.run_as().unwrap_or("(the harness's own user)"),
+        isolation = executor.isolation.as_str(),
+        "agents run in the sandbox"
+    );
+    executor.isolation.warn_if_degraded();
     if announce {
         match database.private_server() {
             Some(server) => eprintln!(
@@ -343,11 +359,16 @@ async fn serve(cfg: Config, announce: bool) -> anyhow::Result<()> {
 }
 
 async fn enqueue(cfg: Config, args: EnqueueArgs) -> anyhow::Result<()> {
-    if !BUILTIN_KINDS.contains(&args.kind.as_str()) {
+    let known: Vec<&str> = BUILTIN_KINDS
+        .iter()
+        .copied()
+        .chain([harness::agents::AGENT_KIND, harness::agents::COMMAND_KIND])
+        .collect();
+    if !known.contains(&args.kind.as_str()) {
         bail!(
             "unknown kind {:?}: this binary runs kinds {}",
             args.kind,
-            BUILTIN_KINDS.join(", ")
+            known.join(", ")
         );
     }
     let payload: serde_json::Value = serde_json::from_str(&args.payload)

@@ -159,6 +159,19 @@ pub struct Executor {
 
 static DEGRADED: Once = Once::new();
 
+impl Isolation {
+    /// Logs, once per process, what the isolation mode cannot do (called by replicas).
+    pub fn warn_if_degraded(self) {
+        DEGRADED.call_once(|| match self {
+            Isolation::Rlimit => tracing::warn!(
+                isolation = self.as_str(),
+                "no writable cgroup v2 hierarchy: agent CPU is bounded as CPU seconds \
+                 (timeout × cpu_percent, RLIMIT_CPU) and processes by RLIMIT_NPROC"
+            ),
+        });
+    }
+}
+
 impl Executor {
     /// Resolves the interpreter and the account from the configuration.
     pub fn new(cfg: &ExecutorConfig) -> Result<Executor, Error> {
@@ -179,13 +192,6 @@ impl Executor {
         std::fs::set_permissions(&runs_dir, std::fs::Permissions::from_mode(0o711))
             .map_err(Error::RunDir)?;
         let isolation = Isolation::Rlimit;
-        DEGRADED.call_once(|| {
-            tracing::warn!(
-                isolation = isolation.as_str(),
-                "no writable cgroup v2 hierarchy: agent CPU is bounded as CPU seconds \
-                 (timeout × cpu_percent, RLIMIT_CPU) and processes by RLIMIT_NPROC"
-            )
-        });
         Ok(Executor {
             python,
             run_as,
@@ -520,9 +526,15 @@ fn read_result(path: &Path) -> Result<Option<Value>, String> {
         ));
     }
     let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read the result: {e}"))?;
-    serde_json::from_str(&text)
-        .map(Some)
-        .map_err(|e| format!("the result is not valid JSON: {e}"))
+    serde_json::from_str(&text).map(Some).map_err(|e| {
+        if e.to_string().contains("recursion limit") {
+            // serde_json's depth limit keeps a hostile result from overflowing our stack.
+            "the result is nested deeper than 128 levels, which the harness does not accept"
+                .to_string()
+        } else {
+            format!("the result is not valid JSON: {e}")
+        }
+    })
 }
 
 /// Reads a stream to its end, keeping the first `limit` bytes and counting the rest.

@@ -1,0 +1,306 @@
+//! `harness agents …`: register, change, run and inspect agents.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::{Args, Subcommand};
+use serde_json::{Value, json};
+
+use harness::Config;
+use harness::agents::{AgentConfig, AgentSpec, Agents, Overlap};
+use harness::executor::{Executor, Runtime};
+use harness::queue::Queue;
+
+use super::{FileArg, open_migrated, parse_duration};
+
+#[derive(Debug, Args)]
+pub struct AgentsArgs {
+    #[command(subcommand)]
+    command: AgentsCommand,
+    #[command(flatten)]
+    pub file: FileArg,
+}
+
+#[derive(Debug, Subcommand)]
+enum AgentsCommand {
+    /// Register an agent: Python code (--file) or a command (--command)
+    Add {
+        name: String,
+        #[command(flatten)]
+        def: Definition,
+    },
+    /// List agents with their schedule and next fire time
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one agent
+    Show {
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Change an agent: only the options given change
+    Update {
+        name: String,
+        #[command(flatten)]
+        def: Definition,
+    },
+    /// Remove an agent and its handoff state (its past tasks stay)
+    Rm { name: String },
+    /// Stop scheduling an agent (manual runs still work)
+    Pause { name: String },
+    /// Schedule a paused agent again
+    Resume { name: String },
+    /// Enqueue a run now and print its task id
+    Run {
+        name: String,
+        /// Input for this run, as JSON (seen as self.input)
+        #[arg(long, value_name = "JSON")]
+        input: Option<String>,
+    },
+    /// Show the state the next run will receive; --clear forgets it
+    Handoff {
+        name: String,
+        #[arg(long)]
+        clear: bool,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Args)]
+struct Definition {
+    /// Python file defining `class Agent`
+    #[arg(long, conflicts_with = "command")]
+    file: Option<PathBuf>,
+    /// A command line, e.g. '/usr/bin/env python3 job.py --fast'
+    #[arg(long)]
+    command: Option<String>,
+    /// Cron schedule: 5 fields (minute hour day month weekday) or 6 (seconds first)
+    #[arg(long)]
+    schedule: Option<String>,
+    /// Remove the schedule (update only)
+    #[arg(long, conflicts_with = "schedule")]
+    no_schedule: bool,
+    /// IANA time zone of the schedule [default: UTC]
+    #[arg(long)]
+    timezone: Option<String>,
+    /// Time limit of a run, 1s to 24h [default: executor.default_timeout_s]
+    #[arg(long, value_parser = parse_duration)]
+    timeout: Option<Duration>,
+    /// Retries after a failed run [default: bulk.retry_attempts]
+    #[arg(long)]
+    max_retries: Option<u32>,
+    /// Memory limit, 16 to 65536 MB [default: executor.max_memory_mb]
+    #[arg(long)]
+    memory_mb: Option<u64>,
+    /// CPU share, 1 to 100 percent [default: executor.max_cpu_percent]
+    #[arg(long)]
+    cpu_percent: Option<u32>,
+    /// Environment variable for the agent, K=V (repeatable)
+    #[arg(long = "env", value_name = "K=V")]
+    env: Vec<String>,
+    /// A run due while the previous one runs: skip (default), queue or allow
+    #[arg(long, value_parser = ["skip", "queue", "allow"])]
+    overlap: Option<String>,
+}
+
+impl Definition {
+    fn runtime(&self) -> anyhow::Result<Option<Runtime>> {
+        if let Some(f) = &self.file {
+            let code =
+                std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?;
+            return Ok(Some(Runtime::Python { code }));
+        }
+        if let Some(c) = &self.command {
+            let argv = shlex::split(c).filter(|a| !a.is_empty()).ok_or_else(|| {
+                anyhow::anyhow!("invalid command: {c:?} is empty or has unbalanced quotes")
+            })?;
+            return Ok(Some(Runtime::Command { argv }));
+        }
+        Ok(None)
+    }
+
+    fn apply(&self, mut config: AgentConfig) -> anyhow::Result<AgentConfig> {
+        if let Some(s) = &self.schedule {
+            config.schedule = Some(s.clone());
+        }
+        if self.no_schedule {
+            config.schedule = None;
+        }
+        if let Some(tz) = &self.timezone {
+            config.timezone = Some(tz.clone());
+        }
+        if let Some(t) = self.timeout {
+            if t.subsec_nanos() != 0 {
+                bail!("invalid timeout: whole seconds only, from 1s to 24h");
+            }
+            config.timeout = t.as_secs();
+        }
+        if let Some(n) = self.max_retries {
+            config.max_retries = n;
+        }
+        if let Some(m) = self.memory_mb {
+            config.memory_mb = m;
+        }
+        if let Some(p) = self.cpu_percent {
+            config.cpu_percent = p;
+        }
+        for kv in &self.env {
+            let (k, v) = kv
+                .split_once('=')
+                .ok_or_else(|| anyhow::anyhow!("invalid env: {kv:?} must be KEY=VALUE"))?;
+            config.env.insert(k.to_string(), v.to_string());
+        }
+        if let Some(o) = &self.overlap {
+            config.overlap = match o.as_str() {
+                "queue" => Overlap::Queue,
+                "allow" => Overlap::Allow,
+                _ => Overlap::Skip,
+            };
+        }
+        Ok(config)
+    }
+}
+
+fn show_line(a: &harness::agents::Agent) -> String {
+    let what = match (&a.code, &a.command) {
+        (Some(_), _) => "python".to_string(),
+        (_, Some(argv)) => format!(
+            "command {}",
+            shlex::try_join(argv.iter().map(String::as_str)).unwrap_or_default()
+        ),
+        _ => "?".into(),
+    };
+    format!(
+        "{:<24} {:<8} {:<18} next {:<26} {}",
+        a.name,
+        if a.active { "active" } else { "paused" },
+        a.config.schedule.as_deref().unwrap_or("-"),
+        a.next_fire().map_or("-".to_string(), |t| t.to_rfc3339()),
+        what
+    )
+}
+
+fn agent_json(a: &harness::agents::Agent) -> Value {
+    let mut v = serde_json::to_value(a).expect("agent serialises");
+    v["next_fire_at"] = json!(a.next_fire());
+    v
+}
+
+pub async fn run(cfg: Config, args: AgentsArgs) -> anyhow::Result<()> {
+    let executor = Arc::new(Executor::new(&cfg.executor)?);
+    let database = open_migrated(&cfg).await?;
+    let agents = Agents::new(database.pool.clone(), executor);
+    let result = run_command(&cfg, &agents, &database.pool, args.command).await;
+    database.close().await;
+    result
+}
+
+async fn run_command(
+    cfg: &Config,
+    agents: &Agents,
+    pool: &sqlx::PgPool,
+    command: AgentsCommand,
+) -> anyhow::Result<()> {
+    match command {
+        AgentsCommand::Add { name, def } => {
+            let Some(runtime) = def.runtime()? else {
+                bail!(
+                    "give the agent's code with --file agent.py or a program with --command '<argv>'"
+                );
+            };
+            let config = def.apply(AgentConfig::defaults(cfg))?;
+            let agent = agents
+                .create(AgentSpec {
+                    name,
+                    runtime,
+                    config,
+                })
+                .await?;
+            println!("{}", serde_json::to_string(&agent_json(&agent))?);
+        }
+        AgentsCommand::List { json } => {
+            let list = agents.list().await?;
+            if json {
+                let v: Vec<Value> = list.iter().map(agent_json).collect();
+                println!("{}", serde_json::to_string(&v)?);
+            } else if list.is_empty() {
+                println!("no agents; add one with `harness agents add <name> --file agent.py`");
+            } else {
+                for a in &list {
+                    println!("{}", show_line(a));
+                }
+            }
+        }
+        AgentsCommand::Show { name, json } => {
+            let a = agents.get(&name).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&agent_json(&a))?);
+            } else {
+                println!("{}", show_line(&a));
+                println!("{}", serde_json::to_string_pretty(&a.config)?);
+                if let Some(code) = &a.code {
+                    println!("--- code ---\n{code}");
+                }
+            }
+        }
+        AgentsCommand::Update { name, def } => {
+            let current = agents.get(&name).await?;
+            let runtime = def.runtime()?.unwrap_or_else(|| current.runtime());
+            let config = def.apply(current.config.clone())?;
+            let agent = agents.update(&name, runtime, config).await?;
+            println!("{}", serde_json::to_string(&agent_json(&agent))?);
+        }
+        AgentsCommand::Rm { name } => {
+            agents.remove(&name).await?;
+            println!("removed agent {name}");
+        }
+        AgentsCommand::Pause { name } => {
+            agents.set_active(&name, false).await?;
+            println!("paused agent {name}");
+        }
+        AgentsCommand::Resume { name } => {
+            agents.set_active(&name, true).await?;
+            println!("resumed agent {name}");
+        }
+        AgentsCommand::Run { name, input } => {
+            let input = match input {
+                Some(raw) => serde_json::from_str(&raw)
+                    .map_err(|e| anyhow::anyhow!("--input is not valid JSON: {e}"))?,
+                None => Value::Null,
+            };
+            let queue = Queue::new(pool.clone(), cfg.bulk.retry_attempts);
+            let e = agents.run(&queue, &name, input).await?;
+            println!("{}", serde_json::to_string(&e)?);
+        }
+        AgentsCommand::Handoff { name, clear, json } => {
+            let a = agents.get(&name).await?;
+            let manager = agents.handoffs();
+            if clear {
+                let n = manager.clear_artifact(a.id).await?;
+                println!("cleared {n} handoff artifact(s) of agent {name}");
+                return Ok(());
+            }
+            match manager.load_artifact(a.id).await? {
+                None if json => println!("null"),
+                None => println!("agent {name} has no handoff yet (it has not completed a run)"),
+                Some(h) if json => println!("{}", h.to_json()),
+                Some(h) => {
+                    println!("run #{} at {}", h.run_number, h.created_at.to_rfc3339());
+                    if let Some(s) = &h.summary {
+                        println!("summary: {s}");
+                    }
+                    if h.compressed {
+                        println!("(state was compressed to fit)");
+                    }
+                    println!("{}", serde_json::to_string_pretty(&h.state)?);
+                }
+            }
+        }
+    }
+    Ok(())
+}

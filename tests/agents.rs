@@ -1,0 +1,622 @@
+//! Agents: the sandboxed executor against hostile code, the registry's validation, and runs
+//! handing state to each other through real `harness serve` processes.
+
+mod common;
+
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{TestDb, harness_bin};
+use harness::executor::{ExecStatus, Executor, RunSpec, Runtime};
+use serde_json::{Value, json};
+
+fn executor() -> Executor {
+    let cfg = harness::Config::load_from(None, Vec::<(String, String)>::new()).unwrap();
+    Executor::new(&cfg.executor).unwrap()
+}
+
+fn python(code: &str) -> RunSpec {
+    RunSpec::new(
+        Runtime::Python {
+            code: code.to_string(),
+        },
+        &executor(),
+    )
+}
+
+#[tokio::test]
+async fn success_with_config_input_and_handoff() {
+    let mut spec = python(
+        "class Agent:\n    def __init__(self, config):\n        self.config = config\n\
+         \x20   async def execute(self):\n        print('noise on stdout')\n\
+         \x20       return {'name': self.config['name'], 'input': self.input,\n\
+         \x20               'prev': self.handoff['state']['count']}\n",
+    );
+    spec.config = json!({"name": "Ada"});
+    spec.input = json!({"n": 1});
+    spec.handoff = json!({"run_number": 4, "state": {"count": 41}});
+    let r = executor().run(&spec).await.unwrap();
+    assert_eq!(r.status, ExecStatus::Success, "{r:?}");
+    assert_eq!(
+        r.result,
+        Some(json!({"name": "Ada", "input": {"n": 1}, "prev": 41}))
+    );
+    assert_eq!(
+        r.stdout, "noise on stdout\n",
+        "prints never corrupt the result"
+    );
+    assert_eq!(r.exit_code, Some(0));
+}
+
+#[tokio::test]
+async fn an_agent_without_config_parameter_is_built_with_none() {
+    let r = executor()
+        .run(&python(
+            "class Agent:\n    def execute(self):\n        return {'ok': True}\n",
+        ))
+        .await
+        .unwrap();
+    assert_eq!(r.result, Some(json!({"ok": true})), "{r:?}");
+}
+
+#[tokio::test]
+async fn exceptions_and_bad_results_are_errors_with_the_reason() {
+    let e = executor();
+    let r = e
+        .run(&python(
+            "class Agent:\n    def execute(self):\n        raise ValueError('bad things')\n",
+        ))
+        .await
+        .unwrap();
+    assert_eq!(r.status, ExecStatus::Error);
+    let err = r.error.unwrap();
+    assert!(
+        err.contains("Traceback") && err.contains("ValueError: bad things"),
+        "{err}"
+    );
+
+    let r = e
+        .run(&python(
+            "class Agent:\n    def execute(self):\n        return [1, 2]\n",
+        ))
+        .await
+        .unwrap();
+    assert!(r.error.unwrap().contains("must return a dict"));
+
+    let r = e
+        .run(&python(
+            "class Agent:\n    def execute(self):\n        return {'x': object()}\n",
+        ))
+        .await
+        .unwrap();
+    assert!(r.error.unwrap().contains("not JSON-serialisable"));
+
+    let r = e.run(&python("class NotAgent:\n    pass\n")).await.unwrap();
+    assert!(r.error.unwrap().contains("class named Agent"));
+}
+
+fn gone(pid: i32) -> bool {
+    // Dead, or a zombie waiting for init to reap it: either way it runs no more.
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(stat) => stat
+            .rsplit(')')
+            .next()
+            .is_some_and(|rest| rest.trim_start().starts_with('Z')),
+    }
+}
+
+#[tokio::test]
+async fn timeout_kills_the_agent_and_its_grandchild() {
+    let mut spec = python(
+        "import subprocess, time, os\nclass Agent:\n    def execute(self):\n\
+         \x20       p = subprocess.Popen(['sleep', '300'])\n\
+         \x20       print(os.getpid(), p.pid, flush=True)\n\
+         \x20       time.sleep(300)\n        return {}\n",
+    );
+    spec.timeout = Duration::from_secs(1);
+    let t0 = Instant::now();
+    let r = executor().run(&spec).await.unwrap();
+    assert!(
+        t0.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        t0.elapsed()
+    );
+    assert_eq!(r.status, ExecStatus::Timeout, "{r:?}");
+    let pids: Vec<i32> = r
+        .stdout
+        .split_whitespace()
+        .map(|p| p.parse().unwrap())
+        .collect();
+    assert_eq!(pids.len(), 2, "{r:?}");
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while !pids.iter().all(|p| gone(*p)) {
+        assert!(
+            Instant::now() < deadline,
+            "agent or grandchild still running: {pids:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[tokio::test]
+async fn a_two_gigabyte_allocation_under_256_mb_is_an_error_and_the_host_is_fine() {
+    let mut spec = python(
+        "class Agent:\n    def execute(self):\n        x = bytearray(2 * 1024**3)\n        return {'n': len(x)}\n",
+    );
+    spec.memory_mb = 256;
+    let r = executor().run(&spec).await.unwrap();
+    assert_eq!(r.status, ExecStatus::Error);
+    assert!(r.error.unwrap().contains("MemoryError"));
+    // The executor carries on.
+    let ok = executor()
+        .run(&python(
+            "class Agent:\n    def execute(self):\n        return {}\n",
+        ))
+        .await
+        .unwrap();
+    assert_eq!(ok.status, ExecStatus::Success);
+}
+
+#[tokio::test]
+async fn a_hundred_megabytes_of_stdout_is_truncated_and_the_run_completes() {
+    let mut spec = python(
+        "import sys\nclass Agent:\n    def execute(self):\n        line = 'x' * 1023 + '\\n'\n\
+         \x20       for _ in range(100 * 1024):\n            sys.stdout.write(line)\n\
+         \x20       return {'done': True}\n",
+    );
+    spec.timeout = Duration::from_secs(60);
+    let r = executor().run(&spec).await.unwrap();
+    assert_eq!(r.status, ExecStatus::Success, "{:?}", r.error);
+    assert_eq!(r.result, Some(json!({"done": true})));
+    assert!(r.stdout.len() < 300 * 1024, "kept {} bytes", r.stdout.len());
+    assert!(r.stdout.ends_with(&format!(
+        "[truncated {} bytes]",
+        100 * 1024 * 1024 - 256 * 1024
+    )));
+}
+
+#[tokio::test]
+async fn a_command_gets_its_input_and_reports_through_stdout_or_the_result_file() {
+    let e = executor();
+    let mut spec = RunSpec::new(
+        Runtime::Command {
+            argv: vec![
+                "sh".into(),
+                "-c".into(),
+                "read line; echo progress; echo \"{\\\"got\\\": $line}\"".into(),
+            ],
+        },
+        &e,
+    );
+    spec.input = json!({"n": 7});
+    let r = e.run(&spec).await.unwrap();
+    assert_eq!(r.status, ExecStatus::Success, "{r:?}");
+    assert_eq!(r.result.unwrap()["got"]["input"], json!({"n": 7}));
+
+    let spec = RunSpec::new(
+        Runtime::Command {
+            argv: vec![
+                "sh".into(),
+                "-c".into(),
+                "echo '{\"via\": \"file\"}' > \"$HARNESS_RESULT_FILE\"; echo not-json".into(),
+            ],
+        },
+        &e,
+    );
+    assert_eq!(
+        e.run(&spec).await.unwrap().result,
+        Some(json!({"via": "file"}))
+    );
+
+    let spec = RunSpec::new(
+        Runtime::Command {
+            argv: vec!["sh".into(), "-c".into(), "echo oops >&2; exit 3".into()],
+        },
+        &e,
+    );
+    let r = e.run(&spec).await.unwrap();
+    assert_eq!((r.status, r.exit_code), (ExecStatus::Error, Some(3)));
+    assert!(r.error.unwrap().contains("exit code 3; stderr:\noops"));
+}
+
+// ---- through the binary -------------------------------------------------------------
+
+fn harness(db: &TestDb) -> Command {
+    let mut cmd = Command::new(harness_bin());
+    for (k, _) in std::env::vars() {
+        if k.starts_with("HARNESS_") {
+            cmd.env_remove(k);
+        }
+    }
+    cmd.env("DATABASE_URL", &db.url)
+        .env(
+            "HARNESS_API__TOKENS",
+            r#"[{"token":"secret-token-0123456789","scope":"admin"}]"#,
+        )
+        .env("HARNESS_BULK__POLL_INTERVAL_MS", "100")
+        .env("HARNESS_TELEMETRY__SAMPLE_INTERVAL_S", "1")
+        .env("RUST_LOG", "warn");
+    cmd
+}
+
+fn run(db: &TestDb, args: &[&str]) -> Output {
+    harness(db).args(args).output().unwrap()
+}
+
+fn ok_json(o: &Output) -> Value {
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    serde_json::from_slice(&o.stdout).unwrap()
+}
+
+struct Serve(Child);
+impl Drop for Serve {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn serve(db: &TestDb) -> Serve {
+    Serve(
+        harness(db)
+            .arg("serve")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    )
+}
+
+async fn finished(db: &TestDb, id: i64) -> harness::queue::Task {
+    let q = harness::queue::Queue::new(db.pool.clone(), 0);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let t = q.get(id).await.unwrap();
+        if t.status.is_final() {
+            return t;
+        }
+        assert!(Instant::now() < deadline, "task {id} still {}", t.status);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn write(dir: &tempfile::TempDir, name: &str, text: &str) -> String {
+    let p = dir.path().join(name);
+    std::fs::write(&p, text).unwrap();
+    p.to_str().unwrap().to_string()
+}
+
+#[tokio::test]
+async fn bad_agents_are_refused_before_anything_is_stored() {
+    let db = TestDb::new().await;
+    let dir = tempfile::tempdir().unwrap();
+    let syntax = write(
+        &dir,
+        "s.py",
+        "class Agent:\n    def execute(self)\n        return {}\n",
+    );
+    let noclass = write(&dir, "n.py", "def execute():\n    return {}\n");
+    let good = write(
+        &dir,
+        "g.py",
+        "class Agent:\n    def execute(self):\n        return {}\n",
+    );
+    for (args, needle) in [
+        (
+            vec!["agents", "add", "a1", "--file", &syntax],
+            "invalid code: line 2",
+        ),
+        (
+            vec!["agents", "add", "a2", "--file", &noclass],
+            "invalid code: defines no top-level class Agent",
+        ),
+        (
+            vec![
+                "agents",
+                "add",
+                "a3",
+                "--command",
+                "no-such-program-xyz --flag",
+            ],
+            "invalid command: program \"no-such-program-xyz\" not found",
+        ),
+        (
+            vec![
+                "agents",
+                "add",
+                "a4",
+                "--file",
+                &good,
+                "--schedule",
+                "61 * * * *",
+            ],
+            "invalid schedule",
+        ),
+        (
+            vec![
+                "agents",
+                "add",
+                "a5",
+                "--file",
+                &good,
+                "--schedule",
+                "* * *",
+            ],
+            "expected 5",
+        ),
+        (
+            vec!["agents", "add", "a6", "--file", &good, "--timeout", "25h"],
+            "invalid timeout",
+        ),
+        (
+            vec!["agents", "add", "a7", "--file", &good, "--memory-mb", "8"],
+            "invalid memory_mb: 8 is out of range; allowed 16 to 65536",
+        ),
+        (
+            vec![
+                "agents",
+                "add",
+                "a8",
+                "--file",
+                &good,
+                "--cpu-percent",
+                "150",
+            ],
+            "invalid cpu_percent",
+        ),
+        (
+            vec!["agents", "add", "bad name", "--file", &good],
+            "invalid name",
+        ),
+        (
+            vec![
+                "agents",
+                "add",
+                "a9",
+                "--file",
+                &good,
+                "--timezone",
+                "Mars/Base",
+            ],
+            "invalid timezone",
+        ),
+        (
+            vec![
+                "agents",
+                "add",
+                "a10",
+                "--file",
+                &good,
+                "--env",
+                "HARNESS_X=1",
+            ],
+            "invalid env",
+        ),
+    ] {
+        let o = run(&db, &args);
+        assert!(!o.status.success(), "{args:?} was accepted");
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(err.contains(needle), "{args:?}: {err}");
+    }
+    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM agents")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(n, 0);
+    // A good one is stored, and a second of the same name is refused.
+    ok_json(&run(&db, &["agents", "add", "good", "--file", &good]));
+    let dup = run(&db, &["agents", "add", "good", "--file", &good]);
+    assert!(String::from_utf8_lossy(&dup.stderr).contains("already exists"));
+}
+
+#[tokio::test]
+async fn runs_hand_state_forward_and_a_failed_run_keeps_it() {
+    let db = TestDb::new().await;
+    let dir = tempfile::tempdir().unwrap();
+    let agent = write(
+        &dir,
+        "counter.py",
+        "import os\nclass Agent:\n    def execute(self):\n\
+         \x20       prev = (self.handoff or {}).get('state') or {}\n\
+         \x20       if (self.input or {}).get('fail'):\n            raise RuntimeError('asked to fail')\n\
+         \x20       leaked = [k for k in os.environ if 'DATABASE' in k or 'TOKEN' in k]\n\
+         \x20       return {'state': {'count': prev.get('count', 0) + 1}, 'summary': 'ok',\n\
+         \x20               'leaked': leaked, 'env': os.environ.get('GREETING')}\n",
+    );
+    ok_json(&run(
+        &db,
+        &[
+            "agents",
+            "add",
+            "counter",
+            "--file",
+            &agent,
+            "--env",
+            "GREETING=hi",
+            "--max-retries",
+            "0",
+        ],
+    ));
+    let _replica = serve(&db);
+    let mut runs = Vec::new();
+    for _ in 0..3 {
+        let id = ok_json(&run(&db, &["agents", "run", "counter"]))["id"]
+            .as_i64()
+            .unwrap();
+        let t = finished(&db, id).await;
+        assert_eq!(t.status, harness::queue::Status::Completed, "{t:?}");
+        runs.push(t);
+    }
+    let last = runs[2].result.clone().unwrap();
+    assert_eq!(last["result"]["state"]["count"], 3);
+    assert_eq!(
+        last["result"]["leaked"],
+        json!([]),
+        "the agent saw no database URL or token"
+    );
+    assert_eq!(last["result"]["env"], "hi");
+    let h = ok_json(&run(&db, &["agents", "handoff", "counter", "--json"]));
+    assert_eq!(
+        (h["run_number"].as_i64(), &h["state"]),
+        (Some(3), &json!({"count": 3}))
+    );
+    assert_eq!(h["summary"], "ok");
+
+    // A failing run leaves the handoff as it was.
+    let id = ok_json(&run(
+        &db,
+        &["agents", "run", "counter", "--input", r#"{"fail": true}"#],
+    ))["id"]
+        .as_i64()
+        .unwrap();
+    let t = finished(&db, id).await;
+    assert_eq!(t.status, harness::queue::Status::Failed);
+    assert!(t.error.unwrap().contains("asked to fail"));
+    let h = ok_json(&run(&db, &["agents", "handoff", "counter", "--json"]));
+    assert_eq!(
+        (h["run_number"].as_i64(), &h["state"]),
+        (Some(3), &json!({"count": 3}))
+    );
+
+    // --clear forgets it: the next run starts from nothing.
+    assert!(
+        run(&db, &["agents", "handoff", "counter", "--clear"])
+            .status
+            .success()
+    );
+    let id = ok_json(&run(&db, &["agents", "run", "counter"]))["id"]
+        .as_i64()
+        .unwrap();
+    let t = finished(&db, id).await;
+    assert_eq!(t.result.unwrap()["result"]["state"]["count"], 1);
+}
+
+#[tokio::test]
+async fn the_readme_example_runs_through_agents_add_and_run() {
+    let db = TestDb::new().await;
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/hello_agent.py");
+    ok_json(&run(
+        &db,
+        &[
+            "agents",
+            "add",
+            "hello",
+            "--file",
+            example,
+            "--schedule",
+            "*/15 * * * *",
+        ],
+    ));
+    let list = run(&db, &["agents", "list"]);
+    assert!(String::from_utf8_lossy(&list.stdout).contains("hello"));
+    let _replica = serve(&db);
+    let id = ok_json(&run(&db, &["agents", "run", "hello"]))["id"]
+        .as_i64()
+        .unwrap();
+    let t = finished(&db, id).await;
+    assert_eq!(t.status, harness::queue::Status::Completed, "{t:?}");
+    assert_eq!(t.result.unwrap()["result"]["greeting"], "Hello, world!");
+    // `exec` runs the same file without a database.
+    let o = Command::new(harness_bin())
+        .args([
+            "exec",
+            example,
+            "--config",
+            r#"{"name": "Ada"}"#,
+            "--state",
+            r#"{"count": 41}"#,
+        ])
+        .env_remove("DATABASE_URL")
+        .output()
+        .unwrap();
+    let r = ok_json(&o);
+    assert_eq!(r["result"]["state"]["count"], 42);
+    assert_eq!(r["result"]["greeting"], "Hello, Ada!");
+}
+
+#[tokio::test]
+async fn overlapping_runs_are_skipped_by_default() {
+    let db = TestDb::new().await;
+    let dir = tempfile::tempdir().unwrap();
+    let slow = write(
+        &dir,
+        "slow.py",
+        "import time\nclass Agent:\n    def execute(self):\n        time.sleep(1.5)\n        return {}\n",
+    );
+    ok_json(&run(&db, &["agents", "add", "slow", "--file", &slow]));
+    let _replica = serve(&db);
+    let first = ok_json(&run(&db, &["agents", "run", "slow"]))["id"]
+        .as_i64()
+        .unwrap();
+    let q = harness::queue::Queue::new(db.pool.clone(), 0);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while q.get(first).await.unwrap().status != harness::queue::Status::Running {
+        assert!(Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let second = ok_json(&run(&db, &["agents", "run", "slow"]))["id"]
+        .as_i64()
+        .unwrap();
+    let t2 = finished(&db, second).await;
+    assert_eq!(t2.status, harness::queue::Status::Cancelled, "{t2:?}");
+    assert!(t2.error.unwrap().contains("still running (overlap: skip)"));
+    assert_eq!(
+        finished(&db, first).await.status,
+        harness::queue::Status::Completed
+    );
+}
+
+#[tokio::test]
+async fn awkward_json_round_trips_through_the_runner() {
+    let deep = (0..100).fold(json!("bottom"), |v, _| json!([v]));
+    let input = json!({
+        "quotes": "she said \"hi\" \\ back",
+        "controls": "tab\tnew\nline\u{1}\u{1f}",
+        "unicode": "héllo ✓ 😀 \u{2028}",
+        "big": 12345678901234567890u64,
+        "neg": -42,
+        "float": 1.5e-7,
+        "flags": [true, false, null],
+        "nested": {"a": {"b": [1, {"c": "d"}]}},
+        "deep": deep,
+    });
+    let mut spec = python(
+        "class Agent:\n    def execute(self):\n        return {'echo': self.input, 'tuple': (1, 'x'), 'none': None}\n",
+    );
+    spec.input = input.clone();
+    let r = executor().run(&spec).await.unwrap();
+    assert_eq!(r.status, ExecStatus::Success, "{:?}", r.error);
+    let out = r.result.unwrap();
+    assert_eq!(out["echo"], input);
+    assert_eq!(out["tuple"], json!([1, "x"]));
+    assert_eq!(out["none"], Value::Null);
+    // Input nested past Python's literal parser (the runner falls back to json), and a
+    // result nested past what the harness accepts (an error, not a crash).
+    let mut spec = python(
+        "class Agent:\n    def execute(self):\n        d, v = 0, self.input\n\
+         \x20       while isinstance(v, list):\n            d, v = d + 1, v[0]\n\
+         \x20       deep = []\n        for _ in range(500):\n            deep = [deep]\n\
+         \x20       return {'deep': deep} if v == 'make it deep' else {'depth': d, 'bottom': v}\n",
+    );
+    spec.input = (0..250).fold(json!("bottom"), |v, _| json!([v]));
+    let r = executor().run(&spec).await.unwrap();
+    assert_eq!(
+        r.result,
+        Some(json!({"depth": 250, "bottom": "bottom"})),
+        "{:?}",
+        r.error
+    );
+    spec.input = json!("make it deep");
+    let r = executor().run(&spec).await.unwrap();
+    assert_eq!(r.status, ExecStatus::Error);
+    assert!(r.error.unwrap().contains("nested deeper than"));
+    // NaN is refused, as json.dumps(allow_nan=False) does.
+    let r = executor()
+        .run(&python(
+            "class Agent:\n    def execute(self):\n        return {'x': float('nan')}\n",
+        ))
+        .await
+        .unwrap();
+    assert!(r.error.unwrap().contains("not JSON-serialisable"));
+}
