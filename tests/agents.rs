@@ -620,3 +620,122 @@ async fn awkward_json_round_trips_through_the_runner() {
         .unwrap();
     assert!(r.error.unwrap().contains("not JSON-serialisable"));
 }
+
+#[tokio::test]
+async fn execute_agent_code_keeps_the_predecessors_shape() {
+    let r = harness::executor::execute_agent_code(
+        &executor(),
+        "class Agent:\n    def __init__(self, config):\n        self.config = config\n\
+         \x20   async def execute(self):\n        return {'status': 'success', 'result': 'Hello, World!'}\n",
+        json!({}),
+        Duration::from_secs(60),
+    )
+    .await
+    .unwrap();
+    let v = serde_json::to_value(&r).unwrap();
+    for k in [
+        "status",
+        "result",
+        "error",
+        "stdout",
+        "stderr",
+        "exit_code",
+        "duration",
+    ] {
+        assert!(v.get(k).is_some(), "{k} missing from {v}");
+    }
+    assert_eq!(v["status"], "success");
+    assert_eq!(v["result"]["result"], "Hello, World!");
+}
+
+#[tokio::test]
+async fn queued_overlap_waits_and_command_tasks_run_in_the_sandbox() {
+    let db = TestDb::new().await;
+    let dir = tempfile::tempdir().unwrap();
+    let slow = write(
+        &dir,
+        "slow.py",
+        "import time\nclass Agent:\n    def execute(self):\n        time.sleep(1)\n        return {'at': time.time()}\n",
+    );
+    ok_json(&run(
+        &db,
+        &[
+            "agents",
+            "add",
+            "queued",
+            "--file",
+            &slow,
+            "--overlap",
+            "queue",
+        ],
+    ));
+    let _replica = serve(&db);
+    let a = ok_json(&run(&db, &["agents", "run", "queued"]))["id"]
+        .as_i64()
+        .unwrap();
+    let b = ok_json(&run(&db, &["agents", "run", "queued"]))["id"]
+        .as_i64()
+        .unwrap();
+    let (ta, tb) = (finished(&db, a).await, finished(&db, b).await);
+    assert_eq!(
+        (ta.status, tb.status),
+        (
+            harness::queue::Status::Completed,
+            harness::queue::Status::Completed
+        )
+    );
+    assert!(
+        tb.started_at.unwrap() >= ta.completed_at.unwrap() - chrono::Duration::milliseconds(50),
+        "the second run waited for the first: {ta:?} {tb:?}"
+    );
+    assert_eq!(tb.attempt, 1, "waiting does not count as an attempt");
+
+    let id = ok_json(&run(
+        &db,
+        &[
+            "enqueue",
+            "command",
+            r#"{"argv": ["sh", "-c", "echo '{\"n\": 5}'"]}"#,
+        ],
+    ))["id"]
+        .as_i64()
+        .unwrap();
+    let t = finished(&db, id).await;
+    assert_eq!(t.status, harness::queue::Status::Completed, "{t:?}");
+    assert_eq!(t.result.unwrap()["result"], json!({"n": 5}));
+}
+
+#[tokio::test]
+async fn handoff_history_keeps_the_last_twenty_and_fences_run_numbers() {
+    use harness::agents::handoff::{HandoffManager, HandoffWrite, write_in};
+    let db = TestDb::new().await;
+    let id: i64 = sqlx::query_scalar(
+        "INSERT INTO agents (name, runtime, code) VALUES ('h', 'python', 'x') RETURNING id",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    let w = |n: i64| HandoffWrite {
+        agent_id: id,
+        run_number: n,
+        state: json!({"n": n}),
+        summary: None,
+        metadata: json!({}),
+        compressed: false,
+    };
+    let mut conn = db.pool.acquire().await.unwrap();
+    for n in 1..=25 {
+        assert_eq!(write_in(&mut conn, &[w(n)]).await.unwrap(), 1);
+    }
+    // A racing run that computed the same next run number loses.
+    assert_eq!(write_in(&mut conn, &[w(25)]).await.unwrap(), 0);
+    let m = HandoffManager::new(db.pool.clone());
+    let history = m.history(id).await.unwrap();
+    assert_eq!(history.len(), 20);
+    assert_eq!(history[0].run_number, 25);
+    assert_eq!(history[19].run_number, 6);
+    assert_eq!(
+        m.load_artifact(id).await.unwrap().unwrap().state,
+        json!({"n": 25})
+    );
+}

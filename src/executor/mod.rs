@@ -439,6 +439,25 @@ impl Executor {
     }
 }
 
+/// The predecessor's entry point: runs Python `code` defining `class Agent` with `config`,
+/// the default limits of `executor`, and `timeout`.
+pub async fn execute_agent_code(
+    executor: &Executor,
+    code: &str,
+    config: Value,
+    timeout: Duration,
+) -> Result<ExecutionResult, Error> {
+    let mut spec = RunSpec::new(
+        Runtime::Python {
+            code: code.to_string(),
+        },
+        executor,
+    );
+    spec.config = config;
+    spec.timeout = timeout;
+    executor.run(&spec).await
+}
+
 /// CPU seconds a run may use: its timeout × its CPU share, at least one second.
 pub fn cpu_budget(timeout: Duration, cpu_percent: u32) -> u64 {
     ((timeout.as_secs_f64() * cpu_percent as f64 / 100.0).ceil() as u64).max(1)
