@@ -119,6 +119,7 @@ pub struct Config {
     pub escalation: EscalationConfig,
     pub api: ApiConfig,
     pub executor: ExecutorConfig,
+    pub scheduler: SchedulerConfig,
 }
 
 impl Default for Config {
@@ -133,6 +134,7 @@ impl Default for Config {
             escalation: EscalationConfig::default(),
             api: ApiConfig::default(),
             executor: ExecutorConfig::default(),
+            scheduler: SchedulerConfig::default(),
         }
     }
 }
@@ -335,6 +337,33 @@ impl Default for ExecutorConfig {
             output_limit_kb: 256,
             max_processes: 64,
             max_file_mb: 1024,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SchedulerConfig {
+    /// Deployments with different namespaces can share one database.
+    pub namespace: String,
+    /// How often a replica that is not the leader tries to become it.
+    pub elect_interval_s: u64,
+    /// Missed ticks younger than this are coalesced into one run; older ones are skipped.
+    pub misfire_grace_s: u64,
+    /// The server ends a leader's session idle this long (a hung or stopped leader).
+    pub idle_session_timeout_s: u64,
+    /// How often the leader re-reads every agent, on top of change notifications.
+    pub reconcile_interval_s: u64,
+}
+
+impl Default for SchedulerConfig {
+    fn default() -> Self {
+        SchedulerConfig {
+            namespace: "harness".to_string(),
+            elect_interval_s: 2,
+            misfire_grace_s: 60,
+            idle_session_timeout_s: 10,
+            reconcile_interval_s: 5,
         }
     }
 }
@@ -575,6 +604,33 @@ impl Config {
             1,
             100,
         )?;
+        range(
+            "scheduler.elect_interval_s",
+            self.scheduler.elect_interval_s,
+            1,
+            3600,
+        )?;
+        range(
+            "scheduler.misfire_grace_s",
+            self.scheduler.misfire_grace_s,
+            0,
+            86_400,
+        )?;
+        range(
+            "scheduler.idle_session_timeout_s",
+            self.scheduler.idle_session_timeout_s,
+            3,
+            3600,
+        )?;
+        range(
+            "scheduler.reconcile_interval_s",
+            self.scheduler.reconcile_interval_s,
+            1,
+            3600,
+        )?;
+        if self.scheduler.namespace.is_empty() {
+            return Err(("scheduler.namespace".into(), "must not be empty".into()));
+        }
         range("executor.kill_grace_s", self.executor.kill_grace_s, 0, 600)?;
         range(
             "executor.output_limit_kb",

@@ -35,10 +35,12 @@ use sqlx::PgPool;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
+use crate::agents::{AGENT_KIND, Agents, COMMAND_KIND};
 use crate::config::Config;
 use crate::pool::{Capacity, Handler, Pool, PoolOptions, Registry};
 use crate::queue::replica::{Heartbeat, new_replica_id};
 use crate::queue::{self, Listener, Queue, Wakeup};
+use crate::scheduler::SchedulerOptions;
 
 /// How often completed and cancelled tasks past their retention are pruned.
 const PRUNE_EVERY: Duration = Duration::from_secs(600);
@@ -61,6 +63,7 @@ pub struct HarnessBuilder {
     pool: Option<PgPool>,
     registry: Registry,
     replica_id: Option<String>,
+    agents: Option<Agents>,
 }
 
 impl HarnessBuilder {
@@ -93,6 +96,15 @@ impl HarnessBuilder {
         self
     }
 
+    /// Runs agents: registers the `agent` and `command` kinds, and takes part in the
+    /// election of the scheduler that fires agents' cron schedules.
+    pub fn agents(mut self, agents: Agents) -> Self {
+        self.registry.insert(AGENT_KIND, agents.agent_handler());
+        self.registry.insert(COMMAND_KIND, agents.command_handler());
+        self.agents = Some(agents);
+        self
+    }
+
     /// Overrides the generated replica id (host name plus a random suffix).
     pub fn replica_id(mut self, id: impl Into<String>) -> Self {
         self.replica_id = Some(id.into());
@@ -114,6 +126,7 @@ impl HarnessBuilder {
         };
         let queue = Queue::new(pool.clone(), cfg.bulk.retry_attempts);
         Ok(Harness {
+            agents: self.agents,
             capacity: Capacity::new(cfg.bulk.max_concurrent as usize),
             replica: self.replica_id.unwrap_or_else(new_replica_id),
             registry: Arc::new(self.registry),
@@ -126,6 +139,7 @@ impl HarnessBuilder {
 
 /// One replica's worth of Agent Harness: a queue handle and, once served, a worker pool.
 pub struct Harness {
+    agents: Option<Agents>,
     cfg: Config,
     pool: PgPool,
     queue: Queue,
@@ -161,6 +175,7 @@ impl Harness {
     /// get `bulk.shutdown_grace_s` to finish, unfinished ones go back to the queue.
     pub async fn serve(self, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
         let Harness {
+            agents,
             cfg,
             pool,
             queue,
@@ -297,7 +312,24 @@ impl Harness {
             });
         }
 
+        // The scheduler: every replica campaigns; the leader fires agents' schedules.
+        let stop_scheduling = CancellationToken::new();
+        let scheduler = agents.map(|agents| {
+            tokio::spawn(crate::scheduler::run(
+                pool.clone(),
+                agents,
+                queue.clone(),
+                SchedulerOptions::from_config(&cfg, &replica),
+                stop_scheduling.clone(),
+            ))
+        });
+
         shutdown.await;
+        // No new scheduled runs from here on; a leader steps down so another replica takes over.
+        stop_scheduling.cancel();
+        if let Some(s) = scheduler {
+            let _ = s.await;
+        }
         tracing::info!(
             replica = %replica,
             running = handle.running(),

@@ -187,6 +187,8 @@ pub struct Agent {
     pub command: Option<Vec<String>>,
     pub config: AgentConfig,
     pub active: bool,
+    /// The last cron tick the scheduler enqueued (or skipped) for this agent.
+    pub last_fire_at: Option<DateTime<Utc>>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
 }
@@ -200,12 +202,20 @@ impl Agent {
         }
     }
 
+    /// Where the schedule continues from: the last tick, or the last change (a new,
+    /// changed or resumed agent does not owe runs for ticks before it).
+    pub fn schedule_base(&self) -> DateTime<Utc> {
+        self.last_fire_at
+            .map_or(self.updated_at, |l| l.max(self.updated_at))
+    }
+
     /// The next fire time after now, when the agent is active and scheduled.
     pub fn next_fire(&self) -> Option<DateTime<Utc>> {
         if !self.active {
             return None;
         }
-        self.config.schedule()?.next_after(Utc::now())
+        let schedule = self.config.schedule()?;
+        schedule.next_after(self.schedule_base().max(Utc::now()))
     }
 }
 
@@ -217,6 +227,7 @@ type Row = (
     Option<Vec<String>>,
     Value,
     bool,
+    Option<DateTime<Utc>>,
     DateTime<Utc>,
     DateTime<Utc>,
 );
@@ -232,12 +243,14 @@ fn from_row(r: Row) -> Result<Agent, Error> {
         command: r.4,
         config,
         active: r.6,
-        created_at: r.7,
-        updated_at: r.8,
+        last_fire_at: r.7,
+        created_at: r.8,
+        updated_at: r.9,
     })
 }
 
-const COLUMNS: &str = "id, name, runtime, code, command, config, active, created_at, updated_at";
+const COLUMNS: &str =
+    "id, name, runtime, code, command, config, active, last_fire_at, created_at, updated_at";
 
 /// A validated agent definition, ready to store.
 #[derive(Debug, Clone)]
@@ -442,6 +455,34 @@ impl Agents {
                     + self.executor.kill_grace
                     + Duration::from_secs(10),
             )
+    }
+
+    /// Active agents with a schedule (what the scheduler fires).
+    pub async fn scheduled(&self) -> Result<Vec<Agent>, Error> {
+        let rows: Vec<Row> = sqlx::query_as(&format!(
+            "SELECT {COLUMNS} FROM agents WHERE active AND config->>'schedule' IS NOT NULL"
+        ))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter().map(from_row).collect()
+    }
+
+    /// Records on the caller's transaction that tick `at` of an agent was handled (enqueued
+    /// or skipped); never moves backwards.
+    pub async fn mark_fired_in(
+        conn: &mut sqlx::PgConnection,
+        agent_id: i64,
+        at: DateTime<Utc>,
+    ) -> Result<(), Error> {
+        sqlx::query(
+            "UPDATE agents SET last_fire_at = $2 \
+             WHERE id = $1 AND (last_fire_at IS NULL OR last_fire_at < $2)",
+        )
+        .bind(agent_id)
+        .bind(at)
+        .execute(conn)
+        .await?;
+        Ok(())
     }
 
     pub fn handoffs(&self) -> HandoffManager {

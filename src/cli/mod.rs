@@ -95,6 +95,14 @@ second signal exits at once."
     Bench(bench::BenchArgs),
     /// Register, change, run and inspect agents
     Agents(agents::AgentsArgs),
+    /// List live replicas: heartbeat age, leader, capacity, running tasks
+    Fleet {
+        /// Print JSON instead of a table
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        file: FileArg,
+    },
     /// Run Python agent code once in the sandbox and print its result as JSON
     #[command(
         long_about = "Run a Python agent file once, exactly as a replica would: isolated \
@@ -181,7 +189,9 @@ impl Command {
             Command::Up(f) | Command::Serve(f) | Command::Migrate(f) | Command::Config(f) => {
                 f.file.as_deref()
             }
-            Command::Stats { file, .. } | Command::Inspect { file, .. } => file.file.as_deref(),
+            Command::Stats { file, .. }
+            | Command::Inspect { file, .. }
+            | Command::Fleet { file, .. } => file.file.as_deref(),
             Command::Enqueue(a) => a.file.file.as_deref(),
             Command::Bench(a) => a.file.file.as_deref(),
             Command::Agents(a) => a.file.file.as_deref(),
@@ -229,6 +239,7 @@ pub fn run(cli: Cli) -> ExitCode {
             Command::Bench(args) => bench::run(cfg, args).await,
             Command::Exec(args) => return exec(cfg, args).await,
             Command::Agents(args) => agents::run(cfg, args).await,
+            Command::Fleet { json, .. } => fleet(cfg, json).await,
         }
         .map(|()| ExitCode::SUCCESS)
     });
@@ -311,8 +322,7 @@ async fn serve(cfg: Config, announce: bool) -> anyhow::Result<()> {
     let database = open_migrated(&cfg).await?;
     let agents = harness::agents::Agents::new(database.pool.clone(), executor.clone());
     let harness = builtin_handlers(Harness::builder())
-        .handler_with(harness::agents::AGENT_KIND, agents.agent_handler())
-        .handler_with(harness::agents::COMMAND_KIND, agents.command_handler())
+        .agents(agents)
         .config(cfg.clone())
         .pool(database.pool.clone())
         .build()
@@ -417,6 +427,39 @@ async fn stats(cfg: Config, json: bool) -> anyhow::Result<()> {
         }
         println!("{:<16} {:>10}", "total", stats.total);
         println!("{:<16} {:>9.1}%", "success rate", stats.success_rate);
+    }
+    Ok(())
+}
+
+async fn fleet(cfg: Config, json: bool) -> anyhow::Result<()> {
+    let database = open_migrated(&cfg).await?;
+    // A replica is live while its heartbeat is younger than the rescue threshold.
+    let max_age = Duration::from_secs(cfg.persistence.rescue_after_s);
+    let rows = harness::queue::replica::list(&database.pool, max_age).await;
+    database.close().await;
+    let rows = rows?;
+    if json {
+        println!("{}", serde_json::to_string(&rows)?);
+        return Ok(());
+    }
+    if rows.is_empty() {
+        println!("no live replicas (start one with `harness serve`)");
+        return Ok(());
+    }
+    println!(
+        "{:<28} {:>8} {:<8} {:<10} {:>8} {:>8}",
+        "replica", "hb age", "leader", "state", "capacity", "running"
+    );
+    for r in rows {
+        println!(
+            "{:<28} {:>7.1}s {:<8} {:<10} {:>8} {:>8}",
+            r.id,
+            r.heartbeat_age_s,
+            if r.is_leader { "leader" } else { "" },
+            r.governor_state,
+            r.capacity,
+            r.running
+        );
     }
     Ok(())
 }

@@ -68,6 +68,7 @@ impl Database {
                 let options = ServerOptions {
                     bindir: cfg.database.pg_bindir.clone(),
                     ephemeral: false,
+                    port: None,
                 };
                 let server = start_private(cfg.home.clone(), options).await?;
                 create_database(&server, PRIVATE_DATABASE).await?;

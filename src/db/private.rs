@@ -31,6 +31,8 @@ pub struct ServerOptions {
     pub bindir: Option<PathBuf>,
     /// Trade durability for speed (fsync off); for throwaway test servers only.
     pub ephemeral: bool,
+    /// Listen on this port rather than a free one (a server restarted where clients expect it).
+    pub port: Option<u16>,
 }
 
 /// A handle on the shared private server. Dropping it leaves the server to the other users,
@@ -183,7 +185,10 @@ impl PrivateServer {
 
         let mut last_err = None;
         for _ in 0..3 {
-            let port = free_port().map_err(io_err(&home))?;
+            let port = match options.port {
+                Some(p) => p,
+                None => free_port().map_err(io_err(&home))?,
+            };
             match spawn_server(&bindir, &home, &data, port, user.as_ref(), options) {
                 Ok(child) => {
                     fs::write(home.join("pg.port"), port.to_string())

@@ -98,3 +98,57 @@ impl Heartbeat {
         Ok(())
     }
 }
+
+/// Records (or clears) this replica's scheduler leadership; becoming leader clears the flag
+/// of any other row (a dead leader's, say).
+pub async fn set_leader(pool: &sqlx::PgPool, replica: &str, leader: bool) -> Result<(), Error> {
+    if leader {
+        sqlx::query(
+            "UPDATE replicas SET is_leader = (id = $1), \
+                 leader_since = CASE WHEN id = $1 THEN now() END \
+             WHERE is_leader OR id = $1",
+        )
+        .bind(replica)
+        .execute(pool)
+        .await?;
+    } else {
+        sqlx::query("UPDATE replicas SET is_leader = false, leader_since = NULL WHERE id = $1")
+            .bind(replica)
+            .execute(pool)
+            .await?;
+    }
+    Ok(())
+}
+
+/// A replica as `harness fleet` shows it.
+#[derive(Debug, Clone, serde::Serialize, sqlx::FromRow)]
+pub struct ReplicaRow {
+    pub id: String,
+    pub hostname: String,
+    pub pid: i32,
+    pub version: String,
+    pub started_at: chrono::DateTime<chrono::Utc>,
+    pub heartbeat_at: chrono::DateTime<chrono::Utc>,
+    /// Seconds since the last heartbeat.
+    pub heartbeat_age_s: f64,
+    pub is_leader: bool,
+    pub leader_since: Option<chrono::DateTime<chrono::Utc>>,
+    pub governor_state: String,
+    pub capacity: i32,
+    pub running: i32,
+    pub isolation: Option<String>,
+}
+
+/// Replicas whose heartbeat is younger than `max_age`, leader first.
+pub async fn list(pool: &sqlx::PgPool, max_age: Duration) -> Result<Vec<ReplicaRow>, Error> {
+    Ok(sqlx::query_as(
+        "SELECT id, hostname, pid, version, started_at, heartbeat_at, \
+                EXTRACT(EPOCH FROM now() - heartbeat_at)::float8 AS heartbeat_age_s, \
+                is_leader, leader_since, governor_state, capacity, running, isolation \
+         FROM replicas WHERE heartbeat_at > now() - make_interval(secs => $1) \
+         ORDER BY is_leader DESC, started_at",
+    )
+    .bind(max_age.as_secs_f64())
+    .fetch_all(pool)
+    .await?)
+}

@@ -50,6 +50,7 @@ pub fn admin_url() -> String {
                 &ServerOptions {
                     bindir: None,
                     ephemeral: true,
+                    port: None,
                 },
             )
             .expect("start the private PostgreSQL for tests");
