@@ -239,6 +239,10 @@ pub struct TelemetryConfig {
     pub sample_interval_s: u64,
     pub log_interval_s: u64,
     pub log_format: LogFormat,
+    /// Rows of `metrics` and `governance_events` older than this are pruned.
+    pub retention_days: u32,
+    /// Where `metrics.jsonl` and `agent.jsonl` are written.
+    pub logs_dir: PathBuf,
 }
 
 impl Default for TelemetryConfig {
@@ -247,6 +251,8 @@ impl Default for TelemetryConfig {
             sample_interval_s: 2,
             log_interval_s: 10,
             log_format: LogFormat::Auto,
+            retention_days: 7,
+            logs_dir: PathBuf::from("logs"),
         }
     }
 }
@@ -268,12 +274,31 @@ impl Default for PersistenceConfig {
     }
 }
 
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct EscalationConfig {
     pub enabled: bool,
     pub webhook_url: Option<Secret>,
     pub email_to: Option<String>,
+    /// `smtps://user:pass@host:465` (TLS), `smtp://…:587?tls=required` (STARTTLS) or
+    /// `smtp://relay:25` (plain); the e-mail goes only when set.
+    pub smtp_url: Option<Secret>,
+    pub email_from: String,
+    /// Hosts the webhook may reach over plain http or at internal addresses.
+    pub allow_hosts: Vec<String>,
+}
+
+impl Default for EscalationConfig {
+    fn default() -> Self {
+        EscalationConfig {
+            enabled: false,
+            webhook_url: None,
+            email_to: None,
+            smtp_url: None,
+            email_from: "agent-harness@localhost".to_string(),
+            allow_hosts: Vec::new(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -667,6 +692,19 @@ impl Config {
                 return Err((
                     "database.url".into(),
                     "must be a URL of the form postgres://user:password@host:port/database".into(),
+                ));
+            }
+        }
+        if let Some(url) = &self.escalation.smtp_url {
+            let ok = url::Url::parse(url.expose())
+                .map(|u| matches!(u.scheme(), "smtp" | "smtps"))
+                .unwrap_or(false);
+            if !ok {
+                return Err((
+                    "escalation.smtp_url".into(),
+                    "must be an smtps:// or smtp:// URL, e.g. smtps://user:pass@mail:465 or \
+                     smtp://user:pass@mail:587?tls=required"
+                        .into(),
                 ));
             }
         }

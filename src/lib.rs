@@ -5,6 +5,7 @@ pub mod agents;
 pub mod config;
 pub mod db;
 pub mod executor;
+pub mod governor;
 pub mod pool;
 pub mod queue;
 pub mod replica;

@@ -37,6 +37,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::agents::{AGENT_KIND, Agents, COMMAND_KIND};
 use crate::config::Config;
+use crate::governor::{GovernorOptions, ResourceLimits, ResourceMonitor, Sampler};
 use crate::pool::{Capacity, Handler, Pool, PoolOptions, Registry};
 use crate::queue::replica::{Heartbeat, new_replica_id};
 use crate::queue::{self, Listener, Queue, Wakeup};
@@ -54,6 +55,8 @@ pub enum Error {
     Db(#[from] crate::db::Error),
     #[error(transparent)]
     Queue(#[from] queue::Error),
+    #[error("the governor cannot start: {0}")]
+    Governor(String),
 }
 
 /// Builds a [`Harness`]: configuration, database pool and handlers by kind.
@@ -64,6 +67,8 @@ pub struct HarnessBuilder {
     registry: Registry,
     replica_id: Option<String>,
     agents: Option<Agents>,
+    sampler: Option<Box<dyn Sampler>>,
+    isolation: Option<String>,
 }
 
 impl HarnessBuilder {
@@ -105,6 +110,18 @@ impl HarnessBuilder {
         self
     }
 
+    /// Replaces the governor's resource sampler (tests inject synthetic load).
+    pub fn sampler(mut self, sampler: Box<dyn Sampler>) -> Self {
+        self.sampler = Some(sampler);
+        self
+    }
+
+    /// The executor's isolation mode, as `harness fleet` should show it.
+    pub fn isolation(mut self, mode: impl Into<String>) -> Self {
+        self.isolation = Some(mode.into());
+        self
+    }
+
     /// Overrides the generated replica id (host name plus a random suffix).
     pub fn replica_id(mut self, id: impl Into<String>) -> Self {
         self.replica_id = Some(id.into());
@@ -127,6 +144,8 @@ impl HarnessBuilder {
         let queue = Queue::new(pool.clone(), cfg.bulk.retry_attempts);
         Ok(Harness {
             agents: self.agents,
+            sampler: self.sampler,
+            isolation: self.isolation,
             capacity: Capacity::new(cfg.bulk.max_concurrent as usize),
             replica: self.replica_id.unwrap_or_else(new_replica_id),
             registry: Arc::new(self.registry),
@@ -140,6 +159,8 @@ impl HarnessBuilder {
 /// One replica's worth of Agent Harness: a queue handle and, once served, a worker pool.
 pub struct Harness {
     agents: Option<Agents>,
+    sampler: Option<Box<dyn Sampler>>,
+    isolation: Option<String>,
     cfg: Config,
     pool: PgPool,
     queue: Queue,
@@ -176,6 +197,8 @@ impl Harness {
     pub async fn serve(self, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
         let Harness {
             agents,
+            sampler,
+            isolation,
             cfg,
             pool,
             queue,
@@ -184,6 +207,19 @@ impl Harness {
             capacity,
         } = self;
         let sample = Duration::from_secs(cfg.telemetry.sample_interval_s);
+        // Before anything starts: a failure here must leave nothing running.
+        let sampler: Box<dyn Sampler> = match sampler {
+            Some(s) => s,
+            None => Box::new(
+                ResourceMonitor::new(ResourceLimits {
+                    max_concurrent_agents: cfg.bulk.max_concurrent as usize,
+                    max_memory_mb: cfg.executor.max_memory_mb,
+                    max_cpu_percent: cfg.executor.max_cpu_percent as f64,
+                    ..ResourceLimits::default()
+                })
+                .map_err(Error::Governor)?,
+            ),
+        };
         let mut heartbeat = Heartbeat::new((*pool.connect_options()).clone(), &replica);
         // Registered before the first claim, so no one rescues what we are about to take.
         heartbeat
@@ -312,6 +348,16 @@ impl Harness {
             });
         }
 
+        // The governor: grants the pool what the host can afford.
+        let stop_governing = CancellationToken::new();
+        let governor = tokio::spawn(crate::governor::run(
+            pool.clone(),
+            handle.clone(),
+            sampler,
+            GovernorOptions::from_config(&cfg, &replica, isolation),
+            stop_governing.clone(),
+        ));
+
         // The scheduler: every replica campaigns; the leader fires agents' schedules.
         let stop_scheduling = CancellationToken::new();
         let scheduler = agents.map(|agents| {
@@ -336,6 +382,9 @@ impl Harness {
             grace_s = cfg.bulk.shutdown_grace_s,
             "shutting down: no new claims; running tasks may finish"
         );
+        // Draining is not the governor's business: its grant stays as it is.
+        stop_governing.cancel();
+        let _ = governor.await;
         // The heartbeat keeps going while running tasks drain, or they would be rescued.
         pool_running.shutdown().await;
         stop.cancel();

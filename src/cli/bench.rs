@@ -47,8 +47,12 @@ pub struct BenchArgs {
     runs: usize,
     /// Time runs of this Python agent through the sandbox, next to the same interpreter
     /// running a trivial script (no database needed)
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, value_name = "FILE", conflicts_with = "governor")]
     agent: Option<std::path::PathBuf>,
+    /// Measure the governor's CPU cost per sample (--runs samples) and its share of one core
+    /// at telemetry.sample_interval_s (no database needed)
+    #[arg(long)]
+    governor: bool,
     /// Print one JSON object
     #[arg(long)]
     json: bool,
@@ -65,6 +69,9 @@ struct Measurement {
 pub async fn run(cfg: Config, args: BenchArgs) -> anyhow::Result<()> {
     if let Some(agent) = &args.agent {
         return agent_bench(&cfg, agent, args.runs.max(1), args.json).await;
+    }
+    if args.governor {
+        return governor_bench(&cfg, args.runs.max(20), args.json);
     }
     if args.tasks == 0
         || args.concurrency == 0
@@ -393,6 +400,54 @@ async fn agent_bench(
         println!("  through the harness   p50 {run_p50:.2} ms, p99 {run_p99:.2} ms");
         println!("  bare interpreter      p50 {bare_p50:.2} ms");
         println!("  harness overhead      p50 {:.2} ms", run_p50 - bare_p50);
+    }
+    Ok(())
+}
+
+fn thread_cpu() -> Duration {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_THREAD_CPUTIME_ID)
+        .map(Duration::from)
+        .unwrap_or_default()
+}
+
+/// CPU time of one governor step (sample the host, feed and evaluate the state machine),
+/// and what that costs at the configured sampling interval.
+fn governor_bench(cfg: &Config, samples: usize, json_out: bool) -> anyhow::Result<()> {
+    use harness::governor::{Machine, ResourceLimits, ResourceMonitor, Sampler, Settings};
+    let mut monitor =
+        ResourceMonitor::new(ResourceLimits::default()).map_err(anyhow::Error::msg)?;
+    let mut machine = Machine::new(Settings::from_config(cfg), std::time::Instant::now());
+    let mut costs = Vec::with_capacity(samples);
+    for _ in 0..samples {
+        // sysinfo needs time between CPU samples to compute a usage.
+        std::thread::sleep(Duration::from_millis(20));
+        let before = thread_cpu();
+        let r = monitor.sample();
+        let now = std::time::Instant::now();
+        machine.observe_sample(now, r.cpu_percent, r.memory_percent);
+        machine.observe_failures(now, 0);
+        machine.evaluate(now);
+        costs.push((thread_cpu() - before).as_secs_f64() * 1000.0);
+    }
+    costs.sort_by(|a, b| a.total_cmp(b));
+    let (p50, p99) = (percentile(&costs, 0.5), percentile(&costs, 0.99));
+    let interval = cfg.telemetry.sample_interval_s as f64;
+    let share = p50 / 1000.0 / interval * 100.0;
+    if json_out {
+        println!(
+            "{}",
+            json!({
+                "samples": samples,
+                "sample_cpu_p50_ms": (p50 * 1000.0).round() / 1000.0,
+                "sample_cpu_p99_ms": (p99 * 1000.0).round() / 1000.0,
+                "sample_interval_s": interval,
+                "core_percent": (share * 10000.0).round() / 10000.0,
+                "container_limited": monitor.container_limited(),
+            })
+        );
+    } else {
+        println!("governor step, {samples} samples: CPU p50 {p50:.3} ms, p99 {p99:.3} ms");
+        println!("at one sample every {interval} s: {share:.4} % of one core");
     }
     Ok(())
 }

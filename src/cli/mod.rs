@@ -95,8 +95,11 @@ second signal exits at once."
     Bench(bench::BenchArgs),
     /// Register, change, run and inspect agents
     Agents(agents::AgentsArgs),
-    /// List live replicas: heartbeat age, leader, capacity, running tasks
+    /// List live replicas (heartbeat age, leader, governor state, capacity, running tasks,
+    /// latest CPU and memory, isolation), or resume replicas the governor holds
     Fleet {
+        #[command(subcommand)]
+        action: Option<FleetAction>,
         /// Print JSON instead of a table
         #[arg(long)]
         json: bool,
@@ -133,6 +136,18 @@ struct ExecArgs {
     /// CPU share in percent [default: executor.max_cpu_percent]
     #[arg(long)]
     cpu_percent: Option<u32>,
+}
+
+#[derive(Debug, Subcommand)]
+enum FleetAction {
+    /// Lift the hold of a replica the governor escalated (or of every replica with --all)
+    Resume {
+        /// The replica id, as `harness fleet` lists it
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        replica: Option<String>,
+        #[arg(long)]
+        all: bool,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -239,7 +254,13 @@ pub fn run(cli: Cli) -> ExitCode {
             Command::Bench(args) => bench::run(cfg, args).await,
             Command::Exec(args) => return exec(cfg, args).await,
             Command::Agents(args) => agents::run(cfg, args).await,
-            Command::Fleet { json, .. } => fleet(cfg, json).await,
+            Command::Fleet {
+                action: None, json, ..
+            } => fleet(cfg, json).await,
+            Command::Fleet {
+                action: Some(FleetAction::Resume { replica, .. }),
+                ..
+            } => fleet_resume(cfg, replica).await,
         }
         .map(|()| ExitCode::SUCCESS)
     });
@@ -323,6 +344,7 @@ async fn serve(cfg: Config, announce: bool) -> anyhow::Result<()> {
     let agents = harness::agents::Agents::new(database.pool.clone(), executor.clone());
     let harness = builtin_handlers(Harness::builder())
         .agents(agents)
+        .isolation(executor.isolation.as_str())
         .config(cfg.clone())
         .pool(database.pool.clone())
         .build()
@@ -431,6 +453,18 @@ async fn stats(cfg: Config, json: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
+async fn fleet_resume(cfg: Config, replica: Option<String>) -> anyhow::Result<()> {
+    let database = open_migrated(&cfg).await?;
+    let n = harness::governor::request_resume(&database.pool, replica.as_deref()).await;
+    database.close().await;
+    match (n?, replica) {
+        (0, Some(r)) => bail!("no replica {r:?}; `harness fleet` lists the live ones"),
+        (n, Some(r)) => println!("asked replica {r} to resume ({n}); it does at its next sample"),
+        (n, None) => println!("asked {n} replica(s) to resume; each does at its next sample"),
+    }
+    Ok(())
+}
+
 async fn fleet(cfg: Config, json: bool) -> anyhow::Result<()> {
     let database = open_migrated(&cfg).await?;
     // A replica is live while its heartbeat is younger than the rescue threshold.
@@ -447,18 +481,22 @@ async fn fleet(cfg: Config, json: bool) -> anyhow::Result<()> {
         return Ok(());
     }
     println!(
-        "{:<28} {:>8} {:<8} {:<10} {:>8} {:>8}",
-        "replica", "hb age", "leader", "state", "capacity", "running"
+        "{:<28} {:>8} {:<8} {:<10} {:>8} {:>8} {:>6} {:>6}  isolation",
+        "replica", "hb age", "leader", "state", "capacity", "running", "cpu", "mem"
     );
+    let pct = |v: Option<f32>| v.map_or("-".to_string(), |v| format!("{v:.0}%"));
     for r in rows {
         println!(
-            "{:<28} {:>7.1}s {:<8} {:<10} {:>8} {:>8}",
+            "{:<28} {:>7.1}s {:<8} {:<10} {:>8} {:>8} {:>6} {:>6}  {}",
             r.id,
             r.heartbeat_age_s,
             if r.is_leader { "leader" } else { "" },
             r.governor_state,
             r.capacity,
-            r.running
+            r.running,
+            pct(r.cpu_percent),
+            pct(r.memory_percent),
+            r.isolation.as_deref().unwrap_or("-")
         );
     }
     Ok(())

@@ -330,6 +330,9 @@ struct Shared {
     running: Mutex<HashMap<TaskId, (i32, CancellationToken)>>,
     /// Signalled whenever a running attempt ends.
     ended: Notify,
+    /// Attempts ended, by outcome (what the governor watches).
+    completed: std::sync::atomic::AtomicU64,
+    failed: std::sync::atomic::AtomicU64,
 }
 
 impl Shared {
@@ -440,6 +443,12 @@ async fn run_attempt(shared: Arc<Shared>, job: Job) {
     .instrument(span)
     .await;
 
+    match &outcome {
+        Outcome::Success(_) => &shared.completed,
+        Outcome::Failed(_) | Outcome::TimedOut(_) => &shared.failed,
+        _ => &shared.completed,
+    }
+    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let retry_at = chrono::Utc::now()
         + backoff::delay(
             shared.options.retry_base,
@@ -511,6 +520,8 @@ impl Pool {
             completions: done_tx,
             running: Mutex::new(HashMap::new()),
             ended: Notify::new(),
+            completed: 0.into(),
+            failed: 0.into(),
         });
 
         let stop_writer = CancellationToken::new();
@@ -665,6 +676,15 @@ impl PoolHandle {
     /// Attempts running right now.
     pub fn running(&self) -> usize {
         self.shared.running_count()
+    }
+
+    /// Attempts ended since the pool started: (succeeded or otherwise done, failed or timed out).
+    pub fn counts(&self) -> (u64, u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        (
+            self.shared.completed.load(Relaxed),
+            self.shared.failed.load(Relaxed),
+        )
     }
 
     pub fn capacity(&self) -> &Arc<Capacity> {

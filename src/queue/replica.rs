@@ -137,16 +137,25 @@ pub struct ReplicaRow {
     pub capacity: i32,
     pub running: i32,
     pub isolation: Option<String>,
+    /// From the replica's latest metrics row.
+    pub cpu_percent: Option<f32>,
+    pub memory_percent: Option<f32>,
+    pub resume_requested_at: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 /// Replicas whose heartbeat is younger than `max_age`, leader first.
 pub async fn list(pool: &sqlx::PgPool, max_age: Duration) -> Result<Vec<ReplicaRow>, Error> {
     Ok(sqlx::query_as(
-        "SELECT id, hostname, pid, version, started_at, heartbeat_at, \
-                EXTRACT(EPOCH FROM now() - heartbeat_at)::float8 AS heartbeat_age_s, \
-                is_leader, leader_since, governor_state, capacity, running, isolation \
-         FROM replicas WHERE heartbeat_at > now() - make_interval(secs => $1) \
-         ORDER BY is_leader DESC, started_at",
+        "SELECT r.id, r.hostname, r.pid, r.version, r.started_at, r.heartbeat_at, \
+                EXTRACT(EPOCH FROM now() - r.heartbeat_at)::float8 AS heartbeat_age_s, \
+                r.is_leader, r.leader_since, r.governor_state, r.capacity, r.running, r.isolation, \
+                m.cpu_percent, m.memory_percent, r.resume_requested_at \
+         FROM replicas r \
+         LEFT JOIN LATERAL ( \
+             SELECT cpu_percent, memory_percent FROM metrics \
+             WHERE replica_id = r.id ORDER BY recorded_at DESC LIMIT 1) m ON true \
+         WHERE r.heartbeat_at > now() - make_interval(secs => $1) \
+         ORDER BY r.is_leader DESC, r.started_at",
     )
     .bind(max_age.as_secs_f64())
     .fetch_all(pool)
