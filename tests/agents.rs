@@ -739,3 +739,96 @@ async fn handoff_history_keeps_the_last_twenty_and_fences_run_numbers() {
         json!({"n": 25})
     );
 }
+
+#[tokio::test]
+async fn the_harness_does_not_follow_what_an_agent_plants_as_its_result() {
+    let e = executor();
+    // A file only the harness's account may read, shaped like a successful result.
+    let secret = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(
+        secret.path(),
+        r#"{"ok": true, "result": {"secret": "hunter2"}}"#,
+    )
+    .unwrap();
+    let cases = [
+        format!("ln -s {} \"$HARNESS_RESULT_FILE\"", secret.path().display()),
+        "ln -s /dev/zero \"$HARNESS_RESULT_FILE\"".to_string(),
+        "mkfifo \"$HARNESS_RESULT_FILE\"".to_string(),
+    ];
+    for script in cases {
+        let mut spec = RunSpec::new(
+            Runtime::Command {
+                argv: vec!["sh".into(), "-c".into(), script.clone()],
+            },
+            &e,
+        );
+        spec.timeout = Duration::from_secs(10);
+        let t0 = Instant::now();
+        let r = tokio::time::timeout(Duration::from_secs(15), e.run(&spec))
+            .await
+            .expect("did not hang")
+            .unwrap();
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "{script}: {:?}",
+            t0.elapsed()
+        );
+        assert_eq!(r.status, ExecStatus::Error, "{script}: {r:?}");
+        assert!(
+            r.error.as_deref().unwrap_or("").contains("regular file"),
+            "{script}: {r:?}"
+        );
+        assert!(
+            !serde_json::to_string(&r).unwrap().contains("hunter2"),
+            "{script} leaked the file"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_dropped_run_takes_its_whole_process_group_with_it() {
+    let e = executor();
+    let dir = tempfile::Builder::new()
+        .prefix("harness-drop-")
+        .tempdir_in("/tmp")
+        .unwrap();
+    std::fs::set_permissions(
+        dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o777),
+    )
+    .unwrap();
+    let pidfile = dir.path().join("bg.pid");
+    let mut spec = RunSpec::new(
+        Runtime::Command {
+            argv: vec![
+                "sh".into(),
+                "-c".into(),
+                format!("sleep 300 & echo $! > {}; sleep 300", pidfile.display()),
+            ],
+        },
+        &e,
+    );
+    spec.timeout = Duration::from_secs(600);
+    let run = tokio::spawn(async move { e.run(&spec).await });
+    let t0 = Instant::now();
+    while !pidfile.exists() {
+        assert!(t0.elapsed() < Duration::from_secs(10));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let pid: i32 = std::fs::read_to_string(&pidfile)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    run.abort(); // as a cancel or the pool's timeout would drop it
+    let _ = run.await;
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while !gone(pid) {
+        assert!(
+            Instant::now() < deadline,
+            "the background process {pid} outlived the dropped run"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

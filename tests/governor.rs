@@ -170,7 +170,10 @@ async fn high_cpu_lowers_how_many_tasks_run_at_once_and_recovery_restores_it() {
     peak.store(0, Ordering::SeqCst);
     tokio::time::sleep(Duration::from_millis(1200)).await;
     let p = peak.load(Ordering::SeqCst);
-    assert!((3..=4).contains(&p), "after throttling to 4, {p} ran at once");
+    assert!(
+        (3..=4).contains(&p),
+        "after throttling to 4, {p} ran at once"
+    );
 
     sampler.cpu(10.0);
     until(Duration::from_secs(20), "recovered", async || {

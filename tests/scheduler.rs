@@ -332,7 +332,7 @@ async fn a_leader_is_back_soon_after_postgres_restarts() {
     harness::db::create_database(&server, "restart")
         .await
         .unwrap();
-    let url = server.tcp_url("restart");
+    let url = server.url("restart");
     let pool = harness::db::connect(&url, 2).await.unwrap();
     harness::db::migrate(&pool).await.unwrap();
     pool.close().await;

@@ -115,17 +115,22 @@ pub fn compress_state(state: Value, max_size: usize) -> (Value, bool) {
             v => (k, v),
         })
         .collect();
-    while size(&Value::Object(map.clone())) > max_size {
-        let largest = map
+    // Each value's share of the serialised object, measured once: `"key":value,`.
+    let mut total = size(&Value::Object(map.clone()));
+    if total > max_size {
+        let mut candidates: Vec<(usize, String)> = map
             .iter()
             .filter(|(k, _)| !ESSENTIAL.contains(&k.as_str()))
-            .max_by_key(|(_, v)| size(v))
-            .map(|(k, _)| k.clone());
-        match largest {
-            Some(k) => {
-                map.remove(&k);
+            .map(|(k, v)| (size(&Value::String(k.clone())) + 1 + size(v) + 1, k.clone()))
+            .collect();
+        // Largest first; ties by key, so the result does not depend on map order.
+        candidates.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.cmp(&b.1)));
+        for (share, key) in candidates {
+            if total <= max_size {
+                break;
             }
-            None => break,
+            map.remove(&key);
+            total = total.saturating_sub(share);
         }
     }
     (Value::Object(map), true)
@@ -291,6 +296,22 @@ mod tests {
         assert_eq!(c["count"], 7);
         assert!(c.get("status").is_some() && c.get("error").is_some());
         assert!(size(&c) <= 10_000);
+    }
+
+    #[test]
+    fn thousands_of_keys_compress_quickly() {
+        let s: serde_json::Map<String, Value> = (0..8000)
+            .map(|i| (format!("k{i}"), json!("v".repeat(500))))
+            .collect();
+        let started = std::time::Instant::now();
+        let (c, compressed) = compress_state(Value::Object(s), 10_000);
+        assert!(compressed);
+        assert!(size(&c) <= 10_000, "{}", size(&c));
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(2),
+            "{:?}",
+            started.elapsed()
+        );
     }
 
     #[test]

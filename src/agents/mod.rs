@@ -464,42 +464,67 @@ impl Agents {
         ))
         .fetch_all(&self.pool)
         .await?;
-        rows.into_iter().map(from_row).collect()
+        // One unreadable agent must not stop every other schedule.
+        Ok(rows
+            .into_iter()
+            .filter_map(|r| {
+                let name = r.1.clone();
+                from_row(r)
+                    .map_err(|e| tracing::error!(agent = %name, error = %e, "agent not scheduled"))
+                    .ok()
+            })
+            .collect())
     }
 
     /// Records on the caller's transaction that tick `at` of an agent was handled (enqueued
-    /// or skipped); never moves backwards.
+    /// or skipped); never moves backwards. Returns false, and records nothing, when the
+    /// agent has been paused or removed meanwhile (the row lock keeps it so until commit).
     pub async fn mark_fired_in(
         conn: &mut sqlx::PgConnection,
         agent_id: i64,
         at: DateTime<Utc>,
-    ) -> Result<(), Error> {
-        sqlx::query(
-            "UPDATE agents SET last_fire_at = $2 \
-             WHERE id = $1 AND (last_fire_at IS NULL OR last_fire_at < $2)",
+    ) -> Result<bool, Error> {
+        let row: Option<i64> = sqlx::query_scalar(
+            "UPDATE agents SET last_fire_at = GREATEST(last_fire_at, $2) \
+             WHERE id = $1 AND active RETURNING id",
         )
         .bind(agent_id)
         .bind(at)
-        .execute(conn)
+        .fetch_optional(conn)
         .await?;
-        Ok(())
+        Ok(row.is_some())
     }
 
     pub fn handoffs(&self) -> HandoffManager {
         HandoffManager::new(self.pool.clone())
     }
 
-    /// Whether an earlier run of the agent than task `id` is running now.
-    async fn earlier_run_running(&self, agent_id: i64, id: i64) -> Result<bool, sqlx::Error> {
-        // tasks_status_idx: the running tasks of the fleet, a bounded set.
-        sqlx::query_scalar(
-            "SELECT EXISTS (SELECT 1 FROM tasks WHERE status = 'running' AND agent_id = $1 \
-             AND kind = 'agent' AND id < $2)",
-        )
-        .bind(agent_id)
-        .bind(id)
-        .fetch_one(&self.pool)
-        .await
+    /// Whether another run of the agent must go first: for `skip`, a run claimed before this
+    /// one and still running; for `queue`, any earlier run that is running or due (FIFO,
+    /// whatever order the claims happened in; a retry waiting out its backoff does not block).
+    async fn must_wait(
+        &self,
+        agent_id: i64,
+        id: i64,
+        overlap: Overlap,
+    ) -> Result<bool, sqlx::Error> {
+        let sql = match overlap {
+            Overlap::Skip => {
+                "SELECT EXISTS (SELECT 1 FROM tasks o JOIN tasks me ON me.id = $2 \
+                 WHERE o.status = 'running' AND o.agent_id = $1 AND o.kind = 'agent' \
+                   AND o.id <> $2 AND (o.started_at, o.id) < (me.started_at, me.id))"
+            }
+            _ => {
+                "SELECT EXISTS (SELECT 1 FROM tasks WHERE agent_id = $1 AND kind = 'agent' \
+                 AND id < $2 AND (status = 'running' \
+                   OR (status IN ('pending', 'retry_scheduled') AND scheduled_at <= now())))"
+            }
+        };
+        sqlx::query_scalar(sql)
+            .bind(agent_id)
+            .bind(id)
+            .fetch_one(&self.pool)
+            .await
     }
 
     /// One run of an agent, as the `agent` task kind.
@@ -517,7 +542,7 @@ impl Agents {
         };
         if agent.config.overlap != Overlap::Allow
             && self
-                .earlier_run_running(agent.id, ctx.id)
+                .must_wait(agent.id, ctx.id, agent.config.overlap)
                 .await
                 .map_err(|e| HandlerError(e.to_string()))?
         {
@@ -586,6 +611,9 @@ impl Agents {
     /// The `command` task kind: payload `{"argv": [...], "input"?, "timeout_s"?, "env"?}`.
     pub fn command_handler(&self) -> Handler {
         let executor = self.executor.clone();
+        // The sandbox enforces the command's timeout; the pool's only backs it up.
+        let backstop =
+            Duration::from_secs(TIMEOUT_S.1) + executor.kill_grace + Duration::from_secs(10);
         Handler::from_context(move |ctx| {
             let executor = executor.clone();
             async move {
@@ -617,6 +645,7 @@ impl Agents {
                 }
             }
         })
+        .with_timeout(backstop)
     }
 }
 

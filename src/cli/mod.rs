@@ -359,10 +359,10 @@ async fn serve(cfg: Config, announce: bool) -> anyhow::Result<()> {
     if announce {
         match database.private_server() {
             Some(server) => eprintln!(
-                "Agent Harness is up with a private PostgreSQL under {} (psql \"{}\").\n\
+                "Agent Harness is up with a private PostgreSQL under {} ({}).\n\
                  Replica {} is running tasks of kinds {}. Press Ctrl-C to stop.",
                 server.home().display(),
-                server.tcp_url(db::PRIVATE_DATABASE),
+                server.psql_command(db::PRIVATE_DATABASE),
                 harness.replica_id(),
                 harness.kinds().join(", "),
             ),

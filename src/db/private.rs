@@ -227,9 +227,13 @@ impl PrivateServer {
         )
     }
 
-    /// The same server over TCP, for tools that prefer it (`psql -h 127.0.0.1 -p …`).
-    pub fn tcp_url(&self, database: &str) -> String {
-        format!("postgres://postgres@127.0.0.1:{}/{database}", self.port)
+    /// A `psql` command line for `database` (the server listens on its Unix socket only).
+    pub fn psql_command(&self, database: &str) -> String {
+        format!(
+            "psql -h {} -p {} -U postgres {database}",
+            self.home.join("pg").display(),
+            self.port
+        )
     }
 
     /// Leaves the server; stops it when no other process uses it. Blocking.

@@ -186,11 +186,7 @@ impl Executor {
             None
         };
         let python = resolve_python(&cfg.python, run_as.as_ref())?;
-        let runs_dir = std::env::temp_dir().join("harness-runs");
-        std::fs::create_dir_all(&runs_dir).map_err(Error::RunDir)?;
-        // Other accounts must be able to enter it (the run dirs inside are private).
-        std::fs::set_permissions(&runs_dir, std::fs::Permissions::from_mode(0o711))
-            .map_err(Error::RunDir)?;
+        let runs_dir = runs_dir()?;
         let isolation = Isolation::Rlimit;
         Ok(Executor {
             python,
@@ -259,6 +255,7 @@ impl Executor {
         let started = Instant::now();
         let dir = tempfile::Builder::new()
             .prefix("run-")
+            .permissions(std::fs::Permissions::from_mode(0o700))
             .tempdir_in(&self.runs_dir)
             .map_err(Error::RunDir)?;
         let input = json!({ "config": spec.config, "input": spec.input, "handoff": spec.handoff });
@@ -335,6 +332,9 @@ impl Executor {
             source,
         })?;
         let pgid = Pid::from_raw(child.id().map(|p| p as i32).unwrap_or(0));
+        // If this future is dropped (a cancel, the pool's timeout, shutdown), the whole group
+        // goes: kill_on_drop alone would reach only the direct child.
+        let _group = GroupGuard(pgid);
 
         if is_command {
             let mut stdin = child.stdin.take().expect("piped");
@@ -365,7 +365,14 @@ impl Executor {
         let stderr = finish_capture(err).await;
 
         let exit_code = status.and_then(|s| s.code());
-        let file_result = read_result(&result_path);
+        let owner = self
+            .run_as
+            .as_ref()
+            .map_or(Uid::effective().as_raw(), |u| u.uid.as_raw());
+        let path = result_path.clone();
+        let file_result = tokio::task::spawn_blocking(move || read_result(&path, owner))
+            .await
+            .unwrap_or_else(|_| Err("reading the result failed".into()));
         let duration = started.elapsed().as_secs_f64();
         let mut result = ExecutionResult {
             status: ExecStatus::Error,
@@ -458,6 +465,38 @@ pub async fn execute_agent_code(
     executor.run(&spec).await
 }
 
+/// This account's directory for run directories: `<tmp>/harness-runs-<uid>`, ours and not a
+/// symlink (a local user could plant one in the shared temp directory), mode 0711 so the
+/// agent account can enter the run directory it is given.
+fn runs_dir() -> Result<PathBuf, Error> {
+    use std::os::unix::fs::MetadataExt;
+    let dir = std::env::temp_dir().join(format!("harness-runs-{}", Uid::effective()));
+    match std::fs::symlink_metadata(&dir) {
+        Ok(m) if m.file_type().is_dir() && m.uid() == Uid::effective().as_raw() => {}
+        Ok(_) => {
+            return Err(Error::RunDir(std::io::Error::other(format!(
+                "{} exists but is not a directory of ours; remove it",
+                dir.display()
+            ))));
+        }
+        Err(_) => std::fs::create_dir(&dir).map_err(Error::RunDir)?,
+    }
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o711))
+        .map_err(Error::RunDir)?;
+    Ok(dir)
+}
+
+/// Kills a process group when dropped.
+struct GroupGuard(Pid);
+
+impl Drop for GroupGuard {
+    fn drop(&mut self) {
+        if self.0.as_raw() > 1 {
+            let _ = killpg(self.0, Signal::SIGKILL);
+        }
+    }
+}
+
 /// CPU seconds a run may use: its timeout × its CPU share, at least one second.
 pub fn cpu_budget(timeout: Duration, cpu_percent: u32) -> u64 {
     ((timeout.as_secs_f64() * cpu_percent as f64 / 100.0).ceil() as u64).max(1)
@@ -482,6 +521,8 @@ impl Limits {
         set(Resource::RLIMIT_CORE, 0)?;
         set(Resource::RLIMIT_FSIZE, self.file_bytes)?;
         set(Resource::RLIMIT_NPROC, self.processes)?;
+        // No setuid binary can give the agent (or what it runs) more privileges than it has.
+        nix::sys::prctl::set_no_new_privs().map_err(std::io::Error::from)?;
         Ok(())
     }
 }
@@ -532,19 +573,47 @@ fn describe_exit(status: Option<ExitStatus>, stderr: &str) -> String {
     }
 }
 
-/// The result file: `Ok(None)` when absent, an error when too large or not JSON.
-fn read_result(path: &Path) -> Result<Option<Value>, String> {
-    let meta = match std::fs::metadata(path) {
-        Ok(m) => m,
-        Err(_) => return Ok(None),
+/// The result file: `Ok(None)` when absent, an error when unsafe, too large or not JSON.
+///
+/// The agent controls its run directory, so the harness (possibly root) must not trust what
+/// it finds there: the file is opened without following symlinks and without blocking (a
+/// FIFO), must be a regular file owned by the agent's account (or by us), and is read through
+/// a size cap whatever `stat` claimed (`/proc` files report size 0). Blocking: call it from
+/// `spawn_blocking`.
+fn read_result(path: &Path, owner: u32) -> Result<Option<Value>, String> {
+    use std::io::Read;
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+    let file = match std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_NONBLOCK)
+        .open(path)
+    {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => {
+            return Err(format!(
+                "the result file cannot be read safely ({e}); it must be a regular file"
+            ));
+        }
     };
-    if meta.len() > MAX_RESULT_BYTES {
+    let meta = file
+        .metadata()
+        .map_err(|e| format!("cannot inspect the result: {e}"))?;
+    if !meta.file_type().is_file() {
+        return Err("the result file is not a regular file".into());
+    }
+    if meta.uid() != owner && meta.uid() != Uid::effective().as_raw() {
+        return Err("the result file belongs to another account".into());
+    }
+    let mut text = String::new();
+    file.take(MAX_RESULT_BYTES + 1)
+        .read_to_string(&mut text)
+        .map_err(|e| format!("cannot read the result: {e}"))?;
+    if text.len() as u64 > MAX_RESULT_BYTES {
         return Err(format!(
-            "the result is {} bytes; at most {MAX_RESULT_BYTES} are accepted",
-            meta.len()
+            "the result is over {MAX_RESULT_BYTES} bytes, which the harness does not accept"
         ));
     }
-    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read the result: {e}"))?;
     serde_json::from_str(&text).map(Some).map_err(|e| {
         if e.to_string().contains("recursion limit") {
             // serde_json's depth limit keeps a hostile result from overflowing our stack.

@@ -28,6 +28,11 @@ def _encode(o, out, depth=0):
     elif o is False:
         out.append("false")
     elif type(o) is str:
+        if not o.isascii():
+            try:
+                o.encode("utf-8")
+            except UnicodeEncodeError:
+                raise _Unencodable()  # lone surrogates: json escapes them
         out.append('"' + o.translate(_ESCAPES) + '"')
     elif type(o) is int:
         out.append(str(o))
@@ -39,7 +44,7 @@ def _encode(o, out, depth=0):
         out.append("{")
         first = True
         for k, v in o.items():
-            if type(k) is not str:
+            if type(k) is not str or not (k.isascii() or _utf8(k)):
                 raise _Unencodable()
             if not first:
                 out.append(",")
@@ -56,6 +61,14 @@ def _encode(o, out, depth=0):
         out.append("]")
     else:
         raise _Unencodable()
+
+
+def _utf8(s):
+    try:
+        s.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
 
 
 def _dumps(o):

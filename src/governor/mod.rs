@@ -289,6 +289,12 @@ pub async fn run(
             handle.capacity().set(g);
             granted = g;
         }
+        let m = crate::telemetry::metrics();
+        m.capacity.record(granted as i64, &[]);
+        m.running.record(handle.running() as i64, &[]);
+        m.governor_state.record(machine.state().code(), &[]);
+        m.cpu.record(r.cpu_percent, &[]);
+        m.memory.record(r.memory_percent, &[]);
 
         if last_log.elapsed() >= opts.log_interval {
             last_log = Instant::now();
@@ -319,6 +325,20 @@ pub async fn run(
                 tracing::warn!(error = %e, "could not write the metrics row");
             }
             (logged_completed, logged_failed) = (completed, failed);
+            if let Ok(depth) = crate::queue::depth(&pool).await {
+                for status in crate::queue::Status::ALL {
+                    let n = depth
+                        .iter()
+                        .find(|(s, _)| *s == status)
+                        .map_or(0, |(_, n)| *n);
+                    if status != crate::queue::Status::Completed {
+                        m.queue_depth.record(
+                            n,
+                            &[opentelemetry::KeyValue::new("status", status.as_str())],
+                        );
+                    }
+                }
+            }
         }
         if last_prune.is_none_or(|p| p.elapsed() >= Duration::from_secs(3600)) {
             last_prune = Some(Instant::now());

@@ -449,6 +449,33 @@ async fn run_attempt(shared: Arc<Shared>, job: Job) {
         _ => &shared.completed,
     }
     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let m = crate::telemetry::metrics();
+    let kind = crate::telemetry::kind(&c.kind);
+    match &outcome {
+        Outcome::Success(_) => m.completed.add(1, &kind),
+        Outcome::Failed(_) | Outcome::TimedOut(_) => {
+            m.failed.add(1, &kind);
+            if c.retry_count < c.max_retries {
+                m.retried.add(1, &kind);
+            }
+        }
+        _ => {}
+    }
+    m.duration.record(
+        (chrono::Utc::now() - c.started_at)
+            .num_microseconds()
+            .unwrap_or(0) as f64
+            / 1e6,
+        &kind,
+    );
+    m.pickup_latency.record(
+        ((c.started_at - c.scheduled_at)
+            .num_microseconds()
+            .unwrap_or(0)
+            .max(0)) as f64
+            / 1e6,
+        &kind,
+    );
     let retry_at = chrono::Utc::now()
         + backoff::delay(
             shared.options.retry_base,

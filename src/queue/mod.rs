@@ -561,6 +561,9 @@ impl Queue {
                 .fetch_optional(&mut *conn)
                 .await?;
             if let Some((id, status)) = row {
+                crate::telemetry::metrics()
+                    .enqueued
+                    .add(1, &crate::telemetry::kind(&task.kind));
                 return Ok(Enqueued {
                     id,
                     status,
@@ -605,6 +608,27 @@ impl Queue {
 
     /// [`Queue::enqueue_many`] inside the caller's transaction.
     pub async fn enqueue_many_in(
+        &self,
+        conn: &mut PgConnection,
+        tasks: Vec<NewTask>,
+    ) -> Result<Vec<Enqueued>, Error> {
+        let kinds: Vec<String> = tasks.iter().map(|t| t.kind.clone()).collect();
+        let out = self.insert_many(conn, tasks).await?;
+        let mut per_kind: HashMap<&str, u64> = HashMap::new();
+        for (k, e) in kinds.iter().zip(&out) {
+            if !e.deduplicated {
+                *per_kind.entry(k.as_str()).or_default() += 1;
+            }
+        }
+        for (k, c) in per_kind {
+            crate::telemetry::metrics()
+                .enqueued
+                .add(c, &crate::telemetry::kind(k));
+        }
+        Ok(out)
+    }
+
+    async fn insert_many(
         &self,
         conn: &mut PgConnection,
         tasks: Vec<NewTask>,
@@ -897,7 +921,10 @@ impl Queue {
         delay: Duration,
     ) -> Result<u64, Error> {
         Ok(sqlx::query(
-            "UPDATE tasks SET status = 'pending', locked_by = NULL, attempt = attempt - 1, \
+            "UPDATE tasks SET \
+                 status = CASE WHEN cancel_requested THEN 'cancelled' ELSE 'pending' END, \
+                 completed_at = CASE WHEN cancel_requested THEN now() END, \
+                 cancel_requested = false, locked_by = NULL, attempt = attempt - 1, \
                  started_at = NULL, scheduled_at = now() + make_interval(secs => $4) \
              WHERE id = $1 AND attempt = $2 AND locked_by = $3",
         )
@@ -1066,4 +1093,98 @@ impl Listener {
             Some(_) => Ok(Wakeup::Tasks),
         }
     }
+}
+
+/// Filters of a task listing; newest first.
+#[derive(Debug, Clone, Default)]
+pub struct TaskFilter {
+    pub status: Option<Status>,
+    pub kind: Option<String>,
+    pub agent_id: Option<i64>,
+    pub limit: i64,
+    pub offset: i64,
+}
+
+impl Queue {
+    /// Tasks matching `f`, newest first (by id, the primary key).
+    pub async fn list(&self, f: &TaskFilter) -> Result<Vec<Task>, Error> {
+        let mut q = sqlx::QueryBuilder::<sqlx::Postgres>::new(format!(
+            "SELECT {TASK_COLUMNS} FROM tasks WHERE true"
+        ));
+        if let Some(s) = f.status {
+            q.push(" AND status = ").push_bind(s.as_str());
+        }
+        if let Some(k) = &f.kind {
+            q.push(" AND kind = ").push_bind(k.clone());
+        }
+        if let Some(a) = f.agent_id {
+            // tasks_agent_id_idx: (agent_id, id DESC).
+            q.push(" AND agent_id = ").push_bind(a);
+        }
+        q.push(" ORDER BY id DESC LIMIT ")
+            .push_bind(f.limit)
+            .push(" OFFSET ")
+            .push_bind(f.offset);
+        Ok(q.build_query_as().fetch_all(&self.pool).await?)
+    }
+
+    /// Deletes a task for good; a running task is refused (cancel it first).
+    pub async fn delete(&self, id: TaskId) -> Result<(), Error> {
+        let deleted: Option<TaskId> = sqlx::query_scalar(
+            "DELETE FROM tasks WHERE id = $1 AND status <> 'running' RETURNING id",
+        )
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?;
+        match deleted {
+            Some(_) => Ok(()),
+            None => {
+                let t = self.get(id).await?;
+                Err(Error::WrongState {
+                    id,
+                    status: t.status,
+                    action: "delete",
+                    allowed: "any status but running (cancel it first)",
+                })
+            }
+        }
+    }
+
+    /// A new task with the same kind, payload, priority, retries, agent and timeout as a
+    /// failed or timed-out one, claimable at once.
+    pub async fn retry(&self, id: TaskId) -> Result<Task, Error> {
+        let new_id: Option<TaskId> = sqlx::query_scalar(
+            "WITH n AS (
+                INSERT INTO tasks (kind, payload, priority, max_retries, agent_id, timeout_ms)
+                SELECT kind, payload, priority, max_retries, agent_id, timeout_ms FROM tasks
+                WHERE id = $1 AND status IN ('failed', 'timeout')
+                RETURNING id)
+             SELECT n.id FROM n, (SELECT pg_notify('harness_tasks', '')) w",
+        )
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?;
+        match new_id {
+            Some(n) => self.get(n).await,
+            None => {
+                let t = self.get(id).await?;
+                Err(Error::WrongState {
+                    id,
+                    status: t.status,
+                    action: "retry",
+                    allowed: "failed or timeout",
+                })
+            }
+        }
+    }
+}
+
+/// Tasks per status, completed ones left out (they are most of the table, and the partial
+/// indexes cover the rest).
+pub async fn depth(pool: &PgPool) -> Result<Vec<(Status, i64)>, Error> {
+    Ok(sqlx::query_as(
+        "SELECT status, count(*) FROM tasks WHERE status <> 'completed' GROUP BY status",
+    )
+    .fetch_all(pool)
+    .await?)
 }

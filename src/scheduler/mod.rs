@@ -168,11 +168,13 @@ pub async fn run(
         match try_lead(&pool, &opts).await {
             Ok(Some(conn)) => {
                 tracing::info!(replica = %opts.replica, namespace = %opts.namespace, "became the scheduler leader");
+                crate::telemetry::metrics().leader.record(1, &[]);
                 if let Err(e) = replica::set_leader(&pool, &opts.replica, true).await {
                     tracing::warn!(error = %e, "could not record leadership in the replicas table");
                 }
                 let why = lead(conn, &pool, &agents, &queue, &opts, &stop).await;
                 tracing::info!(replica = %opts.replica, reason = %why, "stepped down as scheduler leader");
+                crate::telemetry::metrics().leader.record(0, &[]);
                 let _ = replica::set_leader(&pool, &opts.replica, false).await;
             }
             Ok(None) => {}
@@ -315,6 +317,14 @@ async fn fire(
     replica: &str,
 ) -> Result<(), String> {
     let mut tx = conn.begin().await.map_err(|e| e.to_string())?;
+    // First, and under the agent's row lock: a pause or removal since the last read wins.
+    if !Agents::mark_fired_in(&mut tx, t.agent.id, p.last)
+        .await
+        .map_err(|e| e.to_string())?
+    {
+        tracing::info!(agent = %t.agent.name, "not firing: the agent was paused or removed");
+        return tx.rollback().await.map_err(|e| e.to_string());
+    }
     if let Some(at) = p.fire {
         let mut task = agents
             .run_task(&t.agent, serde_json::Value::Null)
@@ -332,9 +342,6 @@ async fn fire(
             tracing::info!(agent = %t.agent.name, fire_at = %at, task.id = e.id, coalesced = p.coalesced, "enqueued scheduled run");
         }
     }
-    Agents::mark_fired_in(&mut tx, t.agent.id, p.last)
-        .await
-        .map_err(|e| e.to_string())?;
     tx.commit().await.map_err(|e| e.to_string())
 }
 

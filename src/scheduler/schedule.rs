@@ -11,44 +11,73 @@ use chrono_tz::Tz;
 #[derive(Debug, Clone)]
 pub struct CronSchedule {
     expr: String,
-    schedule: cron::Schedule,
+    /// One schedule, or two when both day fields are restricted (standard cron fires when
+    /// either matches; the `cron` crate would require both).
+    schedules: Vec<cron::Schedule>,
     tz: Tz,
 }
 
-const DAYS: [&str; 8] = ["SUN", "MON", "TUE", "WED", "THU", "FRI", "SAT", "SUN"];
+const NAMES: [&str; 7] = ["SUN", "MON", "TUE", "WED", "THU", "FRI", "SAT"];
 
-/// Standard cron numbers weekdays 0–7 with 0 and 7 for Sunday; the `cron` crate numbers them
-/// 1–7 from Sunday. Numbers become names, which both read alike.
+fn weekday(token: &str) -> Result<u8, String> {
+    let t = token.trim();
+    if let Some(i) = NAMES.iter().position(|n| n.eq_ignore_ascii_case(t)) {
+        return Ok(i as u8);
+    }
+    match t.parse::<u8>() {
+        Ok(n @ 0..=6) => Ok(n),
+        Ok(7) => Ok(0),
+        _ => Err(format!(
+            "weekday {t:?} is out of range (0-7, 0 and 7 are Sunday, or SUN-SAT)"
+        )),
+    }
+}
+
+/// Standard cron weekdays (0-7, 0 and 7 for Sunday, names, ranges, steps) as the set of days
+/// they name, written as names the `cron` crate reads the same way (it numbers days 1-7).
 fn weekday_names(field: &str) -> Result<String, String> {
-    let mut out = String::new();
-    let mut num = String::new();
-    let flush = |num: &mut String, out: &mut String| -> Result<(), String> {
-        if !num.is_empty() {
-            let n: usize = num.parse().map_err(|_| format!("bad weekday {num:?}"))?;
-            let name = DAYS
-                .get(n)
-                .ok_or_else(|| format!("weekday {n} is out of range (0-7, 0 and 7 are Sunday)"))?;
-            out.push_str(name);
-            num.clear();
-        }
-        Ok(())
-    };
-    let mut after_slash = false;
-    for c in field.chars() {
-        if c.is_ascii_digit() && !after_slash {
-            num.push(c);
-        } else {
-            flush(&mut num, &mut out)?;
-            if c == '/' {
-                after_slash = true;
-            } else if c == ',' {
-                after_slash = false;
+    let mut days = [false; 7];
+    for part in field.split(',') {
+        let (range, step) = match part.split_once('/') {
+            Some((r, s)) => (
+                r,
+                s.parse::<usize>()
+                    .ok()
+                    .filter(|s| *s > 0)
+                    .ok_or_else(|| format!("bad weekday step {s:?}"))?,
+            ),
+            None => (part, 1),
+        };
+        let (lo, hi) = if range == "*" {
+            (0usize, 6usize)
+        } else if let Some((a, b)) = range.split_once('-') {
+            let (a, b) = (weekday(a)? as usize, b.trim());
+            // "5-7" runs Friday to Sunday: 7 closes a range as the last day.
+            let b = if b == "7" { 7 } else { weekday(b)? as usize };
+            if b < a {
+                return Err(format!("weekday range {range:?} runs backwards"));
             }
-            out.push(c);
+            (a, b)
+        } else if step > 1 {
+            (weekday(range)? as usize, 6)
+        } else {
+            let d = weekday(range)? as usize;
+            (d, d)
+        };
+        for d in (lo..=hi).step_by(step) {
+            days[d % 7] = true;
         }
     }
-    flush(&mut num, &mut out)?;
-    Ok(out)
+    if days.iter().all(|d| *d) {
+        return Ok("*".to_string());
+    }
+    Ok(days
+        .iter()
+        .enumerate()
+        .filter(|(_, on)| **on)
+        .map(|(i, _)| NAMES[i])
+        .collect::<Vec<_>>()
+        .join(","))
 }
 
 impl CronSchedule {
@@ -67,24 +96,30 @@ impl CronSchedule {
             }
         };
         let weekday = weekday_names(rest[4])?;
-        let full = format!(
-            "{seconds} {} {} {} {} {weekday}",
-            rest[0], rest[1], rest[2], rest[3]
-        );
-        let schedule = cron::Schedule::from_str(&full)
-            .map_err(|e| format!("{expr:?} is not a valid cron expression: {e}"))?;
+        let build = |dom: &str, dow: &str| {
+            let full = format!("{seconds} {} {} {dom} {} {dow}", rest[0], rest[1], rest[3]);
+            cron::Schedule::from_str(&full)
+                .map_err(|e| format!("{expr:?} is not a valid cron expression: {e}"))
+        };
+        // Vixie cron: when both day fields are restricted (neither starts with '*'), a day
+        // matching either one fires.
+        let schedules = if !rest[2].starts_with('*') && !rest[4].starts_with('*') {
+            vec![build(rest[2], "*")?, build("*", &weekday)?]
+        } else {
+            vec![build(rest[2], &weekday)?]
+        };
         let tz = match tz {
             None | Some("") => Tz::UTC,
             Some(name) => Tz::from_str(name).map_err(|_| {
                 format!("{name:?} is not a time zone; use an IANA name such as Europe/Paris")
             })?,
         };
-        if schedule.upcoming(tz).next().is_none() {
+        if schedules.iter().all(|s| s.upcoming(tz).next().is_none()) {
             return Err(format!("{expr:?} never fires"));
         }
         Ok(CronSchedule {
             expr: expr.to_string(),
-            schedule,
+            schedules,
             tz,
         })
     }
@@ -99,10 +134,12 @@ impl CronSchedule {
 
     /// The first fire time strictly after `t`.
     pub fn next_after(&self, t: DateTime<Utc>) -> Option<DateTime<Utc>> {
-        self.schedule
-            .after(&t.with_timezone(&self.tz))
-            .next()
+        let local = t.with_timezone(&self.tz);
+        self.schedules
+            .iter()
+            .filter_map(|s| s.after(&local).next())
             .map(|d| d.with_timezone(&Utc))
+            .min()
     }
 }
 
@@ -173,6 +210,31 @@ mod tests {
         let s = CronSchedule::parse("0 9 * * *", Some("America/New_York")).unwrap();
         let next = s.next_after(at("2026-01-01T00:00:00Z")).unwrap();
         assert_eq!(next, Utc.with_ymd_and_hms(2026, 1, 1, 14, 0, 0).unwrap());
+    }
+
+    #[test]
+    fn weekday_ranges_lists_steps_and_sunday_as_seven() {
+        assert_eq!(weekday_names("0-7").unwrap(), "*");
+        assert_eq!(weekday_names("5-7").unwrap(), "SUN,FRI,SAT");
+        assert_eq!(weekday_names("1-5").unwrap(), "MON,TUE,WED,THU,FRI");
+        assert_eq!(weekday_names("1/2").unwrap(), "MON,WED,FRI");
+        assert_eq!(weekday_names("*/2").unwrap(), "SUN,TUE,THU,SAT");
+        assert_eq!(weekday_names("sat,7").unwrap(), "SUN,SAT");
+        assert!(weekday_names("5-2").is_err());
+        let every_day = CronSchedule::parse("0 12 * * 0-7", None).unwrap();
+        let t = every_day.next_after(at("2026-11-21T13:00:00Z")).unwrap();
+        assert_eq!(t, at("2026-11-22T12:00:00Z"));
+    }
+
+    #[test]
+    fn both_day_fields_restricted_means_either() {
+        // The 1st of the month or any Monday, as standard cron reads it.
+        let s = CronSchedule::parse("0 9 1 * 1", None).unwrap();
+        // From Saturday 2026-11-21: Monday the 23rd comes first, then December 1st (a Tuesday).
+        let a = s.next_after(at("2026-11-21T10:00:00Z")).unwrap();
+        assert_eq!(a, at("2026-11-23T09:00:00Z"));
+        let b = s.next_after(at("2026-11-30T10:00:00Z")).unwrap();
+        assert_eq!(b, at("2026-12-01T09:00:00Z"));
     }
 
     #[test]
