@@ -320,6 +320,12 @@ pub struct ApiToken {
 pub struct ApiConfig {
     pub bind: SocketAddr,
     pub tokens: Vec<ApiToken>,
+    /// Largest request body accepted, KiB (413 beyond).
+    pub max_body_kb: u64,
+    /// A request taking longer is answered 408.
+    pub request_timeout_s: u64,
+    /// Requests handled at once by one replica; more wait.
+    pub max_concurrent_requests: usize,
 }
 
 impl Default for ApiConfig {
@@ -327,6 +333,9 @@ impl Default for ApiConfig {
         ApiConfig {
             bind: SocketAddr::from(([127, 0, 0, 1], 8080)),
             tokens: Vec::new(),
+            max_body_kb: 1024,
+            request_timeout_s: 30,
+            max_concurrent_requests: 256,
         }
     }
 }
@@ -678,6 +687,20 @@ impl Config {
         if self.executor.run_as.trim().is_empty() {
             return Err(("executor.run_as".into(), "must name a user account".into()));
         }
+        range(
+            "telemetry.retention_days",
+            self.telemetry.retention_days,
+            1,
+            3650,
+        )?;
+        range("api.max_body_kb", self.api.max_body_kb, 1, 1_048_576)?;
+        range("api.request_timeout_s", self.api.request_timeout_s, 1, 3600)?;
+        range(
+            "api.max_concurrent_requests",
+            self.api.max_concurrent_requests,
+            1,
+            100_000,
+        )?;
         if self.executor.python.trim().is_empty() {
             return Err((
                 "executor.python".into(),
@@ -1096,6 +1119,22 @@ mod tests {
         assert!(
             Config::load_from(None, env(&[("HARNESS_PERSISTENCE__RESCUE_AFTER_S", "0")])).is_err()
         );
+    }
+
+    #[test]
+    fn every_later_range_is_checked() {
+        for (var, bad) in [
+            ("HARNESS_TELEMETRY__RETENTION_DAYS", "0"),
+            ("HARNESS_API__MAX_BODY_KB", "0"),
+            ("HARNESS_SCHEDULER__ELECT_INTERVAL_S", "0"),
+            ("HARNESS_BULK__POLL_INTERVAL_MS", "1"),
+            ("HARNESS_EXECUTOR__MAX_PROCESSES", "0"),
+        ] {
+            let err = Config::load_from(None, env(&[(var, bad)]))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(var), "{var}: {err}");
+        }
     }
 
     #[test]

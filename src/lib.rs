@@ -2,6 +2,7 @@
 //! coordinated only through PostgreSQL. See `ARCHITECTURE.md` for how the modules fit.
 
 pub mod agents;
+pub mod api;
 pub mod config;
 pub mod db;
 pub mod executor;

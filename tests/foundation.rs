@@ -48,7 +48,9 @@ fn harness(home: &Path) -> Command {
             cmd.env_remove(k);
         }
     }
-    cmd.env("HARNESS_HOME", home).env("RUST_LOG", "warn");
+    cmd.env("HARNESS_HOME", home)
+        .env("HARNESS_API__BIND", "127.0.0.1:0")
+        .env("RUST_LOG", "warn");
     cmd
 }
 
@@ -419,4 +421,37 @@ fn bad_configuration_exits_non_zero_naming_the_key() {
     assert!(err.contains("governance.cpu_high_pct"), "{err}");
     assert!(err.contains("allowed 1 to 100"), "{err}");
     assert!(err.contains("h.yml"), "{err}");
+}
+
+#[test]
+fn up_on_a_reachable_address_without_tokens_prints_an_admin_token() {
+    let home = reachable_home();
+    let mut child = harness(home.path())
+        .arg("up")
+        .env("HARNESS_API__BIND", "0.0.0.0:0")
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if line.contains("admin token") {
+                let _ = tx.send(line);
+            }
+        }
+    });
+    let line = rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("an admin token is printed");
+    let token = line
+        .split("Bearer ")
+        .nth(1)
+        .unwrap()
+        .split(')')
+        .next()
+        .unwrap();
+    assert_eq!(token.len(), 32, "{line}");
+    terminate(&mut child);
 }

@@ -28,6 +28,7 @@ fn harness(db: &TestDb) -> Command {
         )
         .env("HARNESS_BULK__POLL_INTERVAL_MS", "100")
         .env("HARNESS_BULK__RETRY_ATTEMPTS", "3")
+        .env("HARNESS_API__BIND", "127.0.0.1:0")
         .env("RUST_LOG", "warn");
     cmd
 }

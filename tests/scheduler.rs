@@ -35,6 +35,7 @@ fn harness(url: &str) -> Command {
             "HARNESS_SCHEDULER__IDLE_SESSION_TIMEOUT_S",
             IDLE_TIMEOUT_S.to_string(),
         )
+        .env("HARNESS_API__BIND", "127.0.0.1:0")
         .env("RUST_LOG", "warn");
     cmd
 }

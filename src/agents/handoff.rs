@@ -18,7 +18,7 @@ pub const HISTORY: i64 = 20;
 pub const MAX_STATE_SIZE: usize = 10_000;
 
 /// The state of one run, as the next run sees it (`self.handoff`).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, sqlx::FromRow)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, sqlx::FromRow, schemars::JsonSchema)]
 pub struct HandoffArtifact {
     pub agent_id: i64,
     pub run_number: i64,

@@ -57,7 +57,9 @@ fn invalid(field: &'static str, reason: impl Into<String>) -> Error {
 }
 
 /// What a run due while the previous run still runs does.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Overlap {
     /// Recorded as skipped (`cancelled`, with the reason).
@@ -70,7 +72,7 @@ pub enum Overlap {
 }
 
 /// An agent's settings, stored as `agents.config`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AgentConfig {
     pub schedule: Option<String>,
@@ -177,7 +179,7 @@ impl AgentConfig {
 }
 
 /// A registered agent.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct Agent {
     pub id: i64,
     pub name: String,

@@ -166,7 +166,7 @@ impl Replicas {
                 }
             }
             let child = cmd
-                .arg("serve")
+                .args(["serve", "--no-api"])
                 .env("DATABASE_URL", url)
                 .env("HARNESS_HOME", &cfg.home)
                 .env("HARNESS_BULK__MAX_CONCURRENT", concurrency.to_string())

@@ -55,7 +55,7 @@ enum Command {
 With no database URL configured this starts (or joins) a private PostgreSQL under \
 .harness/ ($HARNESS_HOME) from the installed server binaries, applies the migrations, \
 and runs a replica until Ctrl-C or SIGTERM. The private server stops when its last user exits.")]
-    Up(FileArg),
+    Up(ServeArgs),
     /// Run a replica: claim and run tasks until SIGTERM/Ctrl-C (a second signal exits at once)
     #[command(
         visible_alias = "resume",
@@ -64,9 +64,9 @@ The replica registers itself in the replicas table, heartbeats it, claims tasks 
 it knows (built in: noop, echo, sleep) as capacity allows, and rescues tasks of replicas that stopped \
 heartbeating. On the first signal it stops claiming, lets running tasks finish for \
 bulk.shutdown_grace_s, and hands the rest back to the queue without counting an attempt; a \
-second signal exits at once."
+second signal exits at once. The REST API listens on api.bind unless --no-api."
     )]
-    Serve(FileArg),
+    Serve(ServeArgs),
     /// Apply pending database migrations (idempotent; safe from several processes at once)
     Migrate(FileArg),
     /// Print the effective configuration as YAML, with secrets redacted
@@ -138,6 +138,15 @@ struct ExecArgs {
     cpu_percent: Option<u32>,
 }
 
+#[derive(Debug, Args)]
+struct ServeArgs {
+    #[command(flatten)]
+    file: FileArg,
+    /// Run no HTTP API (a worker-only replica)
+    #[arg(long)]
+    no_api: bool,
+}
+
 #[derive(Debug, Subcommand)]
 enum FleetAction {
     /// Lift the hold of a replica the governor escalated (or of every replica with --all)
@@ -201,9 +210,8 @@ impl Command {
     /// The config file named after the subcommand, if any.
     fn file(&self) -> Option<&Path> {
         match self {
-            Command::Up(f) | Command::Serve(f) | Command::Migrate(f) | Command::Config(f) => {
-                f.file.as_deref()
-            }
+            Command::Up(a) | Command::Serve(a) => a.file.file.as_deref(),
+            Command::Migrate(f) | Command::Config(f) => f.file.as_deref(),
             Command::Stats { file, .. }
             | Command::Inspect { file, .. }
             | Command::Fleet { file, .. } => file.file.as_deref(),
@@ -241,8 +249,8 @@ pub fn run(cli: Cli) -> ExitCode {
     };
     let result = runtime.block_on(async move {
         match cli.command {
-            Command::Up(_) => serve(cfg, true).await,
-            Command::Serve(_) => serve(cfg, false).await,
+            Command::Up(a) => serve(cfg, true, !a.no_api).await,
+            Command::Serve(a) => serve(cfg, false, !a.no_api).await,
             Command::Migrate(_) => migrate(cfg).await,
             Command::Config(_) => {
                 print!("{}", cfg.to_redacted_yaml());
@@ -338,12 +346,24 @@ async fn migrate(cfg: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn serve(cfg: Config, announce: bool) -> anyhow::Result<()> {
+async fn serve(mut cfg: Config, announce: bool, with_api: bool) -> anyhow::Result<()> {
     let executor = std::sync::Arc::new(harness::executor::Executor::new(&cfg.executor)?);
+    // `up` on a reachable address with no token would expose the API: make one.
+    let mut generated_token = None;
+    if announce && with_api && cfg.api.tokens.is_empty() && !cfg.api.bind.ip().is_loopback() {
+        let token: String = (0..32)
+            .map(|_| format!("{:x}", rand::random::<u8>() & 0xf))
+            .collect();
+        cfg.api.tokens.push(harness::config::ApiToken {
+            token: harness::config::Secret::new(token.clone()),
+            scope: harness::config::Scope::Admin,
+        });
+        generated_token = Some(token);
+    }
     let database = open_migrated(&cfg).await?;
     let agents = harness::agents::Agents::new(database.pool.clone(), executor.clone());
     let harness = builtin_handlers(Harness::builder())
-        .agents(agents)
+        .agents(agents.clone())
         .isolation(executor.isolation.as_str())
         .config(cfg.clone())
         .pool(database.pool.clone())
@@ -356,36 +376,82 @@ async fn serve(cfg: Config, announce: bool) -> anyhow::Result<()> {
         "agents run in the sandbox"
     );
     executor.isolation.warn_if_degraded();
+
+    let listener = if with_api {
+        Some(tokio::net::TcpListener::bind(cfg.api.bind).await.with_context(|| {
+            format!(
+                "cannot listen on api.bind {}; choose another address (HARNESS_API__BIND) or run \
+                 with --no-api",
+                cfg.api.bind
+            )
+        })?)
+    } else {
+        None
+    };
+    let api_addr = listener.as_ref().and_then(|l| l.local_addr().ok());
+    if let Some(addr) = api_addr {
+        tracing::info!(%addr, "REST API listening");
+    }
     if announce {
+        let api = api_addr.map_or("no API".to_string(), |a| format!("API on http://{a}"));
         match database.private_server() {
             Some(server) => eprintln!(
                 "Agent Harness is up with a private PostgreSQL under {} ({}).\n\
-                 Replica {} is running tasks of kinds {}. Press Ctrl-C to stop.",
+                 Replica {} is running tasks of kinds {}; {api}. Press Ctrl-C to stop.",
                 server.home().display(),
                 server.psql_command(db::PRIVATE_DATABASE),
                 harness.replica_id(),
                 harness.kinds().join(", "),
             ),
             None => eprintln!(
-                "Agent Harness is up on {}.\nReplica {} is running tasks of kinds {}. \
+                "Agent Harness is up on {}.\nReplica {} is running tasks of kinds {}; {api}. \
                  Press Ctrl-C to stop.",
                 redact_url(database.url()),
                 harness.replica_id(),
                 harness.kinds().join(", "),
             ),
         }
+        if let Some(t) = &generated_token {
+            eprintln!(
+                "The API listens beyond loopback and no api.tokens are configured: use this admin \
+                 token (Authorization: Bearer {t}); it lasts until this process exits."
+            );
+        }
     }
-    harness
-        .serve(async {
+
+    let stop = tokio_util::sync::CancellationToken::new();
+    {
+        let stop = stop.clone();
+        tokio::spawn(async move {
             shutdown_signal().await;
+            stop.cancel();
             // A second signal: exit at once, leaving unfinished tasks to be rescued.
-            tokio::spawn(async {
-                shutdown_signal().await;
-                eprintln!("second signal: exiting now");
-                std::process::exit(130);
-            });
-        })
-        .await?;
+            shutdown_signal().await;
+            eprintln!("second signal: exiting now");
+            std::process::exit(130);
+        });
+    }
+    let api = listener.map(|listener| {
+        let state = std::sync::Arc::new(harness::api::ApiState {
+            queue: harness.queue().clone(),
+            agents: Some(agents),
+            pool: database.pool.clone(),
+            tokens: cfg.api.tokens.clone(),
+            kinds: harness.kinds(),
+            config: cfg.clone(),
+        });
+        let router = harness::api::router(state);
+        tokio::spawn(harness::api::serve(
+            listener,
+            router,
+            stop.clone().cancelled_owned(),
+        ))
+    });
+    harness.serve(stop.cancelled()).await?;
+    if let Some(api) = api {
+        // In-flight requests finish (graceful shutdown); bounded by the request timeout.
+        let _ = tokio::time::timeout(Duration::from_secs(cfg.api.request_timeout_s + 1), api).await;
+    }
     database.close().await;
     Ok(())
 }

@@ -55,7 +55,7 @@ pub enum Error {
 }
 
 /// Where a task is in its lifecycle.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Status {
     Pending,
@@ -285,7 +285,7 @@ impl NewTask {
 }
 
 /// What an enqueue did: a new task, or the existing one its idempotency key names.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct Enqueued {
     pub id: TaskId,
     pub status: Status,
@@ -293,7 +293,7 @@ pub struct Enqueued {
 }
 
 /// The whole stored record of a task.
-#[derive(Debug, Clone, Serialize, Deserialize, sqlx::FromRow)]
+#[derive(Debug, Clone, Serialize, Deserialize, sqlx::FromRow, schemars::JsonSchema)]
 pub struct Task {
     pub id: TaskId,
     pub kind: String,

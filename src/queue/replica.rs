@@ -121,7 +121,7 @@ pub async fn set_leader(pool: &sqlx::PgPool, replica: &str, leader: bool) -> Res
 }
 
 /// A replica as `harness fleet` shows it.
-#[derive(Debug, Clone, serde::Serialize, sqlx::FromRow)]
+#[derive(Debug, Clone, serde::Serialize, sqlx::FromRow, schemars::JsonSchema)]
 pub struct ReplicaRow {
     pub id: String,
     pub hostname: String,

@@ -1,0 +1,728 @@
+//! The REST API of a replica (axum): tasks, agents and fleet, with bearer-token auth,
+//! body and time limits, JSON errors, `/healthz`, `/readyz`, `/metrics` and an OpenAPI
+//! document generated from the route table and the Rust types.
+//!
+//! It contains no SQL: it calls `queue`, `agents`, `governor` and `db`.
+
+mod openapi;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{DefaultBodyLimit, FromRequest, Path, Query, Request, State};
+use axum::http::{HeaderMap, Method, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use sqlx::PgPool;
+use subtle::ConstantTimeEq;
+
+use crate::agents::{AgentConfig, AgentSpec, Agents};
+use crate::config::{ApiToken, Config, Scope};
+use crate::executor::Runtime;
+use crate::queue::{NewTask, Queue, Status, TaskFilter};
+
+/// What the handlers share.
+pub struct ApiState {
+    pub queue: Queue,
+    pub agents: Option<Agents>,
+    pub pool: PgPool,
+    pub tokens: Vec<ApiToken>,
+    /// Kinds a task may be enqueued with (the replica's handlers).
+    pub kinds: Vec<String>,
+    pub config: Config,
+}
+
+/// An error as the API answers it: `{ "error": "...", "detail": ... }`.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    error: String,
+    detail: Value,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, error: impl Into<String>, detail: Value) -> ApiError {
+        ApiError {
+            status,
+            error: error.into(),
+            detail,
+        }
+    }
+    fn invalid(field: &str, reason: impl Into<String>) -> ApiError {
+        let reason = reason.into();
+        ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!("invalid {field}: {reason}"),
+            json!({ "field": field, "reason": reason }),
+        )
+    }
+    fn internal(e: impl std::fmt::Display) -> ApiError {
+        // The cause goes to the log, never to the client.
+        tracing::error!(error = %e, "API request failed");
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal error",
+            Value::Null,
+        )
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut r = (
+            self.status,
+            Json(json!({ "error": self.error, "detail": self.detail })),
+        )
+            .into_response();
+        if self.status == StatusCode::UNAUTHORIZED {
+            r.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                header::HeaderValue::from_static("Bearer realm=\"harness\""),
+            );
+        }
+        r
+    }
+}
+
+impl From<crate::queue::Error> for ApiError {
+    fn from(e: crate::queue::Error) -> ApiError {
+        use crate::queue::Error as E;
+        match e {
+            E::NotFound(id) => ApiError::new(
+                StatusCode::NOT_FOUND,
+                format!("task {id} not found"),
+                Value::Null,
+            ),
+            E::Invalid { field, reason } => ApiError::invalid(field, reason),
+            E::WrongState {
+                id,
+                status,
+                action,
+                allowed,
+            } => ApiError::new(
+                StatusCode::BAD_REQUEST,
+                format!("task {id} is {status}; {action} needs {allowed}"),
+                json!({ "status": status }),
+            ),
+            E::Db(e) => ApiError::internal(e),
+        }
+    }
+}
+
+impl From<crate::agents::Error> for ApiError {
+    fn from(e: crate::agents::Error) -> ApiError {
+        use crate::agents::Error as E;
+        match e {
+            E::Invalid { field, reason } => ApiError::invalid(field, reason),
+            E::Duplicate(name) => ApiError::new(
+                StatusCode::CONFLICT,
+                format!("an agent named {name:?} already exists"),
+                Value::Null,
+            ),
+            E::NotFound(name) => ApiError::new(
+                StatusCode::NOT_FOUND,
+                format!("no agent {name}"),
+                Value::Null,
+            ),
+            E::Queue(e) => e.into(),
+            E::Db(e) => ApiError::internal(e),
+        }
+    }
+}
+
+/// `Json<T>` whose rejections are API errors: 400 malformed, 422 wrong shape (naming the
+/// field), 413 too large, 415 not JSON.
+pub struct ApiJson<T>(pub T);
+
+impl<S: Send + Sync, T: serde::de::DeserializeOwned> FromRequest<S> for ApiJson<T> {
+    type Rejection = ApiError;
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        match Json::<T>::from_request(req, state).await {
+            Ok(Json(v)) => Ok(ApiJson(v)),
+            Err(r) => Err(match &r {
+                JsonRejection::JsonSyntaxError(_) => ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "malformed JSON",
+                    json!(r.body_text()),
+                ),
+                JsonRejection::JsonDataError(_) => ApiError::new(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "the JSON does not fit",
+                    json!(r.body_text()),
+                ),
+                JsonRejection::MissingJsonContentType(_) => ApiError::new(
+                    StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                    "send Content-Type: application/json",
+                    Value::Null,
+                ),
+                _ if r.status() == StatusCode::PAYLOAD_TOO_LARGE => ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "the body is too large",
+                    json!({"max_kb": "api.max_body_kb"}),
+                ),
+                _ => ApiError::new(r.status(), "unreadable body", json!(r.body_text())),
+            }),
+        }
+    }
+}
+
+type Shared = State<Arc<ApiState>>;
+type ApiResult<T> = Result<T, ApiError>;
+
+/// Bearer-token check for `/api`: read tokens may only read.
+async fn auth(State(st): Shared, req: Request, next: Next) -> Response {
+    if st.tokens.is_empty() {
+        return next.run(req).await;
+    }
+    let presented = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    let Some(presented) = presented else {
+        return ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "missing bearer token",
+            Value::Null,
+        )
+        .into_response();
+    };
+    // Every token is compared, in constant time, so timing says nothing about which matched.
+    let mut scope = None;
+    for t in &st.tokens {
+        if bool::from(t.token.expose().as_bytes().ct_eq(presented.as_bytes())) {
+            scope = Some(t.scope);
+        }
+    }
+    let Some(scope) = scope else {
+        return ApiError::new(StatusCode::UNAUTHORIZED, "unknown token", Value::Null)
+            .into_response();
+    };
+    let reads = matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS);
+    if !reads && scope != Scope::Admin {
+        return ApiError::new(
+            StatusCode::FORBIDDEN,
+            "this token may only read",
+            json!({"scope": "read"}),
+        )
+        .into_response();
+    }
+    next.run(req).await
+}
+
+/// The whole HTTP surface of a replica.
+pub fn router(state: Arc<ApiState>) -> Router {
+    let api = Router::new()
+        .route("/tasks", get(list_tasks).post(create_task))
+        .route("/tasks/stats/summary", get(stats))
+        .route("/tasks/agent/{agent_id}", get(agent_tasks))
+        .route("/tasks/{task_id}", get(get_task).delete(delete_task))
+        .route("/tasks/{task_id}/retry", post(retry_task))
+        .route("/tasks/{task_id}/cancel", post(cancel_task))
+        .route("/agents", get(list_agents).post(create_agent))
+        .route(
+            "/agents/{id}",
+            get(get_agent).patch(update_agent).delete(delete_agent),
+        )
+        .route("/agents/{id}/run", post(run_agent))
+        .route(
+            "/agents/{id}/handoff",
+            get(get_handoff).delete(clear_handoff),
+        )
+        .route("/fleet", get(fleet))
+        .route("/fleet/resume", post(resume_all))
+        .route("/fleet/{replica_id}/resume", post(resume_one))
+        .route("/openapi.json", get(openapi_json))
+        .route_layer(middleware::from_fn_with_state(state.clone(), auth));
+    let cfg = &state.config.api;
+    Router::new()
+        .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .nest("/api", api)
+        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such route", Value::Null) })
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method not allowed on this route",
+                Value::Null,
+            )
+        })
+        .layer(DefaultBodyLimit::max(cfg.max_body_kb as usize * 1024))
+        .layer(tower_http::timeout::TimeoutLayer::with_status_code(
+            StatusCode::REQUEST_TIMEOUT,
+            Duration::from_secs(cfg.request_timeout_s),
+        ))
+        .layer(tower::limit::GlobalConcurrencyLimitLayer::new(
+            cfg.max_concurrent_requests,
+        ))
+        .with_state(state)
+}
+
+/// Serves `router` on `listener` until `shutdown`, then lets requests in flight finish.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    router: Router,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, router)
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+async fn readyz(State(st): Shared) -> Response {
+    let check = async {
+        sqlx::query("SELECT 1")
+            .execute(&st.pool)
+            .await
+            .map_err(|e| e.to_string())?;
+        match crate::db::migrations_current(&st.pool).await {
+            Ok(true) => Ok(()),
+            Ok(false) => Err("migrations are not current; run harness migrate".to_string()),
+            Err(e) => Err(e.to_string()),
+        }
+    };
+    // Never hangs: a database that does not answer in 2 s is down.
+    match tokio::time::timeout(Duration::from_secs(2), check).await {
+        Ok(Ok(())) => Json(json!({"status": "ready"})).into_response(),
+        Ok(Err(e)) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"status": "unavailable", "error": "database not ready", "detail": e})),
+        )
+            .into_response(),
+        Err(_) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"status": "unavailable", "error": "database did not answer within 2 s"})),
+        )
+            .into_response(),
+    }
+}
+
+async fn metrics() -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        crate::telemetry::metrics().render(),
+    )
+        .into_response()
+}
+
+async fn openapi_json() -> Json<Value> {
+    Json(openapi::document())
+}
+
+// ---- tasks ---------------------------------------------------------------------------
+
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateTask {
+    pub kind: String,
+    #[serde(default)]
+    pub payload: Value,
+    #[serde(default)]
+    pub priority: i32,
+    /// Seconds from now before the task may run.
+    pub delay_s: Option<f64>,
+    /// Not before this time (RFC 3339).
+    pub run_at: Option<chrono::DateTime<chrono::Utc>>,
+    pub max_retries: Option<u32>,
+    pub timeout_s: Option<f64>,
+    /// Also accepted as the `Idempotency-Key` header.
+    pub idempotency_key: Option<String>,
+}
+
+async fn create_task(
+    State(st): Shared,
+    headers: HeaderMap,
+    ApiJson(body): ApiJson<CreateTask>,
+) -> ApiResult<Response> {
+    if !st.kinds.contains(&body.kind) {
+        return Err(ApiError::invalid(
+            "kind",
+            format!(
+                "{:?} is not a kind this fleet runs; allowed: {}",
+                body.kind,
+                st.kinds.join(", ")
+            ),
+        ));
+    }
+    let mut task = NewTask::new(body.kind, body.payload).priority(body.priority);
+    if let Some(d) = body.delay_s {
+        if !(0.0..=31_536_000.0).contains(&d) {
+            return Err(ApiError::invalid(
+                "delay_s",
+                "must be 0 to 31536000 seconds",
+            ));
+        }
+        task = task.delay(Duration::from_secs_f64(d));
+    }
+    if let Some(t) = body.run_at {
+        task = task.run_at(t);
+    }
+    if let Some(n) = body.max_retries {
+        task = task.max_retries(n);
+    }
+    if let Some(t) = body.timeout_s {
+        if !(0.001..=604_800.0).contains(&t) {
+            return Err(ApiError::invalid(
+                "timeout_s",
+                "must be 0.001 to 604800 seconds",
+            ));
+        }
+        task = task.timeout(Duration::from_secs_f64(t));
+    }
+    let key = headers
+        .get("idempotency-key")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
+        .or(body.idempotency_key);
+    if let Some(k) = key {
+        task = task.idempotency_key(k);
+    }
+    let e = st.queue.enqueue(task).await?;
+    let t = st.queue.get(e.id).await?;
+    let status = if e.deduplicated {
+        StatusCode::OK
+    } else {
+        StatusCode::CREATED
+    };
+    Ok((status, Json(t)).into_response())
+}
+
+#[derive(Debug, Deserialize)]
+pub struct ListQuery {
+    pub status: Option<String>,
+    pub kind: Option<String>,
+    pub agent_id: Option<i64>,
+    pub limit: Option<i64>,
+    pub offset: Option<i64>,
+}
+
+fn page(limit: Option<i64>, offset: Option<i64>) -> ApiResult<(i64, i64)> {
+    let limit = limit.unwrap_or(50);
+    if !(1..=100).contains(&limit) {
+        return Err(ApiError::invalid(
+            "limit",
+            format!("{limit} is out of range; allowed 1 to 100"),
+        ));
+    }
+    let offset = offset.unwrap_or(0);
+    if offset < 0 {
+        return Err(ApiError::invalid("offset", "must be 0 or more"));
+    }
+    Ok((limit, offset))
+}
+
+async fn list_tasks(
+    State(st): Shared,
+    Query(q): Query<ListQuery>,
+) -> ApiResult<Json<Vec<crate::queue::Task>>> {
+    let (limit, offset) = page(q.limit, q.offset)?;
+    let status = match q.status.as_deref() {
+        None | Some("") => None,
+        Some(s) => Some(Status::parse(s).ok_or_else(|| {
+            ApiError::invalid(
+                "status",
+                format!(
+                    "{s:?}; allowed: {}",
+                    Status::ALL.map(Status::as_str).join(", ")
+                ),
+            )
+        })?),
+    };
+    let f = TaskFilter {
+        status,
+        kind: q.kind,
+        agent_id: q.agent_id,
+        limit,
+        offset,
+    };
+    Ok(Json(st.queue.list(&f).await?))
+}
+
+#[derive(Debug, Deserialize)]
+pub struct PageQuery {
+    pub limit: Option<i64>,
+    pub offset: Option<i64>,
+}
+
+async fn agent_tasks(
+    State(st): Shared,
+    Path(agent_id): Path<i64>,
+    Query(q): Query<PageQuery>,
+) -> ApiResult<Json<Vec<crate::queue::Task>>> {
+    let (limit, offset) = page(q.limit, q.offset)?;
+    let f = TaskFilter {
+        agent_id: Some(agent_id),
+        limit,
+        offset,
+        ..TaskFilter::default()
+    };
+    Ok(Json(st.queue.list(&f).await?))
+}
+
+async fn get_task(State(st): Shared, Path(id): Path<i64>) -> ApiResult<Json<crate::queue::Task>> {
+    Ok(Json(st.queue.get(id).await?))
+}
+
+async fn delete_task(State(st): Shared, Path(id): Path<i64>) -> ApiResult<StatusCode> {
+    st.queue.delete(id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn retry_task(State(st): Shared, Path(id): Path<i64>) -> ApiResult<Response> {
+    let t = st.queue.retry(id).await?;
+    Ok((StatusCode::CREATED, Json(t)).into_response())
+}
+
+async fn cancel_task(State(st): Shared, Path(id): Path<i64>) -> ApiResult<Json<Value>> {
+    let status = st.queue.cancel(id).await?;
+    Ok(Json(
+        json!({ "id": id, "status": status, "cancel_requested": status == Status::Running }),
+    ))
+}
+
+async fn stats(State(st): Shared) -> ApiResult<Json<Value>> {
+    let s = st.queue.stats().await?;
+    Ok(Json(json!({
+        "total": s.total,
+        "completed": s.count(Status::Completed),
+        "failed": s.count(Status::Failed),
+        "running": s.count(Status::Running),
+        "pending": s.count(Status::Pending),
+        "success_rate": s.success_rate,
+    })))
+}
+
+// ---- agents --------------------------------------------------------------------------
+
+fn agents(st: &ApiState) -> ApiResult<&Agents> {
+    st.agents.as_ref().ok_or_else(|| {
+        ApiError::new(
+            StatusCode::NOT_IMPLEMENTED,
+            "this replica does not run agents",
+            Value::Null,
+        )
+    })
+}
+
+/// An agent by numeric id or by name.
+async fn find_agent(a: &Agents, key: &str) -> ApiResult<crate::agents::Agent> {
+    Ok(match key.parse::<i64>() {
+        Ok(id) => a.get_by_id(id).await?,
+        Err(_) => a.get(key).await?,
+    })
+}
+
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateAgent {
+    pub name: String,
+    /// Python source defining `class Agent` (or give `command`).
+    pub code: Option<String>,
+    /// A program and its arguments (or give `code`).
+    pub command: Option<Vec<String>>,
+    /// Any of schedule, timezone, timeout, max_retries, memory_mb, cpu_percent, env, overlap.
+    #[serde(default)]
+    pub config: serde_json::Map<String, Value>,
+    #[serde(default = "yes")]
+    pub active: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn runtime_of(code: Option<String>, command: Option<Vec<String>>) -> ApiResult<Option<Runtime>> {
+    match (code, command) {
+        (Some(_), Some(_)) => Err(ApiError::invalid("code", "give code or command, not both")),
+        (Some(code), None) => Ok(Some(Runtime::Python { code })),
+        (None, Some(argv)) => Ok(Some(Runtime::Command { argv })),
+        (None, None) => Ok(None),
+    }
+}
+
+/// `base` with the fields of `patch` applied; unknown fields and wrong types name the field.
+fn merge_config(
+    base: &AgentConfig,
+    patch: serde_json::Map<String, Value>,
+) -> ApiResult<AgentConfig> {
+    let mut v = serde_json::to_value(base).expect("config serialises");
+    for (k, val) in patch {
+        v[&k] = val;
+    }
+    serde_path_to_error::deserialize(v).map_err(|e| {
+        let path = e.path().to_string();
+        let msg = e.into_inner().to_string();
+        ApiError::invalid(
+            if path == "." {
+                "config"
+            } else {
+                "config field"
+            },
+            format!("{path}: {msg}"),
+        )
+    })
+}
+
+async fn create_agent(
+    State(st): Shared,
+    ApiJson(body): ApiJson<CreateAgent>,
+) -> ApiResult<Response> {
+    let a = agents(&st)?;
+    let runtime = runtime_of(body.code, body.command)?
+        .ok_or_else(|| ApiError::invalid("code", "give the agent's code or a command"))?;
+    let config = merge_config(&AgentConfig::defaults(&st.config), body.config)?;
+    let mut agent = a
+        .create(AgentSpec {
+            name: body.name,
+            runtime,
+            config,
+        })
+        .await?;
+    if !body.active {
+        agent = a.set_active(&agent.name, false).await?;
+    }
+    Ok((StatusCode::CREATED, Json(agent)).into_response())
+}
+
+async fn list_agents(State(st): Shared) -> ApiResult<Json<Vec<crate::agents::Agent>>> {
+    Ok(Json(agents(&st)?.list().await?))
+}
+
+async fn get_agent(State(st): Shared, Path(id): Path<String>) -> ApiResult<Json<Value>> {
+    let agent = find_agent(agents(&st)?, &id).await?;
+    let mut v = serde_json::to_value(&agent).expect("agent serialises");
+    v["next_fire_at"] = json!(agent.next_fire());
+    Ok(Json(v))
+}
+
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateAgent {
+    pub code: Option<String>,
+    pub command: Option<Vec<String>>,
+    #[serde(default)]
+    pub config: serde_json::Map<String, Value>,
+    pub active: Option<bool>,
+}
+
+async fn update_agent(
+    State(st): Shared,
+    Path(id): Path<String>,
+    ApiJson(body): ApiJson<UpdateAgent>,
+) -> ApiResult<Json<crate::agents::Agent>> {
+    let a = agents(&st)?;
+    let current = find_agent(a, &id).await?;
+    let runtime = runtime_of(body.code, body.command)?.unwrap_or_else(|| current.runtime());
+    let config = merge_config(&current.config, body.config)?;
+    let mut agent = a.update(&current.name, runtime, config).await?;
+    if let Some(active) = body.active {
+        agent = a.set_active(&agent.name, active).await?;
+    }
+    Ok(Json(agent))
+}
+
+async fn delete_agent(State(st): Shared, Path(id): Path<String>) -> ApiResult<StatusCode> {
+    let a = agents(&st)?;
+    let agent = find_agent(a, &id).await?;
+    a.remove(&agent.name).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Debug, Default, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RunAgent {
+    #[serde(default)]
+    pub input: Value,
+}
+
+async fn run_agent(
+    State(st): Shared,
+    Path(id): Path<String>,
+    body: axum::body::Bytes,
+) -> ApiResult<Response> {
+    let a = agents(&st)?;
+    let agent = find_agent(a, &id).await?;
+    // The body is optional: no body runs the agent with no input.
+    let input = if body.iter().all(u8::is_ascii_whitespace) {
+        Value::Null
+    } else {
+        serde_json::from_slice::<RunAgent>(&body)
+            .map_err(|e| {
+                if e.is_syntax() || e.is_eof() {
+                    ApiError::new(
+                        StatusCode::BAD_REQUEST,
+                        "malformed JSON",
+                        json!(e.to_string()),
+                    )
+                } else {
+                    ApiError::new(
+                        StatusCode::UNPROCESSABLE_ENTITY,
+                        "the JSON does not fit",
+                        json!(e.to_string()),
+                    )
+                }
+            })?
+            .input
+    };
+    let e = st.queue.enqueue(a.run_task(&agent, input)).await?;
+    let t = st.queue.get(e.id).await?;
+    Ok((StatusCode::CREATED, Json(t)).into_response())
+}
+
+async fn get_handoff(State(st): Shared, Path(id): Path<String>) -> ApiResult<Json<Value>> {
+    let a = agents(&st)?;
+    let agent = find_agent(a, &id).await?;
+    let h = a
+        .handoffs()
+        .load_artifact(agent.id)
+        .await
+        .map_err(ApiError::internal)?;
+    Ok(Json(serde_json::to_value(h).expect("artifact serialises")))
+}
+
+async fn clear_handoff(State(st): Shared, Path(id): Path<String>) -> ApiResult<StatusCode> {
+    let a = agents(&st)?;
+    let agent = find_agent(a, &id).await?;
+    a.handoffs()
+        .clear_artifact(agent.id)
+        .await
+        .map_err(ApiError::internal)?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+// ---- fleet ---------------------------------------------------------------------------
+
+async fn fleet(State(st): Shared) -> ApiResult<Json<Value>> {
+    let max_age = Duration::from_secs(st.config.persistence.rescue_after_s);
+    let replicas = crate::queue::replica::list(&st.pool, max_age).await?;
+    let leader = replicas.iter().find(|r| r.is_leader).map(|r| r.id.clone());
+    Ok(Json(json!({ "replicas": replicas, "leader": leader })))
+}
+
+async fn resume_one(State(st): Shared, Path(replica): Path<String>) -> ApiResult<Json<Value>> {
+    let n = crate::governor::request_resume(&st.pool, Some(&replica))
+        .await
+        .map_err(ApiError::internal)?;
+    if n == 0 {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("no replica {replica:?}"),
+            Value::Null,
+        ));
+    }
+    Ok(Json(json!({ "resumed": [replica] })))
+}
+
+async fn resume_all(State(st): Shared) -> ApiResult<Json<Value>> {
+    let n = crate::governor::request_resume(&st.pool, None)
+        .await
+        .map_err(ApiError::internal)?;
+    Ok(Json(json!({ "resumed": n })))
+}

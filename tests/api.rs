@@ -1,0 +1,828 @@
+//! The REST API over real HTTP against a real replica and PostgreSQL.
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use common::TestDb;
+use harness::agents::Agents;
+use harness::api::{ApiState, router};
+use harness::executor::Executor;
+use harness::replica::builtin_handlers;
+use harness::{Config, Harness};
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+use tokio::sync::oneshot;
+
+const ADMIN: &str = "admin-token-0123456789";
+const READ: &str = "read-token-0123456789";
+
+struct Api {
+    base: String,
+    client: reqwest::Client,
+    stop: Option<oneshot::Sender<()>>,
+    served: Option<tokio::task::JoinHandle<()>>,
+    replica: String,
+}
+
+impl Api {
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+    fn get(&self, path: &str) -> reqwest::RequestBuilder {
+        self.client.get(self.url(path)).bearer_auth(ADMIN)
+    }
+    fn post(&self, path: &str) -> reqwest::RequestBuilder {
+        self.client.post(self.url(path)).bearer_auth(ADMIN)
+    }
+    async fn stop(mut self) {
+        let _ = self.stop.take().unwrap().send(());
+        self.served.take().unwrap().await.unwrap();
+    }
+}
+
+fn config(db: &TestDb) -> Config {
+    Config::load_from(
+        None,
+        [
+            ("DATABASE_URL", db.url.as_str()),
+            ("HARNESS_BULK__POLL_INTERVAL_MS", "50"),
+            ("HARNESS_BULK__RETRY_ATTEMPTS", "0"),
+            ("HARNESS_TELEMETRY__SAMPLE_INTERVAL_S", "1"),
+            ("HARNESS_API__MAX_BODY_KB", "4"),
+            (
+                "HARNESS_API__TOKENS",
+                &format!(
+                    r#"[{{"token":"{ADMIN}","scope":"admin"}},{{"token":"{READ}","scope":"read"}}]"#
+                ),
+            ),
+        ]
+        .map(|(k, v)| (k.to_string(), v.to_string())),
+    )
+    .unwrap()
+}
+
+/// A replica (with a `flaky` kind that fails while the flag is set) and its API.
+async fn start(db: &TestDb, flaky: Arc<AtomicBool>) -> Api {
+    let cfg = config(db);
+    let executor = Arc::new(Executor::new(&cfg.executor).unwrap());
+    let agents = Agents::new(db.pool.clone(), executor);
+    let h = builtin_handlers(Harness::builder())
+        .agents(agents.clone())
+        .handler("flaky", move |_p: Value| {
+            let fail = flaky.load(Ordering::SeqCst);
+            async move {
+                if fail {
+                    Err("flaky failure".to_string())
+                } else {
+                    Ok(json!({"ok": true}))
+                }
+            }
+        })
+        .config(cfg.clone())
+        .pool(db.pool.clone())
+        .build()
+        .await
+        .unwrap();
+    let state = Arc::new(ApiState {
+        queue: h.queue().clone(),
+        agents: Some(agents),
+        pool: db.pool.clone(),
+        tokens: cfg.api.tokens.clone(),
+        kinds: h.kinds(),
+        config: cfg,
+    });
+    let replica = h.replica_id().to_string();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let (tx, rx) = oneshot::channel::<()>();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let api = tokio::spawn(harness::api::serve(
+        listener,
+        router(state),
+        stop.clone().cancelled_owned(),
+    ));
+    let served = tokio::spawn(async move {
+        h.serve(async {
+            let _ = rx.await;
+        })
+        .await
+        .unwrap();
+        stop.cancel();
+        let _ = api.await;
+    });
+    Api {
+        base,
+        client: reqwest::Client::new(),
+        stop: Some(tx),
+        served: Some(served),
+        replica,
+    }
+}
+
+async fn json_of(r: reqwest::Response) -> (StatusCode, Value) {
+    let s = r.status();
+    (s, r.json().await.unwrap_or(Value::Null))
+}
+
+async fn wait_status(api: &Api, id: i64, want: &str) -> Value {
+    let t0 = Instant::now();
+    loop {
+        let (_, t) = json_of(api.get(&format!("/api/tasks/{id}")).send().await.unwrap()).await;
+        if t["status"] == want {
+            return t;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(15),
+            "task {id} is {}, not {want}",
+            t["status"]
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn task_endpoints_follow_the_predecessors_contract() {
+    let db = TestDb::new().await;
+    let flaky = Arc::new(AtomicBool::new(true));
+    let api = start(&db, flaky.clone()).await;
+
+    // Create: 201 new, 200 existing (header or field key).
+    let (s, t) = json_of(
+        api.post("/api/tasks")
+            .header("Idempotency-Key", "k1")
+            .json(&json!({"kind": "echo", "payload": {"v": 1}, "priority": 3}))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(s, StatusCode::CREATED, "{t}");
+    for k in [
+        "id",
+        "agent_id",
+        "kind",
+        "status",
+        "payload",
+        "result",
+        "error",
+        "priority",
+        "attempt",
+        "retry_count",
+        "max_retries",
+        "idempotency_key",
+        "scheduled_at",
+        "started_at",
+        "completed_at",
+        "created_at",
+        "replica",
+    ] {
+        assert!(t.get(k).is_some(), "task JSON lacks {k}: {t}");
+    }
+    let id = t["id"].as_i64().unwrap();
+    let (s, again) = json_of(
+        api.post("/api/tasks")
+            .json(&json!({"kind": "echo", "payload": {"v": 2}, "idempotency_key": "k1"}))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!((s, again["id"].as_i64()), (StatusCode::OK, Some(id)));
+    let done = wait_status(&api, id, "completed").await;
+    assert_eq!(done["result"], json!({"v": 1}));
+    assert!(chrono::DateTime::parse_from_rfc3339(done["completed_at"].as_str().unwrap()).is_ok());
+
+    // 404, listing with filters, pagination bounds.
+    assert_eq!(
+        api.get("/api/tasks/999999").send().await.unwrap().status(),
+        StatusCode::NOT_FOUND
+    );
+    let (s, list) = json_of(
+        api.get("/api/tasks?status=completed&kind=echo&limit=10")
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(list.as_array().unwrap().len(), 1);
+    for bad in ["limit=0", "limit=101", "offset=-1", "status=bogus"] {
+        let (s, e) = json_of(api.get(&format!("/api/tasks?{bad}")).send().await.unwrap()).await;
+        assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{bad}: {e}");
+        assert!(e["error"].as_str().unwrap().starts_with("invalid "), "{e}");
+    }
+
+    // Retry: only failed or timed-out tasks, and the new task completes.
+    let (_, f) = json_of(
+        api.post("/api/tasks")
+            .json(&json!({"kind": "flaky"}))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    let fid = f["id"].as_i64().unwrap();
+    wait_status(&api, fid, "failed").await;
+    let (s, _) = json_of(
+        api.post(&format!("/api/tasks/{id}/retry"))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(
+        s,
+        StatusCode::BAD_REQUEST,
+        "a completed task is not retried"
+    );
+    flaky.store(false, Ordering::SeqCst);
+    let (s, r) = json_of(
+        api.post(&format!("/api/tasks/{fid}/retry"))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(s, StatusCode::CREATED, "{r}");
+    wait_status(&api, r["id"].as_i64().unwrap(), "completed").await;
+    assert_eq!(
+        api.post("/api/tasks/999999/retry")
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        StatusCode::NOT_FOUND
+    );
+
+    // Delete: refused while running, 204 otherwise, then 404.
+    let (_, sl) = json_of(
+        api.post("/api/tasks")
+            .json(&json!({"kind": "sleep", "payload": {"ms": 3000}}))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    let sid = sl["id"].as_i64().unwrap();
+    wait_status(&api, sid, "running").await;
+    assert_eq!(
+        api.client
+            .delete(api.url(&format!("/api/tasks/{sid}")))
+            .bearer_auth(ADMIN)
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        StatusCode::BAD_REQUEST
+    );
+    let (s, c) = json_of(
+        api.post(&format!("/api/tasks/{sid}/cancel"))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!((s, &c["status"]), (StatusCode::OK, &json!("running")));
+    wait_status(&api, sid, "cancelled").await;
+    assert_eq!(
+        api.client
+            .delete(api.url(&format!("/api/tasks/{sid}")))
+            .bearer_auth(ADMIN)
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        StatusCode::NO_CONTENT
+    );
+    assert_eq!(
+        api.get(&format!("/api/tasks/{sid}"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        StatusCode::NOT_FOUND
+    );
+
+    // Summary.
+    let (s, sum) = json_of(api.get("/api/tasks/stats/summary").send().await.unwrap()).await;
+    assert_eq!(s, StatusCode::OK);
+    for k in [
+        "total",
+        "completed",
+        "failed",
+        "running",
+        "pending",
+        "success_rate",
+    ] {
+        assert!(sum.get(k).is_some(), "{sum}");
+    }
+    assert_eq!(sum["completed"], 2);
+    api.stop().await;
+}
+
+#[tokio::test]
+async fn auth_scopes_and_bad_requests_get_clear_json_errors() {
+    let db = TestDb::new().await;
+    let api = start(&db, Arc::new(AtomicBool::new(false))).await;
+    let c = &api.client;
+
+    let r = c.get(api.url("/api/tasks")).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    assert!(
+        r.headers()
+            .get("www-authenticate")
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .starts_with("Bearer")
+    );
+    assert_eq!(
+        c.get(api.url("/api/tasks"))
+            .bearer_auth("wrong-token-0123456789")
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(
+        c.get(api.url("/api/tasks"))
+            .bearer_auth(READ)
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        StatusCode::OK
+    );
+    let (s, e) = json_of(
+        c.post(api.url("/api/tasks"))
+            .bearer_auth(READ)
+            .json(&json!({"kind": "noop"}))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(s, StatusCode::FORBIDDEN, "{e}");
+    // Health and metrics stay open.
+    for open in ["/healthz", "/readyz", "/metrics"] {
+        assert_eq!(
+            c.get(api.url(open)).send().await.unwrap().status(),
+            StatusCode::OK,
+            "{open}"
+        );
+    }
+
+    let post = |body: &'static str| {
+        c.post(api.url("/api/tasks"))
+            .bearer_auth(ADMIN)
+            .header("content-type", "application/json")
+            .body(body)
+    };
+    let (s, e) = json_of(post("{not json").send().await.unwrap()).await;
+    assert_eq!(
+        (s, e["error"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("malformed JSON"))
+    );
+    let (s, e) = json_of(post(r#"{"payload": {}}"#).send().await.unwrap()).await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY);
+    assert!(
+        e["detail"]
+            .as_str()
+            .unwrap()
+            .contains("missing field `kind`"),
+        "{e}"
+    );
+    let (s, e) = json_of(
+        post(r#"{"kind": "noop", "priority": "high"}"#)
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY);
+    assert!(e["detail"].as_str().unwrap().contains("priority"), "{e}");
+    let (s, e) = json_of(post(r#"{"kind": "nope"}"#).send().await.unwrap()).await;
+    assert_eq!(
+        (s, e["detail"]["field"].as_str()),
+        (StatusCode::UNPROCESSABLE_ENTITY, Some("kind"))
+    );
+    let big = format!(
+        r#"{{"kind": "noop", "payload": "{}"}}"#,
+        "x".repeat(8 * 1024)
+    );
+    let r = c
+        .post(api.url("/api/tasks"))
+        .bearer_auth(ADMIN)
+        .header("content-type", "application/json")
+        .body(big)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    let (s, e) = json_of(
+        c.get(api.url("/api/nowhere"))
+            .bearer_auth(ADMIN)
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(
+        (s, e["error"].as_str()),
+        (StatusCode::NOT_FOUND, Some("no such route"))
+    );
+    let (s, e) = json_of(
+        c.put(api.url("/api/tasks"))
+            .bearer_auth(ADMIN)
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(s, StatusCode::METHOD_NOT_ALLOWED, "{e}");
+    assert!(e["error"].is_string());
+    // Nothing of the above was stored.
+    let (_, sum) = json_of(api.get("/api/tasks/stats/summary").send().await.unwrap()).await;
+    assert_eq!(sum["total"], 0);
+    api.stop().await;
+}
+
+#[tokio::test]
+async fn agent_and_fleet_endpoints() {
+    let db = TestDb::new().await;
+    let api = start(&db, Arc::new(AtomicBool::new(false))).await;
+    let code = "class Agent:\n    def execute(self):\n        prev = (self.handoff or {}).get('state') or {}\n        return {'state': {'n': prev.get('n', 0) + 1}}\n";
+    let (s, a) = json_of(api.post("/api/agents").json(&json!({"name": "counter", "code": code, "config": {"timeout": 30, "schedule": "0 * * * *"}})).send().await.unwrap()).await;
+    assert_eq!(s, StatusCode::CREATED, "{a}");
+    let id = a["id"].as_i64().unwrap();
+    let (s, _) = json_of(
+        api.post("/api/agents")
+            .json(&json!({"name": "counter", "code": code}))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(s, StatusCode::CONFLICT);
+    let (s, e) = json_of(
+        api.post("/api/agents")
+            .json(&json!({"name": "bad", "code": "class Agent(:"}))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(
+        (s, e["detail"]["field"].as_str()),
+        (StatusCode::UNPROCESSABLE_ENTITY, Some("code")),
+        "{e}"
+    );
+    let (s, e) = json_of(
+        api.post("/api/agents")
+            .json(&json!({"name": "bad", "code": code, "config": {"memory_mb": 1}}))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(
+        (s, e["detail"]["field"].as_str()),
+        (StatusCode::UNPROCESSABLE_ENTITY, Some("memory_mb")),
+        "{e}"
+    );
+    let (s, e) = json_of(
+        api.post("/api/agents")
+            .json(&json!({"name": "bad", "code": code, "config": {"schedule": "nope"}}))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(
+        (s, e["detail"]["field"].as_str()),
+        (StatusCode::UNPROCESSABLE_ENTITY, Some("schedule")),
+        "{e}"
+    );
+
+    let (_, list) = json_of(api.get("/api/agents").send().await.unwrap()).await;
+    assert_eq!(list.as_array().unwrap().len(), 1);
+    let (_, by_name) = json_of(api.get("/api/agents/counter").send().await.unwrap()).await;
+    assert_eq!(by_name["id"].as_i64(), Some(id));
+    assert!(by_name["next_fire_at"].is_string());
+    let (s, p) = json_of(
+        api.client
+            .patch(api.url(&format!("/api/agents/{id}")))
+            .bearer_auth(ADMIN)
+            .json(&json!({"config": {"timeout": 20}}))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(
+        (s, &p["config"]["timeout"]),
+        (StatusCode::OK, &json!(20)),
+        "{p}"
+    );
+
+    let (_, h) = json_of(
+        api.get(&format!("/api/agents/{id}/handoff"))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(h, Value::Null);
+    for n in 1..=2 {
+        let (s, t) = json_of(
+            api.post(&format!("/api/agents/{id}/run"))
+                .send()
+                .await
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(s, StatusCode::CREATED, "{t}");
+        wait_status(&api, t["id"].as_i64().unwrap(), "completed").await;
+        let (_, h) = json_of(
+            api.get(&format!("/api/agents/{id}/handoff"))
+                .send()
+                .await
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(h["state"]["n"], n);
+    }
+    let (_, runs) = json_of(
+        api.get(&format!("/api/tasks/agent/{id}?limit=1"))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(runs.as_array().unwrap().len(), 1, "limit applies");
+    assert_eq!(
+        api.client
+            .delete(api.url(&format!("/api/agents/{id}/handoff")))
+            .bearer_auth(ADMIN)
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        StatusCode::NO_CONTENT
+    );
+    assert_eq!(
+        api.client
+            .delete(api.url(&format!("/api/agents/{id}")))
+            .bearer_auth(ADMIN)
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        StatusCode::NO_CONTENT
+    );
+    assert_eq!(
+        api.get(&format!("/api/agents/{id}"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        StatusCode::NOT_FOUND
+    );
+
+    // Fleet.
+    let t0 = Instant::now();
+    loop {
+        let (_, f) = json_of(api.get("/api/fleet").send().await.unwrap()).await;
+        if f["replicas"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r["id"] == api.replica.as_str())
+        {
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(5), "{f}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        api.post(&format!("/api/fleet/{}/resume", api.replica))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        StatusCode::OK
+    );
+    assert_eq!(
+        api.post("/api/fleet/nobody-here/resume")
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(
+        api.post("/api/fleet/resume").send().await.unwrap().status(),
+        StatusCode::OK
+    );
+    api.stop().await;
+}
+
+#[tokio::test]
+async fn the_openapi_document_lists_every_route_and_metrics_move() {
+    let db = TestDb::new().await;
+    let api = start(&db, Arc::new(AtomicBool::new(false))).await;
+    let (s, doc) = json_of(api.get("/api/openapi.json").send().await.unwrap()).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(doc["openapi"], "3.1.0");
+    let paths = doc["paths"].as_object().unwrap();
+    let mut ops = 0;
+    for (path, methods) in paths {
+        for (method, _) in methods.as_object().unwrap() {
+            ops += 1;
+            // Every documented operation is routed: never "no such route" or 405.
+            let concrete = path
+                .replace("{task_id}", "999999")
+                .replace("{agent_id}", "999999")
+                .replace("{id}", "999999")
+                .replace("{replica_id}", "nobody");
+            let r = api
+                .client
+                .request(method.to_uppercase().parse().unwrap(), api.url(&concrete))
+                .bearer_auth(ADMIN)
+                .header("content-type", "application/json")
+                .body("{}")
+                .send()
+                .await
+                .unwrap();
+            assert_ne!(
+                r.status(),
+                StatusCode::METHOD_NOT_ALLOWED,
+                "{method} {path}"
+            );
+            let body: Value = r.json().await.unwrap_or(Value::Null);
+            assert_ne!(body["error"], "no such route", "{method} {path}");
+        }
+    }
+    assert!(ops >= 23, "only {ops} operations documented");
+    for required in [
+        "/api/tasks/{task_id}",
+        "/api/tasks/agent/{agent_id}",
+        "/api/tasks/{task_id}/retry",
+        "/api/tasks/stats/summary",
+        "/api/agents/{id}/handoff",
+        "/api/fleet/{replica_id}/resume",
+        "/readyz",
+        "/metrics",
+    ] {
+        assert!(paths.contains_key(required), "{required} missing");
+    }
+    let schemas = doc["components"]["schemas"].as_object().unwrap();
+    assert!(
+        schemas.contains_key("Task")
+            && schemas.contains_key("Agent")
+            && schemas.contains_key("CreateTask")
+    );
+
+    let counter = |text: &str, name: &str| -> f64 {
+        text.lines()
+            .filter(|l| l.starts_with(name) && l.contains("kind=\"echo\""))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    let before = api
+        .client
+        .get(api.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for i in 0..3 {
+        let (_, t) = json_of(
+            api.post("/api/tasks")
+                .json(&json!({"kind": "echo", "payload": {"i": i}}))
+                .send()
+                .await
+                .unwrap(),
+        )
+        .await;
+        wait_status(&api, t["id"].as_i64().unwrap(), "completed").await;
+    }
+    let after = api
+        .client
+        .get(api.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for name in [
+        "harness_tasks_enqueued_total",
+        "harness_tasks_completed_total",
+        "harness_task_duration_seconds_count",
+        "harness_task_pickup_latency_seconds_count",
+    ] {
+        let (b, a) = (counter(&before, name), counter(&after, name));
+        assert!(a >= b + 3.0, "{name}: {b} -> {a}\n{after}");
+    }
+    api.stop().await;
+}
+
+#[tokio::test]
+async fn readiness_follows_the_database() {
+    use harness::db::{PrivateServer, ServerOptions};
+    let home = tempfile::Builder::new()
+        .prefix("harness-ready-")
+        .tempdir_in(std::env::temp_dir())
+        .unwrap();
+    std::fs::set_permissions(
+        home.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let port = std::net::TcpListener::bind(("127.0.0.1", 0))
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let opts = ServerOptions {
+        bindir: None,
+        ephemeral: true,
+        port: Some(port),
+    };
+    let start_pg = |opts: ServerOptions| {
+        let home = home.path().to_path_buf();
+        async move {
+            tokio::task::spawn_blocking(move || PrivateServer::start(&home, &opts))
+                .await
+                .unwrap()
+                .unwrap()
+        }
+    };
+    let server = start_pg(opts.clone()).await;
+    harness::db::create_database(&server, "ready")
+        .await
+        .unwrap();
+    let pool = harness::db::connect(&server.url("ready"), 2).await.unwrap();
+    harness::db::migrate(&pool).await.unwrap();
+    let cfg = Config::load_from(None, [("DATABASE_URL".to_string(), server.url("ready"))]).unwrap();
+    let state = Arc::new(ApiState {
+        queue: harness::queue::Queue::new(pool.clone(), 0),
+        agents: None,
+        pool: pool.clone(),
+        tokens: vec![],
+        kinds: vec![],
+        config: cfg,
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}/readyz", listener.local_addr().unwrap());
+    let stop = tokio_util::sync::CancellationToken::new();
+    tokio::spawn(harness::api::serve(
+        listener,
+        router(state),
+        stop.clone().cancelled_owned(),
+    ));
+    let client = reqwest::Client::new();
+    assert_eq!(
+        client.get(&base).send().await.unwrap().status(),
+        StatusCode::OK
+    );
+
+    tokio::task::spawn_blocking(move || server.stop().unwrap())
+        .await
+        .unwrap();
+    let t0 = Instant::now();
+    let r = client.get(&base).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert!(
+        t0.elapsed() < Duration::from_millis(2500),
+        "readiness took {:?}",
+        t0.elapsed()
+    );
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["status"], "unavailable");
+
+    let server = start_pg(opts).await;
+    let t0 = Instant::now();
+    loop {
+        if client.get(&base).send().await.unwrap().status() == StatusCode::OK {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(15),
+            "not ready again after PostgreSQL came back"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    stop.cancel();
+    pool.close().await;
+    tokio::task::spawn_blocking(move || server.stop().unwrap())
+        .await
+        .unwrap();
+}
