@@ -1,7 +1,14 @@
-//! Logging and, as the crate grows, tracing export and metrics.
+//! Logging, traces and metrics.
 //!
-//! Logs go to stderr: human-readable on a terminal, JSON lines otherwise
-//! (`telemetry.log_format: auto|json|pretty`); `RUST_LOG` filters them (default `info`).
+//! - Logs go to stderr: human-readable on a terminal, JSON lines otherwise
+//!   (`telemetry.log_format: auto|json|pretty`); `RUST_LOG` filters them (default `info`).
+//! - Traces and metrics are exported over OTLP/HTTP (protobuf) when the standard variables ask
+//!   for it (`OTEL_EXPORTER_OTLP_ENDPOINT`, or the `_TRACES_`/`_METRICS_` variants; also
+//!   `OTEL_SERVICE_NAME`, `OTEL_RESOURCE_ATTRIBUTES`, `OTEL_SDK_DISABLED`). These are read by the
+//!   OpenTelemetry SDK itself; nothing is exported and nothing fails when they are unset.
+//! - `/metrics` and OTLP come from one meter provider ([`metrics`]).
+//! - Trace context crosses the queue: the enqueuing span's W3C `traceparent` is stored with the
+//!   task ([`current_traceparent`]) and the execution span is its child ([`parent_from`]).
 
 use std::io::IsTerminal;
 
@@ -10,8 +17,74 @@ use tracing_subscriber::prelude::*;
 
 use crate::config::LogFormat;
 
-/// Installs the global subscriber. Calling it twice is harmless (the second call is ignored).
-pub fn init_logging(format: LogFormat) {
+fn env(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|v| !v.trim().is_empty())
+}
+
+/// Whether OTLP export of (traces, metrics) is asked for by the standard variables.
+pub fn otlp_wanted() -> (bool, bool) {
+    if env("OTEL_SDK_DISABLED").is_some_and(|v| v.eq_ignore_ascii_case("true")) {
+        return (false, false);
+    }
+    let any = env("OTEL_EXPORTER_OTLP_ENDPOINT").is_some();
+    (
+        any || env("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT").is_some(),
+        any || env("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT").is_some(),
+    )
+}
+
+static RESOURCE: std::sync::OnceLock<opentelemetry_sdk::Resource> = std::sync::OnceLock::new();
+
+/// service.name (OTEL_SERVICE_NAME, else agent-harness), service.version, service.instance.id
+/// (the replica id), host.name, k8s.pod.name and k8s.namespace.name (POD_NAME,
+/// POD_NAMESPACE from the downward API), and OTEL_RESOURCE_ATTRIBUTES.
+fn resource(instance_id: Option<&str>) -> opentelemetry_sdk::Resource {
+    use opentelemetry::KeyValue;
+    let mut b = opentelemetry_sdk::Resource::builder();
+    if env("OTEL_SERVICE_NAME").is_none() {
+        b = b.with_service_name("agent-harness");
+    }
+    let mut attrs = vec![KeyValue::new("service.version", env!("CARGO_PKG_VERSION"))];
+    if let Some(id) = instance_id {
+        attrs.push(KeyValue::new("service.instance.id", id.to_string()));
+    }
+    if let Some(host) = nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+    {
+        attrs.push(KeyValue::new("host.name", host));
+    }
+    if let Some(pod) = env("POD_NAME") {
+        attrs.push(KeyValue::new("k8s.pod.name", pod));
+    }
+    if let Some(ns) = env("POD_NAMESPACE") {
+        attrs.push(KeyValue::new("k8s.namespace.name", ns));
+    }
+    b.with_attributes(attrs).build()
+}
+
+/// What must be flushed before the process exits.
+pub struct Telemetry {
+    tracer: Option<opentelemetry_sdk::trace::SdkTracerProvider>,
+}
+
+impl Telemetry {
+    /// Flushes and stops the exporters (spans and metrics not yet sent go now).
+    pub fn shutdown(&self) {
+        if let Some(t) = &self.tracer {
+            let _ = t.shutdown();
+        }
+        if let Some(m) = METRICS.get() {
+            let _ = m.provider.shutdown();
+        }
+    }
+}
+
+/// Installs the global subscriber (logs, and spans over OTLP when asked for). `instance_id`
+/// is the replica id, for the `service.instance.id` resource attribute. Calling it twice is
+/// harmless (the second call installs nothing).
+pub fn init(format: LogFormat, instance_id: Option<&str>) -> Telemetry {
+    let _ = RESOURCE.set(resource(instance_id));
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn"));
     let json = match format {
@@ -19,7 +92,40 @@ pub fn init_logging(format: LogFormat) {
         LogFormat::Pretty => false,
         LogFormat::Auto => !std::io::stderr().is_terminal(),
     };
-    let registry = tracing_subscriber::registry().with(filter);
+    let tracer = if otlp_wanted().0 {
+        match opentelemetry_otlp::SpanExporter::builder()
+            .with_http()
+            .build()
+        {
+            Ok(exporter) => Some(
+                opentelemetry_sdk::trace::SdkTracerProvider::builder()
+                    .with_batch_exporter(exporter)
+                    .with_resource(
+                        RESOURCE
+                            .get()
+                            .cloned()
+                            .unwrap_or_else(|| resource(instance_id)),
+                    )
+                    .build(),
+            ),
+            Err(e) => {
+                eprintln!("warning: OTLP trace export is configured but cannot start: {e}");
+                None
+            }
+        }
+    } else {
+        None
+    };
+    if tracer.is_some() {
+        opentelemetry::global::set_text_map_propagator(
+            opentelemetry_sdk::propagation::TraceContextPropagator::new(),
+        );
+    }
+    let otel = tracer.as_ref().map(|p| {
+        use opentelemetry::trace::TracerProvider;
+        tracing_opentelemetry::layer().with_tracer(p.tracer("harness"))
+    });
+    let registry = tracing_subscriber::registry().with(filter).with(otel);
     let result = if json {
         registry
             .with(
@@ -36,6 +142,39 @@ pub fn init_logging(format: LogFormat) {
             .try_init()
     };
     let _ = result;
+    Telemetry { tracer }
+}
+
+/// Installs logging only (kept for callers that export nothing).
+pub fn init_logging(format: LogFormat) {
+    init(format, None);
+}
+
+/// The W3C `traceparent` of the current span, when it is being traced.
+pub fn current_traceparent() -> Option<String> {
+    use opentelemetry::trace::TraceContextExt;
+    use tracing_opentelemetry::OpenTelemetrySpanExt;
+    let cx = tracing::Span::current().context();
+    let span = cx.span();
+    let sc = span.span_context();
+    sc.is_valid().then(|| {
+        format!(
+            "00-{}-{}-{:02x}",
+            sc.trace_id(),
+            sc.span_id(),
+            sc.trace_flags().to_u8()
+        )
+    })
+}
+
+/// The remote parent named by a `traceparent`, to make a span its child.
+pub fn parent_from(traceparent: &str) -> Option<opentelemetry::Context> {
+    use opentelemetry::propagation::TextMapPropagator;
+    use opentelemetry::trace::TraceContextExt;
+    let carrier =
+        std::collections::HashMap::from([("traceparent".to_string(), traceparent.to_string())]);
+    let cx = opentelemetry_sdk::propagation::TraceContextPropagator::new().extract(&carrier);
+    cx.span().span_context().is_valid().then_some(cx)
 }
 
 /// The process's metrics: one OpenTelemetry meter provider whose Prometheus exporter renders
@@ -72,9 +211,26 @@ pub fn metrics() -> &'static Metrics {
             .without_target_info()
             .build()
             .expect("the Prometheus exporter builds");
-        let provider = opentelemetry_sdk::metrics::SdkMeterProvider::builder()
+        let mut builder = opentelemetry_sdk::metrics::SdkMeterProvider::builder()
             .with_reader(exporter)
-            .build();
+            .with_resource(RESOURCE.get().cloned().unwrap_or_else(|| resource(None)));
+        if otlp_wanted().1 {
+            match opentelemetry_otlp::MetricExporter::builder()
+                .with_http()
+                .build()
+            {
+                // Interval from OTEL_METRIC_EXPORT_INTERVAL (default 60 s).
+                Ok(exporter) => {
+                    builder = builder.with_reader(
+                        opentelemetry_sdk::metrics::PeriodicReader::builder(exporter).build(),
+                    )
+                }
+                Err(e) => {
+                    eprintln!("warning: OTLP metric export is configured but cannot start: {e}")
+                }
+            }
+        }
+        let provider = builder.build();
         let m = provider.meter("harness");
         let seconds = [
             0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,

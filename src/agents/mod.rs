@@ -574,7 +574,9 @@ impl Agents {
         spec.memory_mb = agent.config.memory_mb;
         spec.cpu_percent = agent.config.cpu_percent;
         spec.env = agent.config.env.clone();
-        spec.traceparent = ctx.traceparent.clone();
+        // The sandboxed process continues this run's trace.
+        spec.traceparent =
+            crate::telemetry::current_traceparent().or_else(|| ctx.traceparent.clone());
         let result = self
             .executor
             .run(&spec)

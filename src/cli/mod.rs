@@ -236,7 +236,10 @@ pub fn run(cli: Cli) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    harness::telemetry::init_logging(cfg.telemetry.log_format);
+    // A replica's id is known before logging starts, so exported spans and metrics carry it.
+    let replica_id = matches!(cli.command, Command::Up(_) | Command::Serve(_))
+        .then(harness::queue::replica::new_replica_id);
+    let telemetry = harness::telemetry::init(cfg.telemetry.log_format, replica_id.as_deref());
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -249,8 +252,8 @@ pub fn run(cli: Cli) -> ExitCode {
     };
     let result = runtime.block_on(async move {
         match cli.command {
-            Command::Up(a) => serve(cfg, true, !a.no_api).await,
-            Command::Serve(a) => serve(cfg, false, !a.no_api).await,
+            Command::Up(a) => serve(cfg, true, !a.no_api, replica_id.unwrap_or_default()).await,
+            Command::Serve(a) => serve(cfg, false, !a.no_api, replica_id.unwrap_or_default()).await,
             Command::Migrate(_) => migrate(cfg).await,
             Command::Config(_) => {
                 print!("{}", cfg.to_redacted_yaml());
@@ -271,6 +274,12 @@ pub fn run(cli: Cli) -> ExitCode {
             } => fleet_resume(cfg, replica).await,
         }
         .map(|()| ExitCode::SUCCESS)
+    });
+    // Spans and metrics still buffered go out before the process ends.
+    runtime.block_on(async {
+        tokio::task::spawn_blocking(move || telemetry.shutdown())
+            .await
+            .ok()
     });
     match result {
         Ok(code) => code,
@@ -346,7 +355,12 @@ async fn migrate(cfg: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn serve(mut cfg: Config, announce: bool, with_api: bool) -> anyhow::Result<()> {
+async fn serve(
+    mut cfg: Config,
+    announce: bool,
+    with_api: bool,
+    replica_id: String,
+) -> anyhow::Result<()> {
     let executor = std::sync::Arc::new(harness::executor::Executor::new(&cfg.executor)?);
     // `up` on a reachable address with no token would expose the API: make one.
     let mut generated_token = None;
@@ -365,6 +379,7 @@ async fn serve(mut cfg: Config, announce: bool, with_api: bool) -> anyhow::Resul
     let harness = builtin_handlers(Harness::builder())
         .agents(agents.clone())
         .isolation(executor.isolation.as_str())
+        .replica_id(replica_id)
         .config(cfg.clone())
         .pool(database.pool.clone())
         .build()

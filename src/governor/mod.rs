@@ -211,7 +211,12 @@ pub async fn run(
             }
             match e {
                 Event::StateChanged { from, to, reason } => {
-                    tracing::warn!(replica = %opts.replica, from = from.as_str(), to = to.as_str(), %reason, "governor state changed");
+                    let span = tracing::info_span!(
+                        "governor.transition",
+                        from = from.as_str(),
+                        to = to.as_str()
+                    );
+                    span.in_scope(|| tracing::warn!(replica = %opts.replica, from = from.as_str(), to = to.as_str(), %reason, "governor state changed"));
                     if matches!(to, State::Paused | State::Holding) && held_since.is_none() {
                         held_since = Some(Utc::now());
                     }

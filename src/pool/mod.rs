@@ -392,6 +392,14 @@ async fn run_attempt(shared: Arc<Shared>, job: Job) {
         task.attempt = c.attempt,
         replica = %shared.options.replica,
     );
+    if let Some(parent) = c
+        .traceparent
+        .as_deref()
+        .and_then(crate::telemetry::parent_from)
+    {
+        use tracing_opentelemetry::OpenTelemetrySpanExt;
+        let _ = span.set_parent(parent);
+    }
     let outcome = async {
         let Some(handler) = shared.registry.get(&c.kind) else {
             return Outcome::Failed(format!(
@@ -877,7 +885,11 @@ async fn write_with_retry(
             tries
         };
         let t0 = std::time::Instant::now();
-        let result = queue.complete(replica, batch).await;
+        let result = {
+            use tracing::Instrument;
+            let span = tracing::info_span!("queue.complete", tasks = batch.len());
+            queue.complete(replica, batch).instrument(span).await
+        };
         tracing::trace!(
             n = batch.len(),
             ms = t0.elapsed().as_secs_f64() * 1000.0,

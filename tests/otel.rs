@@ -1,0 +1,209 @@
+//! OpenTelemetry export over OTLP/HTTP: a receiver in the test decodes what a real replica and
+//! a real `harness enqueue` send, and the enqueue and execute spans share one trace.
+
+mod common;
+
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::{TestDb, harness_bin};
+use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
+use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+use prost::Message;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+#[derive(Default)]
+struct Received {
+    traces: Vec<ExportTraceServiceRequest>,
+    metrics: Vec<ExportMetricsServiceRequest>,
+}
+
+/// A minimal OTLP/HTTP receiver (keep-alive aware).
+async fn receiver() -> (u16, Arc<Mutex<Received>>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let got = Arc::new(Mutex::new(Received::default()));
+    let store = got.clone();
+    tokio::spawn(async move {
+        while let Ok((mut sock, _)) = listener.accept().await {
+            let store = store.clone();
+            tokio::spawn(async move {
+                let mut buf: Vec<u8> = Vec::new();
+                let mut chunk = [0u8; 65536];
+                loop {
+                    // One request: headers, then Content-Length bytes of protobuf.
+                    let end = loop {
+                        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                            break i;
+                        }
+                        match sock.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    };
+                    let head = String::from_utf8_lossy(&buf[..end]).to_string();
+                    let len: usize = head
+                        .lines()
+                        .find_map(|l| {
+                            l.to_ascii_lowercase()
+                                .strip_prefix("content-length:")
+                                .map(|v| v.trim().parse().unwrap_or(0))
+                        })
+                        .unwrap_or(0);
+                    while buf.len() < end + 4 + len {
+                        match sock.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    }
+                    let body = buf[end + 4..end + 4 + len].to_vec();
+                    buf.drain(..end + 4 + len);
+                    let path = head.split_whitespace().nth(1).unwrap_or("").to_string();
+                    {
+                        let mut g = store.lock().unwrap();
+                        if path.ends_with("/v1/traces") {
+                            if let Ok(r) = ExportTraceServiceRequest::decode(body.as_slice()) {
+                                g.traces.push(r);
+                            }
+                        } else if path.ends_with("/v1/metrics")
+                            && let Ok(r) = ExportMetricsServiceRequest::decode(body.as_slice())
+                        {
+                            g.metrics.push(r);
+                        }
+                    }
+                    let _ = sock
+                        .write_all(b"HTTP/1.1 200 OK\r\nContent-Type: application/x-protobuf\r\nContent-Length: 0\r\n\r\n")
+                        .await;
+                }
+            });
+        }
+    });
+    (port, got)
+}
+
+fn harness(db: &TestDb, port: u16) -> Command {
+    let mut cmd = Command::new(harness_bin());
+    for (k, _) in std::env::vars() {
+        if k.starts_with("HARNESS_") || k.starts_with("OTEL_") {
+            cmd.env_remove(k);
+        }
+    }
+    cmd.env("DATABASE_URL", &db.url)
+        .env("HARNESS_API__BIND", "127.0.0.1:0")
+        .env("HARNESS_BULK__POLL_INTERVAL_MS", "100")
+        .env(
+            "OTEL_EXPORTER_OTLP_ENDPOINT",
+            format!("http://127.0.0.1:{port}"),
+        )
+        .env("OTEL_SERVICE_NAME", "harness-test")
+        .env("OTEL_RESOURCE_ATTRIBUTES", "deployment.environment=test")
+        .env("OTEL_BSP_SCHEDULE_DELAY", "200")
+        .env("OTEL_METRIC_EXPORT_INTERVAL", "500")
+        .env("RUST_LOG", "info");
+    cmd
+}
+
+/// A span received: name, trace id, resource attributes.
+type Span = (String, Vec<u8>, Vec<(String, String)>);
+
+fn spans(got: &Received) -> Vec<Span> {
+    let mut out = Vec::new();
+    for req in &got.traces {
+        for rs in &req.resource_spans {
+            let attrs: Vec<(String, String)> = rs
+                .resource
+                .iter()
+                .flat_map(|r| r.attributes.iter())
+                .map(|kv| (kv.key.clone(), format!("{:?}", kv.value)))
+                .collect();
+            for ss in &rs.scope_spans {
+                for s in &ss.spans {
+                    out.push((s.name.clone(), s.trace_id.clone(), attrs.clone()));
+                }
+            }
+        }
+    }
+    out
+}
+
+#[tokio::test]
+async fn enqueue_and_execute_spans_share_a_trace_and_metrics_arrive() {
+    let db = TestDb::new().await;
+    let (port, got) = receiver().await;
+    let mut replica = harness(&db, port)
+        .arg("serve")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+
+    let out = harness(&db, port)
+        .args(["enqueue", "echo", r#"{"traced": true}"#])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let t0 = Instant::now();
+    let (enqueue_trace, execute) = loop {
+        let all = spans(&got.lock().unwrap());
+        let enq = all
+            .iter()
+            .find(|s| s.0 == "queue.enqueue")
+            .map(|s| s.1.clone());
+        let exe = all.iter().find(|s| s.0 == "task.execute").cloned();
+        if let (Some(e), Some(x)) = (enq, exe) {
+            break (e, x);
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "spans received: {:?}",
+            all.iter().map(|s| &s.0).collect::<Vec<_>>()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(
+        execute.1, enqueue_trace,
+        "the execution span is a child of the enqueue span's trace"
+    );
+    let attrs = &execute.2;
+    let has = |k: &str, v: &str| attrs.iter().any(|(a, b)| a == k && b.contains(v));
+    assert!(has("service.name", "harness-test"), "{attrs:?}");
+    assert!(has("deployment.environment", "test"), "{attrs:?}");
+    assert!(
+        attrs.iter().any(|(a, _)| a == "service.instance.id"),
+        "{attrs:?}"
+    );
+    assert!(attrs.iter().any(|(a, _)| a == "host.name"), "{attrs:?}");
+
+    // The task metrics arrive over OTLP too.
+    let t0 = Instant::now();
+    loop {
+        let names: Vec<String> = got
+            .lock()
+            .unwrap()
+            .metrics
+            .iter()
+            .flat_map(|r| r.resource_metrics.iter())
+            .flat_map(|rm| rm.scope_metrics.iter())
+            .flat_map(|sm| sm.metrics.iter())
+            .map(|m| m.name.clone())
+            .collect();
+        if names.iter().any(|n| n == "harness.tasks.completed")
+            && names.iter().any(|n| n == "harness.task.duration")
+        {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "metrics received: {names:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let _ = replica.kill();
+    let _ = replica.wait();
+}
