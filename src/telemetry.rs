@@ -326,3 +326,12 @@ impl Metrics {
 pub fn kind(kind: &str) -> [opentelemetry::KeyValue; 1] {
     [opentelemetry::KeyValue::new("kind", kind.to_string())]
 }
+
+/// `kind`, and `agent_id` for an agent's runs, as metric attributes.
+pub fn task_attrs(kind: &str, agent_id: Option<i64>) -> Vec<opentelemetry::KeyValue> {
+    let mut v = vec![opentelemetry::KeyValue::new("kind", kind.to_string())];
+    if let Some(a) = agent_id {
+        v.push(opentelemetry::KeyValue::new("agent_id", a));
+    }
+    v
+}

@@ -458,7 +458,7 @@ async fn run_attempt(shared: Arc<Shared>, job: Job) {
     }
     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let m = crate::telemetry::metrics();
-    let kind = crate::telemetry::kind(&c.kind);
+    let kind = crate::telemetry::task_attrs(&c.kind, c.agent_id);
     match &outcome {
         Outcome::Success(_) => m.completed.add(1, &kind),
         Outcome::Failed(_) | Outcome::TimedOut(_) => {

@@ -577,7 +577,7 @@ impl Queue {
             if let Some((id, status)) = row {
                 crate::telemetry::metrics()
                     .enqueued
-                    .add(1, &crate::telemetry::kind(&task.kind));
+                    .add(1, &crate::telemetry::task_attrs(&task.kind, task.agent_id));
                 return Ok(Enqueued {
                     id,
                     status,

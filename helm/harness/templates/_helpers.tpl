@@ -86,6 +86,15 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
       optional: true
 - name: HARNESS_CONFIG
   value: /etc/harness/harness.yml
+# k8s.pod.name and k8s.namespace.name in the OpenTelemetry resource.
+- name: POD_NAME
+  valueFrom:
+    fieldRef:
+      fieldPath: metadata.name
+- name: POD_NAMESPACE
+  valueFrom:
+    fieldRef:
+      fieldPath: metadata.namespace
 - name: HARNESS_API__BIND
   value: "0.0.0.0:{{ .Values.containerPort }}"
 - name: HARNESS_HOME
