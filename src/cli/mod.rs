@@ -361,6 +361,20 @@ async fn serve(
     with_api: bool,
     replica_id: String,
 ) -> anyhow::Result<()> {
+    // Before anything else: from here on SIGTERM means "drain", never "die".
+    let mut signals = Signals::register().context("installing signal handlers")?;
+    let stop = tokio_util::sync::CancellationToken::new();
+    {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            signals.next().await;
+            stop.cancel();
+            // A second signal: exit at once, leaving unfinished tasks to be rescued.
+            signals.next().await;
+            eprintln!("second signal: exiting now");
+            std::process::exit(130);
+        });
+    }
     let executor = std::sync::Arc::new(harness::executor::Executor::new(&cfg.executor)?);
     // `up` on a reachable address with no token would expose the API: make one.
     let mut generated_token = None;
@@ -434,18 +448,6 @@ async fn serve(
         }
     }
 
-    let stop = tokio_util::sync::CancellationToken::new();
-    {
-        let stop = stop.clone();
-        tokio::spawn(async move {
-            shutdown_signal().await;
-            stop.cancel();
-            // A second signal: exit at once, leaving unfinished tasks to be rescued.
-            shutdown_signal().await;
-            eprintln!("second signal: exiting now");
-            std::process::exit(130);
-        });
-    }
     let api = listener.map(|listener| {
         let state = std::sync::Arc::new(harness::api::ApiState {
             queue: harness.queue().clone(),
@@ -632,14 +634,28 @@ async fn inspect(cfg: Config, id: i64, json: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Resolves on the first SIGINT (Ctrl-C) or SIGTERM.
-pub async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
-    tokio::select! {
-        _ = int.recv() => {}
-        _ = term.recv() => {}
+/// SIGINT and SIGTERM, registered when this is created (not when first awaited), so a
+/// signal that arrives during start-up is caught rather than killing the process outright.
+pub struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    pub fn register() -> std::io::Result<Signals> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Signals {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+        })
+    }
+
+    /// Resolves on the next SIGINT (Ctrl-C) or SIGTERM.
+    pub async fn next(&mut self) {
+        tokio::select! {
+            _ = self.int.recv() => {}
+            _ = self.term.recv() => {}
+        }
     }
 }
 
