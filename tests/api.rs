@@ -736,42 +736,9 @@ async fn the_openapi_document_lists_every_route_and_metrics_move() {
 
 #[tokio::test]
 async fn readiness_follows_the_database() {
-    use harness::db::{PrivateServer, ServerOptions};
-    let home = tempfile::Builder::new()
-        .prefix("harness-ready-")
-        .tempdir_in(std::env::temp_dir())
-        .unwrap();
-    std::fs::set_permissions(
-        home.path(),
-        std::os::unix::fs::PermissionsExt::from_mode(0o755),
-    )
-    .unwrap();
-    let port = std::net::TcpListener::bind(("127.0.0.1", 0))
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let opts = ServerOptions {
-        bindir: None,
-        ephemeral: true,
-        port: Some(port),
-    };
-    let start_pg = |opts: ServerOptions| {
-        let home = home.path().to_path_buf();
-        async move {
-            tokio::task::spawn_blocking(move || PrivateServer::start(&home, &opts))
-                .await
-                .unwrap()
-                .unwrap()
-        }
-    };
-    let server = start_pg(opts.clone()).await;
-    harness::db::create_database(&server, "ready")
-        .await
-        .unwrap();
-    let pool = harness::db::connect(&server.url("ready"), 2).await.unwrap();
-    harness::db::migrate(&pool).await.unwrap();
-    let cfg = Config::load_from(None, [("DATABASE_URL".to_string(), server.url("ready"))]).unwrap();
+    let mut pg = common::RestartableServer::start("ready").await;
+    let pool = harness::db::connect(&pg.url("ready"), 2).await.unwrap();
+    let cfg = Config::load_from(None, [("DATABASE_URL".to_string(), pg.url("ready"))]).unwrap();
     let state = Arc::new(ApiState {
         queue: harness::queue::Queue::new(pool.clone(), 0),
         agents: None,
@@ -794,9 +761,7 @@ async fn readiness_follows_the_database() {
         StatusCode::OK
     );
 
-    tokio::task::spawn_blocking(move || server.stop().unwrap())
-        .await
-        .unwrap();
+    pg.down().await;
     let t0 = Instant::now();
     let r = client.get(&base).send().await.unwrap();
     assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
@@ -808,7 +773,7 @@ async fn readiness_follows_the_database() {
     let body: Value = r.json().await.unwrap();
     assert_eq!(body["status"], "unavailable");
 
-    let server = start_pg(opts).await;
+    pg.up().await;
     let t0 = Instant::now();
     loop {
         if client.get(&base).send().await.unwrap().status() == StatusCode::OK {
@@ -822,7 +787,5 @@ async fn readiness_follows_the_database() {
     }
     stop.cancel();
     pool.close().await;
-    tokio::task::spawn_blocking(move || server.stop().unwrap())
-        .await
-        .unwrap();
+    pg.down().await;
 }

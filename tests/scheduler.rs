@@ -303,52 +303,17 @@ async fn missed_ticks_coalesce_into_one_run() {
 
 #[tokio::test]
 async fn a_leader_is_back_soon_after_postgres_restarts() {
-    use harness::db::{PrivateServer, ServerOptions};
-    let home = tempfile::Builder::new()
-        .prefix("harness-restart-")
-        .tempdir_in(std::env::temp_dir())
-        .unwrap();
-    std::fs::set_permissions(
-        home.path(),
-        std::os::unix::fs::PermissionsExt::from_mode(0o755),
-    )
-    .unwrap();
-    let port = std::net::TcpListener::bind(("127.0.0.1", 0))
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let opts = ServerOptions {
-        bindir: None,
-        ephemeral: true,
-        port: Some(port),
-    };
-    let start = |home: std::path::PathBuf, opts: ServerOptions| async move {
-        tokio::task::spawn_blocking(move || PrivateServer::start(&home, &opts))
-            .await
-            .unwrap()
-            .unwrap()
-    };
-    let server = start(home.path().to_path_buf(), opts.clone()).await;
-    harness::db::create_database(&server, "restart")
-        .await
-        .unwrap();
-    let url = server.url("restart");
-    let pool = harness::db::connect(&url, 2).await.unwrap();
-    harness::db::migrate(&pool).await.unwrap();
-    pool.close().await;
-
+    let mut pg = common::RestartableServer::start("restart").await;
+    let url = pg.url("restart");
     add_ticker(&url, "survivor", "* * * * * *");
     let _r = Replica::start(&url);
     let pool = harness::db::connect(&url, 2).await.unwrap();
     wait_leader(&pool, None, Duration::from_secs(10)).await;
     pool.close().await;
 
-    tokio::task::spawn_blocking(move || server.stop().unwrap())
-        .await
-        .unwrap();
+    pg.down().await;
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let server = start(home.path().to_path_buf(), opts).await;
+    pg.up().await;
     let back = Utc::now();
     let t0 = Instant::now();
     let pool = harness::db::connect(&url, 2).await.unwrap();
@@ -372,7 +337,5 @@ async fn a_leader_is_back_soon_after_postgres_restarts() {
     );
     pool.close().await;
     drop(_r);
-    tokio::task::spawn_blocking(move || server.stop().unwrap())
-        .await
-        .unwrap();
+    pg.down().await;
 }

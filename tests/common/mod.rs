@@ -208,3 +208,69 @@ impl Drop for TestDb {
 pub fn harness_bin() -> &'static str {
     env!("CARGO_BIN_EXE_harness")
 }
+
+/// A private PostgreSQL of a test's own that it can stop and start again on the same port
+/// (clients keep their URL), for tests of outages.
+pub struct RestartableServer {
+    home: tempfile::TempDir,
+    options: ServerOptions,
+    server: Option<PrivateServer>,
+}
+
+impl RestartableServer {
+    pub async fn start(database: &str) -> RestartableServer {
+        let home = tempfile::Builder::new()
+            .prefix("harness-outage-")
+            .tempdir_in(std::env::temp_dir())
+            .unwrap();
+        // The server may run as another account (tests as root): it must enter the home.
+        std::fs::set_permissions(
+            home.path(),
+            std::os::unix::fs::PermissionsExt::from_mode(0o755),
+        )
+        .unwrap();
+        let port = std::net::TcpListener::bind(("127.0.0.1", 0))
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let options = ServerOptions {
+            bindir: None,
+            ephemeral: true,
+            port: Some(port),
+        };
+        let mut s = RestartableServer {
+            home,
+            options,
+            server: None,
+        };
+        s.up().await;
+        let server = s.server.as_ref().unwrap();
+        db::create_database(server, database).await.unwrap();
+        let pool = db::connect(&server.url(database), 2).await.unwrap();
+        db::migrate(&pool).await.unwrap();
+        pool.close().await;
+        s
+    }
+
+    pub fn url(&self, database: &str) -> String {
+        self.server.as_ref().expect("server up").url(database)
+    }
+
+    pub async fn down(&mut self) {
+        if let Some(s) = self.server.take() {
+            tokio::task::spawn_blocking(move || s.stop().unwrap())
+                .await
+                .unwrap();
+        }
+    }
+
+    pub async fn up(&mut self) {
+        let (home, options) = (self.home.path().to_path_buf(), self.options.clone());
+        let server = tokio::task::spawn_blocking(move || PrivateServer::start(&home, &options))
+            .await
+            .unwrap()
+            .unwrap();
+        self.server = Some(server);
+    }
+}
