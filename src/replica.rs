@@ -257,9 +257,13 @@ impl Harness {
         {
             let stop = stop.clone();
             let handle = handle.clone();
+            // Past half the rescue threshold without a heartbeat, other replicas may soon
+            // take this one's tasks: stop claiming more until a heartbeat gets through.
+            let fence = Duration::from_secs(cfg.persistence.rescue_after_s) / 2;
             loops.spawn(async move {
                 let mut tick = tokio::time::interval(sample);
                 tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                let mut last_ok = tokio::time::Instant::now();
                 loop {
                     tokio::select! {
                         _ = tick.tick() => {}
@@ -267,8 +271,25 @@ impl Harness {
                     }
                     let running = handle.running() as i32;
                     let granted = handle.capacity().granted() as i32;
-                    if let Err(e) = heartbeat.beat(running, granted, sample).await {
-                        tracing::warn!(error = %e, "heartbeat failed; retrying next interval");
+                    match heartbeat.beat(running, granted, sample).await {
+                        Ok(()) => {
+                            last_ok = tokio::time::Instant::now();
+                            if !handle.claiming() {
+                                tracing::info!("heartbeat is back; claiming again");
+                                handle.set_claiming(true);
+                            }
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "heartbeat failed; retrying next interval");
+                            if last_ok.elapsed() >= fence && handle.claiming() {
+                                tracing::error!(
+                                    since_s = last_ok.elapsed().as_secs(),
+                                    "no heartbeat for half the rescue threshold: claiming stops \
+                                     until one gets through (running tasks go on)"
+                                );
+                                handle.set_claiming(false);
+                            }
+                        }
                     }
                 }
             });

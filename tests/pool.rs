@@ -478,3 +478,50 @@ async fn a_task_rescued_and_reclaimed_by_the_same_replica_completes() {
     assert_eq!(t.status, Status::Completed, "{t:?}");
     assert_eq!((t.attempt, t.result), (2, Some(json!({"attempt": 2}))));
 }
+
+#[tokio::test]
+async fn claiming_stops_while_heartbeats_fail_and_resumes_when_they_return() {
+    let db = TestDb::new().await;
+    let h = Harness::builder()
+        .config(config(&db, &[("HARNESS_PERSISTENCE__RESCUE_AFTER_S", "3")]))
+        .pool(db.pool.clone())
+        .handler("work", |_p: Value| async { Ok::<_, String>(json!({})) })
+        .build()
+        .await
+        .unwrap();
+    let replica = h.replica_id().to_string();
+    let q = h.queue().clone();
+    let (stop, served) = serve(h);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM replicas WHERE id = $1")
+            .bind(&replica)
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+        if n == 1 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Heartbeats block (and time out) while the replicas table is locked.
+    let mut blocker = db.pool.begin().await.unwrap();
+    sqlx::query("LOCK TABLE replicas IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *blocker)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let id = q.enqueue(NewTask::new("work", json!({}))).await.unwrap().id;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(
+        q.get(id).await.unwrap().status,
+        Status::Pending,
+        "nothing is claimed while the replica cannot heartbeat"
+    );
+    blocker.rollback().await.unwrap();
+    let t = wait_final(&db, id, Duration::from_secs(10)).await;
+    assert_eq!(t.status, Status::Completed);
+    stop.send(()).unwrap();
+    served.await.unwrap();
+}

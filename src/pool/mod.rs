@@ -333,6 +333,10 @@ struct Shared {
     /// Attempts ended, by outcome (what the governor watches).
     completed: std::sync::atomic::AtomicU64,
     failed: std::sync::atomic::AtomicU64,
+    /// False while the replica cannot prove it is alive (heartbeats failing): what it
+    /// would claim might be rescued and run twice.
+    claiming: std::sync::atomic::AtomicBool,
+    claiming_changed: Notify,
 }
 
 impl Shared {
@@ -557,6 +561,8 @@ impl Pool {
             ended: Notify::new(),
             completed: 0.into(),
             failed: 0.into(),
+            claiming: true.into(),
+            claiming_changed: Notify::new(),
         });
 
         let stop_writer = CancellationToken::new();
@@ -569,6 +575,7 @@ impl Pool {
 
         let stop_claiming = CancellationToken::new();
         let claimer = tokio::spawn(claim_loop(
+            shared.clone(),
             queue,
             registry.kinds(),
             capacity.clone(),
@@ -726,6 +733,23 @@ impl PoolHandle {
         &self.capacity
     }
 
+    /// Stops or resumes claiming (running attempts are not touched).
+    pub fn set_claiming(&self, on: bool) {
+        let was = self
+            .shared
+            .claiming
+            .swap(on, std::sync::atomic::Ordering::SeqCst);
+        if was != on {
+            self.shared.claiming_changed.notify_waiters();
+        }
+    }
+
+    pub fn claiming(&self) -> bool {
+        self.shared
+            .claiming
+            .load(std::sync::atomic::Ordering::SeqCst)
+    }
+
     /// Aborts a running attempt of this pool (a cancel request). Returns whether it was here.
     pub fn cancel(&self, id: TaskId) -> bool {
         match self.shared.running.lock().expect("running lock").get(&id) {
@@ -739,6 +763,7 @@ impl PoolHandle {
 }
 
 async fn claim_loop(
+    shared: Arc<Shared>,
     queue: Queue,
     kinds: Vec<String>,
     capacity: Arc<Capacity>,
@@ -751,6 +776,16 @@ async fn claim_loop(
     // Whether the last claim came back full: the queue has a backlog.
     let mut busy = false;
     loop {
+        while !shared.claiming.load(std::sync::atomic::Ordering::SeqCst) {
+            let changed = shared.claiming_changed.notified();
+            if shared.claiming.load(std::sync::atomic::Ordering::SeqCst) {
+                break;
+            }
+            tokio::select! {
+                _ = changed => {}
+                _ = stop.cancelled() => return,
+            }
+        }
         capacity.settle();
         let mut permits = tokio::select! {
             p = capacity.sem.clone().acquire_owned() => p.expect("semaphore never closed"),
