@@ -576,10 +576,7 @@ impl Pool {
         let stop_claiming = CancellationToken::new();
         let claimer = tokio::spawn(claim_loop(
             shared.clone(),
-            queue,
-            registry.kinds(),
             capacity.clone(),
-            options.clone(),
             wake,
             jobs_tx,
             stop_claiming.clone(),
@@ -764,14 +761,14 @@ impl PoolHandle {
 
 async fn claim_loop(
     shared: Arc<Shared>,
-    queue: Queue,
-    kinds: Vec<String>,
     capacity: Arc<Capacity>,
-    options: PoolOptions,
     wake: Arc<Notify>,
     jobs: mpsc::Sender<Job>,
     stop: CancellationToken,
 ) {
+    let queue = &shared.queue;
+    let options = &shared.options;
+    let kinds = shared.registry.kinds();
     let mut failures = 0u32;
     // Whether the last claim came back full: the queue has a backlog.
     let mut busy = false;
