@@ -145,11 +145,6 @@ pub fn init(format: LogFormat, instance_id: Option<&str>) -> Telemetry {
     Telemetry { tracer }
 }
 
-/// Installs logging only (kept for callers that export nothing).
-pub fn init_logging(format: LogFormat) {
-    init(format, None);
-}
-
 /// The W3C `traceparent` of the current span, when it is being traced.
 pub fn current_traceparent() -> Option<String> {
     use opentelemetry::trace::TraceContextExt;
