@@ -311,10 +311,6 @@ impl Metrics {
         let _ = prometheus::TextEncoder::new().encode(&self.registry.gather(), &mut out);
         String::from_utf8(out).unwrap_or_default()
     }
-
-    pub fn provider(&self) -> &opentelemetry_sdk::metrics::SdkMeterProvider {
-        &self.provider
-    }
 }
 
 /// `kind` as a metric attribute.

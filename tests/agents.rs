@@ -6,7 +6,7 @@ mod common;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{TestDb, harness_bin};
+use common::TestDb;
 use harness::executor::{ExecStatus, Executor, RunSpec, Runtime};
 use serde_json::{Value, json};
 
@@ -223,21 +223,14 @@ async fn a_command_gets_its_input_and_reports_through_stdout_or_the_result_file(
 // ---- through the binary -------------------------------------------------------------
 
 fn harness(db: &TestDb) -> Command {
-    let mut cmd = Command::new(harness_bin());
-    for (k, _) in std::env::vars() {
-        if k.starts_with("HARNESS_") {
-            cmd.env_remove(k);
-        }
-    }
+    let mut cmd = common::harness_command();
     cmd.env("DATABASE_URL", &db.url)
         .env(
             "HARNESS_API__TOKENS",
             r#"[{"token":"secret-token-0123456789","scope":"admin"}]"#,
         )
         .env("HARNESS_BULK__POLL_INTERVAL_MS", "100")
-        .env("HARNESS_TELEMETRY__SAMPLE_INTERVAL_S", "1")
-        .env("HARNESS_API__BIND", "127.0.0.1:0")
-        .env("RUST_LOG", "warn");
+        .env("HARNESS_TELEMETRY__SAMPLE_INTERVAL_S", "1");
     cmd
 }
 
@@ -519,7 +512,7 @@ async fn the_readme_example_runs_through_agents_add_and_run() {
     assert_eq!(t.status, harness::queue::Status::Completed, "{t:?}");
     assert_eq!(t.result.unwrap()["result"]["greeting"], "Hello, world!");
     // `exec` runs the same file without a database.
-    let o = Command::new(harness_bin())
+    let o = common::harness_command()
         .args([
             "exec",
             example,
@@ -528,7 +521,6 @@ async fn the_readme_example_runs_through_agents_add_and_run() {
             "--state",
             r#"{"count": 41}"#,
         ])
-        .env_remove("DATABASE_URL")
         .output()
         .unwrap();
     let r = ok_json(&o);
@@ -729,15 +721,16 @@ async fn handoff_history_keeps_the_last_twenty_and_fences_run_numbers() {
         assert_eq!(write_in(&mut conn, &[w(n)]).await.unwrap(), 1);
     }
     // A racing run that computed the same next run number loses.
-    assert_eq!(write_in(&mut conn, &[w(25)]).await.unwrap(), 0);
     let m = HandoffManager::new(db.pool.clone());
+    assert!(!m.save_artifact(&w(25)).await.unwrap());
+    assert!(m.save_artifact(&w(26)).await.unwrap());
     let history = m.history(id).await.unwrap();
     assert_eq!(history.len(), 20);
-    assert_eq!(history[0].run_number, 25);
-    assert_eq!(history[19].run_number, 6);
+    assert_eq!(history[0].run_number, 26);
+    assert_eq!(history[19].run_number, 7);
     assert_eq!(
         m.load_artifact(id).await.unwrap().unwrap().state,
-        json!({"n": 25})
+        json!({"n": 26})
     );
 }
 

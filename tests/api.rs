@@ -44,24 +44,12 @@ impl Api {
 }
 
 fn config(db: &TestDb) -> Config {
-    Config::load_from(
-        None,
-        [
-            ("DATABASE_URL", db.url.as_str()),
-            ("HARNESS_BULK__POLL_INTERVAL_MS", "50"),
-            ("HARNESS_BULK__RETRY_ATTEMPTS", "0"),
-            ("HARNESS_TELEMETRY__SAMPLE_INTERVAL_S", "1"),
-            ("HARNESS_API__MAX_BODY_KB", "4"),
-            (
-                "HARNESS_API__TOKENS",
-                &format!(
-                    r#"[{{"token":"{ADMIN}","scope":"admin"}},{{"token":"{READ}","scope":"read"}}]"#
-                ),
-            ),
-        ]
-        .map(|(k, v)| (k.to_string(), v.to_string())),
-    )
-    .unwrap()
+    let tokens =
+        format!(r#"[{{"token":"{ADMIN}","scope":"admin"}},{{"token":"{READ}","scope":"read"}}]"#);
+    db.fast_config(&[
+        ("HARNESS_API__MAX_BODY_KB", "4"),
+        ("HARNESS_API__TOKENS", tokens.as_str()),
+    ])
 }
 
 /// A replica (with a `flaky` kind that fails while the flag is set) and its API.

@@ -42,15 +42,8 @@ fn assert_has_all_tables(found: &[String]) {
 
 /// A command for the harness binary with a clean harness environment.
 fn harness(home: &Path) -> Command {
-    let mut cmd = Command::new(harness_bin());
-    for (k, _) in std::env::vars() {
-        if k.starts_with("HARNESS_") || k == "DATABASE_URL" {
-            cmd.env_remove(k);
-        }
-    }
-    cmd.env("HARNESS_HOME", home)
-        .env("HARNESS_API__BIND", "127.0.0.1:0")
-        .env("RUST_LOG", "warn");
+    let mut cmd = common::harness_command();
+    cmd.env("HARNESS_HOME", home);
     cmd
 }
 
@@ -318,12 +311,7 @@ fn private_server_runs_as_an_unprivileged_user() {
             Some(nobody.gid.as_raw()),
         )
         .unwrap();
-        let mut cmd = Command::new(&bin);
-        for (k, _) in std::env::vars() {
-            if k.starts_with("HARNESS_") || k == "DATABASE_URL" {
-                cmd.env_remove(k);
-            }
-        }
+        let mut cmd = common::harness_command_at(&bin);
         let out = cmd
             .arg("migrate")
             .env("HARNESS_HOME", &own_home)

@@ -4,16 +4,15 @@
 
 mod common;
 
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{TestDb, harness_bin};
+use common::TestDb;
 use harness::governor::{Resources, Sampler};
 use harness::queue::{NewTask, Status};
 use harness::{Config, Harness};
 use serde_json::{Value, json};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::sync::{mpsc, oneshot};
 
 /// A sampler whose readings the test sets.
@@ -41,29 +40,14 @@ impl Sampler for Scripted {
 
 fn config(db: &TestDb, extra: &[(&str, &str)]) -> Config {
     let logs = std::env::temp_dir().join(format!("harness-logs-{}", db.name));
-    let mut env = vec![
-        ("DATABASE_URL".to_string(), db.url.clone()),
-        (
-            "HARNESS_BULK__POLL_INTERVAL_MS".to_string(),
-            "50".to_string(),
-        ),
-        ("HARNESS_BULK__RETRY_ATTEMPTS".to_string(), "0".to_string()),
-        (
-            "HARNESS_TELEMETRY__SAMPLE_INTERVAL_S".to_string(),
-            "1".to_string(),
-        ),
-        (
-            "HARNESS_TELEMETRY__LOG_INTERVAL_S".to_string(),
-            "1".to_string(),
-        ),
-        (
-            "HARNESS_TELEMETRY__LOGS_DIR".to_string(),
-            logs.to_string_lossy().into_owned(),
-        ),
-        ("HARNESS_GOVERNANCE__WINDOW_S".to_string(), "2".to_string()),
+    let logs = logs.to_string_lossy().into_owned();
+    let mut all = vec![
+        ("HARNESS_TELEMETRY__LOG_INTERVAL_S", "1"),
+        ("HARNESS_TELEMETRY__LOGS_DIR", logs.as_str()),
+        ("HARNESS_GOVERNANCE__WINDOW_S", "2"),
     ];
-    env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
-    Config::load_from(None, env).unwrap()
+    all.extend_from_slice(extra);
+    db.fast_config(&all)
 }
 
 struct Serving {
@@ -84,23 +68,13 @@ async fn replica(
     db: &TestDb,
     cfg: Config,
     sampler: Scripted,
-    now: Arc<AtomicUsize>,
-    peak: Arc<AtomicUsize>,
+    work: common::Concurrency,
 ) -> Serving {
     let h = Harness::builder()
         .config(cfg)
         .pool(db.pool.clone())
         .sampler(Box::new(sampler))
-        .handler("work", move |_p: Value| {
-            let (n, m) = (now.clone(), peak.clone());
-            async move {
-                let r = n.fetch_add(1, Ordering::SeqCst) + 1;
-                m.fetch_max(r, Ordering::SeqCst);
-                tokio::time::sleep(Duration::from_millis(200)).await;
-                n.fetch_sub(1, Ordering::SeqCst);
-                Ok::<_, String>(json!({}))
-            }
-        })
+        .handler_with("work", work.handler(200))
         .handler("fail", |_p: Value| async { Err::<Value, _>("boom") })
         .build()
         .await
@@ -130,6 +104,15 @@ async fn state(db: &TestDb, replica: &str) -> (String, i32) {
         .unwrap_or(("?".into(), -1))
 }
 
+/// `harness <args>` against the test's database.
+fn fleet_cli(db: &TestDb, args: &[&str]) -> std::process::Output {
+    common::harness_command()
+        .args(args)
+        .env("DATABASE_URL", &db.url)
+        .output()
+        .unwrap()
+}
+
 async fn until(within: Duration, what: &str, mut probe: impl AsyncFnMut() -> bool) {
     let t0 = Instant::now();
     while !probe().await {
@@ -141,14 +124,13 @@ async fn until(within: Duration, what: &str, mut probe: impl AsyncFnMut() -> boo
 #[tokio::test]
 async fn high_cpu_lowers_how_many_tasks_run_at_once_and_recovery_restores_it() {
     let db = TestDb::new().await;
-    let (now, peak) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let work = common::Concurrency::default();
     let sampler = Scripted::new();
     let r = replica(
         &db,
         config(&db, &[("HARNESS_BULK__MAX_CONCURRENT", "8")]),
         sampler.clone(),
-        now.clone(),
-        peak.clone(),
+        work.clone(),
     )
     .await;
     let q = harness::queue::Queue::new(db.pool.clone(), 0);
@@ -156,7 +138,7 @@ async fn high_cpu_lowers_how_many_tasks_run_at_once_and_recovery_restores_it() {
         .await
         .unwrap();
     until(Duration::from_secs(10), "8 running", async || {
-        peak.load(Ordering::SeqCst) == 8
+        work.peak() == 8
     })
     .await;
 
@@ -167,9 +149,9 @@ async fn high_cpu_lowers_how_many_tasks_run_at_once_and_recovery_restores_it() {
     })
     .await;
     tokio::time::sleep(Duration::from_millis(400)).await; // tasks started before the change end
-    peak.store(0, Ordering::SeqCst);
+    work.reset_peak();
     tokio::time::sleep(Duration::from_millis(1200)).await;
-    let p = peak.load(Ordering::SeqCst);
+    let p = work.peak();
     assert!(
         (3..=4).contains(&p),
         "after throttling to 4, {p} ran at once"
@@ -203,31 +185,13 @@ async fn webhook() -> (u16, mpsc::UnboundedReceiver<Value>) {
             let tx = tx.clone();
             tokio::spawn(async move {
                 let mut buf = Vec::new();
-                let mut chunk = [0u8; 4096];
-                loop {
-                    let n = sock.read(&mut chunk).await.unwrap_or(0);
-                    if n == 0 {
-                        return;
-                    }
-                    buf.extend_from_slice(&chunk[..n]);
-                    let text = String::from_utf8_lossy(&buf).to_string();
-                    if let Some(end) = text.find("\r\n\r\n") {
-                        let len: usize = text[..end]
-                            .lines()
-                            .find_map(|l| {
-                                l.to_ascii_lowercase()
-                                    .strip_prefix("content-length:")
-                                    .map(|v| v.trim().parse().unwrap_or(0))
-                            })
-                            .unwrap_or(0);
-                        if buf.len() >= end + 4 + len {
-                            let body: Value = serde_json::from_slice(&buf[end + 4..end + 4 + len])
-                                .unwrap_or(Value::Null);
-                            let _ = tx.send(body);
-                            let _ = sock.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").await;
-                            return;
-                        }
-                    }
+                if let Some((_, body)) = common::read_http_request(&mut sock, &mut buf).await {
+                    let _ = tx.send(serde_json::from_slice(&body).unwrap_or(Value::Null));
+                    let _ = sock
+                        .write_all(
+                            b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+                        )
+                        .await;
                 }
             });
         }
@@ -315,8 +279,7 @@ async fn error_bursts_pause_then_escalate_and_hold_until_a_person_resumes() {
             ),
         ],
     );
-    let (now, peak) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
-    let r = replica(&db, cfg, Scripted::new(), now, peak).await;
+    let r = replica(&db, cfg, Scripted::new(), Default::default()).await;
     let q = harness::queue::Queue::new(db.pool.clone(), 0);
 
     // Burst 1: claims stop for the pause duration, then work resumes.
@@ -396,12 +359,7 @@ async fn error_bursts_pause_then_escalate_and_hold_until_a_person_resumes() {
     assert_eq!(state(&db, &r.replica).await, ("holding".into(), 0));
 
     // A person resumes it with the CLI.
-    let out = std::process::Command::new(harness_bin())
-        .args(["fleet", "resume", &r.replica])
-        .env("DATABASE_URL", &db.url)
-        .env("RUST_LOG", "warn")
-        .output()
-        .unwrap();
+    let out = fleet_cli(&db, &["fleet", "resume", &r.replica]);
     assert!(
         out.status.success(),
         "{}",
@@ -427,22 +385,8 @@ async fn error_bursts_pause_then_escalate_and_hold_until_a_person_resumes() {
 #[tokio::test]
 async fn metrics_rows_of_two_replicas_appear_in_fleet() {
     let db = TestDb::new().await;
-    let a = replica(
-        &db,
-        config(&db, &[]),
-        Scripted::new(),
-        Default::default(),
-        Default::default(),
-    )
-    .await;
-    let b = replica(
-        &db,
-        config(&db, &[]),
-        Scripted::new(),
-        Default::default(),
-        Default::default(),
-    )
-    .await;
+    let a = replica(&db, config(&db, &[]), Scripted::new(), Default::default()).await;
+    let b = replica(&db, config(&db, &[]), Scripted::new(), Default::default()).await;
     until(Duration::from_secs(10), "metrics from both", async || {
         let n: i64 = sqlx::query_scalar("SELECT count(DISTINCT replica_id) FROM metrics")
             .fetch_one(&db.pool)
@@ -451,12 +395,7 @@ async fn metrics_rows_of_two_replicas_appear_in_fleet() {
         n == 2
     })
     .await;
-    let out = std::process::Command::new(harness_bin())
-        .args(["fleet", "--json"])
-        .env("DATABASE_URL", &db.url)
-        .env("RUST_LOG", "warn")
-        .output()
-        .unwrap();
+    let out = fleet_cli(&db, &["fleet", "--json"]);
     assert!(
         out.status.success(),
         "{}",

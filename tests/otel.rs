@@ -7,11 +7,11 @@ use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{TestDb, harness_bin};
+use common::TestDb;
 use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use prost::Message;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 
 #[derive(Default)]
 struct Received {
@@ -30,35 +30,8 @@ async fn receiver() -> (u16, Arc<Mutex<Received>>) {
             let store = store.clone();
             tokio::spawn(async move {
                 let mut buf: Vec<u8> = Vec::new();
-                let mut chunk = [0u8; 65536];
-                loop {
-                    // One request: headers, then Content-Length bytes of protobuf.
-                    let end = loop {
-                        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                            break i;
-                        }
-                        match sock.read(&mut chunk).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                        }
-                    };
-                    let head = String::from_utf8_lossy(&buf[..end]).to_string();
-                    let len: usize = head
-                        .lines()
-                        .find_map(|l| {
-                            l.to_ascii_lowercase()
-                                .strip_prefix("content-length:")
-                                .map(|v| v.trim().parse().unwrap_or(0))
-                        })
-                        .unwrap_or(0);
-                    while buf.len() < end + 4 + len {
-                        match sock.read(&mut chunk).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                        }
-                    }
-                    let body = buf[end + 4..end + 4 + len].to_vec();
-                    buf.drain(..end + 4 + len);
+                while let Some((head, body)) = common::read_http_request(&mut sock, &mut buf).await
+                {
                     let path = head.split_whitespace().nth(1).unwrap_or("").to_string();
                     {
                         let mut g = store.lock().unwrap();
@@ -83,14 +56,8 @@ async fn receiver() -> (u16, Arc<Mutex<Received>>) {
 }
 
 fn harness(db: &TestDb, port: u16) -> Command {
-    let mut cmd = Command::new(harness_bin());
-    for (k, _) in std::env::vars() {
-        if k.starts_with("HARNESS_") || k.starts_with("OTEL_") {
-            cmd.env_remove(k);
-        }
-    }
+    let mut cmd = common::harness_command();
     cmd.env("DATABASE_URL", &db.url)
-        .env("HARNESS_API__BIND", "127.0.0.1:0")
         .env("HARNESS_BULK__POLL_INTERVAL_MS", "100")
         .env(
             "OTEL_EXPORTER_OTLP_ENDPOINT",

@@ -7,29 +7,11 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use common::TestDb;
+use harness::Harness;
 use harness::pool::Handler;
 use harness::queue::{NewTask, Status, Task};
-use harness::{Config, Harness};
 use serde_json::{Value, json};
 use tokio::sync::oneshot;
-
-/// A config for fast tests: quick polls and heartbeats, no retries unless asked.
-fn config(db: &TestDb, extra: &[(&str, &str)]) -> Config {
-    let mut env = vec![
-        ("DATABASE_URL".to_string(), db.url.clone()),
-        (
-            "HARNESS_BULK__POLL_INTERVAL_MS".to_string(),
-            "50".to_string(),
-        ),
-        ("HARNESS_BULK__RETRY_ATTEMPTS".to_string(), "0".to_string()),
-        (
-            "HARNESS_TELEMETRY__SAMPLE_INTERVAL_S".to_string(),
-            "1".to_string(),
-        ),
-    ];
-    env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
-    Config::load_from(None, env).unwrap()
-}
 
 /// Serves `harness` in the background; the returned sender stops it.
 fn serve(harness: Harness) -> (oneshot::Sender<()>, tokio::task::JoinHandle<()>) {
@@ -66,7 +48,7 @@ async fn wait_final(db: &TestDb, id: i64, within: Duration) -> Task {
 async fn every_outcome_ends_in_its_status_and_never_stays_running() {
     let db = TestDb::new().await;
     let h = Harness::builder()
-        .config(config(&db, &[]))
+        .config(db.fast_config(&[]))
         .pool(db.pool.clone())
         .handler("ok", |p: Value| async move {
             Ok::<_, String>(json!({"result": p["value"]}))
@@ -143,7 +125,7 @@ async fn failures_retry_with_exponential_backoff_then_succeed() {
     let calls = Arc::new(AtomicUsize::new(0));
     let c = calls.clone();
     let h = Harness::builder()
-        .config(config(&db, &[("HARNESS_BULK__RETRY_DELAY_SECONDS", "1")]))
+        .config(db.fast_config(&[("HARNESS_BULK__RETRY_DELAY_SECONDS", "1")]))
         .pool(db.pool.clone())
         .handler("flaky", move |_p: Value| {
             let n = c.fetch_add(1, Ordering::SeqCst);
@@ -199,7 +181,7 @@ async fn never_more_running_than_capacity_and_priority_first() {
     let order = Arc::new(std::sync::Mutex::new(Vec::new()));
     let (n, m, o) = (now.clone(), max.clone(), order.clone());
     let h = Harness::builder()
-        .config(config(&db, &[("HARNESS_BULK__MAX_CONCURRENT", "3")]))
+        .config(db.fast_config(&[("HARNESS_BULK__MAX_CONCURRENT", "3")]))
         .pool(db.pool.clone())
         .handler("work", move |p: Value| {
             let (n, m) = (n.clone(), m.clone());
@@ -259,7 +241,7 @@ async fn a_running_task_is_cancelled_by_its_owner() {
     let started = Arc::new(tokio::sync::Notify::new());
     let s = started.clone();
     let h = Harness::builder()
-        .config(config(&db, &[]))
+        .config(db.fast_config(&[]))
         .pool(db.pool.clone())
         .handler("long", move |_p: Value| {
             let s = s.clone();
@@ -297,13 +279,10 @@ async fn graceful_shutdown_finishes_or_returns_work_without_counting_attempts() 
     let started = Arc::new(AtomicUsize::new(0));
     let s = started.clone();
     let h = Harness::builder()
-        .config(config(
-            &db,
-            &[
-                ("HARNESS_BULK__MAX_CONCURRENT", "2"),
-                ("HARNESS_BULK__SHUTDOWN_GRACE_S", "1"),
-            ],
-        ))
+        .config(db.fast_config(&[
+            ("HARNESS_BULK__MAX_CONCURRENT", "2"),
+            ("HARNESS_BULK__SHUTDOWN_GRACE_S", "1"),
+        ]))
         .pool(db.pool.clone())
         .handler("quick", |_p: Value| async {
             tokio::time::sleep(Duration::from_millis(200)).await;
@@ -379,22 +358,11 @@ async fn graceful_shutdown_finishes_or_returns_work_without_counting_attempts() 
 #[tokio::test]
 async fn capacity_changes_apply_without_restarting_workers() {
     let db = TestDb::new().await;
-    let now = Arc::new(AtomicUsize::new(0));
-    let max = Arc::new(AtomicUsize::new(0));
-    let (n, m) = (now.clone(), max.clone());
+    let work = common::Concurrency::default();
     let h = Harness::builder()
-        .config(config(&db, &[("HARNESS_BULK__MAX_CONCURRENT", "6")]))
+        .config(db.fast_config(&[("HARNESS_BULK__MAX_CONCURRENT", "6")]))
         .pool(db.pool.clone())
-        .handler("work", move |_p: Value| {
-            let (n, m) = (n.clone(), m.clone());
-            async move {
-                let running = n.fetch_add(1, Ordering::SeqCst) + 1;
-                m.fetch_max(running, Ordering::SeqCst);
-                tokio::time::sleep(Duration::from_millis(30)).await;
-                n.fetch_sub(1, Ordering::SeqCst);
-                Ok::<_, String>(json!({}))
-            }
-        })
+        .handler_with("work", work.handler(30))
         .build()
         .await
         .unwrap();
@@ -412,28 +380,24 @@ async fn capacity_changes_apply_without_restarting_workers() {
     for id in &ids[..20] {
         wait_final(&db, *id, Duration::from_secs(20)).await;
     }
-    assert_eq!(max.load(Ordering::SeqCst), 6);
+    assert_eq!(work.peak(), 6);
     capacity.set(2);
     // Tasks already running finish; then no more than 2 run at once.
     tokio::time::sleep(Duration::from_millis(100)).await;
-    max.store(0, Ordering::SeqCst);
+    work.reset_peak();
     for id in &ids[..70] {
         wait_final(&db, *id, Duration::from_secs(20)).await;
     }
-    assert_eq!(
-        max.load(Ordering::SeqCst),
-        2,
-        "a decrease under load takes effect"
-    );
+    assert_eq!(work.peak(), 2, "a decrease under load takes effect");
     capacity.set(5);
     tokio::time::sleep(Duration::from_millis(100)).await;
-    max.store(0, Ordering::SeqCst);
+    work.reset_peak();
     for id in &ids {
         wait_final(&db, *id, Duration::from_secs(20)).await;
     }
     stop.send(()).unwrap();
     served.await.unwrap();
-    let peak = max.load(Ordering::SeqCst);
+    let peak = work.peak();
     assert!(
         peak > 2 && peak <= 5,
         "after raising the grant to 5, peak was {peak}"
@@ -444,7 +408,7 @@ async fn capacity_changes_apply_without_restarting_workers() {
 async fn a_task_rescued_and_reclaimed_by_the_same_replica_completes() {
     let db = TestDb::new().await;
     let h = Harness::builder()
-        .config(config(&db, &[("HARNESS_BULK__MAX_CONCURRENT", "2")]))
+        .config(db.fast_config(&[("HARNESS_BULK__MAX_CONCURRENT", "2")]))
         .pool(db.pool.clone())
         .handler_with(
             "slow",
@@ -483,7 +447,7 @@ async fn a_task_rescued_and_reclaimed_by_the_same_replica_completes() {
 async fn claiming_stops_while_heartbeats_fail_and_resumes_when_they_return() {
     let db = TestDb::new().await;
     let h = Harness::builder()
-        .config(config(&db, &[("HARNESS_PERSISTENCE__RESCUE_AFTER_S", "3")]))
+        .config(db.fast_config(&[("HARNESS_PERSISTENCE__RESCUE_AFTER_S", "3")]))
         .pool(db.pool.clone())
         .handler("work", |_p: Value| async { Ok::<_, String>(json!({})) })
         .build()

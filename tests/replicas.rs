@@ -5,7 +5,7 @@ mod common;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{TestDb, harness_bin};
+use common::TestDb;
 use harness::queue::{NewTask, Queue, Status};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
@@ -14,12 +14,7 @@ use serde_json::{Value, json};
 const RESCUE_AFTER_S: u64 = 3;
 
 fn harness(db: &TestDb) -> Command {
-    let mut cmd = Command::new(harness_bin());
-    for (k, _) in std::env::vars() {
-        if k.starts_with("HARNESS_") {
-            cmd.env_remove(k);
-        }
-    }
+    let mut cmd = common::harness_command();
     cmd.env("DATABASE_URL", &db.url)
         .env("HARNESS_TELEMETRY__SAMPLE_INTERVAL_S", "1")
         .env(
@@ -27,9 +22,7 @@ fn harness(db: &TestDb) -> Command {
             RESCUE_AFTER_S.to_string(),
         )
         .env("HARNESS_BULK__POLL_INTERVAL_MS", "100")
-        .env("HARNESS_BULK__RETRY_ATTEMPTS", "3")
-        .env("HARNESS_API__BIND", "127.0.0.1:0")
-        .env("RUST_LOG", "warn");
+        .env("HARNESS_BULK__RETRY_ATTEMPTS", "3");
     cmd
 }
 

@@ -11,7 +11,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
-use common::{TestDb, harness_bin};
+use common::TestDb;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use sqlx::PgPool;
@@ -20,12 +20,7 @@ const IDLE_TIMEOUT_S: u64 = 4;
 const ELECT_S: u64 = 1;
 
 fn harness(url: &str) -> Command {
-    let mut cmd = Command::new(harness_bin());
-    for (k, _) in std::env::vars() {
-        if k.starts_with("HARNESS_") {
-            cmd.env_remove(k);
-        }
-    }
+    let mut cmd = common::harness_command();
     cmd.env("DATABASE_URL", url)
         .env("HARNESS_TELEMETRY__SAMPLE_INTERVAL_S", "1")
         .env("HARNESS_PERSISTENCE__RESCUE_AFTER_S", "3")
@@ -34,9 +29,7 @@ fn harness(url: &str) -> Command {
         .env(
             "HARNESS_SCHEDULER__IDLE_SESSION_TIMEOUT_S",
             IDLE_TIMEOUT_S.to_string(),
-        )
-        .env("HARNESS_API__BIND", "127.0.0.1:0")
-        .env("RUST_LOG", "warn");
+        );
     cmd
 }
 

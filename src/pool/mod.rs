@@ -455,40 +455,30 @@ async fn run_attempt(shared: Arc<Shared>, job: Job) {
     .instrument(span)
     .await;
 
-    match &outcome {
-        Outcome::Success(_) => &shared.completed,
-        Outcome::Failed(_) | Outcome::TimedOut(_) => &shared.failed,
-        _ => &shared.completed,
-    }
-    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    // One count for the governor (failures drive its pauses), one for the metrics.
     let m = crate::telemetry::metrics();
-    let kind = crate::telemetry::task_attrs(&c.kind, c.agent_id);
-    match &outcome {
-        Outcome::Success(_) => m.completed.add(1, &kind),
+    let attrs = crate::telemetry::task_attrs(&c.kind, c.agent_id);
+    let counter = match &outcome {
         Outcome::Failed(_) | Outcome::TimedOut(_) => {
-            m.failed.add(1, &kind);
+            m.failed.add(1, &attrs);
             if c.retry_count < c.max_retries {
-                m.retried.add(1, &kind);
+                m.retried.add(1, &attrs);
             }
+            &shared.failed
         }
-        _ => {}
-    }
-    m.duration.record(
-        (chrono::Utc::now() - c.started_at)
-            .num_microseconds()
-            .unwrap_or(0) as f64
-            / 1e6,
-        &kind,
-    );
-    m.pickup_latency.record(
-        ((c.started_at - c.scheduled_at)
-            .num_microseconds()
-            .unwrap_or(0)
-            .max(0)) as f64
-            / 1e6,
-        &kind,
-    );
-    let retry_at = chrono::Utc::now()
+        Outcome::Success(_) => {
+            m.completed.add(1, &attrs);
+            &shared.completed
+        }
+        _ => &shared.completed,
+    };
+    counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let now = chrono::Utc::now();
+    let seconds = |d: chrono::TimeDelta| d.num_microseconds().unwrap_or(0).max(0) as f64 / 1e6;
+    m.duration.record(seconds(now - c.started_at), &attrs);
+    m.pickup_latency
+        .record(seconds(c.started_at - c.scheduled_at), &attrs);
+    let retry_at = now
         + backoff::delay(
             shared.options.retry_base,
             (c.retry_count + 1) as u32,

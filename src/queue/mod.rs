@@ -912,14 +912,16 @@ impl Queue {
             .bind(replica)
             .fetch_all(&mut *tx)
             .await?;
-        // Handoffs only for the completions that applied (the fence let them through).
-        let applied: std::collections::HashSet<TaskId> = done.iter().copied().collect();
-        let handoffs: Vec<crate::agents::handoff::HandoffWrite> = batch
-            .iter()
-            .filter(|c| applied.contains(&c.id))
-            .filter_map(|c| c.handoff.clone())
-            .collect();
-        crate::agents::handoff::write_in(&mut tx, &handoffs).await?;
+        // Handoffs (agent runs only) for the completions that applied: the fence let them in.
+        if batch.iter().any(|c| c.handoff.is_some()) {
+            let applied: std::collections::HashSet<TaskId> = done.iter().copied().collect();
+            let handoffs: Vec<crate::agents::handoff::HandoffWrite> = batch
+                .iter()
+                .filter(|c| applied.contains(&c.id))
+                .filter_map(|c| c.handoff.clone())
+                .collect();
+            crate::agents::handoff::write_in(&mut tx, &handoffs).await?;
+        }
         tx.commit().await?;
         Ok(done.len() as u64 + deferred)
     }

@@ -10,7 +10,6 @@ use chrono_tz::Tz;
 /// A parsed schedule with its time zone.
 #[derive(Debug, Clone)]
 pub struct CronSchedule {
-    expr: String,
     /// One schedule, or two when both day fields are restricted (standard cron fires when
     /// either matches; the `cron` crate would require both).
     schedules: Vec<cron::Schedule>,
@@ -117,19 +116,7 @@ impl CronSchedule {
         if schedules.iter().all(|s| s.upcoming(tz).next().is_none()) {
             return Err(format!("{expr:?} never fires"));
         }
-        Ok(CronSchedule {
-            expr: expr.to_string(),
-            schedules,
-            tz,
-        })
-    }
-
-    pub fn expr(&self) -> &str {
-        &self.expr
-    }
-
-    pub fn timezone(&self) -> Tz {
-        self.tz
+        Ok(CronSchedule { schedules, tz })
     }
 
     /// The first fire time strictly after `t`.

@@ -172,6 +172,22 @@ impl TestDb {
         TestDb { pool, url, name }
     }
 
+    /// A configuration for fast tests on this database: quick polls (50 ms) and heartbeats
+    /// (1 s), no retries; `extra` variables go on top.
+    pub fn fast_config(&self, extra: &[(&str, &str)]) -> harness::Config {
+        let mut env: Vec<(String, String)> = [
+            ("HARNESS_BULK__POLL_INTERVAL_MS", "50"),
+            ("HARNESS_BULK__RETRY_ATTEMPTS", "0"),
+            ("HARNESS_TELEMETRY__SAMPLE_INTERVAL_S", "1"),
+        ]
+        .iter()
+        .chain(extra)
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        env.push(("DATABASE_URL".to_string(), self.url.clone()));
+        harness::Config::load_from(None, env).expect("test config")
+    }
+
     /// A configuration pointing at this database, with defaults elsewhere.
     pub fn config(&self) -> harness::Config {
         harness::Config::load_from(None, [("DATABASE_URL".to_string(), self.url.clone())])
@@ -273,4 +289,95 @@ impl RestartableServer {
             .unwrap();
         self.server = Some(server);
     }
+}
+
+/// A command for the harness binary (or a copy of it at `program`) that inherits none of the
+/// caller's `HARNESS_*`, `DATABASE_URL` or `OTEL_*` variables, logs warnings only, and puts
+/// the API on a free port (so several replicas can run side by side).
+pub fn harness_command_at(program: &std::path::Path) -> std::process::Command {
+    let mut cmd = std::process::Command::new(program);
+    for (k, _) in std::env::vars() {
+        if k.starts_with("HARNESS_") || k.starts_with("OTEL_") || k == "DATABASE_URL" {
+            cmd.env_remove(k);
+        }
+    }
+    cmd.env("RUST_LOG", "warn")
+        .env("HARNESS_API__BIND", "127.0.0.1:0");
+    cmd
+}
+
+/// [`harness_command_at`] for the binary built for this test run.
+pub fn harness_command() -> std::process::Command {
+    harness_command_at(std::path::Path::new(harness_bin()))
+}
+
+/// Counts how many attempts of a handler run at once, and the peak.
+#[derive(Clone, Default)]
+pub struct Concurrency {
+    now: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    peak: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Concurrency {
+    /// A handler that sleeps `ms` and counts itself while it runs.
+    pub fn handler(&self, ms: u64) -> harness::pool::Handler {
+        use std::sync::atomic::Ordering::SeqCst;
+        let c = self.clone();
+        harness::pool::Handler::from_payload(move |_p: serde_json::Value| {
+            let c = c.clone();
+            async move {
+                let running = c.now.fetch_add(1, SeqCst) + 1;
+                c.peak.fetch_max(running, SeqCst);
+                tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+                c.now.fetch_sub(1, SeqCst);
+                Ok::<_, String>(serde_json::json!({}))
+            }
+        })
+    }
+
+    /// The most attempts seen running at once since the last reset.
+    pub fn peak(&self) -> usize {
+        self.peak.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    pub fn reset_peak(&self) {
+        self.peak.store(0, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// Reads one HTTP request (head, then `Content-Length` bytes of body) from `sock`; bytes past
+/// it stay in `buf` for the next request on a kept-alive connection. `None` at end of stream.
+pub async fn read_http_request(
+    sock: &mut tokio::net::TcpStream,
+    buf: &mut Vec<u8>,
+) -> Option<(String, Vec<u8>)> {
+    use tokio::io::AsyncReadExt;
+    let mut chunk = [0u8; 65536];
+    let end = loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i;
+        }
+        match sock.read(&mut chunk).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    };
+    let head = String::from_utf8_lossy(&buf[..end]).to_string();
+    let len: usize = head
+        .lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix("content-length:")
+                .map(|v| v.trim().parse().unwrap_or(0))
+        })
+        .unwrap_or(0);
+    while buf.len() < end + 4 + len {
+        match sock.read(&mut chunk).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+    let body = buf[end + 4..end + 4 + len].to_vec();
+    buf.drain(..end + 4 + len);
+    Some((head, body))
 }
