@@ -1,9 +1,16 @@
 //! A private PostgreSQL server for development and tests, run from the installed binaries.
 //!
 //! Layout under the harness home (`.harness/` or `$HARNESS_HOME`):
-//! `pg/` (data directory and Unix socket), `pg.log` (server log), `pg.port` (the port of the
-//! running server), `pg.lock` (held exclusively while a process starts or stops the server)
-//! and `pg.users` (held *shared* by every process that uses the server).
+//! `pg/` (data directory and Unix socket), `pg.log` (server log), `pg.port` (the number in
+//! the socket's name), `pg.lock` (held exclusively while a process starts or stops the
+//! server) and `pg.users` (held *shared* by every process that uses the server).
+//!
+//! Who gets in: nobody but the harness's own OS account. The server listens on no TCP port
+//! (`listen_addresses=''`), only on its Unix socket inside the 0700 data directory, and its
+//! `pg_hba.conf` (rewritten at every start) has one rule: `local` connections with `peer`
+//! authentication, mapped in `pg_ident.conf` from the harness's own account to the `postgres`
+//! role. An agent — another account — cannot enter the directory, and would be refused at the
+//! socket if it could. `pg.port` and `pg.log` are readable by the harness's account only.
 //!
 //! Guarantees: several `harness` processes on one home share one server; the server is
 //! stopped by the last process that leaves it (an exclusive `pg.users` lock succeeds only
@@ -24,6 +31,10 @@ use nix::unistd::{Pid, Uid, User};
 
 use super::Error;
 
+/// The port a private server uses unless told otherwise. It listens on no TCP port: the number
+/// only names its socket (`.s.PGSQL.5432`) in its own data directory.
+pub const SOCKET_PORT: u16 = 5432;
+
 /// Settings of a private server beyond PostgreSQL's defaults.
 #[derive(Debug, Clone, Default)]
 pub struct ServerOptions {
@@ -31,7 +42,7 @@ pub struct ServerOptions {
     pub bindir: Option<PathBuf>,
     /// Trade durability for speed (fsync off); for throwaway test servers only.
     pub ephemeral: bool,
-    /// Listen on this port rather than a free one (a server restarted where clients expect it).
+    /// Name the socket with this port rather than [`SOCKET_PORT`].
     pub port: Option<u16>,
 }
 
@@ -164,14 +175,30 @@ impl PrivateServer {
             .map_err(io_err(&home.join("pg.users")))?;
 
         let data = home.join("pg");
-        if let Some(port) = running_port(&home, &data) {
-            tracing::info!(port, home = %home.display(), "attached to the running private PostgreSQL");
-            return Ok(PrivateServer {
-                home,
-                port,
-                users_lock: Some(users),
-                child: None,
-            });
+        let mut port_wanted = options.port;
+        match running(&home, &data) {
+            Some(r) if r.tcp.is_empty() => {
+                tracing::info!(port = r.port, home = %home.display(), "attached to the running private PostgreSQL");
+                return Ok(PrivateServer {
+                    home,
+                    port: r.port,
+                    users_lock: Some(users),
+                    child: None,
+                });
+            }
+            Some(r) => {
+                // Started by an older version with a TCP port and trust authentication: any
+                // local process could connect as superuser. Restart it locked down, on the same
+                // socket, so its clients reconnect to the new one.
+                tracing::warn!(
+                    pid = r.pid,
+                    listen = %r.tcp,
+                    "the running private PostgreSQL listens on TCP; restarting it on its Unix socket only"
+                );
+                shut_down(r.pid);
+                port_wanted = port_wanted.or(Some(r.port));
+            }
+            None => {}
         }
 
         let bindir = find_bindir(options.bindir.as_deref())?;
@@ -182,30 +209,20 @@ impl PrivateServer {
         if !data.join("PG_VERSION").is_file() {
             init_data_dir(&bindir, &data, user.as_ref())?;
         }
+        // Every start, so a data directory made by an older version is locked down too.
+        write_auth_config(&data, user.as_ref())?;
 
-        let mut last_err = None;
-        for _ in 0..3 {
-            let port = match options.port {
-                Some(p) => p,
-                None => free_port().map_err(io_err(&home))?,
-            };
-            match spawn_server(&bindir, &home, &data, port, user.as_ref(), options) {
-                Ok(child) => {
-                    fs::write(home.join("pg.port"), port.to_string())
-                        .map_err(io_err(&home.join("pg.port")))?;
-                    tracing::info!(port, home = %home.display(), "started private PostgreSQL");
-                    return Ok(PrivateServer {
-                        home,
-                        port,
-                        users_lock: Some(users),
-                        child: Some(child),
-                    });
-                }
-                // Another program may have taken the port between our probe and the bind.
-                Err(e) => last_err = Some(e),
-            }
-        }
-        Err(last_err.expect("at least one attempt"))
+        // The number only names the socket file in our own directory: nothing else can take it.
+        let port = port_wanted.unwrap_or(SOCKET_PORT);
+        let child = spawn_server(&bindir, &home, &data, port, user.as_ref(), options)?;
+        write_private(&home.join("pg.port"), port.to_string().as_bytes())?;
+        tracing::info!(port, home = %home.display(), "started private PostgreSQL");
+        Ok(PrivateServer {
+            home,
+            port,
+            users_lock: Some(users),
+            child: Some(child),
+        })
     }
 
     pub fn port(&self) -> u16 {
@@ -227,7 +244,8 @@ impl PrivateServer {
         )
     }
 
-    /// A `psql` command line for `database` (the server listens on its Unix socket only).
+    /// A `psql` command line for `database` (the server listens on its Unix socket only, and
+    /// admits only this OS account).
     pub fn psql_command(&self, database: &str) -> String {
         format!(
             "psql -h {} -p {} -U postgres {database}",
@@ -303,8 +321,16 @@ fn postmaster_pid(data: &Path) -> Option<i32> {
     text.lines().next()?.trim().parse().ok()
 }
 
-/// The port of a server that is running on `data` and accepting connections.
-fn running_port(home: &Path, data: &Path) -> Option<u16> {
+/// A server found running on `data` and accepting connections.
+struct Running {
+    pid: i32,
+    port: u16,
+    /// Its first TCP listen address (line 6 of `postmaster.pid`), empty when it has none.
+    tcp: String,
+}
+
+/// The server that is running on `data` and accepting connections, if any.
+fn running(home: &Path, data: &Path) -> Option<Running> {
     let recorded: u16 = fs::read_to_string(home.join("pg.port"))
         .ok()?
         .trim()
@@ -314,8 +340,24 @@ fn running_port(home: &Path, data: &Path) -> Option<u16> {
     let lines: Vec<&str> = text.lines().collect();
     let pid: i32 = lines.first()?.trim().parse().ok()?;
     let port: u16 = lines.get(3)?.trim().parse().ok()?;
+    let tcp = lines.get(5).map(|s| s.trim().to_string()).unwrap_or_default();
     let ready = lines.get(7).is_some_and(|s| s.trim() == "ready");
-    (process_alive(pid) && ready && port == recorded).then_some(port)
+    (process_alive(pid) && ready && port == recorded).then_some(Running { pid, port, tcp })
+}
+
+/// Fast shutdown of a server we did not start (no child handle): SIGINT, then SIGQUIT.
+fn shut_down(pid: i32) {
+    let _ = signal::kill(Pid::from_raw(pid), Signal::SIGINT);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while process_alive(pid) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    if process_alive(pid) {
+        let _ = signal::kill(Pid::from_raw(pid), Signal::SIGQUIT);
+        while process_alive(pid) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
 }
 
 /// PostgreSQL, running as `user`, must be able to enter every directory above its data.
@@ -368,8 +410,9 @@ fn init_data_dir(bindir: &Path, data: &Path, user: Option<&User>) -> Result<(), 
         .args([
             "-U",
             "postgres",
-            "-A",
-            "trust",
+            // Replaced by write_auth_config before the first start; never trust, even meanwhile.
+            "--auth-local=peer",
+            "--auth-host=reject",
             "-E",
             "UTF8",
             "--locale=C",
@@ -397,10 +440,48 @@ fn init_data_dir(bindir: &Path, data: &Path, user: Option<&User>) -> Result<(), 
     Ok(())
 }
 
-fn free_port() -> std::io::Result<u16> {
-    Ok(std::net::TcpListener::bind(("127.0.0.1", 0))?
-        .local_addr()?
-        .port())
+/// Writes `path` readable and writable by this account only.
+fn write_private(path: &Path, contents: &[u8]) -> Result<(), Error> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let _ = fs::remove_file(path);
+    let mut f = OpenOptions::new()
+        .create_new(true)
+        .write(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(io_err(path))?;
+    f.write_all(contents).map_err(io_err(path))
+}
+
+/// The only way in: Unix socket, peer authentication, and only this process's OS account
+/// mapped to the `postgres` role. PostgreSQL reads both files at start-up.
+fn write_auth_config(data: &Path, user: Option<&User>) -> Result<(), Error> {
+    let me = User::from_uid(Uid::effective())
+        .ok()
+        .flatten()
+        .ok_or_else(|| Error::Server {
+            what: "the private PostgreSQL admits only this process's OS account".into(),
+            detail: format!(
+                "uid {} has no user name (no entry in /etc/passwd), so peer authentication cannot                  name it; add one or set DATABASE_URL to a server of your own",
+                Uid::effective()
+            ),
+        })?;
+    let hba = "# Written by Agent Harness at every start: Unix socket only, this OS account only.
+               local all all peer map=harness
+";
+    let ident = format!(
+        "# Written by Agent Harness at every start.
+harness {} postgres
+",
+        me.name
+    );
+    for (name, text) in [("pg_hba.conf", hba.to_string()), ("pg_ident.conf", ident)] {
+        let path = data.join(name);
+        write_private(&path, text.as_bytes())?;
+        chown_to(&path, user)?;
+    }
+    Ok(())
 }
 
 fn spawn_server(
@@ -412,10 +493,17 @@ fn spawn_server(
     options: &ServerOptions,
 ) -> Result<Child, Error> {
     let log_path = home.join("pg.log");
-    let log = OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&log_path)
+    let log = {
+        use std::os::unix::fs::OpenOptionsExt;
+        OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o600)
+            .open(&log_path)
+            .map_err(io_err(&log_path))?
+    };
+    // A log made by an older version may be world-readable.
+    fs::set_permissions(&log_path, fs::Permissions::from_mode(0o600))
         .map_err(io_err(&log_path))?;
     let log_start = log.metadata().map(|m| m.len()).unwrap_or(0);
     // A crashed server may leave a stale pid file behind; postgres itself checks whether
@@ -432,12 +520,8 @@ fn spawn_server(
         .arg(port.to_string())
         .arg("-k")
         .arg(data)
-        .args([
-            "-c",
-            "listen_addresses=127.0.0.1",
-            "-c",
-            "max_connections=200",
-        ]);
+        // No TCP listener: the socket in the 0700 data directory is the only way in.
+        .args(["-c", "listen_addresses=", "-c", "max_connections=200"]);
     if options.ephemeral {
         cmd.args([
             "-c",
