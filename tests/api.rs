@@ -777,3 +777,110 @@ async fn readiness_follows_the_database() {
     pool.close().await;
     pg.down().await;
 }
+
+#[tokio::test]
+async fn a_nul_anywhere_in_a_request_is_a_422_naming_the_field() {
+    let db = TestDb::new().await;
+    let api = start(&db, Arc::new(AtomicBool::new(false))).await;
+    let agent = api
+        .post("/api/agents")
+        .json(&json!({"name": "plain", "command": ["true"]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(agent.status(), StatusCode::CREATED);
+
+    let bodies: Vec<(&str, &str, Value, &str)> = vec![
+        (
+            "POST",
+            "/api/tasks",
+            json!({"kind": "echo", "payload": {"s": "a\u{0}b"}}),
+            "payload",
+        ),
+        (
+            "POST",
+            "/api/tasks",
+            json!({"kind": "echo", "payload": {"k\u{0}": 1}}),
+            "payload",
+        ),
+        ("POST", "/api/tasks", json!({"kind": "echo\u{0}"}), "kind"),
+        (
+            "POST",
+            "/api/tasks",
+            json!({"kind": "echo", "idempotency_key": "k\u{0}"}),
+            "idempotency_key",
+        ),
+        (
+            "POST",
+            "/api/agents",
+            json!({"name": "n", "code": "class Agent:\n  pass\n\u{0}"}),
+            "code",
+        ),
+        (
+            "POST",
+            "/api/agents",
+            json!({"name": "n", "command": ["echo", "a\u{0}"]}),
+            "command",
+        ),
+        (
+            "POST",
+            "/api/agents",
+            json!({"name": "n", "command": ["true"], "config": {"env": {"K": "\u{0}"}}}),
+            "env",
+        ),
+        (
+            "PATCH",
+            "/api/agents/plain",
+            json!({"config": {"env": {"K\u{0}": "v"}}}),
+            "env",
+        ),
+        (
+            "POST",
+            "/api/agents/plain/run",
+            json!({"input": {"x": "\u{0}"}}),
+            "input",
+        ),
+    ];
+    for (method, path, body, field) in bodies {
+        let r = api
+            .client
+            .request(method.parse().unwrap(), api.url(path))
+            .bearer_auth(ADMIN)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        let (s, v) = json_of(r).await;
+        assert_eq!(
+            s,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "{method} {path} {body}: {v}"
+        );
+        assert!(
+            v["error"].as_str().unwrap().contains(field),
+            "{method} {path} {body}: the error names {field}: {v}"
+        );
+    }
+    for (method, path) in [
+        ("GET", "/api/agents/a%00b"),
+        ("GET", "/api/tasks?kind=a%00b"),
+        ("GET", "/api/tasks?status=a%00b"),
+        ("POST", "/api/agents/a%00b/run"),
+        ("DELETE", "/api/agents/a%00b"),
+        ("POST", "/api/fleet/a%00b/resume"),
+    ] {
+        let r = api
+            .client
+            .request(method.parse().unwrap(), api.url(path))
+            .bearer_auth(ADMIN)
+            .send()
+            .await
+            .unwrap();
+        let (s, v) = json_of(r).await;
+        assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{method} {path}: {v}");
+    }
+    // Nothing was stored by any of them.
+    let (_, tasks) = json_of(api.get("/api/tasks").send().await.unwrap()).await;
+    assert_eq!(tasks.as_array().unwrap().len(), 0, "{tasks}");
+    api.stop().await;
+}

@@ -136,15 +136,23 @@ pub fn compress_state(state: Value, max_size: usize) -> (Value, bool) {
     (Value::Object(map), true)
 }
 
+// Only for agents that still exist: the join locks each agent row (KEY SHARE) until commit,
+// and skips one deleted meanwhile, so a removed agent never fails the completion that carries
+// its handoff (the foreign key would refuse the whole batch).
 const INSERT: &str = "
 INSERT INTO handoffs (agent_id, run_number, state, summary, metadata, compressed)
-SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::jsonb[], $4::text[], $5::jsonb[], $6::bool[])
+SELECT u.agent_id, u.run_number, u.state, u.summary, u.metadata, u.compressed
+FROM unnest($1::bigint[], $2::bigint[], $3::jsonb[], $4::text[], $5::jsonb[], $6::bool[])
+         AS u(agent_id, run_number, state, summary, metadata, compressed)
+JOIN agents a ON a.id = u.agent_id
+FOR KEY SHARE OF a
 ON CONFLICT (agent_id, run_number) DO NOTHING
 RETURNING agent_id";
 
 /// Writes artifacts on the caller's transaction (the one completing their tasks). An
-/// artifact whose run number is taken (a racing run got there first) is dropped; returns how
-/// many were written. Old artifacts beyond [`HISTORY`] are removed.
+/// artifact whose run number is taken (a racing run got there first), or whose agent has
+/// been removed, is dropped and logged; returns how many were written. Old artifacts beyond
+/// [`HISTORY`] are removed.
 pub async fn write_in(
     conn: &mut PgConnection,
     writes: &[HandoffWrite],
@@ -168,10 +176,22 @@ pub async fn write_in(
         .fetch_all(&mut *conn)
         .await?;
     if written.len() < writes.len() {
-        tracing::warn!(
-            dropped = writes.len() - written.len(),
-            "handoff not written: a racing run of the same agent wrote that run number first"
-        );
+        let gone: Vec<i64> = sqlx::query_scalar(
+            "SELECT u.id FROM unnest($1::bigint[]) AS u(id) \
+             WHERE NOT EXISTS (SELECT 1 FROM agents a WHERE a.id = u.id)",
+        )
+        .bind(&agent)
+        .fetch_all(&mut *conn)
+        .await?;
+        if !gone.is_empty() {
+            tracing::warn!(agents = ?gone, "handoff not written: the agent was removed while it ran");
+        }
+        if written.len() + gone.len() < writes.len() {
+            tracing::warn!(
+                dropped = writes.len() - written.len() - gone.len(),
+                "handoff not written: a racing run of the same agent wrote that run number first"
+            );
+        }
     }
     sqlx::query(
         "DELETE FROM handoffs h USING (

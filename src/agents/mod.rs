@@ -308,6 +308,12 @@ impl Agents {
                 if code.len() > MAX_CODE_BYTES {
                     return Err(invalid("code", format!("is over {MAX_CODE_BYTES} bytes")));
                 }
+                if crate::db::text::has_nul(code) {
+                    return Err(invalid(
+                        "code",
+                        "holds a NUL character, which is not allowed",
+                    ));
+                }
                 self.executor
                     .check_python(code)
                     .await
@@ -320,6 +326,12 @@ impl Agents {
                         "is empty; give a program and its arguments",
                     ));
                 };
+                if let Some(i) = argv.iter().position(|a| crate::db::text::has_nul(a)) {
+                    return Err(invalid(
+                        "command",
+                        format!("argument {i} holds a NUL character, which is not allowed"),
+                    ));
+                }
                 if !crate::executor::program_exists(program) {
                     return Err(invalid(
                         "command",
@@ -365,6 +377,12 @@ impl Agents {
     }
 
     pub async fn get(&self, name: &str) -> Result<Agent, Error> {
+        if crate::db::text::has_nul(name) {
+            return Err(invalid(
+                "name",
+                "holds a NUL character, which no agent name has",
+            ));
+        }
         let row: Option<Row> =
             sqlx::query_as(&format!("SELECT {COLUMNS} FROM agents WHERE name = $1"))
                 .bind(name)

@@ -216,6 +216,24 @@ async fn auth(State(st): Shared, req: Request, next: Next) -> Response {
     next.run(req).await
 }
 
+/// A NUL (`%00`) in the path or query can name nothing stored (PostgreSQL cannot store one):
+/// answered 422 before any handler sees it.
+async fn reject_nul_in_uri(req: Request, next: Next) -> Response {
+    let uri = req.uri();
+    let has = |s: &str| {
+        s.as_bytes()
+            .windows(3)
+            .any(|w| w.eq_ignore_ascii_case(b"%00"))
+    };
+    for (field, part) in [("path", Some(uri.path())), ("query", uri.query())] {
+        if part.is_some_and(has) {
+            return ApiError::invalid(field, "holds a NUL character (%00), which is not allowed")
+                .into_response();
+        }
+    }
+    next.run(req).await
+}
+
 /// The whole HTTP surface of a replica.
 pub fn router(state: Arc<ApiState>) -> Router {
     let api = Router::new()
@@ -254,6 +272,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
                 Value::Null,
             )
         })
+        .layer(middleware::from_fn(reject_nul_in_uri))
         .layer(DefaultBodyLimit::max(cfg.max_body_kb as usize * 1024))
         .layer(tower_http::timeout::TimeoutLayer::with_status_code(
             StatusCode::REQUEST_TIMEOUT,

@@ -6,6 +6,7 @@
 //! Holds no business rules: the tables belong to `queue`, `agents`, `scheduler`, `governor`.
 
 pub mod private;
+pub mod text;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -174,6 +175,29 @@ pub async fn connect(url: &str, max_connections: u32) -> Result<PgPool, Error> {
             url: redact_url(url),
             source,
         })
+}
+
+/// Whether `e` says the database could not be reached or could not serve the statement right
+/// now (so the same statement may succeed later), rather than that it refused what was sent.
+pub fn is_transient(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Database(db) => db.code().is_some_and(|code| {
+            // 08 connection exception, 40 serialization failure / deadlock, 53 insufficient
+            // resources, 57 operator intervention (shutdown, but 57014: a statement timeout,
+            // which the same rows would hit again), 58 system error, 55P03 lock not available.
+            let class = &code[..2.min(code.len())];
+            matches!(class, "08" | "40" | "53" | "58")
+                || (class == "57" && code != "57014")
+                || code == "55P03"
+        }),
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::Protocol(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed => true,
+        _ => false,
+    }
 }
 
 /// Applies every migration not applied yet.

@@ -340,7 +340,10 @@ fn running(home: &Path, data: &Path) -> Option<Running> {
     let lines: Vec<&str> = text.lines().collect();
     let pid: i32 = lines.first()?.trim().parse().ok()?;
     let port: u16 = lines.get(3)?.trim().parse().ok()?;
-    let tcp = lines.get(5).map(|s| s.trim().to_string()).unwrap_or_default();
+    let tcp = lines
+        .get(5)
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default();
     let ready = lines.get(7).is_some_and(|s| s.trim() == "ready");
     (process_alive(pid) && ready && port == recorded).then_some(Running { pid, port, tcp })
 }
@@ -503,8 +506,7 @@ fn spawn_server(
             .map_err(io_err(&log_path))?
     };
     // A log made by an older version may be world-readable.
-    fs::set_permissions(&log_path, fs::Permissions::from_mode(0o600))
-        .map_err(io_err(&log_path))?;
+    fs::set_permissions(&log_path, fs::Permissions::from_mode(0o600)).map_err(io_err(&log_path))?;
     let log_start = log.metadata().map(|m| m.len()).unwrap_or(0);
     // A crashed server may leave a stale pid file behind; postgres itself checks whether
     // that pid is alive, so only a dead one is removed here.

@@ -251,6 +251,37 @@ impl NewTask {
                 ),
             });
         }
+        if let Some(path) = crate::db::text::find_nul(&self.payload) {
+            return Err(Error::Invalid {
+                field: "payload",
+                reason: format!(
+                    "holds a NUL character (\\u0000) at {}, which cannot be stored",
+                    if path.is_empty() {
+                        "its top level"
+                    } else {
+                        path.as_str()
+                    }
+                ),
+            });
+        }
+        if let Some(k) = &self.idempotency_key
+            && crate::db::text::has_nul(k)
+        {
+            return Err(Error::Invalid {
+                field: "idempotency_key",
+                reason: "holds a NUL character, which is not allowed".into(),
+            });
+        }
+        if self
+            .traceparent
+            .as_deref()
+            .is_some_and(crate::db::text::has_nul)
+        {
+            return Err(Error::Invalid {
+                field: "traceparent",
+                reason: "holds a NUL character, which is not allowed".into(),
+            });
+        }
         if let Some(k) = &self.idempotency_key
             && (k.is_empty() || k.len() > MAX_KEY_LEN)
         {
@@ -370,6 +401,103 @@ pub struct Completion {
     pub retry_at: DateTime<Utc>,
     /// An agent's next state, written in the same transaction if the completion applies.
     pub handoff: Option<crate::agents::handoff::HandoffWrite>,
+}
+
+/// A completion as it is written: every NUL of its output replaced (PostgreSQL cannot store
+/// one), borrowing the original when there was none.
+struct CompletionRow<'a> {
+    id: TaskId,
+    attempt: i32,
+    ok: bool,
+    retryable: bool,
+    result: Option<std::borrow::Cow<'a, Value>>,
+    error: Option<std::borrow::Cow<'a, str>>,
+    final_status: Status,
+    retry_at: DateTime<Utc>,
+    handoff: Option<std::borrow::Cow<'a, crate::agents::handoff::HandoffWrite>>,
+}
+
+impl<'a> CompletionRow<'a> {
+    /// `None` for a deferred attempt, which is not a completion.
+    fn of(c: &'a Completion) -> Option<CompletionRow<'a>> {
+        use std::borrow::Cow;
+        let storable_text = |s: &'a str| -> Cow<'a, str> {
+            if crate::db::text::has_nul(s) {
+                Cow::Owned(crate::db::text::replace_nul_str(s))
+            } else {
+                Cow::Borrowed(s)
+            }
+        };
+        let (ok, retryable, result, error, final_status) = match &c.outcome {
+            Outcome::Success(v) => {
+                let v = if crate::db::text::find_nul(v).is_some() {
+                    let mut v = v.clone();
+                    crate::db::text::replace_nul(&mut v);
+                    Cow::Owned(v)
+                } else {
+                    Cow::Borrowed(v)
+                };
+                (true, false, Some(v), None, Status::Completed)
+            }
+            Outcome::Failed(e) => (false, true, None, Some(storable_text(e)), Status::Failed),
+            Outcome::TimedOut(e) => (false, true, None, Some(storable_text(e)), Status::Timeout),
+            Outcome::Cancelled => (
+                false,
+                false,
+                None,
+                Some(Cow::Borrowed("cancelled")),
+                Status::Cancelled,
+            ),
+            Outcome::Skipped(reason) => (
+                false,
+                false,
+                None,
+                Some(storable_text(reason)),
+                Status::Cancelled,
+            ),
+            Outcome::Deferred(_) => return None,
+        };
+        let handoff = c.handoff.as_ref().map(|h| {
+            let dirty = crate::db::text::find_nul(&h.state).is_some()
+                || crate::db::text::find_nul(&h.metadata).is_some()
+                || h.summary.as_deref().is_some_and(crate::db::text::has_nul);
+            if dirty {
+                let mut h = h.clone();
+                crate::db::text::replace_nul(&mut h.state);
+                crate::db::text::replace_nul(&mut h.metadata);
+                h.summary = h.summary.as_deref().map(crate::db::text::replace_nul_str);
+                Cow::Owned(h)
+            } else {
+                Cow::Borrowed(h)
+            }
+        });
+        Some(CompletionRow {
+            id: c.id,
+            attempt: c.attempt,
+            ok,
+            retryable,
+            result,
+            error,
+            final_status,
+            retry_at: c.retry_at,
+            handoff,
+        })
+    }
+
+    /// The row the database refused, as a final failure with `reason` and nothing else.
+    fn refused(row: &CompletionRow<'_>, reason: &str) -> CompletionRow<'static> {
+        CompletionRow {
+            id: row.id,
+            attempt: row.attempt,
+            ok: false,
+            retryable: false,
+            result: None,
+            error: Some(std::borrow::Cow::Owned(reason.to_string())),
+            final_status: Status::Failed,
+            retry_at: row.retry_at,
+            handoff: None,
+        }
+    }
 }
 
 /// Counts per status.
@@ -854,6 +982,12 @@ impl Queue {
 
     /// Writes a batch of finished attempts in one statement. Returns how many rows changed:
     /// fewer than given when some attempts were stale (rescued and rerun elsewhere).
+    ///
+    /// Output is stored whatever it holds: a NUL (which PostgreSQL cannot store) becomes
+    /// [`crate::db::text::NUL_MARK`]. When the database refuses the batch for what is in it
+    /// (a constraint, a trigger, a value too large), the rows are written one by one, so only
+    /// the row it refuses fails: that task ends `failed`, not retried, with the reason. `Err`
+    /// means the database could not be reached; the whole batch may be written again.
     pub async fn complete(&self, replica: &str, batch: &[Completion]) -> Result<u64, Error> {
         let mut deferred = 0;
         for c in batch {
@@ -861,15 +995,59 @@ impl Queue {
                 deferred += self.defer(replica, c.id, c.attempt, delay).await?;
             }
         }
-        let owned: Vec<&Completion> = batch
-            .iter()
-            .filter(|c| !matches!(c.outcome, Outcome::Deferred(_)))
-            .collect();
-        if owned.is_empty() {
+        let rows: Vec<CompletionRow> = batch.iter().filter_map(CompletionRow::of).collect();
+        if rows.is_empty() {
             return Ok(deferred);
         }
-        let batch = owned;
-        let n = batch.len();
+        match self.write_completions(replica, &rows).await {
+            Ok(n) => return Ok(n + deferred),
+            Err(e) if crate::db::is_transient(&e) => return Err(e.into()),
+            Err(e) if rows.len() > 1 => {
+                tracing::warn!(error = %e, tasks = rows.len(), "a completion batch was refused; writing its rows one by one");
+            }
+            Err(_) => {}
+        }
+        let mut applied = deferred;
+        for row in &rows {
+            match self
+                .write_completions(replica, std::slice::from_ref(row))
+                .await
+            {
+                Ok(n) => applied += n,
+                Err(e) if crate::db::is_transient(&e) => return Err(e.into()),
+                Err(e) => {
+                    let reason = crate::db::text::replace_nul_str(&format!(
+                        "the attempt ended ({}) but its outcome could not be stored: {e}",
+                        row.final_status
+                    ));
+                    tracing::error!(task.id = row.id, error = %e, "the database refused a completion; the task ends failed");
+                    let refused = CompletionRow::refused(row, &reason);
+                    match self
+                        .write_completions(replica, std::slice::from_ref(&refused))
+                        .await
+                    {
+                        Ok(n) => applied += n,
+                        Err(e) if crate::db::is_transient(&e) => return Err(e.into()),
+                        // Nothing of the agent's is left in this row; if even it is refused,
+                        // the database itself is broken (a trigger of someone's): say so, and
+                        // leave the task to an operator rather than retry it for ever.
+                        Err(e) => {
+                            tracing::error!(task.id = row.id, error = %e, "the database refused even the failure record of this task; it stays running until an operator acts")
+                        }
+                    }
+                }
+            }
+        }
+        Ok(applied)
+    }
+
+    /// One statement (and the handoffs of the rows it applied), in one transaction.
+    async fn write_completions(
+        &self,
+        replica: &str,
+        rows: &[CompletionRow<'_>],
+    ) -> Result<u64, sqlx::Error> {
+        let n = rows.len();
         let mut id = Vec::with_capacity(n);
         let mut attempt = Vec::with_capacity(n);
         let mut ok = Vec::with_capacity(n);
@@ -878,28 +1056,18 @@ impl Queue {
         let mut error: Vec<Option<&str>> = Vec::with_capacity(n);
         let mut final_status = Vec::with_capacity(n);
         let mut retry_at = Vec::with_capacity(n);
-        for c in &batch {
-            id.push(c.id);
-            attempt.push(c.attempt);
-            retry_at.push(c.retry_at);
-            let (o, r, res, err, st) = match &c.outcome {
-                Outcome::Success(v) => (true, false, Some(v), None, Status::Completed),
-                Outcome::Failed(e) => (false, true, None, Some(e.as_str()), Status::Failed),
-                Outcome::TimedOut(e) => (false, true, None, Some(e.as_str()), Status::Timeout),
-                Outcome::Cancelled => (false, false, None, Some("cancelled"), Status::Cancelled),
-                Outcome::Skipped(reason) => {
-                    (false, false, None, Some(reason.as_str()), Status::Cancelled)
-                }
-                Outcome::Deferred(_) => unreachable!("deferred attempts are filtered out above"),
-            };
-            ok.push(o);
-            retryable.push(r);
-            result.push(res);
-            error.push(err);
-            final_status.push(st.as_str());
+        for r in rows {
+            id.push(r.id);
+            attempt.push(r.attempt);
+            ok.push(r.ok);
+            retryable.push(r.retryable);
+            result.push(r.result.as_deref());
+            error.push(r.error.as_deref());
+            final_status.push(r.final_status.as_str());
+            retry_at.push(r.retry_at);
         }
         let mut tx = self.pool.begin().await?;
-        pin_plan(&mut tx, COMPLETE_PLAN).await?;
+        sqlx::query(COMPLETE_PLAN).execute(&mut *tx).await?;
         let done: Vec<TaskId> = sqlx::query_scalar(COMPLETE)
             .bind(&id)
             .bind(&attempt)
@@ -913,17 +1081,17 @@ impl Queue {
             .fetch_all(&mut *tx)
             .await?;
         // Handoffs (agent runs only) for the completions that applied: the fence let them in.
-        if batch.iter().any(|c| c.handoff.is_some()) {
+        if rows.iter().any(|r| r.handoff.is_some()) {
             let applied: std::collections::HashSet<TaskId> = done.iter().copied().collect();
-            let handoffs: Vec<crate::agents::handoff::HandoffWrite> = batch
+            let handoffs: Vec<crate::agents::handoff::HandoffWrite> = rows
                 .iter()
-                .filter(|c| applied.contains(&c.id))
-                .filter_map(|c| c.handoff.clone())
+                .filter(|r| applied.contains(&r.id))
+                .filter_map(|r| r.handoff.as_ref().map(|h| h.as_ref().clone()))
                 .collect();
             crate::agents::handoff::write_in(&mut tx, &handoffs).await?;
         }
         tx.commit().await?;
-        Ok(done.len() as u64 + deferred)
+        Ok(done.len() as u64)
     }
 
     /// Puts tasks `replica` holds back to `pending` without counting the attempt (graceful
@@ -1146,6 +1314,12 @@ pub struct TaskFilter {
 impl Queue {
     /// Tasks matching `f`, newest first (by id, the primary key).
     pub async fn list(&self, f: &TaskFilter) -> Result<Vec<Task>, Error> {
+        if f.kind.as_deref().is_some_and(crate::db::text::has_nul) {
+            return Err(Error::Invalid {
+                field: "kind",
+                reason: "holds a NUL character, which no kind has".into(),
+            });
+        }
         let mut q = sqlx::QueryBuilder::<sqlx::Postgres>::new(format!(
             "SELECT {TASK_COLUMNS} FROM tasks WHERE true"
         ));
