@@ -239,6 +239,7 @@ impl Harness {
                 default_timeout: Duration::from_secs(cfg.executor.default_timeout_s),
                 poll_interval: Duration::from_millis(cfg.bulk.poll_interval_ms),
                 shutdown_grace: Duration::from_secs(cfg.bulk.shutdown_grace_s),
+                claim_max_age: Duration::from_secs(cfg.persistence.rescue_after_s) / 2,
             },
             wake.clone(),
         );
@@ -252,6 +253,10 @@ impl Harness {
 
         let stop = CancellationToken::new();
         let mut loops = tokio::task::JoinSet::new();
+        // Since when this replica's heartbeats have been succeeding without a break (None
+        // while they fail): the rescuer's proof that it is not itself the one cut off.
+        let (healthy_tx, healthy_rx) =
+            tokio::sync::watch::channel(Some(tokio::time::Instant::now()));
 
         // Heartbeat: its own connection and its own task.
         {
@@ -274,12 +279,17 @@ impl Harness {
                     match heartbeat.beat(running, granted, sample).await {
                         Ok(()) => {
                             last_ok = tokio::time::Instant::now();
+                            healthy_tx.send_if_modified(|since| {
+                                since.get_or_insert(last_ok);
+                                false
+                            });
                             if !handle.claiming() {
                                 tracing::info!("heartbeat is back; claiming again");
                                 handle.set_claiming(true);
                             }
                         }
                         Err(e) => {
+                            healthy_tx.send_replace(None);
                             tracing::warn!(error = %e, "heartbeat failed; retrying next interval");
                             if last_ok.elapsed() >= fence && handle.claiming() {
                                 tracing::error!(
@@ -344,17 +354,35 @@ impl Harness {
                         _ = tick.tick() => {}
                         _ = stop.cancelled() => break,
                     }
-                    match queue.rescue(rescue_after).await {
-                        Ok(ids) if !ids.is_empty() => {
-                            tracing::warn!(tasks = ?ids, "rescued tasks of replicas that stopped heartbeating");
-                            wake.notify_one();
+                    // Only a replica whose own heartbeats have gone through for `rescue_after`
+                    // judges others: after an outage it saw, the others need as long to show
+                    // they are alive, and a replica cut off itself must not judge at all.
+                    let healthy_for = healthy_rx
+                        .borrow()
+                        .map(|since| since.elapsed())
+                        .unwrap_or_default();
+                    if healthy_for >= rescue_after {
+                        match queue.rescue(rescue_after).await {
+                            Ok(ids) if !ids.is_empty() => {
+                                tracing::warn!(tasks = ?ids, "rescued tasks of replicas that stopped heartbeating");
+                                wake.notify_one();
+                            }
+                            Ok(_) => {}
+                            Err(e) => tracing::warn!(error = %e, "rescue failed"),
                         }
-                        Ok(_) => {}
-                        Err(e) => tracing::warn!(error = %e, "rescue failed"),
                     }
-                    if let Ok(ids) = queue.cancel_requested(&replica).await {
-                        for id in ids {
-                            handle.cancel(id);
+                    // What the database says this replica holds: attempts it no longer holds
+                    // (rescued while it was stopped or cut off) are stopped here, and cancel
+                    // requests whose NOTIFY was missed are honoured.
+                    let before = handle.running_attempts();
+                    if let Ok(held) = queue.held_by(&replica).await {
+                        let attempts: Vec<(queue::TaskId, i32)> =
+                            held.iter().map(|(id, attempt, _)| (*id, *attempt)).collect();
+                        handle.stop_lost(&before, &attempts);
+                        for (id, _, cancel) in held {
+                            if cancel {
+                                handle.cancel(id);
+                            }
                         }
                     }
                     if last_prune.elapsed() >= PRUNE_EVERY {

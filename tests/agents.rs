@@ -805,16 +805,17 @@ async fn a_dropped_run_takes_its_whole_process_group_with_it() {
     spec.timeout = Duration::from_secs(600);
     let run = tokio::spawn(async move { e.run(&spec).await });
     let t0 = Instant::now();
-    while !pidfile.exists() {
+    // The shell creates the file before it writes the number: wait for the number.
+    let pid: i32 = loop {
+        if let Some(pid) = std::fs::read_to_string(&pidfile)
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+        {
+            break pid;
+        }
         assert!(t0.elapsed() < Duration::from_secs(10));
         tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    tokio::time::sleep(Duration::from_millis(50)).await;
-    let pid: i32 = std::fs::read_to_string(&pidfile)
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
+    };
     run.abort(); // as a cancel or the pool's timeout would drop it
     let _ = run.await;
     let deadline = Instant::now() + Duration::from_secs(3);

@@ -489,3 +489,65 @@ async fn claiming_stops_while_heartbeats_fail_and_resumes_when_they_return() {
     stop.send(()).unwrap();
     served.await.unwrap();
 }
+
+#[tokio::test]
+async fn running_rows_never_exceed_capacity_while_completions_are_written() {
+    let db = TestDb::new().await;
+    // Every completion takes 300 ms to write: a slot freed before its completion is durable
+    // would let the replica claim more rows than it may run.
+    sqlx::raw_sql(
+        "CREATE FUNCTION slow_completion() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN
+             IF OLD.status = 'running' AND NEW.status = 'completed' THEN
+                 PERFORM pg_sleep(0.3);
+             END IF;
+             RETURN NEW;
+         END $$;
+         CREATE TRIGGER slow_completion BEFORE UPDATE ON tasks
+             FOR EACH ROW EXECUTE FUNCTION slow_completion();",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let capacity = 2;
+    let h = Harness::builder()
+        .config(db.fast_config(&[("HARNESS_BULK__MAX_CONCURRENT", "2")]))
+        .pool(db.pool.clone())
+        .handler("quick", |_p: Value| async {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            Ok::<_, String>(json!({}))
+        })
+        .build()
+        .await
+        .unwrap();
+    let q = h.queue().clone();
+    let ids: Vec<i64> = q
+        .enqueue_many(vec![NewTask::new("quick", json!({})); 12])
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| e.id)
+        .collect();
+    let (stop, served) = serve(h);
+    let mut peak = 0;
+    loop {
+        let (running, done): (i64, i64) = sqlx::query_as(
+            "SELECT count(*) FILTER (WHERE status = 'running'), \
+                    count(*) FILTER (WHERE status = 'completed') FROM tasks",
+        )
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+        peak = peak.max(running);
+        if done == ids.len() as i64 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(
+        peak <= capacity,
+        "{peak} rows running at once on a replica with capacity {capacity}"
+    );
+    let _ = stop.send(());
+    served.await.unwrap();
+}

@@ -131,7 +131,7 @@ async fn every_lifecycle_transition() {
     let r = q.enqueue(NewTask::new("demo", json!({}))).await.unwrap();
     q.claim("r1", 1, &kinds()).await.unwrap();
     assert_eq!(q.cancel(r.id).await.unwrap(), Status::Running);
-    assert_eq!(q.cancel_requested("r1").await.unwrap(), vec![r.id]);
+    assert_eq!(q.held_by("r1").await.unwrap(), vec![(r.id, 1, true)]);
     q.complete("r1", &[done(r.id, 1, Outcome::Cancelled)])
         .await
         .unwrap();
@@ -379,12 +379,30 @@ async fn rescue_spares_live_replicas_and_counts_the_attempt() {
     );
     assert!(t.error.unwrap().contains("stopped heartbeating"));
 
-    // An old heartbeat counts as dead.
+    // An old heartbeat counts as dead, once the server itself has been up for longer than
+    // the threshold (staleness counts from the server's start at the earliest).
     sqlx::query("UPDATE replicas SET heartbeat_at = now() - interval '1 minute'")
         .execute(&db.pool)
         .await
         .unwrap();
-    assert_eq!(q.rescue(Duration::from_secs(10)).await.unwrap(), vec![a.id]);
+    let young: bool =
+        sqlx::query_scalar("SELECT pg_postmaster_start_time() > now() - interval '10 s'")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    if young {
+        assert_eq!(
+            q.rescue(Duration::from_secs(10)).await.unwrap(),
+            Vec::<i64>::new()
+        );
+    }
+    let uptime: f64 =
+        sqlx::query_scalar("SELECT EXTRACT(EPOCH FROM now() - pg_postmaster_start_time())::float8")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    let threshold = Duration::from_secs_f64((uptime / 2.0).min(10.0));
+    assert_eq!(q.rescue(threshold).await.unwrap(), vec![a.id]);
     let t = q.get(a.id).await.unwrap();
     assert_eq!((t.status, t.retry_count), (Status::Pending, 1));
     hb.deregister().await.unwrap();
@@ -396,7 +414,10 @@ async fn release_returns_work_without_counting_an_attempt() {
     let q = queue(&db);
     let e = q.enqueue(NewTask::new("demo", json!({}))).await.unwrap();
     q.claim("r1", 1, &kinds()).await.unwrap();
-    assert_eq!(q.release("r1", &[e.id]).await.unwrap(), 1);
+    // Fenced by the attempt: an older attempt's release touches nothing.
+    assert_eq!(q.release("r1", &[(e.id, 0)]).await.unwrap(), 0);
+    assert_eq!(q.release("r2", &[(e.id, 1)]).await.unwrap(), 0);
+    assert_eq!(q.release("r1", &[(e.id, 1)]).await.unwrap(), 1);
     let t = q.get(e.id).await.unwrap();
     assert_eq!(
         (t.status, t.attempt, t.retry_count),

@@ -14,8 +14,12 @@ use serde_json::{Value, json};
 const RESCUE_AFTER_S: u64 = 3;
 
 fn harness(db: &TestDb) -> Command {
+    harness_at(&db.url)
+}
+
+fn harness_at(url: &str) -> Command {
     let mut cmd = common::harness_command();
-    cmd.env("DATABASE_URL", &db.url)
+    cmd.env("DATABASE_URL", url)
         .env("HARNESS_TELEMETRY__SAMPLE_INTERVAL_S", "1")
         .env(
             "HARNESS_PERSISTENCE__RESCUE_AFTER_S",
@@ -26,17 +30,48 @@ fn harness(db: &TestDb) -> Command {
     cmd
 }
 
-/// A `harness serve` process, SIGKILLed if the test forgets it.
-struct Replica(Child);
+/// A `harness serve` process, SIGKILLed if the test forgets it (and its log, when kept).
+struct Replica(Child, Option<std::sync::Arc<std::sync::Mutex<String>>>);
 
 impl Replica {
     fn start(db: &TestDb, extra: &[(&str, &str)]) -> Replica {
-        let mut cmd = harness(db);
+        Replica::start_at(&db.url, extra)
+    }
+    fn start_at(url: &str, extra: &[(&str, &str)]) -> Replica {
+        let mut cmd = harness_at(url);
         cmd.arg("serve").stdout(Stdio::null()).stderr(Stdio::null());
         for (k, v) in extra {
             cmd.env(k, v);
         }
-        Replica(cmd.spawn().unwrap())
+        Replica(cmd.spawn().unwrap(), None)
+    }
+    /// Started with its warnings collected (see [`Replica::log_contains`]).
+    fn start_logged(db: &TestDb, extra: &[(&str, &str)]) -> Replica {
+        let mut cmd = harness(db);
+        cmd.arg("serve")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        for (k, v) in extra {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                sink.lock().unwrap().push_str(&line);
+                sink.lock().unwrap().push('\n');
+            }
+        });
+        Replica(child, Some(log))
+    }
+    fn log_contains(&self, text: &str) -> bool {
+        self.1
+            .as_ref()
+            .is_some_and(|l| l.lock().unwrap().contains(text))
     }
     fn pid(&self) -> i32 {
         self.0.id() as i32
@@ -62,6 +97,7 @@ impl Replica {
 
 impl Drop for Replica {
     fn drop(&mut self) {
+        let _ = kill(Pid::from_raw(self.pid()), Signal::SIGCONT);
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
@@ -405,4 +441,347 @@ async fn a_second_signal_exits_at_once() {
     assert_eq!(status.code(), Some(130));
     // The abandoned task is left running for other replicas to rescue.
     assert_eq!(q.get(id).await.unwrap().status, Status::Running);
+}
+
+async fn replica_ids(pool: &sqlx::PgPool, n: usize) -> Vec<String> {
+    until(
+        Duration::from_secs(20),
+        "the replicas to register",
+        async || {
+            let ids: Vec<String> = sqlx::query_scalar("SELECT id FROM replicas ORDER BY id")
+                .fetch_all(pool)
+                .await
+                .ok()?;
+            (ids.len() == n).then_some(ids)
+        },
+    )
+    .await
+}
+
+#[tokio::test]
+async fn an_outage_longer_than_rescue_after_reruns_nothing_of_live_replicas() {
+    let mut pg = common::RestartableServer::start("outage").await;
+    let url = pg.url("outage");
+    let replicas: Vec<Replica> = (0..3)
+        .map(|_| Replica::start_at(&url, &[("HARNESS_BULK__MAX_CONCURRENT", "4")]))
+        .collect();
+    let pool = harness::db::connect(&url, 2).await.unwrap();
+    let ids = replica_ids(&pool, 3).await;
+    let q = Queue::new(pool.clone(), 3);
+    // Long enough to outlast the outage: 12 tasks fill the three replicas' 4 slots each.
+    let tasks = q
+        .enqueue_many(vec![NewTask::new("sleep", json!({"ms": 14_000})); 12])
+        .await
+        .unwrap();
+    until(Duration::from_secs(10), "all 12 running", async || {
+        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM tasks WHERE status = 'running'")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        (n == 12).then_some(())
+    })
+    .await;
+    pool.close().await;
+
+    pg.down().await;
+    // Down for twice rescue_after: every heartbeat is stale when the server comes back.
+    tokio::time::sleep(Duration::from_secs(2 * RESCUE_AFTER_S + 2)).await;
+    pg.up().await;
+    let back = Instant::now();
+    let pool = harness::db::connect(&url, 2).await.unwrap();
+    let q = Queue::new(pool.clone(), 3);
+    let server_back: chrono::DateTime<chrono::Utc> =
+        sqlx::query_scalar("SELECT pg_postmaster_start_time()")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    let mut reconnected = Vec::new();
+    for id in &ids {
+        until(
+            Duration::from_secs(10),
+            "each replica to heartbeat",
+            async || {
+                let at: chrono::DateTime<chrono::Utc> =
+                    sqlx::query_scalar("SELECT heartbeat_at FROM replicas WHERE id = $1")
+                        .bind(id)
+                        .fetch_one(&pool)
+                        .await
+                        .ok()?;
+                (at > server_back).then_some(())
+            },
+        )
+        .await;
+        reconnected.push(back.elapsed());
+    }
+    eprintln!("replicas heartbeating again after {reconnected:?}");
+    for e in &tasks {
+        let t = until(Duration::from_secs(40), "the task to finish", async || {
+            let t = q.get(e.id).await.unwrap();
+            t.status.is_final().then_some(t)
+        })
+        .await;
+        assert_eq!(t.status, Status::Completed);
+        assert_eq!(
+            (t.attempt, t.attempts.as_array().unwrap().len()),
+            (1, 0),
+            "its owner was alive through the outage: never rescued, never run twice: {:?}",
+            t.attempts
+        );
+    }
+    drop(replicas);
+    pool.close().await;
+    pg.down().await;
+}
+
+/// A directory every account may write to (commands run as `nobody` under root).
+fn shared_dir() -> tempfile::TempDir {
+    let dir = tempfile::Builder::new()
+        .prefix("harness-effects-")
+        .tempdir_in("/tmp")
+        .unwrap();
+    std::fs::set_permissions(
+        dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o777),
+    )
+    .unwrap();
+    dir
+}
+
+fn lines(path: &std::path::Path) -> usize {
+    std::fs::read_to_string(path)
+        .map(|s| s.lines().count())
+        .unwrap_or(0)
+}
+
+#[tokio::test]
+async fn a_claim_that_returns_after_a_long_stop_is_not_started() {
+    let db = TestDb::new().await;
+    // The first claim of this task commits slowly (2 s inside COMMIT), so the test can stop
+    // the replica while the claim is committed on the server but not yet answered.
+    sqlx::raw_sql(
+        "CREATE FUNCTION slow_claim() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN
+             IF NEW.payload ? 'slow_claim' AND NEW.status = 'running' AND NEW.attempt = 1 THEN
+                 PERFORM pg_sleep(2);
+             END IF;
+             RETURN NULL;
+         END $$;
+         CREATE CONSTRAINT TRIGGER slow_claim AFTER UPDATE ON tasks
+             DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION slow_claim();",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let dir = shared_dir();
+    let effects = dir.path().join("effects");
+    let a = Replica::start_logged(&db, &[]);
+    let a_id = replica_id_of(&db, a.pid()).await;
+    let q = Queue::new(db.pool.clone(), 3);
+    let id = q
+        .enqueue(NewTask::new(
+            "command",
+            json!({
+                "argv": ["sh", "-c", format!("echo ran >> {}", effects.display())],
+                "slow_claim": true,
+            }),
+        ))
+        .await
+        .unwrap()
+        .id;
+    until(Duration::from_secs(10), "the claim's COMMIT", async || {
+        let n: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'PgSleep' AND query = 'COMMIT'",
+        )
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+        (n == 1).then_some(())
+    })
+    .await;
+    a.signal(Signal::SIGSTOP);
+    // Another replica takes the task over once a's heartbeat is stale, and runs it.
+    let mut b = Replica::start(&db, &[]);
+    let t = until(
+        Duration::from_secs(30),
+        "b to complete the task",
+        async || {
+            let t = q.get(id).await.unwrap();
+            (t.status == Status::Completed).then_some(t)
+        },
+    )
+    .await;
+    assert_eq!(t.attempt, 2);
+    assert_eq!(t.attempts[0]["replica"], a_id.as_str());
+    assert_eq!(lines(&effects), 1);
+    b.signal(Signal::SIGTERM);
+    b.wait(Duration::from_secs(10));
+
+    // a wakes up with a claim 'returned' long after it was made.
+    a.signal(Signal::SIGCONT);
+    until(
+        Duration::from_secs(20),
+        "a to drop its stale claim (or to run it again)",
+        async || (a.log_contains("not starting") || lines(&effects) > 1).then_some(()),
+    )
+    .await;
+    // Give a started command time to leave its mark, should one have been started.
+    let marker = q
+        .enqueue(NewTask::new(
+            "command",
+            json!({"argv": ["sh", "-c", format!("echo marker >> {}.marker", effects.display())]}),
+        ))
+        .await
+        .unwrap()
+        .id;
+    until(
+        Duration::from_secs(20),
+        "a to run the next task",
+        async || (q.get(marker).await.unwrap().status == Status::Completed).then_some(()),
+    )
+    .await;
+    assert_eq!(
+        lines(&effects),
+        1,
+        "the task ran again on the replica that had been stopped"
+    );
+}
+
+fn alive(pid: i32) -> bool {
+    // A zombie is dead for our purposes: only its parent has not reaped it yet.
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| {
+            s.rsplit_once(") ")
+                .is_some_and(|(_, rest)| !rest.starts_with('Z'))
+        })
+        .unwrap_or(false)
+}
+
+fn read_pid(path: &std::path::Path) -> Option<i32> {
+    std::fs::read_to_string(path).ok()?.trim().parse().ok()
+}
+
+#[tokio::test]
+async fn a_killed_replicas_agent_processes_die_with_it_or_at_the_next_start() {
+    let db = TestDb::new().await;
+    let dir = shared_dir();
+    let (sh_pid, bg_pid, cwd) = (
+        dir.path().join("sh.pid"),
+        dir.path().join("bg.pid"),
+        dir.path().join("cwd"),
+    );
+    let mut a = Replica::start(&db, &[]);
+    replica_id_of(&db, a.pid()).await;
+    let q = Queue::new(db.pool.clone(), 3);
+    let script = format!(
+        "pwd > {cwd}; echo $$ > {sh}.tmp && mv {sh}.tmp {sh}; \
+         sleep 300 & echo $! > {bg}.tmp && mv {bg}.tmp {bg}; wait",
+        cwd = cwd.display(),
+        sh = sh_pid.display(),
+        bg = bg_pid.display()
+    );
+    q.enqueue(NewTask::new(
+        "command",
+        json!({"argv": ["sh", "-c", script]}),
+    ))
+    .await
+    .unwrap();
+    let (sh, bg) = until(
+        Duration::from_secs(10),
+        "the command to start",
+        async || Some((read_pid(&sh_pid)?, read_pid(&bg_pid)?)),
+    )
+    .await;
+    let run_dir = std::path::PathBuf::from(std::fs::read_to_string(&cwd).unwrap().trim());
+    assert!(run_dir.is_dir());
+    a.signal(Signal::SIGKILL);
+    a.wait(Duration::from_secs(5));
+    // The run's own process dies with its replica (parent-death signal)...
+    until(
+        Duration::from_secs(3),
+        "the command to die with its replica",
+        async || (!alive(sh)).then_some(()),
+    )
+    .await;
+    assert!(
+        alive(bg),
+        "a background child outlives a kill -9 until the next start"
+    );
+    // ...and what it left behind is reaped by the next replica on this host.
+    let _b = Replica::start(&db, &[]);
+    until(
+        Duration::from_secs(10),
+        "the leftover process to be reaped",
+        async || (!alive(bg)).then_some(()),
+    )
+    .await;
+    until(
+        Duration::from_secs(5),
+        "the killed run's directory to be removed",
+        async || (!run_dir.exists()).then_some(()),
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn a_replica_resumed_after_its_task_was_rescued_stops_its_own_run() {
+    let db = TestDb::new().await;
+    let dir = shared_dir();
+    let pids = dir.path().join("pids");
+    let a = Replica::start(&db, &[]);
+    let a_id = replica_id_of(&db, a.pid()).await;
+    let q = Queue::new(db.pool.clone(), 3);
+    let id = q
+        .enqueue(NewTask::new(
+            "command",
+            json!({"argv": ["sh", "-c", format!("echo $$ >> {}; exec sleep 300", pids.display())]}),
+        ))
+        .await
+        .unwrap()
+        .id;
+    let first = until(
+        Duration::from_secs(10),
+        "a to start the command",
+        async || {
+            std::fs::read_to_string(&pids)
+                .ok()?
+                .lines()
+                .next()?
+                .trim()
+                .parse::<i32>()
+                .ok()
+        },
+    )
+    .await;
+    // a stops; its run goes on (nothing can stop it while a is stopped) and b takes the
+    // task over once a's heartbeat is stale.
+    a.signal(Signal::SIGSTOP);
+    let _b = Replica::start(&db, &[]);
+    until(
+        Duration::from_secs(30),
+        "b to run the task again",
+        async || {
+            let t = q.get(id).await.unwrap();
+            (t.attempt == 2 && lines(&pids) == 2).then_some(())
+        },
+    )
+    .await;
+    assert!(alive(first), "a's run went on while a was stopped");
+    assert_eq!(
+        q.get(id).await.unwrap().attempts[0]["replica"],
+        a_id.as_str()
+    );
+    // Once a runs again it learns that the task is no longer its own, and stops its run.
+    a.signal(Signal::SIGCONT);
+    until(
+        Duration::from_secs(10),
+        "a to stop the run it no longer owns",
+        async || (!alive(first)).then_some(()),
+    )
+    .await;
+    let t = q.get(id).await.unwrap();
+    assert_eq!(
+        (t.status, t.attempt),
+        (Status::Running, 2),
+        "b's run is untouched"
+    );
 }

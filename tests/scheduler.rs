@@ -271,7 +271,7 @@ async fn missed_ticks_coalesce_into_one_run() {
     add_ticker(&db.url, "misfire", "*/2 * * * * *");
     let mut r = Replica::start(&db.url);
     wait_leader(&db.pool, None, Duration::from_secs(10)).await;
-    tokio::time::sleep(Duration::from_secs(4)).await;
+    until_fires(&db.pool, "misfire", |f| f.len() >= 2).await;
     r.signal(Signal::SIGTERM);
     r.0.wait().unwrap();
     let stopped = Utc::now();
@@ -279,19 +279,98 @@ async fn missed_ticks_coalesce_into_one_run() {
     tokio::time::sleep(Duration::from_millis(6500)).await;
     let restarted = Utc::now();
     let _r2 = Replica::start(&db.url);
-    wait_leader(&db.pool, None, Duration::from_secs(10)).await;
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    let f = fires(&db.pool, "misfire").await;
-    let in_gap: Vec<_> = f
+    // The new leader's first firing is the catch-up: every tick missed up to that moment
+    // folds into that one run (the latest of them), whenever the election happens.
+    let f = until_fires(&db.pool, "misfire", |f| f.iter().any(|x| x.2 > restarted)).await;
+    let catch_up = f
         .iter()
-        .filter(|x| x.0 > stopped && x.0 <= restarted)
+        .filter(|x| x.2 > restarted)
+        .min_by_key(|x| x.2)
+        .unwrap();
+    let missed: Vec<_> = f
+        .iter()
+        .filter(|x| x.0 > stopped && x.0 <= catch_up.0)
         .collect();
     assert_eq!(
-        in_gap.len(),
+        missed.len(),
         1,
-        "exactly one coalesced run for the missed ticks: {in_gap:?}"
+        "exactly one coalesced run for the missed ticks: {missed:?}"
+    );
+    assert!(
+        catch_up.0 >= restarted - chrono::Duration::seconds(2),
+        "the run is the latest missed tick: {catch_up:?}"
     );
     drop(r);
+}
+
+/// Waits (up to 20 s) until the agent's fires satisfy `done`, and returns them.
+async fn until_fires(
+    pool: &PgPool,
+    agent: &str,
+    done: impl Fn(&[(DateTime<Utc>, String, DateTime<Utc>)]) -> bool,
+) -> Vec<(DateTime<Utc>, String, DateTime<Utc>)> {
+    let t0 = Instant::now();
+    loop {
+        let f = fires(pool, agent).await;
+        if done(&f) {
+            return f;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "fires of {agent} never got there: {f:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_leader_stopped_inside_its_firing_transaction_loses_the_lock() {
+    let db = TestDb::new().await;
+    add_ticker(&db.url, "held", "* * * * * *");
+    let a = Replica::start(&db.url);
+    let ((pid, a_id), _) = wait_leader(&db.pool, None, Duration::from_secs(10)).await;
+    assert_eq!(pid, a.pid());
+    // Hold the agent's row: the leader's next firing waits for it inside its transaction.
+    let mut hold = db.pool.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM agents WHERE name = 'held' FOR UPDATE")
+        .execute(&mut *hold)
+        .await
+        .unwrap();
+    let app = format!("harness-scheduler {a_id}");
+    let t0 = Instant::now();
+    loop {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity \
+             WHERE application_name = $1 AND wait_event_type = 'Lock'",
+        )
+        .bind(&app)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+        if waiting == 1 {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "the leader never fired"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Stopped between BEGIN and COMMIT: once the row is free its UPDATE finishes and the
+    // session sits idle in its transaction, holding the advisory lock.
+    a.signal(Signal::SIGSTOP);
+    hold.commit().await.unwrap();
+    let b = Replica::start(&db.url);
+    let ((pid, b_id), took) = wait_leader(
+        &db.pool,
+        Some(&a_id),
+        Duration::from_secs(IDLE_TIMEOUT_S + ELECT_S + 6),
+    )
+    .await;
+    assert_eq!(pid, b.pid());
+    eprintln!("failover after a SIGSTOP inside the firing transaction: {took:?}");
+    until_fires(&db.pool, "held", |f| f.iter().any(|x| x.1 == b_id)).await;
+    drop(a);
 }
 
 #[tokio::test]

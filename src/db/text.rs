@@ -42,13 +42,9 @@ pub fn replace_nul_str(s: &str) -> String {
 /// Replaces every NUL in `v` (strings and keys) by [`NUL_MARK`]. Returns whether any was found.
 pub fn replace_nul(v: &mut Value) -> bool {
     match v {
-        Value::String(s) => {
-            if has_nul(s) {
-                *s = replace_nul_str(s);
-                true
-            } else {
-                false
-            }
+        Value::String(s) if has_nul(s) => {
+            *s = replace_nul_str(s);
+            true
         }
         Value::Array(items) => items.iter_mut().fold(false, |acc, x| replace_nul(x) | acc),
         Value::Object(map) => {

@@ -33,6 +33,9 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 
 use crate::config::ExecutorConfig;
 
+pub mod session;
+mod spawner;
+
 const RUNNER: &str = include_str!("runner.py");
 /// The largest result accepted from an agent.
 pub const MAX_RESULT_BYTES: u64 = 16 * 1024 * 1024;
@@ -154,7 +157,8 @@ pub struct Executor {
     pub default_memory_mb: u64,
     pub default_cpu_percent: u32,
     pub isolation: Isolation,
-    runs_dir: PathBuf,
+    /// This process's place under the runs directory (run directories and group records).
+    session: std::sync::Arc<session::Session>,
 }
 
 static DEGRADED: Once = Once::new();
@@ -186,7 +190,12 @@ impl Executor {
             None
         };
         let python = resolve_python(&cfg.python, run_as.as_ref())?;
-        let runs_dir = runs_dir()?;
+        let agent_uid = run_as
+            .as_ref()
+            .map_or(Uid::effective().as_raw(), |u| u.uid.as_raw());
+        // Reaps what processes killed before us left behind (their agents, their run
+        // directories), then takes a place of our own.
+        let session = session::Session::open(&runs_dir()?, agent_uid).map_err(Error::RunDir)?;
         let isolation = Isolation::Rlimit;
         Ok(Executor {
             python,
@@ -199,7 +208,7 @@ impl Executor {
             default_memory_mb: cfg.max_memory_mb,
             default_cpu_percent: cfg.max_cpu_percent,
             isolation,
-            runs_dir,
+            session: std::sync::Arc::new(session),
         })
     }
 
@@ -256,7 +265,7 @@ impl Executor {
         let dir = tempfile::Builder::new()
             .prefix("run-")
             .permissions(std::fs::Permissions::from_mode(0o700))
-            .tempdir_in(&self.runs_dir)
+            .tempdir_in(self.session.dir())
             .map_err(Error::RunDir)?;
         let input = json!({ "config": spec.config, "input": spec.input, "handoff": spec.handoff });
         let input_text = input.to_string();
@@ -321,13 +330,14 @@ impl Executor {
             cpu_seconds: cpu_budget(spec.timeout, spec.cpu_percent),
             processes: self.nproc_limit(),
             file_bytes: self.max_file_bytes,
+            parent: nix::unistd::getpid(),
         };
-        // SAFETY: the closure runs in the forked child before exec and only calls
-        // setrlimit(2), which is async-signal-safe; it allocates nothing.
+        // SAFETY: the closure runs in the forked child before exec and only makes system
+        // calls (setrlimit, prctl, getppid), which are async-signal-safe; it allocates nothing.
         unsafe {
             cmd.pre_exec(move || limits.apply());
         }
-        let mut child = cmd.spawn().map_err(|source| Error::Spawn {
+        let mut child = spawner::spawn(cmd).await.map_err(|source| Error::Spawn {
             program: program.display().to_string(),
             source,
         })?;
@@ -335,6 +345,14 @@ impl Executor {
         // If this future is dropped (a cancel, the pool's timeout, shutdown), the whole group
         // goes: kill_on_drop alone would reach only the direct child.
         let _group = GroupGuard(pgid);
+        // Should this process die before the run ends, the next one on this host kills what is
+        // left of the group (the direct child dies with us by its parent-death signal).
+        let _record = self
+            .session
+            .record(dir.path(), pgid.as_raw())
+            .map(RecordGuard)
+            .map_err(|e| tracing::warn!(error = %e, "could not record the run's process group"))
+            .ok();
 
         if is_command {
             let mut stdin = child.stdin.take().expect("piped");
@@ -486,6 +504,15 @@ fn runs_dir() -> Result<PathBuf, Error> {
     Ok(dir)
 }
 
+/// Removes a run's process-group record when dropped (after the group is dead).
+struct RecordGuard(PathBuf);
+
+impl Drop for RecordGuard {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
 /// Kills a process group when dropped.
 struct GroupGuard(Pid);
 
@@ -508,10 +535,22 @@ struct Limits {
     cpu_seconds: u64,
     processes: u64,
     file_bytes: u64,
+    /// The harness process: the child dies with it.
+    parent: Pid,
 }
 
 impl Limits {
     fn apply(&self) -> std::io::Result<()> {
+        // Set after the uid change (std runs pre_exec last), which would clear it. The child
+        // is forked from a thread that lives as long as the process (see `spawner`), so the
+        // signal comes when the harness dies, never when a runtime thread retires.
+        nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(std::io::Error::from)?;
+        if nix::unistd::getppid() != self.parent {
+            // The harness died between fork and prctl: nothing would kill us later.
+            return Err(std::io::Error::other(
+                "the harness exited while starting the run",
+            ));
+        }
         let set = |r, v: u64| setrlimit(r, v, v).map_err(std::io::Error::from);
         set(Resource::RLIMIT_AS, self.address_space)?;
         // Soft limit sends SIGXCPU; the hard limit, a second later, SIGKILL.

@@ -235,6 +235,15 @@ impl Capacity {
 /// A claimed task on its way to the runner, holding its capacity permit.
 pub struct Job {
     claimed: Claimed,
+    permit: OwnedSemaphorePermit,
+    /// When the claim statement was sent: a claim answered too late is not started.
+    claimed_at: tokio::time::Instant,
+}
+
+/// A finished attempt on its way to the database. It keeps its capacity permit until its
+/// completion is written: until then the row still counts as running.
+struct Finished {
+    completion: Completion,
     _permit: OwnedSemaphorePermit,
 }
 
@@ -311,6 +320,9 @@ pub struct PoolOptions {
     pub default_timeout: Duration,
     pub poll_interval: Duration,
     pub shutdown_grace: Duration,
+    /// A claim answered later than this after it was sent is not started (half of
+    /// `rescue_after`: by then another replica may have rescued the rows and run them).
+    pub claim_max_age: Duration,
 }
 
 /// The most rows one claim statement takes.
@@ -325,7 +337,7 @@ struct Shared {
     queue: Queue,
     registry: Arc<Registry>,
     options: PoolOptions,
-    completions: mpsc::Sender<Completion>,
+    completions: mpsc::Sender<Finished>,
     /// Running attempts: id → (attempt, cancel token).
     running: Mutex<HashMap<TaskId, (i32, CancellationToken)>>,
     /// Signalled whenever a running attempt ends.
@@ -380,8 +392,32 @@ fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
 async fn run_attempt(shared: Arc<Shared>, job: Job) {
     let Job {
         claimed: c,
-        _permit,
+        permit,
+        claimed_at,
     } = job;
+    // A claim that came back late (the process was stopped, or the database stalled) may
+    // already have been rescued and run elsewhere; one made while claiming is suspended may be
+    // rescued at any moment. Give it back (fenced by the attempt) rather than run it twice.
+    let age = claimed_at.elapsed();
+    let suspended = !shared.claiming.load(std::sync::atomic::Ordering::SeqCst);
+    if age > shared.options.claim_max_age || suspended {
+        tracing::warn!(
+            task.id = c.id,
+            task.attempt = c.attempt,
+            claim_age_ms = age.as_millis() as u64,
+            suspended,
+            "not starting a claimed task: the claim is too old or claiming is suspended; \
+             returning it to the queue"
+        );
+        if let Err(e) = shared
+            .queue
+            .release(&shared.options.replica, &[(c.id, c.attempt)])
+            .await
+        {
+            tracing::warn!(task.id = c.id, error = %e, "could not return the task; it will be rescued");
+        }
+        return;
+    }
     let token = CancellationToken::new();
     shared
         .running
@@ -499,12 +535,16 @@ async fn run_attempt(shared: Arc<Shared>, job: Job) {
         // while its completion waits for room in the writer's channel.
         let _ = shared
             .completions
-            .send(Completion {
-                id: c.id,
-                attempt: c.attempt,
-                outcome,
-                retry_at,
-                handoff,
+            .send(Finished {
+                completion: Completion {
+                    id: c.id,
+                    attempt: c.attempt,
+                    outcome,
+                    retry_at,
+                    handoff,
+                },
+                // Freed by the writer once the completion is durable.
+                _permit: permit,
             })
             .await;
     }
@@ -515,7 +555,6 @@ async fn run_attempt(shared: Arc<Shared>, job: Job) {
         }
     }
     shared.ended.notify_waiters();
-    // `_permit` drops here: the capacity is free for the next claim.
 }
 
 /// A running pool. Dropping it does not stop it: call [`Pool::shutdown`].
@@ -541,7 +580,7 @@ impl Pool {
         wake: Arc<Notify>,
     ) -> Pool {
         let (jobs_tx, jobs_rx) = mpsc::channel::<Job>(options.max_concurrent.max(1));
-        let (done_tx, done_rx) = mpsc::channel::<Completion>(options.max_concurrent.max(1) * 2);
+        let (done_tx, done_rx) = mpsc::channel::<Finished>(options.max_concurrent.max(1) * 2);
         let shared = Arc::new(Shared {
             queue: queue.clone(),
             registry: registry.clone(),
@@ -628,11 +667,11 @@ impl Pool {
         let _ = (&mut self.claimer).await;
 
         // Claimed but never started: straight back to the queue.
-        let unstarted: Vec<TaskId> = {
+        let unstarted: Vec<(TaskId, i32)> = {
             let mut rx = self.unstarted.lock().expect("backend lock");
             let mut ids = Vec::new();
             while let Ok(job) = rx.try_recv() {
-                ids.push(job.claimed.id);
+                ids.push((job.claimed.id, job.claimed.attempt));
             }
             ids
         };
@@ -648,20 +687,20 @@ impl Pool {
                 break;
             }
         }
-        let leftover: Vec<(TaskId, CancellationToken)> = self
+        let leftover: Vec<(TaskId, i32, CancellationToken)> = self
             .shared
             .running
             .lock()
             .expect("running lock")
             .drain()
-            .map(|(id, (_, token))| (id, token))
+            .map(|(id, (attempt, token))| (id, attempt, token))
             .collect();
         if !leftover.is_empty() {
             // Stop them first, so no second replica runs them while this one still does.
-            for (_, token) in &leftover {
+            for (_, _, token) in &leftover {
                 token.cancel();
             }
-            let ids: Vec<TaskId> = leftover.iter().map(|(id, _)| *id).collect();
+            let ids: Vec<(TaskId, i32)> = leftover.iter().map(|(id, a, _)| (*id, *a)).collect();
             self.release(&ids, "still running after the shutdown grace period")
                 .await;
         }
@@ -674,7 +713,7 @@ impl Pool {
         let _ = (&mut self.writer).await;
     }
 
-    async fn release(&self, ids: &[TaskId], why: &str) {
+    async fn release(&self, ids: &[(TaskId, i32)], why: &str) {
         if ids.is_empty() {
             return;
         }
@@ -735,6 +774,46 @@ impl PoolHandle {
         self.shared
             .claiming
             .load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// The attempts running right now, as (task, attempt).
+    pub fn running_attempts(&self) -> Vec<(TaskId, i32)> {
+        self.shared
+            .running
+            .lock()
+            .expect("running lock")
+            .iter()
+            .map(|(id, (attempt, _))| (*id, *attempt))
+            .collect()
+    }
+
+    /// Stops every attempt in `before` (a [`PoolHandle::running_attempts`] taken before the
+    /// database was read) that `held` (what the database says this replica holds, read
+    /// afterwards) no longer lists: it was rescued while this replica could not heartbeat
+    /// (stopped, cut off), and another replica may be running it. Returns how many stopped.
+    pub fn stop_lost(&self, before: &[(TaskId, i32)], held: &[(TaskId, i32)]) -> usize {
+        let held: std::collections::HashSet<&(TaskId, i32)> = held.iter().collect();
+        let running = self.shared.running.lock().expect("running lock");
+        let mut stopped = 0;
+        for attempt in before {
+            if held.contains(attempt) {
+                continue;
+            }
+            if let Some((a, token)) = running.get(&attempt.0)
+                && *a == attempt.1
+                && !token.is_cancelled()
+            {
+                tracing::warn!(
+                    task.id = attempt.0,
+                    task.attempt = attempt.1,
+                    "this replica no longer holds a task it is running (rescued while it could \
+                     not heartbeat); stopping it"
+                );
+                token.cancel();
+                stopped += 1;
+            }
+        }
+        stopped
     }
 
     /// Aborts a running attempt of this pool (a cancel request). Returns whether it was here.
@@ -804,7 +883,7 @@ async fn claim_loop(
             permits.merge(p);
         }
         let want = permits.num_permits();
-        let t0 = std::time::Instant::now();
+        let t0 = tokio::time::Instant::now();
         // Not raced against `stop`: a claim dropped after its COMMIT was sent would leave rows
         // claimed that no one runs. Claimed rows go to the channel, and shutdown releases
         // whatever was not started.
@@ -825,7 +904,8 @@ async fn claim_loop(
                     if jobs
                         .send(Job {
                             claimed: row,
-                            _permit: permit,
+                            permit,
+                            claimed_at: t0,
                         })
                         .await
                         .is_err()
@@ -860,23 +940,25 @@ async fn claim_loop(
 }
 
 /// Writes finished attempts in batches: whatever has arrived while the previous statement
-/// ran goes into the next one.
+/// ran goes into the next one. Each attempt's capacity permit is freed once its completion is
+/// written.
 async fn write_completions(
     queue: Queue,
     replica: String,
-    mut rx: mpsc::Receiver<Completion>,
+    mut rx: mpsc::Receiver<Finished>,
     stop: CancellationToken,
 ) {
-    let mut batch = Vec::with_capacity(MAX_COMPLETE);
+    let mut arrived = Vec::with_capacity(MAX_COMPLETE);
     loop {
         let n = tokio::select! {
-            n = rx.recv_many(&mut batch, MAX_COMPLETE) => n,
+            n = rx.recv_many(&mut arrived, MAX_COMPLETE) => n,
             _ = stop.cancelled() => {
-                while let Ok(c) = rx.try_recv() {
-                    batch.push(c);
+                while let Ok(f) = rx.try_recv() {
+                    arrived.push(f);
                 }
-                if !batch.is_empty() {
-                    write_with_retry(&queue, &replica, &batch, 10, &stop).await;
+                if !arrived.is_empty() {
+                    let batch: Vec<Completion> = arrived.drain(..).map(|f| f.completion).collect();
+                    write_with_retry(&queue, &replica, &batch, &stop).await;
                 }
                 return;
             }
@@ -884,28 +966,29 @@ async fn write_completions(
         if n == 0 {
             return;
         }
-        // Retry for as long as it takes while serving; once stopping, a bounded number of times
-        // (what is not written is rescued by other replicas).
-        let tries = if stop.is_cancelled() { 10 } else { u32::MAX };
-        write_with_retry(&queue, &replica, &batch, tries, &stop).await;
-        batch.clear();
+        let (batch, permits): (Vec<Completion>, Vec<OwnedSemaphorePermit>) =
+            arrived.drain(..).map(|f| (f.completion, f._permit)).unzip();
+        write_with_retry(&queue, &replica, &batch, &stop).await;
+        drop(permits);
     }
 }
+
+/// Tries after a stop is requested: what is not written by then is rescued by other replicas.
+const STOPPING_TRIES: u32 = 10;
 
 async fn write_with_retry(
     queue: &Queue,
     replica: &str,
     batch: &[Completion],
-    tries: u32,
     stop: &CancellationToken,
 ) {
     let mut failures = 0u32;
+    // Unbounded while serving, on purpose: `complete` fails only when the database cannot be
+    // reached (a row it refuses is failed row by row inside), so this waits out an outage.
+    // Meanwhile the rows stay ours and fenced, the permits stay held (nothing new is claimed),
+    // and if the outage outlasts `rescue_after` other replicas rescue the tasks and this write,
+    // when it lands, is fenced out. Once stopping, it is bounded by STOPPING_TRIES.
     loop {
-        let tries = if stop.is_cancelled() {
-            tries.min(10)
-        } else {
-            tries
-        };
         let t0 = std::time::Instant::now();
         let result = {
             use tracing::Instrument;
@@ -929,7 +1012,7 @@ async fn write_with_retry(
             }
             Err(e) => {
                 failures += 1;
-                if failures >= tries {
+                if stop.is_cancelled() && failures >= STOPPING_TRIES {
                     tracing::error!(error = %e, tasks = batch.len(), "giving up writing completions; the tasks will be rescued");
                     return;
                 }

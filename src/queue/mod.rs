@@ -626,6 +626,11 @@ async fn pin_plan(conn: &mut PgConnection, settings: &'static str) -> Result<(),
 
 // Tasks of replicas whose heartbeat is too old go back (the lost attempt counts as a retry).
 // Matches tasks_status_idx (status = 'running').
+// Staleness counts from the later of the last heartbeat and the server's start: after a
+// restart no replica could heartbeat while the server was down, so each gets `rescue_after`
+// from the restart to reconnect before its tasks are judged lost. (An outage without a restart
+// is covered by the rescuer itself: see the replica's rescuer, which waits for its own
+// heartbeats to have succeeded for `rescue_after`.)
 const RESCUE: &str = "
 UPDATE tasks t SET
     status = CASE WHEN t.cancel_requested THEN 'cancelled'
@@ -642,7 +647,9 @@ UPDATE tasks t SET
 WHERE t.status = 'running'
   AND NOT EXISTS (
       SELECT 1 FROM replicas r
-      WHERE r.id = t.locked_by AND r.heartbeat_at > now() - make_interval(secs => $1))
+      WHERE r.id = t.locked_by
+        AND GREATEST(r.heartbeat_at, pg_postmaster_start_time())
+            > now() - make_interval(secs => $1))
 RETURNING t.id";
 
 impl Queue {
@@ -1094,18 +1101,22 @@ impl Queue {
         Ok(done.len() as u64)
     }
 
-    /// Puts tasks `replica` holds back to `pending` without counting the attempt (graceful
-    /// shutdown of work that had not finished).
-    pub async fn release(&self, replica: &str, ids: &[TaskId]) -> Result<u64, Error> {
+    /// Puts attempts `replica` holds back to `pending` without counting them (graceful
+    /// shutdown of work that had not finished, a claim too old to start). Each is given as
+    /// (task, attempt) and fenced like a completion: a task rescued meanwhile is not touched.
+    pub async fn release(&self, replica: &str, attempts: &[(TaskId, i32)]) -> Result<u64, Error> {
+        let (ids, nums): (Vec<TaskId>, Vec<i32>) = attempts.iter().copied().unzip();
         let done = sqlx::query(
-            "UPDATE tasks SET \
-                 status = CASE WHEN cancel_requested THEN 'cancelled' ELSE 'pending' END, \
-                 completed_at = CASE WHEN cancel_requested THEN now() END, \
-                 cancel_requested = false, locked_by = NULL, attempt = attempt - 1, \
+            "UPDATE tasks t SET \
+                 status = CASE WHEN t.cancel_requested THEN 'cancelled' ELSE 'pending' END, \
+                 completed_at = CASE WHEN t.cancel_requested THEN now() END, \
+                 cancel_requested = false, locked_by = NULL, attempt = t.attempt - 1, \
                  started_at = NULL \
-             WHERE id = ANY($1) AND locked_by = $2 AND status = 'running'",
+             FROM unnest($1::bigint[], $2::int[]) AS u(id, attempt) \
+             WHERE t.id = u.id AND t.attempt = u.attempt AND t.locked_by = $3",
         )
-        .bind(ids)
+        .bind(&ids)
+        .bind(&nums)
         .bind(replica)
         .execute(&self.pool)
         .await?;
@@ -1190,10 +1201,12 @@ impl Queue {
         }
     }
 
-    /// Running tasks of `replica` that someone asked to cancel.
-    pub async fn cancel_requested(&self, replica: &str) -> Result<Vec<TaskId>, Error> {
-        Ok(sqlx::query_scalar(
-            "SELECT id FROM tasks WHERE status = 'running' AND locked_by = $1 AND cancel_requested",
+    /// What `replica` holds: its running attempts as (task, attempt, cancel requested).
+    /// Matches tasks_status_idx (status = 'running', locked_by).
+    pub async fn held_by(&self, replica: &str) -> Result<Vec<(TaskId, i32, bool)>, Error> {
+        Ok(sqlx::query_as(
+            "SELECT id, attempt, cancel_requested FROM tasks \
+             WHERE status = 'running' AND locked_by = $1",
         )
         .bind(replica)
         .fetch_all(&self.pool)

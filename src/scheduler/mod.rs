@@ -1,8 +1,8 @@
 //! Cron scheduling of agents by one leader, elected through a PostgreSQL advisory lock.
 //!
 //! Every replica runs [`run`]. It tries `pg_try_advisory_lock` every `elect_interval_s` on a
-//! dedicated connection (not from the pool) with `idle_session_timeout`, a statement
-//! timeout and server-side TCP keepalives, so a hung, stopped or partitioned leader loses the
+//! dedicated connection (not from the pool) with `idle_session_timeout` and
+//! `idle_in_transaction_session_timeout`, a statement timeout and server-side TCP keepalives, so a hung, stopped or partitioned leader loses the
 //! lock on the server side even while its socket stays open. The leader probes that
 //! connection every second and steps down at the first error or slow probe.
 //!
@@ -133,8 +133,13 @@ async fn try_lead(
         .application_name(&format!("harness-scheduler {}", opts.replica))
         .connect()
         .await?;
+    // Every state of the session is bounded, so a leader stopped or cut off anywhere loses
+    // the lock on the server side: idle (idle_session_timeout), inside a transaction
+    // (idle_in_transaction_session_timeout: idle_session_timeout does not apply there), and
+    // running a statement (statement_timeout); keepalives cover a vanished peer.
     sqlx::query(
         "SELECT set_config('idle_session_timeout', $1, false), \
+                set_config('idle_in_transaction_session_timeout', $1, false), \
                 set_config('statement_timeout', '2s', false), \
                 set_config('tcp_keepalives_idle', '5', false), \
                 set_config('tcp_keepalives_interval', '2', false), \
