@@ -379,6 +379,14 @@ impl Harness {
                         let attempts: Vec<(queue::TaskId, i32)> =
                             held.iter().map(|(id, attempt, _)| (*id, *attempt)).collect();
                         handle.stop_lost(&before, &attempts);
+                        let orphans = handle.orphaned_holds(&attempts);
+                        if !orphans.is_empty() {
+                            match queue.release(&replica, &orphans).await {
+                                Ok(n) if n > 0 => wake.notify_one(),
+                                Ok(_) => {}
+                                Err(e) => tracing::warn!(error = %e, "could not give back unknown tasks; trying again shortly"),
+                            }
+                        }
                         for (id, _, cancel) in held {
                             if cancel {
                                 handle.cancel(id);

@@ -137,19 +137,35 @@ async fn deleting_an_agent_mid_run_skips_its_handoff_and_the_replica_goes_on() {
     agents
         .create(python_agent(
             "victim",
-            "import time\nclass Agent:\n    def execute(self):\n        time.sleep(1.5)\n\
+            "import time\nclass Agent:\n    def execute(self):\n\
+             \x20       open(self.input['marker'], 'w').close()\n        time.sleep(1.5)\n\
              \x20       return {'n': 1}\n",
             &db.config(),
         ))
         .await
         .unwrap();
     let (stop, served) = serve(h);
-    let run = agents.run(&q, "victim", Value::Null).await.unwrap().id;
+    // The agent runs as another account: it marks its start in a directory it may write.
+    let dir = tempfile::Builder::new()
+        .prefix("harness-victim-")
+        .tempdir_in("/tmp")
+        .unwrap();
+    std::fs::set_permissions(
+        dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o777),
+    )
+    .unwrap();
+    let marker = dir.path().join("started");
+    let run = agents
+        .run(&q, "victim", json!({ "marker": marker }))
+        .await
+        .unwrap()
+        .id;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while q.get(run).await.unwrap().status != Status::Running {
+    while !marker.exists() {
         assert!(
             tokio::time::Instant::now() < deadline,
-            "the run never started"
+            "the agent never started"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }

@@ -785,3 +785,45 @@ async fn a_replica_resumed_after_its_task_was_rescued_stops_its_own_run() {
         "b's run is untouched"
     );
 }
+
+#[tokio::test]
+async fn a_row_a_live_replica_holds_without_knowing_is_given_back_and_run() {
+    let db = TestDb::new().await;
+    let a = Replica::start_logged(&db, &[("RUST_LOG", "info")]);
+    let a_id = replica_id_of(&db, a.pid()).await;
+    let q = Queue::new(db.pool.clone(), 3);
+    // What a claim whose COMMIT went through but whose answer was lost leaves behind: a row
+    // held by a replica that heartbeats and never heard of it. No one would rescue it.
+    let id = q
+        .enqueue(NewTask::new("echo", json!({"orphan": true})).delay(Duration::from_secs(3600)))
+        .await
+        .unwrap()
+        .id;
+    sqlx::query(
+        "UPDATE tasks SET status = 'running', locked_by = $2, attempt = 1, started_at = now(), \
+         scheduled_at = now() WHERE id = $1",
+    )
+    .bind(id)
+    .bind(&a_id)
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let t = until(
+        Duration::from_secs(15),
+        "the row to be given back and run",
+        async || {
+            let t = q.get(id).await.unwrap();
+            if t.status != Status::Completed {
+                eprintln!("{}", a.1.as_ref().unwrap().lock().unwrap());
+            }
+            (t.status == Status::Completed).then_some(t)
+        },
+    )
+    .await;
+    assert_eq!(t.result, Some(json!({"orphan": true})));
+    assert_eq!(
+        t.attempt, 1,
+        "given back without counting an attempt, then run once"
+    );
+    drop(a);
+}

@@ -40,7 +40,10 @@ pub const SOCKET_PORT: u16 = 5432;
 pub struct ServerOptions {
     /// Where `initdb`/`postgres` live; `None` searches (see [`find_bindir`]).
     pub bindir: Option<PathBuf>,
-    /// Trade durability for speed (fsync off); for throwaway test servers only.
+    /// Trade durability against a crash of the *machine* for speed (fsync and full-page
+    /// writes off); for throwaway test servers only. A commit that was acknowledged still
+    /// survives a crash of PostgreSQL itself (`synchronous_commit` stays on), which crash
+    /// tests rely on.
     pub ephemeral: bool,
     /// Name the socket with this port rather than [`SOCKET_PORT`].
     pub port: Option<u16>,
@@ -256,10 +259,16 @@ impl PrivateServer {
 
     /// Leaves the server; stops it when no other process uses it. Blocking.
     pub fn stop(mut self) -> Result<(), Error> {
-        self.leave()
+        self.leave(Signal::SIGINT)
     }
 
-    fn leave(&mut self) -> Result<(), Error> {
+    /// [`PrivateServer::stop`] in PostgreSQL's "immediate" mode (SIGQUIT): no checkpoint,
+    /// crash recovery at the next start. For tests of crashes.
+    pub fn stop_immediately(mut self) -> Result<(), Error> {
+        self.leave(Signal::SIGQUIT)
+    }
+
+    fn leave(&mut self, mode: Signal) -> Result<(), Error> {
         let Some(users) = self.users_lock.take() else {
             return Ok(());
         };
@@ -277,7 +286,7 @@ impl PrivateServer {
         let data = self.home.join("pg");
         if let Some(pid) = postmaster_pid(&data) {
             // SIGINT is PostgreSQL's "fast" shutdown: roll back sessions, checkpoint, exit.
-            let _ = signal::kill(Pid::from_raw(pid), Signal::SIGINT);
+            let _ = signal::kill(Pid::from_raw(pid), mode);
             let deadline = Instant::now() + Duration::from_secs(30);
             while process_alive(pid) && Instant::now() < deadline {
                 if let Some(child) = &mut self.child
@@ -302,7 +311,7 @@ impl PrivateServer {
 
 impl Drop for PrivateServer {
     fn drop(&mut self) {
-        if let Err(e) = self.leave() {
+        if let Err(e) = self.leave(Signal::SIGINT) {
             tracing::warn!(error = %e, "could not stop the private PostgreSQL");
         }
     }
@@ -525,14 +534,7 @@ fn spawn_server(
         // No TCP listener: the socket in the 0700 data directory is the only way in.
         .args(["-c", "listen_addresses=", "-c", "max_connections=200"]);
     if options.ephemeral {
-        cmd.args([
-            "-c",
-            "fsync=off",
-            "-c",
-            "synchronous_commit=off",
-            "-c",
-            "full_page_writes=off",
-        ]);
+        cmd.args(["-c", "fsync=off", "-c", "full_page_writes=off"]);
     }
     cmd.current_dir(data)
         .stdin(Stdio::null())

@@ -37,11 +37,16 @@ impl Session {
     /// `agent_uid` is the account agents run as (ours when not root).
     pub fn open(root: &Path, agent_uid: u32) -> std::io::Result<Session> {
         let reaped = reap_dead(root, agent_uid);
-        if reaped.sessions > 0 {
+        if reaped.processes > 0 {
             tracing::warn!(
                 sessions = reaped.sessions,
                 processes = reaped.processes,
-                "reaped agent processes and run directories left by dead harness processes"
+                "killed agent processes left running by dead harness processes"
+            );
+        } else if reaped.sessions > 0 {
+            tracing::info!(
+                sessions = reaped.sessions,
+                "removed run directories left by dead harness processes"
             );
         }
         // Set up under a name reapers skip, then renamed: no reaper ever sees a session

@@ -340,6 +340,8 @@ struct Shared {
     completions: mpsc::Sender<Finished>,
     /// Running attempts: id → (attempt, cancel token).
     running: Mutex<HashMap<TaskId, (i32, CancellationToken)>>,
+    /// Every attempt this pool answers for, from its claim to its written completion.
+    holds: Mutex<Holds>,
     /// Signalled whenever a running attempt ends.
     ended: Notify,
     /// Attempts ended, by outcome (what the governor watches).
@@ -351,7 +353,99 @@ struct Shared {
     claiming_changed: Notify,
 }
 
+/// The attempts a pool answers for, checked against what the database says it holds.
+///
+/// A row can be held in the database by a live replica that does not know it: a claim whose
+/// COMMIT went through while its answer was lost (the connection broke), a release that failed
+/// during an outage. Nobody would ever rescue it (the replica heartbeats), so the replica gives
+/// such rows back itself — but only once they have been unknown at two reconciliations in a
+/// row (a claim in flight is answered within milliseconds), and a claim that still brings one
+/// of them back afterwards is dropped, not started (`revoked`).
+#[derive(Debug, Default)]
+struct Holds {
+    /// Claimed and not yet written back or released: task → attempt.
+    known: HashMap<TaskId, i32>,
+    /// Held in the database but unknown here at the last reconciliation.
+    suspects: std::collections::HashSet<(TaskId, i32)>,
+    /// Given back by a reconciliation: when, and the last claim started by then. Only a
+    /// claim started no later than that can bring the row back unknowingly (a later claim of
+    /// the same row, which gets the same attempt number again, is a fair claim).
+    revoked: HashMap<(TaskId, i32), (std::time::Instant, u64)>,
+    /// Claims started so far (each claim statement's sequence number).
+    claims: u64,
+}
+
+impl Holds {
+    /// Given `held` (read from the database just before), the attempts to give back: unknown
+    /// now and at the previous call. They are revoked from `now`; revocations older than
+    /// `keep` are dropped.
+    fn orphans(
+        &mut self,
+        held: &[(TaskId, i32)],
+        now: std::time::Instant,
+        keep: Duration,
+    ) -> Vec<(TaskId, i32)> {
+        let unknown: std::collections::HashSet<(TaskId, i32)> = held
+            .iter()
+            .filter(|(id, attempt)| self.known.get(id) != Some(attempt))
+            .copied()
+            .collect();
+        self.revoked
+            .retain(|_, (at, _)| now.duration_since(*at) < keep);
+        // Suspected at the last look, or given back already and still listed (the release
+        // failed): give back now.
+        let mut orphans: Vec<(TaskId, i32)> = unknown
+            .iter()
+            .filter(|u| self.suspects.contains(u) || self.revoked.contains_key(u))
+            .copied()
+            .collect();
+        orphans.sort_unstable();
+        for o in &orphans {
+            self.revoked.insert(*o, (now, self.claims));
+        }
+        self.suspects = unknown
+            .into_iter()
+            .filter(|u| !self.revoked.contains_key(u))
+            .collect();
+        orphans
+    }
+
+    /// Numbers a claim about to be sent.
+    fn claim_started(&mut self) -> u64 {
+        self.claims += 1;
+        self.claims
+    }
+
+    /// Records a row that claim `seq` returned as ours; returns whether it may be started
+    /// (false: a reconciliation gave it back while that claim was in flight).
+    fn claimed(&mut self, seq: u64, id: TaskId, attempt: i32) -> bool {
+        if self
+            .revoked
+            .get(&(id, attempt))
+            .is_some_and(|(_, last)| seq <= *last)
+        {
+            return false;
+        }
+        self.known.insert(id, attempt);
+        true
+    }
+
+    /// Forgets `attempt` of `id` (written back or released); a newer attempt stays.
+    fn forget(&mut self, id: TaskId, attempt: i32) {
+        if self.known.get(&id) == Some(&attempt) {
+            self.known.remove(&id);
+        }
+    }
+}
+
 impl Shared {
+    fn forget(&self, attempts: impl IntoIterator<Item = (TaskId, i32)>) {
+        let mut holds = self.holds.lock().expect("holds lock");
+        for (id, attempt) in attempts {
+            holds.forget(id, attempt);
+        }
+    }
+
     fn running_count(&self) -> usize {
         self.running.lock().expect("running lock").len()
     }
@@ -414,8 +508,9 @@ async fn run_attempt(shared: Arc<Shared>, job: Job) {
             .release(&shared.options.replica, &[(c.id, c.attempt)])
             .await
         {
-            tracing::warn!(task.id = c.id, error = %e, "could not return the task; it will be rescued");
+            tracing::warn!(task.id = c.id, error = %e, "could not return the task now; the next reconciliation will");
         }
+        shared.forget([(c.id, c.attempt)]);
         return;
     }
     let token = CancellationToken::new();
@@ -526,7 +621,11 @@ async fn run_attempt(shared: Arc<Shared>, job: Job) {
         m.get(&c.id)
             .is_some_and(|(attempt, _)| *attempt == c.attempt)
     };
-    if ours(&shared.running.lock().expect("running lock")) {
+    let still_ours = ours(&shared.running.lock().expect("running lock"));
+    if !still_ours {
+        // Released by a shutdown past its grace: nothing to write.
+        shared.forget([(c.id, c.attempt)]);
+    } else {
         let handoff = match outcome {
             Outcome::Success(_) => control.lock().expect("control lock").handoff.take(),
             _ => None,
@@ -587,6 +686,7 @@ impl Pool {
             options: options.clone(),
             completions: done_tx,
             running: Mutex::new(HashMap::new()),
+            holds: Mutex::new(Holds::default()),
             ended: Notify::new(),
             completed: 0.into(),
             failed: 0.into(),
@@ -596,8 +696,7 @@ impl Pool {
 
         let stop_writer = CancellationToken::new();
         let writer = tokio::spawn(write_completions(
-            queue.clone(),
-            options.replica.clone(),
+            shared.clone(),
             done_rx,
             stop_writer.clone(),
         ));
@@ -717,6 +816,7 @@ impl Pool {
         if ids.is_empty() {
             return;
         }
+        self.shared.forget(ids.iter().copied());
         match self
             .shared
             .queue
@@ -816,6 +916,29 @@ impl PoolHandle {
         stopped
     }
 
+    /// Compares `held` (what the database says this replica holds, read just before) with
+    /// the attempts this pool answers for. Returns the attempts to give back: held, but
+    /// unknown here now and at the previous call. From now on a claim that brings one of them
+    /// back is dropped. See [`Holds`].
+    pub fn orphaned_holds(&self, held: &[(TaskId, i32)]) -> Vec<(TaskId, i32)> {
+        // Long enough for any claim still in flight to have come back (or to be too old to
+        // start anyway).
+        let keep = self.shared.options.claim_max_age * 4;
+        let orphans = self.shared.holds.lock().expect("holds lock").orphans(
+            held,
+            std::time::Instant::now(),
+            keep,
+        );
+        if !orphans.is_empty() {
+            tracing::warn!(
+                tasks = ?orphans,
+                "the database says this replica holds tasks it is not running (a claim whose \
+                 answer was lost, a release that failed); giving them back"
+            );
+        }
+        orphans
+    }
+
     /// Aborts a running attempt of this pool (a cancel request). Returns whether it was here.
     pub fn cancel(&self, id: TaskId) -> bool {
         match self.shared.running.lock().expect("running lock").get(&id) {
@@ -883,6 +1006,7 @@ async fn claim_loop(
             permits.merge(p);
         }
         let want = permits.num_permits();
+        let seq = shared.holds.lock().expect("holds lock").claim_started();
         let t0 = tokio::time::Instant::now();
         // Not raced against `stop`: a claim dropped after its COMMIT was sent would leave rows
         // claimed that no one runs. Claimed rows go to the channel, and shutdown releases
@@ -899,6 +1023,23 @@ async fn claim_loop(
                 failures = 0;
                 let got = rows.len();
                 busy = got == want;
+                // Known before anything can finish with them; a row a reconciliation gave
+                // back while this claim was in flight is not ours to start.
+                let rows: Vec<Claimed> = {
+                    let mut holds = shared.holds.lock().expect("holds lock");
+                    rows.into_iter()
+                        .filter(|r| {
+                            let ok = holds.claimed(seq, r.id, r.attempt);
+                            if !ok {
+                                tracing::warn!(
+                                    task.id = r.id,
+                                    "a claim returned a row already given back; dropping it"
+                                );
+                            }
+                            ok
+                        })
+                        .collect()
+                };
                 for row in rows {
                     let permit = permits.split(1).expect("one permit per claimed row");
                     if jobs
@@ -943,11 +1084,11 @@ async fn claim_loop(
 /// ran goes into the next one. Each attempt's capacity permit is freed once its completion is
 /// written.
 async fn write_completions(
-    queue: Queue,
-    replica: String,
+    shared: Arc<Shared>,
     mut rx: mpsc::Receiver<Finished>,
     stop: CancellationToken,
 ) {
+    let (queue, replica) = (&shared.queue, &shared.options.replica);
     let mut arrived = Vec::with_capacity(MAX_COMPLETE);
     loop {
         let n = tokio::select! {
@@ -958,7 +1099,8 @@ async fn write_completions(
                 }
                 if !arrived.is_empty() {
                     let batch: Vec<Completion> = arrived.drain(..).map(|f| f.completion).collect();
-                    write_with_retry(&queue, &replica, &batch, &stop).await;
+                    write_with_retry(queue, replica, &batch, &stop).await;
+                    shared.forget(batch.iter().map(|c| (c.id, c.attempt)));
                 }
                 return;
             }
@@ -968,7 +1110,8 @@ async fn write_completions(
         }
         let (batch, permits): (Vec<Completion>, Vec<OwnedSemaphorePermit>) =
             arrived.drain(..).map(|f| (f.completion, f._permit)).unzip();
-        write_with_retry(&queue, &replica, &batch, &stop).await;
+        write_with_retry(queue, replica, &batch, &stop).await;
+        shared.forget(batch.iter().map(|c| (c.id, c.attempt)));
         drop(permits);
     }
 }
@@ -1053,6 +1196,47 @@ mod tests {
         drop(held);
         cap.settle();
         assert_eq!(cap.sem.available_permits(), 2);
+    }
+
+    #[test]
+    fn holds_unknown_at_two_reconciliations_are_given_back_once() {
+        let mut h = Holds::default();
+        let t0 = std::time::Instant::now();
+        let keep = Duration::from_secs(10);
+        let first = h.claim_started();
+        assert!(h.claimed(first, 1, 1));
+        // A claim is in flight while the reconciliations below give its row back.
+        let in_flight = h.claim_started();
+        // 2 is held but unknown (its claim's answer was lost); 1 is ours.
+        assert!(h.orphans(&[(1, 1), (2, 1)], t0, keep).is_empty());
+        // A claim in flight at the first look is known by the second: never given back.
+        let quick = h.claim_started();
+        assert!(h.claimed(quick, 3, 1));
+        assert_eq!(h.orphans(&[(1, 1), (2, 1), (3, 1)], t0, keep), vec![(2, 1)]);
+        // Still listed (the release failed): given back again at once.
+        assert_eq!(h.orphans(&[(2, 1)], t0, keep), vec![(2, 1)]);
+        // The claim in flight brings 2 back: dropped. A claim started since may have it.
+        assert!(!h.claimed(in_flight, 2, 1));
+        let later = h.claim_started();
+        assert!(h.claimed(later, 2, 1));
+        h.forget(2, 1);
+        assert!(h.orphans(&[], t0, keep).is_empty());
+        // An older attempt of a task we now run is not ours: (1, 1) vs known (1, 2).
+        let retried = h.claim_started();
+        assert!(h.claimed(retried, 1, 2));
+        assert!(h.orphans(&[(1, 1)], t0, keep).is_empty());
+        assert_eq!(h.orphans(&[(1, 1)], t0, keep), vec![(1, 1)]);
+        // Revocations age out.
+        h.orphans(&[], t0 + keep, keep);
+        assert!(h.revoked.is_empty());
+        h.forget(1, 1);
+        assert_eq!(
+            h.known.get(&1),
+            Some(&2),
+            "forgetting an old attempt keeps the new one"
+        );
+        h.forget(1, 2);
+        assert!(!h.known.contains_key(&1));
     }
 
     #[test]

@@ -225,7 +225,7 @@ pub fn harness_bin() -> &'static str {
     env!("CARGO_BIN_EXE_harness")
 }
 
-/// A private PostgreSQL of a test's own that it can stop and start again on the same port
+/// A private PostgreSQL of a test's own that it can stop and start again on the same socket
 /// (clients keep their URL), for tests of outages.
 pub struct RestartableServer {
     home: tempfile::TempDir,
@@ -245,15 +245,10 @@ impl RestartableServer {
             std::os::unix::fs::PermissionsExt::from_mode(0o755),
         )
         .unwrap();
-        let port = std::net::TcpListener::bind(("127.0.0.1", 0))
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
         let options = ServerOptions {
             bindir: None,
             ephemeral: true,
-            port: Some(port),
+            port: None,
         };
         let mut s = RestartableServer {
             home,
@@ -276,6 +271,15 @@ impl RestartableServer {
     pub async fn down(&mut self) {
         if let Some(s) = self.server.take() {
             tokio::task::spawn_blocking(move || s.stop().unwrap())
+                .await
+                .unwrap();
+        }
+    }
+
+    /// Stops the server in PostgreSQL's immediate mode (a crash: no checkpoint).
+    pub async fn crash(&mut self) {
+        if let Some(s) = self.server.take() {
+            tokio::task::spawn_blocking(move || s.stop_immediately().unwrap())
                 .await
                 .unwrap();
         }
