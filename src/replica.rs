@@ -324,6 +324,8 @@ impl Harness {
                             }
                         }
                         Err(e) => {
+                            // Reconnects for as long as the replica serves: wake-ups are an
+                            // optimisation over the poll, which goes on meanwhile.
                             tracing::warn!(error = %e, "LISTEN connection failed; polling until it is back");
                             tokio::select! {
                                 _ = tokio::time::sleep(Duration::from_secs(1)) => {}

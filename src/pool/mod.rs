@@ -1065,6 +1065,10 @@ async fn claim_loop(
                 }
             }
             Err(e) => {
+                // Claiming is what a replica is for: it goes on trying, at most every 5 s,
+                // for as long as it serves. A claim whose COMMIT went through although this
+                // error says otherwise leaves rows we hold without knowing; the maintenance
+                // tick hands those back (see `Holds`).
                 drop(permits);
                 busy = false;
                 failures += 1;
