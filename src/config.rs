@@ -324,8 +324,19 @@ pub struct ApiConfig {
     pub max_body_kb: u64,
     /// A request taking longer is answered 408.
     pub request_timeout_s: u64,
-    /// Requests handled at once by one replica; more wait.
+    /// Requests handled at once by one replica; more wait. `/healthz` and `/readyz` are
+    /// outside this limit, and a request counts only once its body has arrived.
     pub max_concurrent_requests: usize,
+    /// Open connections at most; beyond it the connection that has waited longest without
+    /// sending a request (or a whole body) is closed to make room.
+    pub max_connections: usize,
+    /// A connection must send a whole request head within this many seconds (also while idle
+    /// between requests).
+    pub header_timeout_s: u64,
+    /// A request must send its whole body within this many seconds (408 otherwise).
+    pub body_timeout_s: u64,
+    /// Require a token (read scope is enough) for `/metrics` when `tokens` is set.
+    pub metrics_auth: bool,
 }
 
 impl Default for ApiConfig {
@@ -336,6 +347,10 @@ impl Default for ApiConfig {
             max_body_kb: 1024,
             request_timeout_s: 30,
             max_concurrent_requests: 256,
+            max_connections: 4096,
+            header_timeout_s: 10,
+            body_timeout_s: 10,
+            metrics_auth: false,
         }
     }
 }
@@ -701,6 +716,14 @@ impl Config {
             1,
             100_000,
         )?;
+        range(
+            "api.max_connections",
+            self.api.max_connections,
+            16,
+            1_000_000,
+        )?;
+        range("api.header_timeout_s", self.api.header_timeout_s, 1, 3600)?;
+        range("api.body_timeout_s", self.api.body_timeout_s, 1, 3600)?;
         if self.executor.python.trim().is_empty() {
             return Err((
                 "executor.python".into(),

@@ -43,18 +43,21 @@ impl Api {
     }
 }
 
-fn config(db: &TestDb) -> Config {
-    let tokens =
-        format!(r#"[{{"token":"{ADMIN}","scope":"admin"}},{{"token":"{READ}","scope":"read"}}]"#);
-    db.fast_config(&[
-        ("HARNESS_API__MAX_BODY_KB", "4"),
-        ("HARNESS_API__TOKENS", tokens.as_str()),
-    ])
-}
-
 /// A replica (with a `flaky` kind that fails while the flag is set) and its API.
 async fn start(db: &TestDb, flaky: Arc<AtomicBool>) -> Api {
-    let cfg = config(db);
+    start_with(db, flaky, &[]).await
+}
+
+/// [`start`] with more settings (`HARNESS_*` variables).
+async fn start_with(db: &TestDb, flaky: Arc<AtomicBool>, extra: &[(&str, &str)]) -> Api {
+    let tokens =
+        format!(r#"[{{"token":"{ADMIN}","scope":"admin"}},{{"token":"{READ}","scope":"read"}}]"#);
+    let mut env = vec![
+        ("HARNESS_API__MAX_BODY_KB", "4"),
+        ("HARNESS_API__TOKENS", tokens.as_str()),
+    ];
+    env.extend_from_slice(extra);
+    let cfg = db.fast_config(&env);
     let executor = Arc::new(Executor::new(&cfg.executor).unwrap());
     let agents = Agents::new(db.pool.clone(), executor);
     let h = builtin_handlers(Harness::builder())
@@ -87,9 +90,11 @@ async fn start(db: &TestDb, flaky: Arc<AtomicBool>) -> Api {
     let base = format!("http://{}", listener.local_addr().unwrap());
     let (tx, rx) = oneshot::channel::<()>();
     let stop = tokio_util::sync::CancellationToken::new();
+    let limits = harness::api::server::ServerLimits::from_config(&state.config.api);
     let api = tokio::spawn(harness::api::serve(
         listener,
         router(state),
+        limits,
         stop.clone().cancelled_owned(),
     ));
     let served = tokio::spawn(async move {
@@ -738,9 +743,11 @@ async fn readiness_follows_the_database() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}/readyz", listener.local_addr().unwrap());
     let stop = tokio_util::sync::CancellationToken::new();
+    let limits = harness::api::server::ServerLimits::from_config(&state.config.api);
     tokio::spawn(harness::api::serve(
         listener,
         router(state),
+        limits,
         stop.clone().cancelled_owned(),
     ));
     let client = reqwest::Client::new();
@@ -882,5 +889,112 @@ async fn a_nul_anywhere_in_a_request_is_a_422_naming_the_field() {
     // Nothing was stored by any of them.
     let (_, tasks) = json_of(api.get("/api/tasks").send().await.unwrap()).await;
     assert_eq!(tasks.as_array().unwrap().len(), 0, "{tasks}");
+    api.stop().await;
+}
+
+/// Raises this process's open-file limit as far as allowed; returns the new soft limit.
+fn raise_nofile() -> u64 {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
+    let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+    getrlimit(Resource::RLIMIT_NOFILE).unwrap().0
+}
+
+#[tokio::test]
+async fn thousands_of_stalled_connections_and_half_sent_bodies_leave_health_and_api_answering() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let db = TestDb::new().await;
+    let api = start_with(
+        &db,
+        Arc::new(AtomicBool::new(false)),
+        &[
+            ("HARNESS_API__MAX_CONNECTIONS", "500"),
+            ("HARNESS_API__HEADER_TIMEOUT_S", "3"),
+            ("HARNESS_API__BODY_TIMEOUT_S", "3"),
+        ],
+    )
+    .await;
+    let addr = api.base.trim_start_matches("http://").to_string();
+    // Both ends live in this process: two descriptors per connection.
+    let room = (raise_nofile().saturating_sub(400) / 2) as usize;
+    let (stalled_n, partial_n) = (2000.min(room * 4 / 5), 300.min(room / 5));
+    let mut held = Vec::new();
+    for i in 0..stalled_n + partial_n {
+        let Ok(mut sock) = tokio::net::TcpStream::connect(&addr).await else {
+            continue;
+        };
+        let bytes = if i < stalled_n {
+            // Half a request head, never finished.
+            b"GET /healthz HTTP/1.1\r\nHost: x\r\n".to_vec()
+        } else {
+            // A whole head, and 10 bytes of a 1000-byte body.
+            format!(
+                "POST /api/tasks HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {ADMIN}\r\n\
+                 Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{{\"kind\": \"e"
+            )
+            .into_bytes()
+        };
+        let _ = sock.write_all(&bytes).await;
+        held.push(sock);
+    }
+    eprintln!(
+        "{} stalled connections and {} half-sent bodies",
+        stalled_n, partial_n
+    );
+
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap();
+    for (path, token) in [
+        ("/healthz", None),
+        ("/readyz", None),
+        ("/api/tasks/stats/summary", Some(ADMIN)),
+    ] {
+        let t0 = Instant::now();
+        let mut req = client.get(api.url(path));
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        let r = req.send().await.unwrap();
+        let took = t0.elapsed();
+        assert_eq!(r.status(), StatusCode::OK, "{path}");
+        assert!(took < Duration::from_secs(1), "{path} took {took:?}");
+        eprintln!("{path} answered in {took:?}");
+    }
+
+    // The half-sent body is answered 408, as JSON, once api.body_timeout_s has passed.
+    let mut partial = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    partial
+        .write_all(
+            format!(
+                "POST /api/tasks HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {ADMIN}\r\n\
+                 Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{{"
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+    let mut answer = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(8), partial.read(&mut answer))
+        .await
+        .expect("an answer within the body timeout")
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer[..n]).to_string();
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(
+        answer.contains("api.body_timeout_s") && answer.contains("\"error\""),
+        "{answer}"
+    );
+
+    // A head that never ends is cut off after api.header_timeout_s.
+    let mut slow = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    slow.write_all(b"GET /healthz HTTP/1.1\r\n").await.unwrap();
+    let mut buf = [0u8; 64];
+    let closed = tokio::time::timeout(Duration::from_secs(8), slow.read(&mut buf))
+        .await
+        .expect("closed within the header timeout");
+    assert!(matches!(closed, Ok(0) | Err(_)) || buf.starts_with(b"HTTP/1.1 408"));
+    drop(held);
     api.stop().await;
 }

@@ -5,6 +5,7 @@
 //! It contains no SQL: it calls `queue`, `agents`, `governor` and `db`.
 
 mod openapi;
+pub mod server;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -259,11 +260,19 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/openapi.json", get(openapi_json))
         .route_layer(middleware::from_fn_with_state(state.clone(), auth));
     let cfg = &state.config.api;
+    // What counts against the request limit: the API and the metrics, once a request's body
+    // has arrived (see `read_body`). The health checks never wait behind it.
+    let limited = Router::new()
+        .nest("/api", api)
+        .route("/metrics", get(metrics))
+        .layer(middleware::from_fn_with_state(state.clone(), time_limit))
+        .layer(tower::limit::GlobalConcurrencyLimitLayer::new(
+            cfg.max_concurrent_requests,
+        ));
     Router::new()
         .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
         .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
-        .nest("/api", api)
+        .merge(limited)
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such route", Value::Null) })
         .method_not_allowed_fallback(|| async {
             ApiError::new(
@@ -272,27 +281,89 @@ pub fn router(state: Arc<ApiState>) -> Router {
                 Value::Null,
             )
         })
-        .layer(middleware::from_fn(reject_nul_in_uri))
         .layer(DefaultBodyLimit::max(cfg.max_body_kb as usize * 1024))
-        .layer(tower_http::timeout::TimeoutLayer::with_status_code(
-            StatusCode::REQUEST_TIMEOUT,
-            Duration::from_secs(cfg.request_timeout_s),
-        ))
-        .layer(tower::limit::GlobalConcurrencyLimitLayer::new(
-            cfg.max_concurrent_requests,
-        ))
+        .layer(middleware::from_fn_with_state(state.clone(), read_body))
+        .layer(middleware::from_fn(reject_nul_in_uri))
         .with_state(state)
 }
 
-/// Serves `router` on `listener` until `shutdown`, then lets requests in flight finish.
+/// Reads the whole body before anything else happens, within `api.body_timeout_s` (408) and
+/// `api.max_body_kb` (413), so a client that sends half a body holds a connection for a while
+/// but never a place in the request limit.
+async fn read_body(State(st): Shared, req: Request, next: Next) -> Response {
+    let cfg = &st.config.api;
+    let phase = req.extensions().get::<server::ConnPhase>().cloned();
+    let (parts, body) = req.into_parts();
+    let limit = cfg.max_body_kb as usize * 1024;
+    let read = axum::body::to_bytes(body, limit);
+    let bytes = match tokio::time::timeout(Duration::from_secs(cfg.body_timeout_s), read).await {
+        Ok(Ok(b)) => b,
+        Ok(Err(e)) => {
+            let too_large = std::error::Error::source(&e)
+                .is_some_and(|s| s.is::<http_body_util::LengthLimitError>())
+                || e.to_string().contains("length limit");
+            return if too_large {
+                body_too_large(cfg.max_body_kb)
+            } else {
+                ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "the body could not be read",
+                    Value::Null,
+                )
+                .into_response()
+            };
+        }
+        Err(_) => {
+            return ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                format!(
+                    "the body did not arrive within api.body_timeout_s ({} s)",
+                    cfg.body_timeout_s
+                ),
+                json!({ "setting": "api.body_timeout_s" }),
+            )
+            .into_response();
+        }
+    };
+    if let Some(p) = phase {
+        p.set(server::Phase::Handling);
+    }
+    next.run(Request::from_parts(parts, axum::body::Body::from(bytes)))
+        .await
+}
+
+fn body_too_large(max_kb: u64) -> Response {
+    ApiError::new(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        format!("the body is larger than api.max_body_kb ({max_kb} KiB)"),
+        json!({ "setting": "api.max_body_kb", "max_kb": max_kb }),
+    )
+    .into_response()
+}
+
+/// Answers 408 (as JSON) when handling takes longer than `api.request_timeout_s`.
+async fn time_limit(State(st): Shared, req: Request, next: Next) -> Response {
+    let limit = st.config.api.request_timeout_s;
+    match tokio::time::timeout(Duration::from_secs(limit), next.run(req)).await {
+        Ok(r) => r,
+        Err(_) => ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            format!("the request took longer than api.request_timeout_s ({limit} s)"),
+            json!({ "setting": "api.request_timeout_s" }),
+        )
+        .into_response(),
+    }
+}
+
+/// Serves `router` on `listener` until `shutdown` within `limits` (see [`server`]), then
+/// lets requests in flight finish.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     router: Router,
+    limits: server::ServerLimits,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router)
-        .with_graceful_shutdown(shutdown)
-        .await
+    server::serve(listener, router, limits, shutdown).await
 }
 
 async fn readyz(State(st): Shared) -> Response {

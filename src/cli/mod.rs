@@ -461,6 +461,7 @@ async fn serve(
         tokio::spawn(harness::api::serve(
             listener,
             router,
+            harness::api::server::ServerLimits::from_config(&cfg.api),
             stop.clone().cancelled_owned(),
         ))
     });
