@@ -37,6 +37,52 @@ const ENV_DATABASE_URL: &str = "DATABASE_URL";
 const ENV_PREFIX: &str = "HARNESS_";
 const DEFAULT_FILE: &str = "harness.yml";
 
+/// Keys whose values are secrets, or lists of them: no error message quotes their values.
+const SECRET_KEYS: [&str; 4] = [
+    "api.tokens",
+    "database.url",
+    "escalation.webhook_url",
+    "escalation.smtp_url",
+];
+
+fn is_secret_key(key: &str) -> bool {
+    SECRET_KEYS.iter().any(|k| {
+        key == *k || key.starts_with(&format!("{k}[")) || key.starts_with(&format!("{k}."))
+    })
+}
+
+/// `message` with every double-quoted value (serde quotes the offending value that way)
+/// replaced by `(value hidden)`.
+fn without_quoted_values(message: &str) -> String {
+    let mut out = String::with_capacity(message.len());
+    let mut chars = message.chars();
+    while let Some(c) = chars.next() {
+        if c != '"' {
+            out.push(c);
+            continue;
+        }
+        let mut escaped = false;
+        for q in chars.by_ref() {
+            match (q, escaped) {
+                ('\\', false) => escaped = true,
+                ('"', false) => break,
+                _ => escaped = false,
+            }
+        }
+        out.push_str("(value hidden)");
+    }
+    // "invalid type: integer `123`, expected ...": the first backquoted part is the value
+    // (elsewhere backquotes name fields and variants, which are not secret).
+    if out.starts_with("invalid type:") || out.starts_with("invalid value:") {
+        if let Some(start) = out.find('`')
+            && let Some(len) = out[start + 1..].find('`')
+        {
+            out.replace_range(start..start + len + 2, "(value hidden)");
+        }
+    }
+    out
+}
+
 /// A configuration problem, phrased for the person who has to fix it.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -512,9 +558,19 @@ impl Config {
 
         let cfg: Config = serde_path_to_error::deserialize(merged).map_err(|e| {
             let key = e.path().to_string();
+            let mut message = e.into_inner().to_string();
+            if is_secret_key(&key) {
+                // The value may be the secret itself (a token list that is not valid JSON).
+                message = without_quoted_values(&message);
+                if key == "api.tokens" {
+                    message.push_str(
+                        r#"; give a JSON list like [{"token":"at least 16 characters","scope":"admin"}]"#,
+                    );
+                }
+            }
             Error::Invalid {
                 origin: origin_of(&key),
-                message: e.into_inner().to_string(),
+                message,
                 key,
             }
         })?;
@@ -774,6 +830,11 @@ impl Config {
             }
         }
         Ok(())
+    }
+
+    /// Where the JSON logs go: `telemetry.logs_dir`, under `home` when it is relative.
+    pub fn logs_dir(&self) -> PathBuf {
+        self.home.join(&self.telemetry.logs_dir)
     }
 
     /// The effective configuration as YAML, with every secret replaced by `[redacted]`
@@ -1053,6 +1114,74 @@ mod tests {
             .to_string();
         assert!(err.contains("`telemetry.log_format`"), "{err}");
         assert!(err.contains("pretty"), "lists the allowed values: {err}");
+    }
+
+    #[test]
+    fn a_relative_logs_dir_lives_under_home() {
+        let c =
+            Config::load_from(None, [("HARNESS_HOME".to_string(), "/srv/h".to_string())]).unwrap();
+        assert_eq!(c.logs_dir(), PathBuf::from("/srv/h/logs"));
+        let c = Config::load_from(
+            None,
+            [(
+                "HARNESS_TELEMETRY__LOGS_DIR".to_string(),
+                "/var/log/h".to_string(),
+            )],
+        )
+        .unwrap();
+        assert_eq!(c.logs_dir(), PathBuf::from("/var/log/h"));
+    }
+
+    #[test]
+    fn errors_about_secrets_never_quote_them() {
+        for (var, raw) in [
+            (
+                "HARNESS_API__TOKENS",
+                r#"[{"token":"supersecret-token-123456","scope":"admin""#,
+            ),
+            (
+                "HARNESS_API__TOKENS",
+                r#"{"token":"supersecret-token-123456"}"#,
+            ),
+            (
+                "HARNESS_API__TOKENS",
+                r#"[{"token":"supersecret-token-123456","scope":"boss"}]"#,
+            ),
+            (
+                "HARNESS_API__TOKENS",
+                r#"[{"token":"supersecret-token-123456","scope":"admin","x":1}]"#,
+            ),
+            (
+                "HARNESS_API__TOKENS",
+                r#"[{"token":12345678901234567890,"scope":"admin"}]"#,
+            ),
+            (
+                "DATABASE_URL",
+                "mysql://user:supersecret-token-123456@host/db",
+            ),
+            (
+                "HARNESS_ESCALATION__WEBHOOK_URL",
+                "ftp://supersecret-token-123456@x/",
+            ),
+            (
+                "HARNESS_ESCALATION__SMTP_URL",
+                "imap://u:supersecret-token-123456@x/",
+            ),
+        ] {
+            let err = Config::load_from(None, [(var.to_string(), raw.to_string())])
+                .unwrap_err()
+                .to_string();
+            assert!(!err.contains("supersecret"), "{var}: {err}");
+            assert!(!err.contains("12345678901234567890"), "{var}: {err}");
+            assert!(err.contains(var), "names the variable: {err}");
+        }
+        let err = Config::load_from(
+            None,
+            [("HARNESS_API__TOKENS".to_string(), "[{".to_string())],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("JSON list like"), "{err}");
     }
 
     #[test]

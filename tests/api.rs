@@ -998,3 +998,64 @@ async fn thousands_of_stalled_connections_and_half_sent_bodies_leave_health_and_
     drop(held);
     api.stop().await;
 }
+
+#[tokio::test]
+async fn env_values_are_shown_to_admins_on_one_object_and_to_nobody_in_lists() {
+    let db = TestDb::new().await;
+    let api = start(&db, Arc::new(AtomicBool::new(false))).await;
+    let secret = "sk-live-0123456789abcdef";
+    let (s, created) = json_of(
+        api.post("/api/agents")
+            .json(&json!({"name": "keyed", "command": ["true"], "config": {"env": {"API_KEY": secret}}}))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(s, StatusCode::CREATED, "{created}");
+    assert_eq!(
+        created["config"]["env"]["API_KEY"], secret,
+        "the admin who set it sees it"
+    );
+    let (s, task) = json_of(
+        api.post("/api/tasks")
+            .json(&json!({"kind": "command", "payload": {"argv": ["true"], "env": {"TOKEN": secret}}}))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(s, StatusCode::CREATED, "{task}");
+    let id = task["id"].as_i64().unwrap();
+
+    let read = |path: &str| api.client.get(api.url(path)).bearer_auth(READ);
+    for path in [
+        "/api/agents".to_string(),
+        "/api/agents/keyed".to_string(),
+        "/api/tasks".to_string(),
+        format!("/api/tasks/{id}"),
+    ] {
+        let (s, v) = json_of(read(&path).send().await.unwrap()).await;
+        assert_eq!(s, StatusCode::OK, "{path}");
+        let text = v.to_string();
+        assert!(
+            !text.contains(secret),
+            "a read token saw the secret at {path}: {text}"
+        );
+        assert!(
+            text.contains("API_KEY") || text.contains("TOKEN"),
+            "the names stay visible at {path}: {text}"
+        );
+        assert!(text.contains("[redacted]"), "{path}: {text}");
+    }
+    // Admins: on the one object, not in lists.
+    let (_, one) = json_of(api.get("/api/agents/keyed").send().await.unwrap()).await;
+    assert_eq!(one["config"]["env"]["API_KEY"], secret);
+    let (_, one) = json_of(api.get(&format!("/api/tasks/{id}")).send().await.unwrap()).await;
+    assert_eq!(one["payload"]["env"]["TOKEN"], secret);
+    for path in ["/api/agents", "/api/tasks"] {
+        let (_, v) = json_of(api.get(path).send().await.unwrap()).await;
+        assert!(!v.to_string().contains(secret), "{path}: {v}");
+    }
+    api.stop().await;
+}

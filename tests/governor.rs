@@ -417,6 +417,11 @@ async fn metrics_rows_of_two_replicas_appear_in_fleet() {
         .join("metrics.jsonl");
     let text = std::fs::read_to_string(&logs).unwrap();
     assert!(text.lines().any(|l| l.contains(&a.replica)), "{text}");
+    // The operator's, not the agents': nobody else may read them.
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&logs), 0o600);
+    assert_eq!(mode(logs.parent().unwrap()), 0o700);
     a.stop().await;
     b.stop().await;
 }

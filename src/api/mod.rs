@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::rejection::JsonRejection;
-use axum::extract::{DefaultBodyLimit, FromRequest, Path, Query, Request, State};
+use axum::extract::{DefaultBodyLimit, Extension, FromRequest, Path, Query, Request, State};
 use axum::http::{HeaderMap, Method, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -175,9 +175,11 @@ impl<S: Send + Sync, T: serde::de::DeserializeOwned> FromRequest<S> for ApiJson<
 type Shared = State<Arc<ApiState>>;
 type ApiResult<T> = Result<T, ApiError>;
 
-/// Bearer-token check for `/api`: read tokens may only read.
-async fn auth(State(st): Shared, req: Request, next: Next) -> Response {
+/// Bearer-token check for `/api`: read tokens may only read. The caller's scope goes into
+/// the request's extensions (admin when no tokens are configured).
+async fn auth(State(st): Shared, mut req: Request, next: Next) -> Response {
     if st.tokens.is_empty() {
+        req.extensions_mut().insert(Scope::Admin);
         return next.run(req).await;
     }
     let presented = req
@@ -214,7 +216,47 @@ async fn auth(State(st): Shared, req: Request, next: Next) -> Response {
         )
         .into_response();
     }
+    req.extensions_mut().insert(scope);
     next.run(req).await
+}
+
+// ---- secrets in answers ------------------------------------------------------------------
+
+/// What an `env` value reads as where it is not shown.
+pub const REDACTED: &str = "[redacted]";
+
+/// Replaces the values of the `env` map at `pointer` in `v` (if any) by [`REDACTED`]; the
+/// names stay, so a reader sees which variables are set.
+fn redact_env_at(v: &mut Value, pointer: &str) {
+    if let Some(Value::Object(env)) = v.pointer_mut(pointer) {
+        for value in env.values_mut() {
+            *value = json!(REDACTED);
+        }
+    }
+}
+
+/// An agent as the caller may see it: its `config.env` values (API keys, typically) are
+/// shown only to admins asking for this one agent.
+fn agent_json(agent: &crate::agents::Agent, scope: Scope, single: bool) -> Value {
+    let mut v = serde_json::to_value(agent).expect("agent serialises");
+    if !(single && scope == Scope::Admin) {
+        redact_env_at(&mut v, "/config/env");
+    }
+    v["next_fire_at"] = json!(agent.next_fire());
+    v
+}
+
+/// A task as the caller may see it: the `env` of a command's payload, like an agent's.
+fn task_json(task: &crate::queue::Task, scope: Scope, single: bool) -> Value {
+    let mut v = serde_json::to_value(task).expect("task serialises");
+    if !(single && scope == Scope::Admin) {
+        redact_env_at(&mut v, "/payload/env");
+    }
+    v
+}
+
+fn tasks_json(tasks: &[crate::queue::Task], scope: Scope) -> Value {
+    Value::Array(tasks.iter().map(|t| task_json(t, scope, false)).collect())
 }
 
 /// A NUL (`%00`) in the path or query can name nothing stored (PostgreSQL cannot store one):
@@ -428,6 +470,7 @@ pub struct CreateTask {
 
 async fn create_task(
     State(st): Shared,
+    Extension(scope): Extension<Scope>,
     headers: HeaderMap,
     ApiJson(body): ApiJson<CreateTask>,
 ) -> ApiResult<Response> {
@@ -481,7 +524,7 @@ async fn create_task(
     } else {
         StatusCode::CREATED
     };
-    Ok((status, Json(t)).into_response())
+    Ok((status, Json(task_json(&t, scope, true))).into_response())
 }
 
 #[derive(Debug, Deserialize)]
@@ -510,8 +553,9 @@ fn page(limit: Option<i64>, offset: Option<i64>) -> ApiResult<(i64, i64)> {
 
 async fn list_tasks(
     State(st): Shared,
+    Extension(scope): Extension<Scope>,
     Query(q): Query<ListQuery>,
-) -> ApiResult<Json<Vec<crate::queue::Task>>> {
+) -> ApiResult<Json<Value>> {
     let (limit, offset) = page(q.limit, q.offset)?;
     let status = match q.status.as_deref() {
         None | Some("") => None,
@@ -532,7 +576,7 @@ async fn list_tasks(
         limit,
         offset,
     };
-    Ok(Json(st.queue.list(&f).await?))
+    Ok(Json(tasks_json(&st.queue.list(&f).await?, scope)))
 }
 
 #[derive(Debug, Deserialize)]
@@ -543,9 +587,10 @@ pub struct PageQuery {
 
 async fn agent_tasks(
     State(st): Shared,
+    Extension(scope): Extension<Scope>,
     Path(agent_id): Path<i64>,
     Query(q): Query<PageQuery>,
-) -> ApiResult<Json<Vec<crate::queue::Task>>> {
+) -> ApiResult<Json<Value>> {
     let (limit, offset) = page(q.limit, q.offset)?;
     let f = TaskFilter {
         agent_id: Some(agent_id),
@@ -553,11 +598,15 @@ async fn agent_tasks(
         offset,
         ..TaskFilter::default()
     };
-    Ok(Json(st.queue.list(&f).await?))
+    Ok(Json(tasks_json(&st.queue.list(&f).await?, scope)))
 }
 
-async fn get_task(State(st): Shared, Path(id): Path<i64>) -> ApiResult<Json<crate::queue::Task>> {
-    Ok(Json(st.queue.get(id).await?))
+async fn get_task(
+    State(st): Shared,
+    Extension(scope): Extension<Scope>,
+    Path(id): Path<i64>,
+) -> ApiResult<Json<Value>> {
+    Ok(Json(task_json(&st.queue.get(id).await?, scope, true)))
 }
 
 async fn delete_task(State(st): Shared, Path(id): Path<i64>) -> ApiResult<StatusCode> {
@@ -565,9 +614,13 @@ async fn delete_task(State(st): Shared, Path(id): Path<i64>) -> ApiResult<Status
     Ok(StatusCode::NO_CONTENT)
 }
 
-async fn retry_task(State(st): Shared, Path(id): Path<i64>) -> ApiResult<Response> {
+async fn retry_task(
+    State(st): Shared,
+    Extension(scope): Extension<Scope>,
+    Path(id): Path<i64>,
+) -> ApiResult<Response> {
     let t = st.queue.retry(id).await?;
-    Ok((StatusCode::CREATED, Json(t)).into_response())
+    Ok((StatusCode::CREATED, Json(task_json(&t, scope, true))).into_response())
 }
 
 async fn cancel_task(State(st): Shared, Path(id): Path<i64>) -> ApiResult<Json<Value>> {
@@ -662,6 +715,7 @@ fn merge_config(
 
 async fn create_agent(
     State(st): Shared,
+    Extension(scope): Extension<Scope>,
     ApiJson(body): ApiJson<CreateAgent>,
 ) -> ApiResult<Response> {
     let a = agents(&st)?;
@@ -678,18 +732,26 @@ async fn create_agent(
     if !body.active {
         agent = a.set_active(&agent.name, false).await?;
     }
-    Ok((StatusCode::CREATED, Json(agent)).into_response())
+    Ok((StatusCode::CREATED, Json(agent_json(&agent, scope, true))).into_response())
 }
 
-async fn list_agents(State(st): Shared) -> ApiResult<Json<Vec<crate::agents::Agent>>> {
-    Ok(Json(agents(&st)?.list().await?))
+async fn list_agents(
+    State(st): Shared,
+    Extension(scope): Extension<Scope>,
+) -> ApiResult<Json<Value>> {
+    let list = agents(&st)?.list().await?;
+    Ok(Json(Value::Array(
+        list.iter().map(|a| agent_json(a, scope, false)).collect(),
+    )))
 }
 
-async fn get_agent(State(st): Shared, Path(id): Path<String>) -> ApiResult<Json<Value>> {
+async fn get_agent(
+    State(st): Shared,
+    Extension(scope): Extension<Scope>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Value>> {
     let agent = find_agent(agents(&st)?, &id).await?;
-    let mut v = serde_json::to_value(&agent).expect("agent serialises");
-    v["next_fire_at"] = json!(agent.next_fire());
-    Ok(Json(v))
+    Ok(Json(agent_json(&agent, scope, true)))
 }
 
 #[derive(Debug, Deserialize, schemars::JsonSchema)]
@@ -704,9 +766,10 @@ pub struct UpdateAgent {
 
 async fn update_agent(
     State(st): Shared,
+    Extension(scope): Extension<Scope>,
     Path(id): Path<String>,
     ApiJson(body): ApiJson<UpdateAgent>,
-) -> ApiResult<Json<crate::agents::Agent>> {
+) -> ApiResult<Json<Value>> {
     let a = agents(&st)?;
     let current = find_agent(a, &id).await?;
     let runtime = runtime_of(body.code, body.command)?.unwrap_or_else(|| current.runtime());
@@ -715,7 +778,7 @@ async fn update_agent(
     if let Some(active) = body.active {
         agent = a.set_active(&agent.name, active).await?;
     }
-    Ok(Json(agent))
+    Ok(Json(agent_json(&agent, scope, true)))
 }
 
 async fn delete_agent(State(st): Shared, Path(id): Path<String>) -> ApiResult<StatusCode> {
@@ -734,6 +797,7 @@ pub struct RunAgent {
 
 async fn run_agent(
     State(st): Shared,
+    Extension(scope): Extension<Scope>,
     Path(id): Path<String>,
     body: axum::body::Bytes,
 ) -> ApiResult<Response> {
@@ -763,7 +827,7 @@ async fn run_agent(
     };
     let e = st.queue.enqueue(a.run_task(&agent, input)).await?;
     let t = st.queue.get(e.id).await?;
-    Ok((StatusCode::CREATED, Json(t)).into_response())
+    Ok((StatusCode::CREATED, Json(task_json(&t, scope, true))).into_response())
 }
 
 async fn get_handoff(State(st): Shared, Path(id): Path<String>) -> ApiResult<Json<Value>> {

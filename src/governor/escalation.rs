@@ -2,10 +2,12 @@
 //! e-mail to `escalation.email_to` through `escalation.smtp_url`.
 //!
 //! The webhook only goes to `https` URLs or hosts listed in `escalation.allow_hosts`; an
-//! address that is loopback, private or link-local is refused unless its host is listed (no
-//! replica can be made to call into its own network). The resolved address is pinned for
-//! the request, so DNS cannot change it after the check. 5 s timeout, 3 retries with backoff,
-//! no redirects. A failed delivery is reported, never raised: it must not stop the replica.
+//! address that is not public unicast (loopback, private, link-local, and every other
+//! special-purpose range, in any IPv4 or IPv6 spelling) is refused unless its host is listed
+//! (no replica can be made to call into its own network). The resolved address is pinned for
+//! the request, so DNS cannot change it after the check, and no proxy is used. 5 s timeout,
+//! 3 retries with backoff, no redirects. A failed delivery is reported, never raised: it must
+//! not stop the replica. The URL is a secret: no message quotes it.
 
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
@@ -25,24 +27,78 @@ pub struct Delivery {
     pub detail: String,
 }
 
+/// Whether `ip` is anything but a public unicast address: loopback, private, link-local,
+/// shared (CGNAT), "this network", documentation, benchmarking, multicast, reserved and the
+/// IETF special-purpose blocks, and IPv6 forms that embed or translate to IPv4 (mapped,
+/// compatible, NAT64, 6to4, Teredo), so no spelling of an internal address gets through.
 fn forbidden(ip: IpAddr) -> bool {
     match ip {
         IpAddr::V4(v4) => {
+            let [a, b, c, _] = v4.octets();
             v4.is_loopback()
                 || v4.is_private()
                 || v4.is_link_local()
                 || v4.is_unspecified()
                 || v4.is_broadcast()
-                || v4.octets()[0] == 100 && (v4.octets()[1] & 0xc0) == 64 // 100.64/10 CGNAT
+                || v4.is_multicast()
+                || v4.is_documentation()
+                || a == 0 // 0.0.0.0/8, "this network"
+                || (a == 100 && (b & 0xc0) == 64) // 100.64.0.0/10, shared (CGNAT)
+                || (a == 192 && b == 0 && c == 0) // 192.0.0.0/24, IETF protocol assignments
+                || (a == 192 && b == 88 && c == 99) // 192.88.99.0/24, 6to4 relay anycast
+                || (a == 198 && (b & 0xfe) == 18) // 198.18.0.0/15, benchmarking
+                || a >= 240 // 240.0.0.0/4, reserved
         }
         IpAddr::V6(v6) => {
+            let s = v6.segments();
+            if let Some(v4) = v6.to_ipv4_mapped() {
+                return forbidden(IpAddr::V4(v4));
+            }
             v6.is_loopback()
                 || v6.is_unspecified()
-                || (v6.segments()[0] & 0xfe00) == 0xfc00 // unique local
-                || (v6.segments()[0] & 0xffc0) == 0xfe80 // link local
-                || v6.to_ipv4_mapped().is_some_and(|v4| forbidden(IpAddr::V4(v4)))
+                || v6.is_multicast()
+                || (s[0..6] == [0, 0, 0, 0, 0, 0]) // ::/96, IPv4-compatible (::7f00:1)
+                || (s[0] == 0x64 && s[1] == 0xff9b) // 64:ff9b::/96 and 64:ff9b:1::/48, NAT64
+                || (s[0] == 0x100 && s[1..4] == [0, 0, 0]) // 100::/64, discard-only
+                || (s[0] == 0x2001 && s[1] < 0x200) // 2001::/23, IETF (Teredo 2001::/32, ...)
+                || (s[0] == 0x2001 && s[1] == 0xdb8) // 2001:db8::/32, documentation
+                || s[0] == 0x2002 // 2002::/16, 6to4
+                || (s[0] & 0xfe00) == 0xfc00 // fc00::/7, unique local
+                || (s[0] & 0xffc0) == 0xfe80 // fe80::/10, link local
+                || (s[0] & 0xffc0) == 0xfec0 // fec0::/10, site local (deprecated)
         }
     }
+}
+
+/// `message` with every appearance of the secret `url` (whole, or its path and query, or its
+/// password) replaced by `[redacted]`: error texts of HTTP and SMTP libraries quote URLs.
+pub fn redact_url_in(message: &str, url: &str) -> String {
+    let mut out = message.replace(url, "[redacted]");
+    if let Ok(u) = url::Url::parse(url) {
+        let tail = &u[url::Position::BeforePath..];
+        if tail.len() > 1 {
+            out = out.replace(tail, "/[redacted]");
+        }
+        if let Some(p) = u.password().filter(|p| !p.is_empty()) {
+            out = out.replace(p, "[redacted]");
+        }
+        out = out.replace(u.as_str(), "[redacted]");
+    }
+    out
+}
+
+/// An error and its causes, one sentence, without the URL reqwest quotes in its own text.
+fn describe(e: reqwest::Error) -> String {
+    use std::error::Error as _;
+    let e = e.without_url();
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        text.push_str(": ");
+        text.push_str(&c.to_string());
+        cause = c.source();
+    }
+    text
 }
 
 /// Checks the webhook URL and resolves the address to call. Pure policy plus DNS.
@@ -74,8 +130,9 @@ pub async fn check_webhook(
         .ok_or_else(|| format!("{host} has no address"))?;
     if !listed && let Some(bad) = addrs.iter().find(|a| forbidden(a.ip())) {
         return Err(format!(
-            "{host} resolves to {}, a loopback, private or link-local address; list it in \
-             escalation.allow_hosts to allow it",
+            "{host} resolves to {}, which is not a public address (loopback, private, \
+             link-local or another special-purpose range); list it in escalation.allow_hosts \
+             to allow it",
             bad.ip()
         ));
     }
@@ -97,10 +154,13 @@ async fn post_webhook(url: &str, allow_hosts: &[String], payload: &Value) -> Del
         .timeout(TIMEOUT)
         .redirect(reqwest::redirect::Policy::none())
         .resolve(&host, addr)
+        // A proxy (HTTP(S)_PROXY) would connect wherever it likes: the address checked and
+        // pinned above is the only one this request may reach.
+        .no_proxy()
         .build()
     {
         Ok(c) => c,
-        Err(e) => return fail(e.to_string()),
+        Err(e) => return fail(redact_url_in(&describe(e), url)),
     };
     let mut last = String::new();
     for attempt in 0..=RETRIES {
@@ -116,7 +176,7 @@ async fn post_webhook(url: &str, allow_hosts: &[String], payload: &Value) -> Del
                 };
             }
             Ok(r) => last = format!("HTTP {}", r.status()),
-            Err(e) => last = e.to_string(),
+            Err(e) => last = redact_url_in(&describe(e), url),
         }
     }
     // The URL may carry a token: name the host only.
@@ -152,7 +212,12 @@ async fn send_email(smtp_url: &str, from: &str, to: &str, payload: &Value) -> De
     };
     let transport = match AsyncSmtpTransport::<Tokio1Executor>::from_url(smtp_url) {
         Ok(b) => b.timeout(Some(TIMEOUT)).build(),
-        Err(e) => return fail(format!("escalation.smtp_url: {e}")),
+        Err(e) => {
+            return fail(format!(
+                "escalation.smtp_url: {}",
+                redact_url_in(&e.to_string(), smtp_url)
+            ));
+        }
     };
     match transport.send(message).await {
         Ok(r) => Delivery {
@@ -160,7 +225,7 @@ async fn send_email(smtp_url: &str, from: &str, to: &str, payload: &Value) -> De
             ok: true,
             detail: format!("accepted ({})", r.code()),
         },
-        Err(e) => fail(e.to_string()),
+        Err(e) => fail(redact_url_in(&e.to_string(), smtp_url)),
     }
 }
 
@@ -197,16 +262,118 @@ mod tests {
             "https://192.168.0.1/x",
         ] {
             let err = check_webhook(url, &[]).await.unwrap_err();
-            assert!(
-                err.contains("loopback, private or link-local"),
-                "{url}: {err}"
-            );
+            assert!(err.contains("not a public address"), "{url}: {err}");
         }
         assert!(
             check_webhook("http://127.0.0.1:9/hook", &["127.0.0.1".into()])
                 .await
                 .is_ok()
         );
+    }
+
+    #[tokio::test]
+    async fn a_failed_delivery_never_shows_the_webhook_url() {
+        // A listed host on a port where nothing listens: the connection is refused.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let url = format!("http://127.0.0.1:{port}/hooks/T0KEN-s3cret?sig=abc123");
+        let cfg = EscalationConfig {
+            enabled: true,
+            webhook_url: Some(crate::config::Secret::new(url.clone())),
+            allow_hosts: vec!["127.0.0.1".into()],
+            ..EscalationConfig::default()
+        };
+        let d = deliver(&cfg, &serde_json::json!({"replica": "r"})).await;
+        assert_eq!(d.len(), 1);
+        assert!(!d[0].ok);
+        for secret in ["T0KEN-s3cret", "abc123", "/hooks/"] {
+            assert!(!d[0].detail.contains(secret), "{}", d[0].detail);
+        }
+        assert!(
+            d[0].detail.contains("127.0.0.1"),
+            "names the host: {}",
+            d[0].detail
+        );
+    }
+
+    #[test]
+    fn urls_in_messages_are_redacted() {
+        let url = "https://hooks.example.com/services/T0/B1/XyZ?token=abc";
+        let msg = format!("error sending request for url ({url}): connection refused");
+        let out = redact_url_in(&msg, url);
+        assert!(!out.contains("XyZ") && !out.contains("abc"), "{out}");
+        let smtp = "smtps://user:hunter2@mail.example.com:465";
+        assert!(!redact_url_in("login failed for user:hunter2", smtp).contains("hunter2"));
+    }
+
+    #[test]
+    fn special_purpose_addresses_are_refused() {
+        for ip in [
+            "0.0.0.1",
+            "0.1.2.3",
+            "192.0.0.8",
+            "192.0.2.1",
+            "192.88.99.1",
+            "198.18.0.1",
+            "198.19.255.255",
+            "198.51.100.7",
+            "203.0.113.9",
+            "224.0.0.1",
+            "240.0.0.1",
+            "255.255.255.255",
+            "::7f00:1",
+            "::a00:1",
+            "64:ff9b::7f00:1",
+            "64:ff9b:1::1",
+            "2002:7f00:1::",
+            "2001::1",
+            "2001:db8::1",
+            "100::1",
+            "ff02::1",
+            "fec0::1",
+        ] {
+            assert!(forbidden(ip.parse().unwrap()), "{ip}");
+        }
+    }
+
+    #[tokio::test]
+    async fn the_webhook_client_ignores_proxy_settings() {
+        // A proxy variable pointing at a listener of ours: the request must not go there.
+        let proxy = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let proxy_addr = proxy.local_addr().unwrap();
+        let target = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let target_port = target.local_addr().unwrap().port();
+        // SAFETY: this test's process reads these variables only through reqwest, here.
+        unsafe {
+            std::env::set_var("HTTP_PROXY", format!("http://{proxy_addr}"));
+            std::env::set_var("http_proxy", format!("http://{proxy_addr}"));
+        }
+        let served = tokio::spawn(async move {
+            use tokio::io::AsyncWriteExt;
+            let (mut s, _) = target.accept().await.unwrap();
+            let mut buf = vec![0u8; 4096];
+            let _ = tokio::io::AsyncReadExt::read(&mut s, &mut buf).await;
+            s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
+                .await
+                .unwrap();
+        });
+        let d = post_webhook(
+            &format!("http://127.0.0.1:{target_port}/hook"),
+            &["127.0.0.1".into()],
+            &serde_json::json!({}),
+        )
+        .await;
+        unsafe {
+            std::env::remove_var("HTTP_PROXY");
+            std::env::remove_var("http_proxy");
+        }
+        assert!(d.ok, "{d:?}");
+        served.await.unwrap();
+        let proxied = tokio::time::timeout(Duration::from_millis(100), proxy.accept()).await;
+        assert!(proxied.is_err(), "the proxy was contacted");
     }
 
     #[test]

@@ -58,7 +58,7 @@ impl GovernorOptions {
             sample_interval: Duration::from_secs(cfg.telemetry.sample_interval_s),
             log_interval: Duration::from_secs(cfg.telemetry.log_interval_s),
             retention: Duration::from_secs(cfg.telemetry.retention_days as u64 * 86_400),
-            logs_dir: cfg.telemetry.logs_dir.clone(),
+            logs_dir: cfg.logs_dir(),
             escalation: cfg.escalation.clone(),
             isolation,
         }
@@ -78,15 +78,28 @@ impl JsonLines {
             warned: false,
         }
     }
+    /// Appends one line. The directory is made 0700 and the file 0600: these logs are the
+    /// operator's (failure messages, escalations), not the agents'.
     fn append(&mut self, v: &Value) {
+        use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
         let result = (|| -> std::io::Result<()> {
-            if let Some(d) = self.path.parent() {
-                std::fs::create_dir_all(d)?;
+            if let Some(d) = self.path.parent()
+                && !d.is_dir()
+            {
+                std::fs::DirBuilder::new()
+                    .recursive(true)
+                    .mode(0o700)
+                    .create(d)?;
             }
             let mut f = std::fs::OpenOptions::new()
                 .create(true)
                 .append(true)
+                .mode(0o600)
                 .open(&self.path)?;
+            if !self.warned {
+                // A file an older version left readable by everyone.
+                f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+            }
             writeln!(f, "{v}")
         })();
         if let Err(e) = result
