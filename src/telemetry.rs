@@ -313,16 +313,73 @@ impl Metrics {
     }
 }
 
-/// `kind` as a metric attribute.
-pub fn kind(kind: &str) -> [opentelemetry::KeyValue; 1] {
-    [opentelemetry::KeyValue::new("kind", kind.to_string())]
+/// Distinct `kind` label values one process exports; later ones are counted as `other`.
+pub const MAX_KIND_LABELS: usize = 100;
+/// Distinct `agent_id` label values one process exports; later ones are counted as `other`.
+pub const MAX_AGENT_LABELS: usize = 200;
+
+/// A label whose values come from users (kinds, agents): the first `max` distinct values are
+/// exported as themselves, the rest as `other`, so a fleet with many agents (or a client
+/// enqueueing made-up kinds through the library) cannot grow the series without bound.
+struct LabelBudget {
+    max: usize,
+    seen: std::sync::Mutex<std::collections::BTreeSet<String>>,
 }
 
-/// `kind`, and `agent_id` for an agent's runs, as metric attributes.
+impl LabelBudget {
+    const fn new(max: usize) -> LabelBudget {
+        LabelBudget {
+            max,
+            seen: std::sync::Mutex::new(std::collections::BTreeSet::new()),
+        }
+    }
+    fn admit(&self, value: String) -> String {
+        let mut seen = self.seen.lock().expect("label budget lock");
+        if seen.contains(&value) || (seen.len() < self.max && seen.insert(value.clone())) {
+            value
+        } else {
+            "other".to_string()
+        }
+    }
+}
+
+static KINDS: LabelBudget = LabelBudget::new(MAX_KIND_LABELS);
+static AGENTS: LabelBudget = LabelBudget::new(MAX_AGENT_LABELS);
+
+/// `kind` as a metric attribute.
+pub fn kind(kind: &str) -> [opentelemetry::KeyValue; 1] {
+    [opentelemetry::KeyValue::new(
+        "kind",
+        KINDS.admit(kind.to_string()),
+    )]
+}
+
+/// `kind`, and `agent_id` for an agent's runs, as metric attributes (each bounded: see
+/// [`MAX_KIND_LABELS`], [`MAX_AGENT_LABELS`]).
 pub fn task_attrs(kind: &str, agent_id: Option<i64>) -> Vec<opentelemetry::KeyValue> {
-    let mut v = vec![opentelemetry::KeyValue::new("kind", kind.to_string())];
+    let mut v = vec![opentelemetry::KeyValue::new(
+        "kind",
+        KINDS.admit(kind.to_string()),
+    )];
     if let Some(a) = agent_id {
-        v.push(opentelemetry::KeyValue::new("agent_id", a));
+        v.push(opentelemetry::KeyValue::new(
+            "agent_id",
+            AGENTS.admit(a.to_string()),
+        ));
     }
     v
+}
+
+#[cfg(test)]
+mod label_tests {
+    use super::*;
+
+    #[test]
+    fn a_label_keeps_its_first_values_and_folds_the_rest_into_other() {
+        let b = LabelBudget::new(2);
+        assert_eq!(b.admit("a".into()), "a");
+        assert_eq!(b.admit("b".into()), "b");
+        assert_eq!(b.admit("c".into()), "other");
+        assert_eq!(b.admit("a".into()), "a", "a known value stays itself");
+    }
 }

@@ -1059,3 +1059,38 @@ async fn env_values_are_shown_to_admins_on_one_object_and_to_nobody_in_lists() {
     }
     api.stop().await;
 }
+
+#[tokio::test]
+async fn metrics_can_require_a_token() {
+    let db = TestDb::new().await;
+    let api = start_with(
+        &db,
+        Arc::new(AtomicBool::new(false)),
+        &[("HARNESS_API__METRICS_AUTH", "true")],
+    )
+    .await;
+    let c = &api.client;
+    assert_eq!(
+        c.get(api.url("/metrics")).send().await.unwrap().status(),
+        StatusCode::UNAUTHORIZED
+    );
+    let r = c
+        .get(api.url("/metrics"))
+        .bearer_auth(READ)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert!(
+        r.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/plain")
+    );
+    // Health stays open for the orchestrator.
+    assert_eq!(
+        c.get(api.url("/healthz")).send().await.unwrap().status(),
+        StatusCode::OK
+    );
+    api.stop().await;
+}

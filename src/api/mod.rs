@@ -304,9 +304,14 @@ pub fn router(state: Arc<ApiState>) -> Router {
     let cfg = &state.config.api;
     // What counts against the request limit: the API and the metrics, once a request's body
     // has arrived (see `read_body`). The health checks never wait behind it.
+    let metrics_route = if cfg.metrics_auth && !state.tokens.is_empty() {
+        get(metrics).route_layer(middleware::from_fn_with_state(state.clone(), auth))
+    } else {
+        get(metrics)
+    };
     let limited = Router::new()
         .nest("/api", api)
-        .route("/metrics", get(metrics))
+        .route("/metrics", metrics_route)
         .layer(middleware::from_fn_with_state(state.clone(), time_limit))
         .layer(tower::limit::GlobalConcurrencyLimitLayer::new(
             cfg.max_concurrent_requests,
