@@ -73,12 +73,11 @@ fn without_quoted_values(message: &str) -> String {
     }
     // "invalid type: integer `123`, expected ...": the first backquoted part is the value
     // (elsewhere backquotes name fields and variants, which are not secret).
-    if out.starts_with("invalid type:") || out.starts_with("invalid value:") {
-        if let Some(start) = out.find('`')
-            && let Some(len) = out[start + 1..].find('`')
-        {
-            out.replace_range(start..start + len + 2, "(value hidden)");
-        }
+    if (out.starts_with("invalid type:") || out.starts_with("invalid value:"))
+        && let Some(start) = out.find('`')
+        && let Some(len) = out[start + 1..].find('`')
+    {
+        out.replace_range(start..start + len + 2, "(value hidden)");
     }
     out
 }

@@ -175,7 +175,18 @@ async fn task_endpoints_follow_the_predecessors_contract() {
         assert!(t.get(k).is_some(), "task JSON lacks {k}: {t}");
     }
     let id = t["id"].as_i64().unwrap();
+    // The same request again: the existing task, 200.
     let (s, again) = json_of(
+        api.post("/api/tasks")
+            .json(&json!({"kind": "echo", "payload": {"v": 1}, "idempotency_key": "k1"}))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!((s, again["id"].as_i64()), (StatusCode::OK, Some(id)));
+    // The same key for another request: 409 naming the task that holds the key.
+    let (s, clash) = json_of(
         api.post("/api/tasks")
             .json(&json!({"kind": "echo", "payload": {"v": 2}, "idempotency_key": "k1"}))
             .send()
@@ -183,7 +194,38 @@ async fn task_endpoints_follow_the_predecessors_contract() {
             .unwrap(),
     )
     .await;
-    assert_eq!((s, again["id"].as_i64()), (StatusCode::OK, Some(id)));
+    assert_eq!(
+        (s, clash["detail"]["id"].as_i64()),
+        (StatusCode::CONFLICT, Some(id)),
+        "{clash}"
+    );
+    // The header wins over the field; it must be printable ASCII.
+    let (s, by_header) = json_of(
+        api.post("/api/tasks")
+            .header("idempotency-key", "k1")
+            .json(&json!({"kind": "echo", "payload": {"v": 1}, "idempotency_key": "other"}))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!((s, by_header["id"].as_i64()), (StatusCode::OK, Some(id)));
+    let r = api
+        .post("/api/tasks")
+        .header(
+            "idempotency-key",
+            reqwest::header::HeaderValue::from_bytes(b"k\xe9y").unwrap(),
+        )
+        .json(&json!({"kind": "echo", "payload": {}}))
+        .send()
+        .await
+        .unwrap();
+    let (s, e) = json_of(r).await;
+    assert_eq!(
+        (s, e["detail"]["field"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("Idempotency-Key")),
+        "{e}"
+    );
     let done = wait_status(&api, id, "completed").await;
     assert_eq!(done["result"], json!({"v": 1}));
     assert!(chrono::DateTime::parse_from_rfc3339(done["completed_at"].as_str().unwrap()).is_ok());
@@ -382,13 +424,8 @@ async fn auth_scopes_and_bad_requests_get_clear_json_errors() {
     );
     let (s, e) = json_of(post(r#"{"payload": {}}"#).send().await.unwrap()).await;
     assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY);
-    assert!(
-        e["detail"]
-            .as_str()
-            .unwrap()
-            .contains("missing field `kind`"),
-        "{e}"
-    );
+    assert_eq!(e["detail"]["field"], "kind", "{e}");
+    assert_eq!(e["error"], "invalid kind: is required", "{e}");
     let (s, e) = json_of(
         post(r#"{"kind": "noop", "priority": "high"}"#)
             .send()
@@ -397,7 +434,11 @@ async fn auth_scopes_and_bad_requests_get_clear_json_errors() {
     )
     .await;
     assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY);
-    assert!(e["detail"].as_str().unwrap().contains("priority"), "{e}");
+    assert_eq!(e["detail"]["field"], "priority", "{e}");
+    assert_eq!(
+        e["detail"]["reason"], "must be a whole number, not a string",
+        "{e}"
+    );
     let (s, e) = json_of(post(r#"{"kind": "nope"}"#).send().await.unwrap()).await;
     assert_eq!(
         (s, e["detail"]["field"].as_str()),
@@ -522,14 +563,18 @@ async fn agent_and_fleet_endpoints() {
         "{p}"
     );
 
-    let (_, h) = json_of(
+    let (s, h) = json_of(
         api.get(&format!("/api/agents/{id}/handoff"))
             .send()
             .await
             .unwrap(),
     )
     .await;
-    assert_eq!(h, Value::Null);
+    assert_eq!(
+        s,
+        StatusCode::NOT_FOUND,
+        "no handoff before the first run: {h}"
+    );
     for n in 1..=2 {
         let (s, t) = json_of(
             api.post(&format!("/api/agents/{id}/run"))
@@ -1092,5 +1137,403 @@ async fn metrics_can_require_a_token() {
         c.get(api.url("/healthz")).send().await.unwrap().status(),
         StatusCode::OK
     );
+    api.stop().await;
+}
+
+#[tokio::test]
+async fn hostile_requests_get_documented_json_errors() {
+    let db = TestDb::new().await;
+    let api = start(&db, Arc::new(AtomicBool::new(false))).await;
+    let (s, _) = json_of(
+        api.post("/api/agents")
+            .json(&json!({"name": "plain", "command": ["true"]}))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(s, StatusCode::CREATED);
+    let big = format!(r#"{{"input": "{}"}}"#, "x".repeat(8 * 1024));
+    let admin = format!("Bearer {ADMIN}");
+    let lower = format!("bearer {ADMIN}");
+    // (method, path, authorization, content type, body, status, field named in detail.field)
+    type Case<'a> = (
+        &'a str,
+        &'a str,
+        Option<&'a str>,
+        Option<&'a str>,
+        String,
+        u16,
+        Option<&'a str>,
+    );
+    let cases: Vec<Case> = vec![
+        (
+            "GET",
+            "/api/tasks/abc",
+            Some(&admin),
+            None,
+            String::new(),
+            422,
+            Some("task_id"),
+        ),
+        (
+            "GET",
+            "/api/tasks/99999999999999999999",
+            Some(&admin),
+            None,
+            String::new(),
+            422,
+            Some("task_id"),
+        ),
+        (
+            "GET",
+            "/api/tasks?limit=abc",
+            Some(&admin),
+            None,
+            String::new(),
+            422,
+            Some("limit"),
+        ),
+        (
+            "GET",
+            "/api/tasks?limit=0",
+            Some(&admin),
+            None,
+            String::new(),
+            422,
+            Some("limit"),
+        ),
+        (
+            "GET",
+            "/api/tasks?offset=-1",
+            Some(&admin),
+            None,
+            String::new(),
+            422,
+            Some("offset"),
+        ),
+        (
+            "GET",
+            "/api/tasks?status=bogus",
+            Some(&admin),
+            None,
+            String::new(),
+            422,
+            Some("status"),
+        ),
+        (
+            "GET",
+            "/api/tasks?agent_id=x",
+            Some(&admin),
+            None,
+            String::new(),
+            422,
+            Some("agent_id"),
+        ),
+        (
+            "GET",
+            "/api/tasks/agent/xyz",
+            Some(&admin),
+            None,
+            String::new(),
+            422,
+            Some("agent_id"),
+        ),
+        (
+            "POST",
+            "/api/tasks/abc/retry",
+            Some(&admin),
+            None,
+            String::new(),
+            422,
+            Some("task_id"),
+        ),
+        (
+            "POST",
+            "/api/tasks/abc/cancel",
+            Some(&admin),
+            None,
+            String::new(),
+            422,
+            Some("task_id"),
+        ),
+        (
+            "DELETE",
+            "/api/tasks/1.5",
+            Some(&admin),
+            None,
+            String::new(),
+            422,
+            Some("task_id"),
+        ),
+        (
+            "POST",
+            "/api/tasks",
+            Some(&admin),
+            Some("text/plain"),
+            "{}".into(),
+            415,
+            None,
+        ),
+        (
+            "POST",
+            "/api/tasks",
+            Some(&admin),
+            Some("application/json"),
+            "{".into(),
+            400,
+            None,
+        ),
+        (
+            "POST",
+            "/api/tasks",
+            Some(&admin),
+            Some("application/json"),
+            r#"{"kind":"echo"} {}"#.into(),
+            400,
+            None,
+        ),
+        (
+            "POST",
+            "/api/tasks",
+            Some(&admin),
+            Some("application/json"),
+            "{}".into(),
+            422,
+            Some("kind"),
+        ),
+        (
+            "POST",
+            "/api/tasks",
+            Some(&admin),
+            Some("application/json"),
+            r#"{"kind":"echo","extra":1}"#.into(),
+            422,
+            Some("extra"),
+        ),
+        (
+            "POST",
+            "/api/tasks",
+            Some(&admin),
+            Some("application/json"),
+            r#"{"kind":"echo","priority":1.5}"#.into(),
+            422,
+            Some("priority"),
+        ),
+        (
+            "POST",
+            "/api/tasks",
+            Some(&admin),
+            Some("application/json"),
+            r#"{"kind":"echo","delay_s":-1}"#.into(),
+            422,
+            Some("delay_s"),
+        ),
+        (
+            "POST",
+            "/api/tasks",
+            Some(&admin),
+            Some("application/json"),
+            r#"{"kind":"echo","timeout_s":0}"#.into(),
+            422,
+            Some("timeout_s"),
+        ),
+        (
+            "POST",
+            "/api/tasks",
+            Some(&admin),
+            Some("application/json"),
+            r#"{"kind":"echo","max_retries":-1}"#.into(),
+            422,
+            Some("max_retries"),
+        ),
+        (
+            "POST",
+            "/api/tasks",
+            Some(&admin),
+            Some("application/json"),
+            r#"{"kind":"echo","run_at":"tomorrow"}"#.into(),
+            422,
+            Some("run_at"),
+        ),
+        (
+            "POST",
+            "/api/tasks",
+            Some(&admin),
+            Some("application/json"),
+            r#"{"kind":"nope"}"#.into(),
+            422,
+            Some("kind"),
+        ),
+        (
+            "POST",
+            "/api/tasks",
+            Some(&admin),
+            Some("application/json"),
+            big.clone(),
+            413,
+            None,
+        ),
+        (
+            "POST",
+            "/api/agents/plain/run",
+            Some(&admin),
+            Some("application/json"),
+            big.clone(),
+            413,
+            None,
+        ),
+        (
+            "POST",
+            "/api/agents/plain/run",
+            Some(&admin),
+            Some("application/json"),
+            "[".into(),
+            400,
+            None,
+        ),
+        (
+            "POST",
+            "/api/agents/plain/run",
+            Some(&admin),
+            Some("application/json"),
+            r#"{"inputs": 1}"#.into(),
+            422,
+            Some("inputs"),
+        ),
+        (
+            "POST",
+            "/api/agents",
+            Some(&admin),
+            Some("application/json"),
+            r#"{"name":"bad name!","command":["true"]}"#.into(),
+            422,
+            Some("name"),
+        ),
+        (
+            "POST",
+            "/api/agents",
+            Some(&admin),
+            Some("application/json"),
+            r#"{"name":"a","command":["true"],"config":{"overlap":"never"}}"#.into(),
+            422,
+            Some("config.overlap"),
+        ),
+        (
+            "POST",
+            "/api/agents",
+            Some(&admin),
+            Some("application/json"),
+            r#"{"name":"a","code":"x","command":["true"]}"#.into(),
+            422,
+            Some("code"),
+        ),
+        (
+            "POST",
+            "/api/agents",
+            Some(&admin),
+            Some("application/json"),
+            r#"{"name":"a","command":"true"}"#.into(),
+            422,
+            Some("command"),
+        ),
+        (
+            "PATCH",
+            "/api/agents/nope",
+            Some(&admin),
+            Some("application/json"),
+            "{}".into(),
+            404,
+            None,
+        ),
+        (
+            "GET",
+            "/api/agents/%00",
+            Some(&admin),
+            None,
+            String::new(),
+            422,
+            Some("path"),
+        ),
+        ("GET", "/api/tasks", None, None, String::new(), 401, None),
+        (
+            "GET",
+            "/api/tasks",
+            Some("Basic YWRtaW46YWRtaW4="),
+            None,
+            String::new(),
+            401,
+            None,
+        ),
+        (
+            "GET",
+            "/api/tasks",
+            Some(&lower),
+            None,
+            String::new(),
+            200,
+            None,
+        ),
+        (
+            "GET",
+            "/api/fleet/x/resume",
+            Some(&admin),
+            None,
+            String::new(),
+            405,
+            None,
+        ),
+        (
+            "DELETE",
+            "/api/tasks",
+            Some(&admin),
+            None,
+            String::new(),
+            405,
+            None,
+        ),
+        ("GET", "/nowhere", None, None, String::new(), 404, None),
+    ];
+    for (method, path, auth, ctype, body, status, field) in cases {
+        let mut req = api
+            .client
+            .request(method.parse().unwrap(), api.url(path))
+            .body(body.clone());
+        if let Some(a) = auth {
+            req = req.header("authorization", a);
+        }
+        if let Some(c) = ctype {
+            req = req.header("content-type", c);
+        }
+        let r = req.send().await.unwrap();
+        let got = r.status().as_u16();
+        let ctype_out = r
+            .headers()
+            .get("content-type")
+            .map(|v| v.to_str().unwrap().to_string())
+            .unwrap_or_default();
+        let text = r.text().await.unwrap();
+        let case = format!("{method} {path} {}", &body[..body.len().min(60)]);
+        assert_eq!(got, status, "{case}: {text}");
+        assert!(
+            ctype_out.starts_with("application/json"),
+            "{case}: {ctype_out} {text}"
+        );
+        let v: Value =
+            serde_json::from_str(&text).unwrap_or_else(|e| panic!("{case}: {e}: {text}"));
+        if status >= 400 {
+            assert!(
+                v["error"].is_string() && v.get("detail").is_some(),
+                "{case}: {v}"
+            );
+        }
+        if let Some(f) = field {
+            assert_eq!(v["detail"]["field"], f, "{case}: {v}");
+            assert!(
+                v["error"].as_str().unwrap().contains(f),
+                "{case}: the message names {f}: {v}"
+            );
+        }
+    }
     api.stop().await;
 }

@@ -4,14 +4,16 @@
 //!
 //! It contains no SQL: it calls `queue`, `agents`, `governor` and `db`.
 
+mod extract;
 mod openapi;
 pub mod server;
+
+pub use extract::{ApiJson, ApiPath, ApiQuery};
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::rejection::JsonRejection;
-use axum::extract::{DefaultBodyLimit, Extension, FromRequest, Path, Query, Request, State};
+use axum::extract::{DefaultBodyLimit, Extension, Request, State};
 use axum::http::{HeaderMap, Method, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -47,14 +49,14 @@ pub struct ApiError {
 }
 
 impl ApiError {
-    fn new(status: StatusCode, error: impl Into<String>, detail: Value) -> ApiError {
+    pub(crate) fn new(status: StatusCode, error: impl Into<String>, detail: Value) -> ApiError {
         ApiError {
             status,
             error: error.into(),
             detail,
         }
     }
-    fn invalid(field: &str, reason: impl Into<String>) -> ApiError {
+    pub(crate) fn invalid(field: &str, reason: impl Into<String>) -> ApiError {
         let reason = reason.into();
         ApiError::new(
             StatusCode::UNPROCESSABLE_ENTITY,
@@ -136,42 +138,6 @@ impl From<crate::agents::Error> for ApiError {
     }
 }
 
-/// `Json<T>` whose rejections are API errors: 400 malformed, 422 wrong shape (naming the
-/// field), 413 too large, 415 not JSON.
-pub struct ApiJson<T>(pub T);
-
-impl<S: Send + Sync, T: serde::de::DeserializeOwned> FromRequest<S> for ApiJson<T> {
-    type Rejection = ApiError;
-    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
-        match Json::<T>::from_request(req, state).await {
-            Ok(Json(v)) => Ok(ApiJson(v)),
-            Err(r) => Err(match &r {
-                JsonRejection::JsonSyntaxError(_) => ApiError::new(
-                    StatusCode::BAD_REQUEST,
-                    "malformed JSON",
-                    json!(r.body_text()),
-                ),
-                JsonRejection::JsonDataError(_) => ApiError::new(
-                    StatusCode::UNPROCESSABLE_ENTITY,
-                    "the JSON does not fit",
-                    json!(r.body_text()),
-                ),
-                JsonRejection::MissingJsonContentType(_) => ApiError::new(
-                    StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                    "send Content-Type: application/json",
-                    Value::Null,
-                ),
-                _ if r.status() == StatusCode::PAYLOAD_TOO_LARGE => ApiError::new(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    "the body is too large",
-                    json!({"max_kb": "api.max_body_kb"}),
-                ),
-                _ => ApiError::new(r.status(), "unreadable body", json!(r.body_text())),
-            }),
-        }
-    }
-}
-
 type Shared = State<Arc<ApiState>>;
 type ApiResult<T> = Result<T, ApiError>;
 
@@ -182,12 +148,14 @@ async fn auth(State(st): Shared, mut req: Request, next: Next) -> Response {
         req.extensions_mut().insert(Scope::Admin);
         return next.run(req).await;
     }
+    // The scheme is case-insensitive (RFC 9110): `bearer x` and `BEARER x` are `Bearer x`.
     let presented = req
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim);
+        .and_then(|v| v.trim().split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, token)| token.trim());
     let Some(presented) = presented else {
         return ApiError::new(
             StatusCode::UNAUTHORIZED,
@@ -514,16 +482,42 @@ async fn create_task(
         }
         task = task.timeout(Duration::from_secs_f64(t));
     }
-    let key = headers
-        .get("idempotency-key")
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_string)
-        .or(body.idempotency_key);
-    if let Some(k) = key {
-        task = task.idempotency_key(k);
+    // The header wins over the body's field when both are given.
+    let header_key = match headers.get("idempotency-key") {
+        None => None,
+        Some(v) => Some(
+            v.to_str()
+                .ok()
+                .filter(|k| k.chars().all(|c| c.is_ascii_graphic() || c == ' '))
+                .ok_or_else(|| {
+                    ApiError::new(
+                        StatusCode::BAD_REQUEST,
+                        "invalid Idempotency-Key header: only printable ASCII is allowed",
+                        json!({ "field": "Idempotency-Key" }),
+                    )
+                })?
+                .to_string(),
+        ),
+    };
+    let key = header_key.or(body.idempotency_key);
+    if let Some(k) = &key {
+        task = task.idempotency_key(k.clone());
     }
+    let (kind, payload) = (task.kind.clone(), task.payload.clone());
     let e = st.queue.enqueue(task).await?;
     let t = st.queue.get(e.id).await?;
+    // A key names one request: the same key with another kind or payload is a mistake the
+    // client must hear about, not a silent answer about some other task.
+    if e.deduplicated && (t.kind != kind || t.payload != payload) {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            format!(
+                "idempotency key already used by task {} with a different kind or payload",
+                t.id
+            ),
+            json!({ "field": "idempotency_key", "id": t.id, "kind": t.kind }),
+        ));
+    }
     let status = if e.deduplicated {
         StatusCode::OK
     } else {
@@ -559,7 +553,7 @@ fn page(limit: Option<i64>, offset: Option<i64>) -> ApiResult<(i64, i64)> {
 async fn list_tasks(
     State(st): Shared,
     Extension(scope): Extension<Scope>,
-    Query(q): Query<ListQuery>,
+    ApiQuery(q): ApiQuery<ListQuery>,
 ) -> ApiResult<Json<Value>> {
     let (limit, offset) = page(q.limit, q.offset)?;
     let status = match q.status.as_deref() {
@@ -593,8 +587,8 @@ pub struct PageQuery {
 async fn agent_tasks(
     State(st): Shared,
     Extension(scope): Extension<Scope>,
-    Path(agent_id): Path<i64>,
-    Query(q): Query<PageQuery>,
+    ApiPath(agent_id): ApiPath<i64>,
+    ApiQuery(q): ApiQuery<PageQuery>,
 ) -> ApiResult<Json<Value>> {
     let (limit, offset) = page(q.limit, q.offset)?;
     let f = TaskFilter {
@@ -609,12 +603,12 @@ async fn agent_tasks(
 async fn get_task(
     State(st): Shared,
     Extension(scope): Extension<Scope>,
-    Path(id): Path<i64>,
+    ApiPath(id): ApiPath<i64>,
 ) -> ApiResult<Json<Value>> {
     Ok(Json(task_json(&st.queue.get(id).await?, scope, true)))
 }
 
-async fn delete_task(State(st): Shared, Path(id): Path<i64>) -> ApiResult<StatusCode> {
+async fn delete_task(State(st): Shared, ApiPath(id): ApiPath<i64>) -> ApiResult<StatusCode> {
     st.queue.delete(id).await?;
     Ok(StatusCode::NO_CONTENT)
 }
@@ -622,13 +616,13 @@ async fn delete_task(State(st): Shared, Path(id): Path<i64>) -> ApiResult<Status
 async fn retry_task(
     State(st): Shared,
     Extension(scope): Extension<Scope>,
-    Path(id): Path<i64>,
+    ApiPath(id): ApiPath<i64>,
 ) -> ApiResult<Response> {
     let t = st.queue.retry(id).await?;
     Ok((StatusCode::CREATED, Json(task_json(&t, scope, true))).into_response())
 }
 
-async fn cancel_task(State(st): Shared, Path(id): Path<i64>) -> ApiResult<Json<Value>> {
+async fn cancel_task(State(st): Shared, ApiPath(id): ApiPath<i64>) -> ApiResult<Json<Value>> {
     let status = st.queue.cancel(id).await?;
     Ok(Json(
         json!({ "id": id, "status": status, "cancel_requested": status == Status::Running }),
@@ -637,14 +631,12 @@ async fn cancel_task(State(st): Shared, Path(id): Path<i64>) -> ApiResult<Json<V
 
 async fn stats(State(st): Shared) -> ApiResult<Json<Value>> {
     let s = st.queue.stats().await?;
-    Ok(Json(json!({
-        "total": s.total,
-        "completed": s.count(Status::Completed),
-        "failed": s.count(Status::Failed),
-        "running": s.count(Status::Running),
-        "pending": s.count(Status::Pending),
-        "success_rate": s.success_rate,
-    })))
+    // The predecessor's fields, and every other status, so the counts add up to `total`.
+    let mut v = json!({ "total": s.total, "success_rate": s.success_rate });
+    for status in Status::ALL {
+        v[status.as_str()] = json!(s.count(status));
+    }
+    Ok(Json(v))
 }
 
 // ---- agents --------------------------------------------------------------------------
@@ -706,15 +698,8 @@ fn merge_config(
     }
     serde_path_to_error::deserialize(v).map_err(|e| {
         let path = e.path().to_string();
-        let msg = e.into_inner().to_string();
-        ApiError::invalid(
-            if path == "." {
-                "config"
-            } else {
-                "config field"
-            },
-            format!("{path}: {msg}"),
-        )
+        let (field, reason) = extract::field_error(&path, &e.into_inner().to_string());
+        ApiError::invalid(&format!("config.{field}"), reason)
     })
 }
 
@@ -753,7 +738,7 @@ async fn list_agents(
 async fn get_agent(
     State(st): Shared,
     Extension(scope): Extension<Scope>,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> ApiResult<Json<Value>> {
     let agent = find_agent(agents(&st)?, &id).await?;
     Ok(Json(agent_json(&agent, scope, true)))
@@ -772,7 +757,7 @@ pub struct UpdateAgent {
 async fn update_agent(
     State(st): Shared,
     Extension(scope): Extension<Scope>,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
     ApiJson(body): ApiJson<UpdateAgent>,
 ) -> ApiResult<Json<Value>> {
     let a = agents(&st)?;
@@ -786,7 +771,7 @@ async fn update_agent(
     Ok(Json(agent_json(&agent, scope, true)))
 }
 
-async fn delete_agent(State(st): Shared, Path(id): Path<String>) -> ApiResult<StatusCode> {
+async fn delete_agent(State(st): Shared, ApiPath(id): ApiPath<String>) -> ApiResult<StatusCode> {
     let a = agents(&st)?;
     let agent = find_agent(a, &id).await?;
     a.remove(&agent.name).await?;
@@ -803,7 +788,7 @@ pub struct RunAgent {
 async fn run_agent(
     State(st): Shared,
     Extension(scope): Extension<Scope>,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
     body: axum::body::Bytes,
 ) -> ApiResult<Response> {
     let a = agents(&st)?;
@@ -812,41 +797,35 @@ async fn run_agent(
     let input = if body.iter().all(u8::is_ascii_whitespace) {
         Value::Null
     } else {
-        serde_json::from_slice::<RunAgent>(&body)
-            .map_err(|e| {
-                if e.is_syntax() || e.is_eof() {
-                    ApiError::new(
-                        StatusCode::BAD_REQUEST,
-                        "malformed JSON",
-                        json!(e.to_string()),
-                    )
-                } else {
-                    ApiError::new(
-                        StatusCode::UNPROCESSABLE_ENTITY,
-                        "the JSON does not fit",
-                        json!(e.to_string()),
-                    )
-                }
-            })?
-            .input
+        extract::parse_json::<RunAgent>(&body)?.input
     };
     let e = st.queue.enqueue(a.run_task(&agent, input)).await?;
     let t = st.queue.get(e.id).await?;
     Ok((StatusCode::CREATED, Json(task_json(&t, scope, true))).into_response())
 }
 
-async fn get_handoff(State(st): Shared, Path(id): Path<String>) -> ApiResult<Json<Value>> {
+async fn get_handoff(State(st): Shared, ApiPath(id): ApiPath<String>) -> ApiResult<Json<Value>> {
     let a = agents(&st)?;
     let agent = find_agent(a, &id).await?;
     let h = a
         .handoffs()
         .load_artifact(agent.id)
         .await
-        .map_err(ApiError::internal)?;
+        .map_err(ApiError::internal)?
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                format!(
+                    "agent {} has no handoff yet (or it was cleared)",
+                    agent.name
+                ),
+                Value::Null,
+            )
+        })?;
     Ok(Json(serde_json::to_value(h).expect("artifact serialises")))
 }
 
-async fn clear_handoff(State(st): Shared, Path(id): Path<String>) -> ApiResult<StatusCode> {
+async fn clear_handoff(State(st): Shared, ApiPath(id): ApiPath<String>) -> ApiResult<StatusCode> {
     let a = agents(&st)?;
     let agent = find_agent(a, &id).await?;
     a.handoffs()
@@ -865,7 +844,10 @@ async fn fleet(State(st): Shared) -> ApiResult<Json<Value>> {
     Ok(Json(json!({ "replicas": replicas, "leader": leader })))
 }
 
-async fn resume_one(State(st): Shared, Path(replica): Path<String>) -> ApiResult<Json<Value>> {
+async fn resume_one(
+    State(st): Shared,
+    ApiPath(replica): ApiPath<String>,
+) -> ApiResult<Json<Value>> {
     let n = crate::governor::request_resume(&st.pool, Some(&replica))
         .await
         .map_err(ApiError::internal)?;
