@@ -1116,6 +1116,34 @@ mod tests {
     }
 
     #[test]
+    fn the_example_file_lists_every_key_with_its_default() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("harness.example.yml");
+        let loaded = Config::load_from(Some(&path), Vec::<(String, String)>::new()).unwrap();
+        assert_eq!(
+            loaded.to_redacted_yaml(),
+            Config::default().to_redacted_yaml(),
+            "harness.example.yml says other values than the defaults"
+        );
+        let example: Value =
+            serde_norway::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        let defaults = serde_norway::to_value(Config::default()).unwrap();
+        fn keys(v: &Value, prefix: &str, out: &mut Vec<String>) {
+            if let Value::Mapping(m) = v {
+                for (k, v) in m {
+                    let k = format!("{prefix}{}", k.as_str().unwrap_or_default());
+                    keys(v, &format!("{k}."), out);
+                    out.push(k);
+                }
+            }
+        }
+        let (mut want, mut have) = (Vec::new(), Vec::new());
+        keys(&defaults, "", &mut want);
+        keys(&example, "", &mut have);
+        let missing: Vec<&String> = want.iter().filter(|k| !have.contains(k)).collect();
+        assert!(missing.is_empty(), "harness.example.yml lacks {missing:?}");
+    }
+
+    #[test]
     fn a_relative_logs_dir_lives_under_home() {
         let c =
             Config::load_from(None, [("HARNESS_HOME".to_string(), "/srv/h".to_string())]).unwrap();

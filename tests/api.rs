@@ -268,11 +268,7 @@ async fn task_endpoints_follow_the_predecessors_contract() {
             .unwrap(),
     )
     .await;
-    assert_eq!(
-        s,
-        StatusCode::BAD_REQUEST,
-        "a completed task is not retried"
-    );
+    assert_eq!(s, StatusCode::CONFLICT, "a completed task is not retried");
     flaky.store(false, Ordering::SeqCst);
     let (s, r) = json_of(
         api.post(&format!("/api/tasks/{fid}/retry"))
@@ -311,7 +307,7 @@ async fn task_endpoints_follow_the_predecessors_contract() {
             .await
             .unwrap()
             .status(),
-        StatusCode::BAD_REQUEST
+        StatusCode::CONFLICT
     );
     let (s, c) = json_of(
         api.post(&format!("/api/tasks/{sid}/cancel"))
@@ -1436,6 +1432,15 @@ async fn hostile_requests_get_documented_json_errors() {
             r#"{"name":"a","command":"true"}"#.into(),
             422,
             Some("command"),
+        ),
+        (
+            "POST",
+            "/api/tasks",
+            Some(&admin),
+            Some("application/json"),
+            r#"{"kind":"echo","payload":{"x":[1.7976931348623157e308]}}"#.into(),
+            422,
+            Some("payload"),
         ),
         (
             "PATCH",

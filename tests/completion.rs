@@ -188,6 +188,40 @@ async fn deleting_an_agent_mid_run_skips_its_handoff_and_the_replica_goes_on() {
 }
 
 #[tokio::test]
+async fn a_result_number_jsonb_could_not_give_back_is_stored_as_text() {
+    let db = TestDb::new().await;
+    let h = Harness::builder()
+        .config(db.fast_config(&[]))
+        .pool(db.pool.clone())
+        .handler("huge", |_p: Value| async {
+            Ok::<_, String>(json!({"max": f64::MAX, "fine": 1e300}))
+        })
+        .handler(
+            "echo",
+            |payload: Value| async move { Ok::<_, String>(payload) },
+        )
+        .build()
+        .await
+        .unwrap();
+    let q = h.queue().clone();
+    let (stop, served) = serve(h);
+    let id = q.enqueue(NewTask::new("huge", json!({}))).await.unwrap().id;
+    let t = wait_final(&q, id, Duration::from_secs(10)).await;
+    assert_eq!(t.status, Status::Completed, "{:?}", t.error);
+    let r = t.result.unwrap();
+    assert!(r["max"].is_string(), "{r}");
+    assert_eq!(r["fine"], json!(1e300));
+    // And the replica keeps claiming: the row reads back.
+    let next = q.enqueue(NewTask::new("echo", json!({}))).await.unwrap().id;
+    assert_eq!(
+        wait_final(&q, next, Duration::from_secs(10)).await.status,
+        Status::Completed
+    );
+    let _ = stop.send(());
+    served.await.unwrap();
+}
+
+#[tokio::test]
 async fn a_completion_that_cannot_be_stored_fails_its_task_alone() {
     let db = TestDb::new().await;
     // A row PostgreSQL refuses whatever we do: the database rejects this one result.

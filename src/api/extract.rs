@@ -10,6 +10,65 @@ use serde_json::{Value, json};
 
 use super::ApiError;
 
+/// Integers written as JSON numbers with a zero fraction (`5.0`), which JSON Schema counts as
+/// integers: accepted as the integer they are. A real fraction is still refused.
+pub mod whole {
+    use serde::{Deserialize, Deserializer, de::Error};
+    use serde_json::Value;
+
+    fn int<'de, D: Deserializer<'de>>(d: D) -> Result<Option<i128>, D::Error> {
+        match Option::<serde_json::Number>::deserialize(d)? {
+            None => Ok(None),
+            Some(n) => {
+                if let Some(i) = n.as_i64() {
+                    Ok(Some(i as i128))
+                } else if let Some(u) = n.as_u64() {
+                    Ok(Some(u as i128))
+                } else {
+                    let f = n.as_f64().unwrap_or(f64::NAN);
+                    if f.fract() == 0.0 && f.abs() < 9.0e15 {
+                        Ok(Some(f as i128))
+                    } else {
+                        Err(D::Error::custom(
+                            "invalid type: floating point, expected a whole number",
+                        ))
+                    }
+                }
+            }
+        }
+    }
+
+    pub fn i32<'de, D: Deserializer<'de>>(d: D) -> Result<i32, D::Error> {
+        let v = int(d)?.ok_or_else(|| D::Error::custom("invalid type: null, expected i32"))?;
+        i32::try_from(v).map_err(|_| D::Error::custom("number too large to fit in target type"))
+    }
+
+    pub fn option_u32<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u32>, D::Error> {
+        int(d)?
+            .map(|v| {
+                u32::try_from(v).map_err(|_| {
+                    D::Error::custom("invalid value: a negative or too large number, expected u32")
+                })
+            })
+            .transpose()
+    }
+
+    /// `v` with a whole-valued float made an integer (only at the top: payloads stay as sent).
+    pub fn normalize(v: Value) -> Value {
+        match &v {
+            Value::Number(n) if n.is_f64() => {
+                let f = n.as_f64().unwrap_or(f64::NAN);
+                if f.fract() == 0.0 && f.abs() < 9.0e15 {
+                    Value::from(f as i64)
+                } else {
+                    v
+                }
+            }
+            _ => v,
+        }
+    }
+}
+
 /// `field` and a reason a person understands, from a serde path (`.`, `priority`, `config.env`)
 /// and serde's message.
 pub fn field_error(path: &str, message: &str) -> (String, String) {
@@ -109,7 +168,8 @@ pub fn field_error(path: &str, message: &str) -> (String, String) {
 fn friendly_type(expected: &str) -> String {
     let e = expected.trim();
     let words = match e {
-        "i8" | "i16" | "i32" | "i64" | "isize" => "a whole number",
+        // (`whole` reads integer fields as JSON numbers first.)
+        "i8" | "i16" | "i32" | "i64" | "isize" | "a JSON number" => "a whole number",
         "u8" | "u16" | "u32" | "u64" | "usize" => "a whole number, 0 or more",
         "f32" | "f64" => "a number",
         "a string" | "String" => "a string",

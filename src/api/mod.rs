@@ -108,7 +108,7 @@ impl From<crate::queue::Error> for ApiError {
                 action,
                 allowed,
             } => ApiError::new(
-                StatusCode::BAD_REQUEST,
+                StatusCode::CONFLICT,
                 format!("task {id} is {status}; {action} needs {allowed}"),
                 json!({ "status": status }),
             ),
@@ -417,24 +417,25 @@ async fn metrics() -> Response {
         .into_response()
 }
 
-async fn openapi_json() -> Json<Value> {
-    Json(openapi::document())
+async fn openapi_json(State(st): Shared) -> Json<Value> {
+    Json(openapi::document(&st.kinds))
 }
 
 // ---- tasks ---------------------------------------------------------------------------
 
-#[derive(Debug, Deserialize, schemars::JsonSchema)]
+#[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CreateTask {
     pub kind: String,
     #[serde(default)]
     pub payload: Value,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "extract::whole::i32")]
     pub priority: i32,
     /// Seconds from now before the task may run.
     pub delay_s: Option<f64>,
     /// Not before this time (RFC 3339).
     pub run_at: Option<chrono::DateTime<chrono::Utc>>,
+    #[serde(default, deserialize_with = "extract::whole::option_u32")]
     pub max_retries: Option<u32>,
     pub timeout_s: Option<f64>,
     /// Also accepted as the `Idempotency-Key` header.
@@ -499,6 +500,21 @@ async fn create_task(
                 .to_string(),
         ),
     };
+    // The field is checked even when the header wins: a request that breaks the rules is
+    // refused whatever else it carries.
+    if let Some(k) = &body.idempotency_key
+        && (k.is_empty()
+            || k.chars().count() > crate::queue::MAX_KEY_LEN
+            || crate::db::text::has_nul(k))
+    {
+        return Err(ApiError::invalid(
+            "idempotency_key",
+            format!(
+                "must be 1 to {} characters, without NUL",
+                crate::queue::MAX_KEY_LEN
+            ),
+        ));
+    }
     let key = header_key.or(body.idempotency_key);
     if let Some(k) = &key {
         task = task.idempotency_key(k.clone());
@@ -557,7 +573,7 @@ async fn list_tasks(
 ) -> ApiResult<Json<Value>> {
     let (limit, offset) = page(q.limit, q.offset)?;
     let status = match q.status.as_deref() {
-        None | Some("") => None,
+        None => None,
         Some(s) => Some(Status::parse(s).ok_or_else(|| {
             ApiError::invalid(
                 "status",
@@ -659,7 +675,7 @@ async fn find_agent(a: &Agents, key: &str) -> ApiResult<crate::agents::Agent> {
     })
 }
 
-#[derive(Debug, Deserialize, schemars::JsonSchema)]
+#[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CreateAgent {
     pub name: String,
@@ -694,7 +710,8 @@ fn merge_config(
 ) -> ApiResult<AgentConfig> {
     let mut v = serde_json::to_value(base).expect("config serialises");
     for (k, val) in patch {
-        v[&k] = val;
+        // 5.0 is a whole number as JSON Schema reads it: the integer fields take it as 5.
+        v[&k] = extract::whole::normalize(val);
     }
     serde_path_to_error::deserialize(v).map_err(|e| {
         let path = e.path().to_string();
@@ -744,7 +761,7 @@ async fn get_agent(
     Ok(Json(agent_json(&agent, scope, true)))
 }
 
-#[derive(Debug, Deserialize, schemars::JsonSchema)]
+#[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct UpdateAgent {
     pub code: Option<String>,
@@ -778,7 +795,7 @@ async fn delete_agent(State(st): Shared, ApiPath(id): ApiPath<String>) -> ApiRes
     Ok(StatusCode::NO_CONTENT)
 }
 
-#[derive(Debug, Default, Deserialize, schemars::JsonSchema)]
+#[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RunAgent {
     #[serde(default)]

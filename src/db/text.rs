@@ -1,8 +1,12 @@
-//! What PostgreSQL cannot store: the NUL character, in `text` or anywhere in `jsonb`.
+//! What PostgreSQL cannot store, or cannot give back: the NUL character, in `text` or anywhere
+//! in `jsonb`; and JSON numbers so close to the largest double that `jsonb`'s exact decimal
+//! form of them no longer reads back as a double (`1.7976931348623157e308` is stored, and every
+//! read of the row fails).
 //!
-//! Input from users is refused with [`find_nul`] (the caller names the field); output from
-//! agents and handlers, which must be stored whatever it holds, has every NUL replaced by
-//! [`NUL_MARK`] with [`replace_nul`], so the change is visible where the output is read.
+//! Input from users is refused with [`find_nul`] and [`find_unreadable_number`] (the caller
+//! names the field); output from agents and handlers, which must be stored whatever it holds,
+//! has every NUL replaced by [`NUL_MARK`] with [`replace_nul`] and every such number made a
+//! string with [`replace_unreadable_numbers`], so the change is visible where it is read.
 
 use serde_json::Value;
 
@@ -32,6 +36,55 @@ pub fn find_nul(v: &Value) -> Option<String> {
         }),
         _ => None,
     }
+}
+
+/// The largest magnitude of a JSON number accepted in input and kept as a number in output.
+pub const MAX_NUMBER: f64 = 1e300;
+
+fn unreadable(n: &serde_json::Number) -> bool {
+    n.as_f64().is_some_and(|f| f.abs() > MAX_NUMBER)
+}
+
+/// Where the first number beyond ±[`MAX_NUMBER`] in `v` is (a path as [`find_nul`] gives).
+pub fn find_unreadable_number(v: &Value) -> Option<String> {
+    match v {
+        Value::Number(n) => unreadable(n).then(String::new),
+        Value::Array(items) => items
+            .iter()
+            .enumerate()
+            .find_map(|(i, x)| find_unreadable_number(x).map(|p| format!("[{i}]{p}"))),
+        Value::Object(map) => map
+            .iter()
+            .find_map(|(k, x)| find_unreadable_number(x).map(|p| format!(".{k}{p}"))),
+        _ => None,
+    }
+}
+
+/// Replaces every number beyond ±[`MAX_NUMBER`] in `v` by its text. Returns whether any was.
+pub fn replace_unreadable_numbers(v: &mut Value) -> bool {
+    match v {
+        Value::Number(n) if unreadable(n) => {
+            *v = Value::String(n.to_string());
+            true
+        }
+        Value::Array(items) => items
+            .iter_mut()
+            .fold(false, |acc, x| replace_unreadable_numbers(x) | acc),
+        Value::Object(map) => map
+            .values_mut()
+            .fold(false, |acc, x| replace_unreadable_numbers(x) | acc),
+        _ => false,
+    }
+}
+
+/// `v` made storable: NULs replaced, unreadable numbers made text. Returns whether it changed.
+pub fn make_storable(v: &mut Value) -> bool {
+    replace_nul(v) | replace_unreadable_numbers(v)
+}
+
+/// Whether `v` needs [`make_storable`].
+pub fn needs_change(v: &Value) -> bool {
+    find_nul(v).is_some() || find_unreadable_number(v).is_some()
 }
 
 /// `s` with every NUL replaced by [`NUL_MARK`].
@@ -77,6 +130,18 @@ mod tests {
         assert_eq!(find_nul(&json!({"k\u{0}": 1})), Some(".k\\u0000".into()));
         assert_eq!(find_nul(&json!("\u{0}")), Some(String::new()));
         assert_eq!(find_nul(&json!({"a": "fine", "n": null})), None);
+    }
+
+    #[test]
+    fn numbers_jsonb_cannot_give_back_are_found_and_made_text() {
+        let mut v: Value =
+            serde_json::from_str(r#"{"ok": 1e300, "deep": [1, {"x": -1.7976931348623157e308}]}"#)
+                .unwrap();
+        assert_eq!(find_unreadable_number(&v), Some(".deep[1].x".into()));
+        assert!(make_storable(&mut v));
+        assert_eq!(v["deep"][1]["x"], json!("-1.7976931348623157e+308"));
+        assert_eq!(v["ok"], json!(1e300));
+        assert!(!needs_change(&v));
     }
 
     #[test]

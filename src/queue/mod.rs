@@ -125,8 +125,10 @@ impl<'r> sqlx::Decode<'r, sqlx::Postgres> for Status {
     }
 }
 
-/// Longest idempotency key accepted.
+/// Longest idempotency key accepted, in characters.
 pub const MAX_KEY_LEN: usize = 512;
+/// Most retries a task may ask for.
+pub const MAX_RETRIES: u32 = 1000;
 /// Longest kind name accepted.
 pub const MAX_KIND_LEN: usize = 128;
 /// Largest payload accepted, serialised: the queue carries work descriptions, not data.
@@ -264,6 +266,20 @@ impl NewTask {
                 ),
             });
         }
+        if let Some(path) = crate::db::text::find_unreadable_number(&self.payload) {
+            return Err(Error::Invalid {
+                field: "payload",
+                reason: format!(
+                    "holds a number beyond ±{:e} at {}, which cannot be stored exactly",
+                    crate::db::text::MAX_NUMBER,
+                    if path.is_empty() {
+                        "its top level"
+                    } else {
+                        path.as_str()
+                    }
+                ),
+            });
+        }
         if let Some(k) = &self.idempotency_key
             && crate::db::text::has_nul(k)
         {
@@ -283,17 +299,17 @@ impl NewTask {
             });
         }
         if let Some(k) = &self.idempotency_key
-            && (k.is_empty() || k.len() > MAX_KEY_LEN)
+            && (k.is_empty() || k.chars().count() > MAX_KEY_LEN)
         {
             return Err(Error::Invalid {
                 field: "idempotency_key",
-                reason: format!("must be 1 to {MAX_KEY_LEN} bytes"),
+                reason: format!("must be 1 to {MAX_KEY_LEN} characters"),
             });
         }
-        if self.max_retries.is_some_and(|n| n > 1000) {
+        if self.max_retries.is_some_and(|n| n > MAX_RETRIES) {
             return Err(Error::Invalid {
                 field: "max_retries",
-                reason: "must be 0 to 1000".into(),
+                reason: format!("must be 0 to {MAX_RETRIES}"),
             });
         }
         if self
@@ -430,9 +446,9 @@ impl<'a> CompletionRow<'a> {
         };
         let (ok, retryable, result, error, final_status) = match &c.outcome {
             Outcome::Success(v) => {
-                let v = if crate::db::text::find_nul(v).is_some() {
+                let v = if crate::db::text::needs_change(v) {
                     let mut v = v.clone();
-                    crate::db::text::replace_nul(&mut v);
+                    crate::db::text::make_storable(&mut v);
                     Cow::Owned(v)
                 } else {
                     Cow::Borrowed(v)
@@ -458,13 +474,13 @@ impl<'a> CompletionRow<'a> {
             Outcome::Deferred(_) => return None,
         };
         let handoff = c.handoff.as_ref().map(|h| {
-            let dirty = crate::db::text::find_nul(&h.state).is_some()
-                || crate::db::text::find_nul(&h.metadata).is_some()
+            let dirty = crate::db::text::needs_change(&h.state)
+                || crate::db::text::needs_change(&h.metadata)
                 || h.summary.as_deref().is_some_and(crate::db::text::has_nul);
             if dirty {
                 let mut h = h.clone();
-                crate::db::text::replace_nul(&mut h.state);
-                crate::db::text::replace_nul(&mut h.metadata);
+                crate::db::text::make_storable(&mut h.state);
+                crate::db::text::make_storable(&mut h.metadata);
                 h.summary = h.summary.as_deref().map(crate::db::text::replace_nul_str);
                 Cow::Owned(h)
             } else {

@@ -1,0 +1,142 @@
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, TypeVar, BinaryIO, TextIO, TYPE_CHECKING, Generator
+
+from attrs import define as _attrs_define
+from attrs import field as _attrs_field
+
+from ..types import UNSET, Unset
+
+from ..models.overlap import Overlap
+from typing import cast
+
+if TYPE_CHECKING:
+  from ..models.agent_config_env import AgentConfigEnv
+
+
+
+
+
+T = TypeVar("T", bound="AgentConfig")
+
+
+
+@_attrs_define
+class AgentConfig:
+    """ An agent's settings, stored as `agents.config`.
+
+        Attributes:
+            cpu_percent (int):
+            env (AgentConfigEnv):
+            max_retries (int):
+            memory_mb (int):
+            overlap (Overlap): What a run due while the previous one still runs does: skip (recorded as cancelled with the
+                reason), queue (waits for it) or allow (runs alongside)
+            schedule (None | str):
+            timeout (int): Seconds.
+            timezone (None | str):
+     """
+
+    cpu_percent: int
+    env: AgentConfigEnv
+    max_retries: int
+    memory_mb: int
+    overlap: Overlap
+    schedule: None | str
+    timeout: int
+    timezone: None | str
+
+
+
+
+
+    def to_dict(self) -> dict[str, Any]:
+        from ..models.agent_config_env import AgentConfigEnv # noqa: PLC0415
+        cpu_percent = self.cpu_percent
+
+        env = self.env.to_dict()
+
+        max_retries = self.max_retries
+
+        memory_mb = self.memory_mb
+
+        overlap = self.overlap.value
+
+        schedule: None | str
+        schedule = self.schedule
+
+        timeout = self.timeout
+
+        timezone: None | str
+        timezone = self.timezone
+
+
+        field_dict: dict[str, Any] = {}
+
+        field_dict.update({
+            "cpu_percent": cpu_percent,
+            "env": env,
+            "max_retries": max_retries,
+            "memory_mb": memory_mb,
+            "overlap": overlap,
+            "schedule": schedule,
+            "timeout": timeout,
+            "timezone": timezone,
+        })
+
+        return field_dict
+
+
+
+    @classmethod
+    def from_dict(cls: type[T], src_dict: Mapping[str, Any]) -> T:
+        from ..models.agent_config_env import AgentConfigEnv # noqa: PLC0415
+        d = dict(src_dict)
+        cpu_percent = d.pop("cpu_percent")
+
+        env = AgentConfigEnv.from_dict(d.pop("env"))
+
+
+
+
+        max_retries = d.pop("max_retries")
+
+        memory_mb = d.pop("memory_mb")
+
+        overlap = Overlap(d.pop("overlap"))
+
+
+
+
+        def _parse_schedule(data: object) -> None | str:
+            if data is None:
+                return data
+            return cast(None | str, data)
+
+        schedule = _parse_schedule(d.pop("schedule"))
+
+
+        timeout = d.pop("timeout")
+
+        def _parse_timezone(data: object) -> None | str:
+            if data is None:
+                return data
+            return cast(None | str, data)
+
+        timezone = _parse_timezone(d.pop("timezone"))
+
+
+        agent_config = cls(
+            cpu_percent=cpu_percent,
+            env=env,
+            max_retries=max_retries,
+            memory_mb=memory_mb,
+            overlap=overlap,
+            schedule=schedule,
+            timeout=timeout,
+            timezone=timezone,
+        )
+
+        return agent_config
+

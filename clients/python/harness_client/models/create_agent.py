@@ -1,0 +1,116 @@
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, TypeVar, BinaryIO, TextIO, TYPE_CHECKING, Generator
+
+from attrs import define as _attrs_define
+from attrs import field as _attrs_field
+
+from ..types import UNSET, Unset
+
+from ..types import UNSET, Unset
+from typing import cast
+
+if TYPE_CHECKING:
+  from ..models.create_agent_config import CreateAgentConfig
+
+
+
+
+
+T = TypeVar("T", bound="CreateAgent")
+
+
+
+@_attrs_define
+class CreateAgent:
+    """ Give exactly one of code and command
+
+        Attributes:
+            name (str):
+            active (bool | Unset):  Default: True.
+            code (str | Unset): Python source that compiles and defines a top-level class Agent
+            command (list[str] | Unset): A program (found on /usr/local/bin:/usr/bin:/bin) and its arguments
+            config (CreateAgentConfig | Unset): The agent's settings; on PATCH, only the fields given change
+     """
+
+    name: str
+    active: bool | Unset = True
+    code: str | Unset = UNSET
+    command: list[str] | Unset = UNSET
+    config: CreateAgentConfig | Unset = UNSET
+
+
+
+
+
+    def to_dict(self) -> dict[str, Any]:
+        from ..models.create_agent_config import CreateAgentConfig # noqa: PLC0415
+        name = self.name
+
+        active = self.active
+
+        code = self.code
+
+        command: list[str] | Unset = UNSET
+        if not isinstance(self.command, Unset):
+            command = self.command
+
+
+
+        config: dict[str, Any] | Unset = UNSET
+        if not isinstance(self.config, Unset):
+            config = self.config.to_dict()
+
+
+        field_dict: dict[str, Any] = {}
+
+        field_dict.update({
+            "name": name,
+        })
+        if active is not UNSET:
+            field_dict["active"] = active
+        if code is not UNSET:
+            field_dict["code"] = code
+        if command is not UNSET:
+            field_dict["command"] = command
+        if config is not UNSET:
+            field_dict["config"] = config
+
+        return field_dict
+
+
+
+    @classmethod
+    def from_dict(cls: type[T], src_dict: Mapping[str, Any]) -> T:
+        from ..models.create_agent_config import CreateAgentConfig # noqa: PLC0415
+        d = dict(src_dict)
+        name = d.pop("name")
+
+        active = d.pop("active", UNSET)
+
+        code = d.pop("code", UNSET)
+
+        command = cast(list[str], d.pop("command", UNSET))
+
+
+        _config = d.pop("config", UNSET)
+        config: CreateAgentConfig | Unset
+        if isinstance(_config,  Unset):
+            config = UNSET
+        else:
+            config = CreateAgentConfig.from_dict(_config)
+
+
+
+
+        create_agent = cls(
+            name=name,
+            active=active,
+            code=code,
+            command=command,
+            config=config,
+        )
+
+        return create_agent
+
