@@ -4,14 +4,19 @@
 pub mod agents;
 pub mod api;
 pub mod config;
+pub mod cron;
 pub mod db;
 pub mod executor;
 pub mod governor;
-pub mod pool;
+pub mod handoff;
 pub mod queue;
 pub mod replica;
 pub mod scheduler;
 pub mod telemetry;
+pub mod worker;
 
 pub use config::Config;
 pub use replica::Harness;
+/// The worker module under its former name.
+pub use worker as pool;
+pub use worker::{Handler, HandlerError, TaskContext};

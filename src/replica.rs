@@ -38,10 +38,10 @@ use tokio_util::sync::CancellationToken;
 use crate::agents::{AGENT_KIND, Agents, COMMAND_KIND};
 use crate::config::Config;
 use crate::governor::{GovernorOptions, ResourceLimits, ResourceMonitor, Sampler};
-use crate::pool::{Capacity, Handler, Pool, PoolOptions, Registry};
 use crate::queue::replica::{Heartbeat, new_replica_id};
 use crate::queue::{self, Listener, Queue, Wakeup};
 use crate::scheduler::SchedulerOptions;
+use crate::worker::{Capacity, Handler, Registry, Worker, WorkerOptions};
 
 /// How often completed and cancelled tasks past their retention are pruned.
 const PRUNE_EVERY: Duration = Duration::from_secs(600);
@@ -228,11 +228,11 @@ impl Harness {
         // Listening before the first claim, so a task enqueued in between wakes us.
         let mut listener = Listener::connect(&pool).await?;
         let wake = Arc::new(Notify::new());
-        let pool_running = Pool::start(
+        let worker = Worker::start(
             queue.clone(),
             registry.clone(),
             capacity.clone(),
-            PoolOptions {
+            WorkerOptions {
                 replica: replica.clone(),
                 max_concurrent: cfg.bulk.max_concurrent as usize,
                 retry_base: Duration::from_secs(cfg.bulk.retry_delay_seconds),
@@ -243,7 +243,7 @@ impl Harness {
             },
             wake.clone(),
         );
-        let handle = pool_running.handle();
+        let handle = worker.handle();
         tracing::info!(
             replica = %replica,
             kinds = ?registry.kinds(),
@@ -445,7 +445,7 @@ impl Harness {
         stop_governing.cancel();
         let _ = governor.await;
         // The heartbeat keeps going while running tasks drain, or they would be rescued.
-        pool_running.shutdown().await;
+        worker.shutdown().await;
         stop.cancel();
         loops.join_all().await;
         // Deregister with a fresh connection: the loop's may have been mid-failure.

@@ -700,7 +700,7 @@ async fn queued_overlap_waits_and_command_tasks_run_in_the_sandbox() {
 
 #[tokio::test]
 async fn handoff_history_keeps_the_last_twenty_and_fences_run_numbers() {
-    use harness::agents::handoff::{HandoffManager, HandoffWrite, write_in};
+    use harness::handoff::{HandoffManager, HandoffWrite, write_in};
     let db = TestDb::new().await;
     let id: i64 = sqlx::query_scalar(
         "INSERT INTO agents (name, runtime, code) VALUES ('h', 'python', 'x') RETURNING id",

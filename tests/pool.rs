@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use common::TestDb;
 use harness::Harness;
-use harness::pool::Handler;
 use harness::queue::{NewTask, Status, Task};
+use harness::worker::Handler;
 use serde_json::{Value, json};
 use tokio::sync::oneshot;
 

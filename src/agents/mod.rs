@@ -9,8 +9,6 @@
 //! the executor's sandbox with the agent's limits, receives the previous handoff, and hands
 //! its state to the next run in the transaction that completes it (see [`handoff`]).
 
-pub mod handoff;
-
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -20,11 +18,11 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use sqlx::PgPool;
 
+use crate::cron::CronSchedule;
 use crate::executor::{ExecStatus, Executor, RunSpec, Runtime};
-use crate::pool::{Handler, HandlerError, TaskContext};
+use crate::handoff::{self, HandoffManager, HandoffWrite};
 use crate::queue::{Enqueued, NewTask, Queue};
-use crate::scheduler::CronSchedule;
-use handoff::{HandoffManager, HandoffWrite};
+use crate::worker::{Handler, HandlerError, TaskContext};
 
 /// The channel every replica's scheduler listens on for agent changes.
 pub const AGENTS_CHANNEL: &str = "harness_agents";

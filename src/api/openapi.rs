@@ -661,7 +661,7 @@ fn response_schemas() -> Map<String, Value> {
     let mut g = settings.into_generator();
     g.subschema_for::<crate::queue::Task>();
     g.subschema_for::<crate::agents::Agent>();
-    g.subschema_for::<crate::agents::handoff::HandoffArtifact>();
+    g.subschema_for::<crate::handoff::HandoffArtifact>();
     g.subschema_for::<crate::queue::replica::ReplicaRow>();
     g.subschema_for::<crate::queue::Status>();
     g.subschema_for::<crate::agents::Overlap>();

@@ -7,7 +7,7 @@
 //! - [`escalation`]: webhook and e-mail delivery.
 //!
 //! [`run`] samples every `telemetry.sample_interval_s` (on a blocking thread: sampling never
-//! blocks the async runtime), feeds the machine, sets the pool's [`Capacity`], and writes:
+//! blocks the async runtime), feeds the machine, sets the worker's [`Capacity`](crate::worker::Capacity), and writes:
 //! a `metrics` row and a `logs/metrics.jsonl` line every `telemetry.log_interval_s`; a
 //! `governance_events` row and a `logs/agent.jsonl` line for every change. It only *grants
 //! capacity*: it never reaches into the pool.
@@ -28,7 +28,7 @@ use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::EscalationConfig;
-use crate::pool::PoolHandle;
+use crate::worker::WorkerHandle;
 pub use machine::{Event, Machine, Settings, State};
 pub use monitor::{ResourceLimits, ResourceMonitor, Resources, Sampler};
 
@@ -152,7 +152,7 @@ impl Reporter {
 /// Runs the governor of one replica until `stop`.
 pub async fn run(
     pool: PgPool,
-    handle: PoolHandle,
+    handle: WorkerHandle,
     sampler: Box<dyn Sampler>,
     opts: GovernorOptions,
     stop: CancellationToken,

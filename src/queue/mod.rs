@@ -416,7 +416,7 @@ pub struct Completion {
     /// When to retry, should this attempt have failed with retries left.
     pub retry_at: DateTime<Utc>,
     /// An agent's next state, written in the same transaction if the completion applies.
-    pub handoff: Option<crate::agents::handoff::HandoffWrite>,
+    pub handoff: Option<crate::handoff::HandoffWrite>,
 }
 
 /// A completion as it is written: every NUL of its output replaced (PostgreSQL cannot store
@@ -430,7 +430,7 @@ struct CompletionRow<'a> {
     error: Option<std::borrow::Cow<'a, str>>,
     final_status: Status,
     retry_at: DateTime<Utc>,
-    handoff: Option<std::borrow::Cow<'a, crate::agents::handoff::HandoffWrite>>,
+    handoff: Option<std::borrow::Cow<'a, crate::handoff::HandoffWrite>>,
 }
 
 impl<'a> CompletionRow<'a> {
@@ -1106,12 +1106,12 @@ impl Queue {
         // Handoffs (agent runs only) for the completions that applied: the fence let them in.
         if rows.iter().any(|r| r.handoff.is_some()) {
             let applied: std::collections::HashSet<TaskId> = done.iter().copied().collect();
-            let handoffs: Vec<crate::agents::handoff::HandoffWrite> = rows
+            let handoffs: Vec<crate::handoff::HandoffWrite> = rows
                 .iter()
                 .filter(|r| applied.contains(&r.id))
                 .filter_map(|r| r.handoff.as_ref().map(|h| h.as_ref().clone()))
                 .collect();
-            crate::agents::handoff::write_in(&mut tx, &handoffs).await?;
+            crate::handoff::write_in(&mut tx, &handoffs).await?;
         }
         tx.commit().await?;
         Ok(done.len() as u64)

@@ -17,8 +17,6 @@
 //!   ones skipped and logged;
 //! - agent changes take effect at once (`NOTIFY harness_agents`), with a periodic re-read.
 
-pub mod schedule;
-
 use std::collections::HashMap;
 use std::time::Duration;
 
@@ -28,8 +26,8 @@ use sqlx::{ConnectOptions, Connection, PgConnection, PgPool};
 use tokio_util::sync::CancellationToken;
 
 use crate::agents::{AGENTS_CHANNEL, Agent, Agents};
+use crate::cron::CronSchedule;
 use crate::queue::{Queue, replica};
-pub use schedule::CronSchedule;
 
 /// First half of the advisory lock key ("HARS"); the second is the namespace's hash.
 const LOCK_CLASS: i32 = 0x4841_5253;

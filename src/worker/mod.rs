@@ -1,0 +1,393 @@
+//! The worker of one replica: an apalis worker fed by our own backend over `queue`.
+//!
+//! ```text
+//! claimer ──(claim n = free permits)──▶ channel ──▶ apalis Backend ──▶ runner (tower Service)
+//!    ▲                                                                   │ timeout, cancel,
+//!    │                                                                   │ panic → Outcome
+//!    └──── permits freed once the completion is written ◀── completer ◀──┘ (batched, fenced)
+//! ```
+//!
+//! One file per part: `handler` (what task code sees), `capacity`, `backend`,
+//! `claimer`, `runner`, `completer`, and `holds` (the attempts it answers for).
+//!
+//! Guarantees:
+//! - never more tasks claimed than [`Capacity`] has free permits: a claimed row holds a permit
+//!   from the claim until its completion is written;
+//! - every attempt ends in exactly one [`crate::queue::Outcome`] (success, error, panic →
+//!   failed, timeout, cancel), written back in batches through
+//!   [`crate::queue::Queue::complete`];
+//! - on shutdown, claimed-but-unstarted tasks and tasks still running after the grace period
+//!   go back to `pending` without counting an attempt.
+//!
+//! The worker never talks SQL itself: claiming, completing and releasing go through `queue`.
+
+mod backend;
+mod capacity;
+mod claimer;
+mod completer;
+mod handler;
+mod holds;
+mod runner;
+
+use crate::queue::{Queue, TaskId};
+use apalis::prelude::*;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::{Notify, mpsc};
+use tokio_util::sync::CancellationToken;
+
+pub use backend::{BackendError, Job};
+use backend::{ClaimedRows, Finished};
+pub use capacity::Capacity;
+use claimer::claim_loop;
+use completer::write_completions;
+use handler::{Control, Verdict};
+pub use handler::{Handler, HandlerError, Registry, TaskContext};
+use holds::Holds;
+use runner::Runner;
+
+/// Settings of a pool.
+#[derive(Debug, Clone)]
+pub struct WorkerOptions {
+    pub replica: String,
+    /// The largest capacity the governor may grant (`bulk.max_concurrent`).
+    pub max_concurrent: usize,
+    pub retry_base: Duration,
+    /// Timeout of a kind with none of its own.
+    pub default_timeout: Duration,
+    pub poll_interval: Duration,
+    pub shutdown_grace: Duration,
+    /// A claim answered later than this after it was sent is not started (half of
+    /// `rescue_after`: by then another replica may have rescued the rows and run them).
+    pub claim_max_age: Duration,
+}
+
+/// What the runner, claimer and shutdown share.
+struct Shared {
+    queue: Queue,
+    registry: Arc<Registry>,
+    options: WorkerOptions,
+    completions: mpsc::Sender<Finished>,
+    /// Running attempts: id → (attempt, cancel token).
+    running: Mutex<HashMap<TaskId, (i32, CancellationToken)>>,
+    /// Every attempt this pool answers for, from its claim to its written completion.
+    holds: Mutex<Holds>,
+    /// Signalled whenever a running attempt ends.
+    ended: Notify,
+    /// Attempts ended, by outcome (what the governor watches).
+    completed: std::sync::atomic::AtomicU64,
+    failed: std::sync::atomic::AtomicU64,
+    /// False while the replica cannot prove it is alive (heartbeats failing): what it
+    /// would claim might be rescued and run twice.
+    claiming: std::sync::atomic::AtomicBool,
+    claiming_changed: Notify,
+}
+
+impl Shared {
+    fn forget(&self, attempts: impl IntoIterator<Item = (TaskId, i32)>) {
+        let mut holds = self.holds.lock().expect("holds lock");
+        for (id, attempt) in attempts {
+            holds.forget(id, attempt);
+        }
+    }
+
+    fn running_count(&self) -> usize {
+        self.running.lock().expect("running lock").len()
+    }
+}
+
+/// A running pool. Dropping it does not stop it: call [`Worker::shutdown`].
+pub struct Worker {
+    shared: Arc<Shared>,
+    capacity: Arc<Capacity>,
+    stop_claiming: CancellationToken,
+    claimer: tokio::task::JoinHandle<()>,
+    writer: tokio::task::JoinHandle<()>,
+    stop_writer: CancellationToken,
+    monitor: tokio::task::JoinHandle<()>,
+    stop_monitor: Option<tokio::sync::oneshot::Sender<()>>,
+    unstarted: Arc<Mutex<mpsc::Receiver<Job>>>,
+}
+
+impl Worker {
+    /// Starts claiming and running tasks. `wake` is notified on `LISTEN` wake-ups.
+    pub fn start(
+        queue: Queue,
+        registry: Arc<Registry>,
+        capacity: Arc<Capacity>,
+        options: WorkerOptions,
+        wake: Arc<Notify>,
+    ) -> Worker {
+        let (jobs_tx, jobs_rx) = mpsc::channel::<Job>(options.max_concurrent.max(1));
+        let (done_tx, done_rx) = mpsc::channel::<Finished>(options.max_concurrent.max(1) * 2);
+        let shared = Arc::new(Shared {
+            queue: queue.clone(),
+            registry: registry.clone(),
+            options: options.clone(),
+            completions: done_tx,
+            running: Mutex::new(HashMap::new()),
+            holds: Mutex::new(Holds::default()),
+            ended: Notify::new(),
+            completed: 0.into(),
+            failed: 0.into(),
+            claiming: true.into(),
+            claiming_changed: Notify::new(),
+        });
+
+        let stop_writer = CancellationToken::new();
+        let writer = tokio::spawn(write_completions(
+            shared.clone(),
+            done_rx,
+            stop_writer.clone(),
+        ));
+
+        let stop_claiming = CancellationToken::new();
+        let claimer = tokio::spawn(claim_loop(
+            shared.clone(),
+            capacity.clone(),
+            wake,
+            jobs_tx,
+            stop_claiming.clone(),
+        ));
+
+        let unstarted = Arc::new(Mutex::new(jobs_rx));
+        let backend = ClaimedRows {
+            rx: unstarted.clone(),
+        };
+        let runner = Runner {
+            shared: shared.clone(),
+        };
+        let max = options.max_concurrent.max(1);
+        let name = format!("pool-{}", options.replica);
+        let monitor = Monitor::new().register(move |_restarts| {
+            WorkerBuilder::new(name.clone())
+                .backend(backend.clone())
+                .concurrency(max)
+                // Each attempt on its own tokio task, so handlers use every core.
+                .parallelize(tokio::spawn)
+                .build(runner.clone())
+        });
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let monitor = tokio::spawn(async move {
+            let signal = async move {
+                let _ = stop_rx.await;
+                Ok(())
+            };
+            if let Err(e) = monitor.run_with_signal(signal).await {
+                tracing::error!(error = %e, "worker pool stopped with an error");
+            }
+        });
+
+        Worker {
+            shared,
+            capacity,
+            stop_claiming,
+            claimer,
+            writer,
+            stop_writer,
+            monitor,
+            stop_monitor: Some(stop_tx),
+            unstarted,
+        }
+    }
+
+    /// A cheap handle for the replica's background loops (heartbeat, cancel listener).
+    pub fn handle(&self) -> WorkerHandle {
+        WorkerHandle {
+            shared: self.shared.clone(),
+            capacity: self.capacity.clone(),
+        }
+    }
+
+    /// Stops claiming, gives running attempts `shutdown_grace` to finish, then puts every
+    /// unfinished task back to `pending` without counting the attempt.
+    pub async fn shutdown(mut self) {
+        self.stop_claiming.cancel();
+        let _ = (&mut self.claimer).await;
+
+        // Claimed but never started: straight back to the queue.
+        let unstarted: Vec<(TaskId, i32)> = {
+            let mut rx = self.unstarted.lock().expect("backend lock");
+            let mut ids = Vec::new();
+            while let Ok(job) = rx.try_recv() {
+                ids.push((job.claimed.id, job.claimed.attempt));
+            }
+            ids
+        };
+        self.release(&unstarted, "claimed but not started").await;
+
+        let deadline = tokio::time::Instant::now() + self.shared.options.shutdown_grace;
+        loop {
+            let ended = self.shared.ended.notified();
+            if self.shared.running_count() == 0 {
+                break;
+            }
+            if tokio::time::timeout_at(deadline, ended).await.is_err() {
+                break;
+            }
+        }
+        let leftover: Vec<(TaskId, i32, CancellationToken)> = self
+            .shared
+            .running
+            .lock()
+            .expect("running lock")
+            .drain()
+            .map(|(id, (attempt, token))| (id, attempt, token))
+            .collect();
+        if !leftover.is_empty() {
+            // Stop them first, so no second replica runs them while this one still does.
+            for (_, _, token) in &leftover {
+                token.cancel();
+            }
+            let ids: Vec<(TaskId, i32)> = leftover.iter().map(|(id, a, _)| (*id, *a)).collect();
+            self.release(&ids, "still running after the shutdown grace period")
+                .await;
+        }
+
+        if let Some(stop) = self.stop_monitor.take() {
+            let _ = stop.send(());
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(5), &mut self.monitor).await;
+        self.stop_writer.cancel();
+        let _ = (&mut self.writer).await;
+    }
+
+    async fn release(&self, ids: &[(TaskId, i32)], why: &str) {
+        if ids.is_empty() {
+            return;
+        }
+        self.shared.forget(ids.iter().copied());
+        match self
+            .shared
+            .queue
+            .release(&self.shared.options.replica, ids)
+            .await
+        {
+            Ok(n) => tracing::info!(released = n, reason = why, "returned tasks to the queue"),
+            Err(e) => tracing::error!(
+                error = %e,
+                tasks = ?ids,
+                "could not return tasks to the queue; other replicas will rescue them"
+            ),
+        }
+    }
+}
+
+/// What the rest of a replica may see and do while the pool runs.
+#[derive(Clone)]
+pub struct WorkerHandle {
+    shared: Arc<Shared>,
+    capacity: Arc<Capacity>,
+}
+
+impl WorkerHandle {
+    /// Attempts running right now.
+    pub fn running(&self) -> usize {
+        self.shared.running_count()
+    }
+
+    /// Attempts ended since the pool started: (succeeded or otherwise done, failed or timed out).
+    pub fn counts(&self) -> (u64, u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        (
+            self.shared.completed.load(Relaxed),
+            self.shared.failed.load(Relaxed),
+        )
+    }
+
+    pub fn capacity(&self) -> &Arc<Capacity> {
+        &self.capacity
+    }
+
+    /// Stops or resumes claiming (running attempts are not touched).
+    pub fn set_claiming(&self, on: bool) {
+        let was = self
+            .shared
+            .claiming
+            .swap(on, std::sync::atomic::Ordering::SeqCst);
+        if was != on {
+            self.shared.claiming_changed.notify_waiters();
+        }
+    }
+
+    pub fn claiming(&self) -> bool {
+        self.shared
+            .claiming
+            .load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// The attempts running right now, as (task, attempt).
+    pub fn running_attempts(&self) -> Vec<(TaskId, i32)> {
+        self.shared
+            .running
+            .lock()
+            .expect("running lock")
+            .iter()
+            .map(|(id, (attempt, _))| (*id, *attempt))
+            .collect()
+    }
+
+    /// Stops every attempt in `before` (a [`WorkerHandle::running_attempts`] taken before the
+    /// database was read) that `held` (what the database says this replica holds, read
+    /// afterwards) no longer lists: it was rescued while this replica could not heartbeat
+    /// (stopped, cut off), and another replica may be running it. Returns how many stopped.
+    pub fn stop_lost(&self, before: &[(TaskId, i32)], held: &[(TaskId, i32)]) -> usize {
+        let held: std::collections::HashSet<&(TaskId, i32)> = held.iter().collect();
+        let running = self.shared.running.lock().expect("running lock");
+        let mut stopped = 0;
+        for attempt in before {
+            if held.contains(attempt) {
+                continue;
+            }
+            if let Some((a, token)) = running.get(&attempt.0)
+                && *a == attempt.1
+                && !token.is_cancelled()
+            {
+                tracing::warn!(
+                    task.id = attempt.0,
+                    task.attempt = attempt.1,
+                    "this replica no longer holds a task it is running (rescued while it could \
+                     not heartbeat); stopping it"
+                );
+                token.cancel();
+                stopped += 1;
+            }
+        }
+        stopped
+    }
+
+    /// Compares `held` (what the database says this replica holds, read just before) with
+    /// the attempts this pool answers for. Returns the attempts to give back: held, but
+    /// unknown here now and at the previous call. From now on a claim that brings one of them
+    /// back is dropped. See the `holds` module.
+    pub fn orphaned_holds(&self, held: &[(TaskId, i32)]) -> Vec<(TaskId, i32)> {
+        // Long enough for any claim still in flight to have come back (or to be too old to
+        // start anyway).
+        let keep = self.shared.options.claim_max_age * 4;
+        let orphans = self.shared.holds.lock().expect("holds lock").orphans(
+            held,
+            std::time::Instant::now(),
+            keep,
+        );
+        if !orphans.is_empty() {
+            tracing::warn!(
+                tasks = ?orphans,
+                "the database says this replica holds tasks it is not running (a claim whose \
+                 answer was lost, a release that failed); giving them back"
+            );
+        }
+        orphans
+    }
+
+    /// Aborts a running attempt of this pool (a cancel request). Returns whether it was here.
+    pub fn cancel(&self, id: TaskId) -> bool {
+        match self.shared.running.lock().expect("running lock").get(&id) {
+            Some((_, token)) => {
+                token.cancel();
+                true
+            }
+            None => false,
+        }
+    }
+}
