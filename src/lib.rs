@@ -7,6 +7,7 @@ pub mod config;
 pub mod cron;
 pub mod db;
 pub mod executor;
+pub mod fleet;
 pub mod governor;
 pub mod handoff;
 pub mod queue;

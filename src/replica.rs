@@ -37,8 +37,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::agents::{AGENT_KIND, Agents, COMMAND_KIND};
 use crate::config::Config;
+use crate::fleet::{Heartbeat, new_replica_id};
 use crate::governor::{GovernorOptions, ResourceLimits, ResourceMonitor, Sampler};
-use crate::queue::replica::{Heartbeat, new_replica_id};
 use crate::queue::{self, Listener, Queue, Wakeup};
 use crate::scheduler::SchedulerOptions;
 use crate::worker::{Capacity, Handler, Registry, Worker, WorkerOptions};

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use chrono::Utc;
 use common::TestDb;
-use harness::queue::replica::Heartbeat;
+use harness::fleet::Heartbeat;
 use harness::queue::{Completion, Error, NewTask, Outcome, Queue, Status};
 use serde_json::json;
 

@@ -856,7 +856,7 @@ async fn clear_handoff(State(st): Shared, ApiPath(id): ApiPath<String>) -> ApiRe
 
 async fn fleet(State(st): Shared) -> ApiResult<Json<Value>> {
     let max_age = Duration::from_secs(st.config.persistence.rescue_after_s);
-    let replicas = crate::queue::replica::list(&st.pool, max_age).await?;
+    let replicas = crate::fleet::replicas::list(&st.pool, max_age).await?;
     let leader = replicas.iter().find(|r| r.is_leader).map(|r| r.id.clone());
     Ok(Json(json!({ "replicas": replicas, "leader": leader })))
 }
@@ -865,7 +865,7 @@ async fn resume_one(
     State(st): Shared,
     ApiPath(replica): ApiPath<String>,
 ) -> ApiResult<Json<Value>> {
-    let n = crate::governor::request_resume(&st.pool, Some(&replica))
+    let n = crate::fleet::replicas::request_resume(&st.pool, Some(&replica))
         .await
         .map_err(ApiError::internal)?;
     if n == 0 {
@@ -879,7 +879,7 @@ async fn resume_one(
 }
 
 async fn resume_all(State(st): Shared) -> ApiResult<Json<Value>> {
-    let n = crate::governor::request_resume(&st.pool, None)
+    let n = crate::fleet::replicas::request_resume(&st.pool, None)
         .await
         .map_err(ApiError::internal)?;
     Ok(Json(json!({ "resumed": n })))

@@ -662,7 +662,7 @@ fn response_schemas() -> Map<String, Value> {
     g.subschema_for::<crate::queue::Task>();
     g.subschema_for::<crate::agents::Agent>();
     g.subschema_for::<crate::handoff::HandoffArtifact>();
-    g.subschema_for::<crate::queue::replica::ReplicaRow>();
+    g.subschema_for::<crate::fleet::ReplicaRow>();
     g.subschema_for::<crate::queue::Status>();
     g.subschema_for::<crate::agents::Overlap>();
     let mut defs = g.take_definitions(true);

@@ -238,7 +238,7 @@ pub fn run(cli: Cli) -> ExitCode {
     };
     // A replica's id is known before logging starts, so exported spans and metrics carry it.
     let replica_id = matches!(cli.command, Command::Up(_) | Command::Serve(_))
-        .then(harness::queue::replica::new_replica_id);
+        .then(harness::fleet::new_replica_id);
     let telemetry = harness::telemetry::init(cfg.telemetry.log_format, replica_id.as_deref());
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -539,7 +539,7 @@ async fn stats(cfg: Config, json: bool) -> anyhow::Result<()> {
 
 async fn fleet_resume(cfg: Config, replica: Option<String>) -> anyhow::Result<()> {
     let database = open_migrated(&cfg).await?;
-    let n = harness::governor::request_resume(&database.pool, replica.as_deref()).await;
+    let n = harness::fleet::replicas::request_resume(&database.pool, replica.as_deref()).await;
     database.close().await;
     match (n?, replica) {
         (0, Some(r)) => bail!("no replica {r:?}; `harness fleet` lists the live ones"),
@@ -553,7 +553,7 @@ async fn fleet(cfg: Config, json: bool) -> anyhow::Result<()> {
     let database = open_migrated(&cfg).await?;
     // A replica is live while its heartbeat is younger than the rescue threshold.
     let max_age = Duration::from_secs(cfg.persistence.rescue_after_s);
-    let rows = harness::queue::replica::list(&database.pool, max_age).await;
+    let rows = harness::fleet::replicas::list(&database.pool, max_age).await;
     database.close().await;
     let rows = rows?;
     if json {
@@ -575,7 +575,7 @@ async fn fleet(cfg: Config, json: bool) -> anyhow::Result<()> {
             r.id,
             r.heartbeat_age_s,
             if r.is_leader { "leader" } else { "" },
-            r.governor_state,
+            r.governor_state.as_str(),
             r.capacity,
             r.running,
             pct(r.cpu_percent),

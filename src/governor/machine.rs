@@ -16,30 +16,8 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-/// The governor's view of a replica's health.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum State {
-    Normal,
-    Throttled,
-    Paused,
-    Holding,
-}
-
-impl State {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            State::Normal => "normal",
-            State::Throttled => "throttled",
-            State::Paused => "paused",
-            State::Holding => "holding",
-        }
-    }
-    /// The numeric form of metrics (0 normal, 1 throttled, 2 paused, 3 holding).
-    pub fn code(self) -> i64 {
-        self as i64
-    }
-}
+/// The governor's view of a replica's health (stored in the `replicas` table as is).
+pub use crate::fleet::GovernorState as State;
 
 /// Thresholds, from `governance.*`.
 #[derive(Debug, Clone)]
@@ -96,6 +74,18 @@ pub enum Event {
     Escalated {
         reason: String,
     },
+}
+
+impl Event {
+    /// What the events table calls it.
+    pub fn kind(&self) -> crate::fleet::EventKind {
+        use crate::fleet::EventKind;
+        match self {
+            Event::StateChanged { .. } => EventKind::StateChanged,
+            Event::CapacityChanged { .. } => EventKind::CapacityChanged,
+            Event::Escalated { .. } => EventKind::Escalated,
+        }
+    }
 }
 
 #[derive(Debug)]

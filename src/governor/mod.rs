@@ -7,18 +7,19 @@
 //! - [`escalation`]: webhook and e-mail delivery.
 //!
 //! [`run`] samples every `telemetry.sample_interval_s` (on a blocking thread: sampling never
-//! blocks the async runtime), feeds the machine, sets the worker's [`Capacity`](crate::worker::Capacity), and writes:
-//! a `metrics` row and a `logs/metrics.jsonl` line every `telemetry.log_interval_s`; a
-//! `governance_events` row and a `logs/agent.jsonl` line for every change. It only *grants
-//! capacity*: it never reaches into the pool.
+//! blocks the async runtime), feeds the machine, sets the worker's
+//! [`Capacity`](crate::worker::Capacity), and writes (through `fleet`, which owns the tables):
+//! a `metrics` row and a `metrics.jsonl` line every `telemetry.log_interval_s`; a
+//! `governance_events` row and an `agent.jsonl` line for every change. It only *grants
+//! capacity*: it never reaches into the worker.
 
 pub mod escalation;
 pub mod machine;
 pub mod monitor;
+mod reporter;
 
 use std::collections::VecDeque;
-use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -28,9 +29,11 @@ use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::EscalationConfig;
+use crate::fleet::{self, EventKind, MetricsRow};
 use crate::worker::WorkerHandle;
 pub use machine::{Event, Machine, Settings, State};
 pub use monitor::{ResourceLimits, ResourceMonitor, Resources, Sampler};
+use reporter::{JsonLines, Reporter};
 
 /// Settings of a replica's governor.
 #[derive(Debug, Clone)]
@@ -65,89 +68,11 @@ impl GovernorOptions {
     }
 }
 
-/// Appends JSON lines to a file under the logs directory; a failure is logged once.
-struct JsonLines {
-    path: PathBuf,
-    warned: bool,
-}
-
-impl JsonLines {
-    fn new(dir: &Path, name: &str) -> JsonLines {
-        JsonLines {
-            path: dir.join(name),
-            warned: false,
-        }
-    }
-    /// Appends one line. The directory is made 0700 and the file 0600: these logs are the
-    /// operator's (failure messages, escalations), not the agents'.
-    fn append(&mut self, v: &Value) {
-        use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
-        let result = (|| -> std::io::Result<()> {
-            if let Some(d) = self.path.parent()
-                && !d.is_dir()
-            {
-                std::fs::DirBuilder::new()
-                    .recursive(true)
-                    .mode(0o700)
-                    .create(d)?;
-            }
-            let mut f = std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .mode(0o600)
-                .open(&self.path)?;
-            if !self.warned {
-                // A file an older version left readable by everyone.
-                f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
-            }
-            writeln!(f, "{v}")
-        })();
-        if let Err(e) = result
-            && !self.warned
-        {
-            self.warned = true;
-            tracing::warn!(path = %self.path.display(), error = %e, "cannot write the JSON log");
-        }
-    }
-}
-
-const INSERT_EVENT: &str = "INSERT INTO governance_events (replica_id, event, from_state, to_state, reason, detail) \
-     VALUES ($1, $2, $3, $4, $5, $6)";
-
-/// Where governance events go: the `governance_events` table and `logs/agent.jsonl`.
-struct Reporter {
-    pool: PgPool,
-    replica: String,
-    log: JsonLines,
-}
-
-impl Reporter {
-    async fn record(
-        &mut self,
-        event: &str,
-        from: Option<State>,
-        to: Option<State>,
-        reason: &str,
-        detail: Value,
-    ) {
-        self.log.append(&json!({
-            "at": Utc::now(), "replica": self.replica, "event": event, "from": from, "to": to,
-            "reason": reason, "detail": detail,
-        }));
-        if let Err(e) = sqlx::query(INSERT_EVENT)
-            .bind(&self.replica)
-            .bind(event)
-            .bind(from.map(State::as_str))
-            .bind(to.map(State::as_str))
-            .bind(reason)
-            .bind(&detail)
-            .execute(&self.pool)
-            .await
-        {
-            tracing::warn!(error = %e, "could not record a governance event");
-        }
-    }
-}
+/// Recent samples and events kept for an escalation's payload.
+const KEEP_SAMPLES: usize = 30;
+const KEEP_EVENTS: usize = 20;
+/// How often metrics and events past their retention are pruned.
+const PRUNE_EVERY: Duration = Duration::from_secs(3600);
 
 /// Runs the governor of one replica until `stop`.
 pub async fn run(
@@ -157,283 +82,247 @@ pub async fn run(
     opts: GovernorOptions,
     stop: CancellationToken,
 ) {
-    let sampler = Arc::new(Mutex::new(sampler));
-    let started = Instant::now();
-    let mut machine = Machine::new(opts.settings.clone(), started);
-    let mut metrics_log = JsonLines::new(&opts.logs_dir, "metrics.jsonl");
-    let mut reporter = Reporter {
-        pool: pool.clone(),
-        replica: opts.replica.clone(),
-        log: JsonLines::new(&opts.logs_dir, "agent.jsonl"),
-    };
-    let mut recent_samples: VecDeque<(DateTime<Utc>, Resources)> = VecDeque::new();
-    let mut recent_events: VecDeque<Value> = VecDeque::new();
-    let (mut logged_completed, mut seen_failed) = handle.counts();
-    let mut logged_failed = seen_failed;
-    let mut last_log = Instant::now();
-    let mut last_prune: Option<Instant> = None;
-    let mut held_since: Option<DateTime<Utc>> = None;
-    let mut granted = handle.capacity().granted();
-    if let Err(e) = set_replica_state(
-        &pool,
-        &opts.replica,
-        machine.state(),
-        opts.isolation.as_deref(),
+    let mut g = Governor::new(pool, handle, opts);
+    if let Err(e) = fleet::replicas::set_governor_state(
+        &g.pool,
+        &g.opts.replica,
+        g.machine.state(),
+        g.opts.isolation.as_deref(),
     )
     .await
     {
         tracing::debug!(error = %e, "could not record the governor state yet");
     }
-    let mut tick = tokio::time::interval(opts.sample_interval);
+    let sampler = Arc::new(Mutex::new(sampler));
+    let mut tick = tokio::time::interval(g.opts.sample_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = tick.tick() => {}
             _ = stop.cancelled() => return,
         }
+        // Sampling reads /proc and cgroup files: off the async runtime.
         let s = sampler.clone();
         let Ok(r) =
             tokio::task::spawn_blocking(move || s.lock().expect("sampler lock").sample()).await
         else {
             continue;
         };
-        let now = Instant::now();
-        recent_samples.push_back((Utc::now(), r));
-        if recent_samples.len() > 30 {
-            recent_samples.pop_front();
-        }
+        g.step(r).await;
+    }
+}
+
+/// The governor between two samples: the machine, and what it reports.
+struct Governor {
+    pool: PgPool,
+    handle: WorkerHandle,
+    opts: GovernorOptions,
+    machine: Machine,
+    reporter: Reporter,
+    metrics_log: JsonLines,
+    recent_samples: VecDeque<(DateTime<Utc>, Resources)>,
+    recent_events: VecDeque<Value>,
+    /// Attempt counts at the last metrics row, and at the last sample.
+    logged: (u64, u64),
+    seen_failed: u64,
+    last_log: Instant,
+    last_prune: Option<Instant>,
+    held_since: Option<DateTime<Utc>>,
+    granted: usize,
+}
+
+impl Governor {
+    fn new(pool: PgPool, handle: WorkerHandle, opts: GovernorOptions) -> Governor {
         let (completed, failed) = handle.counts();
-        machine.observe_sample(now, r.cpu_percent, r.memory_percent);
-        machine.observe_failures(now, failed.saturating_sub(seen_failed));
-        seen_failed = failed;
-        let mut events = machine.evaluate(now);
+        Governor {
+            machine: Machine::new(opts.settings.clone(), Instant::now()),
+            reporter: Reporter::new(pool.clone(), &opts.replica, &opts.logs_dir),
+            metrics_log: JsonLines::new(&opts.logs_dir, "metrics.jsonl"),
+            recent_samples: VecDeque::new(),
+            recent_events: VecDeque::new(),
+            logged: (completed, failed),
+            seen_failed: failed,
+            last_log: Instant::now(),
+            last_prune: None,
+            held_since: None,
+            granted: handle.capacity().granted(),
+            pool,
+            handle,
+            opts,
+        }
+    }
 
+    /// One sample: feed the machine, act on its events, grant capacity, report.
+    async fn step(&mut self, r: Resources) {
+        let now = Instant::now();
+        self.recent_samples.push_back((Utc::now(), r));
+        if self.recent_samples.len() > KEEP_SAMPLES {
+            self.recent_samples.pop_front();
+        }
+        let (completed, failed) = self.handle.counts();
+        self.machine
+            .observe_sample(now, r.cpu_percent, r.memory_percent);
+        self.machine
+            .observe_failures(now, failed.saturating_sub(self.seen_failed));
+        self.seen_failed = failed;
+        let mut events = self.machine.evaluate(now);
         // A person's `harness fleet resume` lifts a hold (or a pause).
-        if matches!(machine.state(), State::Holding | State::Paused)
-            && let Ok(Some(asked)) = resume_requested(&pool, &opts.replica).await
-            && held_since.is_none_or(|h| asked >= h)
+        if matches!(self.machine.state(), State::Holding | State::Paused)
+            && let Ok(Some(asked)) =
+                fleet::replicas::resume_requested(&self.pool, &self.opts.replica).await
+            && self.held_since.is_none_or(|h| asked >= h)
         {
-            events.extend(machine.resume(now));
+            events.extend(self.machine.resume(now));
         }
-
         for e in &events {
-            let v = serde_json::to_value(e).expect("events serialise");
-            recent_events.push_back(json!({ "at": Utc::now(), "event": v }));
-            if recent_events.len() > 20 {
-                recent_events.pop_front();
-            }
-            match e {
-                Event::StateChanged { from, to, reason } => {
-                    let span = tracing::info_span!(
-                        "governor.transition",
-                        from = from.as_str(),
-                        to = to.as_str()
-                    );
-                    span.in_scope(|| tracing::warn!(replica = %opts.replica, from = from.as_str(), to = to.as_str(), %reason, "governor state changed"));
-                    if matches!(to, State::Paused | State::Holding) && held_since.is_none() {
-                        held_since = Some(Utc::now());
-                    }
-                    if matches!(to, State::Normal | State::Throttled) {
-                        held_since = None;
-                        let _ = clear_resume(&pool, &opts.replica).await;
-                    }
-                    reporter
-                        .record("state_changed", Some(*from), Some(*to), reason, json!({}))
-                        .await;
-                    let _ = set_replica_state(&pool, &opts.replica, *to, opts.isolation.as_deref())
-                        .await;
-                }
-                Event::CapacityChanged { from, to, reason } => {
-                    tracing::info!(replica = %opts.replica, from, to, %reason, "governor changed capacity");
-                    reporter
-                        .record(
-                            "capacity_changed",
-                            None,
-                            None,
-                            reason,
-                            json!({"from": from, "to": to}),
-                        )
-                        .await;
-                }
-                Event::Escalated { reason } => {
-                    tracing::error!(replica = %opts.replica, %reason, "escalating to a person");
-                    let payload = json!({
-                        "replica": opts.replica,
-                        "reason": reason,
-                        "state": machine.state(),
-                        "at": Utc::now(),
-                        "samples": recent_samples.iter().map(|(t, r)| json!({"at": t, "cpu_percent": r.cpu_percent, "memory_percent": r.memory_percent, "memory_available_mb": r.memory_available_mb})).collect::<Vec<_>>(),
-                        "events": recent_events.iter().cloned().collect::<Vec<_>>(),
-                        "resume_with": format!("harness fleet resume {}", opts.replica),
-                    });
-                    reporter
-                        .record(
-                            "escalated",
-                            None,
-                            Some(State::Holding),
-                            reason,
-                            payload.clone(),
-                        )
-                        .await;
-                    // Delivery must never stop the replica: off the governor's loop.
-                    let cfg = opts.escalation.clone();
-                    let mut delivery = Reporter {
-                        pool: pool.clone(),
-                        replica: opts.replica.clone(),
-                        log: JsonLines::new(&opts.logs_dir, "agent.jsonl"),
-                    };
-                    tokio::spawn(async move {
-                        for d in escalation::deliver(&cfg, &payload).await {
-                            let event = if d.ok {
-                                "escalation_delivered"
-                            } else {
-                                "escalation_failed"
-                            };
-                            if d.ok {
-                                tracing::info!(channel = d.channel, detail = %d.detail, "escalation delivered");
-                            } else {
-                                tracing::error!(channel = d.channel, detail = %d.detail, "escalation not delivered");
-                            }
-                            delivery
-                                .record(event, None, None, &d.detail, json!({"channel": d.channel}))
-                                .await;
-                        }
-                    });
-                }
-            }
+            self.on_event(e).await;
         }
-        let g = machine.granted();
-        if g != granted {
-            handle.capacity().set(g);
-            granted = g;
+        let g = self.machine.granted();
+        if g != self.granted {
+            self.handle.capacity().set(g);
+            self.granted = g;
         }
         let m = crate::telemetry::metrics();
-        m.capacity.record(granted as i64, &[]);
-        m.running.record(handle.running() as i64, &[]);
-        m.governor_state.record(machine.state().code(), &[]);
+        m.capacity.record(self.granted as i64, &[]);
+        m.running.record(self.handle.running() as i64, &[]);
+        m.governor_state.record(self.machine.state().code(), &[]);
         m.cpu.record(r.cpu_percent, &[]);
         m.memory.record(r.memory_percent, &[]);
-
-        if last_log.elapsed() >= opts.log_interval {
-            last_log = Instant::now();
-            let row = json!({
-                "at": Utc::now(), "replica": opts.replica, "cpu_percent": r.cpu_percent,
-                "memory_percent": r.memory_percent, "memory_available_mb": r.memory_available_mb,
-                "capacity": granted, "running": handle.running(),
-                "completed": completed - logged_completed, "failed": failed - logged_failed,
-                "state": machine.state(),
-            });
-            metrics_log.append(&row);
-            if let Err(e) = sqlx::query(
-                "INSERT INTO metrics (replica_id, cpu_percent, memory_percent, memory_available_mb, \
-                 capacity, running, completed, failed, state) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
-            )
-            .bind(&opts.replica)
-            .bind(r.cpu_percent as f32)
-            .bind(r.memory_percent as f32)
-            .bind(r.memory_available_mb as i64)
-            .bind(granted as i32)
-            .bind(handle.running() as i32)
-            .bind((completed - logged_completed) as i64)
-            .bind((failed - logged_failed) as i64)
-            .bind(machine.state().as_str())
-            .execute(&pool)
-            .await
-            {
-                tracing::warn!(error = %e, "could not write the metrics row");
-            }
-            (logged_completed, logged_failed) = (completed, failed);
-            if let Ok(depth) = crate::queue::depth(&pool).await {
-                for status in crate::queue::Status::ALL {
-                    let n = depth
-                        .iter()
-                        .find(|(s, _)| *s == status)
-                        .map_or(0, |(_, n)| *n);
-                    if status != crate::queue::Status::Completed {
-                        m.queue_depth.record(
-                            n,
-                            &[opentelemetry::KeyValue::new("status", status.as_str())],
-                        );
-                    }
-                }
-            }
+        if self.last_log.elapsed() >= self.opts.log_interval {
+            self.last_log = Instant::now();
+            self.log_health(r, completed, failed).await;
         }
-        if last_prune.is_none_or(|p| p.elapsed() >= Duration::from_secs(3600)) {
-            last_prune = Some(Instant::now());
-            if let Err(e) = prune(&pool, opts.retention).await {
+        if self.last_prune.is_none_or(|p| p.elapsed() >= PRUNE_EVERY) {
+            self.last_prune = Some(Instant::now());
+            if let Err(e) = fleet::health::prune(&self.pool, self.opts.retention).await {
                 tracing::warn!(error = %e, "could not prune old metrics");
             }
         }
     }
-}
 
-async fn set_replica_state(
-    pool: &PgPool,
-    replica: &str,
-    state: State,
-    isolation: Option<&str>,
-) -> Result<(), sqlx::Error> {
-    sqlx::query("UPDATE replicas SET governor_state = $2, isolation = COALESCE($3, isolation) WHERE id = $1")
-        .bind(replica)
-        .bind(state.as_str())
-        .bind(isolation)
-        .execute(pool)
-        .await
-        .map(|_| ())
-}
-
-async fn resume_requested(
-    pool: &PgPool,
-    replica: &str,
-) -> Result<Option<DateTime<Utc>>, sqlx::Error> {
-    sqlx::query_scalar("SELECT resume_requested_at FROM replicas WHERE id = $1")
-        .bind(replica)
-        .fetch_optional(pool)
-        .await
-        .map(Option::flatten)
-}
-
-async fn clear_resume(pool: &PgPool, replica: &str) -> Result<(), sqlx::Error> {
-    sqlx::query("UPDATE replicas SET resume_requested_at = NULL WHERE id = $1")
-        .bind(replica)
-        .execute(pool)
-        .await
-        .map(|_| ())
-}
-
-/// Deletes metrics and events past their retention, one replica at a time.
-async fn prune(pool: &PgPool, retention: Duration) -> Result<(), sqlx::Error> {
-    let mut tx = pool.begin().await?;
-    let mine: bool =
-        sqlx::query_scalar("SELECT pg_try_advisory_xact_lock(hashtext('harness:prune-metrics'))")
-            .fetch_one(&mut *tx)
-            .await?;
-    if mine {
-        for table in ["metrics", "governance_events"] {
-            let column = if table == "metrics" {
-                "recorded_at"
-            } else {
-                "at"
-            };
-            sqlx::query(&format!(
-                "DELETE FROM {table} WHERE {column} < now() - make_interval(secs => $1)"
-            ))
-            .bind(retention.as_secs_f64())
-            .execute(&mut *tx)
-            .await?;
+    async fn on_event(&mut self, e: &Event) {
+        let v = serde_json::to_value(e).expect("events serialise");
+        self.recent_events
+            .push_back(json!({ "at": Utc::now(), "event": v }));
+        if self.recent_events.len() > KEEP_EVENTS {
+            self.recent_events.pop_front();
+        }
+        let replica = &self.opts.replica;
+        match e {
+            Event::StateChanged { from, to, reason } => {
+                let span = tracing::info_span!(
+                    "governor.transition",
+                    from = from.as_str(),
+                    to = to.as_str()
+                );
+                span.in_scope(|| tracing::warn!(%replica, from = from.as_str(), to = to.as_str(), %reason, "governor state changed"));
+                if matches!(to, State::Paused | State::Holding) && self.held_since.is_none() {
+                    self.held_since = Some(Utc::now());
+                }
+                if matches!(to, State::Normal | State::Throttled) {
+                    self.held_since = None;
+                    let _ = fleet::replicas::clear_resume(&self.pool, replica).await;
+                }
+                self.reporter
+                    .record(e.kind(), Some(*from), Some(*to), reason, json!({}))
+                    .await;
+                let _ = fleet::replicas::set_governor_state(
+                    &self.pool,
+                    replica,
+                    *to,
+                    self.opts.isolation.as_deref(),
+                )
+                .await;
+            }
+            Event::CapacityChanged { from, to, reason } => {
+                tracing::info!(%replica, from, to, %reason, "governor changed capacity");
+                let detail = json!({"from": from, "to": to});
+                self.reporter
+                    .record(e.kind(), None, None, reason, detail)
+                    .await;
+            }
+            Event::Escalated { reason } => self.escalate(reason).await,
         }
     }
-    tx.commit().await
-}
 
-/// Asks a replica (or every replica) to leave its hold; it does so at its next sample.
-/// Returns how many replicas were asked.
-pub async fn request_resume(pool: &PgPool, replica: Option<&str>) -> Result<u64, sqlx::Error> {
-    Ok(sqlx::query(
-        "UPDATE replicas SET resume_requested_at = now() WHERE $1::text IS NULL OR id = $1",
-    )
-    .bind(replica)
-    .execute(pool)
-    .await?
-    .rows_affected())
+    /// Records the escalation and delivers it off the loop: delivery must never stop the
+    /// replica.
+    async fn escalate(&mut self, reason: &str) {
+        tracing::error!(replica = %self.opts.replica, %reason, "escalating to a person");
+        let payload = json!({
+            "replica": self.opts.replica,
+            "reason": reason,
+            "state": self.machine.state(),
+            "at": Utc::now(),
+            "samples": self.recent_samples.iter().map(|(t, r)| json!({"at": t, "cpu_percent": r.cpu_percent, "memory_percent": r.memory_percent, "memory_available_mb": r.memory_available_mb})).collect::<Vec<_>>(),
+            "events": self.recent_events.iter().cloned().collect::<Vec<_>>(),
+            "resume_with": format!("harness fleet resume {}", self.opts.replica),
+        });
+        self.reporter
+            .record(
+                EventKind::Escalated,
+                None,
+                Some(State::Holding),
+                reason,
+                payload.clone(),
+            )
+            .await;
+        let cfg = self.opts.escalation.clone();
+        let mut delivery =
+            Reporter::new(self.pool.clone(), &self.opts.replica, &self.opts.logs_dir);
+        tokio::spawn(async move {
+            for d in escalation::deliver(&cfg, &payload).await {
+                let kind = if d.ok {
+                    tracing::info!(channel = d.channel, detail = %d.detail, "escalation delivered");
+                    EventKind::EscalationDelivered
+                } else {
+                    tracing::error!(channel = d.channel, detail = %d.detail, "escalation not delivered");
+                    EventKind::EscalationFailed
+                };
+                delivery
+                    .record(kind, None, None, &d.detail, json!({"channel": d.channel}))
+                    .await;
+            }
+        });
+    }
+
+    /// A `metrics` row, a `metrics.jsonl` line and the queue-depth gauges.
+    async fn log_health(&mut self, r: Resources, completed: u64, failed: u64) {
+        let row = MetricsRow {
+            cpu_percent: r.cpu_percent,
+            memory_percent: r.memory_percent,
+            memory_available_mb: r.memory_available_mb,
+            capacity: self.granted,
+            running: self.handle.running(),
+            completed: completed - self.logged.0,
+            failed: failed - self.logged.1,
+            state: self.machine.state(),
+        };
+        self.metrics_log.append(&json!({
+            "at": Utc::now(), "replica": self.opts.replica, "cpu_percent": row.cpu_percent,
+            "memory_percent": row.memory_percent, "memory_available_mb": row.memory_available_mb,
+            "capacity": row.capacity, "running": row.running, "completed": row.completed,
+            "failed": row.failed, "state": row.state,
+        }));
+        if let Err(e) = fleet::health::record_metrics(&self.pool, &self.opts.replica, &row).await {
+            tracing::warn!(error = %e, "could not write the metrics row");
+        }
+        self.logged = (completed, failed);
+        if let Ok(depth) = crate::queue::depth(&self.pool).await {
+            let m = crate::telemetry::metrics();
+            for status in crate::queue::Status::ALL {
+                if status == crate::queue::Status::Completed {
+                    continue;
+                }
+                let n = depth
+                    .iter()
+                    .find(|(s, _)| *s == status)
+                    .map_or(0, |(_, n)| *n);
+                m.queue_depth.record(
+                    n,
+                    &[opentelemetry::KeyValue::new("status", status.as_str())],
+                );
+            }
+        }
+    }
 }

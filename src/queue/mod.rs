@@ -20,7 +20,6 @@
 //! The queue never runs user code; the `pool` does, and reports back through [`Queue::complete`].
 
 pub mod backoff;
-pub mod replica;
 
 use std::collections::HashMap;
 use std::time::Duration;

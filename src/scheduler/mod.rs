@@ -27,7 +27,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::agents::{AGENTS_CHANNEL, Agent, Agents};
 use crate::cron::CronSchedule;
-use crate::queue::{Queue, replica};
+use crate::queue::Queue;
 
 /// First half of the advisory lock key ("HARS"); the second is the namespace's hash.
 const LOCK_CLASS: i32 = 0x4841_5253;
@@ -172,7 +172,8 @@ pub async fn run(
             Ok(Some(conn)) => {
                 tracing::info!(replica = %opts.replica, namespace = %opts.namespace, "became the scheduler leader");
                 crate::telemetry::metrics().leader.record(1, &[]);
-                if let Err(e) = replica::set_leader(&pool, &opts.replica, true).await {
+                if let Err(e) = crate::fleet::replicas::set_leader(&pool, &opts.replica, true).await
+                {
                     tracing::warn!(error = %e, "could not record leadership in the replicas table");
                 }
                 let why = {
@@ -184,7 +185,7 @@ pub async fn run(
                 };
                 tracing::info!(replica = %opts.replica, reason = %why, "stepped down as scheduler leader");
                 crate::telemetry::metrics().leader.record(0, &[]);
-                let _ = replica::set_leader(&pool, &opts.replica, false).await;
+                let _ = crate::fleet::replicas::set_leader(&pool, &opts.replica, false).await;
             }
             Ok(None) => {}
             Err(e) => tracing::debug!(error = %e, "leader election attempt failed"),

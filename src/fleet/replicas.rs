@@ -1,13 +1,15 @@
-//! Replica liveness: each replica registers a row in `replicas`, heartbeats it on a
-//! dedicated connection (so a busy pool cannot starve it), and removes it on exit.
-//! [`super::Queue::rescue`] reads these rows to find the tasks of dead replicas.
+//! The `replicas` table: each replica registers a row, heartbeats it on a dedicated connection
+//! (so a busy worker cannot starve it) and removes it on exit; the scheduler marks its
+//! leadership and the governor its state here. [`crate::queue::Queue::rescue`] reads these
+//! rows to find the tasks of dead replicas.
 
 use std::time::Duration;
 
 use sqlx::postgres::PgConnectOptions;
 use sqlx::{ConnectOptions, PgConnection};
 
-use super::Error;
+use super::GovernorState;
+use crate::queue::Error;
 
 /// A unique replica id: host name plus a random suffix, e.g. `web-1-4f9c2a`.
 pub fn new_replica_id() -> String {
@@ -133,7 +135,7 @@ pub struct ReplicaRow {
     pub heartbeat_age_s: f64,
     pub is_leader: bool,
     pub leader_since: Option<chrono::DateTime<chrono::Utc>>,
-    pub governor_state: String,
+    pub governor_state: GovernorState,
     pub capacity: i32,
     pub running: i32,
     pub isolation: Option<String>,
@@ -160,4 +162,58 @@ pub async fn list(pool: &sqlx::PgPool, max_age: Duration) -> Result<Vec<ReplicaR
     .bind(max_age.as_secs_f64())
     .fetch_all(pool)
     .await?)
+}
+
+/// Records the state `replica`'s governor is in (and the executor's isolation mode).
+pub async fn set_governor_state(
+    pool: &sqlx::PgPool,
+    replica: &str,
+    state: GovernorState,
+    isolation: Option<&str>,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "UPDATE replicas SET governor_state = $2, isolation = COALESCE($3, isolation) WHERE id = $1",
+    )
+    .bind(replica)
+    .bind(state.as_str())
+    .bind(isolation)
+    .execute(pool)
+    .await
+    .map(|_| ())
+}
+
+/// When a person last asked `replica` to resume (`harness fleet resume`), if ever.
+pub async fn resume_requested(
+    pool: &sqlx::PgPool,
+    replica: &str,
+) -> Result<Option<chrono::DateTime<chrono::Utc>>, sqlx::Error> {
+    sqlx::query_scalar("SELECT resume_requested_at FROM replicas WHERE id = $1")
+        .bind(replica)
+        .fetch_optional(pool)
+        .await
+        .map(Option::flatten)
+}
+
+/// Forgets a resume request once `replica` has resumed.
+pub async fn clear_resume(pool: &sqlx::PgPool, replica: &str) -> Result<(), sqlx::Error> {
+    sqlx::query("UPDATE replicas SET resume_requested_at = NULL WHERE id = $1")
+        .bind(replica)
+        .execute(pool)
+        .await
+        .map(|_| ())
+}
+
+/// Asks a replica (or every replica) to leave its hold; it does so at its next sample.
+/// Returns how many replicas were asked.
+pub async fn request_resume(
+    pool: &sqlx::PgPool,
+    replica: Option<&str>,
+) -> Result<u64, sqlx::Error> {
+    Ok(sqlx::query(
+        "UPDATE replicas SET resume_requested_at = now() WHERE $1::text IS NULL OR id = $1",
+    )
+    .bind(replica)
+    .execute(pool)
+    .await?
+    .rows_affected())
 }

@@ -1,0 +1,119 @@
+//! Each replica's health history: a `metrics` row every `telemetry.log_interval_s`, a
+//! `governance_events` row for every governor event, and the pruning of both past
+//! `telemetry.retention_days` (one replica at a time, under an advisory lock).
+
+use std::time::Duration;
+
+use serde_json::Value;
+use sqlx::PgPool;
+
+use super::GovernorState;
+
+/// What a governance event records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EventKind {
+    StateChanged,
+    CapacityChanged,
+    Escalated,
+    EscalationDelivered,
+    EscalationFailed,
+}
+
+impl EventKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventKind::StateChanged => "state_changed",
+            EventKind::CapacityChanged => "capacity_changed",
+            EventKind::Escalated => "escalated",
+            EventKind::EscalationDelivered => "escalation_delivered",
+            EventKind::EscalationFailed => "escalation_failed",
+        }
+    }
+}
+
+const INSERT_EVENT: &str = "
+INSERT INTO governance_events (replica_id, event, from_state, to_state, reason, detail)
+VALUES ($1, $2, $3, $4, $5, $6)";
+
+/// Records one governance event of `replica`.
+pub async fn record_event(
+    pool: &PgPool,
+    replica: &str,
+    kind: EventKind,
+    from: Option<GovernorState>,
+    to: Option<GovernorState>,
+    reason: &str,
+    detail: &Value,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(INSERT_EVENT)
+        .bind(replica)
+        .bind(kind.as_str())
+        .bind(from.map(GovernorState::as_str))
+        .bind(to.map(GovernorState::as_str))
+        .bind(reason)
+        .bind(detail)
+        .execute(pool)
+        .await
+        .map(|_| ())
+}
+
+/// One health sample of a replica, as the `metrics` table keeps it.
+#[derive(Debug, Clone)]
+pub struct MetricsRow {
+    pub cpu_percent: f64,
+    pub memory_percent: f64,
+    pub memory_available_mb: u64,
+    pub capacity: usize,
+    pub running: usize,
+    /// Attempts ended since the previous row.
+    pub completed: u64,
+    pub failed: u64,
+    pub state: GovernorState,
+}
+
+/// Writes one `metrics` row of `replica`.
+pub async fn record_metrics(
+    pool: &PgPool,
+    replica: &str,
+    m: &MetricsRow,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO metrics (replica_id, cpu_percent, memory_percent, memory_available_mb, \
+         capacity, running, completed, failed, state) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+    )
+    .bind(replica)
+    .bind(m.cpu_percent as f32)
+    .bind(m.memory_percent as f32)
+    .bind(m.memory_available_mb as i64)
+    .bind(m.capacity as i32)
+    .bind(m.running as i32)
+    .bind(m.completed as i64)
+    .bind(m.failed as i64)
+    .bind(m.state.as_str())
+    .execute(pool)
+    .await
+    .map(|_| ())
+}
+
+/// Deletes metrics and events past `retention`, by one replica at a time (others skip).
+pub async fn prune(pool: &PgPool, retention: Duration) -> Result<(), sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    let mine: bool =
+        sqlx::query_scalar("SELECT pg_try_advisory_xact_lock(hashtext('harness:prune-metrics'))")
+            .fetch_one(&mut *tx)
+            .await?;
+    if mine {
+        // metrics_recorded_idx and governance_events_at_idx.
+        for sql in [
+            "DELETE FROM metrics WHERE recorded_at < now() - make_interval(secs => $1)",
+            "DELETE FROM governance_events WHERE at < now() - make_interval(secs => $1)",
+        ] {
+            sqlx::query(sql)
+                .bind(retention.as_secs_f64())
+                .execute(&mut *tx)
+                .await?;
+        }
+    }
+    tx.commit().await
+}
