@@ -24,8 +24,20 @@ use crate::handoff::{self, HandoffManager, HandoffWrite};
 use crate::queue::{Enqueued, NewTask, Queue};
 use crate::worker::{Handler, HandlerError, TaskContext};
 
+// The channel every replica's scheduler listens on for agent changes, spelled once.
+macro_rules! agents_channel {
+    () => {
+        "harness_agents"
+    };
+}
 /// The channel every replica's scheduler listens on for agent changes.
-pub const AGENTS_CHANNEL: &str = "harness_agents";
+pub const AGENTS_CHANNEL: &str = agents_channel!();
+/// `FROM a, <this>`: the change is announced in the statement that makes it.
+macro_rules! notify_agents {
+    () => {
+        concat!("(SELECT pg_notify('", agents_channel!(), "', '')) n")
+    };
+}
 /// The task kind of an agent run.
 pub const AGENT_KIND: &str = "agent";
 /// The task kind of an ad-hoc command run through the sandbox.
@@ -349,7 +361,8 @@ impl Agents {
         let row: Result<Row, sqlx::Error> = sqlx::query_as(&format!(
             "WITH a AS (INSERT INTO agents (name, runtime, code, command, config) \
              VALUES ($1, $2, $3, $4, $5) RETURNING {COLUMNS}) \
-             SELECT a.* FROM a, (SELECT pg_notify('harness_agents', '')) n"
+             SELECT a.* FROM a, {NOTIFY}",
+            NOTIFY = notify_agents!()
         ))
         .bind(&spec.name)
         .bind(runtime)
@@ -417,7 +430,8 @@ impl Agents {
         let row: Option<Row> = sqlx::query_as(&format!(
             "WITH a AS (UPDATE agents SET runtime = $2, code = $3, command = $4, config = $5, \
              updated_at = now() WHERE name = $1 RETURNING {COLUMNS}) \
-             SELECT a.* FROM a, (SELECT pg_notify('harness_agents', '')) n"
+             SELECT a.* FROM a, {NOTIFY}",
+            NOTIFY = notify_agents!()
         ))
         .bind(name)
         .bind(rt)
@@ -433,7 +447,8 @@ impl Agents {
     pub async fn set_active(&self, name: &str, active: bool) -> Result<Agent, Error> {
         let row: Option<Row> = sqlx::query_as(&format!(
             "WITH a AS (UPDATE agents SET active = $2, updated_at = now() WHERE name = $1 \
-             RETURNING {COLUMNS}) SELECT a.* FROM a, (SELECT pg_notify('harness_agents', '')) n"
+             RETURNING {COLUMNS}) SELECT a.* FROM a, {NOTIFY}",
+            NOTIFY = notify_agents!()
         ))
         .bind(name)
         .bind(active)
@@ -445,10 +460,11 @@ impl Agents {
 
     /// Removes an agent and its handoffs; its past tasks stay, detached.
     pub async fn remove(&self, name: &str) -> Result<(), Error> {
-        let n = sqlx::query(
+        let n = sqlx::query(concat!(
             "WITH a AS (DELETE FROM agents WHERE name = $1 RETURNING id) \
-             SELECT a.id FROM a, (SELECT pg_notify('harness_agents', '')) n",
-        )
+             SELECT a.id FROM a, ",
+            notify_agents!()
+        ))
         .bind(name)
         .fetch_optional(&self.pool)
         .await?;
@@ -518,31 +534,20 @@ impl Agents {
     }
 
     /// Whether another run of the agent must go first: for `skip`, a run claimed before this
-    /// one and still running; for `queue`, any earlier run that is running or due (FIFO,
-    /// whatever order the claims happened in; a retry waiting out its backoff does not block).
+    /// one and still running; for `queue`, any earlier run that is running or due.
     async fn must_wait(
         &self,
         agent_id: i64,
         id: i64,
         overlap: Overlap,
-    ) -> Result<bool, sqlx::Error> {
-        let sql = match overlap {
-            Overlap::Skip => {
-                "SELECT EXISTS (SELECT 1 FROM tasks o JOIN tasks me ON me.id = $2 \
-                 WHERE o.status = 'running' AND o.agent_id = $1 AND o.kind = 'agent' \
-                   AND o.id <> $2 AND (o.started_at, o.id) < (me.started_at, me.id))"
+    ) -> Result<bool, crate::queue::Error> {
+        let queue = Queue::new(self.pool.clone(), 0);
+        match overlap {
+            Overlap::Skip => queue.earlier_run_running(AGENT_KIND, agent_id, id).await,
+            Overlap::Queue | Overlap::Allow => {
+                queue.earlier_run_waiting(AGENT_KIND, agent_id, id).await
             }
-            _ => {
-                "SELECT EXISTS (SELECT 1 FROM tasks WHERE agent_id = $1 AND kind = 'agent' \
-                 AND id < $2 AND (status = 'running' \
-                   OR (status IN ('pending', 'retry_scheduled') AND scheduled_at <= now())))"
-            }
-        };
-        sqlx::query_scalar(sql)
-            .bind(agent_id)
-            .bind(id)
-            .fetch_one(&self.pool)
-            .await
+        }
     }
 
     /// One run of an agent, as the `agent` task kind.

@@ -383,10 +383,7 @@ pub async fn serve(
 
 async fn readyz(State(st): Shared) -> Response {
     let check = async {
-        sqlx::query("SELECT 1")
-            .execute(&st.pool)
-            .await
-            .map_err(|e| e.to_string())?;
+        crate::db::ping(&st.pool).await.map_err(|e| e.to_string())?;
         match crate::db::migrations_current(&st.pool).await {
             Ok(true) => Ok(()),
             Ok(false) => Err("migrations are not current; run harness migrate".to_string()),

@@ -257,11 +257,7 @@ async fn measure(cfg: &Config, args: &BenchArgs, url: &str) -> anyhow::Result<Me
     // The progress check must not load the system it measures: "anything not completed?"
     // is one probe of the partial tasks_status_idx, where counting completed rows would scan.
     loop {
-        let left: bool =
-            sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM tasks WHERE status <> 'completed')")
-                .fetch_one(&pool)
-                .await?;
-        if !left {
+        if !queue.any_unfinished().await? {
             break;
         }
         if Instant::now() > deadline {
@@ -269,11 +265,7 @@ async fn measure(cfg: &Config, args: &BenchArgs, url: &str) -> anyhow::Result<Me
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let window: f64 = sqlx::query_scalar(
-        "SELECT EXTRACT(EPOCH FROM max(completed_at) - min(started_at))::float8 FROM tasks",
-    )
-    .fetch_one(&pool)
-    .await?;
+    let window = queue.processing_window().await?;
     let process_per_s = args.tasks as f64 / window.max(1e-6);
 
     // 3. Pick-up latency on one idle replica.
@@ -283,15 +275,7 @@ async fn measure(cfg: &Config, args: &BenchArgs, url: &str) -> anyhow::Result<Me
         let id = queue.enqueue(NewTask::new("noop", json!({}))).await?.id;
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            let row: (Option<f64>,) = sqlx::query_as(
-                "SELECT EXTRACT(EPOCH FROM started_at - created_at)::float8 FROM tasks \
-                 WHERE id = $1 AND status = 'completed'",
-            )
-            .bind(id)
-            .fetch_optional(&pool)
-            .await?
-            .unwrap_or((None,));
-            if let Some(secs) = row.0 {
+            if let Some(secs) = queue.pickup_latency(id).await? {
                 latencies.push(secs * 1000.0);
                 break;
             }

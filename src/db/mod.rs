@@ -200,6 +200,12 @@ pub fn is_transient(e: &sqlx::Error) -> bool {
     }
 }
 
+/// One round trip to the database: what "reachable" means for readiness.
+pub async fn ping(pool: &PgPool) -> Result<(), Error> {
+    sqlx::query("SELECT 1").execute(pool).await?;
+    Ok(())
+}
+
 /// Applies every migration not applied yet.
 pub async fn migrate(pool: &PgPool) -> Result<(), Error> {
     MIGRATOR.run(pool).await?;

@@ -99,14 +99,16 @@ impl Queue {
     /// A new task with the same kind, payload, priority, retries, agent and timeout as a
     /// failed or timed-out one, claimable at once.
     pub async fn retry(&self, id: TaskId) -> Result<Task, Error> {
-        let new_id: Option<TaskId> = sqlx::query_scalar(
+        let new_id: Option<TaskId> = sqlx::query_scalar(concat!(
             "WITH n AS (
                 INSERT INTO tasks (kind, payload, priority, max_retries, agent_id, timeout_ms)
                 SELECT kind, payload, priority, max_retries, agent_id, timeout_ms FROM tasks
                 WHERE id = $1 AND status IN ('failed', 'timeout')
                 RETURNING id)
-             SELECT n.id FROM n, (SELECT pg_notify('harness_tasks', '')) w",
-        )
+             SELECT n.id FROM n, ",
+            notify_tasks!(),
+            " w"
+        ))
         .bind(id)
         .fetch_optional(&self.pool)
         .await?;
@@ -122,5 +124,83 @@ impl Queue {
                 })
             }
         }
+    }
+}
+
+impl Queue {
+    /// Whether a run of `agent_id` (tasks of `kind`) claimed before task `id` is still
+    /// running: what an agent's `overlap: skip` yields to. tasks_status_idx.
+    pub async fn earlier_run_running(
+        &self,
+        kind: &str,
+        agent_id: i64,
+        id: TaskId,
+    ) -> Result<bool, Error> {
+        Ok(sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM tasks o JOIN tasks me ON me.id = $2 \
+             WHERE o.status = 'running' AND o.agent_id = $1 AND o.kind = $3 \
+               AND o.id <> $2 AND (o.started_at, o.id) < (me.started_at, me.id))",
+        )
+        .bind(agent_id)
+        .bind(id)
+        .bind(kind)
+        .fetch_one(&self.pool)
+        .await?)
+    }
+
+    /// Whether an earlier run of `agent_id` (tasks of `kind`, enqueued before task `id`) is
+    /// running or due: what `overlap: queue` waits for, first in first out, whatever order
+    /// the claims happened in (a retry waiting out its backoff does not block).
+    /// tasks_agent_id_idx.
+    pub async fn earlier_run_waiting(
+        &self,
+        kind: &str,
+        agent_id: i64,
+        id: TaskId,
+    ) -> Result<bool, Error> {
+        Ok(sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM tasks WHERE agent_id = $1 AND kind = $3 \
+             AND id < $2 AND (status = 'running' \
+               OR (status IN ('pending', 'retry_scheduled') AND scheduled_at <= now())))",
+        )
+        .bind(agent_id)
+        .bind(id)
+        .bind(kind)
+        .fetch_one(&self.pool)
+        .await?)
+    }
+
+    /// Whether any task has not completed. One probe of the partial tasks_status_idx (and
+    /// tasks_claim_idx), where counting completed rows would scan: cheap enough to poll while
+    /// measuring the system it would otherwise load.
+    pub async fn any_unfinished(&self) -> Result<bool, Error> {
+        Ok(
+            sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM tasks WHERE status <> 'completed')")
+                .fetch_one(&self.pool)
+                .await?,
+        )
+    }
+
+    /// Seconds from the first start to the last completion, over every task (`harness
+    /// bench`), as the database clock saw them.
+    pub async fn processing_window(&self) -> Result<f64, Error> {
+        Ok(sqlx::query_scalar(
+            "SELECT EXTRACT(EPOCH FROM max(completed_at) - min(started_at))::float8 FROM tasks",
+        )
+        .fetch_one(&self.pool)
+        .await?)
+    }
+
+    /// Seconds from a completed task's creation to its start (its pick-up latency); `None`
+    /// while it has not completed.
+    pub async fn pickup_latency(&self, id: TaskId) -> Result<Option<f64>, Error> {
+        let row: Option<(Option<f64>,)> = sqlx::query_as(
+            "SELECT EXTRACT(EPOCH FROM started_at - created_at)::float8 FROM tasks \
+             WHERE id = $1 AND status = 'completed'",
+        )
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.and_then(|r| r.0))
     }
 }

@@ -8,7 +8,8 @@ use std::collections::HashMap;
 
 use super::{Enqueued, Error, NewTask, Queue, Status, TaskId};
 
-pub(super) const INSERT_ONE: &str = "
+pub(super) const INSERT_ONE: &str = concat!(
+    "
 WITH ins AS (
     INSERT INTO tasks (kind, payload, priority, scheduled_at, max_retries, idempotency_key,
                        agent_id, timeout_ms, fire_at, traceparent)
@@ -17,11 +18,15 @@ WITH ins AS (
     ON CONFLICT DO NOTHING
     RETURNING id, status
 )
-SELECT ins.id, ins.status FROM ins, (SELECT pg_notify('harness_tasks', '')) AS n";
+SELECT ins.id, ins.status FROM ins, ",
+    notify_tasks!(),
+    " AS n"
+);
 
 // One statement for the whole batch; rows come back in input order because `nextval` is
 // drawn as the ordered SELECT produces them.
-pub(super) const INSERT_MANY: &str = "
+pub(super) const INSERT_MANY: &str = concat!(
+    "
 WITH input AS (
     SELECT * FROM unnest($1::text[], $2::jsonb[], $3::int[], $4::timestamptz[],
                          $5::double precision[], $6::int[], $7::text[], $8::bigint[],
@@ -39,7 +44,10 @@ WITH input AS (
     RETURNING id, status, idempotency_key, agent_id, fire_at
 )
 SELECT ins.id, ins.status, ins.idempotency_key, ins.agent_id, ins.fire_at
-FROM ins, (SELECT pg_notify('harness_tasks', '')) AS n";
+FROM ins, ",
+    notify_tasks!(),
+    " AS n"
+);
 
 impl Queue {
     /// Enqueues one task; with an idempotency key that exists, returns that task instead.
@@ -98,15 +106,11 @@ impl Queue {
                 });
             }
             // The key or the agent's cron tick (either may have conflicted) names a task.
-            let existing: Option<(TaskId, Status)> = sqlx::query_as(
-                "SELECT id, status FROM tasks \
-                 WHERE idempotency_key = $1 OR (agent_id = $2 AND fire_at = $3) LIMIT 1",
-            )
-            .bind(&task.idempotency_key)
-            .bind(task.agent_id)
-            .bind(task.fire_at)
-            .fetch_optional(&mut *conn)
-            .await?;
+            let keys: Vec<&str> = task.idempotency_key.as_deref().into_iter().collect();
+            let existing = match by_keys(conn, &keys).await?.into_values().next() {
+                Some(x) => Some(x),
+                None => by_fire_key(conn, task.agent_id, task.fire_at).await?,
+            };
             if let Some((id, status)) = existing {
                 return Ok(Enqueued {
                     id,
@@ -182,56 +186,24 @@ impl Queue {
         for t in &tasks {
             t.validate()?;
         }
-        let n = tasks.len();
-        let mut kind = Vec::with_capacity(n);
-        let mut payload = Vec::with_capacity(n);
-        let mut priority = Vec::with_capacity(n);
-        let mut run_at = Vec::with_capacity(n);
-        let mut delay_s = Vec::with_capacity(n);
-        let mut max_retries = Vec::with_capacity(n);
-        let mut key = Vec::with_capacity(n);
-        let mut agent = Vec::with_capacity(n);
-        let mut timeout = Vec::with_capacity(n);
-        let mut fire = Vec::with_capacity(n);
-        let mut trace = Vec::with_capacity(n);
-        for t in &tasks {
-            kind.push(t.kind.as_str());
-            payload.push(&t.payload);
-            priority.push(t.priority);
-            run_at.push(t.run_at);
-            delay_s.push(t.delay.unwrap_or_default().as_secs_f64());
-            max_retries.push(t.max_retries.unwrap_or(self.default_max_retries) as i32);
-            key.push(t.idempotency_key.as_deref());
-            agent.push(t.agent_id);
-            timeout.push(t.timeout.map(|d| d.as_millis() as i64));
-            fire.push(t.fire_at);
-            trace.push(t.traceparent.as_deref());
-        }
-        type Row = (
-            TaskId,
-            Status,
-            Option<String>,
-            Option<i64>,
-            Option<DateTime<Utc>>,
-        );
-        let mut inserted: Vec<Row> = sqlx::query_as(INSERT_MANY)
-            .bind(&kind)
-            .bind(&payload)
-            .bind(&priority)
-            .bind(&run_at)
-            .bind(&delay_s)
-            .bind(&max_retries)
-            .bind(&key)
-            .bind(&agent)
-            .bind(&timeout)
-            .bind(&fire)
-            .bind(&trace)
+        let c = Columns::of(&tasks, self.default_max_retries);
+        let mut inserted: Vec<Inserted> = sqlx::query_as(INSERT_MANY)
+            .bind(&c.kind)
+            .bind(&c.payload)
+            .bind(&c.priority)
+            .bind(&c.run_at)
+            .bind(&c.delay_s)
+            .bind(&c.max_retries)
+            .bind(&c.key)
+            .bind(&c.agent)
+            .bind(&c.timeout)
+            .bind(&c.fire)
+            .bind(&c.trace)
             .fetch_all(&mut *conn)
             .await?;
         // Ids were drawn in input order; RETURNING itself promises no order.
         inserted.sort_unstable_by_key(|r| r.0);
-
-        if inserted.len() == n {
+        if inserted.len() == tasks.len() {
             return Ok(inserted
                 .into_iter()
                 .map(|(id, status, ..)| Enqueued {
@@ -241,91 +213,168 @@ impl Queue {
                 })
                 .collect());
         }
+        match_duplicates(conn, &tasks, inserted).await
+    }
+}
 
-        // Some entries hit an existing key or cron tick. Inserted rows are in input order,
-        // so walk the input: the first entry of each key that was inserted takes its row.
-        let mut by_key: HashMap<String, (TaskId, Status)> = HashMap::new();
-        let mut by_fire: HashMap<(i64, DateTime<Utc>), (TaskId, Status)> = HashMap::new();
-        let mut plain = Vec::new();
-        for (id, status, k, a, f) in &inserted {
-            match (k, a, f) {
-                (Some(k), _, _) => {
-                    by_key.insert(k.clone(), (*id, *status));
-                }
-                (None, Some(a), Some(f)) => {
-                    by_fire.insert((*a, *f), (*id, *status));
-                }
-                _ => plain.push((*id, *status)),
+/// A row INSERT_MANY returns: id, status, and the keys it may have conflicted on.
+type Inserted = (
+    TaskId,
+    Status,
+    Option<String>,
+    Option<i64>,
+    Option<DateTime<Utc>>,
+);
+
+/// The batch as INSERT_MANY's arrays.
+struct Columns<'a> {
+    kind: Vec<&'a str>,
+    payload: Vec<&'a serde_json::Value>,
+    priority: Vec<i32>,
+    run_at: Vec<Option<DateTime<Utc>>>,
+    delay_s: Vec<f64>,
+    max_retries: Vec<i32>,
+    key: Vec<Option<&'a str>>,
+    agent: Vec<Option<i64>>,
+    timeout: Vec<Option<i64>>,
+    fire: Vec<Option<DateTime<Utc>>>,
+    trace: Vec<Option<&'a str>>,
+}
+
+impl<'a> Columns<'a> {
+    fn of(tasks: &'a [NewTask], default_max_retries: u32) -> Columns<'a> {
+        Columns {
+            kind: tasks.iter().map(|t| t.kind.as_str()).collect(),
+            payload: tasks.iter().map(|t| &t.payload).collect(),
+            priority: tasks.iter().map(|t| t.priority).collect(),
+            run_at: tasks.iter().map(|t| t.run_at).collect(),
+            delay_s: tasks
+                .iter()
+                .map(|t| t.delay.unwrap_or_default().as_secs_f64())
+                .collect(),
+            max_retries: tasks
+                .iter()
+                .map(|t| t.max_retries.unwrap_or(default_max_retries) as i32)
+                .collect(),
+            key: tasks.iter().map(|t| t.idempotency_key.as_deref()).collect(),
+            agent: tasks.iter().map(|t| t.agent_id).collect(),
+            timeout: tasks
+                .iter()
+                .map(|t| t.timeout.map(|d| d.as_millis() as i64))
+                .collect(),
+            fire: tasks.iter().map(|t| t.fire_at).collect(),
+            trace: tasks.iter().map(|t| t.traceparent.as_deref()).collect(),
+        }
+    }
+}
+
+/// The task an agent's cron tick names (the unique `(agent_id, fire_at)`), if any.
+async fn by_fire_key(
+    conn: &mut PgConnection,
+    agent: Option<i64>,
+    fire: Option<DateTime<Utc>>,
+) -> Result<Option<(TaskId, Status)>, Error> {
+    // tasks_fire_key_idx.
+    Ok(
+        sqlx::query_as("SELECT id, status FROM tasks WHERE agent_id = $1 AND fire_at = $2")
+            .bind(agent)
+            .bind(fire)
+            .fetch_optional(&mut *conn)
+            .await?,
+    )
+}
+
+/// The tasks idempotency `keys` name.
+async fn by_keys(
+    conn: &mut PgConnection,
+    keys: &[&str],
+) -> Result<HashMap<String, (TaskId, Status)>, Error> {
+    if keys.is_empty() {
+        return Ok(HashMap::new());
+    }
+    // tasks_idempotency_key_idx.
+    let rows: Vec<(TaskId, Status, String)> = sqlx::query_as(
+        "SELECT id, status, idempotency_key FROM tasks WHERE idempotency_key = ANY($1)",
+    )
+    .bind(keys)
+    .fetch_all(&mut *conn)
+    .await?;
+    Ok(rows.into_iter().map(|(i, s, k)| (k, (i, s))).collect())
+}
+
+/// Answers every entry of a batch where some hit an existing key or cron tick. Inserted rows
+/// are in input order, so the first entry of each key that was inserted takes its row; later
+/// entries with that key, and entries whose key or tick was taken before, report the existing
+/// task as `deduplicated`.
+async fn match_duplicates(
+    conn: &mut PgConnection,
+    tasks: &[NewTask],
+    inserted: Vec<Inserted>,
+) -> Result<Vec<Enqueued>, Error> {
+    let mut by_key: HashMap<String, (TaskId, Status)> = HashMap::new();
+    let mut by_fire: HashMap<(i64, DateTime<Utc>), (TaskId, Status)> = HashMap::new();
+    let mut plain = Vec::new();
+    for (id, status, k, a, f) in &inserted {
+        match (k, a, f) {
+            (Some(k), _, _) => {
+                by_key.insert(k.clone(), (*id, *status));
             }
+            (None, Some(a), Some(f)) => {
+                by_fire.insert((*a, *f), (*id, *status));
+            }
+            _ => plain.push((*id, *status)),
         }
-        let missing_keys: Vec<&str> = tasks
-            .iter()
-            .filter_map(|t| t.idempotency_key.as_deref())
-            .filter(|k| !by_key.contains_key(*k))
-            .collect();
-        let mut existing_key: HashMap<String, (TaskId, Status)> = HashMap::new();
-        if !missing_keys.is_empty() {
-            let rows: Vec<(TaskId, Status, String)> = sqlx::query_as(
-                "SELECT id, status, idempotency_key FROM tasks WHERE idempotency_key = ANY($1)",
-            )
-            .bind(&missing_keys)
-            .fetch_all(&mut *conn)
-            .await?;
-            existing_key = rows.into_iter().map(|(i, s, k)| (k, (i, s))).collect();
-        }
-        let mut plain = plain.into_iter();
-        let mut seen_key: std::collections::HashSet<&str> = Default::default();
-        let mut seen_fire: std::collections::HashSet<(i64, DateTime<Utc>)> = Default::default();
-        let mut out = Vec::with_capacity(n);
-        for t in &tasks {
-            let entry = if let Some(k) = t.idempotency_key.as_deref() {
-                match by_key.get(k) {
-                    Some(&(id, status)) if seen_key.insert(k) => (id, status, false),
-                    Some(&(id, status)) => (id, status, true),
-                    None => match existing_key.get(k) {
-                        Some(&(id, status)) => (id, status, true),
-                        // The conflict was on the agent's cron tick, not on the key.
-                        None => {
-                            let (id, status): (TaskId, Status) = sqlx::query_as(
-                                "SELECT id, status FROM tasks WHERE agent_id = $1 AND fire_at = $2",
-                            )
-                            .bind(t.agent_id)
-                            .bind(t.fire_at)
-                            .fetch_optional(&mut *conn)
+    }
+    let missing: Vec<&str> = tasks
+        .iter()
+        .filter_map(|t| t.idempotency_key.as_deref())
+        .filter(|k| !by_key.contains_key(*k))
+        .collect();
+    let existing_key = by_keys(conn, &missing).await?;
+    let mut plain = plain.into_iter();
+    let mut seen_key: std::collections::HashSet<&str> = Default::default();
+    let mut seen_fire: std::collections::HashSet<(i64, DateTime<Utc>)> = Default::default();
+    let mut out = Vec::with_capacity(tasks.len());
+    for t in tasks {
+        let (id, status, deduplicated) = if let Some(k) = t.idempotency_key.as_deref() {
+            match by_key.get(k).copied() {
+                Some((id, status)) => (id, status, !seen_key.insert(k)),
+                None => {
+                    // Taken before this batch, by the key or (the conflict was there) the tick.
+                    let found = match existing_key.get(k).copied() {
+                        Some(x) => Some(x),
+                        None => by_fire_key(conn, t.agent_id, t.fire_at).await?,
+                    };
+                    let (id, status) = found.ok_or_else(|| Error::Invalid {
+                        field: "idempotency_key",
+                        reason: format!("{k:?} conflicted but its task vanished; retry"),
+                    })?;
+                    (id, status, true)
+                }
+            }
+        } else if let (Some(a), Some(f)) = (t.agent_id, t.fire_at) {
+            match by_fire.get(&(a, f)).copied() {
+                Some((id, status)) => (id, status, !seen_fire.insert((a, f))),
+                None => {
+                    let (id, status) =
+                        by_fire_key(conn, t.agent_id, t.fire_at)
                             .await?
                             .ok_or_else(|| Error::Invalid {
-                                field: "idempotency_key",
-                                reason: format!("{k:?} conflicted but its task vanished; retry"),
+                                field: "fire_at",
+                                reason: "conflicted but its task vanished; retry".into(),
                             })?;
-                            (id, status, true)
-                        }
-                    },
+                    (id, status, true)
                 }
-            } else if let (Some(a), Some(f)) = (t.agent_id, t.fire_at) {
-                match by_fire.get(&(a, f)) {
-                    Some(&(id, status)) if seen_fire.insert((a, f)) => (id, status, false),
-                    Some(&(id, status)) => (id, status, true),
-                    None => {
-                        let (id, status): (TaskId, Status) = sqlx::query_as(
-                            "SELECT id, status FROM tasks WHERE agent_id = $1 AND fire_at = $2",
-                        )
-                        .bind(a)
-                        .bind(f)
-                        .fetch_one(&mut *conn)
-                        .await?;
-                        (id, status, true)
-                    }
-                }
-            } else {
-                let (id, status) = plain.next().expect("every plain entry was inserted");
-                (id, status, false)
-            };
-            out.push(Enqueued {
-                id: entry.0,
-                status: entry.1,
-                deduplicated: entry.2,
-            });
-        }
-        Ok(out)
+            }
+        } else {
+            let (id, status) = plain.next().expect("every plain entry was inserted");
+            (id, status, false)
+        };
+        out.push(Enqueued {
+            id,
+            status,
+            deduplicated,
+        });
     }
+    Ok(out)
 }

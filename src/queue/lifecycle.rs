@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use super::{Error, Queue, Status, TaskId};
+use super::{Error, NOTIFY_TASKS, Queue, Status, TaskId};
 
 // Tasks of replicas whose heartbeat is too old go back (the lost attempt counts as a retry).
 // Matches tasks_status_idx (status = 'running').
@@ -40,24 +40,19 @@ impl Queue {
     /// (task, attempt) and fenced like a completion: a task rescued meanwhile is not touched.
     pub async fn release(&self, replica: &str, attempts: &[(TaskId, i32)]) -> Result<u64, Error> {
         let (ids, nums): (Vec<TaskId>, Vec<i32>) = attempts.iter().copied().unzip();
-        let done = sqlx::query(
-            "UPDATE tasks t SET \
-                 status = CASE WHEN t.cancel_requested THEN 'cancelled' ELSE 'pending' END, \
-                 completed_at = CASE WHEN t.cancel_requested THEN now() END, \
-                 cancel_requested = false, locked_by = NULL, attempt = t.attempt - 1, \
-                 started_at = NULL \
-             FROM unnest($1::bigint[], $2::int[]) AS u(id, attempt) \
-             WHERE t.id = u.id AND t.attempt = u.attempt AND t.locked_by = $3",
-        )
+        let done = sqlx::query(concat!(
+            "UPDATE tasks t SET ",
+            back_to_queue!(),
+            " FROM unnest($1::bigint[], $2::int[]) AS u(id, attempt)
+              WHERE t.id = u.id AND t.attempt = u.attempt AND t.locked_by = $3"
+        ))
         .bind(&ids)
         .bind(&nums)
         .bind(replica)
         .execute(&self.pool)
         .await?;
         if done.rows_affected() > 0 {
-            sqlx::query("SELECT pg_notify('harness_tasks', '')")
-                .execute(&self.pool)
-                .await?;
+            sqlx::query(NOTIFY_TASKS).execute(&self.pool).await?;
         }
         Ok(done.rows_affected())
     }
@@ -71,14 +66,12 @@ impl Queue {
         attempt: i32,
         delay: Duration,
     ) -> Result<u64, Error> {
-        Ok(sqlx::query(
-            "UPDATE tasks SET \
-                 status = CASE WHEN cancel_requested THEN 'cancelled' ELSE 'pending' END, \
-                 completed_at = CASE WHEN cancel_requested THEN now() END, \
-                 cancel_requested = false, locked_by = NULL, attempt = attempt - 1, \
-                 started_at = NULL, scheduled_at = now() + make_interval(secs => $4) \
-             WHERE id = $1 AND attempt = $2 AND locked_by = $3",
-        )
+        Ok(sqlx::query(concat!(
+            "UPDATE tasks t SET ",
+            back_to_queue!(),
+            ", scheduled_at = now() + make_interval(secs => $4)
+              WHERE t.id = $1 AND t.attempt = $2 AND t.locked_by = $3"
+        ))
         .bind(id)
         .bind(attempt)
         .bind(replica)
@@ -96,9 +89,7 @@ impl Queue {
             .fetch_all(&self.pool)
             .await?;
         if !ids.is_empty() {
-            sqlx::query("SELECT pg_notify('harness_tasks', '')")
-                .execute(&self.pool)
-                .await?;
+            sqlx::query(NOTIFY_TASKS).execute(&self.pool).await?;
         }
         Ok(ids)
     }
@@ -106,7 +97,7 @@ impl Queue {
     /// Cancels a task: a pending or scheduled one at once; a running one is flagged and its
     /// owner told to abort it. Returns the status after the call.
     pub async fn cancel(&self, id: TaskId) -> Result<Status, Error> {
-        let row: Option<(Status,)> = sqlx::query_as(
+        let row: Option<(Status,)> = sqlx::query_as(concat!(
             "WITH c AS (
                 UPDATE tasks SET
                     status = CASE WHEN status = 'running' THEN status ELSE 'cancelled' END,
@@ -116,8 +107,10 @@ impl Queue {
                 WHERE id = $1 AND status IN ('pending', 'retry_scheduled', 'running')
                 RETURNING status
              )
-             SELECT c.status FROM c, (SELECT pg_notify('harness_cancel', $1::text)) n",
-        )
+             SELECT c.status FROM c, (SELECT pg_notify('",
+            cancel_channel!(),
+            "', $1::text)) n"
+        ))
         .bind(id)
         .fetch_optional(&self.pool)
         .await?;

@@ -26,6 +26,34 @@
 
 use serde::{Deserialize, Serialize};
 
+// The channel names, spelled once: the constants and the SQL below are built from them.
+macro_rules! tasks_channel {
+    () => {
+        "harness_tasks"
+    };
+}
+macro_rules! cancel_channel {
+    () => {
+        "harness_cancel"
+    };
+}
+/// A subquery that wakes idle replicas: one NOTIFY per statement, however many rows changed.
+macro_rules! notify_tasks {
+    () => {
+        concat!("(SELECT pg_notify('", tasks_channel!(), "', ''))")
+    };
+}
+/// A task's return to `pending` without counting its attempt (or to `cancelled` when a cancel
+/// was asked meanwhile): the SET list shared by release and defer, for `UPDATE tasks t`.
+macro_rules! back_to_queue {
+    () => {
+        "status = CASE WHEN t.cancel_requested THEN 'cancelled' ELSE 'pending' END,
+         completed_at = CASE WHEN t.cancel_requested THEN now() END,
+         cancel_requested = false, locked_by = NULL, attempt = t.attempt - 1,
+         started_at = NULL"
+    };
+}
+
 mod admin;
 mod attempt;
 pub mod backoff;
@@ -43,10 +71,12 @@ pub use task::{Claimed, Enqueued, NewTask, Stats, Task, TaskFilter};
 use sqlx::PgPool;
 
 /// The channel replicas `LISTEN` on for new work.
-pub const TASKS_CHANNEL: &str = "harness_tasks";
+pub const TASKS_CHANNEL: &str = tasks_channel!();
 
 /// The channel that tells a task's owner to abort it.
-pub const CANCEL_CHANNEL: &str = "harness_cancel";
+pub const CANCEL_CHANNEL: &str = cancel_channel!();
+/// A statement that wakes idle replicas.
+const NOTIFY_TASKS: &str = concat!("SELECT ", notify_tasks!());
 
 pub type TaskId = i64;
 
