@@ -63,6 +63,21 @@ pub struct WorkerOptions {
     pub claim_max_age: Duration,
 }
 
+impl WorkerOptions {
+    pub fn from_config(cfg: &crate::Config, replica: &str) -> WorkerOptions {
+        WorkerOptions {
+            replica: replica.to_string(),
+            max_concurrent: cfg.bulk.max_concurrent as usize,
+            retry_base: Duration::from_secs(cfg.bulk.retry_delay_seconds),
+            default_timeout: Duration::from_secs(cfg.executor.default_timeout_s),
+            poll_interval: Duration::from_millis(cfg.bulk.poll_interval_ms),
+            shutdown_grace: Duration::from_secs(cfg.bulk.shutdown_grace_s),
+            // Half of rescue_after: by then another replica may have rescued the rows.
+            claim_max_age: Duration::from_secs(cfg.persistence.rescue_after_s) / 2,
+        }
+    }
+}
+
 /// What the runner, claimer and shutdown share.
 struct Shared {
     queue: Queue,
