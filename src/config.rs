@@ -583,47 +583,14 @@ impl Config {
 
     /// Range checks that types alone cannot express. Returns `(key, what is allowed)`.
     fn validate(&self) -> Result<(), (String, String)> {
-        fn range<T: PartialOrd + fmt::Display + Copy>(
-            key: &str,
-            v: T,
-            lo: T,
-            hi: T,
-        ) -> Result<(), (String, String)> {
-            if v < lo || v > hi {
-                Err((
+        for (key, v, lo, hi) in self.ranges() {
+            if !(lo..=hi).contains(&v) {
+                return Err((
                     key.to_string(),
                     format!("{v} is out of range; allowed {lo} to {hi}"),
-                ))
-            } else {
-                Ok(())
+                ));
             }
         }
-        range(
-            "database.max_connections",
-            self.database.max_connections,
-            1,
-            1000,
-        )?;
-        range("bulk.max_concurrent", self.bulk.max_concurrent, 1, 10_000)?;
-        range("bulk.retry_attempts", self.bulk.retry_attempts, 0, 100)?;
-        range(
-            "bulk.poll_interval_ms",
-            self.bulk.poll_interval_ms,
-            10,
-            60_000,
-        )?;
-        range(
-            "bulk.shutdown_grace_s",
-            self.bulk.shutdown_grace_s,
-            0,
-            86_400,
-        )?;
-        range(
-            "persistence.rescue_after_s",
-            self.persistence.rescue_after_s,
-            3,
-            86_400,
-        )?;
         if self.persistence.rescue_after_s < 3 * self.telemetry.sample_interval_s {
             return Err((
                 "persistence.rescue_after_s".into(),
@@ -634,190 +601,235 @@ impl Config {
                 ),
             ));
         }
-        range(
-            "bulk.retry_delay_seconds",
-            self.bulk.retry_delay_seconds,
-            0,
-            86_400,
-        )?;
-        range(
-            "governance.cpu_high_pct",
-            self.governance.cpu_high_pct,
-            1.0,
-            100.0,
-        )?;
-        range(
-            "governance.mem_high_pct",
-            self.governance.mem_high_pct,
-            1.0,
-            100.0,
-        )?;
-        range("governance.window_s", self.governance.window_s, 1, 86_400)?;
-        let burst = &self.governance.pause_after_error_burst;
-        range(
-            "governance.pause_after_error_burst.threshold",
-            burst.threshold,
-            1,
-            1_000_000,
-        )?;
-        range(
-            "governance.pause_after_error_burst.duration_s",
-            burst.duration_s,
-            1,
-            86_400,
-        )?;
-        range(
-            "governance.human_review_after_pause_bursts",
-            self.governance.human_review_after_pause_bursts,
-            1,
-            1000,
-        )?;
-        range(
-            "telemetry.sample_interval_s",
-            self.telemetry.sample_interval_s,
-            1,
-            3600,
-        )?;
-        range(
-            "telemetry.log_interval_s",
-            self.telemetry.log_interval_s,
-            1,
-            86_400,
-        )?;
-        range(
-            "persistence.gc_completed_after_days",
-            self.persistence.gc_completed_after_days,
-            1,
-            36_500,
-        )?;
-        range(
-            "executor.default_timeout_s",
-            self.executor.default_timeout_s,
-            1,
-            86_400,
-        )?;
-        range(
-            "executor.max_memory_mb",
-            self.executor.max_memory_mb,
-            16,
-            65_536,
-        )?;
-        range(
-            "executor.max_cpu_percent",
-            self.executor.max_cpu_percent,
-            1,
-            100,
-        )?;
-        range(
-            "scheduler.elect_interval_s",
-            self.scheduler.elect_interval_s,
-            1,
-            3600,
-        )?;
-        range(
-            "scheduler.misfire_grace_s",
-            self.scheduler.misfire_grace_s,
-            0,
-            86_400,
-        )?;
-        range(
-            "scheduler.idle_session_timeout_s",
-            self.scheduler.idle_session_timeout_s,
-            3,
-            3600,
-        )?;
-        range(
-            "scheduler.reconcile_interval_s",
-            self.scheduler.reconcile_interval_s,
-            1,
-            3600,
-        )?;
-        if self.scheduler.namespace.is_empty() {
-            return Err(("scheduler.namespace".into(), "must not be empty".into()));
-        }
-        range("executor.kill_grace_s", self.executor.kill_grace_s, 0, 600)?;
-        range(
-            "executor.output_limit_kb",
-            self.executor.output_limit_kb,
-            1,
-            1_048_576,
-        )?;
-        range(
-            "executor.max_processes",
-            self.executor.max_processes,
-            1,
-            100_000,
-        )?;
-        range(
-            "executor.max_file_mb",
-            self.executor.max_file_mb,
-            1,
-            1_048_576,
-        )?;
-        if self.executor.run_as.trim().is_empty() {
-            return Err(("executor.run_as".into(), "must name a user account".into()));
-        }
-        range(
-            "telemetry.retention_days",
-            self.telemetry.retention_days,
-            1,
-            3650,
-        )?;
-        range("api.max_body_kb", self.api.max_body_kb, 1, 1_048_576)?;
-        range("api.request_timeout_s", self.api.request_timeout_s, 1, 3600)?;
-        range(
-            "api.max_concurrent_requests",
-            self.api.max_concurrent_requests,
-            1,
-            100_000,
-        )?;
-        range(
-            "api.max_connections",
-            self.api.max_connections,
-            16,
-            1_000_000,
-        )?;
-        range("api.header_timeout_s", self.api.header_timeout_s, 1, 3600)?;
-        range("api.body_timeout_s", self.api.body_timeout_s, 1, 3600)?;
-        if self.executor.python.trim().is_empty() {
-            return Err((
-                "executor.python".into(),
-                "must name a Python interpreter".into(),
-            ));
-        }
-        if let Some(url) = &self.database.url {
-            let ok = url::Url::parse(url.expose())
-                .map(|u| matches!(u.scheme(), "postgres" | "postgresql"))
-                .unwrap_or(false);
-            if !ok {
-                return Err((
-                    "database.url".into(),
-                    "must be a URL of the form postgres://user:password@host:port/database".into(),
-                ));
+        for (key, value, what) in [
+            (
+                "scheduler.namespace",
+                &self.scheduler.namespace,
+                "must not be empty",
+            ),
+            (
+                "executor.run_as",
+                &self.executor.run_as,
+                "must name a user account",
+            ),
+            (
+                "executor.python",
+                &self.executor.python,
+                "must name a Python interpreter",
+            ),
+        ] {
+            if value.trim().is_empty() {
+                return Err((key.into(), what.into()));
             }
         }
-        if let Some(url) = &self.escalation.smtp_url {
-            let ok = url::Url::parse(url.expose())
-                .map(|u| matches!(u.scheme(), "smtp" | "smtps"))
-                .unwrap_or(false);
-            if !ok {
-                return Err((
-                    "escalation.smtp_url".into(),
-                    "must be an smtps:// or smtp:// URL, e.g. smtps://user:pass@mail:465 or \
-                     smtp://user:pass@mail:587?tls=required"
-                        .into(),
-                ));
-            }
-        }
-        if let Some(url) = &self.escalation.webhook_url {
-            let ok = url::Url::parse(url.expose())
-                .map(|u| matches!(u.scheme(), "http" | "https"))
-                .unwrap_or(false);
-            if !ok {
-                return Err((
-                    "escalation.webhook_url".into(),
-                    "must be an http:// or https:// URL".into(),
-                ));
+        self.validate_secrets()
+    }
+
+    /// Every numeric setting with its allowed range (checked in this order; integers are exact
+    /// as `f64` at these sizes). A table, so it stays whole however long `rustfmt` makes it.
+    fn ranges(&self) -> [(&'static str, f64, f64, f64); 34] {
+        use crate::bounds;
+        let (b, g, t, p, e, sc, a) = (
+            &self.bulk,
+            &self.governance,
+            &self.telemetry,
+            &self.persistence,
+            &self.executor,
+            &self.scheduler,
+            &self.api,
+        );
+        let f = |v: u64| v as f64;
+        [
+            (
+                "database.max_connections",
+                f(self.database.max_connections.into()),
+                1.0,
+                1000.0,
+            ),
+            (
+                "bulk.max_concurrent",
+                f(b.max_concurrent.into()),
+                1.0,
+                10_000.0,
+            ),
+            (
+                "bulk.retry_attempts",
+                f(b.retry_attempts.into()),
+                0.0,
+                f(bounds::MAX_RETRIES.into()),
+            ),
+            (
+                "bulk.poll_interval_ms",
+                f(b.poll_interval_ms),
+                10.0,
+                60_000.0,
+            ),
+            (
+                "bulk.shutdown_grace_s",
+                f(b.shutdown_grace_s),
+                0.0,
+                86_400.0,
+            ),
+            (
+                "persistence.rescue_after_s",
+                f(p.rescue_after_s),
+                3.0,
+                86_400.0,
+            ),
+            (
+                "bulk.retry_delay_seconds",
+                f(b.retry_delay_seconds),
+                0.0,
+                86_400.0,
+            ),
+            ("governance.cpu_high_pct", g.cpu_high_pct, 1.0, 100.0),
+            ("governance.mem_high_pct", g.mem_high_pct, 1.0, 100.0),
+            ("governance.window_s", f(g.window_s), 1.0, 86_400.0),
+            (
+                "governance.pause_after_error_burst.threshold",
+                f(g.pause_after_error_burst.threshold.into()),
+                1.0,
+                1_000_000.0,
+            ),
+            (
+                "governance.pause_after_error_burst.duration_s",
+                f(g.pause_after_error_burst.duration_s),
+                1.0,
+                86_400.0,
+            ),
+            (
+                "governance.human_review_after_pause_bursts",
+                f(g.human_review_after_pause_bursts.into()),
+                1.0,
+                1000.0,
+            ),
+            (
+                "telemetry.sample_interval_s",
+                f(t.sample_interval_s),
+                1.0,
+                3600.0,
+            ),
+            (
+                "telemetry.log_interval_s",
+                f(t.log_interval_s),
+                1.0,
+                86_400.0,
+            ),
+            (
+                "persistence.gc_completed_after_days",
+                f(p.gc_completed_after_days.into()),
+                1.0,
+                36_500.0,
+            ),
+            (
+                "executor.default_timeout_s",
+                f(e.default_timeout_s),
+                f(bounds::TIMEOUT_S.0),
+                f(bounds::TIMEOUT_S.1),
+            ),
+            (
+                "executor.max_memory_mb",
+                f(e.max_memory_mb),
+                f(bounds::MEMORY_MB.0),
+                f(bounds::MEMORY_MB.1),
+            ),
+            (
+                "executor.max_cpu_percent",
+                f(e.max_cpu_percent.into()),
+                f(bounds::CPU_PERCENT.0.into()),
+                f(bounds::CPU_PERCENT.1.into()),
+            ),
+            (
+                "scheduler.elect_interval_s",
+                f(sc.elect_interval_s),
+                1.0,
+                3600.0,
+            ),
+            (
+                "scheduler.misfire_grace_s",
+                f(sc.misfire_grace_s),
+                0.0,
+                86_400.0,
+            ),
+            (
+                "scheduler.idle_session_timeout_s",
+                f(sc.idle_session_timeout_s),
+                3.0,
+                3600.0,
+            ),
+            (
+                "scheduler.reconcile_interval_s",
+                f(sc.reconcile_interval_s),
+                1.0,
+                3600.0,
+            ),
+            ("executor.kill_grace_s", f(e.kill_grace_s), 0.0, 600.0),
+            (
+                "executor.output_limit_kb",
+                f(e.output_limit_kb),
+                1.0,
+                1_048_576.0,
+            ),
+            ("executor.max_processes", f(e.max_processes), 1.0, 100_000.0),
+            ("executor.max_file_mb", f(e.max_file_mb), 1.0, 1_048_576.0),
+            (
+                "telemetry.retention_days",
+                f(t.retention_days.into()),
+                1.0,
+                3650.0,
+            ),
+            ("api.max_body_kb", f(a.max_body_kb), 1.0, 1_048_576.0),
+            ("api.request_timeout_s", f(a.request_timeout_s), 1.0, 3600.0),
+            (
+                "api.max_concurrent_requests",
+                a.max_concurrent_requests as f64,
+                1.0,
+                100_000.0,
+            ),
+            (
+                "api.max_connections",
+                a.max_connections as f64,
+                16.0,
+                1_000_000.0,
+            ),
+            ("api.header_timeout_s", f(a.header_timeout_s), 1.0, 3600.0),
+            ("api.body_timeout_s", f(a.body_timeout_s), 1.0, 3600.0),
+        ]
+    }
+
+    /// The URLs have the schemes their clients speak; tokens are long enough.
+    fn validate_secrets(&self) -> Result<(), (String, String)> {
+        let scheme_of = |url: &Secret| {
+            url::Url::parse(url.expose())
+                .map(|u| u.scheme().to_string())
+                .ok()
+        };
+        let urls: [(&str, Option<&Secret>, &[&str], &str); 3] = [
+            (
+                "database.url",
+                self.database.url.as_ref(),
+                &["postgres", "postgresql"],
+                "must be a URL of the form postgres://user:password@host:port/database",
+            ),
+            (
+                "escalation.smtp_url",
+                self.escalation.smtp_url.as_ref(),
+                &["smtp", "smtps"],
+                "must be an smtps:// or smtp:// URL, e.g. smtps://user:pass@mail:465 or \
+                 smtp://user:pass@mail:587?tls=required",
+            ),
+            (
+                "escalation.webhook_url",
+                self.escalation.webhook_url.as_ref(),
+                &["http", "https"],
+                "must be an http:// or https:// URL",
+            ),
+        ];
+        for (key, url, schemes, what) in urls {
+            if let Some(url) = url
+                && !scheme_of(url).is_some_and(|s| schemes.contains(&s.as_str()))
+            {
+                return Err((key.into(), what.into()));
             }
         }
         for (i, t) in self.api.tokens.iter().enumerate() {

@@ -3,6 +3,7 @@
 
 pub mod agents;
 pub mod api;
+pub mod bounds;
 pub mod config;
 pub mod cron;
 pub mod db;

@@ -99,10 +99,7 @@ pub struct AgentConfig {
 }
 
 /// Bounds on an agent's limits.
-pub const TIMEOUT_S: (u64, u64) = (1, 86_400);
-pub const MEMORY_MB: (u64, u64) = (16, 65_536);
-pub const CPU_PERCENT: (u32, u32) = (1, 100);
-pub const MAX_RETRIES: u32 = 100;
+pub use crate::bounds::{CPU_PERCENT, MAX_RETRIES, MEMORY_MB, TIMEOUT_S};
 /// Largest Python source accepted.
 pub const MAX_CODE_BYTES: usize = 1024 * 1024;
 

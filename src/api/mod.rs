@@ -25,6 +25,7 @@ use sqlx::PgPool;
 use subtle::ConstantTimeEq;
 
 use crate::agents::{AgentConfig, AgentSpec, Agents};
+use crate::bounds;
 use crate::config::{ApiToken, Config, Scope};
 use crate::executor::Runtime;
 use crate::queue::{NewTask, Queue, Status, TaskFilter};
@@ -457,13 +458,7 @@ async fn create_task(
     }
     let mut task = NewTask::new(body.kind, body.payload).priority(body.priority);
     if let Some(d) = body.delay_s {
-        if !(0.0..=31_536_000.0).contains(&d) {
-            return Err(ApiError::invalid(
-                "delay_s",
-                "must be 0 to 31536000 seconds",
-            ));
-        }
-        task = task.delay(Duration::from_secs_f64(d));
+        task = task.delay(seconds("delay_s", d, (Duration::ZERO, bounds::MAX_DELAY))?);
     }
     if let Some(t) = body.run_at {
         task = task.run_at(t);
@@ -472,13 +467,7 @@ async fn create_task(
         task = task.max_retries(n);
     }
     if let Some(t) = body.timeout_s {
-        if !(0.001..=604_800.0).contains(&t) {
-            return Err(ApiError::invalid(
-                "timeout_s",
-                "must be 0.001 to 604800 seconds",
-            ));
-        }
-        task = task.timeout(Duration::from_secs_f64(t));
+        task = task.timeout(seconds("timeout_s", t, bounds::TASK_TIMEOUT)?);
     }
     // The header wins over the body's field when both are given.
     let header_key = match headers.get("idempotency-key") {
@@ -537,6 +526,23 @@ async fn create_task(
         StatusCode::CREATED
     };
     Ok((status, Json(task_json(&t, scope, true))).into_response())
+}
+
+/// Seconds given as a JSON number, as a `Duration` within the bounds the queue checks (the
+/// conversion itself would panic on a negative or enormous number).
+fn seconds(field: &str, v: f64, (lo, hi): (Duration, Duration)) -> ApiResult<Duration> {
+    if v.is_finite() && v >= lo.as_secs_f64() && v <= hi.as_secs_f64() {
+        Ok(Duration::from_secs_f64(v))
+    } else {
+        Err(ApiError::invalid(
+            field,
+            format!(
+                "must be {} to {} seconds",
+                lo.as_secs_f64(),
+                hi.as_secs_f64()
+            ),
+        ))
+    }
 }
 
 #[derive(Debug, Deserialize)]

@@ -539,7 +539,8 @@ fn nullable(mut schema: Value) -> Value {
 
 /// The schemas of request bodies, from the constants the server checks.
 fn request_schemas(kinds: &[String]) -> Map<String, Value> {
-    use crate::agents::{CPU_PERCENT, MAX_CODE_BYTES, MAX_RETRIES, MEMORY_MB, TIMEOUT_S};
+    use crate::agents::MAX_CODE_BYTES;
+    use crate::bounds::{CPU_PERCENT, MAX_RETRIES, MEMORY_MB, TIMEOUT_S};
     let mut m = Map::new();
     m.insert(
         "JsonValue".into(),
@@ -567,13 +568,16 @@ fn request_schemas(kinds: &[String]) -> Map<String, Value> {
                 "payload": reference("JsonValue"),
                 "priority": {"type": "integer", "minimum": i32::MIN, "maximum": i32::MAX,
                              "description": "Higher runs first (default 0)"},
-                "delay_s": nullable(json!({"type": "number", "minimum": 0, "maximum": 31_536_000,
+                "delay_s": nullable(json!({"type": "number", "minimum": 0,
+                                           "maximum": crate::bounds::MAX_DELAY.as_secs_f64(),
                                            "description": "Not before this many seconds from now"})),
                 "run_at": nullable(json!({"type": "string", "format": "date-time",
                                           "description": "Not before this time (RFC 3339)"})),
                 "max_retries": nullable(json!({"type": "integer", "minimum": 0,
-                                               "maximum": crate::queue::MAX_RETRIES})),
-                "timeout_s": nullable(json!({"type": "number", "minimum": 0.001, "maximum": 604_800})),
+                                               "maximum": MAX_RETRIES})),
+                "timeout_s": nullable(json!({"type": "number",
+                    "minimum": crate::bounds::TASK_TIMEOUT.0.as_secs_f64(),
+                    "maximum": crate::bounds::TASK_TIMEOUT.1.as_secs_f64()})),
                 "idempotency_key": nullable(json!({"type": "string", "minLength": 1,
                     "maxLength": crate::queue::MAX_KEY_LEN, "pattern": NO_NUL,
                     "description": "One task per key for ever; the Idempotency-Key header wins over it"})),

@@ -171,8 +171,7 @@ impl<'r> sqlx::Decode<'r, sqlx::Postgres> for Status {
 /// Longest idempotency key accepted, in characters.
 pub const MAX_KEY_LEN: usize = 512;
 
-/// Most retries a task may ask for.
-pub const MAX_RETRIES: u32 = 1000;
+pub use crate::bounds::MAX_RETRIES;
 
 /// Longest kind name accepted.
 pub const MAX_KIND_LEN: usize = 128;

@@ -188,13 +188,17 @@ impl NewTask {
                 reason: format!("must be 0 to {MAX_RETRIES}"),
             });
         }
-        if self
-            .timeout
-            .is_some_and(|t| t < Duration::from_millis(1) || t > Duration::from_secs(7 * 86_400))
-        {
+        let (shortest, longest) = crate::bounds::TASK_TIMEOUT;
+        if self.timeout.is_some_and(|t| t < shortest || t > longest) {
             return Err(Error::Invalid {
                 field: "timeout",
                 reason: "must be between 1 ms and 7 days".into(),
+            });
+        }
+        if self.delay.is_some_and(|d| d > crate::bounds::MAX_DELAY) {
+            return Err(Error::Invalid {
+                field: "delay",
+                reason: "must be at most a year".into(),
             });
         }
         if self.delay.is_some() && self.run_at.is_some() {
