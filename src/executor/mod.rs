@@ -262,6 +262,85 @@ impl Executor {
     /// be set up at all.
     pub async fn run(&self, spec: &RunSpec) -> Result<ExecutionResult, Error> {
         let started = Instant::now();
+        let run = self.prepare(spec)?;
+        let mut cmd = self.command(spec, &run);
+        let limits = Limits {
+            address_space: spec.memory_mb * 1024 * 1024,
+            cpu_seconds: cpu_budget(spec.timeout, spec.cpu_percent),
+            processes: self.nproc_limit(),
+            file_bytes: self.max_file_bytes,
+            parent: nix::unistd::getpid(),
+        };
+        // SAFETY: the closure runs in the forked child before exec and only makes system
+        // calls (setrlimit, prctl, getppid), which are async-signal-safe; it allocates nothing.
+        unsafe {
+            cmd.pre_exec(move || limits.apply());
+        }
+        let mut child = spawner::spawn(cmd).await.map_err(|source| Error::Spawn {
+            program: run.program.display().to_string(),
+            source,
+        })?;
+        let pgid = Pid::from_raw(child.id().map(|p| p as i32).unwrap_or(0));
+        // If this future is dropped (a cancel, the worker's timeout, shutdown), the whole
+        // group goes: kill_on_drop alone would reach only the direct child.
+        let _group = GroupGuard(pgid);
+        // Should this process die before the run ends, the next one on this host kills what is
+        // left of the group (the direct child dies with us by its parent-death signal).
+        let _record = self
+            .session
+            .record(run.dir.path(), pgid.as_raw())
+            .map(RecordGuard)
+            .map_err(|e| tracing::warn!(error = %e, "could not record the run's process group"))
+            .ok();
+        if let Some(mut stdin) = child.stdin.take() {
+            let input = run.input_text.clone();
+            tokio::spawn(async move {
+                let _ = stdin.write_all(input.as_bytes()).await;
+            });
+        }
+        let out = tokio::spawn(capture(
+            child.stdout.take().expect("piped"),
+            self.output_limit,
+        ));
+        let err = tokio::spawn(capture(
+            child.stderr.take().expect("piped"),
+            self.output_limit,
+        ));
+        let (status, timed_out) = self.wait(&mut child, pgid, spec.timeout).await;
+        // Whatever the agent left running in its group goes with it.
+        let _ = killpg(pgid, Signal::SIGKILL);
+        let mut result = ExecutionResult {
+            status: ExecStatus::Error,
+            result: None,
+            error: None,
+            stdout: finish_capture(out).await,
+            stderr: finish_capture(err).await,
+            exit_code: status.and_then(|s| s.code()),
+            duration: 0.0,
+        };
+        if timed_out {
+            result.status = ExecStatus::Timeout;
+            result.error = Some(format!(
+                "timed out after {:.3}s; the process group was terminated",
+                spec.timeout.as_secs_f64()
+            ));
+        } else {
+            let owner = self
+                .run_as
+                .as_ref()
+                .map_or(Uid::effective().as_raw(), |u| u.uid.as_raw());
+            let path = run.result_path.clone();
+            let file_result = tokio::task::spawn_blocking(move || read_result(&path, owner))
+                .await
+                .unwrap_or_else(|_| Err("reading the result failed".into()));
+            interpret(&spec.runtime, status, file_result, &mut result);
+        }
+        result.duration = started.elapsed().as_secs_f64();
+        Ok(result)
+    }
+
+    /// The run directory (the agent's, 0700), its input, the agent's code, and what to run.
+    fn prepare(&self, spec: &RunSpec) -> Result<Prepared, Error> {
         let dir = tempfile::Builder::new()
             .prefix("run-")
             .permissions(std::fs::Permissions::from_mode(0o700))
@@ -272,7 +351,6 @@ impl Executor {
         let input_path = dir.path().join("input.json");
         let result_path = dir.path().join("result.json");
         std::fs::write(&input_path, &input_text).map_err(Error::RunDir)?;
-
         let (program, args): (PathBuf, Vec<String>) = match &spec.runtime {
             Runtime::Python { code } => {
                 std::fs::write(dir.path().join("agent.py"), code).map_err(Error::RunDir)?;
@@ -294,17 +372,29 @@ impl Executor {
                 let _ = std::os::unix::fs::chown(p, Some(u.uid.as_raw()), Some(u.gid.as_raw()));
             }
         }
+        Ok(Prepared {
+            dir,
+            input_text,
+            input_path,
+            result_path,
+            program,
+            args,
+        })
+    }
 
-        let mut cmd = tokio::process::Command::new(&program);
-        cmd.args(&args)
-            .current_dir(dir.path())
+    /// The command of a run: a scrubbed environment, its own process group, the agent
+    /// account; a command also gets its input on stdin (and in `HARNESS_INPUT` when small).
+    fn command(&self, spec: &RunSpec, run: &Prepared) -> tokio::process::Command {
+        let mut cmd = tokio::process::Command::new(&run.program);
+        cmd.args(&run.args)
+            .current_dir(run.dir.path())
             .env_clear()
             .env("PATH", AGENT_PATH)
             .env("LANG", "C.UTF-8")
             .env("TZ", "UTC")
-            .env("HOME", dir.path())
-            .env("HARNESS_RESULT_FILE", &result_path)
-            .env("HARNESS_INPUT_FILE", &input_path)
+            .env("HOME", run.dir.path())
+            .env("HARNESS_RESULT_FILE", &run.result_path)
+            .env("HARNESS_INPUT_FILE", &run.input_path)
             .envs(&spec.env)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -313,10 +403,9 @@ impl Executor {
         if let Some(tp) = &spec.traceparent {
             cmd.env("TRACEPARENT", tp);
         }
-        let is_command = matches!(spec.runtime, Runtime::Command { .. });
-        if is_command {
-            if input_text.len() <= MAX_ENV_INPUT {
-                cmd.env("HARNESS_INPUT", &input_text);
+        if matches!(spec.runtime, Runtime::Command { .. }) {
+            if run.input_text.len() <= MAX_ENV_INPUT {
+                cmd.env("HARNESS_INPUT", &run.input_text);
             }
             cmd.stdin(Stdio::piped());
         } else {
@@ -325,48 +414,20 @@ impl Executor {
         if let Some(u) = &self.run_as {
             cmd.uid(u.uid.as_raw()).gid(u.gid.as_raw());
         }
-        let limits = Limits {
-            address_space: spec.memory_mb * 1024 * 1024,
-            cpu_seconds: cpu_budget(spec.timeout, spec.cpu_percent),
-            processes: self.nproc_limit(),
-            file_bytes: self.max_file_bytes,
-            parent: nix::unistd::getpid(),
-        };
-        // SAFETY: the closure runs in the forked child before exec and only makes system
-        // calls (setrlimit, prctl, getppid), which are async-signal-safe; it allocates nothing.
-        unsafe {
-            cmd.pre_exec(move || limits.apply());
-        }
-        let mut child = spawner::spawn(cmd).await.map_err(|source| Error::Spawn {
-            program: program.display().to_string(),
-            source,
-        })?;
-        let pgid = Pid::from_raw(child.id().map(|p| p as i32).unwrap_or(0));
-        // If this future is dropped (a cancel, the pool's timeout, shutdown), the whole group
-        // goes: kill_on_drop alone would reach only the direct child.
-        let _group = GroupGuard(pgid);
-        // Should this process die before the run ends, the next one on this host kills what is
-        // left of the group (the direct child dies with us by its parent-death signal).
-        let _record = self
-            .session
-            .record(dir.path(), pgid.as_raw())
-            .map(RecordGuard)
-            .map_err(|e| tracing::warn!(error = %e, "could not record the run's process group"))
-            .ok();
+        cmd
+    }
 
-        if is_command {
-            let mut stdin = child.stdin.take().expect("piped");
-            tokio::spawn(async move {
-                let _ = stdin.write_all(input_text.as_bytes()).await;
-            });
-        }
-        let limit = self.output_limit;
-        let out = tokio::spawn(capture(child.stdout.take().expect("piped"), limit));
-        let err = tokio::spawn(capture(child.stderr.take().expect("piped"), limit));
-
-        let (status, timed_out) = tokio::select! {
+    /// Waits for the run's end, or its timeout: then SIGTERM to the group, `kill_grace`, and
+    /// SIGKILL. Returns the exit status (if it could be read) and whether it timed out.
+    async fn wait(
+        &self,
+        child: &mut tokio::process::Child,
+        pgid: Pid,
+        timeout: Duration,
+    ) -> (Option<ExitStatus>, bool) {
+        tokio::select! {
             s = child.wait() => (s.ok(), false),
-            _ = tokio::time::sleep(spec.timeout) => {
+            _ = tokio::time::sleep(timeout) => {
                 let _ = killpg(pgid, Signal::SIGTERM);
                 match tokio::time::timeout(self.kill_grace, child.wait()).await {
                     Ok(s) => (s.ok(), true),
@@ -376,81 +437,7 @@ impl Executor {
                     }
                 }
             }
-        };
-        // Whatever the agent left running in its group goes with it.
-        let _ = killpg(pgid, Signal::SIGKILL);
-        let stdout = finish_capture(out).await;
-        let stderr = finish_capture(err).await;
-
-        let exit_code = status.and_then(|s| s.code());
-        let owner = self
-            .run_as
-            .as_ref()
-            .map_or(Uid::effective().as_raw(), |u| u.uid.as_raw());
-        let path = result_path.clone();
-        let file_result = tokio::task::spawn_blocking(move || read_result(&path, owner))
-            .await
-            .unwrap_or_else(|_| Err("reading the result failed".into()));
-        let duration = started.elapsed().as_secs_f64();
-        let mut result = ExecutionResult {
-            status: ExecStatus::Error,
-            result: None,
-            error: None,
-            stdout,
-            stderr,
-            exit_code,
-            duration,
-        };
-        if timed_out {
-            result.status = ExecStatus::Timeout;
-            result.error = Some(format!(
-                "timed out after {:.3}s; the process group was terminated",
-                spec.timeout.as_secs_f64()
-            ));
-            return Ok(result);
         }
-        match (&spec.runtime, file_result) {
-            (_, Err(e)) => result.error = Some(e),
-            (Runtime::Python { .. }, Ok(Some(v))) => {
-                if v["ok"] == json!(true) && exit_code == Some(0) {
-                    result.status = ExecStatus::Success;
-                    result.result = Some(v["result"].clone());
-                } else {
-                    result.error = Some(
-                        v["error"]
-                            .as_str()
-                            .map(str::to_string)
-                            .unwrap_or_else(|| describe_exit(status, &result.stderr)),
-                    );
-                }
-            }
-            (Runtime::Python { .. }, Ok(None)) => {
-                result.error = Some(format!(
-                    "the agent ended without a result: {}",
-                    describe_exit(status, &result.stderr)
-                ));
-            }
-            (Runtime::Command { .. }, Ok(from_file)) => {
-                let from_stdout = || {
-                    result
-                        .stdout
-                        .lines()
-                        .rev()
-                        .find(|l| !l.trim().is_empty())
-                        .and_then(|l| serde_json::from_str::<Value>(l).ok())
-                        .filter(Value::is_object)
-                };
-                let value = from_file.or_else(from_stdout);
-                if exit_code == Some(0) {
-                    result.status = ExecStatus::Success;
-                    result.result = Some(value.unwrap_or_else(|| json!({})));
-                } else {
-                    result.result = value;
-                    result.error = Some(describe_exit(status, &result.stderr));
-                }
-            }
-        }
-        Ok(result)
     }
 
     /// RLIMIT_NPROC counts every process of the account. For a dedicated account it is the
@@ -510,6 +497,67 @@ struct RecordGuard(PathBuf);
 impl Drop for RecordGuard {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// A run set up and not yet started. The directory goes when this is dropped.
+struct Prepared {
+    dir: tempfile::TempDir,
+    input_text: String,
+    input_path: PathBuf,
+    result_path: PathBuf,
+    program: PathBuf,
+    args: Vec<String>,
+}
+
+/// What a finished run (not timed out) amounts to: a Python agent succeeds when its runner
+/// wrote `{"ok": true, ...}` and it exited 0; a command succeeds on exit 0, with the result
+/// file or else its last stdout line that is a JSON object (`{}` when neither).
+fn interpret(
+    runtime: &Runtime,
+    status: Option<ExitStatus>,
+    file_result: Result<Option<Value>, String>,
+    result: &mut ExecutionResult,
+) {
+    let exit_code = result.exit_code;
+    match (runtime, file_result) {
+        (_, Err(e)) => result.error = Some(e),
+        (Runtime::Python { .. }, Ok(Some(v))) => {
+            if v["ok"] == json!(true) && exit_code == Some(0) {
+                result.status = ExecStatus::Success;
+                result.result = Some(v["result"].clone());
+            } else {
+                result.error = Some(
+                    v["error"]
+                        .as_str()
+                        .map(str::to_string)
+                        .unwrap_or_else(|| describe_exit(status, &result.stderr)),
+                );
+            }
+        }
+        (Runtime::Python { .. }, Ok(None)) => {
+            result.error = Some(format!(
+                "the agent ended without a result: {}",
+                describe_exit(status, &result.stderr)
+            ));
+        }
+        (Runtime::Command { .. }, Ok(from_file)) => {
+            let from_stdout = result
+                .stdout
+                .lines()
+                .rev()
+                .find(|l| !l.trim().is_empty())
+                .and_then(|l| serde_json::from_str::<Value>(l).ok())
+                .filter(Value::is_object);
+            let value = from_file.or(from_stdout);
+            if exit_code == Some(0) {
+                result.status = ExecStatus::Success;
+                result.result = Some(value.unwrap_or_else(|| json!({})));
+            } else {
+                result.result = value;
+                result.error = Some(describe_exit(status, &result.stderr));
+            }
+        }
     }
 }
 
