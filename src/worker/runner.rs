@@ -2,7 +2,7 @@
 //! too old to start is handed back), maps every ending to one [`Outcome`], and passes the
 //! completion, with its permit, to the completer.
 
-use crate::queue::{Completion, Outcome, TaskId, backoff};
+use crate::queue::{Claimed, Completion, Outcome, TaskId, backoff};
 use apalis::prelude::*;
 use futures::FutureExt;
 use futures::future::BoxFuture;
@@ -55,28 +55,7 @@ pub(super) async fn run_attempt(shared: Arc<Shared>, job: Job) {
         permit,
         claimed_at,
     } = job;
-    // A claim that came back late (the process was stopped, or the database stalled) may
-    // already have been rescued and run elsewhere; one made while claiming is suspended may be
-    // rescued at any moment. Give it back (fenced by the attempt) rather than run it twice.
-    let age = claimed_at.elapsed();
-    let suspended = !shared.claiming.load(std::sync::atomic::Ordering::SeqCst);
-    if age > shared.options.claim_max_age || suspended {
-        tracing::warn!(
-            task.id = c.id,
-            task.attempt = c.attempt,
-            claim_age_ms = age.as_millis() as u64,
-            suspended,
-            "not starting a claimed task: the claim is too old or claiming is suspended; \
-             returning it to the queue"
-        );
-        if let Err(e) = shared
-            .queue
-            .release(&shared.options.replica, &[(c.id, c.attempt)])
-            .await
-        {
-            tracing::warn!(task.id = c.id, error = %e, "could not return the task now; the next reconciliation will");
-        }
-        shared.forget([(c.id, c.attempt)]);
+    if give_back_stale(&shared, &c, claimed_at).await {
         return;
     }
     let token = CancellationToken::new();
@@ -101,81 +80,11 @@ pub(super) async fn run_attempt(shared: Arc<Shared>, job: Job) {
         use tracing_opentelemetry::OpenTelemetrySpanExt;
         let _ = span.set_parent(parent);
     }
-    let outcome = async {
-        let Some(handler) = shared.registry.get(&c.kind) else {
-            return Outcome::Failed(format!(
-                "no handler for kind {:?} on replica {}",
-                c.kind, shared.options.replica
-            ));
-        };
-        let timeout = c
-            .timeout_ms
-            .map(|ms| Duration::from_millis(ms as u64))
-            .or(handler.timeout)
-            .unwrap_or(shared.options.default_timeout);
-        let ctx = TaskContext {
-            id: c.id,
-            kind: c.kind.clone(),
-            payload: c.payload.clone(),
-            attempt: c.attempt,
-            agent_id: c.agent_id,
-            traceparent: c.traceparent.clone(),
-            cancel: token.clone(),
-            control: control.clone(),
-        };
-        // Inside the guard, so a handler that panics while building its future is caught too.
-        let func = handler.func.clone();
-        let run = AssertUnwindSafe(async move { func(ctx).await }).catch_unwind();
-        let outcome = tokio::select! {
-            r = tokio::time::timeout(timeout, run) => match r {
-                Ok(Ok(Ok(v))) => match control.lock().expect("control lock").verdict.take() {
-                    None => Outcome::Success(v),
-                    Some(Verdict::TimedOut(e)) => Outcome::TimedOut(e),
-                    Some(Verdict::Skip(reason)) => Outcome::Skipped(reason),
-                    Some(Verdict::Defer(d)) => Outcome::Deferred(d),
-                },
-                Ok(Ok(Err(HandlerError(e)))) => Outcome::Failed(e),
-                Ok(Err(panic)) => Outcome::Failed(format!("handler panicked: {}", panic_message(&*panic))),
-                Err(_) => Outcome::TimedOut(format!("timed out after {:.3}s", timeout.as_secs_f64())),
-            },
-            _ = token.cancelled() => Outcome::Cancelled,
-        };
-        match &outcome {
-            Outcome::Success(_) => tracing::debug!("task completed"),
-            Outcome::Cancelled => tracing::info!("task cancelled"),
-            Outcome::Skipped(reason) => tracing::info!(%reason, "task skipped"),
-            Outcome::Deferred(d) => tracing::debug!(delay_ms = d.as_millis() as u64, "task deferred"),
-            Outcome::Failed(e) | Outcome::TimedOut(e) => tracing::warn!(error = %e, "task attempt failed"),
-        }
-        outcome
-    }
-    .instrument(span)
-    .await;
-
-    // One count for the governor (failures drive its pauses), one for the metrics.
-    let m = crate::telemetry::metrics();
-    let attrs = crate::telemetry::task_attrs(&c.kind, c.agent_id);
-    let counter = match &outcome {
-        Outcome::Failed(_) | Outcome::TimedOut(_) => {
-            m.failed.add(1, &attrs);
-            if c.retry_count < c.max_retries {
-                m.retried.add(1, &attrs);
-            }
-            &shared.failed
-        }
-        Outcome::Success(_) => {
-            m.completed.add(1, &attrs);
-            &shared.completed
-        }
-        _ => &shared.completed,
-    };
-    counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let now = chrono::Utc::now();
-    let seconds = |d: chrono::TimeDelta| d.num_microseconds().unwrap_or(0).max(0) as f64 / 1e6;
-    m.duration.record(seconds(now - c.started_at), &attrs);
-    m.pickup_latency
-        .record(seconds(c.started_at - c.scheduled_at), &attrs);
-    let retry_at = now
+    let outcome = attempt(&shared, &c, &token, &control)
+        .instrument(span)
+        .await;
+    count(&shared, &c, &outcome);
+    let retry_at = chrono::Utc::now()
         + backoff::delay(
             shared.options.retry_base,
             (c.retry_count + 1) as u32,
@@ -196,19 +105,20 @@ pub(super) async fn run_attempt(shared: Arc<Shared>, job: Job) {
             Outcome::Success(_) => control.lock().expect("control lock").handoff.take(),
             _ => None,
         };
-        // Sent before the entry goes, so a draining shutdown still counts this attempt
-        // while its completion waits for room in the writer's channel.
+        let completion = Completion {
+            id: c.id,
+            attempt: c.attempt,
+            outcome,
+            retry_at,
+            handoff,
+        };
+        // Sent before the entry goes, so a draining shutdown still counts this attempt while
+        // its completion waits for room in the completer's channel. The permit is freed by
+        // the completer once the completion is durable.
         let _ = shared
             .completions
             .send(Finished {
-                completion: Completion {
-                    id: c.id,
-                    attempt: c.attempt,
-                    outcome,
-                    retry_at,
-                    handoff,
-                },
-                // Freed by the writer once the completion is durable.
+                completion,
                 _permit: permit,
             })
             .await;
@@ -220,6 +130,119 @@ pub(super) async fn run_attempt(shared: Arc<Shared>, job: Job) {
         }
     }
     shared.ended.notify_waiters();
+}
+
+/// A claim that came back late (the process was stopped, or the database stalled) may already
+/// have been rescued and run elsewhere; one made while claiming is suspended may be rescued at
+/// any moment. Such a claim is given back (fenced by the attempt) rather than run twice.
+/// Returns whether it was.
+async fn give_back_stale(shared: &Shared, c: &Claimed, claimed_at: tokio::time::Instant) -> bool {
+    let age = claimed_at.elapsed();
+    let suspended = !shared.claiming.load(std::sync::atomic::Ordering::SeqCst);
+    if age <= shared.options.claim_max_age && !suspended {
+        return false;
+    }
+    tracing::warn!(
+        task.id = c.id,
+        task.attempt = c.attempt,
+        claim_age_ms = age.as_millis() as u64,
+        suspended,
+        "not starting a claimed task: the claim is too old or claiming is suspended; \
+         returning it to the queue"
+    );
+    if let Err(e) = shared
+        .queue
+        .release(&shared.options.replica, &[(c.id, c.attempt)])
+        .await
+    {
+        tracing::warn!(task.id = c.id, error = %e, "could not return the task now; the next reconciliation will");
+    }
+    shared.forget([(c.id, c.attempt)]);
+    true
+}
+
+/// Runs the handler of the attempt under its timeout and cancel token; every ending becomes
+/// one [`Outcome`].
+async fn attempt(
+    shared: &Shared,
+    c: &Claimed,
+    token: &CancellationToken,
+    control: &Arc<Mutex<Control>>,
+) -> Outcome {
+    let Some(handler) = shared.registry.get(&c.kind) else {
+        return Outcome::Failed(format!(
+            "no handler for kind {:?} on replica {}",
+            c.kind, shared.options.replica
+        ));
+    };
+    let timeout = c
+        .timeout_ms
+        .map(|ms| Duration::from_millis(ms as u64))
+        .or(handler.timeout)
+        .unwrap_or(shared.options.default_timeout);
+    let ctx = TaskContext {
+        id: c.id,
+        kind: c.kind.clone(),
+        payload: c.payload.clone(),
+        attempt: c.attempt,
+        agent_id: c.agent_id,
+        traceparent: c.traceparent.clone(),
+        cancel: token.clone(),
+        control: control.clone(),
+    };
+    // Inside the guard, so a handler that panics while building its future is caught too.
+    let func = handler.func.clone();
+    let run = AssertUnwindSafe(async move { func(ctx).await }).catch_unwind();
+    let outcome = tokio::select! {
+        r = tokio::time::timeout(timeout, run) => match r {
+            Ok(Ok(Ok(v))) => match control.lock().expect("control lock").verdict.take() {
+                None => Outcome::Success(v),
+                Some(Verdict::TimedOut(e)) => Outcome::TimedOut(e),
+                Some(Verdict::Skip(reason)) => Outcome::Skipped(reason),
+                Some(Verdict::Defer(d)) => Outcome::Deferred(d),
+            },
+            Ok(Ok(Err(HandlerError(e)))) => Outcome::Failed(e),
+            Ok(Err(panic)) => Outcome::Failed(format!("handler panicked: {}", panic_message(&*panic))),
+            Err(_) => Outcome::TimedOut(format!("timed out after {:.3}s", timeout.as_secs_f64())),
+        },
+        _ = token.cancelled() => Outcome::Cancelled,
+    };
+    match &outcome {
+        Outcome::Success(_) => tracing::debug!("task completed"),
+        Outcome::Cancelled => tracing::info!("task cancelled"),
+        Outcome::Skipped(reason) => tracing::info!(%reason, "task skipped"),
+        Outcome::Deferred(d) => tracing::debug!(delay_ms = d.as_millis() as u64, "task deferred"),
+        Outcome::Failed(e) | Outcome::TimedOut(e) => {
+            tracing::warn!(error = %e, "task attempt failed")
+        }
+    }
+    outcome
+}
+
+/// One count for the governor (failures drive its pauses), and the metrics.
+fn count(shared: &Shared, c: &Claimed, outcome: &Outcome) {
+    let m = crate::telemetry::metrics();
+    let attrs = crate::telemetry::task_attrs(&c.kind, c.agent_id);
+    let counter = match outcome {
+        Outcome::Failed(_) | Outcome::TimedOut(_) => {
+            m.failed.add(1, &attrs);
+            if c.retry_count < c.max_retries {
+                m.retried.add(1, &attrs);
+            }
+            &shared.failed
+        }
+        Outcome::Success(_) => {
+            m.completed.add(1, &attrs);
+            &shared.completed
+        }
+        _ => &shared.completed,
+    };
+    counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let seconds = |d: chrono::TimeDelta| d.num_microseconds().unwrap_or(0).max(0) as f64 / 1e6;
+    m.duration
+        .record(seconds(chrono::Utc::now() - c.started_at), &attrs);
+    m.pickup_latency
+        .record(seconds(c.started_at - c.scheduled_at), &attrs);
 }
 
 #[cfg(test)]
