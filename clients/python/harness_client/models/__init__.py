@@ -11,6 +11,7 @@ from .create_task import CreateTask
 from .create_task_kind import CreateTaskKind
 from .error import Error
 from .fleet import Fleet
+from .governor_state import GovernorState
 from .handoff_artifact import HandoffArtifact
 from .health import Health
 from .openapi_response_200 import OpenapiResponse200
@@ -40,6 +41,7 @@ __all__ = (
     "CreateTaskKind",
     "Error",
     "Fleet",
+    "GovernorState",
     "HandoffArtifact",
     "Health",
     "OpenapiResponse200",

@@ -8,6 +8,7 @@ from attrs import field as _attrs_field
 
 from ..types import UNSET, Unset
 
+from ..models.governor_state import GovernorState
 from typing import cast
 import datetime
 
@@ -27,7 +28,8 @@ class ReplicaRow:
         Attributes:
             capacity (int):
             cpu_percent (float | None): From the replica's latest metrics row.
-            governor_state (str):
+            governor_state (GovernorState): What a replica's governor says of it (the governor's state machine works in
+                these terms).
             heartbeat_age_s (float): Seconds since the last heartbeat.
             heartbeat_at (datetime.datetime):
             hostname (str):
@@ -45,7 +47,7 @@ class ReplicaRow:
 
     capacity: int
     cpu_percent: float | None
-    governor_state: str
+    governor_state: GovernorState
     heartbeat_age_s: float
     heartbeat_at: datetime.datetime
     hostname: str
@@ -71,7 +73,7 @@ class ReplicaRow:
         cpu_percent: float | None
         cpu_percent = self.cpu_percent
 
-        governor_state = self.governor_state
+        governor_state = self.governor_state.value
 
         heartbeat_age_s = self.heartbeat_age_s
 
@@ -148,7 +150,10 @@ class ReplicaRow:
         cpu_percent = _parse_cpu_percent(d.pop("cpu_percent"))
 
 
-        governor_state = d.pop("governor_state")
+        governor_state = GovernorState(d.pop("governor_state"))
+
+
+
 
         heartbeat_age_s = d.pop("heartbeat_age_s")
 
