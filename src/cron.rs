@@ -1,5 +1,5 @@
-//! Cron schedules: five fields `minute hour day month weekday` (as the predecessor wrote
-//! them: `0 9 * * 1-5` is 9:00 Monday to Friday), or six with seconds first, in a time zone.
+//! Cron schedules: five fields `minute hour day month weekday` (standard cron, so that
+//! `0 9 * * 1-5` is 9:00 Monday to Friday), or six with seconds first, in a time zone.
 //! Pure: parsing and tick computation, no I/O.
 
 use std::str::FromStr;
@@ -14,6 +14,33 @@ pub struct CronSchedule {
     /// either matches; the `cron` crate would require both).
     schedules: Vec<cron::Schedule>,
     tz: Tz,
+}
+
+/// Why a schedule was refused: the expression or the time zone, with what is allowed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CronError {
+    #[error("{0}")]
+    Expression(String),
+    #[error("{0:?} is not a time zone; use an IANA name such as Europe/Paris")]
+    TimeZone(String),
+}
+
+impl CronError {
+    /// The agent config field the error is about.
+    pub fn field(&self) -> &'static str {
+        match self {
+            CronError::Expression(_) => "schedule",
+            CronError::TimeZone(_) => "timezone",
+        }
+    }
+}
+
+/// An IANA time zone name (empty or absent is UTC).
+pub fn time_zone(name: Option<&str>) -> Result<Tz, CronError> {
+    match name {
+        None | Some("") => Ok(Tz::UTC),
+        Some(name) => Tz::from_str(name).map_err(|_| CronError::TimeZone(name.to_string())),
+    }
 }
 
 const NAMES: [&str; 7] = ["SUN", "MON", "TUE", "WED", "THU", "FRI", "SAT"];
@@ -82,7 +109,12 @@ fn weekday_names(field: &str) -> Result<String, String> {
 impl CronSchedule {
     /// Parses `expr` (5 or 6 fields) in time zone `tz` (an IANA name; default UTC). The
     /// error says which part is wrong and what is allowed.
-    pub fn parse(expr: &str, tz: Option<&str>) -> Result<CronSchedule, String> {
+    pub fn parse(expr: &str, tz: Option<&str>) -> Result<CronSchedule, CronError> {
+        let tz = time_zone(tz)?;
+        Self::parse_expression(expr, tz).map_err(CronError::Expression)
+    }
+
+    fn parse_expression(expr: &str, tz: Tz) -> Result<CronSchedule, String> {
         let fields: Vec<&str> = expr.split_whitespace().collect();
         let (seconds, rest) = match fields.len() {
             5 => ("0", &fields[..]),
@@ -106,12 +138,6 @@ impl CronSchedule {
             vec![build(rest[2], "*")?, build("*", &weekday)?]
         } else {
             vec![build(rest[2], &weekday)?]
-        };
-        let tz = match tz {
-            None | Some("") => Tz::UTC,
-            Some(name) => Tz::from_str(name).map_err(|_| {
-                format!("{name:?} is not a time zone; use an IANA name such as Europe/Paris")
-            })?,
         };
         if schedules.iter().all(|s| s.upcoming(tz).next().is_none()) {
             return Err(format!("{expr:?} never fires"));
@@ -165,7 +191,7 @@ mod tests {
     }
 
     #[test]
-    fn the_predecessors_examples() {
+    fn standard_cron_examples() {
         let hourly = CronSchedule::parse("0 * * * *", None).unwrap();
         assert_eq!(
             hourly.next_after(at("2026-01-01T10:20:00Z")),
@@ -225,26 +251,21 @@ mod tests {
     }
 
     #[test]
-    fn errors_say_what_is_wrong() {
-        assert!(
-            CronSchedule::parse("* * *", None)
-                .unwrap_err()
-                .contains("expected 5")
-        );
-        assert!(
-            CronSchedule::parse("61 * * * *", None)
-                .unwrap_err()
-                .contains("not a valid cron")
-        );
-        assert!(
-            CronSchedule::parse("0 0 * * 9", None)
-                .unwrap_err()
-                .contains("out of range")
-        );
-        assert!(
-            CronSchedule::parse("0 0 * * *", Some("Mars/Base"))
-                .unwrap_err()
-                .contains("time zone")
-        );
+    fn errors_say_what_is_wrong_and_which_field() {
+        let err = |expr, tz| CronSchedule::parse(expr, tz).unwrap_err();
+        for (expr, needle) in [
+            ("* * *", "expected 5"),
+            ("61 * * * *", "not a valid cron"),
+            ("0 0 * * 9", "out of range"),
+            ("0 0 30 2 *", "never fires"),
+        ] {
+            let e = err(expr, None);
+            assert_eq!(e.field(), "schedule", "{expr}");
+            assert!(e.to_string().contains(needle), "{expr}: {e}");
+        }
+        // A bad zone is the zone's fault even when the expression is bad too.
+        let e = err("* * *", Some("Mars/Base"));
+        assert_eq!(e.field(), "timezone");
+        assert!(e.to_string().contains("is not a time zone"), "{e}");
     }
 }

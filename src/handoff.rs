@@ -208,7 +208,7 @@ pub async fn write_in(
     Ok(written.len() as u64)
 }
 
-/// Reads and clears artifacts (the predecessor's `HandoffManager`).
+/// Reads and clears agents' handoff artifacts.
 #[derive(Debug, Clone)]
 pub struct HandoffManager {
     pool: PgPool,

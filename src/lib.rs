@@ -1,5 +1,5 @@
 //! Agent Harness runs user agents and background jobs 24/7 on a fleet of identical replicas
-//! coordinated only through PostgreSQL. See `ARCHITECTURE.md` for how the modules fit.
+//! coordinated only through PostgreSQL. See `docs/ARCHITECTURE.md` for how the modules fit.
 
 pub mod agents;
 pub mod api;

@@ -196,7 +196,8 @@ pub struct Metrics {
 
 static METRICS: std::sync::OnceLock<Metrics> = std::sync::OnceLock::new();
 
-/// The process's metrics (created on first use).
+/// The process's metrics (created on first use). A table of instruments, one builder each,
+/// so it stays whole: its length is the number of metrics, not steps of logic.
 pub fn metrics() -> &'static Metrics {
     METRICS.get_or_init(|| {
         use opentelemetry::metrics::MeterProvider;

@@ -387,6 +387,18 @@ async fn bad_agents_are_refused_before_anything_is_stored() {
             ],
             "invalid env",
         ),
+        (
+            vec![
+                "agents",
+                "add",
+                "a11",
+                "--file",
+                &good,
+                "--overlap",
+                "sometimes",
+            ],
+            "\"sometimes\" is not an overlap; use skip, queue or allow",
+        ),
     ] {
         let o = run(&db, &args);
         assert!(!o.status.success(), "{args:?} was accepted");
@@ -615,7 +627,7 @@ async fn awkward_json_round_trips_through_the_runner() {
 }
 
 #[tokio::test]
-async fn execute_agent_code_keeps_the_predecessors_shape() {
+async fn execute_agent_code_runs_one_sandboxed_agent() {
     let r = harness::executor::execute_agent_code(
         &executor(),
         "class Agent:\n    def __init__(self, config):\n        self.config = config\n\

@@ -137,7 +137,7 @@ async fn wait_status(api: &Api, id: i64, want: &str) -> Value {
 }
 
 #[tokio::test]
-async fn task_endpoints_follow_the_predecessors_contract() {
+async fn task_endpoints_follow_the_documented_contract() {
     let db = TestDb::new().await;
     let flaky = Arc::new(AtomicBool::new(true));
     let api = start(&db, flaky.clone()).await;

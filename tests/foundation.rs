@@ -61,7 +61,7 @@ async fn migrations_apply_twice_without_change() {
 }
 
 #[tokio::test]
-async fn tasks_table_has_the_predecessor_columns_and_constraints() {
+async fn tasks_table_has_the_documented_columns_and_constraints() {
     let test = TestDb::new().await;
     let cols: Vec<String> = sqlx::query_scalar(
         "SELECT column_name::text FROM information_schema.columns WHERE table_name = 'tasks'",

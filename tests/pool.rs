@@ -154,16 +154,13 @@ async fn failures_retry_with_exponential_backoff_then_succeed() {
     assert_eq!(t.status, Status::Completed);
     assert_eq!((t.attempt, t.retry_count), (3, 2));
     assert_eq!(t.result, Some(json!({"after": 3})));
-    let history = t.attempts.as_array().unwrap();
+    let history = &t.attempts;
     assert_eq!(history.len(), 2);
-    assert_eq!(history[0]["error"], "attempt 1 failed");
+    assert_eq!(history[0].error.as_deref(), Some("attempt 1 failed"));
     // Retry n waits base × 2^(n-1) ± 20%: ≥ 0.8 s, then ≥ 1.6 s.
-    let ended_1: chrono::DateTime<chrono::Utc> =
-        serde_json::from_value(history[0]["ended_at"].clone()).unwrap();
-    let started_2: chrono::DateTime<chrono::Utc> =
-        serde_json::from_value(history[1]["started_at"].clone()).unwrap();
-    let ended_2: chrono::DateTime<chrono::Utc> =
-        serde_json::from_value(history[1]["ended_at"].clone()).unwrap();
+    let ended_1 = history[0].ended_at;
+    let started_2 = history[1].started_at.unwrap();
+    let ended_2 = history[1].ended_at;
     let gap1 = (started_2 - ended_1).num_milliseconds();
     let gap2 = (t.started_at.unwrap() - ended_2).num_milliseconds();
     assert!((790..=1700).contains(&gap1), "first retry after {gap1} ms");

@@ -8,7 +8,7 @@ use std::time::Duration;
 use chrono::Utc;
 use common::TestDb;
 use harness::fleet::Heartbeat;
-use harness::queue::{Completion, Error, NewTask, Outcome, Queue, Status};
+use harness::queue::{AttemptStatus, Completion, Error, NewTask, Outcome, Queue, Status};
 use serde_json::json;
 
 fn kinds() -> Vec<String> {
@@ -88,14 +88,14 @@ async fn every_lifecycle_transition() {
     let t = q.get(f.id).await.unwrap();
     assert_eq!(t.status, Status::Failed);
     assert_eq!(t.error.as_deref(), Some("boom 2"));
-    let history = t.attempts.as_array().unwrap();
+    let history = &t.attempts;
     assert_eq!(
         history.len(),
         2,
         "every attempt's error is kept: {history:?}"
     );
-    assert_eq!(history[0]["error"], "boom 1");
-    assert_eq!(history[1]["attempt"], 2);
+    assert_eq!(history[0].error.as_deref(), Some("boom 1"));
+    assert_eq!(history[1].attempt, 2);
 
     // running → timeout (no retries)
     let to = q
@@ -351,7 +351,7 @@ async fn a_stale_attempt_never_overwrites_a_newer_one() {
     );
     let t = q.get(e.id).await.unwrap();
     assert_eq!(t.result, Some(json!("fresh")));
-    assert_eq!(t.attempts[0]["status"], "lost");
+    assert_eq!(t.attempts[0].status, AttemptStatus::Lost);
 }
 
 #[tokio::test]

@@ -6,7 +6,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use common::TestDb;
-use harness::queue::{NewTask, Queue, Status};
+use harness::queue::{AttemptStatus, NewTask, Queue, Status};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use serde_json::{Value, json};
@@ -173,10 +173,10 @@ async fn kill_9_mid_task_completes_on_another_replica() {
         "completed {took:?} after the kill"
     );
     assert_eq!(t.attempt, 2);
-    let history = t.attempts.as_array().unwrap();
+    let history = &t.attempts;
     assert_eq!(history.len(), 1);
-    assert_eq!(history[0]["status"], "lost");
-    assert_eq!(history[0]["replica"], a_id.as_str());
+    assert_eq!(history[0].status, AttemptStatus::Lost);
+    assert_eq!(history[0].replica.as_deref(), Some(a_id.as_str()));
     // The completing replica was b: its row is the only one.
     let live: Vec<String> = sqlx::query_scalar("SELECT id FROM replicas")
         .fetch_all(&db.pool)
@@ -212,7 +212,7 @@ async fn a_task_longer_than_rescue_after_on_a_live_replica_runs_once() {
         t.attempt, 1,
         "never rescued while its replica heartbeats: {t:?}"
     );
-    assert!(t.attempts.as_array().unwrap().is_empty());
+    assert!(t.attempts.is_empty());
 }
 
 #[tokio::test]
@@ -522,7 +522,7 @@ async fn an_outage_longer_than_rescue_after_reruns_nothing_of_live_replicas() {
         .await;
         assert_eq!(t.status, Status::Completed);
         assert_eq!(
-            (t.attempt, t.attempts.as_array().unwrap().len()),
+            (t.attempt, t.attempts.len()),
             (1, 0),
             "its owner was alive through the outage: never rescued, never run twice: {:?}",
             t.attempts
@@ -611,7 +611,7 @@ async fn a_claim_that_returns_after_a_long_stop_is_not_started() {
     )
     .await;
     assert_eq!(t.attempt, 2);
-    assert_eq!(t.attempts[0]["replica"], a_id.as_str());
+    assert_eq!(t.attempts[0].replica.as_deref(), Some(a_id.as_str()));
     assert_eq!(lines(&effects), 1);
     b.signal(Signal::SIGTERM);
     b.wait(Duration::from_secs(10));
@@ -767,8 +767,8 @@ async fn a_replica_resumed_after_its_task_was_rescued_stops_its_own_run() {
     .await;
     assert!(alive(first), "a's run went on while a was stopped");
     assert_eq!(
-        q.get(id).await.unwrap().attempts[0]["replica"],
-        a_id.as_str()
+        q.get(id).await.unwrap().attempts[0].replica.as_deref(),
+        Some(a_id.as_str())
     );
     // Once a runs again it learns that the task is no longer its own, and stops its run.
     a.signal(Signal::SIGCONT);

@@ -81,6 +81,21 @@ pub enum Overlap {
     Allow,
 }
 
+impl std::str::FromStr for Overlap {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Overlap, String> {
+        match s {
+            "skip" => Ok(Overlap::Skip),
+            "queue" => Ok(Overlap::Queue),
+            "allow" => Ok(Overlap::Allow),
+            other => Err(format!(
+                "{other:?} is not an overlap; use skip, queue or allow"
+            )),
+        }
+    }
+}
+
 /// An agent's settings, stored as `agents.config`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
@@ -105,7 +120,7 @@ pub const MAX_CODE_BYTES: usize = 1024 * 1024;
 
 impl AgentConfig {
     /// The defaults of a new agent, from the executor and bulk settings.
-    pub fn defaults(cfg: &crate::Config) -> AgentConfig {
+    pub fn defaults(cfg: &crate::config::Config) -> AgentConfig {
         AgentConfig {
             schedule: None,
             timezone: None,
@@ -149,10 +164,10 @@ impl AgentConfig {
                 format!("allowed 0 to {MAX_RETRIES}"),
             ));
         }
+        let cron_error = |e: crate::cron::CronError| invalid(e.field(), e.to_string());
+        crate::cron::time_zone(self.timezone.as_deref()).map_err(cron_error)?;
         if let Some(s) = &self.schedule {
-            CronSchedule::parse(s, self.timezone.as_deref()).map_err(|e| invalid("schedule", e))?;
-        } else if let Some(tz) = &self.timezone {
-            CronSchedule::parse("0 0 * * *", Some(tz)).map_err(|e| invalid("timezone", e))?;
+            CronSchedule::parse(s, self.timezone.as_deref()).map_err(cron_error)?;
         }
         for (k, v) in &self.env {
             let ok = !k.is_empty()
@@ -186,13 +201,78 @@ impl AgentConfig {
 }
 
 /// A registered agent.
-#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
+///
+/// In JSON an agent is flat: `runtime` (`python` or `command`) next to the `code` or the
+/// `command` argv it names (see [`AgentJson`]).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(into = "AgentJson", try_from = "AgentJson")]
 pub struct Agent {
     pub id: i64,
     pub name: String,
-    pub runtime: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    pub runtime: Runtime,
+    pub config: AgentConfig,
+    pub active: bool,
+    /// The last cron tick the scheduler enqueued (or skipped) for this agent.
+    pub last_fire_at: Option<DateTime<Utc>>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// Which runtime an agent has, as stored in `agents.runtime` and shown in JSON.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum RuntimeKind {
+    /// Python source defining `class Agent` (in `code`).
+    Python,
+    /// A program and its arguments (in `command`).
+    Command,
+}
+
+impl RuntimeKind {
+    pub fn of(runtime: &Runtime) -> RuntimeKind {
+        match runtime {
+            Runtime::Python { .. } => RuntimeKind::Python,
+            Runtime::Command { .. } => RuntimeKind::Command,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RuntimeKind::Python => "python",
+            RuntimeKind::Command => "command",
+        }
+    }
+}
+
+impl sqlx::Type<sqlx::Postgres> for RuntimeKind {
+    fn type_info() -> sqlx::postgres::PgTypeInfo {
+        <String as sqlx::Type<sqlx::Postgres>>::type_info()
+    }
+    fn compatible(ty: &sqlx::postgres::PgTypeInfo) -> bool {
+        <String as sqlx::Type<sqlx::Postgres>>::compatible(ty)
+    }
+}
+
+impl<'r> sqlx::Decode<'r, sqlx::Postgres> for RuntimeKind {
+    fn decode(value: sqlx::postgres::PgValueRef<'r>) -> Result<Self, sqlx::error::BoxDynError> {
+        match <&str as sqlx::Decode<sqlx::Postgres>>::decode(value)? {
+            "python" => Ok(RuntimeKind::Python),
+            "command" => Ok(RuntimeKind::Command),
+            other => Err(format!("unknown agent runtime {other:?}").into()),
+        }
+    }
+}
+
+/// An agent as JSON (the API's `Agent` schema): the runtime kind beside its code or argv.
+#[derive(Serialize, Deserialize, schemars::JsonSchema)]
+#[schemars(rename = "Agent")]
+pub struct AgentJson {
+    pub id: i64,
+    pub name: String,
+    pub runtime: RuntimeKind,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub code: Option<String>,
+    #[serde(default)]
     pub command: Option<Vec<String>>,
     pub config: AgentConfig,
     pub active: bool,
@@ -202,15 +282,72 @@ pub struct Agent {
     pub updated_at: DateTime<Utc>,
 }
 
-impl Agent {
-    pub fn runtime(&self) -> Runtime {
-        match (&self.code, &self.command) {
-            (Some(code), _) => Runtime::Python { code: code.clone() },
-            (None, Some(argv)) => Runtime::Command { argv: argv.clone() },
-            (None, None) => Runtime::Command { argv: Vec::new() },
+impl From<Agent> for AgentJson {
+    fn from(a: Agent) -> AgentJson {
+        let kind = RuntimeKind::of(&a.runtime);
+        let (code, command) = match a.runtime {
+            Runtime::Python { code } => (Some(code), None),
+            Runtime::Command { argv } => (None, Some(argv)),
+        };
+        AgentJson {
+            id: a.id,
+            name: a.name,
+            runtime: kind,
+            code,
+            command,
+            config: a.config,
+            active: a.active,
+            last_fire_at: a.last_fire_at,
+            created_at: a.created_at,
+            updated_at: a.updated_at,
         }
     }
+}
 
+impl TryFrom<AgentJson> for Agent {
+    type Error = Error;
+
+    fn try_from(j: AgentJson) -> Result<Agent, Error> {
+        Ok(Agent {
+            id: j.id,
+            name: j.name,
+            runtime: runtime_from(j.runtime, j.code, j.command)?,
+            config: j.config,
+            active: j.active,
+            last_fire_at: j.last_fire_at,
+            created_at: j.created_at,
+            updated_at: j.updated_at,
+        })
+    }
+}
+
+impl schemars::JsonSchema for Agent {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        AgentJson::schema_name()
+    }
+
+    fn json_schema(g: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        AgentJson::json_schema(g)
+    }
+}
+
+/// The runtime a stored or sent kind names, refusing a kind without what it needs.
+fn runtime_from(
+    kind: RuntimeKind,
+    code: Option<String>,
+    command: Option<Vec<String>>,
+) -> Result<Runtime, Error> {
+    match (kind, code, command) {
+        (RuntimeKind::Python, Some(code), _) => Ok(Runtime::Python { code }),
+        (RuntimeKind::Command, _, Some(argv)) => Ok(Runtime::Command { argv }),
+        (RuntimeKind::Python, None, _) => Err(invalid("code", "a python agent needs its code")),
+        (RuntimeKind::Command, _, None) => {
+            Err(invalid("command", "a command agent needs its argv"))
+        }
+    }
+}
+
+impl Agent {
     /// Where the schedule continues from: the last tick, or the last change (a new,
     /// changed or resumed agent does not owe runs for ticks before it).
     pub fn schedule_base(&self) -> DateTime<Utc> {
@@ -231,7 +368,7 @@ impl Agent {
 type Row = (
     i64,
     String,
-    String,
+    RuntimeKind,
     Option<String>,
     Option<Vec<String>>,
     Value,
@@ -247,9 +384,7 @@ fn from_row(r: Row) -> Result<Agent, Error> {
     Ok(Agent {
         id: r.0,
         name: r.1,
-        runtime: r.2,
-        code: r.3,
-        command: r.4,
+        runtime: runtime_from(r.2, r.3, r.4)?,
         config,
         active: r.6,
         last_fire_at: r.7,
@@ -362,7 +497,7 @@ impl Agents {
             NOTIFY = notify_agents!()
         ))
         .bind(&spec.name)
-        .bind(runtime)
+        .bind(runtime.as_str())
         .bind(code)
         .bind(command)
         .bind(serde_json::to_value(&spec.config).expect("config serialises"))
@@ -431,7 +566,7 @@ impl Agents {
             NOTIFY = notify_agents!()
         ))
         .bind(name)
-        .bind(rt)
+        .bind(rt.as_str())
         .bind(code)
         .bind(command)
         .bind(serde_json::to_value(&spec.config).expect("config serialises"))
@@ -472,11 +607,11 @@ impl Agents {
     /// Enqueues a run of the agent now.
     pub async fn run(&self, queue: &Queue, name: &str, input: Value) -> Result<Enqueued, Error> {
         let agent = self.get(name).await?;
-        Ok(queue.enqueue(self.run_task(&agent, input)).await?)
+        Ok(queue.enqueue(self.new_run(&agent, input)).await?)
     }
 
     /// The task of one run of `agent`.
-    pub fn run_task(&self, agent: &Agent, input: Value) -> NewTask {
+    pub fn new_run(&self, agent: &Agent, input: Value) -> NewTask {
         NewTask::new(AGENT_KIND, json!({ "agent_id": agent.id, "input": input }))
             .agent_id(agent.id)
             .max_retries(agent.config.max_retries)
@@ -580,7 +715,7 @@ impl Agents {
             .load_artifact(agent.id)
             .await
             .map_err(|e| HandlerError(e.to_string()))?;
-        let mut spec = RunSpec::new(agent.runtime(), &self.executor);
+        let mut spec = RunSpec::new(agent.runtime.clone(), &self.executor);
         spec.config = ctx
             .payload
             .get("config")
@@ -671,9 +806,9 @@ impl Agents {
     }
 }
 
-fn split_runtime(r: &Runtime) -> (&'static str, Option<&str>, Option<&[String]>) {
+fn split_runtime(r: &Runtime) -> (RuntimeKind, Option<&str>, Option<&[String]>) {
     match r {
-        Runtime::Python { code } => ("python", Some(code.as_str()), None),
-        Runtime::Command { argv } => ("command", None, Some(argv.as_slice())),
+        Runtime::Python { code } => (RuntimeKind::Python, Some(code.as_str()), None),
+        Runtime::Command { argv } => (RuntimeKind::Command, None, Some(argv.as_slice())),
     }
 }

@@ -72,96 +72,94 @@ pub mod whole {
 /// `field` and a reason a person understands, from a serde path (`.`, `priority`, `config.env`)
 /// and serde's message.
 pub fn field_error(path: &str, message: &str) -> (String, String) {
-    let quoted = |m: &str| -> Option<String> {
-        let start = m.find('`')? + 1;
-        let len = m[start..].find('`')?;
-        Some(m[start..start + len].to_string())
-    };
-    let join = |field: String| -> String {
-        match path {
-            "" | "." => field,
-            p => format!("{p}.{field}"),
-        }
-    };
     if let Some(rest) = message.strip_prefix("missing field ") {
-        let field = quoted(rest).unwrap_or_else(|| rest.to_string());
-        return (join(field), "is required".into());
+        let field = first_quoted(rest).unwrap_or_else(|| rest.to_string());
+        return (join_path(path, field), "is required".into());
     }
     if let Some(rest) = message.strip_prefix("unknown field ") {
-        let field = quoted(rest).unwrap_or_default();
-        let allowed: Vec<String> = rest
-            .split_once("expected")
-            .map(|(_, e)| {
-                e.split('`')
-                    .skip(1)
-                    .step_by(2)
-                    .map(str::to_string)
-                    .collect()
-            })
-            .unwrap_or_default();
-        let reason = if allowed.is_empty() {
-            "is not accepted here".to_string()
-        } else {
-            format!("is not accepted here; allowed: {}", allowed.join(", "))
-        };
-        // serde_path_to_error's path already ends at the unknown field.
-        let at = if path == field || path.ends_with(&format!(".{field}")) {
-            path.to_string()
-        } else {
-            join(field)
-        };
-        return (at, reason);
+        return unknown_field(path, rest);
     }
     let field = match path {
         "" | "." => "body".to_string(),
         p => p.to_string(),
     };
+    (field, value_reason(message))
+}
+
+/// The first `backquoted` part of a serde message.
+fn first_quoted(m: &str) -> Option<String> {
+    let start = m.find('`')? + 1;
+    let len = m[start..].find('`')?;
+    Some(m[start..start + len].to_string())
+}
+
+/// The backquoted names after "expected" in a serde message (the allowed fields or values).
+fn expected_names(m: &str) -> Vec<String> {
+    m.split_once("expected")
+        .map(|(_, e)| {
+            e.split('`')
+                .skip(1)
+                .step_by(2)
+                .map(str::to_string)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn join_path(path: &str, field: String) -> String {
+    match path {
+        "" | "." => field,
+        p => format!("{p}.{field}"),
+    }
+}
+
+/// "unknown field `x`, expected one of `a`, `b`": where it is and what is allowed there.
+fn unknown_field(path: &str, rest: &str) -> (String, String) {
+    let field = first_quoted(rest).unwrap_or_default();
+    let allowed = expected_names(rest);
+    let reason = if allowed.is_empty() {
+        "is not accepted here".to_string()
+    } else {
+        format!("is not accepted here; allowed: {}", allowed.join(", "))
+    };
+    // serde_path_to_error's path already ends at the unknown field.
+    let at = if path == field || path.ends_with(&format!(".{field}")) {
+        path.to_string()
+    } else {
+        join_path(path, field)
+    };
+    (at, reason)
+}
+
+/// What is wrong with a value, from serde's message about it.
+fn value_reason(message: &str) -> String {
     if let Some(rest) = message.strip_prefix("invalid type: ")
         && let Some((got, expected)) = rest.split_once(", expected ")
     {
-        return (
-            field,
-            format!("must be {}, not {}", friendly_type(expected), got_kind(got)),
-        );
+        return format!("must be {}, not {}", friendly_type(expected), got_kind(got));
     }
     if let Some(rest) = message.strip_prefix("invalid value: ")
         && let Some((got, expected)) = rest.split_once(", expected ")
     {
-        return (
-            field,
-            format!("must be {}, not {got}", friendly_type(expected)),
-        );
+        return format!("must be {}, not {got}", friendly_type(expected));
     }
     if let Some(rest) = message.strip_prefix("unknown variant ") {
-        let allowed: Vec<String> = rest
-            .split_once("expected")
-            .map(|(_, e)| {
-                e.split('`')
-                    .skip(1)
-                    .step_by(2)
-                    .map(str::to_string)
-                    .collect()
-            })
-            .unwrap_or_default();
-        return (
-            field,
-            format!(
-                "{} is not one of the allowed values: {}",
-                quoted(rest).unwrap_or_default(),
-                allowed.join(", ")
-            ),
+        return format!(
+            "{} is not one of the allowed values: {}",
+            first_quoted(rest).unwrap_or_default(),
+            expected_names(rest).join(", ")
         );
     }
     if message.contains("invalid digit") || message.contains("cannot parse integer") {
-        return (field, "must be a whole number".into());
+        return "must be a whole number".into();
     }
     if message.contains("number too large") || message.contains("number too small") {
-        return (field, "is out of range".into());
+        return "is out of range".into();
     }
     if message.contains("invalid float literal") {
-        return (field, "must be a number".into());
+        return "must be a number".into();
     }
-    (field, message.to_string())
+    message.to_string()
 }
 
 /// Serde's names of types, as a person would say them.

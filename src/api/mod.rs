@@ -456,6 +456,7 @@ async fn create_task(
             ),
         ));
     }
+    let key = idempotency_key(&headers, body.idempotency_key.as_deref())?;
     let mut task = NewTask::new(body.kind, body.payload).priority(body.priority);
     if let Some(d) = body.delay_s {
         task = task.delay(seconds("delay_s", d, (Duration::ZERO, bounds::MAX_DELAY))?);
@@ -469,41 +470,8 @@ async fn create_task(
     if let Some(t) = body.timeout_s {
         task = task.timeout(seconds("timeout_s", t, bounds::TASK_TIMEOUT)?);
     }
-    // The header wins over the body's field when both are given.
-    let header_key = match headers.get("idempotency-key") {
-        None => None,
-        Some(v) => Some(
-            v.to_str()
-                .ok()
-                .filter(|k| k.chars().all(|c| c.is_ascii_graphic() || c == ' '))
-                .ok_or_else(|| {
-                    ApiError::new(
-                        StatusCode::BAD_REQUEST,
-                        "invalid Idempotency-Key header: only printable ASCII is allowed",
-                        json!({ "field": "Idempotency-Key" }),
-                    )
-                })?
-                .to_string(),
-        ),
-    };
-    // The field is checked even when the header wins: a request that breaks the rules is
-    // refused whatever else it carries.
-    if let Some(k) = &body.idempotency_key
-        && (k.is_empty()
-            || k.chars().count() > crate::queue::MAX_KEY_LEN
-            || crate::db::text::has_nul(k))
-    {
-        return Err(ApiError::invalid(
-            "idempotency_key",
-            format!(
-                "must be 1 to {} characters, without NUL",
-                crate::queue::MAX_KEY_LEN
-            ),
-        ));
-    }
-    let key = header_key.or(body.idempotency_key);
-    if let Some(k) = &key {
-        task = task.idempotency_key(k.clone());
+    if let Some(k) = key {
+        task = task.idempotency_key(k);
     }
     let (kind, payload) = (task.kind.clone(), task.payload.clone());
     let e = st.queue.enqueue(task).await?;
@@ -526,6 +494,39 @@ async fn create_task(
         StatusCode::CREATED
     };
     Ok((status, Json(task_json(&t, scope, true))).into_response())
+}
+
+/// The request's idempotency key: the `Idempotency-Key` header wins over the body's field
+/// when both are given, but the field is checked either way (a request that breaks the rules
+/// is refused whatever else it carries).
+fn idempotency_key(headers: &HeaderMap, field: Option<&str>) -> ApiResult<Option<String>> {
+    if let Some(k) = field
+        && (k.is_empty()
+            || k.chars().count() > crate::queue::MAX_KEY_LEN
+            || crate::db::text::has_nul(k))
+    {
+        return Err(ApiError::invalid(
+            "idempotency_key",
+            format!(
+                "must be 1 to {} characters, without NUL",
+                crate::queue::MAX_KEY_LEN
+            ),
+        ));
+    }
+    let Some(v) = headers.get("idempotency-key") else {
+        return Ok(field.map(str::to_string));
+    };
+    v.to_str()
+        .ok()
+        .filter(|k| k.chars().all(|c| c.is_ascii_graphic() || c == ' '))
+        .map(|k| Some(k.to_string()))
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid Idempotency-Key header: only printable ASCII is allowed",
+                json!({ "field": "Idempotency-Key" }),
+            )
+        })
 }
 
 /// Seconds given as a JSON number, as a `Duration` within the bounds the queue checks (the
@@ -650,7 +651,7 @@ async fn cancel_task(State(st): Shared, ApiPath(id): ApiPath<i64>) -> ApiResult<
 
 async fn stats(State(st): Shared) -> ApiResult<Json<Value>> {
     let s = st.queue.stats().await?;
-    // The predecessor's fields, and every other status, so the counts add up to `total`.
+    // Every status, so the counts add up to `total`.
     let mut v = json!({ "total": s.total, "success_rate": s.success_rate });
     for status in Status::ALL {
         v[status.as_str()] = json!(s.count(status));
@@ -782,7 +783,7 @@ async fn update_agent(
 ) -> ApiResult<Json<Value>> {
     let a = agents(&st)?;
     let current = find_agent(a, &id).await?;
-    let runtime = runtime_of(body.code, body.command)?.unwrap_or_else(|| current.runtime());
+    let runtime = runtime_of(body.code, body.command)?.unwrap_or_else(|| current.runtime.clone());
     let config = merge_config(&current.config, body.config)?;
     let mut agent = a.update(&current.name, runtime, config).await?;
     if let Some(active) = body.active {
@@ -819,7 +820,7 @@ async fn run_agent(
     } else {
         extract::parse_json::<RunAgent>(&body)?.input
     };
-    let e = st.queue.enqueue(a.run_task(&agent, input)).await?;
+    let e = st.queue.enqueue(a.new_run(&agent, input)).await?;
     let t = st.queue.get(e.id).await?;
     Ok((StatusCode::CREATED, Json(task_json(&t, scope, true))).into_response())
 }

@@ -113,6 +113,58 @@ pub fn raise_open_files_limit() {
     }
 }
 
+/// Registers a new connection, evicting a stalled one when `max` are open; `None` when every
+/// open connection is handling a request (the new one is refused).
+fn admit(conns: &Mutex<Conns>, max: usize) -> Option<(u64, ConnPhase, CancellationToken)> {
+    let mut c = conns.lock().expect("connections lock");
+    if c.open.len() >= max && !c.evict_one() {
+        tracing::warn!(
+            max_connections = max,
+            "every connection is handling a request; refusing a new one"
+        );
+        return None;
+    }
+    let id = c.next;
+    c.next += 1;
+    let phase = ConnPhase(Arc::new(AtomicU8::new(Phase::Waiting as u8)));
+    let close = CancellationToken::new();
+    c.open.insert(
+        id,
+        Conn {
+            phase: phase.clone(),
+            close: close.clone(),
+        },
+    );
+    Some((id, phase, close))
+}
+
+/// The router as a hyper service that marks the connection's phase: reading a body while a
+/// request is in, waiting (evictable) between requests.
+fn service(
+    router: Router,
+    phase: ConnPhase,
+) -> impl hyper::service::Service<
+    hyper::Request<Incoming>,
+    Response = axum::response::Response,
+    Error = Infallible,
+    Future = impl Send,
+> + Clone {
+    hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
+        let router = router.clone();
+        let phase = phase.clone();
+        phase.set(Phase::ReadingBody);
+        req.extensions_mut().insert(phase.clone());
+        async move {
+            let response = router
+                .oneshot(req.map(Body::new))
+                .await
+                .unwrap_or_else(|e: Infallible| match e {});
+            phase.set(Phase::Waiting);
+            Ok::<_, Infallible>(response)
+        }
+    })
+}
+
 /// Serves `router` on `listener` until `shutdown`, then lets requests in flight finish.
 pub async fn serve(
     listener: TcpListener,
@@ -143,44 +195,11 @@ pub async fn serve(
             },
             _ = &mut shutdown => break,
         };
-        let (id, phase, close) = {
-            let mut c = conns.lock().expect("connections lock");
-            if c.open.len() >= limits.max_connections && !c.evict_one() {
-                tracing::warn!(
-                    max_connections = limits.max_connections,
-                    "every connection is handling a request; refusing a new one"
-                );
-                continue; // dropping the stream closes it
-            }
-            let id = c.next;
-            c.next += 1;
-            let phase = ConnPhase(Arc::new(AtomicU8::new(Phase::Waiting as u8)));
-            let close = CancellationToken::new();
-            c.open.insert(
-                id,
-                Conn {
-                    phase: phase.clone(),
-                    close: close.clone(),
-                },
-            );
-            (id, phase, close)
+        let Some((id, phase, close)) = admit(&conns, limits.max_connections) else {
+            continue; // dropping the stream closes it
         };
         let _ = stream.set_nodelay(true);
-        let router = router.clone();
-        let service = hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
-            let router = router.clone();
-            let phase = phase.clone();
-            phase.set(Phase::ReadingBody);
-            req.extensions_mut().insert(phase.clone());
-            async move {
-                let response = router
-                    .oneshot(req.map(Body::new))
-                    .await
-                    .unwrap_or_else(|e: Infallible| match e {});
-                phase.set(Phase::Waiting);
-                Ok::<_, Infallible>(response)
-            }
-        });
+        let service = service(router.clone(), phase);
         let connection = graceful.watch(builder.serve_connection(TokioIo::new(stream), service));
         let conns = conns.clone();
         tokio::spawn(async move {

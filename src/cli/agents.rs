@@ -104,8 +104,8 @@ struct Definition {
     #[arg(long = "env", value_name = "K=V")]
     env: Vec<String>,
     /// A run due while the previous one runs: skip (default), queue or allow
-    #[arg(long, value_parser = ["skip", "queue", "allow"])]
-    overlap: Option<String>,
+    #[arg(long)]
+    overlap: Option<Overlap>,
 }
 
 impl Definition {
@@ -155,25 +155,20 @@ impl Definition {
                 .ok_or_else(|| anyhow::anyhow!("invalid env: {kv:?} must be KEY=VALUE"))?;
             config.env.insert(k.to_string(), v.to_string());
         }
-        if let Some(o) = &self.overlap {
-            config.overlap = match o.as_str() {
-                "queue" => Overlap::Queue,
-                "allow" => Overlap::Allow,
-                _ => Overlap::Skip,
-            };
+        if let Some(o) = self.overlap {
+            config.overlap = o;
         }
         Ok(config)
     }
 }
 
 fn show_line(a: &harness::agents::Agent) -> String {
-    let what = match (&a.code, &a.command) {
-        (Some(_), _) => "python".to_string(),
-        (_, Some(argv)) => format!(
+    let what = match &a.runtime {
+        Runtime::Python { .. } => "python".to_string(),
+        Runtime::Command { argv } => format!(
             "command {}",
             shlex::try_join(argv.iter().map(String::as_str)).unwrap_or_default()
         ),
-        _ => "?".into(),
     };
     format!(
         "{:<24} {:<8} {:<18} next {:<26} {}",
@@ -223,34 +218,11 @@ async fn run_command(
                 .await?;
             println!("{}", serde_json::to_string(&agent_json(&agent))?);
         }
-        AgentsCommand::List { json } => {
-            let list = agents.list().await?;
-            if json {
-                let v: Vec<Value> = list.iter().map(agent_json).collect();
-                println!("{}", serde_json::to_string(&v)?);
-            } else if list.is_empty() {
-                println!("no agents; add one with `harness agents add <name> --file agent.py`");
-            } else {
-                for a in &list {
-                    println!("{}", show_line(a));
-                }
-            }
-        }
-        AgentsCommand::Show { name, json } => {
-            let a = agents.get(&name).await?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&agent_json(&a))?);
-            } else {
-                println!("{}", show_line(&a));
-                println!("{}", serde_json::to_string_pretty(&a.config)?);
-                if let Some(code) = &a.code {
-                    println!("--- code ---\n{code}");
-                }
-            }
-        }
+        AgentsCommand::List { json } => list(agents, json).await?,
+        AgentsCommand::Show { name, json } => show(agents, &name, json).await?,
         AgentsCommand::Update { name, def } => {
             let current = agents.get(&name).await?;
-            let runtime = def.runtime()?.unwrap_or_else(|| current.runtime());
+            let runtime = def.runtime()?.unwrap_or_else(|| current.runtime.clone());
             let config = def.apply(current.config.clone())?;
             let agent = agents.update(&name, runtime, config).await?;
             println!("{}", serde_json::to_string(&agent_json(&agent))?);
@@ -277,29 +249,62 @@ async fn run_command(
             let e = agents.run(&queue, &name, input).await?;
             println!("{}", serde_json::to_string(&e)?);
         }
-        AgentsCommand::Handoff { name, clear, json } => {
-            let a = agents.get(&name).await?;
-            let manager = agents.handoffs();
-            if clear {
-                let n = manager.clear_artifact(a.id).await?;
-                println!("cleared {n} handoff artifact(s) of agent {name}");
-                return Ok(());
+        AgentsCommand::Handoff { name, clear, json } => handoff(agents, &name, clear, json).await?,
+    }
+    Ok(())
+}
+
+async fn list(agents: &Agents, json: bool) -> anyhow::Result<()> {
+    let list = agents.list().await?;
+    if json {
+        let v: Vec<Value> = list.iter().map(agent_json).collect();
+        println!("{}", serde_json::to_string(&v)?);
+    } else if list.is_empty() {
+        println!("no agents; add one with `harness agents add <name> --file agent.py`");
+    } else {
+        for a in &list {
+            println!("{}", show_line(a));
+        }
+    }
+    Ok(())
+}
+
+async fn show(agents: &Agents, name: &str, json: bool) -> anyhow::Result<()> {
+    let a = agents.get(name).await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&agent_json(&a))?);
+    } else {
+        println!("{}", show_line(&a));
+        println!("{}", serde_json::to_string_pretty(&a.config)?);
+        if let Runtime::Python { code } = &a.runtime {
+            println!("--- code ---\n{code}");
+        }
+    }
+    Ok(())
+}
+
+/// Shows (or with `clear`, removes) an agent's handoff artifact.
+async fn handoff(agents: &Agents, name: &str, clear: bool, json: bool) -> anyhow::Result<()> {
+    let a = agents.get(name).await?;
+    let manager = agents.handoffs();
+    if clear {
+        let n = manager.clear_artifact(a.id).await?;
+        println!("cleared {n} handoff artifact(s) of agent {name}");
+        return Ok(());
+    }
+    match manager.load_artifact(a.id).await? {
+        None if json => println!("null"),
+        None => println!("agent {name} has no handoff yet (it has not completed a run)"),
+        Some(h) if json => println!("{}", h.to_json()),
+        Some(h) => {
+            println!("run #{} at {}", h.run_number, h.created_at.to_rfc3339());
+            if let Some(s) = &h.summary {
+                println!("summary: {s}");
             }
-            match manager.load_artifact(a.id).await? {
-                None if json => println!("null"),
-                None => println!("agent {name} has no handoff yet (it has not completed a run)"),
-                Some(h) if json => println!("{}", h.to_json()),
-                Some(h) => {
-                    println!("run #{} at {}", h.run_number, h.created_at.to_rfc3339());
-                    if let Some(s) = &h.summary {
-                        println!("summary: {s}");
-                    }
-                    if h.compressed {
-                        println!("(state was compressed to fit)");
-                    }
-                    println!("{}", serde_json::to_string_pretty(&h.state)?);
-                }
+            if h.compressed {
+                println!("(state was compressed to fit)");
             }
+            println!("{}", serde_json::to_string_pretty(&h.state)?);
         }
     }
     Ok(())

@@ -108,19 +108,28 @@ pub async fn run(cfg: Config, args: BenchArgs) -> anyhow::Result<()> {
     }
     database.close().await;
 
+    report(&args, &median(&runs))
+}
+
+/// The median of each figure over the runs.
+fn median(runs: &[Measurement]) -> Measurement {
     let med = |f: fn(&Measurement) -> f64| {
         let mut v: Vec<f64> = runs.iter().map(f).collect();
         v.sort_by(|a, b| a.total_cmp(b));
         v[v.len() / 2]
     };
-    let summary = Measurement {
+    Measurement {
         enqueue_per_s: med(|m| m.enqueue_per_s).round(),
         process_per_s: med(|m| m.process_per_s).round(),
         latency_p50_ms: (med(|m| m.latency_p50_ms) * 1000.0).round() / 1000.0,
         latency_p99_ms: (med(|m| m.latency_p99_ms) * 1000.0).round() / 1000.0,
-    };
+    }
+}
+
+/// Prints the summary, as one JSON object with `--json`.
+fn report(args: &BenchArgs, summary: &Measurement) -> anyhow::Result<()> {
     if args.json {
-        let mut v = serde_json::to_value(&summary)?;
+        let mut v = serde_json::to_value(summary)?;
         v["tasks"] = json!(args.tasks);
         v["concurrency"] = json!(args.concurrency);
         v["replicas"] = json!(args.replicas);
@@ -129,25 +138,25 @@ pub async fn run(cfg: Config, args: BenchArgs) -> anyhow::Result<()> {
         v["runs"] = json!(args.runs);
         v["cpus"] = json!(std::thread::available_parallelism().map_or(0, |n| n.get()));
         println!("{v}");
-    } else {
-        println!(
-            "{} no-op tasks ({} producers, batches of {}), {} replica(s) × concurrency {}, \
-             median of {} run(s):",
-            args.tasks, args.producers, args.batch, args.replicas, args.concurrency, args.runs
-        );
-        println!(
-            "  bulk enqueue      {:>10.0} tasks/s",
-            summary.enqueue_per_s
-        );
-        println!(
-            "  processing        {:>10.0} tasks/s",
-            summary.process_per_s
-        );
-        println!(
-            "  pick-up latency   p50 {:.2} ms, p99 {:.2} ms",
-            summary.latency_p50_ms, summary.latency_p99_ms
-        );
+        return Ok(());
     }
+    println!(
+        "{} no-op tasks ({} producers, batches of {}), {} replica(s) × concurrency {}, \
+         median of {} run(s):",
+        args.tasks, args.producers, args.batch, args.replicas, args.concurrency, args.runs
+    );
+    println!(
+        "  bulk enqueue      {:>10.0} tasks/s",
+        summary.enqueue_per_s
+    );
+    println!(
+        "  processing        {:>10.0} tasks/s",
+        summary.process_per_s
+    );
+    println!(
+        "  pick-up latency   p50 {:.2} ms, p99 {:.2} ms",
+        summary.latency_p50_ms, summary.latency_p99_ms
+    );
     Ok(())
 }
 
@@ -213,12 +222,30 @@ impl Drop for Replicas {
     }
 }
 
+/// One run on the fresh database at `url`: bulk enqueue, processing by replica processes,
+/// then pick-up latency on one idle replica.
 async fn measure(cfg: &Config, args: &BenchArgs, url: &str) -> anyhow::Result<Measurement> {
     let pool = db::connect(url, args.producers as u32 + 2).await?;
     db::migrate(&pool).await?;
     let queue = Queue::new(pool.clone(), 0);
+    let enqueue_per_s = bulk_enqueue(&pool, &queue, args).await?;
+    let mut replicas = Replicas::spawn(cfg, url, args.replicas, args.concurrency)?;
+    let process_per_s = processing(&queue, args.tasks).await?;
+    replicas.stop_all_but_first();
+    let mut latencies = pickup_latencies(&queue, args.latency_samples).await?;
+    drop(replicas);
+    pool.close().await;
+    latencies.sort_by(|a, b| a.total_cmp(b));
+    Ok(Measurement {
+        enqueue_per_s,
+        process_per_s,
+        latency_p50_ms: percentile(&latencies, 0.5),
+        latency_p99_ms: percentile(&latencies, 0.99),
+    })
+}
 
-    // 1. Bulk enqueue: batches shared out to the producers.
+/// Enqueues `args.tasks` no-op tasks in batches shared out to the producers; tasks per second.
+async fn bulk_enqueue(pool: &sqlx::PgPool, queue: &Queue, args: &BenchArgs) -> anyhow::Result<f64> {
     let batches: Vec<usize> = (0..args.tasks)
         .step_by(args.batch)
         .map(|start| args.batch.min(args.tasks - start))
@@ -249,29 +276,29 @@ async fn measure(cfg: &Config, args: &BenchArgs, url: &str) -> anyhow::Result<Me
     while let Some(r) = producers.join_next().await {
         r??;
     }
-    let enqueue_per_s = args.tasks as f64 / started.elapsed().as_secs_f64();
+    Ok(args.tasks as f64 / started.elapsed().as_secs_f64())
+}
 
-    // 2. Processing by replica processes.
-    let mut replicas = Replicas::spawn(cfg, url, args.replicas, args.concurrency)?;
+/// Waits until every task is finished; tasks per second from the first start to the last
+/// completion.
+async fn processing(queue: &Queue, tasks: usize) -> anyhow::Result<f64> {
     let deadline = Instant::now() + Duration::from_secs(600);
     // The progress check must not load the system it measures: "anything not completed?"
     // is one probe of the partial tasks_status_idx, where counting completed rows would scan.
-    loop {
-        if !queue.any_unfinished().await? {
-            break;
-        }
+    while queue.any_unfinished().await? {
         if Instant::now() > deadline {
             bail!("the tasks did not all complete within 10 minutes");
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let window = queue.processing_window().await?;
-    let process_per_s = args.tasks as f64 / window.max(1e-6);
+    Ok(tasks as f64 / window.max(1e-6))
+}
 
-    // 3. Pick-up latency on one idle replica.
-    replicas.stop_all_but_first();
-    let mut latencies = Vec::with_capacity(args.latency_samples);
-    for _ in 0..args.latency_samples {
+/// Milliseconds from enqueue to start of `samples` tasks enqueued one at a time.
+async fn pickup_latencies(queue: &Queue, samples: usize) -> anyhow::Result<Vec<f64>> {
+    let mut latencies = Vec::with_capacity(samples);
+    for _ in 0..samples {
         let id = queue.enqueue(NewTask::new("noop", json!({}))).await?.id;
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
@@ -285,22 +312,7 @@ async fn measure(cfg: &Config, args: &BenchArgs, url: &str) -> anyhow::Result<Me
             tokio::time::sleep(Duration::from_micros(500)).await;
         }
     }
-    drop(replicas);
-    pool.close().await;
-    latencies.sort_by(|a, b| a.total_cmp(b));
-    let pct = |p: f64| -> f64 {
-        if latencies.is_empty() {
-            return 0.0;
-        }
-        let i = ((latencies.len() as f64 - 1.0) * p).round() as usize;
-        latencies[i]
-    };
-    Ok(Measurement {
-        enqueue_per_s,
-        process_per_s,
-        latency_p50_ms: pct(0.5),
-        latency_p99_ms: pct(0.99),
-    })
+    Ok(latencies)
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {

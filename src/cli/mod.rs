@@ -362,37 +362,17 @@ async fn serve(
     replica_id: String,
 ) -> anyhow::Result<()> {
     // Before anything else: from here on SIGTERM means "drain", never "die".
-    let mut signals = Signals::register().context("installing signal handlers")?;
-    let stop = tokio_util::sync::CancellationToken::new();
-    {
-        let stop = stop.clone();
-        tokio::spawn(async move {
-            signals.next().await;
-            stop.cancel();
-            // A second signal: exit at once, leaving unfinished tasks to be rescued.
-            signals.next().await;
-            eprintln!("second signal: exiting now");
-            std::process::exit(130);
-        });
-    }
+    let stop = stop_on_signals()?;
     let executor = std::sync::Arc::new(harness::executor::Executor::new(&cfg.executor)?);
     // `up` on a reachable address with no token would expose the API: make one.
-    let mut generated_token = None;
-    if announce && with_api && cfg.api.tokens.is_empty() && !cfg.api.bind.ip().is_loopback() {
-        let token: String = (0..32)
-            .map(|_| format!("{:x}", rand::random::<u8>() & 0xf))
-            .collect();
-        cfg.api.tokens.push(harness::config::ApiToken {
-            token: harness::config::Secret::new(token.clone()),
-            scope: harness::config::Scope::Admin,
-        });
-        generated_token = Some(token);
-    }
+    let generated_token =
+        (announce && with_api && cfg.api.tokens.is_empty() && !cfg.api.bind.ip().is_loopback())
+            .then(|| generate_admin_token(&mut cfg));
     let database = open_migrated(&cfg).await?;
     let agents = harness::agents::Agents::new(database.pool.clone(), executor.clone());
     let harness = builtin_handlers(Harness::builder())
         .agents(agents.clone())
-        .isolation(executor.isolation.as_str())
+        .isolation(executor.isolation)
         .replica_id(replica_id)
         .config(cfg.clone())
         .pool(database.pool.clone())
@@ -407,13 +387,7 @@ async fn serve(
     executor.isolation.warn_if_degraded();
 
     let listener = if with_api {
-        Some(tokio::net::TcpListener::bind(cfg.api.bind).await.with_context(|| {
-            format!(
-                "cannot listen on api.bind {}; choose another address (HARNESS_API__BIND) or run \
-                 with --no-api",
-                cfg.api.bind
-            )
-        })?)
+        Some(bind_api(&cfg).await?)
     } else {
         None
     };
@@ -422,32 +396,8 @@ async fn serve(
         tracing::info!(%addr, "REST API listening");
     }
     if announce {
-        let api = api_addr.map_or("no API".to_string(), |a| format!("API on http://{a}"));
-        match database.private_server() {
-            Some(server) => eprintln!(
-                "Agent Harness is up with a private PostgreSQL under {} ({}).\n\
-                 Replica {} is running tasks of kinds {}; {api}. Press Ctrl-C to stop.",
-                server.home().display(),
-                server.psql_command(db::PRIVATE_DATABASE),
-                harness.replica_id(),
-                harness.kinds().join(", "),
-            ),
-            None => eprintln!(
-                "Agent Harness is up on {}.\nReplica {} is running tasks of kinds {}; {api}. \
-                 Press Ctrl-C to stop.",
-                redact_url(database.url()),
-                harness.replica_id(),
-                harness.kinds().join(", "),
-            ),
-        }
-        if let Some(t) = &generated_token {
-            eprintln!(
-                "The API listens beyond loopback and no api.tokens are configured: use this admin \
-                 token (Authorization: Bearer {t}); it lasts until this process exits."
-            );
-        }
+        announce_up(&database, &harness, api_addr, generated_token.as_deref());
     }
-
     let api = listener.map(|listener| {
         let state = std::sync::Arc::new(harness::api::ApiState {
             queue: harness.queue().clone(),
@@ -457,10 +407,9 @@ async fn serve(
             kinds: harness.kinds(),
             config: cfg.clone(),
         });
-        let router = harness::api::router(state);
         tokio::spawn(harness::api::serve(
             listener,
-            router,
+            harness::api::router(state),
             harness::api::server::ServerLimits::from_config(&cfg.api),
             stop.clone().cancelled_owned(),
         ))
@@ -472,6 +421,79 @@ async fn serve(
     }
     database.close().await;
     Ok(())
+}
+
+/// A token cancelled by the first SIGINT or SIGTERM; a second one exits at once, leaving
+/// unfinished tasks to be rescued.
+fn stop_on_signals() -> anyhow::Result<tokio_util::sync::CancellationToken> {
+    let mut signals = Signals::register().context("installing signal handlers")?;
+    let stop = tokio_util::sync::CancellationToken::new();
+    let cancel = stop.clone();
+    tokio::spawn(async move {
+        signals.next().await;
+        cancel.cancel();
+        signals.next().await;
+        eprintln!("second signal: exiting now");
+        std::process::exit(130);
+    });
+    Ok(stop)
+}
+
+/// Adds a random admin token to the configuration, for this process only, and returns it.
+fn generate_admin_token(cfg: &mut Config) -> String {
+    let token: String = (0..32)
+        .map(|_| format!("{:x}", rand::random::<u8>() & 0xf))
+        .collect();
+    cfg.api.tokens.push(harness::config::ApiToken {
+        token: harness::config::Secret::new(token.clone()),
+        scope: harness::config::Scope::Admin,
+    });
+    token
+}
+
+async fn bind_api(cfg: &Config) -> anyhow::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(cfg.api.bind)
+        .await
+        .with_context(|| {
+            format!(
+                "cannot listen on api.bind {}; choose another address (HARNESS_API__BIND) or run \
+                 with --no-api",
+                cfg.api.bind
+            )
+        })
+}
+
+/// What `up` prints once serving: where the database is, what runs, where the API is.
+fn announce_up(
+    database: &db::Database,
+    harness: &Harness,
+    api_addr: Option<std::net::SocketAddr>,
+    generated_token: Option<&str>,
+) {
+    let api = api_addr.map_or("no API".to_string(), |a| format!("API on http://{a}"));
+    match database.private_server() {
+        Some(server) => eprintln!(
+            "Agent Harness is up with a private PostgreSQL under {} ({}).\n\
+             Replica {} is running tasks of kinds {}; {api}. Press Ctrl-C to stop.",
+            server.home().display(),
+            server.psql_command(db::PRIVATE_DATABASE),
+            harness.replica_id(),
+            harness.kinds().join(", "),
+        ),
+        None => eprintln!(
+            "Agent Harness is up on {}.\nReplica {} is running tasks of kinds {}; {api}. \
+             Press Ctrl-C to stop.",
+            redact_url(database.url()),
+            harness.replica_id(),
+            harness.kinds().join(", "),
+        ),
+    }
+    if let Some(t) = generated_token {
+        eprintln!(
+            "The API listens beyond loopback and no api.tokens are configured: use this admin \
+             token (Authorization: Bearer {t}); it lasts until this process exits."
+        );
+    }
 }
 
 async fn enqueue(cfg: Config, args: EnqueueArgs) -> anyhow::Result<()> {
@@ -621,15 +643,15 @@ async fn inspect(cfg: Config, id: i64, json: bool) -> anyhow::Result<()> {
     if let Some(e) = &task.error {
         println!("  error         {e}");
     }
-    for a in task.attempts.as_array().into_iter().flatten() {
+    for a in &task.attempts {
         println!(
             "  attempt {} {} on {} ({} → {}): {}",
-            a["attempt"],
-            a["status"].as_str().unwrap_or("?"),
-            a["replica"].as_str().unwrap_or("?"),
-            a["started_at"].as_str().unwrap_or("?"),
-            a["ended_at"].as_str().unwrap_or("?"),
-            a["error"].as_str().unwrap_or("")
+            a.attempt,
+            a.status.as_str(),
+            a.replica.as_deref().unwrap_or("?"),
+            a.started_at.map_or("?".to_string(), |t| t.to_rfc3339()),
+            a.ended_at.to_rfc3339(),
+            a.error.as_deref().unwrap_or("")
         );
     }
     Ok(())

@@ -73,7 +73,8 @@ pub enum ExecStatus {
     Timeout,
 }
 
-/// The outcome of one run, in the predecessor's shape.
+/// The outcome of one run: status, result, output and timing (public library API: its
+/// shape is what callers of [`execute_agent_code`] read).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ExecutionResult {
     pub status: ExecStatus,
@@ -451,8 +452,21 @@ impl Executor {
     }
 }
 
-/// The predecessor's entry point: runs Python `code` defining `class Agent` with `config`,
-/// the default limits of `executor`, and `timeout`.
+/// Runs Python `code` defining `class Agent` with `config`, the default limits of `executor`,
+/// and `timeout`: one sandboxed run without a queue, for library users.
+///
+/// ```
+/// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+/// use std::time::Duration;
+/// use harness::executor::{ExecStatus, Executor, execute_agent_code};
+/// let executor = Executor::new(&harness::Config::default().executor).unwrap();
+/// let code = "class Agent:\n    def execute(self):\n        return {'ok': True}\n";
+/// let r = execute_agent_code(&executor, code, serde_json::json!({}), Duration::from_secs(10))
+///     .await
+///     .unwrap();
+/// assert_eq!(r.status, ExecStatus::Success);
+/// # })
+/// ```
 pub async fn execute_agent_code(
     executor: &Executor,
     code: &str,

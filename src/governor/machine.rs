@@ -32,7 +32,7 @@ pub struct Settings {
 }
 
 impl Settings {
-    pub fn from_config(cfg: &crate::Config) -> Settings {
+    pub fn from_config(cfg: &crate::config::Config) -> Settings {
         let g = &cfg.governance;
         Settings {
             max_capacity: cfg.bulk.max_concurrent as usize,
@@ -172,32 +172,12 @@ impl Machine {
         }
     }
 
-    /// Applies the rules at `now`; returns what changed.
+    /// Applies the rules at `now`; returns what changed. In order: forget what left its
+    /// window; a hold waits for a person and a pause for its end; an error burst pauses (or
+    /// holds, after enough pauses); otherwise a window of load steps the capacity.
     pub fn evaluate(&mut self, now: Instant) -> Vec<Event> {
         let mut events = Vec::new();
-        let window = self.s.window;
-        while self
-            .samples
-            .front()
-            .is_some_and(|s| now.duration_since(s.0) > window)
-        {
-            self.samples.pop_front();
-        }
-        while self
-            .failures
-            .front()
-            .is_some_and(|t| now.duration_since(*t) > window)
-        {
-            self.failures.pop_front();
-        }
-        let esc = self.s.escalation_window();
-        while self
-            .pauses
-            .front()
-            .is_some_and(|t| now.duration_since(*t) > esc)
-        {
-            self.pauses.pop_front();
-        }
+        self.forget_before(now);
         match self.state {
             State::Holding => return events,
             State::Paused => {
@@ -212,66 +192,92 @@ impl Machine {
             _ => {}
         }
         if self.failures.len() >= self.s.burst_threshold as usize {
-            let n = self.failures.len();
-            self.failures.clear();
-            self.pauses.push_back(now);
-            if self.pauses.len() >= self.s.review_after_pauses as usize {
-                let reason = format!(
-                    "{} error bursts within {}s (last: {n} failures within {}s); holding until a \
-                     person resumes the replica",
-                    self.pauses.len(),
-                    esc.as_secs(),
-                    window.as_secs()
-                );
-                events.push(Event::Escalated {
-                    reason: reason.clone(),
-                });
-                self.set_state(State::Holding, reason, &mut events);
-            } else {
-                self.paused_until = Some(now + self.s.pause_duration);
-                self.set_state(
-                    State::Paused,
-                    format!(
-                        "{n} failures within {}s; pausing claims for {}s",
-                        window.as_secs(),
-                        self.s.pause_duration.as_secs()
-                    ),
-                    &mut events,
-                );
-            }
-            return events;
-        }
-        if now.duration_since(self.last_step) >= window
-            && let Some((cpu, mem)) = self.averages()
-        {
-            let hot = cpu > self.s.cpu_high_pct || mem > self.s.mem_high_pct;
-            let from = self.level;
-            if hot && self.level > 1 {
-                self.level = self.level.saturating_sub(self.s.step()).max(1);
-                events.push(Event::CapacityChanged {
-                    from,
-                    to: self.level,
-                    reason: format!(
-                        "average cpu {cpu:.0}% / memory {mem:.0}% over {}s above {}% / {}%",
-                        window.as_secs(),
-                        self.s.cpu_high_pct,
-                        self.s.mem_high_pct
-                    ),
-                });
-                self.last_step = now;
-            } else if !hot && self.level < self.s.max_capacity {
-                self.level = (self.level + self.s.step()).min(self.s.max_capacity);
-                events.push(Event::CapacityChanged {
-                    from,
-                    to: self.level,
-                    reason: format!("a healthy window (cpu {cpu:.0}%, memory {mem:.0}%)"),
-                });
-                self.last_step = now;
-            }
-            let to = self.not_paused_state();
-            self.set_state(to, "capacity changed".into(), &mut events);
+            self.on_error_burst(now, &mut events);
+        } else if now.duration_since(self.last_step) >= self.s.window {
+            self.step_capacity(now, &mut events);
         }
         events
+    }
+
+    /// Drops samples and failures older than the window, and pauses older than the
+    /// escalation window.
+    fn forget_before(&mut self, now: Instant) {
+        let (window, esc) = (self.s.window, self.s.escalation_window());
+        let old = |t: Instant, span: Duration| now.duration_since(t) > span;
+        while self.samples.front().is_some_and(|s| old(s.0, window)) {
+            self.samples.pop_front();
+        }
+        while self.failures.front().is_some_and(|t| old(*t, window)) {
+            self.failures.pop_front();
+        }
+        while self.pauses.front().is_some_and(|t| old(*t, esc)) {
+            self.pauses.pop_front();
+        }
+    }
+
+    /// A burst of failures: a pause, or a hold when the pauses within the escalation window
+    /// reach `review_after_pauses`.
+    fn on_error_burst(&mut self, now: Instant, events: &mut Vec<Event>) {
+        let (window, esc) = (self.s.window, self.s.escalation_window());
+        let n = self.failures.len();
+        self.failures.clear();
+        self.pauses.push_back(now);
+        if self.pauses.len() >= self.s.review_after_pauses as usize {
+            let reason = format!(
+                "{} error bursts within {}s (last: {n} failures within {}s); holding until a \
+                 person resumes the replica",
+                self.pauses.len(),
+                esc.as_secs(),
+                window.as_secs()
+            );
+            events.push(Event::Escalated {
+                reason: reason.clone(),
+            });
+            self.set_state(State::Holding, reason, events);
+        } else {
+            self.paused_until = Some(now + self.s.pause_duration);
+            let reason = format!(
+                "{n} failures within {}s; pausing claims for {}s",
+                window.as_secs(),
+                self.s.pause_duration.as_secs()
+            );
+            self.set_state(State::Paused, reason, events);
+        }
+    }
+
+    /// One step down when the window's averages are hot (never below 1), one step up when
+    /// they are healthy (never above the maximum).
+    fn step_capacity(&mut self, now: Instant, events: &mut Vec<Event>) {
+        let Some((cpu, mem)) = self.averages() else {
+            return;
+        };
+        let window = self.s.window;
+        let hot = cpu > self.s.cpu_high_pct || mem > self.s.mem_high_pct;
+        let from = self.level;
+        if hot && self.level > 1 {
+            self.level = self.level.saturating_sub(self.s.step()).max(1);
+            events.push(Event::CapacityChanged {
+                from,
+                to: self.level,
+                reason: format!(
+                    "average cpu {cpu:.0}% / memory {mem:.0}% over {}s above {}% / {}%",
+                    window.as_secs(),
+                    self.s.cpu_high_pct,
+                    self.s.mem_high_pct
+                ),
+            });
+            self.last_step = now;
+        } else if !hot && self.level < self.s.max_capacity {
+            self.level = (self.level + self.s.step()).min(self.s.max_capacity);
+            events.push(Event::CapacityChanged {
+                from,
+                to: self.level,
+                reason: format!("a healthy window (cpu {cpu:.0}%, memory {mem:.0}%)"),
+            });
+            self.last_step = now;
+        }
+        let to = self.not_paused_state();
+        self.set_state(to, "capacity changed".into(), events);
     }
 
     /// A person resumed the replica: lifts a hold or a pause.

@@ -29,6 +29,7 @@ use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::EscalationConfig;
+use crate::executor::Isolation;
 use crate::fleet::{self, EventKind, MetricsRow};
 use crate::worker::WorkerHandle;
 pub use machine::{Event, Machine, Settings, State};
@@ -46,14 +47,14 @@ pub struct GovernorOptions {
     pub logs_dir: PathBuf,
     pub escalation: EscalationConfig,
     /// The executor's isolation mode, shown by `harness fleet`.
-    pub isolation: Option<String>,
+    pub isolation: Option<Isolation>,
 }
 
 impl GovernorOptions {
     pub fn from_config(
-        cfg: &crate::Config,
+        cfg: &crate::config::Config,
         replica: &str,
-        isolation: Option<String>,
+        isolation: Option<Isolation>,
     ) -> GovernorOptions {
         GovernorOptions {
             replica: replica.to_string(),
@@ -87,7 +88,7 @@ pub async fn run(
         &g.pool,
         &g.opts.replica,
         g.machine.state(),
-        g.opts.isolation.as_deref(),
+        g.opts.isolation.map(Isolation::as_str),
     )
     .await
     {
@@ -230,7 +231,7 @@ impl Governor {
                     &self.pool,
                     replica,
                     *to,
-                    self.opts.isolation.as_deref(),
+                    self.opts.isolation.map(Isolation::as_str),
                 )
                 .await;
             }

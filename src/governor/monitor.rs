@@ -1,5 +1,7 @@
-//! Resource sampling (the predecessor's `ResourceMonitor`): CPU and memory of the host or,
-//! inside a cgroup with a limit (a Kubernetes pod), of that limit.
+//! Resource sampling ([`ResourceMonitor`], a public library API with the shape library users
+//! already call): CPU and memory of the host or, inside a cgroup with a limit (a Kubernetes
+//! pod), of that limit. Its execution slots are the worker's [`Capacity`], not a limiter of
+//! their own, so a slot taken here is a task the worker does not claim.
 //!
 //! Sampling reads `/proc` and `/sys`: callers on the async runtime run it with
 //! `spawn_blocking` (see [`ResourceMonitor::check_resources`]).
@@ -10,9 +12,11 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use sysinfo::{MemoryRefreshKind, System};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::OwnedSemaphorePermit;
 
-/// One sample, in the predecessor's shape.
+use crate::worker::Capacity;
+
+/// One sample: memory and CPU use in percent, and the memory still available.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 pub struct Resources {
     pub memory_percent: f64,
@@ -25,7 +29,7 @@ pub trait Sampler: Send {
     fn sample(&mut self) -> Resources;
 }
 
-/// Limits and warning thresholds (the predecessor's `ResourceLimits`).
+/// Limits and warning thresholds.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ResourceLimits {
     pub max_concurrent_agents: usize,
@@ -123,7 +127,7 @@ pub struct ResourceMonitor {
     system: System,
     cgroup_cpu: Option<CgroupCpu>,
     limits: ResourceLimits,
-    slots: Arc<Semaphore>,
+    slots: Arc<Capacity>,
     last: Arc<Mutex<Option<Resources>>>,
     /// Whether memory / CPU were above their warning thresholds at the last sample, so a
     /// warning is logged when a threshold is crossed, not at every sample above it.
@@ -131,12 +135,30 @@ pub struct ResourceMonitor {
 }
 
 impl ResourceMonitor {
+    /// A monitor with `max_concurrent_agents` slots of its own (for library use without a
+    /// worker).
+    ///
+    /// ```
+    /// use harness::governor::monitor::{ResourceLimits, ResourceMonitor};
+    /// let m = ResourceMonitor::new(ResourceLimits::default()).unwrap();
+    /// assert_eq!(m.limits().max_concurrent_agents, 5);
+    /// ```
     pub fn new(limits: ResourceLimits) -> Result<ResourceMonitor, String> {
+        let slots = Capacity::new(limits.max_concurrent_agents);
+        Self::with_capacity(limits, slots)
+    }
+
+    /// A monitor whose slots are `capacity`: a serving replica passes its worker's, so
+    /// [`ResourceMonitor::acquire_slot`] and the claimer draw on the same permits.
+    pub fn with_capacity(
+        limits: ResourceLimits,
+        capacity: Arc<Capacity>,
+    ) -> Result<ResourceMonitor, String> {
         let mut system = System::new().map_err(|e| format!("cannot read system resources: {e}"))?;
         system.refresh_cpu_usage();
         system.refresh_memory_specifics(MemoryRefreshKind::nothing().with_ram());
         Ok(ResourceMonitor {
-            slots: Arc::new(Semaphore::new(limits.max_concurrent_agents)),
+            slots: capacity,
             system,
             cgroup_cpu: CgroupCpu::detect(),
             limits,
@@ -214,26 +236,45 @@ impl ResourceMonitor {
     }
 
     /// Samples without blocking the async runtime.
+    ///
+    /// ```
+    /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+    /// use std::sync::{Arc, Mutex};
+    /// use harness::governor::monitor::{ResourceLimits, ResourceMonitor};
+    /// let m = Arc::new(Mutex::new(ResourceMonitor::new(ResourceLimits::default()).unwrap()));
+    /// let r = ResourceMonitor::check_resources(m).await;
+    /// assert!((0.0..=100.0).contains(&r.memory_percent));
+    /// # })
+    /// ```
     pub async fn check_resources(monitor: Arc<Mutex<ResourceMonitor>>) -> Resources {
         tokio::task::spawn_blocking(move || monitor.lock().expect("monitor lock").read())
             .await
             .expect("sampling panicked")
     }
 
-    /// An execution slot; at most `max_concurrent_agents` are held at once.
+    /// An execution slot, held until the permit drops: at most the capacity's grant are held
+    /// at once (counting the tasks a worker sharing it runs).
+    ///
+    /// ```
+    /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+    /// use harness::governor::monitor::{ResourceLimits, ResourceMonitor};
+    /// let limits = ResourceLimits { max_concurrent_agents: 1, ..ResourceLimits::default() };
+    /// let m = ResourceMonitor::new(limits).unwrap();
+    /// let slot = m.acquire_slot().await;
+    /// assert!(!m.is_resource_available());
+    /// drop(slot);
+    /// assert!(m.is_resource_available());
+    /// # })
+    /// ```
     pub async fn acquire_slot(&self) -> OwnedSemaphorePermit {
-        self.slots
-            .clone()
-            .acquire_owned()
-            .await
-            .expect("slots are never closed")
+        self.slots.acquire().await
     }
 
     /// Whether the last sample leaves room for another run: memory and CPU below their
     /// warning thresholds, and a free slot.
     pub fn is_resource_available(&self) -> bool {
         let last = *self.last.lock().expect("last sample lock");
-        self.slots.available_permits() > 0
+        self.slots.available() > 0
             && last.is_none_or(|r| {
                 r.memory_percent < self.limits.memory_warning_threshold
                     && r.cpu_percent < self.limits.cpu_warning_threshold
@@ -241,6 +282,21 @@ impl ResourceMonitor {
     }
 
     /// Samples every 0.5 s until resources are available or `timeout` passes.
+    ///
+    /// ```
+    /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+    /// use std::sync::{Arc, Mutex};
+    /// use std::time::Duration;
+    /// use harness::governor::monitor::{ResourceLimits, ResourceMonitor};
+    /// let limits = ResourceLimits {
+    ///     memory_warning_threshold: 100.1,
+    ///     cpu_warning_threshold: 100.1,
+    ///     ..ResourceLimits::default()
+    /// };
+    /// let m = Arc::new(Mutex::new(ResourceMonitor::new(limits).unwrap()));
+    /// assert!(ResourceMonitor::wait_for_resources(m, Duration::from_secs(1)).await);
+    /// # })
+    /// ```
     pub async fn wait_for_resources(
         monitor: Arc<Mutex<ResourceMonitor>>,
         timeout: Duration,
@@ -295,5 +351,24 @@ mod tests {
         assert!(!m.is_resource_available(), "no slot left");
         drop(a);
         assert!(m.is_resource_available());
+    }
+
+    #[tokio::test]
+    async fn slots_are_the_workers_capacity_and_follow_its_grant() {
+        let cap = Capacity::new(3);
+        let m = ResourceMonitor::with_capacity(ResourceLimits::default(), cap.clone()).unwrap();
+        // The worker runs one task; the library caller takes a slot.
+        let task = cap.acquire().await;
+        let slot = m.acquire_slot().await;
+        assert!(m.is_resource_available(), "one of three left");
+        // The governor lowers the grant to 2: both holders are within it, nothing is free.
+        cap.set(2);
+        assert!(!m.is_resource_available());
+        drop(task);
+        assert!(m.is_resource_available());
+        let other = m.acquire_slot().await;
+        assert!(!m.is_resource_available());
+        drop((slot, other));
+        assert_eq!(cap.available(), 2);
     }
 }

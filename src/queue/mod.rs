@@ -66,7 +66,7 @@ pub use admin::depth;
 pub use attempt::{Completion, Outcome};
 pub use listener::{Listener, Wakeup};
 use task::TASK_COLUMNS;
-pub use task::{Claimed, Enqueued, NewTask, Stats, Task, TaskFilter};
+pub use task::{AttemptRecord, AttemptStatus, Claimed, Enqueued, NewTask, Stats, Task, TaskFilter};
 
 use sqlx::PgPool;
 

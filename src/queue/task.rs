@@ -103,111 +103,125 @@ impl NewTask {
         self
     }
 
+    /// Checks every field against its bounds; the error names the first field refused.
     pub(super) fn validate(&self) -> Result<(), Error> {
+        self.validate_kind()?;
+        self.validate_payload()?;
+        self.validate_texts()?;
+        self.validate_numbers()
+    }
+
+    fn validate_kind(&self) -> Result<(), Error> {
         let kind_ok = !self.kind.is_empty()
             && self.kind.len() <= MAX_KIND_LEN
             && self
                 .kind
                 .chars()
                 .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | ':'));
-        if !kind_ok {
-            return Err(Error::Invalid {
-                field: "kind",
-                reason: format!(
-                    "{:?} must be 1 to {MAX_KIND_LEN} characters of letters, digits, _ - . :",
-                    self.kind
-                ),
-            });
+        if kind_ok {
+            return Ok(());
         }
+        Err(invalid(
+            "kind",
+            format!(
+                "{:?} must be 1 to {MAX_KIND_LEN} characters of letters, digits, _ - . :",
+                self.kind
+            ),
+        ))
+    }
+
+    /// Small enough, and nothing in it that PostgreSQL cannot store as given.
+    fn validate_payload(&self) -> Result<(), Error> {
         let size = json_len(&self.payload);
         if size > MAX_PAYLOAD_BYTES {
-            return Err(Error::Invalid {
-                field: "payload",
-                reason: format!(
+            return Err(invalid(
+                "payload",
+                format!(
                     "is {size} bytes; at most {MAX_PAYLOAD_BYTES} bytes are accepted (store large \
                      data elsewhere and pass a reference)"
                 ),
-            });
+            ));
         }
+        let at = |path: String| {
+            if path.is_empty() {
+                "its top level".to_string()
+            } else {
+                path
+            }
+        };
         if let Some(path) = crate::db::text::find_nul(&self.payload) {
-            return Err(Error::Invalid {
-                field: "payload",
-                reason: format!(
+            return Err(invalid(
+                "payload",
+                format!(
                     "holds a NUL character (\\u0000) at {}, which cannot be stored",
-                    if path.is_empty() {
-                        "its top level"
-                    } else {
-                        path.as_str()
-                    }
+                    at(path)
                 ),
-            });
+            ));
         }
         if let Some(path) = crate::db::text::find_unreadable_number(&self.payload) {
-            return Err(Error::Invalid {
-                field: "payload",
-                reason: format!(
+            return Err(invalid(
+                "payload",
+                format!(
                     "holds a number beyond ±{:e} at {}, which cannot be stored exactly",
                     crate::db::text::MAX_NUMBER,
-                    if path.is_empty() {
-                        "its top level"
-                    } else {
-                        path.as_str()
-                    }
+                    at(path)
                 ),
-            });
+            ));
         }
-        if let Some(k) = &self.idempotency_key
-            && crate::db::text::has_nul(k)
-        {
-            return Err(Error::Invalid {
-                field: "idempotency_key",
-                reason: "holds a NUL character, which is not allowed".into(),
-            });
+        Ok(())
+    }
+
+    fn validate_texts(&self) -> Result<(), Error> {
+        let nul = "holds a NUL character, which is not allowed";
+        if let Some(k) = &self.idempotency_key {
+            if crate::db::text::has_nul(k) {
+                return Err(invalid("idempotency_key", nul));
+            }
+            if k.is_empty() || k.chars().count() > MAX_KEY_LEN {
+                return Err(invalid(
+                    "idempotency_key",
+                    format!("must be 1 to {MAX_KEY_LEN} characters"),
+                ));
+            }
         }
         if self
             .traceparent
             .as_deref()
             .is_some_and(crate::db::text::has_nul)
         {
-            return Err(Error::Invalid {
-                field: "traceparent",
-                reason: "holds a NUL character, which is not allowed".into(),
-            });
+            return Err(invalid("traceparent", nul));
         }
-        if let Some(k) = &self.idempotency_key
-            && (k.is_empty() || k.chars().count() > MAX_KEY_LEN)
-        {
-            return Err(Error::Invalid {
-                field: "idempotency_key",
-                reason: format!("must be 1 to {MAX_KEY_LEN} characters"),
-            });
-        }
+        Ok(())
+    }
+
+    fn validate_numbers(&self) -> Result<(), Error> {
         if self.max_retries.is_some_and(|n| n > MAX_RETRIES) {
-            return Err(Error::Invalid {
-                field: "max_retries",
-                reason: format!("must be 0 to {MAX_RETRIES}"),
-            });
+            return Err(invalid(
+                "max_retries",
+                format!("must be 0 to {MAX_RETRIES}"),
+            ));
         }
         let (shortest, longest) = crate::bounds::TASK_TIMEOUT;
         if self.timeout.is_some_and(|t| t < shortest || t > longest) {
-            return Err(Error::Invalid {
-                field: "timeout",
-                reason: "must be between 1 ms and 7 days".into(),
-            });
+            return Err(invalid("timeout", "must be between 1 ms and 7 days"));
         }
         if self.delay.is_some_and(|d| d > crate::bounds::MAX_DELAY) {
-            return Err(Error::Invalid {
-                field: "delay",
-                reason: "must be at most a year".into(),
-            });
+            return Err(invalid("delay", "must be at most a year"));
         }
         if self.delay.is_some() && self.run_at.is_some() {
-            return Err(Error::Invalid {
-                field: "delay",
-                reason: "give either a delay or a run-at time, not both".into(),
-            });
+            return Err(invalid(
+                "delay",
+                "give either a delay or a run-at time, not both",
+            ));
         }
         Ok(())
+    }
+}
+
+fn invalid(field: &'static str, reason: impl Into<String>) -> Error {
+    Error::Invalid {
+        field,
+        reason: reason.into(),
     }
 }
 
@@ -217,6 +231,40 @@ pub struct Enqueued {
     pub id: TaskId,
     pub status: Status,
     pub deduplicated: bool,
+}
+
+/// How an attempt that did not succeed ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum AttemptStatus {
+    Failed,
+    Timeout,
+    Cancelled,
+    /// Its replica stopped heartbeating and the task was rescued.
+    Lost,
+}
+
+impl AttemptStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AttemptStatus::Failed => "failed",
+            AttemptStatus::Timeout => "timeout",
+            AttemptStatus::Cancelled => "cancelled",
+            AttemptStatus::Lost => "lost",
+        }
+    }
+}
+
+/// One attempt that did not succeed, as kept in `tasks.attempts`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct AttemptRecord {
+    pub attempt: i32,
+    pub status: AttemptStatus,
+    pub error: Option<String>,
+    /// The replica that ran it.
+    pub replica: Option<String>,
+    pub started_at: Option<DateTime<Utc>>,
+    pub ended_at: DateTime<Utc>,
 }
 
 /// The whole stored record of a task.
@@ -243,8 +291,9 @@ pub struct Task {
     /// The replica running it (`locked_by`).
     #[sqlx(rename = "locked_by")]
     pub replica: Option<String>,
-    /// One entry per attempt that did not succeed.
-    pub attempts: Value,
+    /// One entry per attempt that did not succeed, oldest first.
+    #[sqlx(json)]
+    pub attempts: Vec<AttemptRecord>,
     pub cancel_requested: bool,
     pub traceparent: Option<String>,
 }

@@ -45,6 +45,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::agents::{AGENT_KIND, Agents, COMMAND_KIND};
 use crate::config::Config;
+use crate::executor::Isolation;
 use crate::fleet::{Heartbeat, new_replica_id};
 use crate::governor::{GovernorOptions, ResourceLimits, ResourceMonitor, Sampler};
 use crate::queue::{self, Listener, Queue};
@@ -72,7 +73,7 @@ pub struct HarnessBuilder {
     replica_id: Option<String>,
     agents: Option<Agents>,
     sampler: Option<Box<dyn Sampler>>,
-    isolation: Option<String>,
+    isolation: Option<Isolation>,
 }
 
 impl HarnessBuilder {
@@ -121,8 +122,8 @@ impl HarnessBuilder {
     }
 
     /// The executor's isolation mode, as `harness fleet` should show it.
-    pub fn isolation(mut self, mode: impl Into<String>) -> Self {
-        self.isolation = Some(mode.into());
+    pub fn isolation(mut self, mode: Isolation) -> Self {
+        self.isolation = Some(mode);
         self
     }
 
@@ -164,7 +165,7 @@ impl HarnessBuilder {
 pub struct Harness {
     agents: Option<Agents>,
     sampler: Option<Box<dyn Sampler>>,
-    isolation: Option<String>,
+    isolation: Option<Isolation>,
     cfg: Config,
     pool: PgPool,
     queue: Queue,
@@ -211,7 +212,7 @@ impl Harness {
             capacity,
         } = self;
         // Before anything starts: a failure here must leave nothing running.
-        let sampler = sampler_for(sampler, &cfg)?;
+        let sampler = sampler_for(sampler, &cfg, &capacity)?;
         let mut heartbeat = Heartbeat::new((*pool.connect_options()).clone(), &replica);
         // Registered before the first claim, so no one rescues what we are about to take.
         heartbeat
@@ -333,7 +334,7 @@ impl Context<'_> {
     }
 
     /// The governor: grants the worker what the host can afford.
-    fn start_governor(&self, sampler: Box<dyn Sampler>, isolation: Option<String>) -> Running {
+    fn start_governor(&self, sampler: Box<dyn Sampler>, isolation: Option<Isolation>) -> Running {
         let mut r = Running::new();
         r.tasks.spawn(crate::governor::run(
             self.pool.clone(),
@@ -359,17 +360,25 @@ impl Context<'_> {
     }
 }
 
-/// The governor's sampler: the one given, else one of this host within the configured limits.
-fn sampler_for(given: Option<Box<dyn Sampler>>, cfg: &Config) -> Result<Box<dyn Sampler>, Error> {
+/// The governor's sampler: the one given, else one of this host within the configured limits
+/// whose slots are the worker's capacity.
+fn sampler_for(
+    given: Option<Box<dyn Sampler>>,
+    cfg: &Config,
+    capacity: &Arc<Capacity>,
+) -> Result<Box<dyn Sampler>, Error> {
     Ok(match given {
         Some(s) => s,
         None => Box::new(
-            ResourceMonitor::new(ResourceLimits {
-                max_concurrent_agents: cfg.bulk.max_concurrent as usize,
-                max_memory_mb: cfg.executor.max_memory_mb,
-                max_cpu_percent: cfg.executor.max_cpu_percent as f64,
-                ..ResourceLimits::default()
-            })
+            ResourceMonitor::with_capacity(
+                ResourceLimits {
+                    max_concurrent_agents: cfg.bulk.max_concurrent as usize,
+                    max_memory_mb: cfg.executor.max_memory_mb,
+                    max_cpu_percent: cfg.executor.max_cpu_percent as f64,
+                    ..ResourceLimits::default()
+                },
+                capacity.clone(),
+            )
             .map_err(Error::Governor)?,
         ),
     })

@@ -109,7 +109,7 @@ pub struct SchedulerOptions {
 }
 
 impl SchedulerOptions {
-    pub fn from_config(cfg: &crate::Config, replica: &str) -> SchedulerOptions {
+    pub fn from_config(cfg: &crate::config::Config, replica: &str) -> SchedulerOptions {
         SchedulerOptions {
             replica: replica.to_string(),
             namespace: cfg.scheduler.namespace.clone(),
@@ -337,7 +337,7 @@ async fn fire(
     }
     if let Some(at) = p.fire {
         let mut task = agents
-            .run_task(&t.agent, serde_json::Value::Null)
+            .new_run(&t.agent, serde_json::Value::Null)
             .fire_at(at);
         task.payload["scheduled_by"] = json!(replica);
         task.payload["fire_at"] = json!(at);

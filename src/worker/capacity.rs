@@ -46,6 +46,29 @@ impl Capacity {
         }
     }
 
+    /// Waits for one free slot and holds it until the permit drops: the same permits the
+    /// claimer takes, so a slot held here is one task fewer claimed, and a lowered grant
+    /// applies here too.
+    pub async fn acquire(self: &Arc<Capacity>) -> OwnedSemaphorePermit {
+        loop {
+            let mut permit = self
+                .sem
+                .clone()
+                .acquire_owned()
+                .await
+                .expect("capacity is never closed");
+            if self.repay(&mut permit) {
+                return permit;
+            }
+        }
+    }
+
+    /// Free slots right now.
+    pub fn available(&self) -> usize {
+        self.settle();
+        self.sem.available_permits()
+    }
+
     /// Pays debt out of permits just acquired; false when none are left to claim with.
     pub(super) fn repay(&self, permits: &mut OwnedSemaphorePermit) -> bool {
         let mut debt = self.debt.lock().expect("capacity lock");

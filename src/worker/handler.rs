@@ -88,7 +88,7 @@ pub struct Handler {
 }
 
 impl Handler {
-    /// A handler of the payload alone, like the predecessor's `register_handler`.
+    /// A handler of the payload alone (for code that needs no [`TaskContext`]).
     pub fn from_payload<F, Fut, E>(f: F) -> Handler
     where
         F: Fn(Value) -> Fut + Send + Sync + 'static,

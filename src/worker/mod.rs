@@ -64,7 +64,7 @@ pub struct WorkerOptions {
 }
 
 impl WorkerOptions {
-    pub fn from_config(cfg: &crate::Config, replica: &str) -> WorkerOptions {
+    pub fn from_config(cfg: &crate::config::Config, replica: &str) -> WorkerOptions {
         WorkerOptions {
             replica: replica.to_string(),
             max_concurrent: cfg.bulk.max_concurrent as usize,

@@ -1,4 +1,5 @@
-//! Layered settings: built-in defaults < YAML file < environment.
+//! Settings: what every key means, its default and its allowed range ([`Config`]), loaded
+//! in layers: built-in defaults < YAML file < environment (the merging is `layers`).
 //!
 //! The file is `--config PATH`, else `$HARNESS_CONFIG`, else `./harness.yml` when present.
 //! Every key can be overridden with `HARNESS_<SECTION>__<KEY>` (nested sections joined by
@@ -21,66 +22,18 @@
 //! assert_eq!(cfg.bulk.retry_attempts, 3);
 //! ```
 
+mod layers;
+mod secret;
+
 use std::collections::BTreeMap;
-use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
-use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
-use serde_norway::{Mapping, Value};
 
-/// Environment variables that are not `SECTION__KEY` overrides but are still ours.
-const ENV_CONFIG_FILE: &str = "HARNESS_CONFIG";
-const ENV_HOME: &str = "HARNESS_HOME";
-const ENV_DATABASE_URL: &str = "DATABASE_URL";
-const ENV_PREFIX: &str = "HARNESS_";
-const DEFAULT_FILE: &str = "harness.yml";
-
-/// Keys whose values are secrets, or lists of them: no error message quotes their values.
-const SECRET_KEYS: [&str; 4] = [
-    "api.tokens",
-    "database.url",
-    "escalation.webhook_url",
-    "escalation.smtp_url",
-];
-
-fn is_secret_key(key: &str) -> bool {
-    SECRET_KEYS.iter().any(|k| {
-        key == *k || key.starts_with(&format!("{k}[")) || key.starts_with(&format!("{k}."))
-    })
-}
-
-/// `message` with every double-quoted value (serde quotes the offending value that way)
-/// replaced by `(value hidden)`.
-fn without_quoted_values(message: &str) -> String {
-    let mut out = String::with_capacity(message.len());
-    let mut chars = message.chars();
-    while let Some(c) = chars.next() {
-        if c != '"' {
-            out.push(c);
-            continue;
-        }
-        let mut escaped = false;
-        for q in chars.by_ref() {
-            match (q, escaped) {
-                ('\\', false) => escaped = true,
-                ('"', false) => break,
-                _ => escaped = false,
-            }
-        }
-        out.push_str("(value hidden)");
-    }
-    // "invalid type: integer `123`, expected ...": the first backquoted part is the value
-    // (elsewhere backquotes name fields and variants, which are not secret).
-    if (out.starts_with("invalid type:") || out.starts_with("invalid value:"))
-        && let Some(start) = out.find('`')
-        && let Some(len) = out[start + 1..].find('`')
-    {
-        out.replace_range(start..start + len + 2, "(value hidden)");
-    }
-    out
-}
+use layers::Layers;
+pub use layers::Origin;
+pub use secret::{Secret, redact_url};
 
 /// A configuration problem, phrased for the person who has to fix it.
 #[derive(Debug, thiserror::Error)]
@@ -104,50 +57,6 @@ pub enum Error {
         origin: Origin,
         message: String,
     },
-}
-
-/// Where a setting came from, so an error can point at the line to change.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Origin {
-    Default,
-    File(PathBuf),
-    Env(String),
-}
-
-impl fmt::Display for Origin {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Origin::Default => write!(f, "built-in default"),
-            Origin::File(p) => write!(f, "in {}", p.display()),
-            Origin::Env(v) => write!(f, "from environment variable {v}"),
-        }
-    }
-}
-
-/// A secret string: deserializes from a plain string, prints as `[redacted]` everywhere.
-#[derive(Clone, Deserialize)]
-#[serde(transparent)]
-pub struct Secret(SecretString);
-
-impl Secret {
-    pub fn new(value: impl Into<String>) -> Self {
-        Secret(SecretString::from(value.into()))
-    }
-    pub fn expose(&self) -> &str {
-        self.0.expose_secret()
-    }
-}
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("[redacted]")
-    }
-}
-
-impl Serialize for Secret {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str("[redacted]")
-    }
 }
 
 /// The effective configuration of one `harness` process.
@@ -461,106 +370,31 @@ impl Default for SchedulerConfig {
         }
     }
 }
-
-/// Which file to read, in precedence order.
-fn choose_file(explicit: Option<&Path>, env: &BTreeMap<String, String>) -> Option<PathBuf> {
-    if let Some(p) = explicit {
-        return Some(p.to_path_buf());
-    }
-    if let Some(p) = env.get(ENV_CONFIG_FILE).filter(|p| !p.is_empty()) {
-        return Some(PathBuf::from(p));
-    }
-    let default = PathBuf::from(DEFAULT_FILE);
-    default.is_file().then_some(default)
-}
-
 impl Config {
     /// Loads from the process environment and the chosen file.
     pub fn load(explicit_file: Option<&Path>) -> Result<Config, Error> {
         Self::load_from(explicit_file, std::env::vars())
     }
 
-    /// Loads with an explicit environment (tests pass their own).
+    /// Loads with an explicit environment (tests pass their own): defaults, then the file,
+    /// then the environment, each value remembered with its origin for the errors.
     pub fn load_from(
         explicit_file: Option<&Path>,
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Config, Error> {
         let env: BTreeMap<String, String> = env.into_iter().collect();
-        let defaults = serde_norway::to_value(Config::default()).expect("defaults serialize");
-        let mut merged = defaults.clone();
-        let mut origins: BTreeMap<String, Origin> = BTreeMap::new();
-
-        if let Some(path) = choose_file(explicit_file, &env) {
-            let text = std::fs::read_to_string(&path).map_err(|source| Error::Read {
-                path: path.clone(),
-                source,
-            })?;
-            let file: Value = serde_norway::from_str(&text).map_err(|e| Error::Syntax {
-                path: path.clone(),
-                message: e.to_string(),
-            })?;
-            match file {
-                Value::Null => {}
-                Value::Mapping(_) => {
-                    let origin = Origin::File(path.clone());
-                    overlay(&mut merged, &defaults, file, "", &origin, &mut origins)?;
-                }
-                _ => {
-                    return Err(Error::Syntax {
-                        path,
-                        message: "the top level must be a mapping of sections".into(),
-                    });
-                }
-            }
+        let mut layers =
+            Layers::new(serde_norway::to_value(Config::default()).expect("defaults serialize"));
+        if let Some(path) = layers::choose_file(explicit_file, &env) {
+            layers.add_file(&path)?;
         }
-
-        for (var, raw) in &env {
-            let key = if var == ENV_DATABASE_URL {
-                "database.url".to_string()
-            } else if var == ENV_HOME {
-                "home".to_string()
-            } else if let Some(rest) = var.strip_prefix(ENV_PREFIX) {
-                if !rest.contains("__") {
-                    continue; // HARNESS_CONFIG and other non-setting variables
-                }
-                rest.split("__")
-                    .map(str::to_ascii_lowercase)
-                    .collect::<Vec<_>>()
-                    .join(".")
-            } else {
-                continue;
-            };
-            let origin = Origin::Env(var.clone());
-            let default_here = lookup(&defaults, &key).ok_or_else(|| Error::UnknownKey {
-                key: key.clone(),
-                origin: origin.clone(),
-                hint: hint_for(&defaults, &key),
-            })?;
-            let value = env_value(raw, default_here);
-            set_path(&mut merged, &key, value);
-            origins.insert(key, origin);
-        }
-
-        let origin_of = |key: &str| -> Origin {
-            // The most specific recorded origin: `api.tokens[0].scope` came with `api.tokens`.
-            let mut probe = key.to_string();
-            loop {
-                if let Some(o) = origins.get(&probe) {
-                    return o.clone();
-                }
-                match probe.rfind(['.', '[']) {
-                    Some(i) => probe.truncate(i),
-                    None => return Origin::Default,
-                }
-            }
-        };
-
-        let cfg: Config = serde_path_to_error::deserialize(merged).map_err(|e| {
+        layers.add_env(&env)?;
+        let cfg: Config = serde_path_to_error::deserialize(layers.merged()).map_err(|e| {
             let key = e.path().to_string();
             let mut message = e.into_inner().to_string();
-            if is_secret_key(&key) {
+            if secret::is_secret_key(&key) {
                 // The value may be the secret itself (a token list that is not valid JSON).
-                message = without_quoted_values(&message);
+                message = secret::without_quoted_values(&message);
                 if key == "api.tokens" {
                     message.push_str(
                         r#"; give a JSON list like [{"token":"at least 16 characters","scope":"admin"}]"#,
@@ -568,13 +402,13 @@ impl Config {
                 }
             }
             Error::Invalid {
-                origin: origin_of(&key),
+                origin: layers.origin_of(&key),
                 message,
                 key,
             }
         })?;
         cfg.validate().map_err(|(key, message)| Error::Invalid {
-            origin: origin_of(&key),
+            origin: layers.origin_of(&key),
             key,
             message,
         })?;
@@ -853,165 +687,20 @@ impl Config {
     pub fn to_redacted_yaml(&self) -> String {
         let mut value = serde_norway::to_value(self).expect("config serializes");
         if let Some(url) = &self.database.url {
-            set_path(
+            layers::set_path(
                 &mut value,
                 "database.url",
-                Value::String(redact_url(url.expose())),
+                serde_norway::Value::String(redact_url(url.expose())),
             );
         }
         serde_norway::to_string(&value).expect("value serializes")
     }
 }
 
-/// `postgres://user:secret@host/db` → `postgres://user:[redacted]@host/db`.
-pub fn redact_url(raw: &str) -> String {
-    match url::Url::parse(raw) {
-        Ok(mut u) => {
-            if u.password().is_some() {
-                let _ = u.set_password(Some("[redacted]"));
-            }
-            // Query parameters may carry a password too (`?password=`).
-            if u.query().is_some_and(|q| q.contains("password")) {
-                u.set_query(Some("[redacted]"));
-            }
-            u.to_string()
-        }
-        Err(_) => "[redacted]".to_string(),
-    }
-}
-
-/// Merges `src` (from a file) into `dst`, rejecting keys that the defaults do not have.
-fn overlay(
-    dst: &mut Value,
-    defaults: &Value,
-    src: Value,
-    prefix: &str,
-    origin: &Origin,
-    origins: &mut BTreeMap<String, Origin>,
-) -> Result<(), Error> {
-    let Value::Mapping(src) = src else {
-        unreachable!("callers pass mappings")
-    };
-    for (k, v) in src {
-        let name = match &k {
-            Value::String(s) => s.clone(),
-            other => serde_norway::to_string(other)
-                .unwrap_or_default()
-                .trim()
-                .to_string(),
-        };
-        let key = if prefix.is_empty() {
-            name.clone()
-        } else {
-            format!("{prefix}.{name}")
-        };
-        let Some(default_here) = lookup(defaults, &key) else {
-            return Err(Error::UnknownKey {
-                hint: hint_for(defaults, &key),
-                key,
-                origin: origin.clone(),
-            });
-        };
-        match (default_here, v) {
-            (Value::Mapping(_), Value::Null) => {}
-            (Value::Mapping(_), v @ Value::Mapping(_)) => {
-                overlay(dst, defaults, v, &key, origin, origins)?;
-            }
-            (_, v) => {
-                set_path(dst, &key, v);
-                origins.insert(key, origin.clone());
-            }
-        }
-    }
-    Ok(())
-}
-
-fn lookup<'a>(root: &'a Value, dotted: &str) -> Option<&'a Value> {
-    dotted.split('.').try_fold(root, |v, part| match v {
-        Value::Mapping(m) => m.get(Value::String(part.to_string())),
-        _ => None,
-    })
-}
-
-fn set_path(root: &mut Value, dotted: &str, value: Value) {
-    let mut cur = root;
-    let parts: Vec<&str> = dotted.split('.').collect();
-    for (i, part) in parts.iter().enumerate() {
-        if !matches!(cur, Value::Mapping(_)) {
-            *cur = Value::Mapping(Mapping::new());
-        }
-        let Value::Mapping(m) = cur else {
-            unreachable!()
-        };
-        let k = Value::String(part.to_string());
-        if i + 1 == parts.len() {
-            m.insert(k, value);
-            return;
-        }
-        cur = m.entry(k).or_insert(Value::Null);
-    }
-}
-
-/// "did you mean" and the list of keys allowed where the unknown one was found.
-fn hint_for(defaults: &Value, key: &str) -> String {
-    let (parent, leaf) = match key.rsplit_once('.') {
-        Some((p, l)) => (Some(p), l),
-        None => (None, key),
-    };
-    let section = match parent {
-        Some(p) => lookup(defaults, p),
-        None => Some(defaults),
-    };
-    let Some(Value::Mapping(m)) = section else {
-        return format!("`{}` has no sub-keys", parent.unwrap_or_default());
-    };
-    let allowed: Vec<String> = m
-        .keys()
-        .filter_map(|k| k.as_str().map(str::to_string))
-        .collect();
-    let closest = allowed
-        .iter()
-        .map(|a| (edit_distance(a, leaf), a))
-        .filter(|(d, _)| *d <= 3)
-        .min();
-    let place = parent.map_or("at the top level".to_string(), |p| format!("in `{p}`"));
-    match closest {
-        Some((_, a)) => format!(
-            "did you mean `{}`? allowed {place}: {}",
-            parent.map_or(a.clone(), |p| format!("{p}.{a}")),
-            allowed.join(", ")
-        ),
-        None => format!("allowed {place}: {}", allowed.join(", ")),
-    }
-}
-
-fn edit_distance(a: &str, b: &str) -> usize {
-    let b: Vec<char> = b.chars().collect();
-    let mut prev: Vec<usize> = (0..=b.len()).collect();
-    for (i, ca) in a.chars().enumerate() {
-        let mut cur = vec![i + 1; b.len() + 1];
-        for (j, cb) in b.iter().enumerate() {
-            cur[j + 1] = (prev[j] + usize::from(ca != *cb))
-                .min(prev[j + 1] + 1)
-                .min(cur[j] + 1);
-        }
-        prev = cur;
-    }
-    prev[b.len()]
-}
-
-/// Environment values are strings; give them the type the default has, so
-/// `HARNESS_BULK__MAX_CONCURRENT=4` is a number while a numeric-looking password stays text.
-fn env_value(raw: &str, default_here: &Value) -> Value {
-    match default_here {
-        Value::String(_) | Value::Null => Value::String(raw.to_string()),
-        _ => serde_norway::from_str(raw).unwrap_or_else(|_| Value::String(raw.to_string())),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_norway::Value;
 
     fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
         pairs
@@ -1028,7 +717,7 @@ mod tests {
     }
 
     #[test]
-    fn defaults_match_the_predecessor() {
+    fn defaults_are_the_documented_ones() {
         let c = Config::load_from(None, env(&[])).unwrap();
         assert_eq!(c.bulk.max_concurrent, 8);
         assert_eq!(c.bulk.retry_attempts, 3);
