@@ -673,6 +673,8 @@ fn response_schemas() -> Map<String, Value> {
     g.subschema_for::<crate::queue::Status>();
     g.subschema_for::<crate::agents::Overlap>();
     let mut defs = g.take_definitions(true);
+    use crate::agents::RuntimeKind;
+    use crate::queue::AttemptStatus;
     // Plain string enums (schemars spells documented variants as `oneOf` of consts, which
     // client generators turn into unions of literals).
     for (name, values, description) in [
@@ -688,6 +690,18 @@ fn response_schemas() -> Map<String, Value> {
                 .map(crate::queue::Status::as_str)
                 .to_vec(),
             "Where a task is in its lifecycle",
+        ),
+        (
+            "RuntimeKind",
+            [RuntimeKind::Python, RuntimeKind::Command]
+                .map(RuntimeKind::as_str)
+                .to_vec(),
+            "What an agent runs: python (its code defines class Agent) or command (an argv)",
+        ),
+        (
+            "AttemptStatus",
+            AttemptStatus::ALL.map(AttemptStatus::as_str).to_vec(),
+            "How an attempt that did not succeed ended (lost: its replica stopped heartbeating)",
         ),
     ] {
         defs.insert(

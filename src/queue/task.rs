@@ -245,6 +245,13 @@ pub enum AttemptStatus {
 }
 
 impl AttemptStatus {
+    pub const ALL: [AttemptStatus; 4] = [
+        AttemptStatus::Failed,
+        AttemptStatus::Timeout,
+        AttemptStatus::Cancelled,
+        AttemptStatus::Lost,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             AttemptStatus::Failed => "failed",

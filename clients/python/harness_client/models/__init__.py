@@ -3,6 +3,8 @@
 from .agent import Agent
 from .agent_config import AgentConfig
 from .agent_config_env import AgentConfigEnv
+from .attempt_record import AttemptRecord
+from .attempt_status import AttemptStatus
 from .cancelled import Cancelled
 from .create_agent import CreateAgent
 from .create_agent_config import CreateAgentConfig
@@ -22,6 +24,7 @@ from .replica_row import ReplicaRow
 from .resumed import Resumed
 from .resumed_count import ResumedCount
 from .run_agent import RunAgent
+from .runtime_kind import RuntimeKind
 from .stats import Stats
 from .status import Status
 from .task import Task
@@ -33,6 +36,8 @@ __all__ = (
     "Agent",
     "AgentConfig",
     "AgentConfigEnv",
+    "AttemptRecord",
+    "AttemptStatus",
     "Cancelled",
     "CreateAgent",
     "CreateAgentConfig",
@@ -52,6 +57,7 @@ __all__ = (
     "Resumed",
     "ResumedCount",
     "RunAgent",
+    "RuntimeKind",
     "Stats",
     "Status",
     "Task",

@@ -8,6 +8,7 @@ from attrs import field as _attrs_field
 
 from ..types import UNSET, Unset
 
+from ..models.runtime_kind import RuntimeKind
 from ..types import UNSET, Unset
 from typing import cast
 import datetime
@@ -25,7 +26,7 @@ T = TypeVar("T", bound="Agent")
 
 @_attrs_define
 class Agent:
-    """ A registered agent.
+    """ An agent as JSON (the API's `Agent` schema): the runtime kind beside its code or argv.
 
         Attributes:
             active (bool):
@@ -35,7 +36,7 @@ class Agent:
             id (int):
             last_fire_at (datetime.datetime | None): The last cron tick the scheduler enqueued (or skipped) for this agent.
             name (str):
-            runtime (str):
+            runtime (RuntimeKind): What an agent runs: python (its code defines class Agent) or command (an argv)
             updated_at (datetime.datetime):
             code (None | str | Unset):
             next_fire_at (datetime.datetime | None | Unset): The next cron tick, if the agent has a schedule and is active
@@ -48,7 +49,7 @@ class Agent:
     id: int
     last_fire_at: datetime.datetime | None
     name: str
-    runtime: str
+    runtime: RuntimeKind
     updated_at: datetime.datetime
     code: None | str | Unset = UNSET
     next_fire_at: datetime.datetime | None | Unset = UNSET
@@ -84,7 +85,7 @@ class Agent:
 
         name = self.name
 
-        runtime = self.runtime
+        runtime = self.runtime.value
 
         updated_at = self.updated_at.isoformat()
 
@@ -179,7 +180,10 @@ class Agent:
 
         name = d.pop("name")
 
-        runtime = d.pop("runtime")
+        runtime = RuntimeKind(d.pop("runtime"))
+
+
+
 
         updated_at = datetime.datetime.fromisoformat(d.pop("updated_at"))
 

@@ -12,6 +12,8 @@ from ..models.status import Status
 from typing import cast
 import datetime
 
+if TYPE_CHECKING:
+  from ..models.attempt_record import AttemptRecord
 
 
 
@@ -28,7 +30,7 @@ class Task:
         Attributes:
             agent_id (int | None):
             attempt (int):
-            attempts (Any): One entry per attempt that did not succeed.
+            attempts (list[AttemptRecord]): One entry per attempt that did not succeed, oldest first.
             cancel_requested (bool):
             completed_at (datetime.datetime | None):
             created_at (datetime.datetime):
@@ -52,7 +54,7 @@ class Task:
 
     agent_id: int | None
     attempt: int
-    attempts: Any
+    attempts: list[AttemptRecord]
     cancel_requested: bool
     completed_at: datetime.datetime | None
     created_at: datetime.datetime
@@ -79,12 +81,18 @@ class Task:
 
 
     def to_dict(self) -> dict[str, Any]:
+        from ..models.attempt_record import AttemptRecord # noqa: PLC0415
         agent_id: int | None
         agent_id = self.agent_id
 
         attempt = self.attempt
 
-        attempts = self.attempts
+        attempts = []
+        for attempts_item_data in self.attempts:
+            attempts_item = attempts_item_data.to_dict()
+            attempts.append(attempts_item)
+
+
 
         cancel_requested = self.cancel_requested
 
@@ -175,6 +183,7 @@ class Task:
 
     @classmethod
     def from_dict(cls: type[T], src_dict: Mapping[str, Any]) -> T:
+        from ..models.attempt_record import AttemptRecord # noqa: PLC0415
         d = dict(src_dict)
         def _parse_agent_id(data: object) -> int | None:
             if data is None:
@@ -186,7 +195,15 @@ class Task:
 
         attempt = d.pop("attempt")
 
-        attempts = d.pop("attempts")
+        attempts = []
+        _attempts = d.pop("attempts")
+        for attempts_item_data in (_attempts):
+            attempts_item = AttemptRecord.from_dict(attempts_item_data)
+
+
+
+            attempts.append(attempts_item)
+
 
         cancel_requested = d.pop("cancel_requested")
 
