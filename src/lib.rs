@@ -15,6 +15,7 @@ pub mod queue;
 pub mod replica;
 pub mod scheduler;
 pub mod telemetry;
+pub mod ticks;
 pub mod worker;
 
 pub use config::Config;

@@ -31,6 +31,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::EscalationConfig;
 use crate::executor::Isolation;
 use crate::fleet::{self, EventKind, MetricsRow};
+use crate::ticks::Ticks;
 use crate::worker::WorkerHandle;
 pub use machine::{Event, Machine, Settings, State};
 pub use monitor::{ResourceLimits, ResourceMonitor, Resources, Sampler};
@@ -95,13 +96,8 @@ pub async fn run(
         tracing::debug!(error = %e, "could not record the governor state yet");
     }
     let sampler = Arc::new(Mutex::new(sampler));
-    let mut tick = tokio::time::interval(g.opts.sample_interval);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            _ = stop.cancelled() => return,
-        }
+    let mut ticks = Ticks::new(g.opts.sample_interval, stop);
+    while ticks.next().await {
         // Sampling reads /proc and cgroup files: off the async runtime.
         let s = sampler.clone();
         let Ok(r) =

@@ -13,6 +13,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::fleet::Heartbeat;
+use crate::ticks::Ticks;
 use crate::worker::WorkerHandle;
 
 /// Since when the replica's heartbeats have been succeeding without a break (`None` while
@@ -42,14 +43,9 @@ pub fn start(
     let (healthy_tx, healthy_rx) = watch::channel(Some(Instant::now()));
     let fence = rescue_after / 2;
     let run = async move {
-        let mut tick = tokio::time::interval(interval);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut ticks = Ticks::new(interval, stop);
         let mut last_ok = Instant::now();
-        loop {
-            tokio::select! {
-                _ = tick.tick() => {}
-                _ = stop.cancelled() => break,
-            }
+        while ticks.next().await {
             let running = worker.running() as i32;
             let granted = worker.capacity().granted() as i32;
             match heartbeat.beat(running, granted, interval).await {

@@ -6,6 +6,8 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
+use crate::ticks::Ticks;
+
 use crate::queue::Queue;
 
 /// How often finished tasks past their retention are pruned.
@@ -14,15 +16,12 @@ const EVERY: Duration = Duration::from_secs(600);
 const BATCH: u32 = 5000;
 
 pub async fn run(queue: Queue, retention: Duration, stop: CancellationToken) {
-    let mut tick = tokio::time::interval(EVERY);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut ticks = Ticks::new(EVERY, stop);
     // The first tick is immediate: wait a whole period after start instead.
-    tick.tick().await;
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            _ = stop.cancelled() => break,
-        }
+    if !ticks.next().await {
+        return;
+    }
+    while ticks.next().await {
         match queue.prune(retention, BATCH).await {
             Ok(0) => {}
             Ok(n) => tracing::info!(deleted = n, "pruned finished tasks"),

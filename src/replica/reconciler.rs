@@ -13,6 +13,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::queue::{Queue, TaskId};
+use crate::ticks::Ticks;
 use crate::worker::WorkerHandle;
 
 pub async fn run(
@@ -23,13 +24,8 @@ pub async fn run(
     wake: Arc<Notify>,
     stop: CancellationToken,
 ) {
-    let mut tick = tokio::time::interval(interval);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            _ = stop.cancelled() => break,
-        }
+    let mut ticks = Ticks::new(interval, stop);
+    while ticks.next().await {
         // Read before the database: an attempt in this list was claimed before the query, so
         // the query sees it if it is still ours.
         let before = worker.running_attempts();

@@ -13,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::heartbeat::Health;
 use crate::queue::Queue;
+use crate::ticks::Ticks;
 
 pub async fn run(
     queue: Queue,
@@ -22,13 +23,8 @@ pub async fn run(
     wake: Arc<Notify>,
     stop: CancellationToken,
 ) {
-    let mut tick = tokio::time::interval(interval);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            _ = stop.cancelled() => break,
-        }
+    let mut ticks = Ticks::new(interval, stop);
+    while ticks.next().await {
         if health.healthy_for() < rescue_after {
             continue;
         }
