@@ -7,25 +7,20 @@
 mod common;
 
 use std::collections::HashSet;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
-use common::TestDb;
-use nix::sys::signal::{Signal, kill};
-use nix::unistd::Pid;
+use common::{Proc, TestDb, eventually};
+use nix::sys::signal::Signal;
 use sqlx::PgPool;
 
 const IDLE_TIMEOUT_S: u64 = 4;
 const ELECT_S: u64 = 1;
 
 fn harness(url: &str) -> Command {
-    let mut cmd = common::harness_command();
-    cmd.env("DATABASE_URL", url)
-        .env("HARNESS_TELEMETRY__SAMPLE_INTERVAL_S", "1")
-        .env("HARNESS_PERSISTENCE__RESCUE_AFTER_S", "3")
-        .env("HARNESS_BULK__POLL_INTERVAL_MS", "100")
-        .env("HARNESS_SCHEDULER__ELECT_INTERVAL_S", ELECT_S.to_string())
+    let mut cmd = common::harness_at(url);
+    cmd.env("HARNESS_SCHEDULER__ELECT_INTERVAL_S", ELECT_S.to_string())
         .env(
             "HARNESS_SCHEDULER__IDLE_SESSION_TIMEOUT_S",
             IDLE_TIMEOUT_S.to_string(),
@@ -33,33 +28,13 @@ fn harness(url: &str) -> Command {
     cmd
 }
 
-struct Replica(Child);
-
-impl Replica {
-    fn start(url: &str) -> Replica {
-        Replica(
-            harness(url)
-                .arg("serve")
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .unwrap(),
-        )
-    }
-    fn pid(&self) -> i32 {
-        self.0.id() as i32
-    }
-    fn signal(&self, s: Signal) {
-        kill(Pid::from_raw(self.pid()), s).unwrap();
-    }
-}
-
-impl Drop for Replica {
-    fn drop(&mut self) {
-        let _ = kill(Pid::from_raw(self.pid()), Signal::SIGCONT);
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
+fn serve(url: &str) -> Proc {
+    Proc::spawn(
+        harness(url)
+            .arg("serve")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null()),
+    )
 }
 
 fn cli(url: &str, args: &[&str]) -> Output {
@@ -94,13 +69,19 @@ fn add_ticker(url: &str, name: &str, schedule: &str) {
     );
 }
 
-/// (pid of the leader replica, its id), if one is recorded.
+/// (pid of the leader replica, its id), if one is recorded. Two rows claiming to lead fail
+/// the test: the scheduler's promise is one leader.
 async fn leader(pool: &PgPool) -> Option<(i32, String)> {
-    sqlx::query_as("SELECT pid, id FROM replicas WHERE is_leader")
-        .fetch_optional(pool)
-        .await
-        .ok()
-        .flatten()
+    let leaders: Vec<(i32, String)> =
+        sqlx::query_as("SELECT pid, id FROM replicas WHERE is_leader")
+            .fetch_all(pool)
+            .await
+            .ok()?;
+    assert!(
+        leaders.len() <= 1,
+        "two replicas claim to lead: {leaders:?}"
+    );
+    leaders.into_iter().next()
 }
 
 async fn wait_leader(
@@ -109,15 +90,11 @@ async fn wait_leader(
     within: Duration,
 ) -> ((i32, String), Duration) {
     let t0 = Instant::now();
-    loop {
-        if let Some(l) = leader(pool).await
-            && Some(l.1.as_str()) != not
-        {
-            return (l, t0.elapsed());
-        }
-        assert!(t0.elapsed() < within, "no new leader within {within:?}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let l = eventually("a new leader", within, || async {
+        leader(pool).await.filter(|l| Some(l.1.as_str()) != not)
+    })
+    .await;
+    (l, t0.elapsed())
 }
 
 /// Fire times enqueued for the agent, in order, with who enqueued each and when.
@@ -143,10 +120,10 @@ fn max_gap(f: &[(DateTime<Utc>, String, DateTime<Utc>)]) -> chrono::Duration {
 #[tokio::test]
 async fn one_leader_fails_over_on_kill_and_stop_and_never_fires_twice() {
     let db = TestDb::new().await;
-    let replicas: Vec<Replica> = (0..3).map(|_| Replica::start(&db.url)).collect();
+    let replicas: Vec<Proc> = (0..3).map(|_| serve(&db.url)).collect();
     add_ticker(&db.url, "ticker", "* * * * * *");
-    let ((pid1, id1), _) = wait_leader(&db.pool, None, Duration::from_secs(10)).await;
-    tokio::time::sleep(Duration::from_secs(4)).await;
+    let ((pid1, id1), _) = wait_leader(&db.pool, None, Duration::from_secs(20)).await;
+    until_fires(&db.pool, "ticker", |f| f.len() >= 3).await;
 
     // kill -9 of the leader: a new one within 5 s, and the ticks go on.
     let killed = replicas.iter().find(|r| r.pid() == pid1).unwrap();
@@ -155,8 +132,12 @@ async fn one_leader_fails_over_on_kill_and_stop_and_never_fires_twice() {
     let ((pid2, id2), took) = wait_leader(&db.pool, Some(&id1), Duration::from_secs(5)).await;
     assert_ne!(pid2, pid1);
     eprintln!("failover after kill -9: {took:?}");
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    let f = fires(&db.pool, "ticker").await;
+    // Ticks by the new leader for two seconds past the kill, so the gap is seen whole.
+    let f = until_fires(&db.pool, "ticker", |f| {
+        f.iter()
+            .any(|x| x.1 == id2 && x.0 > killed_at + chrono::Duration::seconds(2))
+    })
+    .await;
     let gap = max_gap(&f);
     assert!(
         gap <= chrono::Duration::from_std(took).unwrap() + chrono::Duration::seconds(2),
@@ -177,8 +158,12 @@ async fn one_leader_fails_over_on_kill_and_stop_and_never_fires_twice() {
     assert_ne!(id3, id2);
     stopped.signal(Signal::SIGCONT);
     let resumed_at = Utc::now();
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    let f = fires(&db.pool, "ticker").await;
+    // Three ticks of the new leader after the old one woke up: time for it to have fired,
+    // had it not stepped down.
+    let f = until_fires(&db.pool, "ticker", |f| {
+        f.iter().filter(|x| x.1 == id3 && x.2 > resumed_at).count() >= 3
+    })
+    .await;
     let by_old = f.iter().filter(|x| x.1 == id2 && x.2 > resumed_at).count();
     assert_eq!(by_old, 0, "the old leader enqueued after SIGCONT");
     let (_, current) = leader(&db.pool).await.unwrap();
@@ -202,36 +187,39 @@ async fn one_leader_fails_over_on_kill_and_stop_and_never_fires_twice() {
 #[tokio::test]
 async fn agents_added_paused_and_removed_take_effect_within_a_second() {
     let db = TestDb::new().await;
-    let _r = Replica::start(&db.url);
-    wait_leader(&db.pool, None, Duration::from_secs(10)).await;
+    let _r = serve(&db.url);
+    wait_leader(&db.pool, None, Duration::from_secs(20)).await;
+    // A second agent is the clock: "nothing happened for two ticks" is read from its runs.
+    add_ticker(&db.url, "clock", "* * * * * *");
+    let ticks_after = |t: DateTime<Utc>| {
+        let pool = db.pool.clone();
+        async move {
+            until_fires(&pool, "clock", |f| {
+                f.iter().filter(|x| x.2 > t).count() >= 2
+            })
+            .await;
+        }
+    };
 
     add_ticker(&db.url, "dyn", "* * * * * *");
     // The change is committed once `agents add` returns: the next second's tick must run.
     let added = Utc::now();
-    let t0 = Instant::now();
-    loop {
-        if let Some(first) = fires(&db.pool, "dyn").await.first() {
-            assert!(
-                first.0 - added <= chrono::Duration::milliseconds(1100),
-                "first tick {} after add",
-                first.0 - added
-            );
-            assert!(
-                first.2 - first.0 < chrono::Duration::milliseconds(500),
-                "enqueued late"
-            );
-            break;
-        }
-        assert!(
-            t0.elapsed() < Duration::from_secs(3),
-            "no tick after adding"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let f = until_fires(&db.pool, "dyn", |f| !f.is_empty()).await;
+    let first = &f[0];
+    assert!(
+        first.0 - added <= chrono::Duration::milliseconds(1100),
+        "first tick {} after add",
+        first.0 - added
+    );
+    assert!(
+        first.2 - first.0 < chrono::Duration::seconds(1),
+        "enqueued {} after its tick",
+        first.2 - first.0
+    );
 
     cli(&db.url, &["agents", "pause", "dyn"]);
     let paused = Utc::now();
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    ticks_after(paused + chrono::Duration::seconds(1)).await;
     let late = fires(&db.pool, "dyn")
         .await
         .into_iter()
@@ -241,44 +229,44 @@ async fn agents_added_paused_and_removed_take_effect_within_a_second() {
 
     cli(&db.url, &["agents", "resume", "dyn"]);
     let resumed = Utc::now();
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    assert!(
-        fires(&db.pool, "dyn").await.iter().any(|x| x.0 > resumed),
-        "ticks after resume"
-    );
+    until_fires(&db.pool, "dyn", |f| f.iter().any(|x| x.0 > resumed)).await;
 
-    let before: i64 = sqlx::query_scalar("SELECT count(*) FROM tasks")
+    let dyn_id: i64 = sqlx::query_scalar("SELECT id FROM agents WHERE name = 'dyn'")
         .fetch_one(&db.pool)
         .await
         .unwrap();
     cli(&db.url, &["agents", "rm", "dyn"]);
     let removed = Utc::now();
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    let after: i64 = sqlx::query_scalar("SELECT count(*) FROM tasks WHERE created_at > $1")
-        .bind(removed + chrono::Duration::seconds(1))
-        .fetch_one(&db.pool)
-        .await
-        .unwrap();
-    assert_eq!(
-        after, 0,
-        "tasks created more than 1 s after remove (had {before} before)"
-    );
+    ticks_after(removed + chrono::Duration::seconds(1)).await;
+    // A removed agent's tasks keep their payload's agent_id (the column is cleared).
+    let after: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM tasks WHERE created_at > $1 AND (payload->>'agent_id')::bigint = $2",
+    )
+    .bind(removed + chrono::Duration::seconds(1))
+    .bind(dyn_id)
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(after, 0, "runs of dyn created more than 1 s after remove");
 }
 
 #[tokio::test]
 async fn missed_ticks_coalesce_into_one_run() {
     let db = TestDb::new().await;
     add_ticker(&db.url, "misfire", "*/2 * * * * *");
-    let mut r = Replica::start(&db.url);
-    wait_leader(&db.pool, None, Duration::from_secs(10)).await;
+    let mut r = serve(&db.url);
+    wait_leader(&db.pool, None, Duration::from_secs(20)).await;
     until_fires(&db.pool, "misfire", |f| f.len() >= 2).await;
     r.signal(Signal::SIGTERM);
-    r.0.wait().unwrap();
+    assert!(
+        r.wait_for_exit(Duration::from_secs(30)).is_some(),
+        "the replica did not stop on SIGTERM"
+    );
     let stopped = Utc::now();
-    // Three ticks (every 2 s) pass with no replica at all.
+    // Three ticks (every 2 s) pass with no replica at all: this wait is the scenario.
     tokio::time::sleep(Duration::from_millis(6500)).await;
     let restarted = Utc::now();
-    let _r2 = Replica::start(&db.url);
+    let _r2 = serve(&db.url);
     // The new leader's first firing is the catch-up: every tick missed up to that moment
     // folds into that one run (the latest of them), whenever the election happens.
     let f = until_fires(&db.pool, "misfire", |f| f.iter().any(|x| x.2 > restarted)).await;
@@ -303,32 +291,26 @@ async fn missed_ticks_coalesce_into_one_run() {
     drop(r);
 }
 
-/// Waits (up to 20 s) until the agent's fires satisfy `done`, and returns them.
+/// Waits (up to 60 s) until the agent's fires satisfy `done`, and returns them.
 async fn until_fires(
     pool: &PgPool,
     agent: &str,
     done: impl Fn(&[(DateTime<Utc>, String, DateTime<Utc>)]) -> bool,
 ) -> Vec<(DateTime<Utc>, String, DateTime<Utc>)> {
-    let t0 = Instant::now();
-    loop {
+    let what = format!("the fires of {agent} the test waits for");
+    eventually(&what, Duration::from_secs(60), || async {
         let f = fires(pool, agent).await;
-        if done(&f) {
-            return f;
-        }
-        assert!(
-            t0.elapsed() < Duration::from_secs(20),
-            "fires of {agent} never got there: {f:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+        done(&f).then_some(f)
+    })
+    .await
 }
 
 #[tokio::test]
 async fn a_leader_stopped_inside_its_firing_transaction_loses_the_lock() {
     let db = TestDb::new().await;
     add_ticker(&db.url, "held", "* * * * * *");
-    let a = Replica::start(&db.url);
-    let ((pid, a_id), _) = wait_leader(&db.pool, None, Duration::from_secs(10)).await;
+    let a = serve(&db.url);
+    let ((pid, a_id), _) = wait_leader(&db.pool, None, Duration::from_secs(20)).await;
     assert_eq!(pid, a.pid());
     // Hold the agent's row: the leader's next firing waits for it inside its transaction.
     let mut hold = db.pool.begin().await.unwrap();
@@ -337,30 +319,27 @@ async fn a_leader_stopped_inside_its_firing_transaction_loses_the_lock() {
         .await
         .unwrap();
     let app = format!("harness-scheduler {a_id}");
-    let t0 = Instant::now();
-    loop {
-        let waiting: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM pg_stat_activity \
+    eventually(
+        "the leader waiting for the row",
+        Duration::from_secs(30),
+        || async {
+            let waiting: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_stat_activity \
              WHERE application_name = $1 AND wait_event_type = 'Lock'",
-        )
-        .bind(&app)
-        .fetch_one(&db.pool)
-        .await
-        .unwrap();
-        if waiting == 1 {
-            break;
-        }
-        assert!(
-            t0.elapsed() < Duration::from_secs(10),
-            "the leader never fired"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+            )
+            .bind(&app)
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+            (waiting == 1).then_some(())
+        },
+    )
+    .await;
     // Stopped between BEGIN and COMMIT: once the row is free its UPDATE finishes and the
     // session sits idle in its transaction, holding the advisory lock.
     a.signal(Signal::SIGSTOP);
     hold.commit().await.unwrap();
-    let b = Replica::start(&db.url);
+    let b = serve(&db.url);
     let ((pid, b_id), took) = wait_leader(
         &db.pool,
         Some(&a_id),
@@ -378,31 +357,30 @@ async fn a_leader_is_back_soon_after_postgres_restarts() {
     let mut pg = common::RestartableServer::start("restart").await;
     let url = pg.url("restart");
     add_ticker(&url, "survivor", "* * * * * *");
-    let _r = Replica::start(&url);
+    let _r = serve(&url);
     let pool = harness::db::connect(&url, 2).await.unwrap();
-    wait_leader(&pool, None, Duration::from_secs(10)).await;
+    wait_leader(&pool, None, Duration::from_secs(20)).await;
     pool.close().await;
 
     pg.down().await;
+    // Down for two seconds: this wait is the outage.
     tokio::time::sleep(Duration::from_secs(2)).await;
     pg.up().await;
     let back = Utc::now();
     let t0 = Instant::now();
     let pool = harness::db::connect(&url, 2).await.unwrap();
-    loop {
-        let fresh = fires(&pool, "survivor")
-            .await
-            .into_iter()
-            .any(|x| x.2 > back);
-        if fresh && leader(&pool).await.is_some() {
-            break;
-        }
-        assert!(
-            t0.elapsed() < Duration::from_secs(20),
-            "no leader firing within 20 s of the restart"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    eventually(
+        "a leader firing after the restart",
+        Duration::from_secs(30),
+        || async {
+            let fresh = fires(&pool, "survivor")
+                .await
+                .into_iter()
+                .any(|x| x.2 > back);
+            (fresh && leader(&pool).await.is_some()).then_some(())
+        },
+    )
+    .await;
     eprintln!(
         "leader firing again {:?} after PostgreSQL accepted connections",
         t0.elapsed()

@@ -38,6 +38,14 @@ pub fn test_home() -> PathBuf {
     ))
 }
 
+/// The home (logs, runs) of every harness the suite starts, in-process or as a process: in
+/// the system temp directory, so a test run changes nothing in the checkout.
+pub fn scratch_home() -> PathBuf {
+    let home = test_home().with_extension("home");
+    std::fs::create_dir_all(&home).expect("create the suite's scratch home");
+    home
+}
+
 /// URL of a database on the test server from which databases can be created.
 pub fn admin_url() -> String {
     ADMIN_URL
@@ -185,13 +193,26 @@ impl TestDb {
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect();
         env.push(("DATABASE_URL".to_string(), self.url.clone()));
+        env.push((
+            "HARNESS_HOME".to_string(),
+            scratch_home().display().to_string(),
+        ));
         harness::Config::load_from(None, env).expect("test config")
     }
 
-    /// A configuration pointing at this database, with defaults elsewhere.
+    /// A configuration pointing at this database, with defaults elsewhere (but the home).
     pub fn config(&self) -> harness::Config {
-        harness::Config::load_from(None, [("DATABASE_URL".to_string(), self.url.clone())])
-            .expect("test config")
+        harness::Config::load_from(
+            None,
+            [
+                ("DATABASE_URL".to_string(), self.url.clone()),
+                (
+                    "HARNESS_HOME".to_string(),
+                    scratch_home().display().to_string(),
+                ),
+            ],
+        )
+        .expect("test config")
     }
 }
 
@@ -296,8 +317,9 @@ impl RestartableServer {
 }
 
 /// A command for the harness binary (or a copy of it at `program`) that inherits none of the
-/// caller's `HARNESS_*`, `DATABASE_URL` or `OTEL_*` variables, logs warnings only, and puts
-/// the API on a free port (so several replicas can run side by side).
+/// caller's `HARNESS_*`, `DATABASE_URL` or `OTEL_*` variables, logs warnings only, keeps its
+/// home in [`scratch_home`] and puts the API on a free port (so several replicas can run
+/// side by side).
 pub fn harness_command_at(program: &std::path::Path) -> std::process::Command {
     let mut cmd = std::process::Command::new(program);
     for (k, _) in std::env::vars() {
@@ -306,7 +328,25 @@ pub fn harness_command_at(program: &std::path::Path) -> std::process::Command {
         }
     }
     cmd.env("RUST_LOG", "warn")
+        .env("HARNESS_HOME", scratch_home())
         .env("HARNESS_API__BIND", "127.0.0.1:0");
+    cmd
+}
+
+/// How long a replica the suite starts waits before rescuing a silent replica's tasks.
+pub const RESCUE_AFTER_S: u64 = 3;
+
+/// [`harness_command`] on the database at `url`, with the suite's fast settings: polls every
+/// 100 ms, a governor sample a second, rescue after [`RESCUE_AFTER_S`].
+pub fn harness_at(url: &str) -> std::process::Command {
+    let mut cmd = harness_command();
+    cmd.env("DATABASE_URL", url)
+        .env("HARNESS_TELEMETRY__SAMPLE_INTERVAL_S", "1")
+        .env(
+            "HARNESS_PERSISTENCE__RESCUE_AFTER_S",
+            RESCUE_AFTER_S.to_string(),
+        )
+        .env("HARNESS_BULK__POLL_INTERVAL_MS", "100");
     cmd
 }
 
@@ -384,4 +424,97 @@ pub async fn read_http_request(
     let body = buf[end + 4..end + 4 + len].to_vec();
     buf.drain(..end + 4 + len);
     Some((head, body))
+}
+
+/// Polls `probe` every 25 ms until it gives a value, and returns it. Panics naming `what`
+/// (and the last probe's state) after `within`: deadlines are generous, a wait ends at the
+/// event it waits for.
+pub async fn eventually<T>(
+    what: &str,
+    within: std::time::Duration,
+    mut probe: impl AsyncFnMut() -> Option<T>,
+) -> T {
+    let t0 = std::time::Instant::now();
+    loop {
+        if let Some(v) = probe().await {
+            return v;
+        }
+        assert!(t0.elapsed() < within, "{what}: not within {within:?}");
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+}
+
+/// A process a test started, in a process group of its own. Dropped (a test that ends or
+/// fails), it is continued if stopped, asked to stop (SIGTERM), and killed with its whole
+/// group after `grace`: nothing a test starts outlives it.
+pub struct Proc {
+    pub child: std::process::Child,
+    grace: std::time::Duration,
+}
+
+impl Proc {
+    /// Spawns `cmd` in a new process group; on drop it gets 10 s to exit after SIGTERM.
+    pub fn spawn(cmd: &mut std::process::Command) -> Proc {
+        use std::os::unix::process::CommandExt;
+        let child = cmd.process_group(0).spawn().expect("spawn a test process");
+        Proc {
+            child,
+            grace: std::time::Duration::from_secs(10),
+        }
+    }
+
+    /// How long drop waits after SIGTERM before killing the group.
+    pub fn grace(mut self, grace: std::time::Duration) -> Proc {
+        self.grace = grace;
+        self
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    pub fn signal(&self, s: nix::sys::signal::Signal) {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid()), s).expect("signal");
+    }
+
+    /// Whether the process has not exited yet.
+    pub fn alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// Waits up to `within` for the process to exit; its status, or `None` if it still runs.
+    pub fn wait_for_exit(
+        &mut self,
+        within: std::time::Duration,
+    ) -> Option<std::process::ExitStatus> {
+        let t0 = std::time::Instant::now();
+        loop {
+            if let Ok(Some(s)) = self.child.try_wait() {
+                return Some(s);
+            }
+            if t0.elapsed() >= within {
+                return None;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        use nix::sys::signal::{Signal, kill, killpg};
+        use nix::unistd::Pid;
+        let pid = Pid::from_raw(self.pid());
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = kill(pid, Signal::SIGCONT);
+            let _ = kill(pid, Signal::SIGTERM);
+            let grace = self.grace;
+            let _ = self.wait_for_exit(grace);
+        }
+        // Whatever is left of its group (agents, helpers) goes with it.
+        let _ = killpg(pid, Signal::SIGCONT);
+        let _ = killpg(pid, Signal::SIGKILL);
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
