@@ -114,11 +114,7 @@ fn fleet_cli(db: &TestDb, args: &[&str]) -> std::process::Output {
 }
 
 async fn until(within: Duration, what: &str, mut probe: impl AsyncFnMut() -> bool) {
-    let t0 = Instant::now();
-    while !probe().await {
-        assert!(t0.elapsed() < within, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    common::eventually(what, within, async || probe().await.then_some(())).await
 }
 
 #[tokio::test]
@@ -148,9 +144,23 @@ async fn high_cpu_lowers_how_many_tasks_run_at_once_and_recovery_restores_it() {
         state(&db, &r.replica).await == ("throttled".into(), 4)
     })
     .await;
-    tokio::time::sleep(Duration::from_millis(400)).await; // tasks started before the change end
+    // Tasks started before the change end; then a few dozen tasks run under the new grant.
+    until(Duration::from_secs(20), "at most 4 running", async || {
+        work.running() <= 4
+    })
+    .await;
     work.reset_peak();
-    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let done = || async {
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM tasks WHERE status = 'completed'")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap()
+    };
+    let before = done().await;
+    until(Duration::from_secs(30), "40 more tasks done", async || {
+        done().await >= before + 40
+    })
+    .await;
     let p = work.peak();
     assert!(
         (3..=4).contains(&p),

@@ -303,6 +303,7 @@ async fn claims_follow_priority_then_schedule_and_never_exceed_the_limit() {
 async fn delayed_task_is_not_claimed_early() {
     let db = TestDb::new().await;
     let q = queue(&db);
+    let enqueued = std::time::Instant::now();
     let later = q
         .enqueue(NewTask::new("demo", json!({})).delay(Duration::from_millis(600)))
         .await
@@ -312,8 +313,16 @@ async fn delayed_task_is_not_claimed_early() {
         .await
         .unwrap();
     assert!(q.claim("r1", 10, &kinds()).await.unwrap().is_empty());
-    tokio::time::sleep(Duration::from_millis(700)).await;
-    let c = q.claim("r1", 10, &kinds()).await.unwrap();
+    let c = common::eventually("the delayed task", Duration::from_secs(20), async || {
+        let c = q.claim("r1", 10, &kinds()).await.unwrap();
+        (!c.is_empty()).then_some(c)
+    })
+    .await;
+    assert!(
+        enqueued.elapsed() >= Duration::from_millis(600),
+        "claimed {:?} after enqueue",
+        enqueued.elapsed()
+    );
     assert_eq!(c.iter().map(|c| c.id).collect::<Vec<_>>(), [later.id]);
     assert_eq!(q.get(at.id).await.unwrap().status, Status::Pending);
 }
@@ -476,17 +485,35 @@ async fn prune_deletes_old_finished_tasks_in_batches() {
         .collect();
     q.complete("r1", &batch).await.unwrap();
     q.cancel(ids[24]).await.unwrap();
-    // 15 of the completed ones are old.
+    // 15 of the completed ones are old, and so is the cancelled one.
+    let old: Vec<i64> = ids[..15].iter().chain([&ids[24]]).copied().collect();
     sqlx::query("UPDATE tasks SET completed_at = now() - interval '8 days' WHERE id = ANY($1)")
-        .bind(&ids[..15])
+        .bind(&old)
         .execute(&db.pool)
         .await
         .unwrap();
+    // Every DELETE statement records how many rows it took.
+    sqlx::raw_sql(
+        "CREATE TABLE deletes (n bigint);
+         CREATE FUNCTION count_deletes() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN INSERT INTO deletes SELECT count(*) FROM gone; RETURN NULL; END $$;
+         CREATE TRIGGER count_deletes AFTER DELETE ON tasks REFERENCING OLD TABLE AS gone
+             FOR EACH STATEMENT EXECUTE FUNCTION count_deletes();",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
     let pruned = q.prune(Duration::from_secs(7 * 86400), 4).await.unwrap();
-    assert_eq!(pruned, 15);
-    let left: i64 = sqlx::query_scalar("SELECT count(*) FROM tasks")
-        .fetch_one(&db.pool)
+    assert_eq!(pruned, 16);
+    let batches: Vec<i64> = sqlx::query_scalar("SELECT n FROM deletes WHERE n > 0")
+        .fetch_all(&db.pool)
         .await
         .unwrap();
-    assert_eq!(left, 10);
+    assert_eq!(batches, [4, 4, 4, 4], "deleted in batches of at most 4");
+    let left: Vec<i64> = sqlx::query_scalar("SELECT id FROM tasks ORDER BY id")
+        .fetch_all(&db.pool)
+        .await
+        .unwrap();
+    // The recent completed ones and the still-pending ones stay.
+    assert_eq!(left, ids[15..24].to_vec());
 }

@@ -21,7 +21,7 @@ fn harness_at(url: &str) -> Command {
 }
 
 /// A `harness serve` process (stopped with its group when dropped), and its log when kept.
-struct Replica(Proc, Option<std::sync::Arc<std::sync::Mutex<String>>>);
+struct Replica(Proc, Option<common::Log>);
 
 impl Replica {
     fn start(db: &TestDb, extra: &[(&str, &str)]) -> Replica {
@@ -38,30 +38,15 @@ impl Replica {
     /// Started with its warnings collected (see [`Replica::log_contains`]).
     fn start_logged(db: &TestDb, extra: &[(&str, &str)]) -> Replica {
         let mut cmd = harness(db);
-        cmd.arg("serve")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
+        cmd.arg("serve").stdout(Stdio::null());
         for (k, v) in extra {
             cmd.env(k, v);
         }
-        let mut child = Proc::spawn(&mut cmd);
-        let stderr = child.child.stderr.take().unwrap();
-        let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
-        let sink = log.clone();
-        std::thread::spawn(move || {
-            use std::io::BufRead;
-            for line in std::io::BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                sink.lock().unwrap().push_str(&line);
-                sink.lock().unwrap().push('\n');
-            }
-        });
-        Replica(child, Some(log))
+        let (p, log) = Proc::spawn_logged(&mut cmd);
+        Replica(p, Some(log))
     }
     fn log_contains(&self, text: &str) -> bool {
-        self.1
-            .as_ref()
-            .is_some_and(|l| l.lock().unwrap().contains(text))
+        self.1.as_ref().is_some_and(|l| l.contains(text))
     }
     fn pid(&self) -> i32 {
         self.0.pid()
@@ -785,7 +770,7 @@ async fn a_row_a_live_replica_holds_without_knowing_is_given_back_and_run() {
         async || {
             let t = q.get(id).await.unwrap();
             if t.status != Status::Completed {
-                eprintln!("{}", a.1.as_ref().unwrap().lock().unwrap());
+                eprintln!("{}", a.1.as_ref().unwrap().text());
             }
             (t.status == Status::Completed).then_some(t)
         },

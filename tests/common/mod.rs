@@ -249,9 +249,10 @@ pub fn harness_bin() -> &'static str {
 /// A private PostgreSQL of a test's own that it can stop and start again on the same socket
 /// (clients keep their URL), for tests of outages.
 pub struct RestartableServer {
-    home: tempfile::TempDir,
-    options: ServerOptions,
+    // Fields drop in order: the server is left (and stopped) before its home is deleted.
     server: Option<PrivateServer>,
+    options: ServerOptions,
+    home: tempfile::TempDir,
 }
 
 impl RestartableServer {
@@ -379,6 +380,11 @@ impl Concurrency {
         })
     }
 
+    /// Attempts running right now.
+    pub fn running(&self) -> usize {
+        self.now.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
     /// The most attempts seen running at once since the last reset.
     pub fn peak(&self) -> usize {
         self.peak.load(std::sync::atomic::Ordering::SeqCst)
@@ -463,6 +469,25 @@ impl Proc {
         }
     }
 
+    /// Spawns `cmd` like [`Proc::spawn`] with its stderr collected into a [`Log`].
+    pub fn spawn_logged(cmd: &mut std::process::Command) -> (Proc, Log) {
+        cmd.stderr(std::process::Stdio::piped());
+        let mut p = Proc::spawn(cmd);
+        let stderr = p.child.stderr.take().expect("piped stderr");
+        let log = Log::default();
+        let sink = log.0.clone();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                let mut text = sink.lock().unwrap();
+                text.push_str(&line);
+                text.push('\n');
+            }
+        });
+        (p, log)
+    }
+
     /// How long drop waits after SIGTERM before killing the group.
     pub fn grace(mut self, grace: std::time::Duration) -> Proc {
         self.grace = grace;
@@ -497,6 +522,20 @@ impl Proc {
             }
             std::thread::sleep(std::time::Duration::from_millis(20));
         }
+    }
+}
+
+/// What a process wrote to stderr so far.
+#[derive(Clone, Default)]
+pub struct Log(std::sync::Arc<Mutex<String>>);
+
+impl Log {
+    pub fn contains(&self, text: &str) -> bool {
+        self.0.lock().unwrap().contains(text)
+    }
+
+    pub fn text(&self) -> String {
+        self.0.lock().unwrap().clone()
     }
 }
 
