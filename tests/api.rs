@@ -10,6 +10,7 @@ use common::TestDb;
 use harness::agents::Agents;
 use harness::api::{ApiState, router};
 use harness::executor::Executor;
+use harness::queue::Status;
 use harness::replica::builtin_handlers;
 use harness::{Config, Harness};
 use reqwest::StatusCode;
@@ -153,28 +154,30 @@ async fn task_endpoints_follow_the_documented_contract() {
     )
     .await;
     assert_eq!(s, StatusCode::CREATED, "{t}");
-    for k in [
-        "id",
-        "agent_id",
-        "kind",
-        "status",
-        "payload",
-        "result",
-        "error",
-        "priority",
-        "attempt",
-        "retry_count",
-        "max_retries",
-        "idempotency_key",
-        "scheduled_at",
-        "started_at",
-        "completed_at",
-        "created_at",
-        "replica",
-    ] {
-        assert!(t.get(k).is_some(), "task JSON lacks {k}: {t}");
-    }
+    // Every documented field, with the value this request gives it.
     let id = t["id"].as_i64().unwrap();
+    let mut expected = json!({
+        "id": id, "agent_id": null, "kind": "echo", "status": "pending",
+        "payload": {"v": 1}, "result": null, "error": null, "priority": 3, "attempt": 0,
+        "retry_count": 0, "max_retries": 0, "idempotency_key": "k1", "started_at": null,
+        "completed_at": null, "replica": null, "attempts": [], "cancel_requested": false,
+        "fire_at": null, "timeout_ms": null,
+    });
+    // The replica may have claimed it before the answer was read.
+    if t["status"] == "running" {
+        expected["status"] = json!("running");
+        expected["attempt"] = json!(1);
+        expected["replica"] = json!(api.replica);
+        expected["started_at"] = t["started_at"].clone();
+        assert!(t["started_at"].is_string(), "{t}");
+    }
+    for time in ["scheduled_at", "created_at"] {
+        let at = t[time].as_str().unwrap_or_else(|| panic!("{time}: {t}"));
+        chrono::DateTime::parse_from_rfc3339(at).unwrap_or_else(|e| panic!("{time}: {e}"));
+        expected[time] = t[time].clone();
+    }
+    expected["traceparent"] = t["traceparent"].clone();
+    assert_eq!(t, expected);
     // The same request again: the existing task, 200.
     let (s, again) = json_of(
         api.post("/api/tasks")
@@ -337,20 +340,27 @@ async fn task_endpoints_follow_the_documented_contract() {
         StatusCode::NOT_FOUND
     );
 
-    // Summary.
+    // Summary: each status's count as the table has it, and the success rate from them.
     let (s, sum) = json_of(api.get("/api/tasks/stats/summary").send().await.unwrap()).await;
     assert_eq!(s, StatusCode::OK);
-    for k in [
-        "total",
-        "completed",
-        "failed",
-        "running",
-        "pending",
-        "success_rate",
-    ] {
-        assert!(sum.get(k).is_some(), "{sum}");
+    let counts: Vec<(String, i64)> =
+        sqlx::query_as("SELECT status, count(*) FROM tasks GROUP BY status")
+            .fetch_all(&db.pool)
+            .await
+            .unwrap();
+    let count = |status: &str| counts.iter().find(|c| c.0 == status).map_or(0, |c| c.1);
+    for status in Status::ALL.map(Status::as_str) {
+        assert_eq!(sum[status], count(status), "{status}: {sum}");
     }
+    assert_eq!(sum["total"], counts.iter().map(|c| c.1).sum::<i64>());
     assert_eq!(sum["completed"], 2);
+    let finished = count("completed") + count("failed") + count("timeout");
+    let rate = sum["success_rate"].as_f64().unwrap();
+    assert!(
+        // Rounded to one decimal.
+        (rate - 100.0 * count("completed") as f64 / finished as f64).abs() <= 0.05,
+        "{sum}"
+    );
     api.stop().await;
 }
 
@@ -662,6 +672,89 @@ async fn agent_and_fleet_endpoints() {
         api.post("/api/fleet/resume").send().await.unwrap().status(),
         StatusCode::OK
     );
+    api.stop().await;
+}
+
+/// The governor state `GET /api/fleet` shows for the test's replica.
+async fn governor_state_of(api: &Api) -> String {
+    let (_, f) = json_of(api.get("/api/fleet").send().await.unwrap()).await;
+    f["replicas"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["id"] == api.replica.as_str())
+        .and_then(|r| r["governor_state"].as_str())
+        .unwrap_or("?")
+        .to_string()
+}
+
+#[tokio::test]
+async fn a_holding_replica_is_resumed_through_the_api() {
+    let db = TestDb::new().await;
+    let flaky = Arc::new(AtomicBool::new(true));
+    // One failure is a burst, and one burst asks for a person.
+    let api = start_with(
+        &db,
+        flaky.clone(),
+        &[
+            (
+                "HARNESS_GOVERNANCE__PAUSE_AFTER_ERROR_BURST__THRESHOLD",
+                "1",
+            ),
+            ("HARNESS_GOVERNANCE__HUMAN_REVIEW_AFTER_PAUSE_BURSTS", "1"),
+        ],
+    )
+    .await;
+    let (s, _) = json_of(
+        api.post("/api/tasks")
+            .json(&json!({"kind": "flaky", "payload": {}, "max_retries": 0}))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(s, StatusCode::CREATED);
+    common::eventually("the replica to hold", Duration::from_secs(30), async || {
+        (governor_state_of(&api).await == "holding").then_some(())
+    })
+    .await;
+    // Held: new work waits.
+    flaky.store(false, Ordering::SeqCst);
+    let (_, waiting) = json_of(
+        api.post("/api/tasks")
+            .json(&json!({"kind": "flaky", "payload": {}}))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    let wid = waiting["id"].as_i64().unwrap();
+    // A read token may look but not resume.
+    let read = api
+        .client
+        .post(api.url(&format!("/api/fleet/{}/resume", api.replica)))
+        .bearer_auth(READ)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(read.status(), StatusCode::FORBIDDEN);
+    assert_eq!(governor_state_of(&api).await, "holding");
+    assert_eq!(
+        api.post(&format!("/api/fleet/{}/resume", api.replica))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        StatusCode::OK
+    );
+    common::eventually(
+        "the replica to resume",
+        Duration::from_secs(30),
+        async || (governor_state_of(&api).await != "holding").then_some(()),
+    )
+    .await;
+    let t = wait_status(&api, wid, "completed").await;
+    assert_eq!(t["result"], json!({"ok": true}));
     api.stop().await;
 }
 

@@ -72,7 +72,8 @@ fn harness(db: &TestDb, port: u16) -> Command {
 }
 
 /// A span received: name, trace id, resource attributes.
-type Span = (String, Vec<u8>, Vec<(String, String)>);
+/// A span received: name, trace id, resource attributes, span id, parent span id.
+type Span = (String, Vec<u8>, Vec<(String, String)>, Vec<u8>, Vec<u8>);
 
 fn spans(got: &Received) -> Vec<Span> {
     let mut out = Vec::new();
@@ -86,7 +87,13 @@ fn spans(got: &Received) -> Vec<Span> {
                 .collect();
             for ss in &rs.scope_spans {
                 for s in &ss.spans {
-                    out.push((s.name.clone(), s.trace_id.clone(), attrs.clone()));
+                    out.push((
+                        s.name.clone(),
+                        s.trace_id.clone(),
+                        attrs.clone(),
+                        s.span_id.clone(),
+                        s.parent_span_id.clone(),
+                    ));
                 }
             }
         }
@@ -98,12 +105,12 @@ fn spans(got: &Received) -> Vec<Span> {
 async fn enqueue_and_execute_spans_share_a_trace_and_metrics_arrive() {
     let db = TestDb::new().await;
     let (port, got) = receiver().await;
-    let mut replica = harness(&db, port)
-        .arg("serve")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let replica = common::Proc::spawn(
+        harness(&db, port)
+            .arg("serve")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null()),
+    );
 
     let out = harness(&db, port)
         .args(["enqueue", "echo", r#"{"traced": true}"#])
@@ -115,27 +122,21 @@ async fn enqueue_and_execute_spans_share_a_trace_and_metrics_arrive() {
         String::from_utf8_lossy(&out.stderr)
     );
 
-    let t0 = Instant::now();
-    let (enqueue_trace, execute) = loop {
-        let all = spans(&got.lock().unwrap());
-        let enq = all
-            .iter()
-            .find(|s| s.0 == "queue.enqueue")
-            .map(|s| s.1.clone());
-        let exe = all.iter().find(|s| s.0 == "task.execute").cloned();
-        if let (Some(e), Some(x)) = (enq, exe) {
-            break (e, x);
-        }
-        assert!(
-            t0.elapsed() < Duration::from_secs(20),
-            "spans received: {:?}",
-            all.iter().map(|s| &s.0).collect::<Vec<_>>()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let (enqueue, execute) = common::eventually(
+        "the enqueue and execute spans",
+        Duration::from_secs(30),
+        async || {
+            let all = spans(&got.lock().unwrap());
+            let enq = all.iter().find(|s| s.0 == "queue.enqueue").cloned();
+            let exe = all.iter().find(|s| s.0 == "task.execute").cloned();
+            enq.zip(exe)
+        },
+    )
+    .await;
+    assert_eq!(execute.1, enqueue.1, "one trace");
     assert_eq!(
-        execute.1, enqueue_trace,
-        "the execution span is a child of the enqueue span's trace"
+        execute.4, enqueue.3,
+        "the execution span's parent is the enqueue span"
     );
     let attrs = &execute.2;
     let has = |k: &str, v: &str| attrs.iter().any(|(a, b)| a == k && b.contains(v));
@@ -171,6 +172,5 @@ async fn enqueue_and_execute_spans_share_a_trace_and_metrics_arrive() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let _ = replica.kill();
-    let _ = replica.wait();
+    drop(replica);
 }
