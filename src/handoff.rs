@@ -327,8 +327,10 @@ mod tests {
         let (c, compressed) = compress_state(Value::Object(s), 10_000);
         assert!(compressed);
         assert!(size(&c) <= 10_000, "{}", size(&c));
+        // Linear: milliseconds even in a debug build on a busy machine. The quadratic
+        // version this replaced took 29 s.
         assert!(
-            started.elapsed() < std::time::Duration::from_secs(2),
+            started.elapsed() < std::time::Duration::from_secs(10),
             "{:?}",
             started.elapsed()
         );
@@ -369,7 +371,7 @@ mod tests {
     }
 
     #[test]
-    fn artifact_json_round_trip() {
+    fn artifact_json_has_the_documented_fields_and_reads_back() {
         let a = HandoffArtifact {
             agent_id: 1,
             run_number: 5,
@@ -379,6 +381,15 @@ mod tests {
             compressed: false,
             summary: Some("Processed 42 items".into()),
         };
+        let v: serde_json::Value = serde_json::from_str(&a.to_json()).unwrap();
+        assert_eq!(
+            v,
+            json!({
+                "agent_id": 1, "run_number": 5,
+                "state": {"count": 42, "last_value": "xyz"}, "metadata": {"task_id": 9},
+                "created_at": a.created_at, "compressed": false, "summary": "Processed 42 items",
+            })
+        );
         assert_eq!(HandoffArtifact::from_json(&a.to_json()).unwrap(), a);
     }
 }

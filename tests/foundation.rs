@@ -2,14 +2,13 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{TestDb, harness_bin};
+use common::{Proc, TestDb, harness_bin};
 use harness::db::{self, PrivateServer, ServerOptions};
 
 const TABLES: [&str; 6] = [
@@ -191,35 +190,32 @@ async fn migrate_without_url_creates_tables_in_a_private_server_and_stops_it() {
     assert_has_all_tables(&tables_in_private(home.path()).await);
 }
 
-/// Starts `harness up` and waits until it says it is up.
-fn spawn_up(home: &Path) -> Child {
-    let mut child = harness(home)
-        .arg("up")
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if line.contains("is up") {
-                let _ = tx.send(());
-            }
-        }
-    });
-    rx.recv_timeout(Duration::from_secs(60))
-        .expect("harness up did not report being up within 60 s");
-    child
+/// Starts `harness up` (stopped with its group if the test fails) and waits until it says
+/// it is up; returns it and its log.
+fn spawn_up_with(cmd: &mut Command) -> (Proc, common::Log) {
+    let (child, log) = Proc::spawn_logged(cmd.arg("up").stdout(Stdio::null()));
+    let t0 = Instant::now();
+    while !log.contains("is up") {
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "harness up did not report being up within 60 s: {}",
+            log.text()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    (child, log)
 }
 
-fn terminate(child: &mut Child) {
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(child.id() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .unwrap();
-    let status = child.wait().unwrap();
+fn spawn_up(home: &Path) -> Proc {
+    spawn_up_with(&mut harness(home)).0
+}
+
+/// SIGTERM, and a clean exit within 30 s.
+fn terminate(child: &mut Proc) {
+    child.signal(nix::sys::signal::Signal::SIGTERM);
+    let status = child
+        .wait_for_exit(Duration::from_secs(30))
+        .expect("harness exits within 30 s of SIGTERM");
     assert!(status.success(), "harness exited with {status}");
 }
 
@@ -262,8 +258,8 @@ async fn server_killed_users_leave_it_for_the_next_process() {
     let home = reachable_home();
     let mut a = spawn_up(home.path());
     let pid = postmaster_pid(home.path()).unwrap();
-    a.kill().unwrap(); // SIGKILL: no chance to stop the server
-    a.wait().unwrap();
+    a.signal(nix::sys::signal::Signal::SIGKILL); // no chance to stop the server
+    a.wait_for_exit(Duration::from_secs(10)).expect("killed");
     assert!(alive(pid));
     // The next process attaches to the orphaned server instead of fighting over the data.
     let out = harness(home.path()).arg("migrate").output().unwrap();
@@ -411,35 +407,38 @@ fn bad_configuration_exits_non_zero_naming_the_key() {
     assert!(err.contains("h.yml"), "{err}");
 }
 
-#[test]
-fn up_on_a_reachable_address_without_tokens_prints_an_admin_token() {
+#[tokio::test]
+async fn up_on_a_reachable_address_without_tokens_prints_an_admin_token() {
     let home = reachable_home();
-    let mut child = harness(home.path())
-        .arg("up")
-        .env("HARNESS_API__BIND", "0.0.0.0:0")
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if line.contains("admin token") {
-                let _ = tx.send(line);
-            }
-        }
-    });
-    let line = rx
-        .recv_timeout(Duration::from_secs(60))
-        .expect("an admin token is printed");
+    let (mut child, log) =
+        spawn_up_with(harness(home.path()).env("HARNESS_API__BIND", "0.0.0.0:0"));
+    let text = log.text();
+    let line = text
+        .lines()
+        .find(|l| l.contains("admin token"))
+        .unwrap_or_else(|| panic!("no admin token printed: {text}"));
     let token = line
         .split("Bearer ")
         .nth(1)
         .unwrap()
         .split(')')
         .next()
+        .unwrap()
+        .to_string();
+    // The port it listens on, from "API on http://0.0.0.0:PORT".
+    let port: u16 = text
+        .split("API on http://0.0.0.0:")
+        .nth(1)
+        .and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no API address printed: {text}"));
+    let url = format!("http://127.0.0.1:{port}/api/tasks/stats/summary");
+    let client = reqwest::Client::new();
+    let without = client.get(&url).send().await.unwrap();
+    assert_eq!(without.status(), reqwest::StatusCode::UNAUTHORIZED);
+    let with = client.get(&url).bearer_auth(&token).send().await.unwrap();
+    assert_eq!(with.status(), reqwest::StatusCode::OK, "token {token}");
+    tokio::task::spawn_blocking(move || terminate(&mut child))
+        .await
         .unwrap();
-    assert_eq!(token.len(), 32, "{line}");
-    terminate(&mut child);
 }

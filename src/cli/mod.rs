@@ -694,6 +694,7 @@ mod tests {
         assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
         assert_eq!(parse_duration("2"), Ok(Duration::from_secs(2)));
         assert!(parse_duration("soon").unwrap_err().contains("30s"));
-        assert!(parse_duration("-1").is_err());
+        let err = parse_duration("-1").unwrap_err();
+        assert!(err.contains("\"-1\""), "{err}");
     }
 }

@@ -996,9 +996,11 @@ mod tests {
             err.contains("three times telemetry.sample_interval_s"),
             "{err}"
         );
-        assert!(
-            Config::load_from(None, env(&[("HARNESS_PERSISTENCE__RESCUE_AFTER_S", "0")])).is_err()
-        );
+        let err = Config::load_from(None, env(&[("HARNESS_PERSISTENCE__RESCUE_AFTER_S", "0")]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("persistence.rescue_after_s"), "{err}");
+        assert!(err.contains("HARNESS_PERSISTENCE__RESCUE_AFTER_S"), "{err}");
     }
 
     #[test]

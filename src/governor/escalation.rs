@@ -264,11 +264,12 @@ mod tests {
             let err = check_webhook(url, &[]).await.unwrap_err();
             assert!(err.contains("not a public address"), "{url}: {err}");
         }
-        assert!(
-            check_webhook("http://127.0.0.1:9/hook", &["127.0.0.1".into()])
-                .await
-                .is_ok()
-        );
+        // A listed host is allowed, plain http included, and resolved to where it points.
+        let (url, addr) = check_webhook("http://127.0.0.1:9/hook", &["127.0.0.1".into()])
+            .await
+            .unwrap();
+        assert_eq!(url.as_str(), "http://127.0.0.1:9/hook");
+        assert_eq!(addr, "127.0.0.1:9".parse::<SocketAddr>().unwrap());
     }
 
     #[tokio::test]
