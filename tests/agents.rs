@@ -3,7 +3,7 @@
 
 mod common;
 
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use common::TestDb;
@@ -225,14 +225,11 @@ async fn a_command_gets_its_input_and_reports_through_stdout_or_the_result_file(
 // ---- through the binary -------------------------------------------------------------
 
 fn harness(db: &TestDb) -> Command {
-    let mut cmd = common::harness_command();
-    cmd.env("DATABASE_URL", &db.url)
-        .env(
-            "HARNESS_API__TOKENS",
-            r#"[{"token":"secret-token-0123456789","scope":"admin"}]"#,
-        )
-        .env("HARNESS_BULK__POLL_INTERVAL_MS", "100")
-        .env("HARNESS_TELEMETRY__SAMPLE_INTERVAL_S", "1");
+    let mut cmd = common::harness_at(&db.url);
+    cmd.env(
+        "HARNESS_API__TOKENS",
+        r#"[{"token":"secret-token-0123456789","scope":"admin"}]"#,
+    );
     cmd
 }
 
@@ -245,36 +242,32 @@ fn ok_json(o: &Output) -> Value {
     serde_json::from_slice(&o.stdout).unwrap()
 }
 
-struct Serve(Child);
-impl Drop for Serve {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn serve(db: &TestDb) -> Serve {
-    Serve(
+fn serve(db: &TestDb) -> common::Proc {
+    common::Proc::spawn(
         harness(db)
             .arg("serve")
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
+            .stderr(Stdio::null()),
     )
 }
 
 async fn finished(db: &TestDb, id: i64) -> harness::queue::Task {
     let q = harness::queue::Queue::new(db.pool.clone(), 0);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
+    let what = format!("task {id} to finish");
+    common::eventually(&what, Duration::from_secs(60), async || {
         let t = q.get(id).await.unwrap();
-        if t.status.is_final() {
-            return t;
-        }
-        assert!(Instant::now() < deadline, "task {id} still {}", t.status);
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+        t.status.is_final().then_some(t)
+    })
+    .await
+}
+
+async fn running(db: &TestDb, id: i64) {
+    let q = harness::queue::Queue::new(db.pool.clone(), 0);
+    let what = format!("task {id} to run");
+    common::eventually(&what, Duration::from_secs(30), async || {
+        (q.get(id).await.unwrap().status == harness::queue::Status::Running).then_some(())
+    })
+    .await
 }
 
 fn write(dir: &tempfile::TempDir, name: &str, text: &str) -> String {
@@ -556,12 +549,7 @@ async fn overlapping_runs_are_skipped_by_default() {
     let first = ok_json(&run(&db, &["agents", "run", "slow"]))["id"]
         .as_i64()
         .unwrap();
-    let q = harness::queue::Queue::new(db.pool.clone(), 0);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while q.get(first).await.unwrap().status != harness::queue::Status::Running {
-        assert!(Instant::now() < deadline);
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    running(&db, first).await;
     let second = ok_json(&run(&db, &["agents", "run", "slow"]))["id"]
         .as_i64()
         .unwrap();
@@ -571,6 +559,112 @@ async fn overlapping_runs_are_skipped_by_default() {
     assert_eq!(
         finished(&db, first).await.status,
         harness::queue::Status::Completed
+    );
+}
+
+#[tokio::test]
+async fn overlap_allow_runs_alongside() {
+    let db = TestDb::new().await;
+    let dir = tempfile::tempdir().unwrap();
+    // Each run waits until the other has started, so only runs alongside each other finish.
+    let marker = dir.path().join("started");
+    std::fs::set_permissions(
+        dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o777),
+    )
+    .unwrap();
+    let code = format!(
+        "import os, time\nclass Agent:\n    def execute(self):\n\
+         \x20       open('{m}-' + str(os.getpid()), 'w').close()\n\
+         \x20       d = os.path.dirname('{m}')\n\
+         \x20       while len([f for f in os.listdir(d) if f.startswith('started-')]) < 2:\n\
+         \x20           time.sleep(0.05)\n        return {{}}\n",
+        m = marker.display()
+    );
+    let file = write(&dir, "pair.py", &code);
+    ok_json(&run(
+        &db,
+        &[
+            "agents",
+            "add",
+            "pair",
+            "--file",
+            &file,
+            "--overlap",
+            "allow",
+            "--timeout",
+            "60s",
+        ],
+    ));
+    let _replica = serve(&db);
+    let first = ok_json(&run(&db, &["agents", "run", "pair"]))["id"]
+        .as_i64()
+        .unwrap();
+    running(&db, first).await;
+    let second = ok_json(&run(&db, &["agents", "run", "pair"]))["id"]
+        .as_i64()
+        .unwrap();
+    for id in [first, second] {
+        let t = finished(&db, id).await;
+        assert_eq!(t.status, harness::queue::Status::Completed, "{t:?}");
+    }
+}
+
+#[tokio::test]
+async fn agents_update_changes_the_schedule_and_a_resumed_agent_owes_no_catch_up_run() {
+    let db = TestDb::new().await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = write(
+        &dir,
+        "a.py",
+        "class Agent:\n    def execute(self):\n        return {}\n",
+    );
+    ok_json(&run(&db, &["agents", "add", "sched", "--file", &file]));
+    let updated = ok_json(&run(
+        &db,
+        &["agents", "update", "sched", "--schedule", "* * * * * *"],
+    ));
+    assert_eq!(updated["config"]["schedule"], "* * * * * *");
+    let shown = ok_json(&run(&db, &["agents", "show", "sched", "--json"]));
+    assert_eq!(shown["config"]["schedule"], "* * * * * *");
+    assert!(shown["next_fire_at"].is_string(), "{shown}");
+
+    // Paused for a few seconds of ticks, then resumed: no run for the ticks it was paused.
+    assert!(run(&db, &["agents", "pause", "sched"]).status.success());
+    let fires = || async {
+        sqlx::query_scalar::<_, chrono::DateTime<chrono::Utc>>(
+            "SELECT fire_at FROM tasks WHERE fire_at IS NOT NULL ORDER BY fire_at",
+        )
+        .fetch_all(&db.pool)
+        .await
+        .unwrap()
+    };
+    let _replica = serve(&db);
+    let leader = || async {
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM replicas WHERE is_leader")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap()
+    };
+    common::eventually("a leader", Duration::from_secs(30), async || {
+        (leader().await == 1).then_some(())
+    })
+    .await;
+    // Three ticks pass while it is paused: this wait is the scenario.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(fires().await.is_empty(), "a paused agent fired");
+    let resumed = chrono::Utc::now();
+    assert!(run(&db, &["agents", "resume", "sched"]).status.success());
+    let f = common::eventually("a run after resume", Duration::from_secs(30), async || {
+        let f = fires().await;
+        (!f.is_empty()).then_some(f)
+    })
+    .await;
+    // Every run is for a tick after the resume (to the second the tick is on).
+    assert!(
+        f[0] > resumed - chrono::Duration::seconds(1),
+        "a catch-up run for {} (resumed {resumed})",
+        f[0]
     );
 }
 
@@ -841,4 +935,79 @@ async fn a_dropped_run_takes_its_whole_process_group_with_it() {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+#[tokio::test]
+async fn the_sandbox_gives_what_the_readme_lists_and_nothing_more() {
+    let e = executor();
+    let mut spec = python(
+        "import os, resource, sys\nclass Agent:\n    def execute(self):\n\
+         \x20       sys.stderr.write('e' * (300 * 1024))\n\
+         \x20       return {'env': dict(os.environ), 'cwd': os.getcwd(),\n\
+         \x20               'stdin': sys.stdin.read(),\n\
+         \x20               'nofile': resource.getrlimit(resource.RLIMIT_NOFILE)[0],\n\
+         \x20               'cpu': resource.getrlimit(resource.RLIMIT_CPU)[0],\n\
+         \x20               'core': resource.getrlimit(resource.RLIMIT_CORE)[0],\n\
+         \x20               'input': open(os.environ['HARNESS_INPUT_FILE']).read()}\n",
+    );
+    spec.timeout = Duration::from_secs(10);
+    spec.cpu_percent = 50;
+    spec.traceparent = Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into());
+    spec.input = json!({"n": 7});
+    let r = e.run(&spec).await.unwrap();
+    assert_eq!(r.status, ExecStatus::Success, "{r:?}");
+    let v = r.result.unwrap();
+    let env = v["env"].as_object().unwrap();
+    let mut keys: Vec<&str> = env.keys().map(String::as_str).collect();
+    keys.sort_unstable();
+    assert_eq!(
+        keys,
+        [
+            "HARNESS_INPUT_FILE",
+            "HARNESS_RESULT_FILE",
+            "HOME",
+            "LANG",
+            "PATH",
+            "TRACEPARENT",
+            "TZ"
+        ],
+        "{env:?}"
+    );
+    assert_eq!(env["PATH"], "/usr/local/bin:/usr/bin:/bin");
+    assert_eq!(env["HOME"], v["cwd"], "HOME is the run directory");
+    assert_eq!(env["TRACEPARENT"], json!(spec.traceparent));
+    assert_eq!(v["stdin"], "", "stdin is closed");
+    assert_eq!(v["nofile"], 256);
+    assert_eq!(v["cpu"], 5, "timeout × cpu_percent");
+    assert_eq!(v["core"], 0);
+    let input: Value = serde_json::from_str(v["input"].as_str().unwrap()).unwrap();
+    assert_eq!(input["input"], json!({"n": 7}));
+    // The run directory is gone; stderr was kept up to the limit.
+    let cwd = std::path::Path::new(v["cwd"].as_str().unwrap());
+    assert!(!cwd.exists(), "{} was left behind", cwd.display());
+    assert!(
+        r.stderr.ends_with(&format!(
+            "[truncated {} bytes]",
+            300 * 1024 - e.output_limit
+        )),
+        "{}",
+        &r.stderr[r.stderr.len().saturating_sub(100)..]
+    );
+
+    // A command also gets its input in HARNESS_INPUT.
+    let spec = RunSpec::new(
+        Runtime::Command {
+            argv: vec![
+                "sh".into(),
+                "-c".into(),
+                "echo \"{\\\"env\\\": $HARNESS_INPUT, \\\"file\\\": $(cat \"$HARNESS_INPUT_FILE\")}\""
+                    .into(),
+            ],
+        },
+        &e,
+    );
+    let r = e.run(&spec).await.unwrap();
+    let v = r.result.clone().unwrap_or_else(|| panic!("{r:?}"));
+    assert_eq!(v["env"], v["file"]);
+    assert!(v["env"].get("input").is_some(), "{v}");
 }
