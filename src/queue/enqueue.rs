@@ -23,8 +23,11 @@ SELECT ins.id, ins.status FROM ins, ",
     " AS n"
 );
 
-// One statement for the whole batch; rows come back in input order because `nextval` is
-// drawn as the ordered SELECT produces them.
+// One statement for the whole batch. Ids are drawn in input order first (PostgreSQL evaluates
+// a volatile output column after the ORDER BY sort), so a batch runs in the order it was
+// given. Rows are then written in key order: two batches that share idempotency or fire keys
+// wait for each other's rows in the same order and cannot deadlock (in input order, a batch
+// of k1, k2 and one of k2, k1 did).
 pub(super) const INSERT_MANY: &str = concat!(
     "
 WITH input AS (
@@ -33,13 +36,16 @@ WITH input AS (
                          $9::bigint[], $10::timestamptz[], $11::text[])
         WITH ORDINALITY AS t(kind, payload, priority, run_at, delay_s, max_retries,
                              idempotency_key, agent_id, timeout_ms, fire_at, traceparent, ord)
+), numbered AS (
+    SELECT ord, nextval('tasks_id_seq') AS id FROM input ORDER BY ord
 ), ins AS (
-    INSERT INTO tasks (kind, payload, priority, scheduled_at, max_retries, idempotency_key,
-                       agent_id, timeout_ms, fire_at, traceparent)
-    SELECT kind, payload, priority,
+    INSERT INTO tasks (id, kind, payload, priority, scheduled_at, max_retries,
+                       idempotency_key, agent_id, timeout_ms, fire_at, traceparent)
+    SELECT n.id, kind, payload, priority,
            COALESCE(run_at, now() + make_interval(secs => delay_s)),
            max_retries, idempotency_key, agent_id, timeout_ms, fire_at, traceparent
-    FROM input ORDER BY ord
+    FROM input JOIN numbered n USING (ord)
+    ORDER BY idempotency_key, agent_id, fire_at, ord
     ON CONFLICT DO NOTHING
     RETURNING id, status, idempotency_key, agent_id, fire_at
 )
