@@ -30,6 +30,9 @@ impl Scripted {
     fn cpu(&self, pct: f64) {
         self.0.lock().unwrap().cpu_percent = pct;
     }
+    fn memory(&self, pct: f64) {
+        self.0.lock().unwrap().memory_percent = pct;
+    }
 }
 
 impl Sampler for Scripted {
@@ -39,7 +42,7 @@ impl Sampler for Scripted {
 }
 
 fn config(db: &TestDb, extra: &[(&str, &str)]) -> Config {
-    let logs = std::env::temp_dir().join(format!("harness-logs-{}", db.name));
+    let logs = common::scratch_home().join(format!("logs-{}", db.name));
     let logs = logs.to_string_lossy().into_owned();
     let mut all = vec![
         ("HARNESS_TELEMETRY__LOG_INTERVAL_S", "1"),
@@ -182,6 +185,108 @@ async fn high_cpu_lowers_how_many_tasks_run_at_once_and_recovery_restores_it() {
         events.iter().filter(|e| *e == "capacity_changed").count() >= 4,
         "{events:?}"
     );
+    r.stop().await;
+}
+
+#[tokio::test]
+async fn high_memory_throttles_too_and_a_failing_webhook_never_stops_the_replica() {
+    let db = TestDb::new().await;
+    let work = common::Concurrency::default();
+    let sampler = Scripted::new();
+    // Escalation goes to a port where nothing listens: every delivery fails.
+    let dead_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let hook = format!("http://127.0.0.1:{dead_port}/hook");
+    let r = replica(
+        &db,
+        config(
+            &db,
+            &[
+                ("HARNESS_BULK__MAX_CONCURRENT", "8"),
+                ("HARNESS_ESCALATION__ENABLED", "true"),
+                ("HARNESS_ESCALATION__WEBHOOK_URL", &hook),
+                ("HARNESS_ESCALATION__ALLOW_HOSTS", r#"["127.0.0.1"]"#),
+                (
+                    "HARNESS_GOVERNANCE__PAUSE_AFTER_ERROR_BURST__THRESHOLD",
+                    "1",
+                ),
+                ("HARNESS_GOVERNANCE__HUMAN_REVIEW_AFTER_PAUSE_BURSTS", "1"),
+            ],
+        ),
+        sampler.clone(),
+        work.clone(),
+    )
+    .await;
+    let q = harness::queue::Queue::new(db.pool.clone(), 0);
+    q.enqueue_many(vec![NewTask::new("work", json!({})); 400])
+        .await
+        .unwrap();
+    until(Duration::from_secs(20), "8 running", async || {
+        work.peak() == 8
+    })
+    .await;
+    sampler.memory(97.0);
+    until(Duration::from_secs(30), "throttled by memory", async || {
+        state(&db, &r.replica).await == ("throttled".into(), 4)
+    })
+    .await;
+    sampler.memory(30.0);
+    until(Duration::from_secs(30), "recovered", async || {
+        state(&db, &r.replica).await == ("normal".into(), 8)
+    })
+    .await;
+
+    // A failure escalates at once (one burst asks for a person); the webhook is down.
+    q.enqueue(NewTask::new("fail", json!({}))).await.unwrap();
+    until(Duration::from_secs(30), "holding", async || {
+        state(&db, &r.replica).await.0 == "holding"
+    })
+    .await;
+    // The delivery failed, and says so.
+    until(
+        Duration::from_secs(60),
+        "the failed delivery recorded",
+        async || {
+            let n: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM governance_events WHERE replica_id = $1 \
+             AND event = 'escalation_failed'",
+            )
+            .bind(&r.replica)
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+            n >= 1
+        },
+    )
+    .await;
+    // The replica goes on: it still heartbeats and answers a resume.
+    let beat = || async {
+        sqlx::query_scalar::<_, chrono::DateTime<chrono::Utc>>(
+            "SELECT heartbeat_at FROM replicas WHERE id = $1",
+        )
+        .bind(&r.replica)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap()
+    };
+    let first = beat().await;
+    until(Duration::from_secs(30), "a later heartbeat", async || {
+        beat().await > first
+    })
+    .await;
+    let out = fleet_cli(&db, &["fleet", "resume", &r.replica]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    until(Duration::from_secs(30), "resumed", async || {
+        state(&db, &r.replica).await.0 != "holding"
+    })
+    .await;
     r.stop().await;
 }
 
@@ -422,8 +527,8 @@ async fn metrics_rows_of_two_replicas_appear_in_fleet() {
         assert_eq!(r["governor_state"], "normal");
     }
     // And the JSON lines log.
-    let logs = std::env::temp_dir()
-        .join(format!("harness-logs-{}", db.name))
+    let logs = common::scratch_home()
+        .join(format!("logs-{}", db.name))
         .join("metrics.jsonl");
     let text = std::fs::read_to_string(&logs).unwrap();
     assert!(text.lines().any(|l| l.contains(&a.replica)), "{text}");
