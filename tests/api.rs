@@ -1635,3 +1635,105 @@ async fn hostile_requests_get_documented_json_errors() {
     }
     api.stop().await;
 }
+
+#[tokio::test]
+async fn the_serve_binary_limits_requests_drains_them_on_shutdown_and_listens_nowhere_without_api()
+{
+    let db = TestDb::new().await;
+    let free_port = || {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    };
+    let port = free_port();
+    let mut replica = common::Proc::spawn(
+        common::harness_at(&db.url)
+            .arg("serve")
+            .env("HARNESS_API__BIND", format!("127.0.0.1:{port}"))
+            .env("HARNESS_API__MAX_CONCURRENT_REQUESTS", "2")
+            .env("HARNESS_API__REQUEST_TIMEOUT_S", "120")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null()),
+    );
+    let client = reqwest::Client::new();
+    let url = |path: &str| format!("http://127.0.0.1:{port}{path}");
+    common::eventually("the API to answer", Duration::from_secs(30), async || {
+        client.get(url("/healthz")).send().await.ok()?;
+        Some(())
+    })
+    .await;
+
+    // Stats requests wait while the tasks table is locked: two at a time are let in.
+    let mut lock = db.pool.begin().await.unwrap();
+    sqlx::query("LOCK TABLE tasks IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *lock)
+        .await
+        .unwrap();
+    let requests: Vec<_> = (0..3)
+        .map(|_| {
+            let (client, u) = (client.clone(), url("/api/tasks/stats/summary"));
+            tokio::spawn(async move { client.get(u).send().await.map(|r| r.status()) })
+        })
+        .collect();
+    let waiting = || async {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
+             AND wait_event_type = 'Lock' AND query ILIKE '%FROM tasks GROUP BY status%'",
+        )
+        .fetch_one(&db.pool)
+        .await
+        .unwrap()
+    };
+    common::eventually("two requests in", Duration::from_secs(30), async || {
+        (waiting().await == 2).then_some(())
+    })
+    .await;
+    // The third waits for a place; health is answered meanwhile.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(waiting().await, 2, "the limit lets two in");
+    let health = client.get(url("/healthz")).send().await.unwrap();
+    assert_eq!(health.status(), StatusCode::OK);
+
+    // Shutdown while they wait: every request already in is answered.
+    replica.signal(nix::sys::signal::Signal::SIGTERM);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    lock.rollback().await.unwrap();
+    for r in requests {
+        assert_eq!(r.await.unwrap().unwrap(), StatusCode::OK);
+    }
+    let status = tokio::task::spawn_blocking(move || {
+        let s = replica.wait_for_exit(Duration::from_secs(60));
+        (s, replica)
+    })
+    .await
+    .unwrap()
+    .0
+    .expect("the replica exits after draining");
+    assert!(status.success(), "{status}");
+
+    // --no-api: a replica that serves tasks and listens on no port.
+    let port = free_port();
+    let _worker = common::Proc::spawn(
+        common::harness_at(&db.url)
+            .args(["serve", "--no-api"])
+            .env("HARNESS_API__BIND", format!("127.0.0.1:{port}"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null()),
+    );
+    let q = harness::queue::Queue::new(db.pool.clone(), 0);
+    let id = q
+        .enqueue(harness::queue::NewTask::new("noop", json!({})))
+        .await
+        .unwrap()
+        .id;
+    common::eventually("the task done", Duration::from_secs(30), async || {
+        (q.get(id).await.unwrap().status == Status::Completed).then_some(())
+    })
+    .await;
+    assert!(
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_err(),
+        "--no-api listens on {port}"
+    );
+}

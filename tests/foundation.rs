@@ -129,6 +129,43 @@ async fn harness_migrate_against_database_url() {
     assert!(again.status.success());
 }
 
+#[tokio::test]
+async fn concurrent_migrations_apply_once_and_all_succeed() {
+    let test = TestDb::empty().await;
+    let home = tempfile::tempdir().unwrap();
+    let children: Vec<Proc> = (0..4)
+        .map(|_| {
+            Proc::spawn(
+                harness(home.path())
+                    .arg("migrate")
+                    .env("DATABASE_URL", &test.url)
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::piped()),
+            )
+        })
+        .collect();
+    for mut c in children {
+        let status = c
+            .wait_for_exit(Duration::from_secs(60))
+            .expect("migrate finishes");
+        let mut err = String::new();
+        use std::io::Read;
+        c.child
+            .stderr
+            .take()
+            .unwrap()
+            .read_to_string(&mut err)
+            .unwrap();
+        assert!(status.success(), "{err}");
+    }
+    assert_has_all_tables(&tables(&test.pool).await);
+    let applied: i64 = sqlx::query_scalar("SELECT count(*) FROM _sqlx_migrations")
+        .fetch_one(&test.pool)
+        .await
+        .unwrap();
+    assert_eq!(applied, db::MIGRATOR.iter().count() as i64);
+}
+
 /// A home directory that the unprivileged PostgreSQL user can reach.
 fn reachable_home() -> tempfile::TempDir {
     let dir = tempfile::Builder::new()
