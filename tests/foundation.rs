@@ -479,3 +479,40 @@ async fn up_on_a_reachable_address_without_tokens_prints_an_admin_token() {
         .await
         .unwrap();
 }
+
+#[test]
+fn the_readmes_config_error_example_is_what_harness_prints() {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let example = readme
+        .lines()
+        .map(str::trim)
+        .find(|l| l.starts_with("error: unknown key `bulk.max_concurent`"))
+        .expect("the README shows a config error");
+    let home = tempfile::tempdir().unwrap();
+    let out = harness(home.path())
+        .arg("config")
+        .env("HARNESS_BULK__MAX_CONCURENT", "4")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let printed = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(printed.trim(), example);
+}
+
+#[test]
+fn serve_and_enqueue_help_name_every_kind_the_binary_runs() {
+    let home = tempfile::tempdir().unwrap();
+    for cmd in ["serve", "enqueue"] {
+        let out = harness(home.path()).args([cmd, "--help"]).output().unwrap();
+        let help = String::from_utf8_lossy(&out.stdout);
+        let listed = "built in: noop, echo, sleep, agent, command";
+        assert!(help.contains(listed), "{cmd} --help: {help}");
+        for kind in harness::replica::BUILTIN_KINDS
+            .iter()
+            .chain(&[harness::agents::AGENT_KIND, harness::agents::COMMAND_KIND])
+        {
+            assert!(listed.contains(kind), "{kind}");
+        }
+    }
+}

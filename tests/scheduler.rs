@@ -189,6 +189,17 @@ async fn agents_added_paused_and_removed_take_effect_within_a_second() {
     let db = TestDb::new().await;
     let _r = serve(&db.url);
     wait_leader(&db.pool, None, Duration::from_secs(20)).await;
+    // `harness fleet` says since when the leader leads.
+    let fleet = String::from_utf8_lossy(&cli(&db.url, &["fleet"]).stdout).to_string();
+    let since: DateTime<Utc> =
+        sqlx::query_scalar("SELECT leader_since FROM replicas WHERE is_leader")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert!(
+        fleet.contains(&format!("since {}", since.format("%Y-%m-%d %H:%M:%S"))),
+        "{fleet}"
+    );
     // A second agent is the clock: "nothing happened for two ticks" is read from its runs.
     add_ticker(&db.url, "clock", "* * * * * *");
     let ticks_after = |t: DateTime<Utc>| {

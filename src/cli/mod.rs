@@ -61,7 +61,7 @@ and runs a replica until Ctrl-C or SIGTERM. The private server stops when its la
         visible_alias = "resume",
         long_about = "Run a replica until SIGTERM or Ctrl-C.\n\n\
 The replica registers itself in the replicas table, heartbeats it, claims tasks of the kinds \
-it knows (built in: noop, echo, sleep) as capacity allows, and rescues tasks of replicas that stopped \
+it knows (built in: noop, echo, sleep, agent, command) as capacity allows, and rescues tasks of replicas that stopped \
 heartbeating. On the first signal it stops claiming, lets running tasks finish for \
 bulk.shutdown_grace_s, and hands the rest back to the queue without counting an attempt; a \
 second signal exits at once. The REST API listens on api.bind unless --no-api."
@@ -163,7 +163,7 @@ enum FleetAction {
 struct EnqueueArgs {
     #[command(flatten)]
     file: FileArg,
-    /// The task kind (built in: noop, echo, sleep)
+    /// The task kind (built in: noop, echo, sleep, agent, command)
     kind: String,
     /// The payload, as JSON
     payload: String,
@@ -587,16 +587,20 @@ async fn fleet(cfg: Config, json: bool) -> anyhow::Result<()> {
         return Ok(());
     }
     println!(
-        "{:<28} {:>8} {:<8} {:<10} {:>8} {:>8} {:>6} {:>6}  isolation",
+        "{:<28} {:>8} {:<22} {:<10} {:>8} {:>8} {:>6} {:>6}  isolation",
         "replica", "hb age", "leader", "state", "capacity", "running", "cpu", "mem"
     );
     let pct = |v: Option<f32>| v.map_or("-".to_string(), |v| format!("{v:.0}%"));
     for r in rows {
         println!(
-            "{:<28} {:>7.1}s {:<8} {:<10} {:>8} {:>8} {:>6} {:>6}  {}",
+            "{:<28} {:>7.1}s {:<22} {:<10} {:>8} {:>8} {:>6} {:>6}  {}",
             r.id,
             r.heartbeat_age_s,
-            if r.is_leader { "leader" } else { "" },
+            match (r.is_leader, r.leader_since) {
+                (true, Some(t)) => format!("since {}", t.format("%Y-%m-%d %H:%M:%S")),
+                (true, None) => "leader".to_string(),
+                _ => String::new(),
+            },
             r.governor_state.as_str(),
             r.capacity,
             r.running,

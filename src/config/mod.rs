@@ -347,7 +347,8 @@ impl Default for ExecutorConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct SchedulerConfig {
-    /// Deployments with different namespaces can share one database.
+    /// What the leader's advisory lock key is derived from. Only the election is namespaced
+    /// (agents, tasks and replicas are not): a deployment needs a database of its own.
     pub namespace: String,
     /// How often a replica that is not the leader tries to become it.
     pub elect_interval_s: u64,

@@ -90,7 +90,7 @@ struct Shared {
     holds: Mutex<Holds>,
     /// Signalled whenever a running attempt ends.
     ended: Notify,
-    /// Attempts ended, by outcome (what the governor watches).
+    /// Attempts that succeeded, and that failed or timed out (what the governor watches).
     completed: std::sync::atomic::AtomicU64,
     failed: std::sync::atomic::AtomicU64,
     /// False while the replica cannot prove it is alive (heartbeats failing): what it
@@ -302,7 +302,8 @@ impl WorkerHandle {
         self.shared.running_count()
     }
 
-    /// Attempts ended since the pool started: (succeeded or otherwise done, failed or timed out).
+    /// Attempts ended since the pool started: (succeeded, failed or timed out). Cancelled and
+    /// skipped runs count as neither; a deferred run is not an end.
     pub fn counts(&self) -> (u64, u64) {
         use std::sync::atomic::Ordering::Relaxed;
         (

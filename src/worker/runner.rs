@@ -219,25 +219,48 @@ async fn attempt(
     outcome
 }
 
+/// What an outcome counts as, for the governor and the metrics rows.
+#[derive(Debug, PartialEq, Eq)]
+enum Counted {
+    Completed,
+    Failed,
+    /// Cancelled or skipped: ended, neither a success nor a failure.
+    Neither,
+    /// Deferred (`overlap: queue`): not an end at all; it is claimed again later.
+    NotEnded,
+}
+
+fn counted(outcome: &Outcome) -> Counted {
+    match outcome {
+        Outcome::Success(_) => Counted::Completed,
+        Outcome::Failed(_) | Outcome::TimedOut(_) => Counted::Failed,
+        Outcome::Cancelled | Outcome::Skipped(_) => Counted::Neither,
+        Outcome::Deferred(_) => Counted::NotEnded,
+    }
+}
+
 /// One count for the governor (failures drive its pauses), and the metrics.
 fn count(shared: &Shared, c: &Claimed, outcome: &Outcome) {
     let m = crate::telemetry::metrics();
     let attrs = crate::telemetry::task_attrs(&c.kind, c.agent_id);
-    let counter = match outcome {
-        Outcome::Failed(_) | Outcome::TimedOut(_) => {
+    let counter = match counted(outcome) {
+        Counted::Failed => {
             m.failed.add(1, &attrs);
             if c.retry_count < c.max_retries {
                 m.retried.add(1, &attrs);
             }
-            &shared.failed
+            Some(&shared.failed)
         }
-        Outcome::Success(_) => {
+        Counted::Completed => {
             m.completed.add(1, &attrs);
-            &shared.completed
+            Some(&shared.completed)
         }
-        _ => &shared.completed,
+        Counted::Neither => None,
+        Counted::NotEnded => return,
     };
-    counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    if let Some(counter) = counter {
+        counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
     let seconds = |d: chrono::TimeDelta| d.num_microseconds().unwrap_or(0).max(0) as f64 / 1e6;
     m.duration
         .record(seconds(chrono::Utc::now() - c.started_at), &attrs);
@@ -248,6 +271,23 @@ fn count(shared: &Shared, c: &Claimed, outcome: &Outcome) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_successes_count_as_completed_and_a_deferred_run_counts_nothing() {
+        use std::time::Duration;
+        assert_eq!(
+            counted(&Outcome::Success(serde_json::json!({}))),
+            Counted::Completed
+        );
+        assert_eq!(counted(&Outcome::Failed("x".into())), Counted::Failed);
+        assert_eq!(counted(&Outcome::TimedOut("x".into())), Counted::Failed);
+        assert_eq!(counted(&Outcome::Cancelled), Counted::Neither);
+        assert_eq!(counted(&Outcome::Skipped("busy".into())), Counted::Neither);
+        assert_eq!(
+            counted(&Outcome::Deferred(Duration::from_secs(1))),
+            Counted::NotEnded
+        );
+    }
 
     #[test]
     pub(super) fn panic_messages_are_kept() {
