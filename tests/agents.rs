@@ -131,14 +131,12 @@ async fn timeout_kills_the_agent_and_its_grandchild() {
         .map(|p| p.parse().unwrap())
         .collect();
     assert_eq!(pids.len(), 2, "{r:?}");
-    let deadline = Instant::now() + Duration::from_secs(3);
-    while !pids.iter().all(|p| gone(*p)) {
-        assert!(
-            Instant::now() < deadline,
-            "agent or grandchild still running: {pids:?}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    common::eventually(
+        "the agent and its grandchild to die",
+        Duration::from_secs(10),
+        async || pids.iter().all(|p| gone(*p)).then_some(()),
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -927,14 +925,12 @@ async fn a_dropped_run_takes_its_whole_process_group_with_it() {
     };
     run.abort(); // as a cancel or the pool's timeout would drop it
     let _ = run.await;
-    let deadline = Instant::now() + Duration::from_secs(3);
-    while !gone(pid) {
-        assert!(
-            Instant::now() < deadline,
-            "the background process {pid} outlived the dropped run"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    common::eventually(
+        "the dropped run's background process to die",
+        Duration::from_secs(10),
+        async || gone(pid).then_some(()),
+    )
+    .await;
 }
 
 #[tokio::test]

@@ -14,7 +14,7 @@
 mod common;
 
 use std::collections::{HashMap, HashSet};
-use std::process::{Child, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
@@ -34,58 +34,40 @@ fn setting(name: &str, default: usize) -> usize {
         .unwrap_or(default)
 }
 
-/// A `harness serve` process.
+/// A `harness serve` process (stopped with its group when dropped).
 struct Replica {
-    child: Child,
+    child: common::Proc,
     id: String,
 }
 
 impl Replica {
     fn pid(&self) -> Pid {
-        Pid::from_raw(self.child.id() as i32)
-    }
-}
-
-impl Drop for Replica {
-    fn drop(&mut self) {
-        let _ = kill(self.pid(), Signal::SIGCONT);
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        Pid::from_raw(self.child.pid())
     }
 }
 
 /// Runs `probe` until it returns `Some`, across database errors (the server may be down).
-async fn until<T>(within: Duration, what: &str, mut probe: impl AsyncFnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + within;
-    loop {
-        if let Some(v) = probe().await {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+async fn until<T>(within: Duration, what: &str, probe: impl AsyncFnMut() -> Option<T>) -> T {
+    common::eventually(what, within, probe).await
 }
 
 async fn start_replica(url: &str) -> Replica {
-    let child = common::harness_command()
-        .arg("serve")
-        .arg("--no-api")
-        .env("DATABASE_URL", url)
-        .env("HARNESS_TELEMETRY__SAMPLE_INTERVAL_S", "1")
-        .env(
-            "HARNESS_PERSISTENCE__RESCUE_AFTER_S",
-            RESCUE_AFTER_S.to_string(),
-        )
-        .env("HARNESS_BULK__POLL_INTERVAL_MS", "100")
-        .env("HARNESS_BULK__MAX_CONCURRENT", "8")
-        // The machine is busy on purpose: throttling would only slow the test down.
-        .env("HARNESS_GOVERNANCE__CPU_HIGH_PCT", "100")
-        .env("HARNESS_GOVERNANCE__MEM_HIGH_PCT", "100")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let pid = child.id() as i32;
+    let child = common::Proc::spawn(
+        common::harness_at(url)
+            .arg("serve")
+            .arg("--no-api")
+            .env(
+                "HARNESS_PERSISTENCE__RESCUE_AFTER_S",
+                RESCUE_AFTER_S.to_string(),
+            )
+            .env("HARNESS_BULK__MAX_CONCURRENT", "8")
+            // The machine is busy on purpose: throttling would only slow the test down.
+            .env("HARNESS_GOVERNANCE__CPU_HIGH_PCT", "100")
+            .env("HARNESS_GOVERNANCE__MEM_HIGH_PCT", "100")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null()),
+    );
+    let pid = child.pid();
     let pool = harness::db::connect(url, 1).await.unwrap();
     let id = until(
         Duration::from_secs(30),
@@ -264,7 +246,7 @@ async fn chaos_every_task_once_through_kills_stops_and_postgres_faults() {
                 let mut r = replicas.remove(i);
                 let at = now(&pool).await;
                 kill(r.pid(), Signal::SIGKILL).unwrap();
-                let _ = r.child.wait();
+                let _ = r.child.wait_for_exit(Duration::from_secs(30));
                 faults.push(Fault::Kill {
                     replica: r.id.clone(),
                     at,

@@ -30,20 +30,7 @@ fn serve(harness: Harness) -> (oneshot::Sender<()>, tokio::task::JoinHandle<()>)
 }
 
 async fn wait_final(q: &Queue, id: i64, within: Duration) -> Task {
-    let deadline = tokio::time::Instant::now() + within;
-    loop {
-        let t = q.get(id).await.unwrap();
-        if t.status.is_final() {
-            return t;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "task {id} still {} after {within:?} (error: {:?})",
-            t.status,
-            t.error
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    common::wait_final(q.pool(), id, within).await
 }
 
 async fn replica_with_agents(db: &TestDb) -> (Harness, Agents) {
@@ -161,14 +148,10 @@ async fn deleting_an_agent_mid_run_skips_its_handoff_and_the_replica_goes_on() {
         .await
         .unwrap()
         .id;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while !marker.exists() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the agent never started"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    common::eventually("the agent to start", Duration::from_secs(30), async || {
+        marker.exists().then_some(())
+    })
+    .await;
     agents.remove("victim").await.unwrap();
 
     let t = wait_final(&q, run, Duration::from_secs(15)).await;

@@ -4,19 +4,11 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::process::{Child, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use common::TestDb;
 use serde_json::json;
-
-struct Serve(Child);
-impl Drop for Serve {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 /// Metric names in Prometheus expressions and prose: `harness_` and lower-case words.
 fn names_in(text: &str) -> BTreeSet<String> {
@@ -93,19 +85,15 @@ async fn every_metric_the_dashboard_alerts_and_readme_name_is_exported() {
         .local_addr()
         .unwrap()
         .port();
-    let _replica = Serve(
-        common::harness_command()
+    let _replica = common::Proc::spawn(
+        common::harness_at(&db.url)
             .arg("serve")
-            .env("DATABASE_URL", &db.url)
             .env("HARNESS_API__BIND", format!("127.0.0.1:{port}"))
-            .env("HARNESS_TELEMETRY__SAMPLE_INTERVAL_S", "1")
             .env("HARNESS_TELEMETRY__LOG_INTERVAL_S", "1")
             .env("HARNESS_BULK__POLL_INTERVAL_MS", "50")
             .env("HARNESS_BULK__RETRY_DELAY_SECONDS", "0")
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
+            .stderr(Stdio::null()),
     );
     // Every instrument: enqueue, success, failure with a retry, durations and pick-up, and
     // the governor's and scheduler's gauges (they record on their own).

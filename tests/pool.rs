@@ -28,20 +28,7 @@ fn serve(harness: Harness) -> (oneshot::Sender<()>, tokio::task::JoinHandle<()>)
 }
 
 async fn wait_final(db: &TestDb, id: i64, within: Duration) -> Task {
-    let q = harness::queue::Queue::new(db.pool.clone(), 0);
-    let deadline = tokio::time::Instant::now() + within;
-    loop {
-        let t = q.get(id).await.unwrap();
-        if t.status.is_final() {
-            return t;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "task {id} still {} after {within:?}",
-            t.status
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    common::wait_final(&db.pool, id, within).await
 }
 
 #[tokio::test]
@@ -320,11 +307,10 @@ async fn graceful_shutdown_finishes_or_returns_work_without_counting_attempts() 
         .collect();
     let (stop, served) = serve(h);
     // Both slots busy: `quick` and `stuck` are running.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while started.load(Ordering::SeqCst) == 0 {
-        assert!(tokio::time::Instant::now() < deadline);
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    common::eventually("stuck to start", Duration::from_secs(30), async || {
+        (started.load(Ordering::SeqCst) > 0).then_some(())
+    })
+    .await;
     stop.send(()).unwrap();
     let t0 = tokio::time::Instant::now();
     served.await.unwrap();
@@ -430,11 +416,10 @@ async fn a_task_rescued_and_reclaimed_by_the_same_replica_completes() {
     let q = h.queue().clone();
     let id = q.enqueue(NewTask::new("slow", json!({}))).await.unwrap().id;
     let (stop, served) = serve(h);
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while q.get(id).await.unwrap().status != Status::Running {
-        assert!(tokio::time::Instant::now() < deadline);
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    common::eventually("the task to run", Duration::from_secs(30), async || {
+        (q.get(id).await.unwrap().status == Status::Running).then_some(())
+    })
+    .await;
     // As a rescue would (e.g. after a heartbeat stall): back to the queue mid-run.
     sqlx::query("UPDATE tasks SET status = 'pending', locked_by = NULL WHERE id = $1")
         .bind(id)

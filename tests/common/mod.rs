@@ -450,6 +450,21 @@ pub async fn eventually<T>(
     }
 }
 
+/// Waits until task `id` is final (completed, failed, timeout or cancelled) and returns it.
+pub async fn wait_final(
+    pool: &PgPool,
+    id: i64,
+    within: std::time::Duration,
+) -> harness::queue::Task {
+    let q = harness::queue::Queue::new(pool.clone(), 0);
+    let what = format!("task {id} to finish");
+    eventually(&what, within, async || {
+        let t = q.get(id).await.unwrap();
+        t.status.is_final().then_some(t)
+    })
+    .await
+}
+
 /// A process a test started, in a process group of its own. Dropped (a test that ends or
 /// fails), it is continued if stopped, asked to stop (SIGTERM), and killed with its whole
 /// group after `grace`: nothing a test starts outlives it.
