@@ -180,7 +180,12 @@ async fn one_leader_fails_over_on_kill_and_stop_and_never_fires_twice() {
     .await
     .unwrap();
     assert_eq!(dups, 0);
-    assert!(f.len() >= 10, "only {} ticks", f.len());
+    // A run for every second, but around the two failovers.
+    let holes = f
+        .windows(2)
+        .filter(|w| w[1].0 - w[0].0 > chrono::Duration::seconds(1))
+        .count();
+    assert!(holes <= 2, "{holes} holes in {f:?}");
     drop(replicas);
 }
 
