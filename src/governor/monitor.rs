@@ -63,7 +63,11 @@ struct CgroupCpu {
 impl CgroupCpu {
     /// The container's CPU quota and usage counter, when a quota is set.
     fn detect() -> Option<CgroupCpu> {
-        let root = Path::new("/sys/fs/cgroup");
+        Self::detect_in(Path::new("/sys/fs/cgroup"))
+    }
+
+    /// [`CgroupCpu::detect`] under `root` (a cgroup v2 directory, or the v1 mount point).
+    fn detect_in(root: &Path) -> Option<CgroupCpu> {
         // cgroup v2: cpu.max is "quota period" or "max period".
         if let Ok(max) = std::fs::read_to_string(root.join("cpu.max")) {
             let mut parts = max.split_whitespace();
@@ -111,7 +115,10 @@ impl CgroupCpu {
 
     /// Percent of the quota used since the previous call.
     fn percent(&mut self) -> Option<f64> {
-        let now = Instant::now();
+        self.percent_at(Instant::now())
+    }
+
+    fn percent_at(&mut self, now: Instant) -> Option<f64> {
         let used = self.usage_us()?;
         let pct = self.last.map(|(t, u)| {
             let elapsed_us = now.duration_since(t).as_secs_f64() * 1e6;
@@ -328,6 +335,53 @@ impl Sampler for ResourceMonitor {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn cgroup(files: &[(&str, &str)]) -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        for (name, text) in files {
+            let path = dir.path().join(name);
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(path, text).unwrap();
+        }
+        dir
+    }
+
+    #[test]
+    fn a_cgroup_quota_is_what_cpu_percentages_refer_to() {
+        // v2: half a CPU; usage in microseconds.
+        let v2 = cgroup(&[
+            ("cpu.max", "50000 100000\n"),
+            ("cpu.stat", "usage_usec 1000000\nuser_usec 1\n"),
+        ]);
+        let mut cpu = CgroupCpu::detect_in(v2.path()).unwrap();
+        assert_eq!(cpu.cpus, 0.5);
+        let t0 = Instant::now();
+        assert_eq!(cpu.percent_at(t0), None, "the first read is the baseline");
+        // A quarter of a CPU-second in one second is half the quota.
+        std::fs::write(v2.path().join("cpu.stat"), "usage_usec 1250000\n").unwrap();
+        let pct = cpu.percent_at(t0 + Duration::from_secs(1)).unwrap();
+        assert!((pct - 50.0).abs() < 1e-6, "{pct}");
+        // v2 without a quota: the host's figures apply.
+        let unlimited = cgroup(&[("cpu.max", "max 100000\n"), ("cpu.stat", "usage_usec 1\n")]);
+        assert!(CgroupCpu::detect_in(unlimited.path()).is_none());
+        // v1: two CPUs; usage in nanoseconds.
+        let v1 = cgroup(&[
+            ("cpu/cpu.cfs_quota_us", "200000\n"),
+            ("cpu/cpu.cfs_period_us", "100000\n"),
+            ("cpuacct/cpuacct.usage", "0\n"),
+        ]);
+        let mut cpu = CgroupCpu::detect_in(v1.path()).unwrap();
+        assert_eq!(cpu.cpus, 2.0);
+        assert_eq!(cpu.percent_at(t0), None);
+        std::fs::write(v1.path().join("cpuacct/cpuacct.usage"), "3000000000\n").unwrap();
+        let pct = cpu.percent_at(t0 + Duration::from_secs(2)).unwrap();
+        assert!((pct - 75.0).abs() < 1e-6, "{pct}");
+        let no_quota = cgroup(&[
+            ("cpu/cpu.cfs_quota_us", "-1\n"),
+            ("cpu/cpu.cfs_period_us", "100000\n"),
+        ]);
+        assert!(CgroupCpu::detect_in(no_quota.path()).is_none());
+    }
 
     #[test]
     fn samples_are_percentages() {

@@ -55,6 +55,32 @@ FROM ins, ",
     " AS n"
 );
 
+// One statement for a batch without keys: rows are written, and ids drawn, in input order
+// (`nextval` runs as the ordered SELECT produces rows). Nothing to conflict on, so nothing to
+// deadlock on.
+pub(super) const INSERT_MANY_UNKEYED: &str = concat!(
+    "
+WITH input AS (
+    SELECT * FROM unnest($1::text[], $2::jsonb[], $3::int[], $4::timestamptz[],
+                         $5::double precision[], $6::int[], $7::text[], $8::bigint[],
+                         $9::bigint[], $10::timestamptz[], $11::text[])
+        WITH ORDINALITY AS t(kind, payload, priority, run_at, delay_s, max_retries,
+                             idempotency_key, agent_id, timeout_ms, fire_at, traceparent, ord)
+), ins AS (
+    INSERT INTO tasks (kind, payload, priority, scheduled_at, max_retries, idempotency_key,
+                       agent_id, timeout_ms, fire_at, traceparent)
+    SELECT kind, payload, priority,
+           COALESCE(run_at, now() + make_interval(secs => delay_s)),
+           max_retries, idempotency_key, agent_id, timeout_ms, fire_at, traceparent
+    FROM input ORDER BY ord
+    RETURNING id, status, idempotency_key, agent_id, fire_at
+)
+SELECT ins.id, ins.status, ins.idempotency_key, ins.agent_id, ins.fire_at
+FROM ins, ",
+    notify_tasks!(),
+    " AS n"
+);
+
 impl Queue {
     /// Enqueues one task; with an idempotency key that exists, returns that task instead.
     pub async fn enqueue(&self, task: NewTask) -> Result<Enqueued, Error> {
@@ -193,7 +219,15 @@ impl Queue {
             t.validate()?;
         }
         let c = Columns::of(&tasks, self.default_max_retries);
-        let mut inserted: Vec<Inserted> = sqlx::query_as(INSERT_MANY)
+        let keyed = tasks
+            .iter()
+            .any(|t| t.idempotency_key.is_some() || t.fire_at.is_some());
+        let sql = if keyed {
+            INSERT_MANY
+        } else {
+            INSERT_MANY_UNKEYED
+        };
+        let mut inserted: Vec<Inserted> = sqlx::query_as(sql)
             .bind(&c.kind)
             .bind(&c.payload)
             .bind(&c.priority)
