@@ -1007,3 +1007,73 @@ async fn the_sandbox_gives_what_the_readme_lists_and_nothing_more() {
     assert_eq!(v["env"], v["file"]);
     assert!(v["env"].get("input").is_some(), "{v}");
 }
+
+/// A harness that may not signal its agents (CAP_KILL dropped, as a container without it
+/// would run): a timeout must still end the run, with the failed kill in its error, instead
+/// of waiting for ever.
+#[test]
+fn a_kill_the_harness_may_not_send_is_an_error_not_a_timeout_that_never_fires() {
+    if !nix::unistd::Uid::effective().is_root() {
+        eprintln!("skipped: needs root (agents run as another account only then)");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(
+        dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o777),
+    )
+    .unwrap();
+    let pidfile = dir.path().join("pid");
+    let agent = dir.path().join("sleepy.py");
+    std::fs::write(
+        &agent,
+        format!(
+            "import os, time\nclass Agent:\n    def execute(self):\n\
+             \x20       open('{}', 'w').write(str(os.getpid()))\n\
+             \x20       time.sleep(300)\n        return {{}}\n",
+            pidfile.display()
+        ),
+    )
+    .unwrap();
+    let mut cmd = std::process::Command::new("setpriv");
+    cmd.args(["--inh-caps=-kill", "--bounding-set=-kill", "--"])
+        .arg(common::harness_bin())
+        .args(["exec", "--timeout", "1s"])
+        .arg(&agent)
+        .env("RUST_LOG", "error")
+        .env("HARNESS_HOME", common::scratch_home())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut run = common::Proc::spawn(&mut cmd);
+    let status = run
+        .wait_for_exit(Duration::from_secs(30))
+        .expect("the run did not end: its timeout waited for a kill that was refused");
+    let mut out = String::new();
+    use std::io::Read;
+    run.child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut out)
+        .unwrap();
+    let r: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+    assert_eq!(status.code(), Some(124), "{r}");
+    assert_eq!(r["status"], "timeout", "{r}");
+    let error = r["error"].as_str().unwrap();
+    assert!(
+        error.contains("could not be killed") && error.contains("EPERM"),
+        "{error}"
+    );
+    // Nothing could signal the agent, not even its parent-death signal when the harness
+    // exited (the kernel checks that as a kill too): this test, with CAP_KILL, cleans up.
+    let pid: i32 = std::fs::read_to_string(&pidfile)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+}

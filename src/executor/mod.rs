@@ -307,9 +307,12 @@ impl Executor {
             child.stderr.take().expect("piped"),
             self.output_limit,
         ));
-        let (status, timed_out) = self.wait(&mut child, pgid, spec.timeout).await;
+        let (status, timed_out, refused) = self.wait(&mut child, pgid, spec.timeout).await;
         // Whatever the agent left running in its group goes with it.
-        let _ = killpg(pgid, Signal::SIGKILL);
+        let refused = refused.or_else(|| signal_group(pgid, Signal::SIGKILL).err());
+        if let Some(e) = &refused {
+            tracing::error!(error = %e, "a run's process group could not be killed");
+        }
         let mut result = ExecutionResult {
             status: ExecStatus::Error,
             result: None,
@@ -321,10 +324,17 @@ impl Executor {
         };
         if timed_out {
             result.status = ExecStatus::Timeout;
-            result.error = Some(format!(
-                "timed out after {:.3}s; the process group was terminated",
-                spec.timeout.as_secs_f64()
-            ));
+            result.error = Some(match &refused {
+                None => format!(
+                    "timed out after {:.3}s; the process group was terminated",
+                    spec.timeout.as_secs_f64()
+                ),
+                Some(e) => format!(
+                    "timed out after {:.3}s, and the process group could not be killed ({e}); \
+                     it may still be running",
+                    spec.timeout.as_secs_f64()
+                ),
+            });
         } else {
             let owner = self
                 .run_as
@@ -419,23 +429,30 @@ impl Executor {
     }
 
     /// Waits for the run's end, or its timeout: then SIGTERM to the group, `kill_grace`, and
-    /// SIGKILL. Returns the exit status (if it could be read) and whether it timed out.
+    /// SIGKILL. Returns the exit status (if it could be read), whether it timed out, and a
+    /// signal the system refused (the harness lacks the right to signal the agent, e.g. no
+    /// CAP_KILL): then the run is given up after a second grace instead of waited for.
     async fn wait(
         &self,
         child: &mut tokio::process::Child,
         pgid: Pid,
         timeout: Duration,
-    ) -> (Option<ExitStatus>, bool) {
+    ) -> (Option<ExitStatus>, bool, Option<String>) {
         tokio::select! {
-            s = child.wait() => (s.ok(), false),
+            s = child.wait() => (s.ok(), false, None),
             _ = tokio::time::sleep(timeout) => {
-                let _ = killpg(pgid, Signal::SIGTERM);
+                let refused = signal_group(pgid, Signal::SIGTERM).err();
+                if let Ok(s) = tokio::time::timeout(self.kill_grace, child.wait()).await {
+                    return (s.ok(), true, refused);
+                }
+                let refused = signal_group(pgid, Signal::SIGKILL).err().or(refused);
                 match tokio::time::timeout(self.kill_grace, child.wait()).await {
-                    Ok(s) => (s.ok(), true),
-                    Err(_) => {
-                        let _ = killpg(pgid, Signal::SIGKILL);
-                        (child.wait().await.ok(), true)
-                    }
+                    Ok(s) => (s.ok(), true, refused),
+                    Err(_) => (
+                        None,
+                        true,
+                        Some(refused.unwrap_or_else(|| "SIGKILL did not end it".into())),
+                    ),
                 }
             }
         }
@@ -575,13 +592,28 @@ fn interpret(
     }
 }
 
+/// Sends `sig` to a run's process group. A group that is already gone is fine; a refusal is
+/// an error that says what the harness lacks.
+fn signal_group(pgid: Pid, sig: Signal) -> Result<(), String> {
+    match killpg(pgid, sig) {
+        Ok(()) | Err(nix::errno::Errno::ESRCH) => Ok(()),
+        Err(nix::errno::Errno::EPERM) => Err(format!(
+            "{sig} to process group {pgid}: EPERM, the harness may not signal the agent's \
+             account (it needs CAP_KILL when it runs as root without it)"
+        )),
+        Err(e) => Err(format!("{sig} to process group {pgid}: {e}")),
+    }
+}
+
 /// Kills a process group when dropped.
 struct GroupGuard(Pid);
 
 impl Drop for GroupGuard {
     fn drop(&mut self) {
-        if self.0.as_raw() > 1 {
-            let _ = killpg(self.0, Signal::SIGKILL);
+        if self.0.as_raw() > 1
+            && let Err(e) = signal_group(self.0, Signal::SIGKILL)
+        {
+            tracing::error!(error = %e, "a dropped run's process group could not be killed");
         }
     }
 }

@@ -23,20 +23,41 @@ SELECT ins.id, ins.status FROM ins, ",
     " AS n"
 );
 
-// One statement for the whole batch. Ids are drawn in input order first (PostgreSQL evaluates
-// a volatile output column after the ORDER BY sort), so a batch runs in the order it was
-// given. Rows are then written in key order: two batches that share idempotency or fire keys
-// wait for each other's rows in the same order and cannot deadlock (in input order, a batch
-// of k1, k2 and one of k2, k1 did).
-pub(super) const INSERT_MANY: &str = concat!(
-    "
+// The batch's arrays as rows, numbered in input order (`ord`), and what a batch statement
+// answers: the rows written, with the keys they may have conflicted on. Spelled once for both
+// batch statements.
+macro_rules! batch_input {
+    () => {
+        "
 WITH input AS (
     SELECT * FROM unnest($1::text[], $2::jsonb[], $3::int[], $4::timestamptz[],
                          $5::double precision[], $6::int[], $7::text[], $8::bigint[],
                          $9::bigint[], $10::timestamptz[], $11::text[])
         WITH ORDINALITY AS t(kind, payload, priority, run_at, delay_s, max_retries,
                              idempotency_key, agent_id, timeout_ms, fire_at, traceparent, ord)
-), numbered AS (
+)"
+    };
+}
+macro_rules! batch_answer {
+    () => {
+        concat!(
+            "
+SELECT ins.id, ins.status, ins.idempotency_key, ins.agent_id, ins.fire_at
+FROM ins, ",
+            notify_tasks!(),
+            " AS n"
+        )
+    };
+}
+
+// A batch with keys. Ids are drawn in input order first (PostgreSQL evaluates a volatile
+// output column after the ORDER BY sort), so the batch runs in the order it was given. Rows
+// are then written in key order: two batches that share idempotency or fire keys wait for
+// each other's rows in the same order and cannot deadlock (in input order, a batch of k1, k2
+// and one of k2, k1 did).
+pub(super) const INSERT_MANY: &str = concat!(
+    batch_input!(),
+    ", numbered AS (
     SELECT ord, nextval('tasks_id_seq') AS id FROM input ORDER BY ord
 ), ins AS (
     INSERT INTO tasks (id, kind, payload, priority, scheduled_at, max_retries,
@@ -48,25 +69,16 @@ WITH input AS (
     ORDER BY idempotency_key, agent_id, fire_at, ord
     ON CONFLICT DO NOTHING
     RETURNING id, status, idempotency_key, agent_id, fire_at
-)
-SELECT ins.id, ins.status, ins.idempotency_key, ins.agent_id, ins.fire_at
-FROM ins, ",
-    notify_tasks!(),
-    " AS n"
+)",
+    batch_answer!()
 );
 
-// One statement for a batch without keys: rows are written, and ids drawn, in input order
-// (`nextval` runs as the ordered SELECT produces rows). Nothing to conflict on, so nothing to
-// deadlock on.
+// A batch without keys: rows are written, and ids drawn, in input order (`nextval` runs as the
+// ordered SELECT produces rows). Nothing to conflict on, so nothing to deadlock on, and no
+// sort or join to pay for.
 pub(super) const INSERT_MANY_UNKEYED: &str = concat!(
-    "
-WITH input AS (
-    SELECT * FROM unnest($1::text[], $2::jsonb[], $3::int[], $4::timestamptz[],
-                         $5::double precision[], $6::int[], $7::text[], $8::bigint[],
-                         $9::bigint[], $10::timestamptz[], $11::text[])
-        WITH ORDINALITY AS t(kind, payload, priority, run_at, delay_s, max_retries,
-                             idempotency_key, agent_id, timeout_ms, fire_at, traceparent, ord)
-), ins AS (
+    batch_input!(),
+    ", ins AS (
     INSERT INTO tasks (kind, payload, priority, scheduled_at, max_retries, idempotency_key,
                        agent_id, timeout_ms, fire_at, traceparent)
     SELECT kind, payload, priority,
@@ -74,11 +86,8 @@ WITH input AS (
            max_retries, idempotency_key, agent_id, timeout_ms, fire_at, traceparent
     FROM input ORDER BY ord
     RETURNING id, status, idempotency_key, agent_id, fire_at
-)
-SELECT ins.id, ins.status, ins.idempotency_key, ins.agent_id, ins.fire_at
-FROM ins, ",
-    notify_tasks!(),
-    " AS n"
+)",
+    batch_answer!()
 );
 
 impl Queue {
