@@ -1077,3 +1077,81 @@ fn a_kill_the_harness_may_not_send_is_an_error_not_a_timeout_that_never_fires() 
     )
     .unwrap();
 }
+
+/// `harness` run as an unprivileged user (nobody), with a clean environment and a home of
+/// its own; `None` when the test does not run as root.
+fn as_nobody(home: &std::path::Path) -> Option<Command> {
+    if !nix::unistd::Uid::effective().is_root() {
+        eprintln!("skipped: needs root to run the harness as another user");
+        return None;
+    }
+    let nobody = nix::unistd::User::from_name("nobody").unwrap().unwrap();
+    std::fs::set_permissions(home, std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
+    let mut cmd = Command::new("setpriv");
+    cmd.arg(format!("--reuid={}", nobody.uid))
+        .arg(format!("--regid={}", nobody.gid))
+        .args(["--clear-groups", "--"])
+        .arg(common::harness_bin())
+        .env_clear()
+        .env("PATH", "/usr/local/bin:/usr/bin:/bin")
+        .env("HARNESS_HOME", home)
+        .env("RUST_LOG", "error");
+    Some(cmd)
+}
+
+#[test]
+fn not_root_serve_refuses_unless_a_shared_user_is_allowed() {
+    let home = tempfile::tempdir().unwrap();
+    let Some(mut cmd) = as_nobody(home.path()) else {
+        return;
+    };
+    let out = cmd
+        .args(["serve", "--no-api"])
+        .env("DATABASE_URL", "postgres://nobody@127.0.0.1:1/none")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("executor.allow_shared_user"), "{err}");
+    // Allowed: it goes on to the database (which is not there) instead.
+    let out = as_nobody(home.path())
+        .unwrap()
+        .args(["serve", "--no-api"])
+        .env("DATABASE_URL", "postgres://nobody@127.0.0.1:1/none")
+        .env("HARNESS_EXECUTOR__ALLOW_SHARED_USER", "true")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("allow_shared_user"), "{err}");
+    assert!(err.contains("127.0.0.1:1"), "{err}");
+}
+
+#[test]
+fn not_root_agents_cannot_read_the_harness_environment() {
+    let home = tempfile::tempdir().unwrap();
+    let Some(mut cmd) = as_nobody(home.path()) else {
+        return;
+    };
+    let agent = home.path().join("peek.py");
+    std::fs::write(
+        &agent,
+        "import os\nclass Agent:\n    def execute(self):\n        try:\n\
+         \x20           text = open('/proc/%d/environ' % os.getppid(), 'rb').read()\n\
+         \x20           return {'read': True, 'secret': b'SECRET_TOKEN' in text}\n\
+         \x20       except OSError as e:\n            return {'read': False, 'error': str(e)}\n",
+    )
+    .unwrap();
+    let out = cmd
+        .arg("exec")
+        .arg(&agent)
+        .env("SECRET_TOKEN", "hunter2-0123456789")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("agents run as this same user"), "{err}");
+    let r: Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}\n{err}", String::from_utf8_lossy(&out.stdout)));
+    assert_eq!(r["status"], "success", "{r}");
+    assert_eq!(r["result"]["read"], false, "{r}");
+}

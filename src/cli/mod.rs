@@ -298,6 +298,7 @@ async fn exec(cfg: Config, args: ExecArgs) -> anyhow::Result<ExitCode> {
     use harness::executor::{ExecStatus, Executor, RunSpec, Runtime};
     let code = std::fs::read_to_string(&args.file)
         .with_context(|| format!("reading {}", args.file.display()))?;
+    warn_if_shared_user(&cfg);
     let executor = Executor::new(&cfg.executor)?;
     if let Err(e) = executor.check_python(&code).await {
         bail!("{} is not a valid agent: {e}", args.file.display());
@@ -361,6 +362,19 @@ async fn serve(
     with_api: bool,
     replica_id: String,
 ) -> anyhow::Result<()> {
+    // Not root: agents would share our user. `serve` (production) needs the operator's yes.
+    if !nix::unistd::Uid::effective().is_root() {
+        if !announce && !cfg.executor.allow_shared_user {
+            bail!(
+                "harness serve runs as uid {}, not root, so agents would run as this same user \
+                 and could read its files and signal its processes; run it as root (agents then \
+                 run as executor.run_as) or set executor.allow_shared_user: true \
+                 (HARNESS_EXECUTOR__ALLOW_SHARED_USER=true) to accept that",
+                nix::unistd::Uid::effective()
+            );
+        }
+        warn_if_shared_user(&cfg);
+    }
     // Before anything else: from here on SIGTERM means "drain", never "die".
     let stop = stop_on_signals()?;
     let executor = std::sync::Arc::new(harness::executor::Executor::new(&cfg.executor)?);
@@ -421,6 +435,18 @@ async fn serve(
     }
     database.close().await;
     Ok(())
+}
+
+/// Says once, on stderr, that agents will run as this process's own user (not root).
+fn warn_if_shared_user(cfg: &Config) {
+    if !nix::unistd::Uid::effective().is_root() && !cfg.executor.allow_shared_user {
+        eprintln!(
+            "warning: not running as root, so agents run as this same user (uid {}); fine for \
+             development, not for agents you do not trust (set executor.allow_shared_user: true \
+             to silence this)",
+            nix::unistd::Uid::effective()
+        );
+    }
 }
 
 /// A token cancelled by the first SIGINT or SIGTERM; a second one exits at once, leaving

@@ -326,6 +326,9 @@ pub struct ExecutorConfig {
     pub max_processes: u64,
     /// Largest file an agent may write, MB (RLIMIT_FSIZE).
     pub max_file_mb: u64,
+    /// When the harness does not run as root, agents run as its own user: `serve` refuses to
+    /// start unless this says the operator accepts that (`up` and `exec` warn and go on).
+    pub allow_shared_user: bool,
 }
 
 impl Default for ExecutorConfig {
@@ -340,6 +343,7 @@ impl Default for ExecutorConfig {
             output_limit_kb: 256,
             max_processes: 64,
             max_file_mb: 1024,
+            allow_shared_user: false,
         }
     }
 }

@@ -180,6 +180,12 @@ impl Isolation {
 impl Executor {
     /// Resolves the interpreter and the account from the configuration.
     pub fn new(cfg: &ExecutorConfig) -> Result<Executor, Error> {
+        if !Uid::effective().is_root() {
+            // Agents will run as our own user: without this they could read our environment
+            // (DATABASE_URL, tokens) and memory through /proc. Agents are dumpable again
+            // after their exec; only this process is hidden.
+            nix::sys::prctl::set_dumpable(false).map_err(|e| Error::RunDir(e.into()))?;
+        }
         let run_as = if Uid::effective().is_root() {
             Some(
                 User::from_name(&cfg.run_as)
