@@ -330,17 +330,7 @@ impl Executor {
         };
         if timed_out {
             result.status = ExecStatus::Timeout;
-            result.error = Some(match &refused {
-                None => format!(
-                    "timed out after {:.3}s; the process group was terminated",
-                    spec.timeout.as_secs_f64()
-                ),
-                Some(e) => format!(
-                    "timed out after {:.3}s, and the process group could not be killed ({e}); \
-                     it may still be running",
-                    spec.timeout.as_secs_f64()
-                ),
-            });
+            result.error = Some(timeout_error(spec.timeout, refused.as_deref()));
         } else {
             let owner = self
                 .run_as
@@ -595,6 +585,18 @@ fn interpret(
                 result.error = Some(describe_exit(status, &result.stderr));
             }
         }
+    }
+}
+
+/// What a timed-out run's error says: the group was terminated, or why it could not be.
+fn timeout_error(timeout: Duration, refused: Option<&str>) -> String {
+    let after = timeout.as_secs_f64();
+    match refused {
+        None => format!("timed out after {after:.3}s; the process group was terminated"),
+        Some(e) => format!(
+            "timed out after {after:.3}s, and the process group could not be killed ({e}); it \
+             may still be running"
+        ),
     }
 }
 
