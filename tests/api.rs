@@ -552,6 +552,10 @@ async fn agent_and_fleet_endpoints() {
     assert_eq!(list.as_array().unwrap().len(), 1);
     let (_, by_name) = json_of(api.get("/api/agents/counter").send().await.unwrap()).await;
     assert_eq!(by_name["id"].as_i64(), Some(id));
+    // An agent's JSON is flat: the runtime kind beside its code, no argv.
+    assert_eq!(by_name["runtime"], "python");
+    assert!(by_name["code"].is_string(), "{by_name}");
+    assert_eq!(by_name["command"], Value::Null);
     assert!(by_name["next_fire_at"].is_string());
     let (s, p) = json_of(
         api.client

@@ -120,6 +120,20 @@ async fn until(within: Duration, what: &str, mut probe: impl AsyncFnMut() -> boo
     common::eventually(what, within, async || probe().await.then_some(())).await
 }
 
+/// 400 `work` tasks (200 ms each), and a wait until 8 of them run at once (the replica's
+/// capacity in the throttling tests).
+async fn fill(db: &TestDb, work: &common::Concurrency) -> harness::queue::Queue {
+    let q = harness::queue::Queue::new(db.pool.clone(), 0);
+    q.enqueue_many(vec![NewTask::new("work", json!({})); 400])
+        .await
+        .unwrap();
+    until(Duration::from_secs(20), "8 running", async || {
+        work.peak() == 8
+    })
+    .await;
+    q
+}
+
 #[tokio::test]
 async fn high_cpu_lowers_how_many_tasks_run_at_once_and_recovery_restores_it() {
     let db = TestDb::new().await;
@@ -132,14 +146,7 @@ async fn high_cpu_lowers_how_many_tasks_run_at_once_and_recovery_restores_it() {
         work.clone(),
     )
     .await;
-    let q = harness::queue::Queue::new(db.pool.clone(), 0);
-    q.enqueue_many(vec![NewTask::new("work", json!({})); 400])
-        .await
-        .unwrap();
-    until(Duration::from_secs(10), "8 running", async || {
-        work.peak() == 8
-    })
-    .await;
+    fill(&db, &work).await;
 
     sampler.cpu(97.0);
     // Two windows of high CPU: 8 → 6 → 4.
@@ -220,14 +227,7 @@ async fn high_memory_throttles_too_and_a_failing_webhook_never_stops_the_replica
         work.clone(),
     )
     .await;
-    let q = harness::queue::Queue::new(db.pool.clone(), 0);
-    q.enqueue_many(vec![NewTask::new("work", json!({})); 400])
-        .await
-        .unwrap();
-    until(Duration::from_secs(20), "8 running", async || {
-        work.peak() == 8
-    })
-    .await;
+    let q = fill(&db, &work).await;
     sampler.memory(97.0);
     until(Duration::from_secs(30), "throttled by memory", async || {
         state(&db, &r.replica).await == ("throttled".into(), 4)

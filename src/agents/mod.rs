@@ -812,3 +812,29 @@ fn split_runtime(r: &Runtime) -> (RuntimeKind, Option<&str>, Option<&[String]>) 
         Runtime::Command { argv } => (RuntimeKind::Command, None, Some(argv.as_slice())),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_runtime_kind_without_what_it_runs_is_refused() {
+        let refused = |kind, code: Option<&str>, argv: Option<Vec<String>>| match runtime_from(
+            kind,
+            code.map(str::to_string),
+            argv,
+        ) {
+            Err(Error::Invalid { field, .. }) => field,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(
+            refused(RuntimeKind::Python, None, Some(vec!["x".into()])),
+            "code"
+        );
+        assert_eq!(refused(RuntimeKind::Command, Some("x"), None), "command");
+        assert!(matches!(
+            runtime_from(RuntimeKind::Command, None, Some(vec!["true".into()])),
+            Ok(Runtime::Command { .. })
+        ));
+    }
+}

@@ -140,6 +140,18 @@ macro_rules! api_errors {
     };
 }
 
+// What a route that reads a JSON body may answer besides its own statuses.
+const BODY_MALFORMED: (u16, Option<&str>, &str) = (400, Some("Error"), "Malformed JSON");
+const BODY_TOO_LARGE: (u16, Option<&str>, &str) =
+    (413, Some("Error"), "The body is over api.max_body_kb");
+const BODY_NOT_JSON: (u16, Option<&str>, &str) =
+    (415, Some("Error"), "Not Content-Type: application/json");
+const BODY_FIELD: (u16, Option<&str>, &str) = (
+    422,
+    Some("Error"),
+    "A field does not fit; detail.field names it",
+);
+
 const READ_ERRORS: [(u16, Option<&str>, &str); 2] = [
     (404, Some("Error"), "No such object"),
     (
@@ -240,13 +252,9 @@ pub const ROUTES: &[Route] = &[
                 Some("Error"),
                 "The idempotency key names a task with another kind or payload; detail.id is that task"
             ),
-            (413, Some("Error"), "The body is over api.max_body_kb"),
-            (415, Some("Error"), "Not Content-Type: application/json"),
-            (
-                422,
-                Some("Error"),
-                "A field does not fit; detail.field names it"
-            ),
+            BODY_TOO_LARGE,
+            BODY_NOT_JSON,
+            BODY_FIELD,
         ],
     },
     Route {
@@ -358,16 +366,12 @@ pub const ROUTES: &[Route] = &[
         request: Some(("CreateAgent", true)),
         responses: api_errors![
             (201, Some("Agent"), "Registered"),
-            (400, Some("Error"), "Malformed JSON"),
+            BODY_MALFORMED,
             (403, Some("Error"), "A read token"),
             (409, Some("Error"), "An agent of that name exists"),
-            (413, Some("Error"), "The body is over api.max_body_kb"),
-            (415, Some("Error"), "Not Content-Type: application/json"),
-            (
-                422,
-                Some("Error"),
-                "A field does not fit; detail.field names it"
-            ),
+            BODY_TOO_LARGE,
+            BODY_NOT_JSON,
+            BODY_FIELD,
             (501, Some("Error"), "This replica does not run agents"),
         ],
     },
@@ -396,16 +400,12 @@ pub const ROUTES: &[Route] = &[
         request: Some(("UpdateAgent", true)),
         responses: api_errors![
             (200, Some("Agent"), "The changed agent"),
-            (400, Some("Error"), "Malformed JSON"),
+            BODY_MALFORMED,
             (403, Some("Error"), "A read token"),
             READ_ERRORS[0],
-            (413, Some("Error"), "The body is over api.max_body_kb"),
-            (415, Some("Error"), "Not Content-Type: application/json"),
-            (
-                422,
-                Some("Error"),
-                "A field does not fit; detail.field names it"
-            ),
+            BODY_TOO_LARGE,
+            BODY_NOT_JSON,
+            BODY_FIELD,
             (501, Some("Error"), "This replica does not run agents"),
         ],
     },
@@ -435,15 +435,11 @@ pub const ROUTES: &[Route] = &[
         request: Some(("RunAgent", false)),
         responses: api_errors![
             (201, Some("Task"), "The run's task"),
-            (400, Some("Error"), "Malformed JSON"),
+            BODY_MALFORMED,
             (403, Some("Error"), "A read token"),
             READ_ERRORS[0],
-            (413, Some("Error"), "The body is over api.max_body_kb"),
-            (
-                422,
-                Some("Error"),
-                "A field does not fit; detail.field names it"
-            ),
+            BODY_TOO_LARGE,
+            BODY_FIELD,
             (501, Some("Error"), "This replica does not run agents"),
         ],
     },
