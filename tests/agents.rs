@@ -139,23 +139,45 @@ async fn timeout_kills_the_agent_and_its_grandchild() {
     .await;
 }
 
+/// An executor with rlimits only (no cgroups), whatever the host offers.
+fn rlimit_executor() -> Executor {
+    let cfg = harness::Config::load_from(
+        None,
+        [("HARNESS_EXECUTOR__CGROUPS".to_string(), "false".to_string())],
+    )
+    .unwrap();
+    Executor::new(&cfg.executor).unwrap()
+}
+
 #[tokio::test]
 async fn a_two_gigabyte_allocation_under_256_mb_is_an_error_and_the_host_is_fine() {
-    let mut spec = python(
-        "class Agent:\n    def execute(self):\n        x = bytearray(2 * 1024**3)\n        return {'n': len(x)}\n",
-    );
-    spec.memory_mb = 256;
-    let r = executor().run(&spec).await.unwrap();
-    assert_eq!(r.status, ExecStatus::Error);
-    assert!(r.error.unwrap().contains("MemoryError"));
-    // The executor carries on.
-    let ok = executor()
-        .run(&python(
-            "class Agent:\n    def execute(self):\n        return {}\n",
-        ))
-        .await
-        .unwrap();
-    assert_eq!(ok.status, ExecStatus::Success);
+    for e in [executor(), rlimit_executor()] {
+        let mut spec = python(
+            "class Agent:\n    def execute(self):\n        x = bytearray(2 * 1024**3)\n        return {'n': len(x)}\n",
+        );
+        spec.memory_mb = 256;
+        let r = e.run(&spec).await.unwrap();
+        assert_eq!(r.status, ExecStatus::Error);
+        let error = r.error.unwrap();
+        if e.isolation.cgroup_memory {
+            // The cgroup's OOM killer ends the run.
+            assert!(
+                error.starts_with("memory limit exceeded (256 MB)"),
+                "{error}"
+            );
+        } else {
+            // RLIMIT_AS refuses the allocation.
+            assert!(error.contains("MemoryError"), "{error}");
+        }
+        // The executor carries on.
+        let ok = e
+            .run(&python(
+                "class Agent:\n    def execute(self):\n        return {}\n",
+            ))
+            .await
+            .unwrap();
+        assert_eq!(ok.status, ExecStatus::Success);
+    }
 }
 
 #[tokio::test]
@@ -563,14 +585,9 @@ async fn overlapping_runs_are_skipped_by_default() {
 #[tokio::test]
 async fn overlap_allow_runs_alongside() {
     let db = TestDb::new().await;
-    let dir = tempfile::tempdir().unwrap();
+    let dir = common::agent_writable_dir("harness-pair-");
     // Each run waits until the other has started, so only runs alongside each other finish.
     let marker = dir.path().join("started");
-    std::fs::set_permissions(
-        dir.path(),
-        std::os::unix::fs::PermissionsExt::from_mode(0o777),
-    )
-    .unwrap();
     let code = format!(
         "import os, time\nclass Agent:\n    def execute(self):\n\
          \x20       open('{m}-' + str(os.getpid()), 'w').close()\n\
@@ -889,15 +906,7 @@ async fn the_harness_does_not_follow_what_an_agent_plants_as_its_result() {
 #[tokio::test]
 async fn a_dropped_run_takes_its_whole_process_group_with_it() {
     let e = executor();
-    let dir = tempfile::Builder::new()
-        .prefix("harness-drop-")
-        .tempdir_in("/tmp")
-        .unwrap();
-    std::fs::set_permissions(
-        dir.path(),
-        std::os::unix::fs::PermissionsExt::from_mode(0o777),
-    )
-    .unwrap();
+    let dir = common::agent_writable_dir("harness-drop-");
     let pidfile = dir.path().join("bg.pid");
     let mut spec = RunSpec::new(
         Runtime::Command {
@@ -935,7 +944,8 @@ async fn a_dropped_run_takes_its_whole_process_group_with_it() {
 
 #[tokio::test]
 async fn the_sandbox_gives_what_the_readme_lists_and_nothing_more() {
-    let e = executor();
+    // The rlimits checked below are the fallback's: no cgroups.
+    let e = rlimit_executor();
     let mut spec = python(
         "import os, resource, sys\nclass Agent:\n    def execute(self):\n\
          \x20       sys.stderr.write('e' * (300 * 1024))\n\
@@ -1008,21 +1018,11 @@ async fn the_sandbox_gives_what_the_readme_lists_and_nothing_more() {
     assert!(v["env"].get("input").is_some(), "{v}");
 }
 
-/// A harness that may not signal its agents (CAP_KILL dropped, as a container without it
-/// would run): a timeout must still end the run, with the failed kill in its error, instead
-/// of waiting for ever.
-#[test]
-fn a_kill_the_harness_may_not_send_is_an_error_not_a_timeout_that_never_fires() {
-    if !nix::unistd::Uid::effective().is_root() {
-        eprintln!("skipped: needs root (agents run as another account only then)");
-        return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::set_permissions(
-        dir.path(),
-        std::os::unix::fs::PermissionsExt::from_mode(0o777),
-    )
-    .unwrap();
+/// `harness exec --timeout 1s` of an agent that sleeps, by a harness without CAP_KILL (as a
+/// container without it would run it), with `settings`. Returns the result, the exit code
+/// and the agent's pid.
+fn timeout_without_cap_kill(settings: &[(&str, &str)]) -> (Value, Option<i32>, i32) {
+    let dir = common::agent_writable_dir("harness-nokill-");
     let pidfile = dir.path().join("pid");
     let agent = dir.path().join("sleepy.py");
     std::fs::write(
@@ -1042,6 +1042,7 @@ fn a_kill_the_harness_may_not_send_is_an_error_not_a_timeout_that_never_fires() 
         .arg(&agent)
         .env("RUST_LOG", "error")
         .env("HARNESS_HOME", common::scratch_home())
+        .envs(settings.iter().copied())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     let mut run = common::Proc::spawn(&mut cmd);
@@ -1057,7 +1058,28 @@ fn a_kill_the_harness_may_not_send_is_an_error_not_a_timeout_that_never_fires() 
         .read_to_string(&mut out)
         .unwrap();
     let r: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
-    assert_eq!(status.code(), Some(124), "{r}");
+    let pid: i32 = std::fs::read_to_string(&pidfile)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    (r, status.code(), pid)
+}
+
+/// A harness that may not signal its agents: with a shared agent account and no cgroups a
+/// timeout must still end the run, with the failed kill in its error, instead of waiting for
+/// ever; with a uid per run or a cgroup, the kill needs no signal right and happens.
+#[test]
+fn a_kill_the_harness_may_not_send_is_an_error_not_a_timeout_that_never_fires() {
+    if !nix::unistd::Uid::effective().is_root() {
+        eprintln!("skipped: needs root (agents run as another account only then)");
+        return;
+    }
+    let (r, code, pid) = timeout_without_cap_kill(&[
+        ("HARNESS_EXECUTOR__CGROUPS", "false"),
+        ("HARNESS_EXECUTOR__UID_RANGE", ""),
+    ]);
+    assert_eq!(code, Some(124), "{r}");
     assert_eq!(r["status"], "timeout", "{r}");
     let error = r["error"].as_str().unwrap();
     assert!(
@@ -1066,16 +1088,23 @@ fn a_kill_the_harness_may_not_send_is_an_error_not_a_timeout_that_never_fires() 
     );
     // Nothing could signal the agent, not even its parent-death signal when the harness
     // exited (the kernel checks that as a kill too): this test, with CAP_KILL, cleans up.
-    let pid: i32 = std::fs::read_to_string(&pidfile)
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(pid),
         nix::sys::signal::Signal::SIGKILL,
     )
     .unwrap();
+
+    // A uid per run: the harness kills as that uid. A cgroup: one write kills the run.
+    for settings in [
+        [("HARNESS_EXECUTOR__CGROUPS", "false")],
+        [("HARNESS_EXECUTOR__CGROUPS", "true")],
+    ] {
+        let (r, code, pid) = timeout_without_cap_kill(&settings);
+        assert_eq!(code, Some(124), "{settings:?}: {r}");
+        let error = r["error"].as_str().unwrap();
+        assert!(error.contains("was terminated"), "{settings:?}: {error}");
+        assert!(gone(pid), "{settings:?}: the agent survived its timeout");
+    }
 }
 
 /// `harness` run as an unprivileged user (nobody), with a clean environment and a home of

@@ -188,15 +188,7 @@ async fn chaos_every_task_once_through_kills_stops_and_postgres_faults() {
     let pool = harness::db::connect(&url, 4).await.unwrap();
     let q = Queue::new(pool.clone(), 20);
 
-    let dir = tempfile::Builder::new()
-        .prefix("harness-chaos-")
-        .tempdir_in("/tmp")
-        .unwrap();
-    std::fs::set_permissions(
-        dir.path(),
-        std::os::unix::fs::PermissionsExt::from_mode(0o777),
-    )
-    .unwrap();
+    let dir = common::agent_writable_dir("harness-chaos-");
     let effects = dir.path().join("effects");
 
     // Two thirds in-process sleeps, one third sandboxed commands that leave a mark; both

@@ -133,15 +133,7 @@ async fn deleting_an_agent_mid_run_skips_its_handoff_and_the_replica_goes_on() {
         .unwrap();
     let (stop, served) = serve(h);
     // The agent runs as another account: it marks its start in a directory it may write.
-    let dir = tempfile::Builder::new()
-        .prefix("harness-victim-")
-        .tempdir_in("/tmp")
-        .unwrap();
-    std::fs::set_permissions(
-        dir.path(),
-        std::os::unix::fs::PermissionsExt::from_mode(0o777),
-    )
-    .unwrap();
+    let dir = common::agent_writable_dir("harness-victim-");
     let marker = dir.path().join("started");
     let run = agents
         .run(&q, "victim", json!({ "marker": marker }))

@@ -489,18 +489,9 @@ async fn an_outage_longer_than_rescue_after_reruns_nothing_of_live_replicas() {
     pg.down().await;
 }
 
-/// A directory every account may write to (commands run as `nobody` under root).
+/// A directory every account may write to (commands run as run uids under root).
 fn shared_dir() -> tempfile::TempDir {
-    let dir = tempfile::Builder::new()
-        .prefix("harness-effects-")
-        .tempdir_in("/tmp")
-        .unwrap();
-    std::fs::set_permissions(
-        dir.path(),
-        std::os::unix::fs::PermissionsExt::from_mode(0o777),
-    )
-    .unwrap();
-    dir
+    common::agent_writable_dir("harness-effects-")
 }
 
 fn lines(path: &std::path::Path) -> usize {

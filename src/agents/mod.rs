@@ -111,6 +111,9 @@ pub struct AgentConfig {
     pub env: BTreeMap<String, String>,
     #[serde(default)]
     pub overlap: Overlap,
+    /// `allow` (the host's network) or `none` (no connection leaves the run).
+    #[serde(default)]
+    pub network: crate::executor::Network,
 }
 
 /// Bounds on an agent's limits.
@@ -130,6 +133,7 @@ impl AgentConfig {
             cpu_percent: cfg.executor.max_cpu_percent,
             env: BTreeMap::new(),
             overlap: Overlap::Skip,
+            network: crate::executor::Network::Allow,
         }
     }
 
@@ -727,6 +731,7 @@ impl Agents {
         spec.memory_mb = agent.config.memory_mb;
         spec.cpu_percent = agent.config.cpu_percent;
         spec.env = agent.config.env.clone();
+        spec.network = agent.config.network;
         // The sandboxed process continues this run's trace.
         spec.traceparent =
             crate::telemetry::current_traceparent().or_else(|| ctx.traceparent.clone());

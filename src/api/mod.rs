@@ -687,7 +687,8 @@ pub struct CreateAgent {
     pub code: Option<String>,
     /// A program and its arguments (or give `code`).
     pub command: Option<Vec<String>>,
-    /// Any of schedule, timezone, timeout, max_retries, memory_mb, cpu_percent, env, overlap.
+    /// Any of schedule, timezone, timeout, max_retries, memory_mb, cpu_percent, env, overlap,
+    /// network.
     #[serde(default)]
     pub config: serde_json::Map<String, Value>,
     #[serde(default = "yes")]

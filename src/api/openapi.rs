@@ -605,6 +605,7 @@ fn request_schemas(kinds: &[String]) -> Map<String, Value> {
             "env": {"type": "object", "propertyNames": {"pattern": env_name},
                     "additionalProperties": {"type": "string", "pattern": NO_NUL}},
             "overlap": reference("Overlap"),
+            "network": reference("Network"),
         },
     });
     let code = json!({"type": "string", "minLength": 1, "maxLength": MAX_CODE_BYTES,
@@ -668,6 +669,7 @@ fn response_schemas() -> Map<String, Value> {
     g.subschema_for::<crate::fleet::ReplicaRow>();
     g.subschema_for::<crate::queue::Status>();
     g.subschema_for::<crate::agents::Overlap>();
+    g.subschema_for::<crate::executor::Network>();
     let mut defs = g.take_definitions(true);
     use crate::agents::RuntimeKind;
     use crate::queue::AttemptStatus;
@@ -679,6 +681,12 @@ fn response_schemas() -> Map<String, Value> {
             vec!["skip", "queue", "allow"],
             "What a run due while the previous one still runs does: skip (recorded as \
              cancelled with the reason), queue (waits for it) or allow (runs alongside)",
+        ),
+        (
+            "Network",
+            vec!["allow", "none"],
+            "Whether a run may use the network: allow (the host's) or none (a network \
+             namespace of its own with nothing in it)",
         ),
         (
             "Status",

@@ -106,6 +106,9 @@ struct Definition {
     /// A run due while the previous one runs: skip (default), queue or allow
     #[arg(long)]
     overlap: Option<Overlap>,
+    /// allow (default: the host's network) or none (no connection leaves the run)
+    #[arg(long)]
+    network: Option<harness::executor::Network>,
 }
 
 impl Definition {
@@ -157,6 +160,9 @@ impl Definition {
         }
         if let Some(o) = self.overlap {
             config.overlap = o;
+        }
+        if let Some(n) = self.network {
+            config.network = n;
         }
         Ok(config)
     }

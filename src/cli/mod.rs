@@ -395,7 +395,7 @@ async fn serve(
     tracing::info!(
         python = %executor.python.display(),
         run_as = executor.run_as().unwrap_or("(the harness's own user)"),
-        isolation = executor.isolation.as_str(),
+        isolation = %executor.isolation.describe(),
         "agents run in the sandbox"
     );
     executor.isolation.warn_if_degraded();

@@ -329,6 +329,33 @@ pub struct ExecutorConfig {
     /// When the harness does not run as root, agents run as its own user: `serve` refuses to
     /// start unless this says the operator accepts that (`up` and `exec` warn and go on).
     pub allow_shared_user: bool,
+    /// As root, each concurrent run gets a uid (and gid) of its own from this block,
+    /// `FIRST-LAST`; empty: every run as `run_as`.
+    pub uid_range: String,
+    /// Use the host's cgroups (a memory limit per run, a process ceiling, a CPU rate, a kill
+    /// that reaches escapees) where the harness can; false: rlimits only.
+    pub cgroups: bool,
+    /// As root, give each run private /tmp, /var/tmp, /dev/shm and /run/lock (tmpfs in a
+    /// mount namespace); false: the host's, with what a run uid left there removed at its end.
+    pub private_tmp: bool,
+    /// Size of each private tmpfs a run gets on /tmp, /var/tmp, /dev/shm and /run/lock, MB
+    /// (its pages count against the run's memory limit).
+    pub tmp_mb: u64,
+}
+
+impl ExecutorConfig {
+    /// The parsed `uid_range` (none when empty).
+    pub fn uid_range(
+        &self,
+    ) -> Result<Option<crate::executor::uids::UidRange>, crate::executor::Error> {
+        let s = self.uid_range.trim();
+        if s.is_empty() {
+            return Ok(None);
+        }
+        s.parse()
+            .map(Some)
+            .map_err(crate::executor::Error::UidRange)
+    }
 }
 
 impl Default for ExecutorConfig {
@@ -344,6 +371,10 @@ impl Default for ExecutorConfig {
             max_processes: 64,
             max_file_mb: 1024,
             allow_shared_user: false,
+            uid_range: "200000-200999".to_string(),
+            cgroups: true,
+            private_tmp: true,
+            tmp_mb: 64,
         }
     }
 }
@@ -461,12 +492,17 @@ impl Config {
                 return Err((key.into(), what.into()));
             }
         }
+        if let Err(e) = self.executor.uid_range() {
+            let text = e.to_string();
+            let text = text.trim_start_matches("executor.uid_range: ");
+            return Err(("executor.uid_range".into(), text.to_string()));
+        }
         self.validate_secrets()
     }
 
     /// Every numeric setting with its allowed range (checked in this order; integers are exact
     /// as `f64` at these sizes). A table, so it stays whole however long `rustfmt` makes it.
-    fn ranges(&self) -> [(&'static str, f64, f64, f64); 34] {
+    fn ranges(&self) -> [(&'static str, f64, f64, f64); 35] {
         use crate::bounds;
         let (b, g, t, p, e, sc, a) = (
             &self.bulk,
@@ -572,6 +608,7 @@ impl Config {
                 f(bounds::MEMORY_MB.0),
                 f(bounds::MEMORY_MB.1),
             ),
+            ("executor.tmp_mb", f(e.tmp_mb), 1.0, 65_536.0),
             (
                 "executor.max_cpu_percent",
                 f(e.max_cpu_percent.into()),

@@ -21,7 +21,6 @@ use std::collections::BTreeMap;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
-use std::sync::Once;
 use std::time::{Duration, Instant};
 
 use nix::sys::resource::{Resource, setrlimit};
@@ -33,8 +32,13 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 
 use crate::config::ExecutorConfig;
 
+mod cgroup;
+mod sandbox;
 pub mod session;
 mod spawner;
+pub mod uids;
+
+pub use sandbox::Isolation;
 
 const RUNNER: &str = include_str!("runner.py");
 /// The largest result accepted from an agent.
@@ -43,6 +47,7 @@ pub const MAX_RESULT_BYTES: u64 = 16 * 1024 * 1024;
 const AGENT_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
 /// Inputs larger than this are passed by file only (an environment string is limited).
 const MAX_ENV_INPUT: usize = 64 * 1024;
+const MIB: u64 = 1024 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -62,6 +67,15 @@ pub enum Error {
     NoPython(String),
     #[error("the program {0:?} was not found (searched {AGENT_PATH})")]
     NoProgram(String),
+    #[error("cannot set up the run's cgroup: {0}")]
+    Cgroup(std::io::Error),
+    #[error(
+        "network: none needs a network namespace, which this replica cannot make (it needs \
+         root with CAP_SYS_ADMIN); run the agent with network: allow or on a replica that can"
+    )]
+    NoNetworkNamespace,
+    #[error("executor.uid_range: {0}")]
+    UidRange(String),
 }
 
 /// How a run ended.
@@ -109,6 +123,7 @@ pub struct RunSpec {
     pub memory_mb: u64,
     pub cpu_percent: u32,
     pub env: BTreeMap<String, String>,
+    pub network: Network,
     pub traceparent: Option<String>,
 }
 
@@ -123,29 +138,39 @@ impl RunSpec {
             memory_mb: settings.default_memory_mb,
             cpu_percent: settings.default_cpu_percent,
             env: BTreeMap::new(),
+            network: Network::Allow,
             traceparent: None,
         }
     }
 }
 
-/// How agents are isolated on this host.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Isolation {
-    /// rlimits only: CPU as a CPU-seconds budget, processes by RLIMIT_NPROC. Used when no
-    /// writable cgroup v2 hierarchy is available.
-    Rlimit,
+/// Whether a run may use the network.
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Network {
+    /// The host's network (agents call LLM APIs).
+    #[default]
+    Allow,
+    /// A network namespace of its own with nothing in it: no connection leaves the run.
+    None,
 }
 
-impl Isolation {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Isolation::Rlimit => "rlimit",
+impl std::str::FromStr for Network {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Network, String> {
+        match s {
+            "allow" => Ok(Network::Allow),
+            "none" => Ok(Network::None),
+            other => Err(format!(
+                "{other:?} is not a network setting; use allow or none"
+            )),
         }
     }
 }
 
-/// The executor of one process: resolved interpreter, account and limits.
+/// The executor of one process: resolved interpreter, accounts, cgroups and limits.
 #[derive(Debug, Clone)]
 pub struct Executor {
     pub python: PathBuf,
@@ -154,39 +179,43 @@ pub struct Executor {
     pub output_limit: usize,
     pub max_processes: u64,
     pub max_file_bytes: u64,
+    pub tmp_mb: u64,
     pub default_timeout: Duration,
     pub default_memory_mb: u64,
     pub default_cpu_percent: u32,
     pub isolation: Isolation,
-    /// This process's place under the runs directory (run directories and group records).
-    session: std::sync::Arc<session::Session>,
+    /// This process's session, cgroups and uid leases.
+    host: std::sync::Arc<Host>,
 }
 
-static DEGRADED: Once = Once::new();
+/// What one process holds on its host for its runs: its session directory, its cgroups and
+/// the uid pool. The session's cgroup directories go when this does.
+#[derive(Debug)]
+struct Host {
+    session: session::Session,
+    cgroups: cgroup::Cgroups,
+    /// A uid per run (root with `executor.uid_range`).
+    uids: Option<uids::UidPool>,
+}
 
-impl Isolation {
-    /// Logs, once per process, what the isolation mode cannot do (called by replicas).
-    pub fn warn_if_degraded(self) {
-        DEGRADED.call_once(|| match self {
-            Isolation::Rlimit => tracing::warn!(
-                isolation = self.as_str(),
-                "no writable cgroup v2 hierarchy: agent CPU is bounded as CPU seconds \
-                 (timeout × cpu_percent, RLIMIT_CPU) and processes by RLIMIT_NPROC"
-            ),
-        });
+impl Drop for Host {
+    fn drop(&mut self) {
+        self.cgroups.close_session(self.session.name());
     }
 }
 
 impl Executor {
-    /// Resolves the interpreter and the account from the configuration.
+    /// Resolves the interpreter and the accounts from the configuration, and finds what
+    /// isolation the host offers (cgroups, namespaces, a uid per run).
     pub fn new(cfg: &ExecutorConfig) -> Result<Executor, Error> {
-        if !Uid::effective().is_root() {
+        let root = Uid::effective().is_root();
+        if !root {
             // Agents will run as our own user: without this they could read our environment
             // (DATABASE_URL, tokens) and memory through /proc. Agents are dumpable again
             // after their exec; only this process is hidden.
             nix::sys::prctl::set_dumpable(false).map_err(|e| Error::RunDir(e.into()))?;
         }
-        let run_as = if Uid::effective().is_root() {
+        let run_as = if root {
             Some(
                 User::from_name(&cfg.run_as)
                     .ok()
@@ -196,14 +225,68 @@ impl Executor {
         } else {
             None
         };
-        let python = resolve_python(&cfg.python, run_as.as_ref())?;
+        let range = cfg.uid_range()?;
+        let runs = runs_dir()?;
+        let uids = match range {
+            Some(range) if root => {
+                Some(uids::UidPool::open(&runs.join("uids"), range).map_err(Error::RunDir)?)
+            }
+            _ => None,
+        };
+        // The interpreter must be usable by the account runs get: a run uid has no group, so
+        // "others" must be able to reach and execute it.
+        let probe_ids = match (&uids, &run_as) {
+            (Some(pool), _) => Some((pool.range().first, pool.range().first)),
+            (None, Some(u)) => Some((u.uid.as_raw(), u.gid.as_raw())),
+            (None, None) => None,
+        };
+        let who = match (&uids, &run_as) {
+            (Some(pool), _) => format!("the run uids {}", pool.range()),
+            (None, Some(u)) => format!("user {}", u.name),
+            (None, None) => "the harness's own user".to_string(),
+        };
+        let python = resolve_python(&cfg.python, probe_ids, &who)?;
         let agent_uid = run_as
             .as_ref()
             .map_or(Uid::effective().as_raw(), |u| u.uid.as_raw());
-        // Reaps what processes killed before us left behind (their agents, their run
-        // directories), then takes a place of our own.
-        let session = session::Session::open(&runs_dir()?, agent_uid).map_err(Error::RunDir)?;
-        let isolation = Isolation::Rlimit;
+        let cgroups = if root && cfg.cgroups {
+            cgroup::Cgroups::detect()
+        } else {
+            cgroup::Cgroups::default()
+        };
+        // Cgroups of dead processes first (their sessions' locks are free), then their run
+        // directories; then a place of our own.
+        let reaped = cgroups.reap_dead(|name| session::is_alive(&runs, name));
+        if reaped > 0 {
+            tracing::warn!(
+                sessions = reaped,
+                "killed and removed the cgroups of runs left by dead harness processes"
+            );
+        }
+        let session = session::Session::open(&runs, agent_uid).map_err(Error::RunDir)?;
+        cgroups
+            .open_session(session.name())
+            .map_err(Error::RunDir)?;
+        let (private_tmp, network_none) = if root {
+            sandbox::probe_namespaces()
+        } else {
+            (false, false)
+        };
+        let private_tmp = private_tmp && cfg.private_tmp;
+        let isolation = Isolation {
+            mode: match cgroups.mode() {
+                "none" => "rlimit",
+                m => m,
+            },
+            uid_per_run: uids.is_some(),
+            shared_user: !root,
+            cgroup_memory: cgroups.memory(),
+            cgroup_pids: cgroups.pids(),
+            cgroup_cpu: cgroups.cpu(),
+            cgroup_kill: cgroups.kill(),
+            private_tmp,
+            network_none,
+        };
         Ok(Executor {
             python,
             run_as,
@@ -211,11 +294,16 @@ impl Executor {
             output_limit: (cfg.output_limit_kb * 1024) as usize,
             max_processes: cfg.max_processes,
             max_file_bytes: cfg.max_file_mb * 1024 * 1024,
+            tmp_mb: cfg.tmp_mb,
             default_timeout: Duration::from_secs(cfg.default_timeout_s),
             default_memory_mb: cfg.max_memory_mb,
             default_cpu_percent: cfg.max_cpu_percent,
             isolation,
-            session: std::sync::Arc::new(session),
+            host: std::sync::Arc::new(Host {
+                session,
+                cgroups,
+                uids,
+            }),
         })
     }
 
@@ -269,33 +357,86 @@ impl Executor {
     /// be set up at all.
     pub async fn run(&self, spec: &RunSpec) -> Result<ExecutionResult, Error> {
         let started = Instant::now();
-        let run = self.prepare(spec)?;
-        let mut cmd = self.command(spec, &run);
-        let limits = Limits {
-            address_space: spec.memory_mb * 1024 * 1024,
-            cpu_seconds: cpu_budget(spec.timeout, spec.cpu_percent),
-            processes: self.nproc_limit(),
-            file_bytes: self.max_file_bytes,
-            parent: nix::unistd::getpid(),
-        };
-        // SAFETY: the closure runs in the forked child before exec and only makes system
-        // calls (setrlimit, prctl, getppid), which are async-signal-safe; it allocates nothing.
-        unsafe {
-            cmd.pre_exec(move || limits.apply());
+        if spec.network == Network::None && !self.isolation.network_none {
+            return Err(Error::NoNetworkNamespace);
         }
+        // A uid, a directory, cgroups: a few file operations (after a crash, also a kill).
+        let lease = match &self.host.uids {
+            Some(pool) => Some(pool.lease().map_err(Error::RunDir)?),
+            None => None,
+        };
+        let ids = match (&lease, &self.run_as) {
+            (Some(l), _) => Some((l.uid, l.uid)),
+            (None, Some(u)) => Some((u.uid.as_raw(), u.gid.as_raw())),
+            (None, None) => None,
+        };
+        let run = self.prepare(spec, ids)?;
+        let cgroup = if self.host.cgroups.is_empty() {
+            None
+        } else {
+            let name = run.dir.path().file_name().unwrap_or_default();
+            let limits = cgroup::Limits {
+                memory_bytes: spec.memory_mb * MIB,
+                pids: self.max_processes,
+                cpu_percent: spec.cpu_percent,
+            };
+            Some(
+                self.host
+                    .cgroups
+                    .create(self.host.session.name(), &name.to_string_lossy(), limits)
+                    .map_err(Error::Cgroup)?,
+            )
+        };
+        let (tmpfs, tmpfs_options) = if self.isolation.private_tmp {
+            sandbox::ChildSetup::private_tmp(self.tmp_mb)
+        } else {
+            (Vec::new(), std::ffi::CString::default())
+        };
+        let setup = sandbox::ChildSetup {
+            cgroup_procs: cgroup
+                .as_ref()
+                .map(cgroup::RunCgroup::procs_files)
+                .unwrap_or_default(),
+            tmpfs,
+            tmpfs_options,
+            new_network: spec.network == Network::None,
+            ids,
+            limits: Limits {
+                // A cgroup bounds the run as a whole; rlimits are the fallback.
+                address_space: (!self.isolation.cgroup_memory).then_some(spec.memory_mb * MIB),
+                cpu_seconds: (!self.isolation.cgroup_cpu)
+                    .then(|| cpu_budget(spec.timeout, spec.cpu_percent)),
+                processes: self.nproc_limit(),
+                file_bytes: self.max_file_bytes,
+                parent: nix::unistd::getpid(),
+            },
+        };
+        let mut cmd = self.command(spec, &run);
+        // SAFETY: the closure runs in the forked child before exec and only makes system
+        // calls on memory prepared before the fork (see `sandbox::ChildSetup`).
+        unsafe {
+            cmd.pre_exec(move || setup.apply());
+        }
+        // From here on, whatever happens to this future (a cancel, the worker's timeout,
+        // shutdown), everything the run started dies: its group, its cgroup, its uid.
+        let mut cleanup = Cleanup {
+            pgid: Pid::from_raw(0),
+            cgroup,
+            uid: lease.as_ref().map(|l| l.uid),
+            sweep_tmp: lease.is_some() && !self.isolation.private_tmp,
+            lease,
+        };
         let mut child = spawner::spawn(cmd).await.map_err(|source| Error::Spawn {
             program: run.program.display().to_string(),
             source,
         })?;
-        let pgid = Pid::from_raw(child.id().map(|p| p as i32).unwrap_or(0));
-        // If this future is dropped (a cancel, the worker's timeout, shutdown), the whole
-        // group goes: kill_on_drop alone would reach only the direct child.
-        let _group = GroupGuard(pgid);
+        cleanup.pgid = Pid::from_raw(child.id().map(|p| p as i32).unwrap_or(0));
         // Should this process die before the run ends, the next one on this host kills what is
         // left of the group (the direct child dies with us by its parent-death signal).
         let _record = self
+            .host
             .session
-            .record(run.dir.path(), pgid.as_raw())
+            .record(run.dir.path(), cleanup.pgid.as_raw())
             .map(RecordGuard)
             .map_err(|e| tracing::warn!(error = %e, "could not record the run's process group"))
             .ok();
@@ -313,11 +454,25 @@ impl Executor {
             child.stderr.take().expect("piped"),
             self.output_limit,
         ));
-        let (status, timed_out, refused) = self.wait(&mut child, pgid, spec.timeout).await;
-        // Whatever the agent left running in its group goes with it.
-        let refused = refused.or_else(|| signal_group(pgid, Signal::SIGKILL).err());
+        let (status, timed_out, refused) = self.wait(&mut child, cleanup.pgid, spec.timeout).await;
+        // Whatever the agent left running goes with it.
+        let ended = tokio::task::spawn_blocking(move || cleanup.finish())
+            .await
+            .unwrap_or_else(|_| Ended {
+                refused: Some("the clean-up of the run panicked".into()),
+                all_dead: false,
+                oom: false,
+            });
+        let refused = if ended.all_dead {
+            if let Some(e) = refused {
+                tracing::warn!(error = %e, "a signal was refused; the run's cgroup or uid kill ended it");
+            }
+            None
+        } else {
+            refused.or(ended.refused)
+        };
         if let Some(e) = &refused {
-            tracing::error!(error = %e, "a run's process group could not be killed");
+            tracing::error!(error = %e, "a run's processes could not be killed");
         }
         let mut result = ExecutionResult {
             status: ExecStatus::Error,
@@ -331,11 +486,14 @@ impl Executor {
         if timed_out {
             result.status = ExecStatus::Timeout;
             result.error = Some(timeout_error(spec.timeout, refused.as_deref()));
+        } else if ended.oom {
+            result.error = Some(format!(
+                "memory limit exceeded ({} MB): the kernel killed a process of the run; raise \
+                 memory_mb or use less",
+                spec.memory_mb
+            ));
         } else {
-            let owner = self
-                .run_as
-                .as_ref()
-                .map_or(Uid::effective().as_raw(), |u| u.uid.as_raw());
+            let owner = ids.map_or(Uid::effective().as_raw(), |(uid, _)| uid);
             let path = run.result_path.clone();
             let file_result = tokio::task::spawn_blocking(move || read_result(&path, owner))
                 .await
@@ -347,20 +505,21 @@ impl Executor {
     }
 
     /// The run directory (the agent's, 0700), its input, the agent's code, and what to run.
-    fn prepare(&self, spec: &RunSpec) -> Result<Prepared, Error> {
+    fn prepare(&self, spec: &RunSpec, ids: Option<(u32, u32)>) -> Result<Prepared, Error> {
         let dir = tempfile::Builder::new()
             .prefix("run-")
             .permissions(std::fs::Permissions::from_mode(0o700))
-            .tempdir_in(self.session.dir())
+            .tempdir_in(self.host.session.dir())
             .map_err(Error::RunDir)?;
         let input = json!({ "config": spec.config, "input": spec.input, "handoff": spec.handoff });
         let input_text = input.to_string();
         let input_path = dir.path().join("input.json");
         let result_path = dir.path().join("result.json");
         std::fs::write(&input_path, &input_text).map_err(Error::RunDir)?;
+        let code_path = dir.path().join("agent.py");
         let (program, args): (PathBuf, Vec<String>) = match &spec.runtime {
             Runtime::Python { code } => {
-                std::fs::write(dir.path().join("agent.py"), code).map_err(Error::RunDir)?;
+                std::fs::write(&code_path, code).map_err(Error::RunDir)?;
                 (self.python.clone(), vec!["-c".into(), RUNNER.into()])
             }
             Runtime::Command { argv } => {
@@ -370,13 +529,13 @@ impl Executor {
                 (find_program(first)?, argv[1..].to_vec())
             }
         };
-        if let Some(u) = &self.run_as {
+        if let Some((uid, gid)) = ids {
             for entry in [dir.path(), &input_path] {
-                std::os::unix::fs::chown(entry, Some(u.uid.as_raw()), Some(u.gid.as_raw()))
-                    .map_err(Error::RunDir)?;
+                std::os::unix::fs::chown(entry, Some(uid), Some(gid)).map_err(Error::RunDir)?;
             }
-            if let Ok(p) = dir.path().join("agent.py").canonicalize() {
-                let _ = std::os::unix::fs::chown(p, Some(u.uid.as_raw()), Some(u.gid.as_raw()));
+            if code_path.exists() {
+                std::os::unix::fs::chown(&code_path, Some(uid), Some(gid))
+                    .map_err(Error::RunDir)?;
             }
         }
         Ok(Prepared {
@@ -389,8 +548,9 @@ impl Executor {
         })
     }
 
-    /// The command of a run: a scrubbed environment, its own process group, the agent
-    /// account; a command also gets its input on stdin (and in `HARNESS_INPUT` when small).
+    /// The command of a run: a scrubbed environment, its own process group; a command also
+    /// gets its input on stdin (and in `HARNESS_INPUT` when small). The account, cgroups and
+    /// namespaces are the child set-up's (see `sandbox`).
     fn command(&self, spec: &RunSpec, run: &Prepared) -> tokio::process::Command {
         let mut cmd = tokio::process::Command::new(&run.program);
         cmd.args(&run.args)
@@ -417,9 +577,6 @@ impl Executor {
             cmd.stdin(Stdio::piped());
         } else {
             cmd.stdin(Stdio::null());
-        }
-        if let Some(u) = &self.run_as {
-            cmd.uid(u.uid.as_raw()).gid(u.gid.as_raw());
         }
         cmd
     }
@@ -454,13 +611,14 @@ impl Executor {
         }
     }
 
-    /// RLIMIT_NPROC counts every process of the account. For a dedicated account it is the
+    /// RLIMIT_NPROC counts every process of the account. For a run uid or a dedicated account it is the
     /// agent's ceiling; for our own account, what already runs is added so the agent gets its
     /// share on top.
     fn nproc_limit(&self) -> u64 {
-        match &self.run_as {
-            Some(_) => self.max_processes,
-            None => count_processes(Uid::effective()) + self.max_processes,
+        if Uid::effective().is_root() {
+            self.max_processes
+        } else {
+            count_processes(Uid::effective()) + self.max_processes
         }
     }
 }
@@ -497,12 +655,22 @@ pub async fn execute_agent_code(
     executor.run(&spec).await
 }
 
-/// This account's directory for run directories: `<tmp>/harness-runs-<uid>`, ours and not a
-/// symlink (a local user could plant one in the shared temp directory), mode 0711 so the
-/// agent account can enter the run directory it is given.
+/// Where run directories live. As root, `/run/harness`: outside every place a run gets a
+/// private tmpfs over (`/tmp` would hide the run's own directory from it), shared by the
+/// replicas of the host (the uid leases are there). Otherwise `<tmp>/harness-runs-<uid>`.
+/// Either is ours and not a symlink (a local user could plant one in a shared directory),
+/// mode 0711 so that the agent account can enter the run directory it is given.
 fn runs_dir() -> Result<PathBuf, Error> {
     use std::os::unix::fs::MetadataExt;
-    let dir = std::env::temp_dir().join(format!("harness-runs-{}", Uid::effective()));
+    let dir = if Uid::effective().is_root() {
+        let parent = Path::new("/run");
+        if !parent.is_dir() {
+            std::fs::create_dir_all(parent).map_err(Error::RunDir)?;
+        }
+        parent.join("harness")
+    } else {
+        std::env::temp_dir().join(format!("harness-runs-{}", Uid::effective()))
+    };
     match std::fs::symlink_metadata(&dir) {
         Ok(m) if m.file_type().is_dir() && m.uid() == Uid::effective().as_raw() => {}
         Ok(_) => {
@@ -511,7 +679,16 @@ fn runs_dir() -> Result<PathBuf, Error> {
                 dir.display()
             ))));
         }
-        Err(_) => std::fs::create_dir(&dir).map_err(Error::RunDir)?,
+        Err(_) => match std::fs::create_dir(&dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => {
+                return Err(Error::RunDir(std::io::Error::new(
+                    e.kind(),
+                    format!("cannot create {}: {e}", dir.display()),
+                )));
+            }
+        },
     }
     std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o711))
         .map_err(Error::RunDir)?;
@@ -613,15 +790,104 @@ fn signal_group(pgid: Pid, sig: Signal) -> Result<(), String> {
     }
 }
 
-/// Kills a process group when dropped.
-struct GroupGuard(Pid);
+/// Everything a started run holds: its process group, cgroups and uid. `finish` (or a drop,
+/// when the run's future is dropped) kills all that the run started and gives the uid back.
+struct Cleanup {
+    pgid: Pid,
+    cgroup: Option<cgroup::RunCgroup>,
+    uid: Option<u32>,
+    /// Remove what the run's uid left in the shared temporary places (no private tmpfs).
+    sweep_tmp: bool,
+    lease: Option<uids::Lease>,
+}
 
-impl Drop for GroupGuard {
+/// How the clean-up went.
+struct Ended {
+    /// A kill the system refused, when something of the run may still live.
+    refused: Option<String>,
+    /// Everything of the run is known dead (its cgroup emptied, or its uid's processes
+    /// killed): signals the system refused before did not matter.
+    all_dead: bool,
+    /// The memory cgroup's OOM killer killed a process of the run.
+    oom: bool,
+}
+
+impl Cleanup {
+    /// Kills the run's group, cgroup and uid, removes its files from shared temporary places
+    /// and releases the uid. Blocking.
+    fn finish(mut self) -> Ended {
+        self.end()
+    }
+
+    fn end(&mut self) -> Ended {
+        let mut ended = Ended {
+            refused: None,
+            all_dead: false,
+            oom: false,
+        };
+        if self.pgid.as_raw() > 1 {
+            ended.refused = signal_group(self.pgid, Signal::SIGKILL).err();
+        }
+        let mut emptied = false;
+        if let Some(cg) = self.cgroup.take() {
+            ended.oom = cg.oom_killed();
+            emptied = cg.kill_all();
+            if !emptied {
+                ended.refused.get_or_insert_with(|| {
+                    "the run's cgroup still had processes after a second of killing".into()
+                });
+            }
+        }
+        if let Some(uid) = self.uid.take() {
+            // The uid is the run's alone: whatever runs as it (a `setsid` escapee on a host
+            // without cgroups) is the run's.
+            if !emptied {
+                emptied = uids::kill_uid(uid).is_some();
+            }
+            if self.sweep_tmp {
+                remove_files_of(uid);
+            }
+        }
+        if let Some(lease) = self.lease.take() {
+            lease.release();
+        }
+        self.pgid = Pid::from_raw(0);
+        ended.all_dead = emptied;
+        if emptied {
+            ended.refused = None;
+        }
+        ended
+    }
+}
+
+impl Drop for Cleanup {
     fn drop(&mut self) {
-        if self.0.as_raw() > 1
-            && let Err(e) = signal_group(self.0, Signal::SIGKILL)
-        {
-            tracing::error!(error = %e, "a dropped run's process group could not be killed");
+        if self.lease.is_some() || self.cgroup.is_some() || self.pgid.as_raw() > 1 {
+            let ended = self.end();
+            if let Some(e) = ended.refused {
+                tracing::error!(error = %e, "a dropped run's processes could not be killed");
+            }
+        }
+    }
+}
+
+/// Removes what `uid` left directly in the places every account may write (its processes
+/// are dead: nothing can race the removal).
+fn remove_files_of(uid: u32) {
+    use std::os::unix::fs::MetadataExt;
+    for dir in sandbox::SHARED_WRITABLE {
+        for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            let Ok(meta) = std::fs::symlink_metadata(entry.path()) else {
+                continue;
+            };
+            if meta.uid() != uid {
+                continue;
+            }
+            let _ = if meta.is_dir() {
+                std::fs::remove_dir_all(entry.path())
+            } else {
+                std::fs::remove_file(entry.path())
+            };
         }
     }
 }
@@ -632,9 +898,11 @@ pub fn cpu_budget(timeout: Duration, cpu_percent: u32) -> u64 {
 }
 
 #[derive(Clone, Copy)]
-struct Limits {
-    address_space: u64,
-    cpu_seconds: u64,
+pub(crate) struct Limits {
+    /// RLIMIT_AS, when no memory cgroup bounds the run.
+    address_space: Option<u64>,
+    /// RLIMIT_CPU, when no cpu cgroup sets the run's rate.
+    cpu_seconds: Option<u64>,
     processes: u64,
     file_bytes: u64,
     /// The harness process: the child dies with it.
@@ -642,7 +910,7 @@ struct Limits {
 }
 
 impl Limits {
-    fn apply(&self) -> std::io::Result<()> {
+    pub(crate) fn apply(&self) -> std::io::Result<()> {
         // Set after the uid change (std runs pre_exec last), which would clear it. The child
         // is forked from a thread that lives as long as the process (see `spawner`), so the
         // signal comes when the harness dies, never when a runtime thread retires.
@@ -654,10 +922,13 @@ impl Limits {
             ));
         }
         let set = |r, v: u64| setrlimit(r, v, v).map_err(std::io::Error::from);
-        set(Resource::RLIMIT_AS, self.address_space)?;
-        // Soft limit sends SIGXCPU; the hard limit, a second later, SIGKILL.
-        setrlimit(Resource::RLIMIT_CPU, self.cpu_seconds, self.cpu_seconds + 1)
-            .map_err(std::io::Error::from)?;
+        if let Some(bytes) = self.address_space {
+            set(Resource::RLIMIT_AS, bytes)?;
+        }
+        if let Some(seconds) = self.cpu_seconds {
+            // Soft limit sends SIGXCPU; the hard limit, a second later, SIGKILL.
+            setrlimit(Resource::RLIMIT_CPU, seconds, seconds + 1).map_err(std::io::Error::from)?;
+        }
         set(Resource::RLIMIT_NOFILE, 256)?;
         set(Resource::RLIMIT_CORE, 0)?;
         set(Resource::RLIMIT_FSIZE, self.file_bytes)?;
@@ -800,16 +1071,17 @@ async fn finish_capture(h: tokio::task::JoinHandle<(Vec<u8>, u64)>) -> String {
     }
 }
 
-fn executable_by(path: &Path, user: Option<&User>) -> bool {
+/// Whether the account `ids` (uid, gid; none: ours) can execute `path`.
+fn executable_by(path: &Path, ids: Option<(u32, u32)>) -> bool {
     use std::os::unix::fs::MetadataExt;
-    let Some(u) = user else {
+    let Some((uid, gid)) = ids else {
         return nix::unistd::access(path, nix::unistd::AccessFlags::X_OK).is_ok();
     };
     let can = |meta: &std::fs::Metadata, bit_user: u32, bit_group: u32, bit_other: u32| {
         let mode = meta.mode();
-        if meta.uid() == u.uid.as_raw() {
+        if meta.uid() == uid {
             mode & bit_user != 0
-        } else if meta.gid() == u.gid.as_raw() {
+        } else if meta.gid() == gid {
             mode & bit_group != 0
         } else {
             mode & bit_other != 0
@@ -828,7 +1100,7 @@ fn executable_by(path: &Path, user: Option<&User>) -> bool {
 /// The interpreter agents use: an absolute path as configured, else the first match on
 /// PATH that the agent account can execute (a version manager's shim under root's home is
 /// skipped when agents run as `nobody`), resolved to the real executable.
-fn resolve_python(configured: &str, user: Option<&User>) -> Result<PathBuf, Error> {
+fn resolve_python(configured: &str, ids: Option<(u32, u32)>, who: &str) -> Result<PathBuf, Error> {
     let candidates: Vec<PathBuf> = if configured.contains('/') {
         vec![PathBuf::from(configured)]
     } else {
@@ -857,17 +1129,13 @@ fn resolve_python(configured: &str, user: Option<&User>) -> Result<PathBuf, Erro
             tried.push(format!("{} (does not run)", c.display()));
             continue;
         };
-        if executable_by(&real, user) {
+        if executable_by(&real, ids) {
             return Ok(real);
         }
-        tried.push(format!(
-            "{} (user {} cannot execute it)",
-            real.display(),
-            user.map_or("?", |u| u.name.as_str())
-        ));
+        tried.push(format!("{} ({who} cannot execute it)", real.display()));
     }
     Err(Error::NoPython(if tried.is_empty() {
-        format!("{configured:?} is not on PATH")
+        format!("{configured:?} is not on PATH (looked for {who})")
     } else {
         tried.join(", ")
     }))

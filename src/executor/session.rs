@@ -73,6 +73,14 @@ impl Session {
         &self.dir
     }
 
+    /// The session's name (its directory's), which names its cgroups too.
+    pub fn name(&self) -> &str {
+        self.dir
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default()
+    }
+
     /// Records the process group of the run in `run_dir` (whose leader is `pgid`), so that
     /// a later process can kill what is left of it if we die.
     pub fn record(&self, run_dir: &Path, pgid: i32) -> std::io::Result<PathBuf> {
@@ -99,6 +107,24 @@ fn record_path(run_dir: &Path) -> PathBuf {
     let mut name = run_dir.file_name().unwrap_or_default().to_os_string();
     name.push(PGID);
     run_dir.with_file_name(name)
+}
+
+/// Whether the session `name` under `root` belongs to a live process (its lock is held).
+/// A session being set up counts as alive; one whose directory is gone, as dead.
+pub fn is_alive(root: &Path, name: &str) -> bool {
+    if name.starts_with(NEW) {
+        return true;
+    }
+    if root.join(format!("{NEW}{name}")).exists() {
+        return true;
+    }
+    match OpenOptions::new()
+        .write(true)
+        .open(root.join(name).join(LOCK))
+    {
+        Ok(lock) => lock.try_lock().is_err(),
+        Err(_) => false,
+    }
 }
 
 /// What [`reap_dead`] found.

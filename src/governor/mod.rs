@@ -89,7 +89,7 @@ pub async fn run(
         &g.pool,
         &g.opts.replica,
         g.machine.state(),
-        g.opts.isolation.map(Isolation::as_str),
+        g.opts.isolation.map(|i| i.describe()).as_deref(),
     )
     .await
     {
@@ -227,7 +227,7 @@ impl Governor {
                     &self.pool,
                     replica,
                     *to,
-                    self.opts.isolation.map(Isolation::as_str),
+                    self.opts.isolation.map(|i| i.describe()).as_deref(),
                 )
                 .await;
             }

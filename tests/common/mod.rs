@@ -46,6 +46,21 @@ pub fn scratch_home() -> PathBuf {
     home
 }
 
+/// A directory every account may write, for tests that watch what agents do: outside
+/// /tmp, /var/tmp and /dev/shm, which runs see as private tmpfs of their own.
+pub fn agent_writable_dir(prefix: &str) -> tempfile::TempDir {
+    let dir = tempfile::Builder::new()
+        .prefix(prefix)
+        .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
+        .expect("create a directory in the target's tmp");
+    std::fs::set_permissions(
+        dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o777),
+    )
+    .expect("open the directory to every account");
+    dir
+}
+
 /// URL of a database on the test server from which databases can be created.
 pub fn admin_url() -> String {
     ADMIN_URL

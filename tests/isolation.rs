@@ -1,0 +1,601 @@
+//! The sandbox per run against hostile agents, on whatever the host offers: a uid per run,
+//! a cgroup per run (pure v2 or hybrid), private temporary directories, `network: none`.
+//! A test whose mode this host cannot give says "skipped: <why>" on stderr and passes; the
+//! rlimit fallback has its own tests in `agents.rs` and `fork_bomb.rs`.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use harness::executor::{ExecStatus, Executor, Network, RunSpec, Runtime};
+use serde_json::{Value, json};
+
+fn executor_with(settings: &[(&str, &str)]) -> Executor {
+    let env = settings.iter().map(|(k, v)| (k.to_string(), v.to_string()));
+    let cfg = harness::Config::load_from(None, env).unwrap();
+    Executor::new(&cfg.executor).unwrap()
+}
+
+fn executor() -> Executor {
+    executor_with(&[])
+}
+
+fn python(e: &Executor, code: &str, config: Value) -> RunSpec {
+    let mut spec = RunSpec::new(
+        Runtime::Python {
+            code: code.to_string(),
+        },
+        e,
+    );
+    spec.config = config;
+    spec.timeout = Duration::from_secs(30);
+    spec
+}
+
+/// Says loudly that a test does not apply here; true when it does not.
+fn skipped(available: bool, why: &str) -> bool {
+    if !available {
+        eprintln!("skipped: {why}");
+    }
+    !available
+}
+
+/// A marker no other process on the host carries.
+fn marker() -> String {
+    format!("3600.{}", rand::random::<u32>() % 1_000_000_000)
+}
+
+/// The daemons (`sleep <marker>`) started with `marker`.
+fn processes_with(marker: &str) -> Vec<i32> {
+    let wanted = format!("sleep\0{marker}\0");
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| c == wanted.as_bytes())
+                && !zombie(*pid)
+        })
+        .collect()
+}
+
+fn zombie(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+        s.rsplit(')')
+            .next()
+            .is_some_and(|rest| rest.trim_start().starts_with('Z'))
+    })
+}
+
+/// An agent that starts a daemon (`setsid`, double fork, `sleep <marker>`), then lingers.
+const DAEMON: &str = r#"import os, time
+class Agent:
+    def __init__(self, config):
+        self.c = config
+    def execute(self):
+        if os.fork() == 0:
+            os.setsid()
+            if os.fork() == 0:
+                os.execv('/bin/sleep', ['sleep', self.c['marker']])
+            os._exit(0)
+        os.wait()
+        time.sleep(self.c['linger'])
+        return {}
+"#;
+
+async fn daemon_seen(marker: &str) {
+    common::eventually("the daemon to start", Duration::from_secs(20), async || {
+        (!processes_with(marker).is_empty()).then_some(())
+    })
+    .await;
+}
+
+async fn daemon_gone_within_a_second(marker: &str, after: &str) {
+    let t0 = Instant::now();
+    while !processes_with(marker).is_empty() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(1),
+            "a setsid daemon outlived its run by over a second ({after}): {:?}",
+            processes_with(marker)
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_setsid_daemon_dies_with_its_run_its_timeout_and_its_cancel() {
+    let e = std::sync::Arc::new(executor());
+    if skipped(
+        e.isolation.cgroup_kill || e.isolation.uid_per_run,
+        "neither cgroup.kill nor a uid per run (not root?): a setsid escapee cannot be found",
+    ) {
+        return;
+    }
+    // The run ends normally.
+    let m = marker();
+    let spec = python(&e, DAEMON, json!({"marker": m, "linger": 2}));
+    let run = tokio::spawn({
+        let e = e.clone();
+        async move { e.run(&spec).await.unwrap() }
+    });
+    daemon_seen(&m).await;
+    let r = run.await.unwrap();
+    assert_eq!(r.status, ExecStatus::Success, "{r:?}");
+    daemon_gone_within_a_second(&m, "success").await;
+
+    // Its timeout.
+    let m = marker();
+    let mut spec = python(&e, DAEMON, json!({"marker": m, "linger": 300}));
+    spec.timeout = Duration::from_secs(2);
+    let r = e.run(&spec).await.unwrap();
+    assert_eq!(r.status, ExecStatus::Timeout, "{r:?}");
+    daemon_gone_within_a_second(&m, "timeout").await;
+
+    // A cancel: the run's future is dropped.
+    let m = marker();
+    let spec = python(&e, DAEMON, json!({"marker": m, "linger": 300}));
+    let run = tokio::spawn({
+        let e = e.clone();
+        async move { e.run(&spec).await }
+    });
+    daemon_seen(&m).await;
+    run.abort();
+    let _ = run.await;
+    daemon_gone_within_a_second(&m, "cancel").await;
+}
+
+#[tokio::test]
+async fn a_daemon_of_a_killed_harness_is_reaped_when_the_next_one_starts() {
+    if skipped(
+        executor().isolation.cgroup_kill,
+        "no cgroup.kill: what a kill -9'd harness leaves is reaped by process group only",
+    ) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let agent = dir.path().join("daemon.py");
+    std::fs::write(&agent, DAEMON).unwrap();
+    let m = marker();
+    let mut exec = common::harness_command();
+    exec.args(["exec", agent.to_str().unwrap(), "--config"])
+        .arg(json!({"marker": m, "linger": 300}).to_string());
+    let mut harness = common::Proc::spawn(&mut exec);
+    daemon_seen(&m).await;
+    harness.signal(nix::sys::signal::Signal::SIGKILL);
+    let _ = harness.wait_for_exit(Duration::from_secs(10));
+    // The daemon left the process group: only its cgroup still holds it. The next harness
+    // on the host (this one, or one that another test starts meanwhile) reaps it.
+    let _next = executor();
+    daemon_gone_within_a_second(&m, "the next harness started").await;
+}
+
+#[tokio::test]
+async fn a_replica_sigterm_ends_its_runs_and_their_daemons() {
+    if skipped(
+        executor().isolation.cgroup_kill,
+        "no cgroup.kill on this host",
+    ) {
+        return;
+    }
+    let db = common::TestDb::new().await;
+    let dir = tempfile::tempdir().unwrap();
+    let agent = dir.path().join("daemon.py");
+    let m = marker();
+    // `agents run` gives input, not config: the marker is in the code.
+    let code = DAEMON
+        .replace("self.c['marker']", &format!("'{m}'"))
+        .replace("self.c['linger']", "300");
+    std::fs::write(&agent, code).unwrap();
+    let url = db.url.clone();
+    let out = common::harness_at(&url)
+        .args(["agents", "add", "daemon", "--file", agent.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let out = common::harness_at(&url)
+        .args(["agents", "run", "daemon"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let mut serve = common::harness_at(&url);
+    serve
+        .args(["serve", "--no-api"])
+        .env("HARNESS_BULK__SHUTDOWN_GRACE_S", "1");
+    let mut replica = common::Proc::spawn(&mut serve);
+    daemon_seen(&m).await;
+    replica.signal(nix::sys::signal::Signal::SIGTERM);
+    let status = replica
+        .wait_for_exit(Duration::from_secs(30))
+        .expect("the replica exits after its shutdown grace");
+    assert!(status.success(), "{status:?}");
+    daemon_gone_within_a_second(&m, "replica SIGTERM").await;
+}
+
+/// Finds the live process whose environment holds `marker` (as root, the test can read it).
+fn process_with_env(marker: &str) -> Option<i32> {
+    std::fs::read_dir("/proc")
+        .ok()?
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .find(|pid| {
+            std::fs::read(format!("/proc/{pid}/environ"))
+                .is_ok_and(|c| String::from_utf8_lossy(&c).contains(marker))
+        })
+}
+
+fn uid_of(pid: i32) -> u32 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|l| l.split_whitespace().next())
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+const SPY: &str = r#"import os
+class Agent:
+    def __init__(self, config):
+        self.c = config
+    def execute(self):
+        def attempt(f):
+            try:
+                f()
+                return 'read'
+            except PermissionError:
+                return 'denied'
+            except Exception as e:
+                return 'error: %r' % e
+        pid, cwd = self.c['pid'], self.c['cwd']
+        return {
+            'uid': os.getuid(),
+            'groups': os.getgroups(),
+            'environ': attempt(lambda: open('/proc/%d/environ' % pid).read()),
+            'proc_cwd': attempt(lambda: os.listdir('/proc/%d/cwd' % pid)),
+            'cwd': attempt(lambda: os.listdir(cwd)),
+            'input': attempt(lambda: open(os.path.join(cwd, 'input.json')).read()),
+            'code': attempt(lambda: open(os.path.join(cwd, 'agent.py')).read()),
+        }
+"#;
+
+#[tokio::test]
+async fn concurrent_runs_have_their_own_uids_and_cannot_read_each_other() {
+    let e = std::sync::Arc::new(executor());
+    if skipped(e.isolation.uid_per_run, "no uid per run (not root)") {
+        return;
+    }
+    // Agent A: a secret in its environment, its input and its code; it waits.
+    let secret = format!("API_KEY_{}", rand::random::<u64>());
+    let mut a = python(
+        &e,
+        &format!(
+            "import time\n# {secret}\nclass Agent:\n    def execute(self):\n        time.sleep(60)\n"
+        ),
+        json!({"secret": secret}),
+    );
+    a.env.insert("API_KEY".into(), secret.clone());
+    let run_a = tokio::spawn({
+        let e = e.clone();
+        async move { e.run(&a).await }
+    });
+    let pid = common::eventually("agent A to start", Duration::from_secs(20), async || {
+        process_with_env(&secret)
+    })
+    .await;
+    let cwd = std::fs::read_link(format!("/proc/{pid}/cwd")).unwrap();
+    // Agent B spies on A.
+    let b = python(&e, SPY, json!({"pid": pid, "cwd": cwd}));
+    let r = e.run(&b).await.unwrap();
+    assert_eq!(r.status, ExecStatus::Success, "{r:?}");
+    let v = r.result.unwrap();
+    for what in ["environ", "proc_cwd", "cwd", "input", "code"] {
+        assert_eq!(v[what], "denied", "B could reach A's {what}: {v}");
+    }
+    assert_ne!(
+        v["uid"].as_u64().unwrap() as u32,
+        uid_of(pid),
+        "one uid for two runs"
+    );
+    assert_eq!(v["groups"], json!([]), "a run has no supplementary groups");
+    run_a.abort();
+    let _ = run_a.await;
+    common::eventually(
+        "agent A to die with its cancel",
+        Duration::from_secs(2),
+        async || process_with_env(&secret).is_none().then_some(()),
+    )
+    .await;
+}
+
+/// Sum of the resident anonymous memory of the processes whose environment holds `marker`.
+fn anon_rss_kb(marker: &str) -> u64 {
+    let mut total = 0;
+    for pid in std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+    {
+        let env = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+        if !String::from_utf8_lossy(&env).contains(marker) {
+            continue;
+        }
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        total += status
+            .lines()
+            .find_map(|l| l.strip_prefix("RssAnon:"))
+            .and_then(|l| l.split_whitespace().next()?.parse::<u64>().ok())
+            .unwrap_or(0);
+    }
+    total
+}
+
+#[tokio::test]
+async fn three_children_of_180_mb_under_256_mb_fail_the_run_with_the_memory_message() {
+    let e = executor();
+    if skipped(e.isolation.cgroup_memory, "no memory cgroup on this host") {
+        return;
+    }
+    let code = r#"import os, time
+class Agent:
+    def execute(self):
+        kids = []
+        for _ in range(3):
+            pid = os.fork()
+            if pid == 0:
+                x = b'x' * (180 * 1024 * 1024)
+                time.sleep(3)
+                os._exit(0)
+            kids.append(pid)
+        for k in kids:
+            os.waitpid(k, 0)
+        return {'survived': True}
+"#;
+    let tag = format!("MEMTEST_{}", rand::random::<u64>());
+    let mut spec = python(&e, code, json!({}));
+    spec.memory_mb = 256;
+    spec.env.insert("MEMTEST".into(), tag.clone());
+    let peak = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sampler = std::thread::spawn({
+        let (peak, done, tag) = (peak.clone(), done.clone(), tag.clone());
+        move || {
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                peak.fetch_max(anon_rss_kb(&tag), std::sync::atomic::Ordering::Relaxed);
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+    });
+    let r = e.run(&spec).await.unwrap();
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    sampler.join().unwrap();
+    assert_eq!(r.status, ExecStatus::Error, "{r:?}");
+    assert!(
+        r.error
+            .as_deref()
+            .unwrap()
+            .starts_with("memory limit exceeded (256 MB)"),
+        "{r:?}"
+    );
+    let peak_mb = peak.load(std::sync::atomic::Ordering::Relaxed) / 1024;
+    eprintln!("peak resident memory of the run: {peak_mb} MB");
+    // Three children would hold 540 MB under per-process limits.
+    assert!(
+        peak_mb <= 256 + 16,
+        "the run held {peak_mb} MB under a 256 MB limit"
+    );
+}
+
+const FORK_BOMB: &str = r#"import os, time
+class Agent:
+    def execute(self):
+        n = 0
+        try:
+            while True:
+                if os.fork() == 0:
+                    time.sleep(30); os._exit(0)
+                n += 1
+        except OSError as e:
+            return {'forks': n, 'error': str(e)}
+"#;
+
+#[tokio::test]
+async fn a_fork_bomb_stops_at_its_runs_ceiling_while_a_neighbour_forks_normally() {
+    let e = executor();
+    if skipped(
+        e.isolation.cgroup_pids || e.isolation.uid_per_run,
+        "neither a pids cgroup nor a uid per run: the process ceiling is per account",
+    ) {
+        return;
+    }
+    let bomb = python(&e, FORK_BOMB, json!({}));
+    let neighbour = python(
+        &e,
+        "import subprocess, time\nclass Agent:\n    def execute(self):\n\
+         \x20       time.sleep(1)\n\
+         \x20       return {'ran': [subprocess.run(['true']).returncode for _ in range(20)]}\n",
+        json!({}),
+    );
+    let (b, n) = tokio::join!(e.run(&bomb), e.run(&neighbour));
+    let (b, n) = (b.unwrap(), n.unwrap());
+    assert_eq!(b.status, ExecStatus::Success, "{b:?}");
+    let v = b.result.unwrap();
+    let forks = v["forks"].as_u64().unwrap();
+    assert!(
+        forks > 1 && forks < e.max_processes,
+        "{forks} forks under a ceiling of {}",
+        e.max_processes
+    );
+    assert!(
+        v["error"]
+            .as_str()
+            .unwrap()
+            .contains("Resource temporarily unavailable"),
+        "{v}"
+    );
+    assert_eq!(
+        n.status,
+        ExecStatus::Success,
+        "the neighbour could not fork: {n:?}"
+    );
+    assert_eq!(n.result.unwrap()["ran"], json!(vec![0; 20]));
+}
+
+#[tokio::test]
+async fn cpu_percent_is_a_rate_a_busy_loop_gets_a_fifth_of_a_core() {
+    let e = executor();
+    if skipped(
+        e.isolation.cgroup_cpu,
+        "no cpu cgroup: cpu_percent is a CPU-seconds budget",
+    ) {
+        return;
+    }
+    let mut spec = python(
+        &e,
+        "import time\nclass Agent:\n    def execute(self):\n\
+         \x20       t0, c0 = time.monotonic(), time.process_time()\n\
+         \x20       while time.monotonic() - t0 < 5:\n            pass\n\
+         \x20       return {'share': (time.process_time() - c0) / (time.monotonic() - t0)}\n",
+        json!({}),
+    );
+    spec.cpu_percent = 20;
+    let r = e.run(&spec).await.unwrap();
+    assert_eq!(r.status, ExecStatus::Success, "{r:?}");
+    let share = r.result.unwrap()["share"].as_f64().unwrap();
+    eprintln!(
+        "a busy loop under cpu_percent 20 used {:.1} % of a core",
+        share * 100.0
+    );
+    assert!(share <= 0.25, "{share}");
+    assert!(share > 0.05, "it barely ran: {share}");
+}
+
+const LITTER: &str = r#"import os
+class Agent:
+    def __init__(self, config):
+        self.c = config
+    def execute(self):
+        out = {'tmp_inode': os.stat('/tmp').st_ino, 'written': [], 'refused': {}}
+        for d in ['/tmp', '/var/tmp', '/dev/shm']:
+            p = os.path.join(d, self.c['name'])
+            open(p, 'w').write('x' * 1000)
+            out['written'].append(p)
+        for p in ['/etc/harness-litter', '/harness-litter', '/run/harness/litter',
+                  '/var/lib/harness-litter', '/usr/local/bin/harness-litter']:
+            try:
+                open(p, 'w').write('x')
+                out['refused'][p] = 'written'
+            except OSError as e:
+                out['refused'][p] = e.strerror
+        open(os.path.join(os.environ['HOME'], 'mine'), 'w').write('ok')
+        return out
+"#;
+
+async fn litter(e: &Executor) -> Value {
+    let name = format!("litter-{}", rand::random::<u64>());
+    let r = e
+        .run(&python(e, LITTER, json!({"name": name})))
+        .await
+        .unwrap();
+    assert_eq!(r.status, ExecStatus::Success, "{r:?}");
+    let v = r.result.unwrap();
+    for p in v["written"].as_array().unwrap() {
+        let p = std::path::Path::new(p.as_str().unwrap());
+        assert!(!p.exists(), "{} was left behind", p.display());
+    }
+    for (path, outcome) in v["refused"].as_object().unwrap() {
+        assert_ne!(outcome, "written", "a run wrote {path}");
+    }
+    v
+}
+
+#[tokio::test]
+async fn temporary_files_go_with_the_run_and_writes_elsewhere_fail() {
+    use std::os::unix::fs::MetadataExt;
+    let host_tmp = std::fs::metadata("/tmp").unwrap().ino();
+    let e = executor();
+    if skipped(
+        e.isolation.private_tmp,
+        "no private /tmp (not root or no CAP_SYS_ADMIN)",
+    ) {
+        return;
+    }
+    let v = litter(&e).await;
+    assert_ne!(v["tmp_inode"], host_tmp, "the run saw the host's /tmp");
+    // Without a mount namespace, what the run's uid left in the host's directories goes.
+    let shared = executor_with(&[("HARNESS_EXECUTOR__PRIVATE_TMP", "false")]);
+    if skipped(
+        shared.isolation.uid_per_run,
+        "no uid per run: nothing to sweep by",
+    ) {
+        return;
+    }
+    let v = litter(&shared).await;
+    assert_eq!(
+        v["tmp_inode"], host_tmp,
+        "this run should have shared the host's /tmp"
+    );
+}
+
+const CONNECT: &str = r#"import socket
+class Agent:
+    def __init__(self, config):
+        self.c = config
+    def execute(self):
+        try:
+            socket.create_connection(('127.0.0.1', self.c['port']), timeout=3).close()
+            return {'connected': True}
+        except OSError as e:
+            return {'connected': False, 'error': str(e)}
+"#;
+
+#[tokio::test]
+async fn network_none_cannot_reach_a_listener_on_loopback() {
+    let e = executor();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || for _ in listener.incoming() {});
+    let allowed = e
+        .run(&python(&e, CONNECT, json!({"port": port})))
+        .await
+        .unwrap();
+    assert_eq!(
+        allowed.result.unwrap()["connected"],
+        true,
+        "the control run connects"
+    );
+    let mut spec = python(&e, CONNECT, json!({"port": port}));
+    spec.network = Network::None;
+    if !e.isolation.network_none {
+        let err = e.run(&spec).await.unwrap_err().to_string();
+        assert!(err.contains("network: none needs"), "{err}");
+        skipped(
+            false,
+            "no network namespace (not root): the run is refused, as checked",
+        );
+        return;
+    }
+    let r = e.run(&spec).await.unwrap();
+    let v = r.result.clone().unwrap_or_else(|| panic!("{r:?}"));
+    assert_eq!(v["connected"], false, "{v}");
+}
+
+#[test]
+fn the_isolation_mode_names_what_holds() {
+    let e = executor();
+    let text = e.isolation.describe();
+    eprintln!("isolation on this host: {text}");
+    let expected_mode = e.isolation.mode;
+    assert!(text.starts_with(expected_mode), "{text}");
+    if nix::unistd::Uid::effective().is_root() {
+        assert!(text.contains("uid-per-run"), "{text}");
+    }
+    let rlimit_only = executor_with(&[
+        ("HARNESS_EXECUTOR__CGROUPS", "false"),
+        ("HARNESS_EXECUTOR__PRIVATE_TMP", "false"),
+        ("HARNESS_EXECUTOR__UID_RANGE", ""),
+    ]);
+    assert_eq!(rlimit_only.isolation.mode, "rlimit");
+    assert!(!rlimit_only.isolation.describe().contains("cgroup"));
+    assert!(rlimit_only.isolation.missing().is_some());
+}
