@@ -151,6 +151,29 @@ check_grace() { # terminationGracePeriodSeconds = shutdown_grace_s + 15
     --show-only templates/deployment.yaml | grep -q 'terminationGracePeriodSeconds: 115'
 }
 
+check_sandbox_rights() { # agents never run as the harness's user, with the fewest rights
+  helm_template "${GOOD[@]}" --show-only templates/deployment.yaml >"$TMP/deploy.yaml"
+  python3 - "$TMP/deploy.yaml" deploy/Dockerfile <<'PY'
+import sys, yaml
+d = yaml.safe_load(open(sys.argv[1]))
+pod = d["spec"]["template"]["spec"]
+c = pod["containers"][0]
+assert pod["securityContext"]["runAsUser"] == 0, "the harness must be root to give runs their own uids"
+sc = c["securityContext"]
+assert sc["readOnlyRootFilesystem"] is True
+assert sc["allowPrivilegeEscalation"] is False
+assert sc["capabilities"]["drop"] == ["ALL"]
+need = {"SETUID", "SETGID", "KILL", "CHOWN", "DAC_OVERRIDE", "FOWNER"}
+assert set(sc["capabilities"]["add"]) == need, sc["capabilities"]["add"]
+mounts = {m["mountPath"] for m in c["volumeMounts"]}
+assert {"/run/harness", "/var/lib/harness", "/tmp"} <= mounts, mounts
+docker = open(sys.argv[2]).read()
+assert "\nUSER " not in docker, "the image must not switch to a user agents would share"
+assert "HARNESS_EXECUTOR__UID_RANGE" in docker
+print("sandbox rights ok")
+PY
+}
+
 run "yaml syntax" check_yaml deploy/compose.yaml deploy/otel-collector.yaml \
   deploy/prometheus/*.yaml deploy/prometheus/prometheus.yml \
   deploy/grafana/provisioning/*/*.yaml "$CHART/values.yaml" "$CHART/Chart.yaml"
@@ -168,6 +191,7 @@ run "kubernetes-validate (all options)" check_k8s "${FULL[@]}"
 run "kubernetes-validate (existingSecret)" check_k8s --set database.existingSecret=harness-db
 run "PrometheusRule == alerts.yaml" check_prometheusrule
 run "termination grace from config" check_grace
+run "sandbox rights (root, capabilities, run directories)" check_sandbox_rights
 must_fail "reject replicaCount=0" 'replicaCount' helm_template "${GOOD[@]}" --set replicaCount=0
 must_fail "reject missing database secret" 'database|existingSecret|url' helm_template
 must_fail "reject empty database url" 'database|existingSecret|url' helm_template --set database.url=

@@ -1184,3 +1184,116 @@ fn not_root_agents_cannot_read_the_harness_environment() {
     assert_eq!(r["status"], "success", "{r}");
     assert_eq!(r["result"]["read"], false, "{r}");
 }
+
+const UNIDECODE_AGENT: &str = "import os, sys\nfrom text_unidecode import unidecode\n\
+class Agent:\n    def execute(self):\n\
+\x20       try:\n            open(os.path.join(sys.prefix, 'planted'), 'w')\n\
+\x20           env = 'written'\n        except OSError as e:\n            env = e.strerror\n\
+\x20       return {'text': unidecode('Ærøskøbing'), 'prefix': sys.prefix, 'env': env}\n";
+
+#[tokio::test]
+async fn an_agent_with_requirements_runs_in_its_own_environment_and_bad_ones_are_refused() {
+    let db = TestDb::new().await;
+    let dir = tempfile::tempdir().unwrap();
+    let agent = write(&dir, "deco.py", UNIDECODE_AGENT);
+    // Without its requirements the import fails, and the error says what to do.
+    ok_json(&run(
+        &db,
+        &[
+            "agents",
+            "add",
+            "bare",
+            "--file",
+            &agent,
+            "--max-retries",
+            "0",
+        ],
+    ));
+    // With them (from PyPI; the environment is cached on the host by hash, so later runs of
+    // this test reuse it).
+    let good = write(&dir, "requirements.txt", "text-unidecode==1.3\n");
+    let added = run(
+        &db,
+        &[
+            "agents",
+            "add",
+            "deco",
+            "--file",
+            &agent,
+            "--requirements",
+            &good,
+        ],
+    );
+    assert!(
+        added.status.success(),
+        "{}",
+        String::from_utf8_lossy(&added.stderr)
+    );
+    // A requirement no index has is refused at registration with the installer's error.
+    let bad = write(&dir, "bad.txt", "harness-no-such-package-anywhere==9.9.9\n");
+    let refused = run(
+        &db,
+        &[
+            "agents",
+            "add",
+            "broken",
+            "--file",
+            &agent,
+            "--requirements",
+            &bad,
+        ],
+    );
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("requirements"), "{stderr}");
+    assert!(
+        stderr.contains("harness-no-such-package-anywhere"),
+        "the installer's error is shown: {stderr}"
+    );
+    let listed = ok_json(&run(&db, &["agents", "list", "--json"]));
+    assert!(
+        !listed.to_string().contains("\"broken\""),
+        "a refused agent is not stored: {listed}"
+    );
+    // A requirement for a command agent makes no sense.
+    let refused = run(
+        &db,
+        &[
+            "agents",
+            "add",
+            "cmd",
+            "--command",
+            "true",
+            "--requirements",
+            &good,
+        ],
+    );
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("Python agents only"),
+        "{refused:?}"
+    );
+
+    let _replica = serve(&db);
+    let with = ok_json(&run(&db, &["agents", "run", "deco"]))["id"]
+        .as_i64()
+        .unwrap();
+    let without = ok_json(&run(&db, &["agents", "run", "bare"]))["id"]
+        .as_i64()
+        .unwrap();
+    let t = finished(&db, with).await;
+    assert_eq!(t.status, harness::queue::Status::Completed, "{t:?}");
+    let v = t.result.unwrap()["result"].clone();
+    assert_eq!(v["text"], "AEroskobing", "{v}");
+    assert_ne!(
+        v["env"], "written",
+        "a run could write into its environment: {v}"
+    );
+    let t = finished(&db, without).await;
+    assert_eq!(t.status, harness::queue::Status::Failed, "{t:?}");
+    let error = t.error.unwrap_or_default();
+    assert!(
+        error.contains("ModuleNotFoundError") && error.contains("--requirements"),
+        "{error}"
+    );
+}

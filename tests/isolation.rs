@@ -203,6 +203,18 @@ async fn a_replica_sigterm_ends_its_runs_and_their_daemons() {
         .env("HARNESS_BULK__SHUTDOWN_GRACE_S", "1");
     let mut replica = common::Proc::spawn(&mut serve);
     daemon_seen(&m).await;
+    // The fleet shows the replica's isolation: its mode and the guarantees that hold.
+    let out = common::harness_at(&url)
+        .args(["fleet", "--json"])
+        .output()
+        .unwrap();
+    let fleet: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let shown = fleet[0]["isolation"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert_eq!(shown, executor().isolation.describe(), "{fleet}");
+    assert!(shown.contains("cgroup-kill"), "{shown}");
     replica.signal(nix::sys::signal::Signal::SIGTERM);
     let status = replica
         .wait_for_exit(Duration::from_secs(30))

@@ -114,6 +114,10 @@ pub struct AgentConfig {
     /// `allow` (the host's network) or `none` (no connection leaves the run).
     #[serde(default)]
     pub network: crate::executor::Network,
+    /// A Python agent's `requirements.txt`: its runs use a virtual environment with these
+    /// installed (built on each host at first use, cached by hash).
+    #[serde(default)]
+    pub requirements: Option<String>,
 }
 
 /// Bounds on an agent's limits.
@@ -134,6 +138,7 @@ impl AgentConfig {
             env: BTreeMap::new(),
             overlap: Overlap::Skip,
             network: crate::executor::Network::Allow,
+            requirements: None,
         }
     }
 
@@ -172,6 +177,18 @@ impl AgentConfig {
         crate::cron::time_zone(self.timezone.as_deref()).map_err(cron_error)?;
         if let Some(s) = &self.schedule {
             CronSchedule::parse(s, self.timezone.as_deref()).map_err(cron_error)?;
+        }
+        if let Some(r) = &self.requirements {
+            use crate::executor::pyenv::MAX_REQUIREMENTS_BYTES;
+            if r.len() > MAX_REQUIREMENTS_BYTES {
+                return Err(invalid(
+                    "requirements",
+                    format!("is over {MAX_REQUIREMENTS_BYTES} bytes"),
+                ));
+            }
+            if r.contains('\0') {
+                return Err(invalid("requirements", "holds a NUL character"));
+            }
         }
         for (k, v) in &self.env {
             let ok = !k.is_empty()
@@ -464,8 +481,22 @@ impl Agents {
                     .check_python(code)
                     .await
                     .map_err(|e| invalid("code", e))?;
+                if let Some(requirements) = &spec.config.requirements {
+                    // Built now: requirements that cannot be installed are refused with the
+                    // installer's error, and the first run finds the environment ready.
+                    self.executor
+                        .environment(requirements)
+                        .await
+                        .map_err(|e| invalid("requirements", e))?;
+                }
             }
             Runtime::Command { argv } => {
+                if spec.config.requirements.is_some() {
+                    return Err(invalid(
+                        "requirements",
+                        "apply to Python agents only; a command brings its own environment",
+                    ));
+                }
                 let Some(program) = argv.first() else {
                     return Err(invalid(
                         "command",
@@ -732,6 +763,14 @@ impl Agents {
         spec.cpu_percent = agent.config.cpu_percent;
         spec.env = agent.config.env.clone();
         spec.network = agent.config.network;
+        if let Some(requirements) = &agent.config.requirements {
+            spec.python = Some(
+                self.executor
+                    .environment(requirements)
+                    .await
+                    .map_err(|e| HandlerError(format!("the agent's environment: {e}")))?,
+            );
+        }
         // The sandboxed process continues this run's trace.
         spec.traceparent =
             crate::telemetry::current_traceparent().or_else(|| ctx.traceparent.clone());

@@ -688,7 +688,7 @@ pub struct CreateAgent {
     /// A program and its arguments (or give `code`).
     pub command: Option<Vec<String>>,
     /// Any of schedule, timezone, timeout, max_retries, memory_mb, cpu_percent, env, overlap,
-    /// network.
+    /// network, requirements.
     #[serde(default)]
     pub config: serde_json::Map<String, Value>,
     #[serde(default = "yes")]

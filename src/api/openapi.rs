@@ -606,6 +606,10 @@ fn request_schemas(kinds: &[String]) -> Map<String, Value> {
                     "additionalProperties": {"type": "string", "pattern": NO_NUL}},
             "overlap": reference("Overlap"),
             "network": reference("Network"),
+            "requirements": {"type": ["string", "null"], "pattern": NO_NUL,
+                             "maxLength": crate::executor::pyenv::MAX_REQUIREMENTS_BYTES,
+                             "description": "A Python agent's requirements.txt: its runs use a \
+                                             virtual environment with these installed"},
         },
     });
     let code = json!({"type": "string", "minLength": 1, "maxLength": MAX_CODE_BYTES,

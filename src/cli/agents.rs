@@ -109,6 +109,13 @@ struct Definition {
     /// allow (default: the host's network) or none (no connection leaves the run)
     #[arg(long)]
     network: Option<harness::executor::Network>,
+    /// A requirements.txt for a Python agent: its runs use a virtual environment with these
+    /// installed (built now, and on each host at first use; cached by hash)
+    #[arg(long, value_name = "FILE")]
+    requirements: Option<std::path::PathBuf>,
+    /// Drop the agent's requirements (runs use executor.python)
+    #[arg(long, conflicts_with = "requirements")]
+    no_requirements: bool,
 }
 
 impl Definition {
@@ -163,6 +170,14 @@ impl Definition {
         }
         if let Some(n) = self.network {
             config.network = n;
+        }
+        if let Some(f) = &self.requirements {
+            config.requirements = Some(
+                std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?,
+            );
+        }
+        if self.no_requirements {
+            config.requirements = None;
         }
         Ok(config)
     }

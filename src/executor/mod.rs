@@ -33,6 +33,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use crate::config::ExecutorConfig;
 
 mod cgroup;
+pub mod pyenv;
 mod sandbox;
 pub mod session;
 mod spawner;
@@ -124,6 +125,8 @@ pub struct RunSpec {
     pub cpu_percent: u32,
     pub env: BTreeMap<String, String>,
     pub network: Network,
+    /// The interpreter of the agent's environment (see `pyenv`); none: `executor.python`.
+    pub python: Option<PathBuf>,
     pub traceparent: Option<String>,
 }
 
@@ -139,6 +142,7 @@ impl RunSpec {
             cpu_percent: settings.default_cpu_percent,
             env: BTreeMap::new(),
             network: Network::Allow,
+            python: None,
             traceparent: None,
         }
     }
@@ -186,6 +190,8 @@ pub struct Executor {
     pub isolation: Isolation,
     /// This process's session, cgroups and uid leases.
     host: std::sync::Arc<Host>,
+    /// Python environments of agents with requirements.
+    envs: std::sync::Arc<pyenv::Environments>,
 }
 
 /// What one process holds on its host for its runs: its session directory, its cgroups and
@@ -288,7 +294,7 @@ impl Executor {
             network_none,
         };
         Ok(Executor {
-            python,
+            python: python.clone(),
             run_as,
             kill_grace: Duration::from_secs(cfg.kill_grace_s),
             output_limit: (cfg.output_limit_kb * 1024) as usize,
@@ -299,12 +305,43 @@ impl Executor {
             default_memory_mb: cfg.max_memory_mb,
             default_cpu_percent: cfg.max_cpu_percent,
             isolation,
+            envs: std::sync::Arc::new(pyenv::Environments::new(envs_dir(), python.clone())),
             host: std::sync::Arc::new(Host {
                 session,
                 cgroups,
                 uids,
             }),
         })
+    }
+
+    /// The interpreter of the environment built for `requirements` (cached per host by the
+    /// hash of the interpreter and the text); the error is the installer's. As root the build
+    /// runs as a run uid (or `run_as`), never as root.
+    pub async fn environment(&self, requirements: &str) -> Result<PathBuf, String> {
+        let envs = self.envs.clone();
+        let host = self.host.clone();
+        let run_as = self
+            .run_as
+            .as_ref()
+            .map(|u| (u.uid.as_raw(), u.gid.as_raw()));
+        let requirements = requirements.to_string();
+        tokio::task::spawn_blocking(move || {
+            let lease = match &host.uids {
+                Some(pool) => Some(pool.lease().map_err(|e| e.to_string())?),
+                None => None,
+            };
+            let builder = lease.as_ref().map(|l| (l.uid, l.uid)).or(run_as);
+            let built = envs.ensure(&requirements, builder);
+            if let Some(lease) = lease {
+                // Whatever the build left running (a package's build script) goes.
+                if uids::kill_uid(lease.uid).is_some() {
+                    lease.release();
+                }
+            }
+            built
+        })
+        .await
+        .map_err(|e| format!("the environment build panicked: {e}"))?
     }
 
     /// The account agents run as (`None`: the harness's own).
@@ -499,6 +536,11 @@ impl Executor {
                 .await
                 .unwrap_or_else(|_| Err("reading the result failed".into()));
             interpret(&spec.runtime, status, file_result, &mut result);
+            if let Some(hint) = result.error.as_deref().and_then(pyenv::hint) {
+                let error = result.error.get_or_insert_default();
+                error.push('\n');
+                error.push_str(hint);
+            }
         }
         result.duration = started.elapsed().as_secs_f64();
         Ok(result)
@@ -520,7 +562,8 @@ impl Executor {
         let (program, args): (PathBuf, Vec<String>) = match &spec.runtime {
             Runtime::Python { code } => {
                 std::fs::write(&code_path, code).map_err(Error::RunDir)?;
-                (self.python.clone(), vec!["-c".into(), RUNNER.into()])
+                let python = spec.python.clone().unwrap_or_else(|| self.python.clone());
+                (python, vec!["-c".into(), RUNNER.into()])
             }
             Runtime::Command { argv } => {
                 let first = argv
@@ -693,6 +736,16 @@ fn runs_dir() -> Result<PathBuf, Error> {
     std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o711))
         .map_err(Error::RunDir)?;
     Ok(dir)
+}
+
+/// Where Python environments are cached: `/var/lib/harness/envs` as root (kept across
+/// restarts), else `<tmp>/harness-envs-<uid>`.
+fn envs_dir() -> PathBuf {
+    if Uid::effective().is_root() {
+        PathBuf::from("/var/lib/harness/envs")
+    } else {
+        std::env::temp_dir().join(format!("harness-envs-{}", Uid::effective()))
+    }
 }
 
 /// Removes a run's process-group record when dropped (after the group is dead).

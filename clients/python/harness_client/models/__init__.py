@@ -16,6 +16,7 @@ from .fleet import Fleet
 from .governor_state import GovernorState
 from .handoff_artifact import HandoffArtifact
 from .health import Health
+from .network import Network
 from .openapi_response_200 import OpenapiResponse200
 from .overlap import Overlap
 from .ready import Ready
@@ -49,6 +50,7 @@ __all__ = (
     "GovernorState",
     "HandoffArtifact",
     "Health",
+    "Network",
     "OpenapiResponse200",
     "Overlap",
     "Ready",

@@ -8,6 +8,7 @@ from attrs import field as _attrs_field
 
 from ..types import UNSET, Unset
 
+from ..models.network import Network
 from ..models.overlap import Overlap
 from typing import cast
 
@@ -31,8 +32,12 @@ class AgentConfig:
             env (AgentConfigEnv):
             max_retries (int):
             memory_mb (int):
+            network (Network): Whether a run may use the network: allow (the host's) or none (a network namespace of its own
+                with nothing in it)
             overlap (Overlap): What a run due while the previous one still runs does: skip (recorded as cancelled with the
                 reason), queue (waits for it) or allow (runs alongside)
+            requirements (None | str): A Python agent's `requirements.txt`: its runs use a virtual environment with these
+                installed (built on each host at first use, cached by hash).
             schedule (None | str):
             timeout (int): Seconds.
             timezone (None | str):
@@ -42,7 +47,9 @@ class AgentConfig:
     env: AgentConfigEnv
     max_retries: int
     memory_mb: int
+    network: Network
     overlap: Overlap
+    requirements: None | str
     schedule: None | str
     timeout: int
     timezone: None | str
@@ -61,7 +68,12 @@ class AgentConfig:
 
         memory_mb = self.memory_mb
 
+        network = self.network.value
+
         overlap = self.overlap.value
+
+        requirements: None | str
+        requirements = self.requirements
 
         schedule: None | str
         schedule = self.schedule
@@ -79,7 +91,9 @@ class AgentConfig:
             "env": env,
             "max_retries": max_retries,
             "memory_mb": memory_mb,
+            "network": network,
             "overlap": overlap,
+            "requirements": requirements,
             "schedule": schedule,
             "timeout": timeout,
             "timezone": timezone,
@@ -104,9 +118,22 @@ class AgentConfig:
 
         memory_mb = d.pop("memory_mb")
 
+        network = Network(d.pop("network"))
+
+
+
+
         overlap = Overlap(d.pop("overlap"))
 
 
+
+
+        def _parse_requirements(data: object) -> None | str:
+            if data is None:
+                return data
+            return cast(None | str, data)
+
+        requirements = _parse_requirements(d.pop("requirements"))
 
 
         def _parse_schedule(data: object) -> None | str:
@@ -132,7 +159,9 @@ class AgentConfig:
             env=env,
             max_retries=max_retries,
             memory_mb=memory_mb,
+            network=network,
             overlap=overlap,
+            requirements=requirements,
             schedule=schedule,
             timeout=timeout,
             timezone=timezone,

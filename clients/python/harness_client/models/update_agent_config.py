@@ -8,6 +8,7 @@ from attrs import field as _attrs_field
 
 from ..types import UNSET, Unset
 
+from ..models.network import Network
 from ..models.overlap import Overlap
 from ..types import UNSET, Unset
 from typing import cast
@@ -32,8 +33,12 @@ class UpdateAgentConfig:
             env (UpdateAgentConfigEnv | Unset):
             max_retries (int | Unset):
             memory_mb (int | Unset):
+            network (Network | Unset): Whether a run may use the network: allow (the host's) or none (a network namespace of
+                its own with nothing in it)
             overlap (Overlap | Unset): What a run due while the previous one still runs does: skip (recorded as cancelled
                 with the reason), queue (waits for it) or allow (runs alongside)
+            requirements (None | str | Unset): A Python agent's requirements.txt: its runs use a virtual environment with
+                these installed
             schedule (None | str | Unset): Cron: 5 fields, or 6 with seconds first
             timeout (int | Unset): Seconds
             timezone (None | str | Unset): IANA time zone of the schedule (default UTC)
@@ -43,7 +48,9 @@ class UpdateAgentConfig:
     env: UpdateAgentConfigEnv | Unset = UNSET
     max_retries: int | Unset = UNSET
     memory_mb: int | Unset = UNSET
+    network: Network | Unset = UNSET
     overlap: Overlap | Unset = UNSET
+    requirements: None | str | Unset = UNSET
     schedule: None | str | Unset = UNSET
     timeout: int | Unset = UNSET
     timezone: None | str | Unset = UNSET
@@ -64,10 +71,21 @@ class UpdateAgentConfig:
 
         memory_mb = self.memory_mb
 
+        network: str | Unset = UNSET
+        if not isinstance(self.network, Unset):
+            network = self.network.value
+
+
         overlap: str | Unset = UNSET
         if not isinstance(self.overlap, Unset):
             overlap = self.overlap.value
 
+
+        requirements: None | str | Unset
+        if isinstance(self.requirements, Unset):
+            requirements = UNSET
+        else:
+            requirements = self.requirements
 
         schedule: None | str | Unset
         if isinstance(self.schedule, Unset):
@@ -96,8 +114,12 @@ class UpdateAgentConfig:
             field_dict["max_retries"] = max_retries
         if memory_mb is not UNSET:
             field_dict["memory_mb"] = memory_mb
+        if network is not UNSET:
+            field_dict["network"] = network
         if overlap is not UNSET:
             field_dict["overlap"] = overlap
+        if requirements is not UNSET:
+            field_dict["requirements"] = requirements
         if schedule is not UNSET:
             field_dict["schedule"] = schedule
         if timeout is not UNSET:
@@ -129,6 +151,16 @@ class UpdateAgentConfig:
 
         memory_mb = d.pop("memory_mb", UNSET)
 
+        _network = d.pop("network", UNSET)
+        network: Network | Unset
+        if isinstance(_network,  Unset):
+            network = UNSET
+        else:
+            network = Network(_network)
+
+
+
+
         _overlap = d.pop("overlap", UNSET)
         overlap: Overlap | Unset
         if isinstance(_overlap,  Unset):
@@ -137,6 +169,16 @@ class UpdateAgentConfig:
             overlap = Overlap(_overlap)
 
 
+
+
+        def _parse_requirements(data: object) -> None | str | Unset:
+            if data is None:
+                return data
+            if isinstance(data, Unset):
+                return data
+            return cast(None | str | Unset, data)
+
+        requirements = _parse_requirements(d.pop("requirements", UNSET))
 
 
         def _parse_schedule(data: object) -> None | str | Unset:
@@ -166,7 +208,9 @@ class UpdateAgentConfig:
             env=env,
             max_retries=max_retries,
             memory_mb=memory_mb,
+            network=network,
             overlap=overlap,
+            requirements=requirements,
             schedule=schedule,
             timeout=timeout,
             timezone=timezone,
