@@ -163,7 +163,7 @@ sc = c["securityContext"]
 assert sc["readOnlyRootFilesystem"] is True
 assert sc["allowPrivilegeEscalation"] is False
 assert sc["capabilities"]["drop"] == ["ALL"]
-need = {"SETUID", "SETGID", "KILL", "CHOWN", "DAC_OVERRIDE", "FOWNER"}
+need = {"SETUID", "SETGID", "KILL", "CHOWN", "DAC_OVERRIDE"}
 assert set(sc["capabilities"]["add"]) == need, sc["capabilities"]["add"]
 mounts = {m["mountPath"] for m in c["volumeMounts"]}
 assert {"/run/harness", "/var/lib/harness", "/tmp"} <= mounts, mounts

@@ -142,6 +142,19 @@ async fn a_setsid_daemon_dies_with_its_run_its_timeout_and_its_cancel() {
     run.abort();
     let _ = run.await;
     daemon_gone_within_a_second(&m, "cancel").await;
+
+    // Without cgroups, a uid per run finds the daemon by its uid.
+    let e = executor_with(&[("HARNESS_EXECUTOR__CGROUPS", "false")]);
+    if skipped(e.isolation.uid_per_run, "no uid per run: no kill by uid") {
+        return;
+    }
+    let m = marker();
+    let r = e
+        .run(&python(&e, DAEMON, json!({"marker": m, "linger": 0.5})))
+        .await
+        .unwrap();
+    assert_eq!(r.status, ExecStatus::Success, "{r:?}");
+    daemon_gone_within_a_second(&m, "success, killed by uid").await;
 }
 
 #[tokio::test]
@@ -602,6 +615,16 @@ fn the_isolation_mode_names_what_holds() {
     if nix::unistd::Uid::effective().is_root() {
         assert!(text.contains("uid-per-run"), "{text}");
     }
+    if e.isolation.cgroup_kill {
+        // Moves into run cgroups do not wait for RCU grace periods.
+        let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap();
+        assert!(
+            mounts
+                .lines()
+                .any(|l| l.contains(" cgroup2 ") && l.contains("favordynmods")),
+            "{mounts}"
+        );
+    }
     let rlimit_only = executor_with(&[
         ("HARNESS_EXECUTOR__CGROUPS", "false"),
         ("HARNESS_EXECUTOR__PRIVATE_TMP", "false"),
@@ -610,4 +633,53 @@ fn the_isolation_mode_names_what_holds() {
     assert_eq!(rlimit_only.isolation.mode, "rlimit");
     assert!(!rlimit_only.isolation.describe().contains("cgroup"));
     assert!(rlimit_only.isolation.missing().is_some());
+}
+
+/// The chart's container: root with only SETUID, SETGID, KILL, CHOWN and DAC_OVERRIDE,
+/// no CAP_SYS_ADMIN (no namespaces) and no writable cgroups (a pod's /sys/fs/cgroup is
+/// read-only; `executor.cgroups: false` stands for it here). Runs still get a uid of their
+/// own, and what they leave in /tmp goes.
+#[test]
+fn the_charts_capabilities_give_a_uid_per_run_and_clean_up_after_it() {
+    if skipped(
+        nix::unistd::Uid::effective().is_root(),
+        "needs root to drop to the chart's capabilities",
+    ) {
+        return;
+    }
+    let caps = "+setuid,+setgid,+kill,+chown,+dac_override";
+    let dir = tempfile::tempdir().unwrap();
+    let name = format!("pod-litter-{}", rand::random::<u64>());
+    let agent = dir.path().join("pod.py");
+    std::fs::write(
+        &agent,
+        format!(
+            "import os\nclass Agent:\n    def execute(self):\n\
+             \x20       open('/tmp/{name}', 'w').write('x')\n\
+             \x20       return {{'uid': os.getuid()}}\n"
+        ),
+    )
+    .unwrap();
+    let out = std::process::Command::new("setpriv")
+        .arg(format!("--inh-caps=-all,{caps}"))
+        .arg(format!("--bounding-set=-all,{caps}"))
+        .arg("--")
+        .arg(common::harness_bin())
+        .arg("exec")
+        .arg(&agent)
+        .env("RUST_LOG", "warn")
+        .env("HARNESS_HOME", common::scratch_home())
+        .env("HARNESS_EXECUTOR__CGROUPS", "false")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let uid = r["result"]["uid"].as_u64().unwrap();
+    assert!((200000..=200999).contains(&uid), "ran as {uid}");
+    assert!(stderr.contains("rlimit: uid-per-run"), "{stderr}");
+    assert!(
+        !std::path::Path::new("/tmp").join(&name).exists(),
+        "the run's file in the host's /tmp was left behind"
+    );
 }

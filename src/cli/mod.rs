@@ -300,6 +300,7 @@ async fn exec(cfg: Config, args: ExecArgs) -> anyhow::Result<ExitCode> {
         .with_context(|| format!("reading {}", args.file.display()))?;
     warn_if_shared_user(&cfg);
     let executor = Executor::new(&cfg.executor)?;
+    executor.isolation.warn_if_degraded();
     if let Err(e) = executor.check_python(&code).await {
         bail!("{} is not a valid agent: {e}", args.file.display());
     }

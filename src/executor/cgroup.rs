@@ -124,6 +124,62 @@ impl Cgroups {
         found
     }
 
+    /// Sets `favordynmods` on the cgroup v2 mount in use, unless it is set. Moving a process
+    /// into a cgroup takes a lock whose writer waits for an RCU grace period — 13 ms per run on
+    /// the development machine, measured with strace — unless the hierarchy favours dynamic
+    /// changes, at a small cost to every fork and exit (kernel 6.0+; the lock is shared by
+    /// all hierarchies, so this also speeds the v1 moves of a hybrid host). Returns whether
+    /// it is set now.
+    pub fn favor_dynamic_moves(&self) -> bool {
+        let Some(kill) = &self.kill else {
+            return false;
+        };
+        let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+        // The cgroup2 mount that holds our base: the longest mount point that prefixes it.
+        let Some((point, options)) = mounts
+            .lines()
+            .filter_map(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                (f.len() > 3 && f[2] == "cgroup2" && kill.base.starts_with(f[1]))
+                    .then(|| (f[1].to_string(), f[3].to_string()))
+            })
+            .max_by_key(|(p, _)| p.len())
+        else {
+            return false;
+        };
+        if options.split(',').any(|o| o == "favordynmods") {
+            return true;
+        }
+        // A remount replaces the cgroup2 options: keep the ones it has.
+        const KEPT: [&str; 5] = [
+            "nsdelegate",
+            "memory_localevents",
+            "memory_recursiveprot",
+            "memory_hugetlb_accounting",
+            "pids_localevents",
+        ];
+        let mut data: Vec<&str> = options.split(',').filter(|o| KEPT.contains(o)).collect();
+        data.push("favordynmods");
+        let data = data.join(",");
+        let done = nix::mount::mount(
+            None::<&str>,
+            point.as_str(),
+            None::<&str>,
+            nix::mount::MsFlags::MS_REMOUNT,
+            Some(data.as_str()),
+        );
+        match done {
+            Ok(()) => {
+                tracing::info!(mount = %point, "set favordynmods on the cgroup v2 mount: moving a run into its cgroup no longer waits for an RCU grace period");
+                true
+            }
+            Err(e) => {
+                tracing::info!(mount = %point, error = %e, "could not set favordynmods: each run start waits for an RCU grace period");
+                false
+            }
+        }
+    }
+
     /// Whether nothing is usable.
     pub fn is_empty(&self) -> bool {
         self.memory.is_none() && self.pids.is_none() && self.cpu.is_none() && self.kill.is_none()

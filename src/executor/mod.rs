@@ -5,11 +5,15 @@
 //! - a scrubbed environment: only `PATH`, `LANG`, `TZ`, `HOME` (the working directory), the
 //!   harness's own `HARNESS_*` run variables and the agent's `env`; never the harness's
 //!   database URL, tokens or webhook;
-//! - its own process group, and when the harness runs as root, the `executor.run_as` account;
-//! - limits: address space (`memory_mb`), CPU seconds (`timeout × cpu_percent`), open files,
-//!   file size, no core dumps, and a process count that contains a fork bomb;
-//! - a timeout: SIGTERM to the whole group, `kill_grace_s`, then SIGKILL; the group is also
-//!   killed when the agent exits, so nothing it started outlives it;
+//! - its own process group and, as root, its own uid from `executor.uid_range` (`uids`; else
+//!   `executor.run_as`);
+//! - where the host offers them, its own cgroup (`cgroup`: memory over all its processes, a
+//!   process ceiling, a CPU rate, a kill that reaches escapees), private temporary directories
+//!   and, for `network: none`, an empty network namespace (`sandbox`);
+//! - rlimits: open files, file size, no core dumps, processes, and where no cgroup bounds
+//!   them, address space (`memory_mb`) and CPU seconds (`timeout × cpu_percent`);
+//! - a timeout: SIGTERM to the whole group, `kill_grace_s`, then SIGKILL; at every end of a
+//!   run (and when its future is dropped) everything it started is killed;
 //! - stdout and stderr kept up to `output_limit_kb` each, the rest drained.
 //!
 //! The result never travels on stdout: the Python runner writes it to `HARNESS_RESULT_FILE`;
@@ -260,6 +264,9 @@ impl Executor {
         } else {
             cgroup::Cgroups::default()
         };
+        if cfg.cgroup_favordynmods {
+            cgroups.favor_dynamic_moves();
+        }
         // Cgroups of dead processes first (their sessions' locks are free), then their run
         // directories; then a place of our own.
         let reaped = cgroups.reap_dead(|name| session::is_alive(&runs, name));

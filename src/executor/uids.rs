@@ -236,4 +236,41 @@ mod tests {
         a.release();
         assert_eq!(pool.lease().unwrap().uid, uid);
     }
+
+    #[test]
+    fn a_lease_left_marked_by_a_dead_process_is_cleared_of_processes_first() {
+        if !nix::unistd::Uid::effective().is_root() {
+            eprintln!("skipped: needs root to run a process as a run uid");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let uid = 300500;
+        let pool = UidPool::open(
+            &dir.path().join("uids"),
+            UidRange {
+                first: uid,
+                last: uid,
+            },
+        )
+        .unwrap();
+        // A holder that died mid-run: its file still says "in use", and a process of the uid
+        // is still running.
+        std::fs::write(dir.path().join("uids").join(uid.to_string()), "in use\n").unwrap();
+        let mut leftover = std::process::Command::new("sleep");
+        std::os::unix::process::CommandExt::uid(&mut leftover, uid);
+        std::os::unix::process::CommandExt::gid(&mut leftover, uid);
+        let mut leftover = leftover.arg("300").spawn().unwrap();
+        let lease = pool.lease().unwrap();
+        assert_eq!(lease.uid, uid);
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(
+            leftover.wait().unwrap().signal(),
+            Some(9),
+            "the leftover was killed"
+        );
+        // A clean release leaves nothing to clear.
+        lease.release();
+        let text = std::fs::read_to_string(dir.path().join("uids").join(uid.to_string())).unwrap();
+        assert!(text.is_empty(), "{text:?}");
+    }
 }
