@@ -189,7 +189,7 @@ async fn chaos_every_task_once_through_kills_stops_and_postgres_faults() {
     let q = Queue::new(pool.clone(), 20);
 
     let dir = common::agent_writable_dir("harness-chaos-");
-    let effects = dir.path().join("effects");
+    let effects = common::agent_writable_file(&dir.path().join("effects"));
 
     // Two thirds in-process sleeps, one third sandboxed commands that leave a mark; both
     // last long enough (0.2–1 s) to be caught mid-run by the faults.

@@ -520,7 +520,7 @@ async fn a_claim_that_returns_after_a_long_stop_is_not_started() {
     .await
     .unwrap();
     let dir = shared_dir();
-    let effects = dir.path().join("effects");
+    let effects = common::agent_writable_file(&dir.path().join("effects"));
     let a = Replica::start_logged(&db, &[]);
     let a_id = replica_id_of(&db, a.pid()).await;
     let q = Queue::new(db.pool.clone(), 3);
@@ -673,7 +673,7 @@ async fn a_killed_replicas_agent_processes_die_with_it_or_at_the_next_start() {
 async fn a_replica_resumed_after_its_task_was_rescued_stops_its_own_run() {
     let db = TestDb::new().await;
     let dir = shared_dir();
-    let pids = dir.path().join("pids");
+    let pids = common::agent_writable_file(&dir.path().join("pids"));
     let a = Replica::start(&db, &[]);
     let a_id = replica_id_of(&db, a.pid()).await;
     let q = Queue::new(db.pool.clone(), 3);

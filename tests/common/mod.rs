@@ -61,6 +61,15 @@ pub fn agent_writable_dir(prefix: &str) -> tempfile::TempDir {
     dir
 }
 
+/// An empty file at `path` every account may append to: runs have uids of their own, and a
+/// file the first run created would be closed to the next.
+pub fn agent_writable_file(path: &std::path::Path) -> std::path::PathBuf {
+    std::fs::write(path, "").expect("create the shared file");
+    std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o666))
+        .expect("open the file to every account");
+    path.to_path_buf()
+}
+
 /// URL of a database on the test server from which databases can be created.
 pub fn admin_url() -> String {
     ADMIN_URL
