@@ -146,9 +146,9 @@ PY
   "$PROMTOOL" check rules "$TMP/pr-rules.yaml"
 }
 
-check_grace() { # terminationGracePeriodSeconds = shutdown_grace_s + 15
+check_grace() { # terminationGracePeriodSeconds = preStop 5 + shutdown_grace_s + 15
   helm_template "${GOOD[@]}" --set config.bulk.shutdown_grace_s=100 \
-    --show-only templates/deployment.yaml | grep -q 'terminationGracePeriodSeconds: 115'
+    --show-only templates/deployment.yaml | grep -q 'terminationGracePeriodSeconds: 120'
 }
 
 check_sandbox_rights() { # agents never run as the harness's user, with the fewest rights
@@ -174,6 +174,40 @@ print("sandbox rights ok")
 PY
 }
 
+check_render_behaviour() { # what the syntax checks cannot see
+  helm_template "${FULL[@]}" --set database.sslMode=verify-full --set database.caSecret=db-ca \
+    >"$TMP/full.yaml"
+  python3 - "$TMP/full.yaml" <<'PY'
+import sys, yaml
+docs = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d]
+kinds = {d["kind"]: d for d in docs}
+dep = kinds["Deployment"]
+pod = dep["spec"]["template"]["spec"]
+c = pod["containers"][0]
+names = [e["name"] for e in c["env"]]
+dups = {n for n in names if names.count(n) > 1}
+assert not dups, f"duplicate env names: {dups}"
+env = {e["name"]: e for e in c["env"]}
+assert env["PGSSLMODE"]["value"] == "verify-full"
+assert env["PGSSLROOTCERT"]["value"] == "/etc/harness/database-ca/ca.crt"
+assert any(m["mountPath"] == "/etc/harness/database-ca" for m in c["volumeMounts"])
+job = [d for d in docs if d["kind"] == "Job"][0]
+jc = job["spec"]["template"]["spec"]["containers"][0]
+assert {"PGSSLMODE", "PGSSLROOTCERT"} <= {e["name"] for e in jc["env"]}, "the migration Job reaches the database as the replicas do"
+assert kinds["PodDisruptionBudget"]["spec"]["unhealthyPodEvictionPolicy"] == "AlwaysAllow"
+pre = c["lifecycle"]["preStop"]["exec"]["command"]
+assert pre == ["sleep", "5"], pre
+grace = pod["terminationGracePeriodSeconds"]
+assert grace == 5 + 330 + 15, grace
+lim = c["resources"]["limits"]
+assert lim["memory"] == "2560Mi", lim  # 8 agents x 256 MB + 512 Mi
+assert "cpu" in lim, "without a CPU limit the governor measures the node"
+sm = kinds["ServiceMonitor"]["spec"]["endpoints"][0]["relabelings"]
+assert {"targetLabel": "release", "replacement": "harness"} in sm, "alerts aggregate per release"
+print("render behaviour ok")
+PY
+}
+
 run "yaml syntax" check_yaml deploy/compose.yaml deploy/otel-collector.yaml \
   deploy/prometheus/*.yaml deploy/prometheus/prometheus.yml \
   deploy/grafana/provisioning/*/*.yaml "$CHART/values.yaml" "$CHART/Chart.yaml"
@@ -192,10 +226,16 @@ run "kubernetes-validate (existingSecret)" check_k8s --set database.existingSecr
 run "PrometheusRule == alerts.yaml" check_prometheusrule
 run "termination grace from config" check_grace
 run "sandbox rights (root, capabilities, run directories)" check_sandbox_rights
+run "render behaviour (env, TLS, PDB, preStop, grace, resources)" check_render_behaviour
 must_fail "reject replicaCount=0" 'replicaCount' helm_template "${GOOD[@]}" --set replicaCount=0
 must_fail "reject missing database secret" 'database|existingSecret|url' helm_template
 must_fail "reject empty database url" 'database|existingSecret|url' helm_template --set database.url=
 must_fail "reject otel without endpoint" 'endpoint' helm_template "${GOOD[@]}" --set otel.enabled=true
+must_fail "reject minReplicas > maxReplicas" 'minReplicas' helm_template "${GOOD[@]}" \
+  --set autoscaling.enabled=true --set autoscaling.minReplicas=5 --set autoscaling.maxReplicas=3
+must_fail "reject more connections than the server allows" 'PostgreSQL connections' helm_template \
+  "${GOOD[@]}" --set autoscaling.enabled=true --set autoscaling.maxReplicas=10
+must_fail "reject an unknown sslMode" 'sslMode' helm_template "${GOOD[@]}" --set database.sslMode=maybe
 must_fail "reject short API token" 'token' helm_template --set database.url=postgres://h@db/h \
   --set 'api.tokens[0].token=short' --set 'api.tokens[0].scope=admin'
 

@@ -186,6 +186,9 @@ pub struct Metrics {
     pub duration: opentelemetry::metrics::Histogram<f64>,
     pub pickup_latency: opentelemetry::metrics::Histogram<f64>,
     pub queue_depth: opentelemetry::metrics::Gauge<i64>,
+    pub queue_due: opentelemetry::metrics::Gauge<i64>,
+    pub queue_delayed: opentelemetry::metrics::Gauge<i64>,
+    pub oldest_due_age: opentelemetry::metrics::Gauge<f64>,
     pub capacity: opentelemetry::metrics::Gauge<i64>,
     pub running: opentelemetry::metrics::Gauge<i64>,
     pub governor_state: opentelemetry::metrics::Gauge<i64>,
@@ -269,6 +272,21 @@ pub fn metrics() -> &'static Metrics {
                 .i64_gauge("harness.queue.depth")
                 .with_unit("{task}")
                 .with_description("Tasks by status (completed excluded)")
+                .build(),
+            queue_due: m
+                .i64_gauge("harness.queue.due")
+                .with_unit("{task}")
+                .with_description("Waiting tasks that are due now (pending or retry_scheduled)")
+                .build(),
+            queue_delayed: m
+                .i64_gauge("harness.queue.delayed")
+                .with_unit("{task}")
+                .with_description("Waiting tasks scheduled for later (delayed, backing off)")
+                .build(),
+            oldest_due_age: m
+                .f64_gauge("harness.queue.oldest_due_age")
+                .with_unit("s")
+                .with_description("How long the oldest due task has waited since it became due")
                 .build(),
             capacity: m
                 .i64_gauge("harness.pool.capacity")

@@ -85,6 +85,7 @@ async fn start_with(db: &TestDb, flaky: Arc<AtomicBool>, extra: &[(&str, &str)])
         tokens: cfg.api.tokens.clone(),
         kinds: h.kinds(),
         config: cfg,
+        draining: tokio_util::sync::CancellationToken::new(),
     });
     let replica = h.replica_id().to_string();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -877,6 +878,7 @@ async fn readiness_follows_the_database() {
         tokens: vec![],
         kinds: vec![],
         config: cfg,
+        draining: tokio_util::sync::CancellationToken::new(),
     });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}/readyz", listener.local_addr().unwrap());

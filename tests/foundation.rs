@@ -129,6 +129,74 @@ async fn harness_migrate_against_database_url() {
     assert!(again.status.success());
 }
 
+/// A replica of this release against the schema of a newer one (a `helm rollback`, or an
+/// old pod restarting after the upgrade's migration Job): it starts and serves.
+#[tokio::test]
+async fn a_replica_starts_against_a_newer_schema_and_no_migrate_needs_a_current_one() {
+    let test = TestDb::empty().await;
+    let home = tempfile::tempdir().unwrap();
+    // --no-migrate on a database without this binary's migrations: a clear refusal.
+    let out = harness(home.path())
+        .args(["serve", "--no-api", "--no-migrate"])
+        .env("DATABASE_URL", &test.url)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("lacks migrations") && stderr.contains("harness migrate"),
+        "{stderr}"
+    );
+    assert!(
+        tables(&test.pool).await.is_empty(),
+        "--no-migrate applied something"
+    );
+
+    harness::db::migrate(&test.pool).await.unwrap();
+    // A newer release's migration this binary does not know.
+    sqlx::query(
+        "INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time) \
+         VALUES (99990101000000, 'from a newer release', true, '\\x00', 1)",
+    )
+    .execute(&test.pool)
+    .await
+    .unwrap();
+    for args in [
+        &["serve", "--no-api"][..],
+        &["serve", "--no-api", "--no-migrate"][..],
+    ] {
+        let mut cmd = harness(home.path());
+        cmd.args(args).env("DATABASE_URL", &test.url);
+        let (mut replica, log) = common::Proc::spawn_logged(&mut cmd);
+        common::eventually(
+            "the replica to register",
+            Duration::from_secs(20),
+            async || {
+                let n: i64 = sqlx::query_scalar("SELECT count(*) FROM replicas WHERE pid = $1")
+                    .bind(replica.pid())
+                    .fetch_one(&test.pool)
+                    .await
+                    .unwrap();
+                (n == 1).then_some(())
+            },
+        )
+        .await;
+        assert!(replica.alive(), "{args:?}: {}", log.text());
+        assert!(!log.contains("previously applied"), "{}", log.text());
+    }
+    // `harness migrate` (the chart's Job of the older release) is fine with it too.
+    let out = harness(home.path())
+        .arg("migrate")
+        .env("DATABASE_URL", &test.url)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 #[tokio::test]
 async fn concurrent_migrations_apply_once_and_all_succeed() {
     let test = TestDb::empty().await;
@@ -518,4 +586,65 @@ fn serve_and_enqueue_help_name_every_kind_the_binary_runs() {
             "{cmd} --help lacks {listed:?}: {help}"
         );
     }
+}
+
+const ORPHANS: &str = r#"import os, time
+class Agent:
+    def execute(self):
+        if os.fork() == 0:
+            if os.fork() == 0:
+                time.sleep(0.2)
+                os._exit(0)
+            os._exit(0)
+        os.wait()
+        time.sleep(1.5)
+        zombies = []
+        for p in os.listdir('/proc'):
+            if p.isdigit():
+                try:
+                    if open('/proc/%s/stat' % p).read().rsplit(')', 1)[1].split()[0] == 'Z':
+                        zombies.append(int(p))
+                except OSError:
+                    pass
+        return {'zombies': zombies, 'me': os.getpid()}
+"#;
+
+/// The harness as PID 1 of a PID namespace (a container without an init): the orphan an
+/// agent leaves is reaped, not kept as a zombie. `HARNESS_NO_INIT=1` is the control.
+#[test]
+fn as_pid_1_the_harness_reaps_the_orphans_of_agents() {
+    if !nix::unistd::Uid::effective().is_root() {
+        eprintln!("skipped: a PID namespace needs root");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let agent = dir.path().join("orphans.py");
+    std::fs::write(&agent, ORPHANS).unwrap();
+    let zombies = |no_init: bool| -> Vec<i64> {
+        let mut cmd = Command::new("unshare");
+        cmd.args(["--pid", "--fork", "--mount-proc", harness_bin(), "exec"])
+            .arg(&agent)
+            .env("HARNESS_HOME", common::scratch_home())
+            .env("RUST_LOG", "error");
+        if no_init {
+            cmd.env("HARNESS_NO_INIT", "1");
+        }
+        let out = cmd.output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        serde_json::from_value(r["result"]["zombies"].clone()).unwrap()
+    };
+    assert_eq!(
+        zombies(false),
+        Vec::<i64>::new(),
+        "an orphan stayed a zombie"
+    );
+    assert!(
+        !zombies(true).is_empty(),
+        "without the init the orphan should stay a zombie: this test proves nothing"
+    );
 }

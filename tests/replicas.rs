@@ -226,11 +226,18 @@ async fn three_replicas_complete_five_thousand_tasks_exactly_once() {
 async fn sigterm_drains_and_returns_unstarted_work() {
     let db = TestDb::new().await;
     let q = Queue::new(db.pool.clone(), 3);
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let bind = format!("127.0.0.1:{port}");
     let mut r = Replica::start(
         &db,
         &[
             ("HARNESS_BULK__MAX_CONCURRENT", "2"),
             ("HARNESS_BULK__SHUTDOWN_GRACE_S", "5"),
+            ("HARNESS_API__BIND", &bind),
         ],
     );
     let rid = replica_id_of(&db, r.pid()).await;
@@ -250,6 +257,22 @@ async fn sigterm_drains_and_returns_unstarted_work() {
     })
     .await;
     r.signal(Signal::SIGTERM);
+    // While it drains, the replica says it is not ready (Services stop routing to it) and
+    // stays healthy (liveness does not kill it mid-drain).
+    until(
+        Duration::from_secs(5),
+        "/readyz to say draining",
+        async || {
+            let ready = http_get(&bind, "/readyz");
+            ready.starts_with("HTTP/1.1 503").then_some(())
+        },
+    )
+    .await;
+    assert!(http_get(&bind, "/readyz").contains("draining"));
+    assert!(
+        http_get(&bind, "/healthz").starts_with("HTTP/1.1 200"),
+        "health during the drain"
+    );
     let status = r.wait(Duration::from_secs(20));
     assert!(status.success(), "clean exit: {status}");
     // The drain's promise, exactly: the two running finished, nothing more was claimed,
@@ -487,6 +510,22 @@ async fn an_outage_longer_than_rescue_after_reruns_nothing_of_live_replicas() {
     drop(replicas);
     pool.close().await;
     pg.down().await;
+}
+
+/// The whole answer to `GET path` from the API at `addr` (empty when it does not answer).
+fn http_get(addr: &str, path: &str) -> String {
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::net::TcpStream::connect(addr) else {
+        return String::new();
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+    let _ = write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    );
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out
 }
 
 /// A directory every account may write to (commands run as run uids under root).

@@ -39,6 +39,9 @@ pub struct ApiState {
     /// Kinds a task may be enqueued with (the replica's handlers).
     pub kinds: Vec<String>,
     pub config: Config,
+    /// Cancelled when the replica starts draining: `/readyz` then answers 503 so that no
+    /// new traffic comes, while `/healthz` and the rest keep serving until the drain ends.
+    pub draining: tokio_util::sync::CancellationToken,
 }
 
 /// An error as the API answers it: `{ "error": "...", "detail": ... }`.
@@ -383,6 +386,13 @@ pub async fn serve(
 }
 
 async fn readyz(State(st): Shared) -> Response {
+    if st.draining.is_cancelled() {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"status": "draining", "error": "the replica is stopping"})),
+        )
+            .into_response();
+    }
     let check = async {
         crate::db::ping(&st.pool).await.map_err(|e| e.to_string())?;
         match crate::db::migrations_current(&st.pool).await {

@@ -3,6 +3,7 @@
 
 mod agents;
 mod bench;
+pub(crate) mod init;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -145,6 +146,11 @@ struct ServeArgs {
     /// Run no HTTP API (a worker-only replica)
     #[arg(long)]
     no_api: bool,
+    /// Apply no migrations: start only if the database has every migration of this binary
+    /// (`harness migrate` or the chart's Job applies them), so the runtime role needs no DDL
+    /// rights
+    #[arg(long)]
+    no_migrate: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -252,8 +258,8 @@ pub fn run(cli: Cli) -> ExitCode {
     };
     let result = runtime.block_on(async move {
         match cli.command {
-            Command::Up(a) => serve(cfg, true, !a.no_api, replica_id.unwrap_or_default()).await,
-            Command::Serve(a) => serve(cfg, false, !a.no_api, replica_id.unwrap_or_default()).await,
+            Command::Up(a) => serve(cfg, true, &a, replica_id.unwrap_or_default()).await,
+            Command::Serve(a) => serve(cfg, false, &a, replica_id.unwrap_or_default()).await,
             Command::Migrate(_) => migrate(cfg).await,
             Command::Config(_) => {
                 print!("{}", cfg.to_redacted_yaml());
@@ -339,9 +345,31 @@ async fn exec(cfg: Config, args: ExecArgs) -> anyhow::Result<ExitCode> {
 
 pub(crate) async fn open_migrated(cfg: &Config) -> anyhow::Result<Database> {
     let database = Database::open(cfg).await?;
-    db::migrate(&database.pool)
+    // Nothing to apply: no DDL at all (the role may have none), no migration lock taken.
+    if !db::missing_migrations(&database.pool)
         .await
-        .context("applying migrations")?;
+        .context("reading the applied migrations")?
+        .is_empty()
+    {
+        db::migrate(&database.pool)
+            .await
+            .context("applying migrations")?;
+    }
+    Ok(database)
+}
+
+/// The database, checked to have every migration of this binary (`serve --no-migrate`).
+async fn open_current(cfg: &Config) -> anyhow::Result<Database> {
+    let database = Database::open(cfg).await?;
+    let missing = db::missing_migrations(&database.pool)
+        .await
+        .context("reading the applied migrations")?;
+    if !missing.is_empty() {
+        bail!(
+            "the database lacks migrations {missing:?} of this binary and --no-migrate says not \
+             to apply them; run `harness migrate` (the chart's migration Job does) first"
+        );
+    }
     Ok(database)
 }
 
@@ -360,9 +388,10 @@ async fn migrate(cfg: Config) -> anyhow::Result<()> {
 async fn serve(
     mut cfg: Config,
     announce: bool,
-    with_api: bool,
+    args: &ServeArgs,
     replica_id: String,
 ) -> anyhow::Result<()> {
+    let with_api = !args.no_api;
     // Not root: agents would share our user. `serve` (production) needs the operator's yes.
     if !nix::unistd::Uid::effective().is_root() {
         if !announce && !cfg.executor.allow_shared_user {
@@ -383,7 +412,11 @@ async fn serve(
     let generated_token =
         (announce && with_api && cfg.api.tokens.is_empty() && !cfg.api.bind.ip().is_loopback())
             .then(|| generate_admin_token(&mut cfg));
-    let database = open_migrated(&cfg).await?;
+    let database = if args.no_migrate {
+        open_current(&cfg).await?
+    } else {
+        open_migrated(&cfg).await?
+    };
     let agents = harness::agents::Agents::new(database.pool.clone(), executor.clone());
     let harness = builtin_handlers(Harness::builder())
         .agents(agents.clone())
@@ -413,6 +446,7 @@ async fn serve(
     if announce {
         announce_up(&database, &harness, api_addr, generated_token.as_deref());
     }
+    let api_stop = tokio_util::sync::CancellationToken::new();
     let api = listener.map(|listener| {
         let state = std::sync::Arc::new(harness::api::ApiState {
             queue: harness.queue().clone(),
@@ -421,15 +455,19 @@ async fn serve(
             tokens: cfg.api.tokens.clone(),
             kinds: harness.kinds(),
             config: cfg.clone(),
+            draining: stop.clone(),
         });
         tokio::spawn(harness::api::serve(
             listener,
             harness::api::router(state),
             harness::api::server::ServerLimits::from_config(&cfg.api),
-            stop.clone().cancelled_owned(),
+            api_stop.clone().cancelled_owned(),
         ))
     });
-    harness.serve(stop.cancelled()).await?;
+    let served = harness.serve(stop.cancelled()).await;
+    // The API (health, metrics) served through the drain; now it stops too.
+    api_stop.cancel();
+    served?;
     if let Some(api) = api {
         // In-flight requests finish (graceful shutdown); bounded by the request timeout.
         let _ = tokio::time::timeout(Duration::from_secs(cfg.api.request_timeout_s + 1), api).await;

@@ -206,14 +206,22 @@ pub async fn ping(pool: &PgPool) -> Result<(), Error> {
     Ok(())
 }
 
-/// Applies every migration not applied yet.
+/// Applies every migration of this binary not applied yet.
+///
+/// Migrations the database has and this binary does not know (a newer release's, after a
+/// rollback, or an old pod restarting after the upgrade's migration Job) are left alone: the
+/// compatibility rule is that a release's migrations only add (tables, nullable or defaulted
+/// columns, indexes), and what a release stops using is removed one release later, so the
+/// previous binary works on the newer schema.
 pub async fn migrate(pool: &PgPool) -> Result<(), Error> {
-    MIGRATOR.run(pool).await?;
+    let mut migrator = sqlx::migrate!("./migrations");
+    migrator.set_ignore_missing(true);
+    migrator.run(pool).await?;
     Ok(())
 }
 
-/// True when every embedded migration has been applied (what readiness means).
-pub async fn migrations_current(pool: &PgPool) -> Result<bool, Error> {
+/// Versions of this binary's migrations the database lacks (empty: nothing to do).
+pub async fn missing_migrations(pool: &PgPool) -> Result<Vec<i64>, Error> {
     let applied: Vec<i64> =
         match sqlx::query_scalar("SELECT version FROM _sqlx_migrations WHERE success")
             .fetch_all(pool)
@@ -221,9 +229,19 @@ pub async fn migrations_current(pool: &PgPool) -> Result<bool, Error> {
         {
             Ok(v) => v,
             Err(e) if e.as_database_error().and_then(|d| d.code()).as_deref() == Some("42P01") => {
-                return Ok(false);
+                Vec::new()
             }
             Err(e) => return Err(e.into()),
         };
-    Ok(MIGRATOR.iter().all(|m| applied.contains(&m.version)))
+    Ok(MIGRATOR
+        .iter()
+        .map(|m| m.version)
+        .filter(|v| !applied.contains(v))
+        .collect())
+}
+
+/// True when every embedded migration has been applied (what readiness means). Newer
+/// migrations this binary does not know do not matter (see [`migrate`]).
+pub async fn migrations_current(pool: &PgPool) -> Result<bool, Error> {
+    Ok(missing_migrations(pool).await?.is_empty())
 }

@@ -321,5 +321,11 @@ impl Governor {
                 );
             }
         }
+        if let Ok(w) = crate::queue::waiting(&self.pool).await {
+            let m = crate::telemetry::metrics();
+            m.queue_due.record(w.due, &[]);
+            m.queue_delayed.record(w.delayed, &[]);
+            m.oldest_due_age.record(w.oldest_due_s, &[]);
+        }
     }
 }

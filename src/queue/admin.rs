@@ -16,6 +16,34 @@ pub async fn depth(pool: &PgPool) -> Result<Vec<(Status, i64)>, Error> {
     .await?)
 }
 
+/// Waiting work (pending or retry_scheduled) split by whether it is due: how many are due,
+/// how many are delayed (scheduled later), and how long the oldest due task has been due,
+/// in seconds (0 when none is). tasks_claim_idx (its predicate is exactly "waiting").
+pub async fn waiting(pool: &PgPool) -> Result<Waiting, Error> {
+    let (due, delayed, oldest_due_s): (i64, i64, f64) = sqlx::query_as(
+        "SELECT count(*) FILTER (WHERE scheduled_at <= now()), \
+                count(*) FILTER (WHERE scheduled_at > now()), \
+                COALESCE(EXTRACT(EPOCH FROM now() - min(scheduled_at) \
+                         FILTER (WHERE scheduled_at <= now())), 0)::float8 \
+         FROM tasks WHERE status IN ('pending', 'retry_scheduled')",
+    )
+    .fetch_one(pool)
+    .await?;
+    Ok(Waiting {
+        due,
+        delayed,
+        oldest_due_s,
+    })
+}
+
+/// See [`waiting`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Waiting {
+    pub due: i64,
+    pub delayed: i64,
+    pub oldest_due_s: f64,
+}
+
 impl Queue {
     pub async fn get(&self, id: TaskId) -> Result<Task, Error> {
         sqlx::query_as(&format!("SELECT {TASK_COLUMNS} FROM tasks WHERE id = $1"))

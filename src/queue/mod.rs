@@ -62,7 +62,7 @@ mod lifecycle;
 mod listener;
 mod task;
 
-pub use admin::depth;
+pub use admin::{Waiting, depth, waiting};
 pub use attempt::{Completion, Outcome};
 pub use listener::{Listener, Wakeup};
 use task::TASK_COLUMNS;

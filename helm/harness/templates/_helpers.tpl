@@ -58,12 +58,29 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- if lt (int .Values.replicaCount) 1 }}
 {{- fail "replicaCount must be at least 1" }}
 {{- end }}
+{{- if and .Values.autoscaling.enabled (gt (int .Values.autoscaling.minReplicas) (int .Values.autoscaling.maxReplicas)) }}
+{{- fail (printf "autoscaling.minReplicas (%d) must not exceed autoscaling.maxReplicas (%d)" (int .Values.autoscaling.minReplicas) (int .Values.autoscaling.maxReplicas)) }}
+{{- end }}
+{{- $pods := ternary (int .Values.autoscaling.maxReplicas) (int .Values.replicaCount) .Values.autoscaling.enabled }}
+{{- $surge := int (dig "rollingUpdate" "maxSurge" 0 .Values.strategy) }}
+{{- $perPod := add (int (dig "database" "max_connections" 10 .Values.config)) 3 }}
+{{- $need := add (mul (add $pods $surge) $perPod) 1 }}
+{{- $room := sub (int .Values.database.serverMaxConnections) (int .Values.database.reservedConnections) }}
+{{- if gt (int $need) (int $room) }}
+{{- fail (printf "PostgreSQL connections: (%d pods + %d surge) x %d per pod (config.database.max_connections + 3: two listeners and the leader's session) + 1 migration = %d, over the %d the server allows (database.serverMaxConnections %d - reservedConnections %d); lower the pod count or config.database.max_connections, or raise database.serverMaxConnections" $pods $surge $perPod $need $room (int .Values.database.serverMaxConnections) (int .Values.database.reservedConnections)) }}
+{{- end }}
+{{- end }}
+
+{{/* Memory limit of a pod: what agents may use at once plus the harness itself. */}}
+{{- define "harness.memoryLimit" -}}
+{{- $agents := mul (int (dig "bulk" "max_concurrent" 8 .Values.config)) (int (dig "executor" "max_memory_mb" 256 .Values.config)) }}
+{{- printf "%dMi" (add $agents (int .Values.harnessMemoryMi)) }}
 {{- end }}
 
 {{/* Seconds a pod gets after SIGTERM: the harness's task grace plus margin. */}}
 {{- define "harness.terminationGrace" -}}
 {{- $grace := dig "bulk" "shutdown_grace_s" 30 .Values.config }}
-{{- add $grace .Values.terminationGraceExtraSeconds }}
+{{- add $grace .Values.preStopSeconds .Values.terminationGraceExtraSeconds }}
 {{- end }}
 
 {{/* DATABASE_URL from the Secret. */}}
@@ -73,6 +90,14 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
     secretKeyRef:
       name: {{ include "harness.secretName" . }}
       key: {{ .Values.database.urlKey }}
+{{- if .Values.database.sslMode }}
+- name: PGSSLMODE
+  value: {{ .Values.database.sslMode | quote }}
+{{- end }}
+{{- if .Values.database.caSecret }}
+- name: PGSSLROOTCERT
+  value: /etc/harness/database-ca/{{ .Values.database.caKey }}
+{{- end }}
 {{- end }}
 
 {{/* Environment shared by the replicas. */}}
@@ -108,14 +133,6 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
   value: {{ .Values.otel.endpoint | quote }}
 - name: OTEL_SERVICE_NAME
   value: {{ default (include "harness.fullname" .) .Values.otel.serviceName | quote }}
-- name: POD_NAME
-  valueFrom:
-    fieldRef:
-      fieldPath: metadata.name
-- name: POD_NAMESPACE
-  valueFrom:
-    fieldRef:
-      fieldPath: metadata.namespace
 - name: NODE_NAME
   valueFrom:
     fieldRef:
