@@ -88,7 +88,7 @@ path = sys.argv[1]
 c = yaml.safe_load(open(path))
 base = os.path.dirname(path)
 s = c["services"]
-need = {"postgres", "migrate", "harness-1", "harness-2", "harness-3", "otel-collector", "prometheus", "grafana"}
+need = {"postgres", "migrate", "harness-1", "harness-2", "harness-3", "otel-collector", "prometheus", "alertmanager", "grafana"}
 assert need <= set(s), f"missing services: {need - set(s)}"
 assert s["migrate"]["command"] == ["migrate"]
 for r in ("harness-1", "harness-2", "harness-3"):
@@ -202,13 +202,29 @@ assert grace == 5 + 330 + 15, grace
 lim = c["resources"]["limits"]
 assert lim["memory"] == "2560Mi", lim  # 8 agents x 256 MB + 512 Mi
 assert "cpu" in lim, "without a CPU limit the governor measures the node"
+tmp = [v for v in pod["volumes"] if v["name"] == "tmp"][0]["emptyDir"]["sizeLimit"]
+assert tmp == "2304Mi", tmp  # 8 agents x 256 MB files + 256 Mi
 sm = kinds["ServiceMonitor"]["spec"]["endpoints"][0]["relabelings"]
 assert {"targetLabel": "release", "replacement": "harness"} in sm, "alerts aggregate per release"
 print("render behaviour ok")
 PY
 }
 
-run "yaml syntax" check_yaml deploy/compose.yaml deploy/otel-collector.yaml \
+check_versions() { # the image tag the chart pulls is the crate's version
+  python3 - Cargo.toml "$CHART/Chart.yaml" deploy/Dockerfile <<'PY'
+import re, sys, yaml
+cargo = re.search(r'^version\s*=\s*"([^"]+)"', open(sys.argv[1]).read(), re.M).group(1)
+msrv = re.search(r'^rust-version\s*=\s*"([^"]+)"', open(sys.argv[1]).read(), re.M).group(1)
+chart = yaml.safe_load(open(sys.argv[2]))
+docker = open(sys.argv[3]).read()
+assert chart["appVersion"] == cargo, f"appVersion {chart['appVersion']} != crate {cargo}"
+assert f"FROM rust:{msrv}-bookworm" in docker, "the builder image is pinned to rust-version"
+assert f"ARG VERSION={cargo}" in docker
+print("versions ok:", cargo, "rust", msrv)
+PY
+}
+
+run "yaml syntax" check_yaml deploy/compose.yaml deploy/otel-collector.yaml deploy/alertmanager/alertmanager.yml \
   deploy/prometheus/*.yaml deploy/prometheus/prometheus.yml \
   deploy/grafana/provisioning/*/*.yaml "$CHART/values.yaml" "$CHART/Chart.yaml"
 run "compose structure" check_compose
@@ -226,6 +242,7 @@ run "kubernetes-validate (existingSecret)" check_k8s --set database.existingSecr
 run "PrometheusRule == alerts.yaml" check_prometheusrule
 run "termination grace from config" check_grace
 run "sandbox rights (root, capabilities, run directories)" check_sandbox_rights
+run "versions (crate, chart appVersion, image)" check_versions
 run "render behaviour (env, TLS, PDB, preStop, grace, resources)" check_render_behaviour
 must_fail "reject replicaCount=0" 'replicaCount' helm_template "${GOOD[@]}" --set replicaCount=0
 must_fail "reject missing database secret" 'database|existingSecret|url' helm_template

@@ -189,6 +189,8 @@ pub struct Metrics {
     pub queue_due: opentelemetry::metrics::Gauge<i64>,
     pub queue_delayed: opentelemetry::metrics::Gauge<i64>,
     pub oldest_due_age: opentelemetry::metrics::Gauge<f64>,
+    pub database_up: opentelemetry::metrics::Gauge<i64>,
+    pub oom_kills: opentelemetry::metrics::Counter<u64>,
     pub capacity: opentelemetry::metrics::Gauge<i64>,
     pub running: opentelemetry::metrics::Gauge<i64>,
     pub governor_state: opentelemetry::metrics::Gauge<i64>,
@@ -231,9 +233,10 @@ pub fn metrics() -> &'static Metrics {
         }
         let provider = builder.build();
         let m = provider.meter("harness");
+        // Up to a day: agent runs may last 24 h (the timeout's bound).
         let seconds = [
             0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
-            30.0, 60.0, 300.0,
+            30.0, 60.0, 300.0, 900.0, 1800.0, 3600.0, 7200.0, 21600.0, 86400.0,
         ];
         Metrics {
             enqueued: m
@@ -287,6 +290,15 @@ pub fn metrics() -> &'static Metrics {
                 .f64_gauge("harness.queue.oldest_due_age")
                 .with_unit("s")
                 .with_description("How long the oldest due task has waited since it became due")
+                .build(),
+            database_up: m
+                .i64_gauge("harness.database.up")
+                .with_description("1 when the replica's last query of the queue succeeded, else 0")
+                .build(),
+            oom_kills: m
+                .u64_counter("harness.agent.oom_kills")
+                .with_unit("{run}")
+                .with_description("Runs ended by their memory cgroup's OOM killer")
                 .build(),
             capacity: m
                 .i64_gauge("harness.pool.capacity")

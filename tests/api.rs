@@ -1643,8 +1643,8 @@ async fn hostile_requests_get_documented_json_errors() {
 }
 
 #[tokio::test]
-async fn the_serve_binary_limits_requests_drains_them_on_shutdown_and_listens_nowhere_without_api()
-{
+async fn the_serve_binary_limits_requests_drains_them_on_shutdown_and_serves_only_health_without_api()
+ {
     let db = TestDb::new().await;
     let free_port = || {
         std::net::TcpListener::bind("127.0.0.1:0")
@@ -1719,7 +1719,7 @@ async fn the_serve_binary_limits_requests_drains_them_on_shutdown_and_listens_no
     .expect("the replica exits after draining");
     assert!(status.success(), "{status}");
 
-    // --no-api: a replica that serves tasks and listens on no port.
+    // --no-api: a worker that serves tasks, and on its port only health and metrics.
     let port = free_port();
     let _worker = common::Proc::spawn(
         common::harness_at(&db.url)
@@ -1738,8 +1738,15 @@ async fn the_serve_binary_limits_requests_drains_them_on_shutdown_and_listens_no
         (q.get(id).await.unwrap().status == Status::Completed).then_some(())
     })
     .await;
-    assert!(
-        std::net::TcpStream::connect(("127.0.0.1", port)).is_err(),
-        "--no-api listens on {port}"
-    );
+    let base = format!("http://127.0.0.1:{port}");
+    for (path, expected) in [
+        ("/healthz", StatusCode::OK),
+        ("/readyz", StatusCode::OK),
+        ("/metrics", StatusCode::OK),
+        ("/api/tasks", StatusCode::NOT_FOUND),
+        ("/api/openapi.json", StatusCode::NOT_FOUND),
+    ] {
+        let r = client.get(format!("{base}{path}")).send().await.unwrap();
+        assert_eq!(r.status(), expected, "--no-api {path}");
+    }
 }

@@ -138,4 +138,19 @@ async fn every_metric_the_dashboard_alerts_and_readme_name_is_exported() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    // The noop delayed an hour is delayed, not due; the database answers.
+    common::eventually("the waiting gauges", Duration::from_secs(30), async || {
+        let text = client.get(&url).send().await.ok()?.text().await.ok()?;
+        let value = |name: &str| -> Option<f64> {
+            text.lines()
+                .find(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+                .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        };
+        (value("harness_queue_delayed")? >= 1.0
+            && value("harness_queue_due")? == 0.0
+            && value("harness_queue_oldest_due_age_seconds")? == 0.0
+            && value("harness_database_up")? == 1.0)
+            .then_some(())
+    })
+    .await;
 }

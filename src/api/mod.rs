@@ -251,6 +251,15 @@ async fn reject_nul_in_uri(req: Request, next: Next) -> Response {
 
 /// The whole HTTP surface of a replica.
 pub fn router(state: Arc<ApiState>) -> Router {
+    build(state, true)
+}
+
+/// `/healthz`, `/readyz` and `/metrics` only: a worker-only replica (`serve --no-api`).
+pub fn health_router(state: Arc<ApiState>) -> Router {
+    build(state, false)
+}
+
+fn build(state: Arc<ApiState>, with_api: bool) -> Router {
     let api = Router::new()
         .route("/tasks", get(list_tasks).post(create_task))
         .route("/tasks/stats/summary", get(stats))
@@ -281,8 +290,12 @@ pub fn router(state: Arc<ApiState>) -> Router {
     } else {
         get(metrics)
     };
-    let limited = Router::new()
-        .nest("/api", api)
+    let limited = if with_api {
+        Router::new().nest("/api", api)
+    } else {
+        Router::new()
+    };
+    let limited = limited
         .route("/metrics", metrics_route)
         .layer(middleware::from_fn_with_state(state.clone(), time_limit))
         .layer(tower::limit::GlobalConcurrencyLimitLayer::new(

@@ -143,7 +143,8 @@ struct ExecArgs {
 struct ServeArgs {
     #[command(flatten)]
     file: FileArg,
-    /// Run no HTTP API (a worker-only replica)
+    /// Serve no REST API, only /healthz, /readyz and /metrics on api.bind (a worker-only
+    /// replica)
     #[arg(long)]
     no_api: bool,
     /// Apply no migrations: start only if the database has every migration of this binary
@@ -434,14 +435,15 @@ async fn serve(
     );
     executor.isolation.warn_if_degraded();
 
-    let listener = if with_api {
-        Some(bind_api(&cfg).await?)
-    } else {
-        None
-    };
+    // A worker-only replica still answers health checks and scrapes.
+    let listener = Some(bind_api(&cfg).await?);
     let api_addr = listener.as_ref().and_then(|l| l.local_addr().ok());
     if let Some(addr) = api_addr {
-        tracing::info!(%addr, "REST API listening");
+        if with_api {
+            tracing::info!(%addr, "REST API listening");
+        } else {
+            tracing::info!(%addr, "health and metrics listening (--no-api)");
+        }
     }
     if announce {
         announce_up(&database, &harness, api_addr, generated_token.as_deref());
@@ -457,9 +459,14 @@ async fn serve(
             config: cfg.clone(),
             draining: stop.clone(),
         });
+        let router = if with_api {
+            harness::api::router(state)
+        } else {
+            harness::api::health_router(state)
+        };
         tokio::spawn(harness::api::serve(
             listener,
-            harness::api::router(state),
+            router,
             harness::api::server::ServerLimits::from_config(&cfg.api),
             api_stop.clone().cancelled_owned(),
         ))

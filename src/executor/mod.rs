@@ -286,6 +286,8 @@ impl Executor {
             (false, false)
         };
         let private_tmp = private_tmp && cfg.private_tmp;
+        // Exported from the start (at 0), so that alerts on it have a series to read.
+        crate::telemetry::metrics().oom_kills.add(0, &[]);
         let isolation = Isolation {
             mode: match cgroups.mode() {
                 "none" => "rlimit",
@@ -531,6 +533,7 @@ impl Executor {
             result.status = ExecStatus::Timeout;
             result.error = Some(timeout_error(spec.timeout, refused.as_deref()));
         } else if ended.oom {
+            crate::telemetry::metrics().oom_kills.add(1, &[]);
             result.error = Some(format!(
                 "memory limit exceeded ({} MB): the kernel killed a process of the run; raise \
                  memory_mb or use less",

@@ -321,11 +321,15 @@ impl Governor {
                 );
             }
         }
-        if let Ok(w) = crate::queue::waiting(&self.pool).await {
-            let m = crate::telemetry::metrics();
-            m.queue_due.record(w.due, &[]);
-            m.queue_delayed.record(w.delayed, &[]);
-            m.oldest_due_age.record(w.oldest_due_s, &[]);
+        let m = crate::telemetry::metrics();
+        match crate::queue::waiting(&self.pool).await {
+            Ok(w) => {
+                m.queue_due.record(w.due, &[]);
+                m.queue_delayed.record(w.delayed, &[]);
+                m.oldest_due_age.record(w.oldest_due_s, &[]);
+                m.database_up.record(1, &[]);
+            }
+            Err(_) => m.database_up.record(0, &[]),
         }
     }
 }

@@ -58,6 +58,15 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- if lt (int .Values.replicaCount) 1 }}
 {{- fail "replicaCount must be at least 1" }}
 {{- end }}
+{{- if and .Values.database.existingSecret .Values.api.tokens }}
+{{- fail "api.tokens are ignored with database.existingSecret: put HARNESS_API__TOKENS in that Secret (api.tokensKey) and leave api.tokens empty" }}
+{{- end }}
+{{- if or (dig "database" "url" "" .Values.config) (dig "api" "tokens" list .Values.config) (dig "escalation" "webhook_url" "" .Values.config) }}
+{{- fail "config.database.url, config.api.tokens and config.escalation.webhook_url would land in a ConfigMap, readable by anyone who can read the namespace's ConfigMaps: use database.url / database.existingSecret, api.tokens, and extraEnv from a Secret" }}
+{{- end }}
+{{- if eq .Values.image.repository "" }}
+{{- fail "image.repository is required: build the image (docker build -f deploy/Dockerfile -t REGISTRY/agent-harness:APPVERSION .), push it, and set image.repository=REGISTRY/agent-harness" }}
+{{- end }}
 {{- if and .Values.autoscaling.enabled (gt (int .Values.autoscaling.minReplicas) (int .Values.autoscaling.maxReplicas)) }}
 {{- fail (printf "autoscaling.minReplicas (%d) must not exceed autoscaling.maxReplicas (%d)" (int .Values.autoscaling.minReplicas) (int .Values.autoscaling.maxReplicas)) }}
 {{- end }}
@@ -69,6 +78,12 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- if gt (int $need) (int $room) }}
 {{- fail (printf "PostgreSQL connections: (%d pods + %d surge) x %d per pod (config.database.max_connections + 3: two listeners and the leader's session) + 1 migration = %d, over the %d the server allows (database.serverMaxConnections %d - reservedConnections %d); lower the pod count or config.database.max_connections, or raise database.serverMaxConnections" $pods $surge $perPod $need $room (int .Values.database.serverMaxConnections) (int .Values.database.reservedConnections)) }}
 {{- end }}
+{{- end }}
+
+{{/* /tmp of a pod: every agent running at once may write its largest file there. */}}
+{{- define "harness.tmpSize" -}}
+{{- $files := mul (int (dig "bulk" "max_concurrent" 8 .Values.config)) (int (dig "executor" "max_file_mb" 1024 .Values.config)) }}
+{{- printf "%dMi" (add $files 256) }}
 {{- end }}
 
 {{/* Memory limit of a pod: what agents may use at once plus the harness itself. */}}
