@@ -123,7 +123,9 @@ FULL=("${GOOD[@]}"
       --set otel.enabled=true --set otel.endpoint=http://otel-collector:4318
       --set autoscaling.enabled=true
       --set networkPolicy.enabled=true --set 'networkPolicy.egress[0].ports[0].port=5432'
-      --set metrics.serviceMonitor.enabled=true --set metrics.prometheusRule.enabled=true)
+      --set metrics.serviceMonitor.enabled=true --set metrics.prometheusRule.enabled=true
+      --set ingress.enabled=true --set 'ingress.hosts[0]=harness.example.com'
+      --set 'ingress.tls[0].secretName=harness-tls' --set 'ingress.tls[0].hosts[0]=harness.example.com')
 
 helm_template() { "$HELM" template harness "$CHART" --namespace harness --kube-version "$K8S_VERSION.0" "$@"; }
 
@@ -204,6 +206,10 @@ assert lim["memory"] == "2560Mi", lim  # 8 agents x 256 MB + 512 Mi
 assert "cpu" in lim, "without a CPU limit the governor measures the node"
 tmp = [v for v in pod["volumes"] if v["name"] == "tmp"][0]["emptyDir"]["sizeLimit"]
 assert tmp == "2304Mi", tmp  # 8 agents x 256 MB files + 256 Mi
+ing = kinds["Ingress"]["spec"]["rules"][0]["http"]["paths"]
+assert [p["path"] for p in ing] == ["/api"], "only the API goes through the Ingress"
+test = [d for d in docs if d["kind"] == "Pod" and d["metadata"]["annotations"].get("helm.sh/hook") == "test"]
+assert test, "helm test has a pod"
 sm = kinds["ServiceMonitor"]["spec"]["endpoints"][0]["relabelings"]
 assert {"targetLabel": "release", "replacement": "harness"} in sm, "alerts aggregate per release"
 print("render behaviour ok")
@@ -243,6 +249,7 @@ run "PrometheusRule == alerts.yaml" check_prometheusrule
 run "termination grace from config" check_grace
 run "sandbox rights (root, capabilities, run directories)" check_sandbox_rights
 run "versions (crate, chart appVersion, image)" check_versions
+run "chart README from values.yaml" python3 deploy/chart_readme.py --check
 run "render behaviour (env, TLS, PDB, preStop, grace, resources)" check_render_behaviour
 must_fail "reject replicaCount=0" 'replicaCount' helm_template "${GOOD[@]}" --set replicaCount=0
 must_fail "reject missing database secret" 'database|existingSecret|url' helm_template
