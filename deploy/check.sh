@@ -124,6 +124,7 @@ FULL=("${GOOD[@]}"
       --set autoscaling.enabled=true
       --set networkPolicy.enabled=true --set 'networkPolicy.egress[0].ports[0].port=5432'
       --set metrics.serviceMonitor.enabled=true --set metrics.prometheusRule.enabled=true
+      --set workers.enabled=true --set database.serverMaxConnections=200
       --set ingress.enabled=true --set 'ingress.hosts[0]=harness.example.com'
       --set 'ingress.tls[0].secretName=harness-tls' --set 'ingress.tls[0].hosts[0]=harness.example.com')
 
@@ -183,7 +184,8 @@ check_render_behaviour() { # what the syntax checks cannot see
 import sys, yaml
 docs = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d]
 kinds = {d["kind"]: d for d in docs}
-dep = kinds["Deployment"]
+deps = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Deployment"}
+dep = deps["harness"]
 pod = dep["spec"]["template"]["spec"]
 c = pod["containers"][0]
 names = [e["name"] for e in c["env"]]
@@ -191,12 +193,13 @@ dups = {n for n in names if names.count(n) > 1}
 assert not dups, f"duplicate env names: {dups}"
 env = {e["name"]: e for e in c["env"]}
 assert env["PGSSLMODE"]["value"] == "verify-full"
-assert env["PGSSLROOTCERT"]["value"] == "/etc/harness/database-ca/ca.crt"
-assert any(m["mountPath"] == "/etc/harness/database-ca" for m in c["volumeMounts"])
+assert env["PGSSLROOTCERT"]["value"] == "/etc/harness-database-ca/ca.crt"
+assert any(m["mountPath"] == "/etc/harness-database-ca" for m in c["volumeMounts"])
 job = [d for d in docs if d["kind"] == "Job"][0]
 jc = job["spec"]["template"]["spec"]["containers"][0]
 assert {"PGSSLMODE", "PGSSLROOTCERT"} <= {e["name"] for e in jc["env"]}, "the migration Job reaches the database as the replicas do"
-assert kinds["PodDisruptionBudget"]["spec"]["unhealthyPodEvictionPolicy"] == "AlwaysAllow"
+for pdb in (d for d in docs if d["kind"] == "PodDisruptionBudget"):
+    assert pdb["spec"]["unhealthyPodEvictionPolicy"] == "AlwaysAllow", pdb["metadata"]["name"]
 pre = c["lifecycle"]["preStop"]["exec"]["command"]
 assert pre == ["sleep", "5"], pre
 grace = pod["terminationGracePeriodSeconds"]
@@ -206,6 +209,16 @@ assert lim["memory"] == "2560Mi", lim  # 8 agents x 256 MB + 512 Mi
 assert "cpu" in lim, "without a CPU limit the governor measures the node"
 tmp = [v for v in pod["volumes"] if v["name"] == "tmp"][0]["emptyDir"]["sizeLimit"]
 assert tmp == "2304Mi", tmp  # 8 agents x 256 MB files + 256 Mi
+worker = deps["harness-worker"]
+wc = worker["spec"]["template"]["spec"]["containers"][0]
+assert wc["args"] == ["serve", "--no-api"], wc["args"]
+assert wc["readinessProbe"]["httpGet"]["path"] == "/readyz", "workers answer health"
+wsel = worker["spec"]["selector"]["matchLabels"]
+api_sel = dep["spec"]["selector"]["matchLabels"]
+wlabels = worker["spec"]["template"]["metadata"]["labels"]
+assert not all(wlabels.get(k) == v for k, v in api_sel.items()), "the API Deployment would adopt worker pods"
+svc = [d for d in docs if d["kind"] == "Service" and d["metadata"]["name"] == "harness"][0]
+assert not all(wlabels.get(k) == v for k, v in svc["spec"]["selector"].items()), "API traffic would reach workers"
 ing = kinds["Ingress"]["spec"]["rules"][0]["http"]["paths"]
 assert [p["path"] for p in ing] == ["/api"], "only the API goes through the Ingress"
 test = [d for d in docs if d["kind"] == "Pod" and d["metadata"]["annotations"].get("helm.sh/hook") == "test"]
@@ -245,6 +258,22 @@ run "helm lint --strict (existingSecret)" "$HELM" lint --strict "$CHART" --set d
 run "kubernetes-validate (defaults)" check_k8s "${GOOD[@]}"
 run "kubernetes-validate (all options)" check_k8s "${FULL[@]}"
 run "kubernetes-validate (existingSecret)" check_k8s --set database.existingSecret=harness-db
+run "kubernetes-validate (bundled PostgreSQL)" check_k8s --set postgresql.enabled=true \
+  --set postgresql.password=laptop-only-password
+check_bundled_postgres() { # the replicas' URL points at it; no hook that would run before it
+  helm_template --set postgresql.enabled=true --set postgresql.password=laptop-only-password \
+    >"$TMP/pg.yaml"
+  python3 - "$TMP/pg.yaml" <<'PY'
+import sys, yaml
+docs = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d]
+secret = [d for d in docs if d["kind"] == "Secret" and d["metadata"]["name"] == "harness"][0]
+assert secret["stringData"]["DATABASE_URL"] == "postgres://harness:laptop-only-password@harness-postgresql:5432/harness"
+assert not [d for d in docs if d["kind"] == "Job"], "the migration hook runs before the bundled database exists"
+assert [d for d in docs if d["kind"] == "StatefulSet"]
+print("bundled postgres ok")
+PY
+}
+run "bundled PostgreSQL wiring" check_bundled_postgres
 run "PrometheusRule == alerts.yaml" check_prometheusrule
 run "termination grace from config" check_grace
 run "sandbox rights (root, capabilities, run directories)" check_sandbox_rights
@@ -253,12 +282,16 @@ run "chart README from values.yaml" python3 deploy/chart_readme.py --check
 run "render behaviour (env, TLS, PDB, preStop, grace, resources)" check_render_behaviour
 must_fail "reject replicaCount=0" 'replicaCount' helm_template "${GOOD[@]}" --set replicaCount=0
 must_fail "reject missing database secret" 'database|existingSecret|url' helm_template
+must_fail "reject a short bundled PostgreSQL password" 'postgresql.password' helm_template \
+  --set postgresql.enabled=true --set postgresql.password=short
 must_fail "reject empty database url" 'database|existingSecret|url' helm_template --set database.url=
 must_fail "reject otel without endpoint" 'endpoint' helm_template "${GOOD[@]}" --set otel.enabled=true
 must_fail "reject minReplicas > maxReplicas" 'minReplicas' helm_template "${GOOD[@]}" \
   --set autoscaling.enabled=true --set autoscaling.minReplicas=5 --set autoscaling.maxReplicas=3
 must_fail "reject more connections than the server allows" 'PostgreSQL connections' helm_template \
   "${GOOD[@]}" --set autoscaling.enabled=true --set autoscaling.maxReplicas=10
+must_fail "reject workers that overflow the connections" 'PostgreSQL connections' helm_template \
+  "${GOOD[@]}" --set workers.enabled=true --set workers.replicaCount=5
 must_fail "reject an unknown sslMode" 'sslMode' helm_template "${GOOD[@]}" --set database.sslMode=maybe
 must_fail "reject short API token" 'token' helm_template --set database.url=postgres://h@db/h \
   --set 'api.tokens[0].token=short' --set 'api.tokens[0].scope=admin'

@@ -26,11 +26,33 @@ app.kubernetes.io/name: {{ include "harness.name" . }}
 app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end }}
 
+{{- define "harness.workerSelectorLabels" -}}
+app.kubernetes.io/name: {{ include "harness.name" . }}-worker
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{- define "harness.workerLabels" -}}
+helm.sh/chart: {{ include "harness.chart" . }}
+{{ include "harness.workerSelectorLabels" . }}
+app.kubernetes.io/component: worker
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end }}
+
 {{- define "harness.labels" -}}
 helm.sh/chart: {{ include "harness.chart" . }}
 {{ include "harness.selectorLabels" . }}
 app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
 app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end }}
+
+{{/* The database URL the chart stores: database.url, or the bundled PostgreSQL's. */}}
+{{- define "harness.databaseUrl" -}}
+{{- if .Values.postgresql.enabled -}}
+{{- printf "postgres://harness:%s@%s-postgresql:5432/harness" (urlquery .Values.postgresql.password) (include "harness.fullname" .) -}}
+{{- else -}}
+{{- .Values.database.url -}}
+{{- end -}}
 {{- end }}
 
 {{- define "harness.serviceAccountName" -}}
@@ -52,8 +74,11 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 
 {{/* Fail early when no database secret is configured (also enforced by values.schema.json). */}}
 {{- define "harness.validate" -}}
-{{- if and (not .Values.database.existingSecret) (not .Values.database.url) }}
-{{- fail "database.url or database.existingSecret is required" }}
+{{- if and (not .Values.database.existingSecret) (not .Values.database.url) (not .Values.postgresql.enabled) }}
+{{- fail "database.url or database.existingSecret is required (or postgresql.enabled=true to try the chart with a bundled database)" }}
+{{- end }}
+{{- if and .Values.postgresql.enabled (lt (len .Values.postgresql.password) 12) }}
+{{- fail "postgresql.password must have at least 12 characters" }}
 {{- end }}
 {{- if lt (int .Values.replicaCount) 1 }}
 {{- fail "replicaCount must be at least 1" }}
@@ -72,6 +97,11 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end }}
 {{- $pods := ternary (int .Values.autoscaling.maxReplicas) (int .Values.replicaCount) .Values.autoscaling.enabled }}
 {{- $surge := int (dig "rollingUpdate" "maxSurge" 0 .Values.strategy) }}
+{{- if .Values.workers.enabled }}
+{{- /* The workers' Deployment surges too during a rollout. */}}
+{{- $pods = add $pods (int .Values.workers.replicaCount) }}
+{{- $surge = mul $surge 2 }}
+{{- end }}
 {{- $perPod := add (int (dig "database" "max_connections" 10 .Values.config)) 3 }}
 {{- $need := add (mul (add $pods $surge) $perPod) 1 }}
 {{- $room := sub (int .Values.database.serverMaxConnections) (int .Values.database.reservedConnections) }}
@@ -111,7 +141,7 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end }}
 {{- if .Values.database.caSecret }}
 - name: PGSSLROOTCERT
-  value: /etc/harness/database-ca/{{ .Values.database.caKey }}
+  value: /etc/harness-database-ca/{{ .Values.database.caKey }}
 {{- end }}
 {{- end }}
 
