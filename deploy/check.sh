@@ -125,6 +125,8 @@ FULL=("${GOOD[@]}"
       --set networkPolicy.enabled=true --set 'networkPolicy.egress[0].ports[0].port=5432'
       --set metrics.serviceMonitor.enabled=true --set metrics.prometheusRule.enabled=true
       --set workers.enabled=true --set database.serverMaxConnections=200
+      --set "extraVolumes[0].name=certs" --set "extraVolumes[0].secret.secretName=pg-client"
+      --set "extraVolumeMounts[0].name=certs" --set "extraVolumeMounts[0].mountPath=/etc/pg-client"
       --set ingress.enabled=true --set 'ingress.hosts[0]=harness.example.com'
       --set 'ingress.tls[0].secretName=harness-tls' --set 'ingress.tls[0].hosts[0]=harness.example.com')
 
@@ -198,6 +200,9 @@ assert any(m["mountPath"] == "/etc/harness-database-ca" for m in c["volumeMounts
 job = [d for d in docs if d["kind"] == "Job"][0]
 jc = job["spec"]["template"]["spec"]["containers"][0]
 assert {"PGSSLMODE", "PGSSLROOTCERT"} <= {e["name"] for e in jc["env"]}, "the migration Job reaches the database as the replicas do"
+for spec, ctr in ((pod, c), (job["spec"]["template"]["spec"], jc)):
+    assert any(v["name"] == "certs" for v in spec["volumes"]), "extraVolumes"
+    assert any(m["mountPath"] == "/etc/pg-client" for m in ctr["volumeMounts"]), "extraVolumeMounts"
 for pdb in (d for d in docs if d["kind"] == "PodDisruptionBudget"):
     assert pdb["spec"]["unhealthyPodEvictionPolicy"] == "AlwaysAllow", pdb["metadata"]["name"]
 pre = c["lifecycle"]["preStop"]["exec"]["command"]

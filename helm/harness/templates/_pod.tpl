@@ -70,6 +70,9 @@ containers:
         mountPath: /etc/harness-database-ca
         readOnly: true
       {{- end }}
+      {{- with $root.Values.extraVolumeMounts }}
+      {{- toYaml . | nindent 6 }}
+      {{- end }}
 volumes:
   - name: config
     configMap:
@@ -87,6 +90,9 @@ volumes:
   - name: database-ca
     secret:
       secretName: {{ $root.Values.database.caSecret }}
+  {{- end }}
+  {{- with $root.Values.extraVolumes }}
+  {{- toYaml . | nindent 2 }}
   {{- end }}
 {{- with $root.Values.nodeSelector }}
 nodeSelector:
