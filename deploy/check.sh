@@ -168,7 +168,7 @@ sc = c["securityContext"]
 assert sc["readOnlyRootFilesystem"] is True
 assert sc["allowPrivilegeEscalation"] is False
 assert sc["capabilities"]["drop"] == ["ALL"]
-need = {"SETUID", "SETGID", "KILL", "CHOWN", "DAC_OVERRIDE"}
+need = {"SETUID", "SETGID", "KILL", "CHOWN", "DAC_OVERRIDE", "FOWNER"}
 assert set(sc["capabilities"]["add"]) == need, sc["capabilities"]["add"]
 mounts = {m["mountPath"] for m in c["volumeMounts"]}
 assert {"/run/harness", "/var/lib/harness", "/tmp"} <= mounts, mounts
@@ -224,6 +224,13 @@ wlabels = worker["spec"]["template"]["metadata"]["labels"]
 assert not all(wlabels.get(k) == v for k, v in api_sel.items()), "the API Deployment would adopt worker pods"
 svc = [d for d in docs if d["kind"] == "Service" and d["metadata"]["name"] == "harness"][0]
 assert not all(wlabels.get(k) == v for k, v in svc["spec"]["selector"].items()), "API traffic would reach workers"
+np = kinds["NetworkPolicy"]["spec"]
+names = np["podSelector"]["matchExpressions"][0]["values"]
+assert wlabels["app.kubernetes.io/name"] in names and api_sel["app.kubernetes.io/name"] in names, "workers run agents too: the policy covers them"
+for rule in np["egress"][1:]:
+    for peer in rule["to"]:
+        if peer.get("ipBlock", {}).get("cidr") == "0.0.0.0/0":
+            assert "169.254.169.254/32" in peer["ipBlock"]["except"], "cloud metadata stays out of reach"
 ing = kinds["Ingress"]["spec"]["rules"][0]["http"]["paths"]
 assert [p["path"] for p in ing] == ["/api"], "only the API goes through the Ingress"
 test = [d for d in docs if d["kind"] == "Pod" and d["metadata"]["annotations"].get("helm.sh/hook") == "test"]

@@ -631,14 +631,28 @@ fn the_isolation_mode_names_what_holds() {
         ("HARNESS_EXECUTOR__UID_RANGE", ""),
     ]);
     assert_eq!(rlimit_only.isolation.mode, "rlimit");
+    if nix::unistd::Uid::effective().is_root() {
+        // A run uid must be nobody's: 65534 is `nobody`.
+        let cfg = harness::Config::load_from(
+            None,
+            [(
+                "HARNESS_EXECUTOR__UID_RANGE".to_string(),
+                "65000-65999".to_string(),
+            )],
+        )
+        .unwrap();
+        let err = Executor::new(&cfg.executor).unwrap_err().to_string();
+        assert!(err.contains("is an account on this host"), "{err}");
+    }
     assert!(!rlimit_only.isolation.describe().contains("cgroup"));
     assert!(rlimit_only.isolation.missing().is_some());
 }
 
-/// The chart's container: root with only SETUID, SETGID, KILL, CHOWN and DAC_OVERRIDE,
-/// no CAP_SYS_ADMIN (no namespaces) and no writable cgroups (a pod's /sys/fs/cgroup is
+/// The chart's container: root with only SETUID, SETGID, KILL, CHOWN, DAC_OVERRIDE and
+/// FOWNER, no CAP_SYS_ADMIN (no namespaces) and no writable cgroups (a pod's /sys/fs/cgroup is
 /// read-only; `executor.cgroups: false` stands for it here). Runs still get a uid of their
-/// own, and what they leave in /tmp goes.
+/// own, what they leave in /tmp goes, and a run directory made hard to delete (a sticky
+/// directory of the run's own) goes too.
 #[test]
 fn the_charts_capabilities_give_a_uid_per_run_and_clean_up_after_it() {
     if skipped(
@@ -647,7 +661,7 @@ fn the_charts_capabilities_give_a_uid_per_run_and_clean_up_after_it() {
     ) {
         return;
     }
-    let caps = "+setuid,+setgid,+kill,+chown,+dac_override";
+    let caps = "+setuid,+setgid,+kill,+chown,+dac_override,+fowner";
     let dir = tempfile::tempdir().unwrap();
     let name = format!("pod-litter-{}", rand::random::<u64>());
     let agent = dir.path().join("pod.py");
@@ -656,7 +670,9 @@ fn the_charts_capabilities_give_a_uid_per_run_and_clean_up_after_it() {
         format!(
             "import os\nclass Agent:\n    def execute(self):\n\
              \x20       open('/tmp/{name}', 'w').write('x')\n\
-             \x20       return {{'uid': os.getuid()}}\n"
+             \x20       os.mkdir('sticky'); open('sticky/f', 'w').write('x')\n\
+             \x20       os.chmod('sticky', 0o1000)\n\
+             \x20       return {{'uid': os.getuid(), 'cwd': os.getcwd()}}\n"
         ),
     )
     .unwrap();
@@ -681,5 +697,10 @@ fn the_charts_capabilities_give_a_uid_per_run_and_clean_up_after_it() {
     assert!(
         !std::path::Path::new("/tmp").join(&name).exists(),
         "the run's file in the host's /tmp was left behind"
+    );
+    let cwd = r["result"]["cwd"].as_str().unwrap();
+    assert!(
+        !std::path::Path::new(cwd).exists(),
+        "the run directory {cwd} was left behind"
     );
 }

@@ -161,11 +161,25 @@ impl Cgroups {
         let mut data: Vec<&str> = options.split(',').filter(|o| KEPT.contains(o)).collect();
         data.push("favordynmods");
         let data = data.join(",");
+        // A remount also replaces the per-mount flags: keep the ones it has.
+        let mut flags = nix::mount::MsFlags::MS_REMOUNT;
+        for (name, flag) in [
+            ("nosuid", nix::mount::MsFlags::MS_NOSUID),
+            ("nodev", nix::mount::MsFlags::MS_NODEV),
+            ("noexec", nix::mount::MsFlags::MS_NOEXEC),
+            ("relatime", nix::mount::MsFlags::MS_RELATIME),
+            ("noatime", nix::mount::MsFlags::MS_NOATIME),
+            ("ro", nix::mount::MsFlags::MS_RDONLY),
+        ] {
+            if options.split(',').any(|o| o == name) {
+                flags |= flag;
+            }
+        }
         let done = nix::mount::mount(
             None::<&str>,
             point.as_str(),
             None::<&str>,
-            nix::mount::MsFlags::MS_REMOUNT,
+            flags,
             Some(data.as_str()),
         );
         match done {
@@ -359,11 +373,14 @@ fn enable_controllers(own: &Path, base: &Path) -> Vec<&'static str> {
         .join(" ");
     let enable = |dir: &Path| std::fs::write(dir.join("cgroup.subtree_control"), &line);
     if enable(own).is_err() {
+        // Every process of our cgroup moves (ours, and the init that forked us as PID 1).
         let leaf = own.join("supervisor");
         let _ = std::fs::create_dir(&leaf);
-        if std::fs::write(leaf.join("cgroup.procs"), std::process::id().to_string()).is_err()
-            || enable(own).is_err()
-        {
+        let procs = std::fs::read_to_string(own.join("cgroup.procs")).unwrap_or_default();
+        for pid in procs.split_whitespace() {
+            let _ = std::fs::write(leaf.join("cgroup.procs"), pid);
+        }
+        if enable(own).is_err() {
             return Vec::new();
         }
     }

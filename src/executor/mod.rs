@@ -236,6 +236,22 @@ impl Executor {
             None
         };
         let range = cfg.uid_range()?;
+        if let Some(r) = range
+            && root
+        {
+            // A run uid must be nobody's: kill_uid kills every process of it, and runs would
+            // share an account's files.
+            let taken = (r.first..=r.last).find(|uid| {
+                User::from_uid(Uid::from_raw(*uid)).ok().flatten().is_some()
+                    || run_as.as_ref().is_some_and(|u| u.uid.as_raw() == *uid)
+            });
+            if let Some(uid) = taken {
+                return Err(Error::UidRange(format!(
+                    "{r} contains uid {uid}, which is an account on this host; give runs a \
+                     block no account uses"
+                )));
+            }
+        }
         let runs = runs_dir()?;
         let uids = match range {
             Some(range) if root => {
@@ -280,6 +296,9 @@ impl Executor {
         cgroups
             .open_session(session.name())
             .map_err(Error::RunDir)?;
+        if root {
+            stick_shared_dirs();
+        }
         let (private_tmp, network_none) = if root {
             sandbox::probe_namespaces()
         } else {
@@ -314,7 +333,7 @@ impl Executor {
             default_memory_mb: cfg.max_memory_mb,
             default_cpu_percent: cfg.max_cpu_percent,
             isolation,
-            envs: std::sync::Arc::new(pyenv::Environments::new(envs_dir(), python.clone())),
+            envs: std::sync::Arc::new(pyenv::Environments::new(envs_dir()?, python.clone())),
             host: std::sync::Arc::new(Host {
                 session,
                 cgroups,
@@ -408,7 +427,16 @@ impl Executor {
         }
         // A uid, a directory, cgroups: a few file operations (after a crash, also a kill).
         let lease = match &self.host.uids {
-            Some(pool) => Some(pool.lease().map_err(Error::RunDir)?),
+            // Blocking: file locks, and after a crash a kill.
+            Some(_) => {
+                let host = self.host.clone();
+                let leased = tokio::task::spawn_blocking(move || {
+                    host.uids.as_ref().map(uids::UidPool::lease).transpose()
+                })
+                .await
+                .map_err(|e| Error::RunDir(std::io::Error::other(e.to_string())))?;
+                leased.map_err(Error::RunDir)?
+            }
             None => None,
         };
         let ids = match (&lease, &self.run_as) {
@@ -749,12 +777,69 @@ fn runs_dir() -> Result<PathBuf, Error> {
 }
 
 /// Where Python environments are cached: `/var/lib/harness/envs` as root (kept across
-/// restarts), else `<tmp>/harness-envs-<uid>`.
-fn envs_dir() -> PathBuf {
-    if Uid::effective().is_root() {
+/// restarts), else `<tmp>/harness-envs-<uid>`. Runs execute what is there, so no other account
+/// may change it or the directory that holds it: ours, not a symlink, and a parent that we
+/// own loses any group or world write bit (a Kubernetes emptyDir is 0777).
+fn envs_dir() -> Result<PathBuf, Error> {
+    use std::os::unix::fs::MetadataExt;
+    let dir = if Uid::effective().is_root() {
         PathBuf::from("/var/lib/harness/envs")
     } else {
         std::env::temp_dir().join(format!("harness-envs-{}", Uid::effective()))
+    };
+    let me = Uid::effective().as_raw();
+    if let Some(parent) = dir.parent()
+        && Uid::effective().is_root()
+    {
+        std::fs::create_dir_all(parent).map_err(Error::RunDir)?;
+        let meta = std::fs::symlink_metadata(parent).map_err(Error::RunDir)?;
+        if meta.uid() == me && meta.mode() & 0o022 != 0 {
+            std::fs::set_permissions(parent, std::fs::Permissions::from_mode(0o755))
+                .map_err(Error::RunDir)?;
+        }
+    }
+    match std::fs::symlink_metadata(&dir) {
+        Ok(m) if m.file_type().is_dir() && m.uid() == me => {}
+        Ok(_) => {
+            return Err(Error::RunDir(std::io::Error::other(format!(
+                "{} exists but is not a directory of ours; remove it",
+                dir.display()
+            ))));
+        }
+        Err(_) => match std::fs::create_dir(&dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(Error::RunDir(e)),
+        },
+    }
+    let mode = if Uid::effective().is_root() {
+        0o755
+    } else {
+        0o700
+    };
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(mode)).map_err(Error::RunDir)?;
+    Ok(dir)
+}
+
+/// Gives a sticky bit to the places every account may write that lack it (a Kubernetes
+/// emptyDir on /tmp is 0777): without it, one run's uid could delete or replace another's
+/// files there.
+fn stick_shared_dirs() {
+    use std::os::unix::fs::MetadataExt;
+    for dir in sandbox::SHARED_WRITABLE {
+        if let Ok(meta) = std::fs::symlink_metadata(dir)
+            && meta.is_dir()
+            && meta.mode() & 0o002 != 0
+            && meta.mode() & 0o1000 == 0
+        {
+            let mode = (meta.mode() & 0o7777) | 0o1000;
+            match std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode)) {
+                Ok(()) => tracing::info!(dir, "gave a world-writable directory its sticky bit"),
+                Err(e) => {
+                    tracing::warn!(dir, error = %e, "a world-writable directory has no sticky bit and could not get one")
+                }
+            }
+        }
     }
 }
 
@@ -912,7 +997,11 @@ impl Cleanup {
             }
         }
         if let Some(lease) = self.lease.take() {
-            lease.release();
+            // Marked "in use" until every process of the uid is known dead: the next taker
+            // kills what is left before using it.
+            if emptied {
+                lease.release();
+            }
         }
         self.pgid = Pid::from_raw(0);
         ended.all_dead = emptied;
@@ -926,10 +1015,27 @@ impl Cleanup {
 impl Drop for Cleanup {
     fn drop(&mut self) {
         if self.lease.is_some() || self.cgroup.is_some() || self.pgid.as_raw() > 1 {
-            let ended = self.end();
-            if let Some(e) = ended.refused {
-                tracing::error!(error = %e, "a dropped run's processes could not be killed");
+            // A dropped run (a cancel, shutdown): the kill can wait up to a second, so not on
+            // the runtime thread that dropped it. The group goes at once all the same.
+            if self.pgid.as_raw() > 1 {
+                let _ = signal_group(self.pgid, Signal::SIGKILL);
             }
+            let mut rest = Cleanup {
+                pgid: self.pgid,
+                cgroup: self.cgroup.take(),
+                uid: self.uid.take(),
+                sweep_tmp: self.sweep_tmp,
+                lease: self.lease.take(),
+            };
+            self.pgid = Pid::from_raw(0);
+            let _ = std::thread::Builder::new()
+                .name("harness-run-cleanup".into())
+                .spawn(move || {
+                    let ended = rest.end();
+                    if let Some(e) = ended.refused {
+                        tracing::error!(error = %e, "a dropped run's processes could not be killed");
+                    }
+                });
         }
     }
 }
@@ -980,9 +1086,8 @@ impl Limits {
         nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(std::io::Error::from)?;
         if nix::unistd::getppid() != self.parent {
             // The harness died between fork and prctl: nothing would kill us later.
-            return Err(std::io::Error::other(
-                "the harness exited while starting the run",
-            ));
+            // ESRCH: no allocation here (the child may not allocate).
+            return Err(std::io::Error::from_raw_os_error(nix::libc::ESRCH));
         }
         let set = |r, v: u64| setrlimit(r, v, v).map_err(std::io::Error::from);
         if let Some(bytes) = self.address_space {

@@ -22,6 +22,10 @@ use sha2::{Digest, Sha256};
 
 /// The longest a build may take.
 const BUILD_TIMEOUT: Duration = Duration::from_secs(600);
+/// A build's process ceiling, largest file, and the output kept to explain a failure.
+const BUILD_PROCESSES: u64 = 256;
+const BUILD_FILE_BYTES: u64 = 1024 * 1024 * 1024;
+const BUILD_OUTPUT_BYTES: usize = 64 * 1024;
 /// The largest requirements text accepted.
 pub const MAX_REQUIREMENTS_BYTES: usize = 64 * 1024;
 /// Marks an environment whose build finished.
@@ -74,7 +78,7 @@ impl Environments {
     pub fn ensure(&self, requirements: &str, builder: Builder) -> Result<PathBuf, String> {
         let env = self.path_for(requirements);
         let python = env.join("bin/python");
-        if env.join(COMPLETE).exists() {
+        if sealed(&env) {
             return Ok(python);
         }
         self.open_dir()
@@ -87,13 +91,17 @@ impl Environments {
             .map_err(|e| format!("cannot lock the environment: {e}"))?;
         lock.lock()
             .map_err(|e| format!("cannot lock the environment: {e}"))?;
-        if env.join(COMPLETE).exists() {
+        if sealed(&env) {
             return Ok(python); // built by another process meanwhile
         }
         let _ = std::fs::remove_dir_all(&env);
         match self.build(&env, requirements, builder) {
             Ok(()) => {
-                std::fs::write(env.join(COMPLETE), "")
+                let mark = env.join(COMPLETE);
+                std::fs::write(&mark, "")
+                    .and_then(|()| {
+                        std::fs::set_permissions(&mark, std::fs::Permissions::from_mode(0o644))
+                    })
                     .map_err(|e| format!("cannot mark the environment built: {e}"))?;
                 Ok(python)
             }
@@ -179,6 +187,7 @@ impl Environments {
 /// Runs one build step as `builder`, with a scrubbed environment, to its end or the build
 /// timeout. The error is the step's own output (its last lines).
 fn run_step(argv: &[String], home: &Path, builder: Builder) -> Result<(), String> {
+    use std::os::unix::process::CommandExt;
     let mut cmd = Command::new(&argv[0]);
     cmd.args(&argv[1..])
         .current_dir(home)
@@ -191,31 +200,74 @@ fn run_step(argv: &[String], home: &Path, builder: Builder) -> Result<(), String
         .env("PIP_CONFIG_FILE", "/dev/null")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+        .stderr(Stdio::piped())
+        // Its own group, killed whole on timeout.
+        .process_group(0);
     if let Some((uid, gid)) = builder {
-        use std::os::unix::process::CommandExt;
         cmd.uid(uid).gid(gid);
     }
-    let child = cmd
+    // A package's build script is untrusted code: it dies with this thread (which waits for
+    // it), gets no core dumps, a process ceiling and a file size bound.
+    // SAFETY: system calls only, no allocation.
+    unsafe {
+        cmd.pre_exec(|| {
+            use nix::sys::resource::{Resource, setrlimit};
+            nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)?;
+            setrlimit(Resource::RLIMIT_CORE, 0, 0)?;
+            setrlimit(Resource::RLIMIT_NPROC, BUILD_PROCESSES, BUILD_PROCESSES)?;
+            setrlimit(Resource::RLIMIT_FSIZE, BUILD_FILE_BYTES, BUILD_FILE_BYTES)?;
+            nix::sys::prctl::set_no_new_privs()?;
+            Ok(())
+        });
+    }
+    let mut child = cmd
         .spawn()
         .map_err(|e| format!("cannot run {}: {e}", argv[0]))?;
-    let (tx, rx) = std::sync::mpsc::channel();
-    let pid = child.id();
-    std::thread::spawn(move || {
-        let _ = tx.send(child.wait_with_output());
-    });
-    let out = match rx.recv_timeout(BUILD_TIMEOUT) {
-        Ok(out) => out.map_err(|e| e.to_string())?,
-        Err(_) => {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid as i32),
-                nix::sys::signal::Signal::SIGKILL,
-            );
-            return Err(format!(
-                "building the environment took over {} s",
-                BUILD_TIMEOUT.as_secs()
-            ));
+    let pgid = nix::unistd::Pid::from_raw(child.id() as i32);
+    // Output is kept to its last part (what says why it failed); the rest is drained.
+    let tail_of = |r: Box<dyn std::io::Read + Send>| {
+        std::thread::spawn(move || {
+            let mut r = r;
+            let mut kept: Vec<u8> = Vec::new();
+            let mut buf = [0u8; 8192];
+            while let Ok(n) = r.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                kept.extend_from_slice(&buf[..n]);
+                if kept.len() > BUILD_OUTPUT_BYTES {
+                    kept.drain(..kept.len() - BUILD_OUTPUT_BYTES);
+                }
+            }
+            kept
+        })
+    };
+    let out_tail = tail_of(Box::new(child.stdout.take().expect("piped")));
+    let err_tail = tail_of(Box::new(child.stderr.take().expect("piped")));
+    let deadline = std::time::Instant::now() + BUILD_TIMEOUT;
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(status)) => break status,
+            Ok(None) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Ok(None) => {
+                let _ = nix::sys::signal::killpg(pgid, nix::sys::signal::Signal::SIGKILL);
+                let _ = child.wait();
+                return Err(format!(
+                    "building the environment took over {} s",
+                    BUILD_TIMEOUT.as_secs()
+                ));
+            }
+            Err(e) => return Err(e.to_string()),
         }
+    };
+    // What the step left in its group goes with it.
+    let _ = nix::sys::signal::killpg(pgid, nix::sys::signal::Signal::SIGKILL);
+    let out = std::process::Output {
+        status,
+        stdout: out_tail.join().unwrap_or_default(),
+        stderr: err_tail.join().unwrap_or_default(),
     };
     if out.status.success() {
         return Ok(());
@@ -260,6 +312,16 @@ fn seal(dir: &Path, chown: bool) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Whether `env` is a finished environment of ours: its directory and `.complete` belong to
+/// this process's user and nobody else may write the directory. Anything else is rebuilt.
+fn sealed(env: &Path) -> bool {
+    let me = nix::unistd::Uid::effective().as_raw();
+    let ours = |p: &Path| {
+        std::fs::symlink_metadata(p).is_ok_and(|m| m.uid() == me && m.mode() & 0o022 == 0)
+    };
+    ours(env) && ours(&env.join(COMPLETE))
+}
+
 fn find_on_path(name: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH")?;
     std::env::split_paths(&path)
@@ -274,4 +336,25 @@ pub fn hint(error: &str) -> Option<&'static str> {
          requirements (`harness agents add|update NAME --requirements requirements.txt`, or \
          config.requirements in the API) and the harness builds an environment for it",
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_an_environment_nobody_else_can_change_counts_as_built() {
+        let dir = tempfile::tempdir().unwrap();
+        let env = dir.path().join("env");
+        std::fs::create_dir(&env).unwrap();
+        std::fs::set_permissions(&env, std::fs::Permissions::from_mode(0o755)).unwrap();
+        assert!(!sealed(&env), "no .complete: not built");
+        std::fs::write(env.join(COMPLETE), "").unwrap();
+        std::fs::set_permissions(env.join(COMPLETE), std::fs::Permissions::from_mode(0o644))
+            .unwrap();
+        assert!(sealed(&env));
+        // A directory others may write could hold a planted interpreter.
+        std::fs::set_permissions(&env, std::fs::Permissions::from_mode(0o777)).unwrap();
+        assert!(!sealed(&env));
+    }
 }

@@ -119,13 +119,18 @@ impl UidPool {
             let mut mark = String::new();
             file.read_to_string(&mut mark)?;
             if !mark.is_empty() {
-                // Its last holder died with the run alive: what it left goes first.
-                let killed = kill_uid(uid).unwrap_or(0);
-                tracing::warn!(
-                    uid,
-                    killed,
-                    "killed processes a dead harness process left under a run uid"
-                );
+                // Its last holder died (or could not kill) with the run alive: what it left
+                // goes first; a uid whose processes cannot be killed is not handed out.
+                let Some(killed) = kill_uid(uid) else {
+                    continue;
+                };
+                if killed > 0 {
+                    tracing::warn!(
+                        uid,
+                        killed,
+                        "killed processes a dead harness process left under a run uid"
+                    );
+                }
             }
             file.rewind()?;
             file.write_all(b"in use\n")?;

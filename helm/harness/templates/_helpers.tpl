@@ -49,7 +49,7 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{/* The database URL the chart stores: database.url, or the bundled PostgreSQL's. */}}
 {{- define "harness.databaseUrl" -}}
 {{- if .Values.postgresql.enabled -}}
-{{- printf "postgres://harness:%s@%s-postgresql:5432/harness" (urlquery .Values.postgresql.password) (include "harness.fullname" .) -}}
+{{- printf "postgres://harness:%s@%s-postgresql:5432/harness" (urlquery .Values.postgresql.password | replace "+" "%20") (include "harness.fullname" .) -}}
 {{- else -}}
 {{- .Values.database.url -}}
 {{- end -}}
