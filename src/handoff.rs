@@ -9,7 +9,7 @@
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
-use serde_json::{Map, Value, json};
+use serde_json::{Value, json};
 use sqlx::{PgConnection, PgPool};
 
 /// Artifacts kept per agent.
@@ -88,36 +88,38 @@ fn size(v: &Value) -> usize {
     serde_json::to_string(v).map_or(0, |s| s.chars().count())
 }
 
-/// Shrinks `state` when its JSON exceeds `max_size` characters: lists keep their last 100
-/// items; then the largest values other than `status`, `error` and `count` are dropped until
-/// it fits. Returns the state and whether anything was removed.
+/// Shrinks `state` when its JSON exceeds `max_size` characters, so that what is stored is at
+/// most `max_size`, in this order, each step only as far as needed:
+/// 1. every list, at any depth, keeps its last 100 items;
+/// 2. long strings, at any depth, keep their end behind a `[… N chars trimmed …]` marker,
+///    all cut to the largest common length that fits (not below 64 characters);
+/// 3. lists keep fewer of their last items (down to one);
+/// 4. the largest top-level values other than `status`, `error` and `count` are dropped;
+/// 5. what is left (the essentials, or a list's last item) becomes text where it is
+///    structured, and its strings are cut further, down to the marker alone.
+///
+/// `status`, `error` and `count` always survive as keys. Returns the state and whether
+/// anything was removed.
 pub fn compress_state(state: Value, max_size: usize) -> (Value, bool) {
     if size(&state) <= max_size {
         return (state, false);
     }
-    let Value::Object(map) = state else {
-        // Not an object: only a list can be trimmed.
-        return match state {
-            Value::Array(items) => {
-                let skip = items.len().saturating_sub(KEEP_ITEMS);
-                (Value::Array(items.into_iter().skip(skip).collect()), true)
-            }
-            other => (other, false),
-        };
-    };
-    let mut map: Map<String, Value> = map
-        .into_iter()
-        .map(|(k, v)| match v {
-            Value::Array(items) if items.len() > KEEP_ITEMS => {
-                let skip = items.len() - KEEP_ITEMS;
-                (k, Value::Array(items.into_iter().skip(skip).collect()))
-            }
-            v => (k, v),
-        })
-        .collect();
-    // Each value's share of the serialised object, measured once: `"key":value,`.
-    let mut total = size(&Value::Object(map.clone()));
-    if total > max_size {
+    let mut state = cap(state, usize::MAX, KEEP_ITEMS);
+    if size(&state) > max_size {
+        let len = largest_fitting(MIN_STRING, longest_string(&state), |l| {
+            sized(&state, l, usize::MAX) <= max_size
+        });
+        state = cap(state, len.unwrap_or(MIN_STRING), usize::MAX);
+    }
+    if size(&state) > max_size {
+        let items = largest_fitting(1, KEEP_ITEMS, |k| sized(&state, usize::MAX, k) <= max_size);
+        state = cap(state, usize::MAX, items.unwrap_or(1));
+    }
+    if size(&state) > max_size
+        && let Value::Object(mut map) = state
+    {
+        // Each value's share of the serialised object, measured once: `"key":value,`.
+        let mut total = size(&Value::Object(map.clone()));
         let mut candidates: Vec<(usize, String)> = map
             .iter()
             .filter(|(k, _)| !ESSENTIAL.contains(&k.as_str()))
@@ -132,8 +134,118 @@ pub fn compress_state(state: Value, max_size: usize) -> (Value, bool) {
             map.remove(&key);
             total = total.saturating_sub(share);
         }
+        state = Value::Object(map);
     }
-    (Value::Object(map), true)
+    if size(&state) > max_size {
+        // Only essentials (or a list or string) are left: strings all the way down to their
+        // marker; a structured essential becomes its JSON text, which can be cut too.
+        match &mut state {
+            Value::Object(map) => {
+                for v in map.values_mut() {
+                    if matches!(v, Value::Array(_) | Value::Object(_)) {
+                        *v = Value::String(v.to_string());
+                    }
+                }
+            }
+            // A list that is still too large (its last item alone): its JSON text, cut.
+            Value::Array(_) => state = Value::String(state.to_string()),
+            _ => {}
+        }
+        let len = largest_fitting(0, longest_string(&state), |l| {
+            sized(&state, l, usize::MAX) <= max_size
+        });
+        state = cap(state, len.unwrap_or(0), usize::MAX);
+    }
+    (state, true)
+}
+
+/// Strings are not cut below this length while whole values may still be dropped instead.
+const MIN_STRING: usize = 64;
+
+/// The largest `n` in `lo..=hi` for which `fits(n)` holds (`fits` is monotonic: true up to
+/// some point), or `None` when not even `lo` fits.
+fn largest_fitting(lo: usize, hi: usize, fits: impl Fn(usize) -> bool) -> Option<usize> {
+    if hi < lo || !fits(lo) {
+        return None;
+    }
+    let (mut good, mut bad) = (lo, hi.saturating_add(1));
+    while bad - good > 1 {
+        let mid = good + (bad - good) / 2;
+        if fits(mid) {
+            good = mid;
+        } else {
+            bad = mid;
+        }
+    }
+    Some(good)
+}
+
+fn longest_string(v: &Value) -> usize {
+    match v {
+        Value::String(s) => s.chars().count(),
+        Value::Array(items) => items.iter().map(longest_string).max().unwrap_or(0),
+        Value::Object(map) => map.values().map(longest_string).max().unwrap_or(0),
+        _ => 0,
+    }
+}
+
+/// A string cut to `len` characters: its last ones behind the marker (the whole of it when
+/// the marker would be longer than the cut).
+fn cut(s: &str, len: usize) -> String {
+    let chars = s.chars().count();
+    if chars <= len {
+        return s.to_string();
+    }
+    let marker = |n: usize| format!("[… {n} chars trimmed …]");
+    let keep = len.saturating_sub(marker(chars).chars().count());
+    let tail: String = s.chars().skip(chars - keep).collect();
+    format!("{}{tail}", marker(chars - keep))
+}
+
+/// `v` with strings cut to `str_len` and lists cut to their last `items`.
+fn cap(v: Value, str_len: usize, items: usize) -> Value {
+    match v {
+        Value::String(s) if s.chars().count() > str_len => Value::String(cut(&s, str_len)),
+        Value::Array(list) => {
+            let skip = list.len().saturating_sub(items);
+            Value::Array(
+                list.into_iter()
+                    .skip(skip)
+                    .map(|x| cap(x, str_len, items))
+                    .collect(),
+            )
+        }
+        Value::Object(map) => Value::Object(
+            map.into_iter()
+                .map(|(k, x)| (k, cap(x, str_len, items)))
+                .collect(),
+        ),
+        other => other,
+    }
+}
+
+/// The size [`cap`] would give, without building it.
+fn sized(v: &Value, str_len: usize, items: usize) -> usize {
+    match v {
+        Value::String(s) if s.chars().count() > str_len => size(&Value::String(cut(s, str_len))),
+        Value::Array(list) => {
+            let skip = list.len().saturating_sub(items);
+            let kept = list.len() - skip;
+            2 + kept.saturating_sub(1)
+                + list[skip..]
+                    .iter()
+                    .map(|x| sized(x, str_len, items))
+                    .sum::<usize>()
+        }
+        Value::Object(map) => {
+            2 + map.len().saturating_sub(1)
+                + map
+                    .iter()
+                    .map(|(k, x)| size(&Value::String(k.clone())) + 1 + sized(x, str_len, items))
+                    .sum::<usize>()
+        }
+        other => size(other),
+    }
 }
 
 // Only for agents that still exist: the join locks each agent row (KEY SHARE) until commit,
@@ -300,22 +412,23 @@ mod tests {
     }
 
     #[test]
-    fn largest_non_essential_values_go_first_and_essentials_stay() {
+    fn long_strings_are_cut_keeping_their_end_before_values_are_dropped() {
         let s = json!({
             "status": "x".repeat(3000),
             "error": "e".repeat(3000),
             "count": 7,
-            "big": "b".repeat(6000),
+            "big": format!("{}THE END", "b".repeat(6000)),
             "medium": "m".repeat(2000),
             "small": "s",
         });
         let (c, compressed) = compress_state(s, 10_000);
         assert!(compressed);
-        assert!(c.get("big").is_none(), "the largest went");
-        assert!(c.get("medium").is_some(), "only as much as needed went");
+        assert!(size(&c) <= 10_000, "{}", size(&c));
+        let big = c["big"].as_str().unwrap();
+        assert!(big.starts_with("[… ") && big.ends_with("THE END"), "{big}");
+        assert_eq!(c["small"], "s");
         assert_eq!(c["count"], 7);
         assert!(c.get("status").is_some() && c.get("error").is_some());
-        assert!(size(&c) <= 10_000);
     }
 
     #[test]
@@ -337,12 +450,99 @@ mod tests {
     }
 
     #[test]
-    fn essentials_alone_may_stay_over_the_limit() {
+    fn essentials_are_cut_too_and_survive() {
         let s = json!({"status": "x".repeat(20_000), "other": 1});
         let (c, compressed) = compress_state(s, 10_000);
         assert!(compressed);
-        assert_eq!(c.as_object().unwrap().len(), 1);
-        assert!(c.get("status").is_some());
+        assert!(size(&c) <= 10_000, "{}", size(&c));
+        assert!(c["status"].as_str().unwrap().starts_with("[… "));
+    }
+
+    /// The cases an agent author reported: a long string state, a nested list, a top-level
+    /// list of large items.
+    #[test]
+    fn reported_states_end_within_the_bound() {
+        let (c, compressed) = compress_state(json!("s".repeat(20_000)), 10_000);
+        assert!(compressed && size(&c) <= 10_000, "{}", size(&c));
+        let nested = json!({"data": {"items": (0..5000).map(|i| json!({"i": i, "pad": "p".repeat(20)})).collect::<Vec<_>>()}, "count": 1});
+        let (c, _) = compress_state(nested, 10_000);
+        assert!(size(&c) <= 10_000, "{}", size(&c));
+        let items = c["data"]["items"]
+            .as_array()
+            .expect("data kept, its list trimmed");
+        assert_eq!(items.last().unwrap()["i"], 4999, "the end is kept");
+        let list = json!(
+            (0..5000)
+                .map(|i| "x".repeat(200) + &i.to_string())
+                .collect::<Vec<_>>()
+        );
+        let (c, _) = compress_state(list, 10_000);
+        assert!(size(&c) <= 10_000, "{}", size(&c));
+        assert!(
+            c.as_array()
+                .unwrap()
+                .last()
+                .unwrap()
+                .as_str()
+                .unwrap()
+                .ends_with("4999")
+        );
+    }
+
+    /// Random nested states of every shape: what comes out is within the bound, keeps the
+    /// essential keys, and a state already within it is untouched.
+    #[test]
+    fn random_states_always_end_within_the_bound() {
+        use rand::{Rng, SeedableRng};
+        fn arbitrary(rng: &mut rand::rngs::StdRng, depth: u32) -> Value {
+            match rng.gen_range(0..if depth > 3 { 4 } else { 6 }) {
+                0 => json!(rng.gen_range(-1000..1000)),
+                1 => json!(null),
+                2 => json!(rng.gen_bool(0.5)),
+                3 => {
+                    let n =
+                        [0, 5, 80, 3000, 25_000][rng.gen_range(0..if depth < 2 { 5 } else { 3 })];
+                    json!("é\"\n".repeat(n / 3) + &"a".repeat(n % 3))
+                }
+                // Long lists only near the top: the state stays thousands of nodes, not
+                // millions.
+                4 => Value::Array(
+                    (0..if depth == 0 {
+                        [0, 3, 150, 2000][rng.gen_range(0..4)]
+                    } else {
+                        [0, 3, 20][rng.gen_range(0..3)]
+                    })
+                        .map(|_| arbitrary(rng, depth + 1))
+                        .collect(),
+                ),
+                _ => Value::Object(
+                    (0..rng.gen_range(0..12))
+                        .map(|i| (format!("k{i}"), arbitrary(rng, depth + 1)))
+                        .collect(),
+                ),
+            }
+        }
+        let mut rng = rand::rngs::StdRng::seed_from_u64(20261201);
+        for case in 0..150 {
+            let mut state = arbitrary(&mut rng, 0);
+            if case % 2 == 0 {
+                state = json!({"status": arbitrary(&mut rng, 2), "error": arbitrary(&mut rng, 2), "count": case, "rest": state});
+            }
+            for max in [200, 1_000, 10_000] {
+                let before = size(&state);
+                let (c, compressed) = compress_state(state.clone(), max);
+                assert!(size(&c) <= max, "case {case}: {} > {max}", size(&c));
+                assert_eq!(compressed, before > max, "case {case}");
+                if before <= max {
+                    assert_eq!(c, state);
+                }
+                if case % 2 == 0 {
+                    for key in ESSENTIAL {
+                        assert!(c.get(key).is_some(), "case {case}: {key} went");
+                    }
+                }
+            }
+        }
     }
 
     #[test]
