@@ -106,8 +106,74 @@ fn weekday_names(field: &str) -> Result<String, String> {
         .join(","))
 }
 
+/// The cron macros and what they stand for.
+const MACROS: [(&str, &str); 7] = [
+    ("@yearly", "0 0 1 1 *"),
+    ("@annually", "0 0 1 1 *"),
+    ("@monthly", "0 0 1 * *"),
+    ("@weekly", "0 0 * * 0"),
+    ("@daily", "0 0 * * *"),
+    ("@midnight", "0 0 * * *"),
+    ("@hourly", "0 * * * *"),
+];
+
+/// `expr`, or the five fields a macro (`@hourly`, …) stands for.
+fn expand_macro(expr: &str) -> Result<String, String> {
+    let trimmed = expr.trim();
+    if !trimmed.starts_with('@') {
+        return Ok(expr.to_string());
+    }
+    MACROS
+        .iter()
+        .find(|(m, _)| trimmed.eq_ignore_ascii_case(m))
+        .map(|(_, fields)| fields.to_string())
+        .ok_or_else(|| {
+            let names: Vec<&str> = MACROS.iter().map(|(m, _)| *m).collect();
+            format!("{expr:?} is not a cron macro; allowed {}", names.join(", "))
+        })
+}
+
+/// Checks the numbers of one field (`*/15`, `1-5`, `0,30`) against its range, so that the
+/// error names the field as the user wrote it. Names (`mon`, `jan`) are left to the parser.
+fn check_field(name: &str, field: &str, lo: u32, hi: u32) -> Result<(), String> {
+    for part in field.split(',') {
+        let (range, step) = match part.split_once('/') {
+            Some((r, s)) => (r, Some(s)),
+            None => (part, None),
+        };
+        if let Some(step) = step {
+            match step.parse::<u32>() {
+                Ok(n) if n >= 1 && n <= hi.max(1) => {}
+                _ => {
+                    return Err(format!(
+                        "{name} field {field:?}: step {step:?} is out of range; allowed 1 to {}",
+                        hi.max(1)
+                    ));
+                }
+            }
+        }
+        if range == "*" || range == "?" {
+            continue;
+        }
+        for bound in range.split('-') {
+            if bound.chars().all(|c| c.is_ascii_alphabetic()) {
+                continue;
+            }
+            match bound.parse::<u32>() {
+                Ok(n) if (lo..=hi).contains(&n) => {}
+                _ => {
+                    return Err(format!(
+                        "{name} field {field:?}: {bound:?} is out of range; allowed {lo} to {hi}"
+                    ));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 impl CronSchedule {
-    /// Parses `expr` (5 or 6 fields) in time zone `tz` (an IANA name; default UTC). The
+    /// Parses `expr` (5 or 6 fields, or a macro such as `@hourly`) in time zone `tz` (an IANA name; default UTC). The
     /// error says which part is wrong and what is allowed.
     pub fn parse(expr: &str, tz: Option<&str>) -> Result<CronSchedule, CronError> {
         let tz = time_zone(tz)?;
@@ -115,7 +181,8 @@ impl CronSchedule {
     }
 
     fn parse_expression(expr: &str, tz: Tz) -> Result<CronSchedule, String> {
-        let fields: Vec<&str> = expr.split_whitespace().collect();
+        let expanded = expand_macro(expr)?;
+        let fields: Vec<&str> = expanded.split_whitespace().collect();
         let (seconds, rest) = match fields.len() {
             5 => ("0", &fields[..]),
             6 => (fields[0], &fields[1..]),
@@ -126,6 +193,16 @@ impl CronSchedule {
                 ));
             }
         };
+        check_field("second", seconds, 0, 59)?;
+        for (name, field, lo, hi) in [
+            ("minute", rest[0], 0, 59),
+            ("hour", rest[1], 0, 23),
+            ("day", rest[2], 1, 31),
+            ("month", rest[3], 1, 12),
+            ("weekday", rest[4], 0, 7),
+        ] {
+            check_field(name, field, lo, hi)?;
+        }
         let weekday = weekday_names(rest[4])?;
         let build = |dom: &str, dow: &str| {
             let full = format!("{seconds} {} {} {dom} {} {dow}", rest[0], rest[1], rest[3]);
@@ -210,6 +287,34 @@ mod tests {
     }
 
     #[test]
+    fn macros_stand_for_their_fields_and_errors_name_the_field() {
+        let t = at("2026-01-01T10:20:00Z");
+        let next = |e: &str| CronSchedule::parse(e, None).unwrap().next_after(t).unwrap();
+        assert_eq!(next("@hourly"), at("2026-01-01T11:00:00Z"));
+        assert_eq!(next("@daily"), at("2026-01-02T00:00:00Z"));
+        assert_eq!(next("@weekly"), at("2026-01-04T00:00:00Z")); // a Sunday
+        assert_eq!(next("@monthly"), at("2026-02-01T00:00:00Z"));
+        assert_eq!(next("@yearly"), at("2027-01-01T00:00:00Z"));
+        let err = |e: &str| CronSchedule::parse(e, None).unwrap_err().to_string();
+        assert!(
+            err("@fortnightly").contains("allowed @yearly"),
+            "{}",
+            err("@fortnightly")
+        );
+        let e = err("*/70 * * * *");
+        assert!(
+            e.contains("minute field \"*/70\"") && e.contains("allowed 1 to 59"),
+            "{e}"
+        );
+        assert!(!e.contains("0 */70"), "no internal six-field form: {e}");
+        let e = err("0 25 * * *");
+        assert!(
+            e.contains("hour field \"25\"") && e.contains("0 to 23"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn six_fields_have_seconds() {
         let s = CronSchedule::parse("*/1 * * * * *", None).unwrap();
         assert_eq!(
@@ -255,7 +360,10 @@ mod tests {
         let err = |expr, tz| CronSchedule::parse(expr, tz).unwrap_err();
         for (expr, needle) in [
             ("* * *", "expected 5"),
-            ("61 * * * *", "not a valid cron"),
+            (
+                "61 * * * *",
+                "minute field \"61\": \"61\" is out of range; allowed 0 to 59",
+            ),
             ("0 0 * * 9", "out of range"),
             ("0 0 30 2 *", "never fires"),
         ] {
