@@ -1297,3 +1297,27 @@ async fn an_agent_with_requirements_runs_in_its_own_environment_and_bad_ones_are
         "{error}"
     );
 }
+
+/// `harness exec --input` reaches the agent as `self.input`, like a queued run's input.
+#[test]
+fn exec_passes_its_input_to_the_agent() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("echo.py");
+    std::fs::write(
+        &file,
+        "class Agent:\n    def execute(self):\n        return {'got': self.input}\n",
+    )
+    .unwrap();
+    let out = common::harness_command()
+        .args(["exec", file.to_str().unwrap(), "--input", r#"{"n": 3}"#])
+        .env("HARNESS_HOME", common::scratch_home())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(r["result"]["got"], json!({"n": 3}));
+}

@@ -128,6 +128,9 @@ struct ExecArgs {
     /// A previous run's state, as JSON (seen as self.handoff["state"])
     #[arg(long, value_name = "JSON")]
     state: Option<String>,
+    /// The run's input, as JSON (seen as self.input)
+    #[arg(long, value_name = "JSON")]
+    input: Option<String>,
     /// Time limit, e.g. 60s [default: executor.default_timeout_s]
     #[arg(long, value_parser = parse_duration)]
     timeout: Option<Duration>,
@@ -177,8 +180,8 @@ struct EnqueueArgs {
     /// At most one task per key: enqueueing the key again returns the existing task
     #[arg(long, value_name = "KEY")]
     idempotency_key: Option<String>,
-    /// Higher runs first
-    #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
+    /// Higher runs first: an integer, or low (-10), normal (0), high (10), urgent (100)
+    #[arg(long, default_value_t = 0, allow_negative_numbers = true, value_parser = parse_priority)]
     priority: i32,
     /// Not before this long from now, e.g. 30s, 5m, 1h
     #[arg(long, value_parser = parse_duration, conflicts_with = "run_at")]
@@ -297,6 +300,22 @@ pub fn run(cli: Cli) -> ExitCode {
     }
 }
 
+/// A task priority: an integer, or one of the names `low`, `normal`, `high`, `urgent`.
+fn parse_priority(raw: &str) -> Result<i32, String> {
+    match raw.trim().to_ascii_lowercase().as_str() {
+        "low" => Ok(-10),
+        "normal" => Ok(0),
+        "high" => Ok(10),
+        "urgent" => Ok(100),
+        other => other.parse().map_err(|_| {
+            format!(
+                "{raw:?} is not a priority; give an integer (higher runs first, e.g. 10 or -5) \
+                 or low, normal, high, urgent"
+            )
+        }),
+    }
+}
+
 fn parse_json_arg(name: &str, raw: &str) -> anyhow::Result<serde_json::Value> {
     serde_json::from_str(raw).map_err(|e| anyhow::anyhow!("{name} is not valid JSON: {e}"))
 }
@@ -318,6 +337,9 @@ async fn exec(cfg: Config, args: ExecArgs) -> anyhow::Result<ExitCode> {
             bail!("--config must be a JSON object");
         }
         spec.config = config;
+    }
+    if let Some(i) = &args.input {
+        spec.input = parse_json_arg("--input", i)?;
     }
     if let Some(s) = &args.state {
         let state = parse_json_arg("--state", s)?;
@@ -761,6 +783,15 @@ impl Signals {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn priorities_take_names_and_say_what_is_allowed() {
+        assert_eq!(parse_priority("high"), Ok(10));
+        assert_eq!(parse_priority("URGENT"), Ok(100));
+        assert_eq!(parse_priority("-5"), Ok(-5));
+        let e = parse_priority("highest").unwrap_err();
+        assert!(e.contains("low, normal, high, urgent"), "{e}");
+    }
 
     #[test]
     fn durations() {
