@@ -11,6 +11,7 @@ update=false
 [ "${1:-}" = "--update" ] && update=true
 
 bin=${HARNESS_BIN:-target/debug/harness}
+unset HARNESS_BIN # not a setting: the harness refuses unknown HARNESS_* variables
 [ -x "$bin" ] || cargo build --quiet
 venv=${CLIENTS_VENV:-target/clients-venv}
 if [ ! -x "$venv/bin/python" ]; then

@@ -512,6 +512,36 @@ fn bad_configuration_exits_non_zero_naming_the_key() {
     assert!(err.contains("h.yml"), "{err}");
 }
 
+/// `HARNESS_API_BIND` (one underscore) used to be ignored without a word.
+#[test]
+fn a_harness_variable_that_is_no_setting_is_an_error_naming_the_setting_meant() {
+    let home = tempfile::tempdir().unwrap();
+    for (var, expected) in [
+        ("HARNESS_API_BIND", "did you mean `api.bind`"),
+        ("HARNESS_FROBNICATE", "HARNESS_<SECTION>__<KEY>"),
+    ] {
+        let out = harness(home.path())
+            .arg("config")
+            .env(var, "127.0.0.1:9")
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{var}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(var) && err.contains(expected), "{var}: {err}");
+    }
+    // The variables that are not settings are still fine.
+    let out = harness(home.path())
+        .arg("config")
+        .env("HARNESS_NO_INIT", "1")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 #[tokio::test]
 async fn up_on_a_reachable_address_without_tokens_prints_an_admin_token() {
     let home = reachable_home();

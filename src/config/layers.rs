@@ -16,6 +16,16 @@ const ENV_CONFIG_FILE: &str = "HARNESS_CONFIG";
 const ENV_HOME: &str = "HARNESS_HOME";
 const ENV_DATABASE_URL: &str = "DATABASE_URL";
 const ENV_PREFIX: &str = "HARNESS_";
+/// `HARNESS_*` variables that are not settings: the config file, the home, the init switch,
+/// and those the harness gives its own agent runs (a harness started by an agent sees them).
+const NOT_SETTINGS: [&str; 6] = [
+    ENV_CONFIG_FILE,
+    ENV_HOME,
+    "HARNESS_NO_INIT",
+    "HARNESS_INPUT",
+    "HARNESS_INPUT_FILE",
+    "HARNESS_RESULT_FILE",
+];
 const DEFAULT_FILE: &str = "harness.yml";
 
 /// Where a setting came from, so an error can point at the line to change.
@@ -91,7 +101,32 @@ impl Layers {
                 "home".to_string()
             } else if let Some(rest) = var.strip_prefix(ENV_PREFIX) {
                 if !rest.contains("__") {
-                    continue; // HARNESS_CONFIG and other non-setting variables
+                    if NOT_SETTINGS.contains(&var.as_str()) {
+                        continue;
+                    }
+                    // A setting with one underscore where two belong is silently ignored
+                    // nowhere: HARNESS_API_BIND is an error that names HARNESS_API__BIND.
+                    let key = rest.to_ascii_lowercase();
+                    let meant = (0..key.len())
+                        .filter(|i| key.as_bytes()[*i] == b'_')
+                        .map(|i| format!("{}.{}", &key[..i], &key[i + 1..]))
+                        .find(|k| lookup(&self.defaults, k).is_some());
+                    return Err(Error::UnknownKey {
+                        key,
+                        origin: Origin::Env(var.clone()),
+                        hint: match meant {
+                            Some(k) => format!(
+                                "did you mean `{k}`? Settings take two underscores between \
+                                 section and key: HARNESS_{}",
+                                k.replace('.', "__").to_ascii_uppercase()
+                            ),
+                            None => format!(
+                                "settings are HARNESS_<SECTION>__<KEY> (two underscores); the \
+                                 other variables are {}",
+                                NOT_SETTINGS.join(", ")
+                            ),
+                        },
+                    });
                 }
                 rest.split("__")
                     .map(str::to_ascii_lowercase)
