@@ -378,6 +378,23 @@ async fn cli_enqueue_stats_inspect() {
     let missing = run(&db, &["inspect", "999999"]);
     assert!(!missing.status.success());
     assert!(String::from_utf8_lossy(&missing.stderr).contains("task 999999 not found"));
+
+    // No replica runs against this database: enqueue says the task will wait; with one
+    // running it says nothing.
+    let lonely = run(&db, &["enqueue", "noop", "{}"]);
+    assert!(
+        String::from_utf8_lossy(&lonely.stderr).contains("no replica is running"),
+        "{}",
+        String::from_utf8_lossy(&lonely.stderr)
+    );
+    let r = Replica::start(&db, &[]);
+    replica_id_of(&db, r.pid()).await;
+    let served = run(&db, &["enqueue", "noop", "{}"]);
+    assert!(
+        !String::from_utf8_lossy(&served.stderr).contains("no replica"),
+        "{}",
+        String::from_utf8_lossy(&served.stderr)
+    );
 }
 
 #[tokio::test]

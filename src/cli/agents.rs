@@ -268,6 +268,7 @@ async fn run_command(
             };
             let queue = Queue::new(pool.clone(), cfg.bulk.retry_attempts);
             let e = agents.run(&queue, &name, input).await?;
+            super::warn_if_no_replica(cfg, pool).await;
             println!("{}", serde_json::to_string(&e)?);
         }
         AgentsCommand::Handoff { name, clear, json } => handoff(agents, &name, clear, json).await?,

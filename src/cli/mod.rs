@@ -624,9 +624,24 @@ async fn enqueue(cfg: Config, args: EnqueueArgs) -> anyhow::Result<()> {
     let database = open_migrated(&cfg).await?;
     let queue = Queue::new(database.pool.clone(), cfg.bulk.retry_attempts);
     let result = queue.enqueue(task).await;
+    warn_if_no_replica(&cfg, &database.pool).await;
     database.close().await;
     println!("{}", serde_json::to_string(&result?)?);
     Ok(())
+}
+
+/// Says so on stderr when no replica has a live heartbeat: what was just queued waits until
+/// one runs.
+pub(crate) async fn warn_if_no_replica(cfg: &Config, pool: &sqlx::PgPool) {
+    let max_age = Duration::from_secs(cfg.persistence.rescue_after_s);
+    if let Ok(rows) = harness::fleet::replicas::list(pool, max_age).await
+        && rows.is_empty()
+    {
+        eprintln!(
+            "warning: no replica is running against this database; the task waits until one \
+             does (`harness serve`, or `harness up` for development)"
+        );
+    }
 }
 
 async fn stats(cfg: Config, json: bool) -> anyhow::Result<()> {
