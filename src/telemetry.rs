@@ -80,13 +80,17 @@ impl Telemetry {
     }
 }
 
+/// What a replica logs unless `RUST_LOG` says otherwise.
+pub const REPLICA_LOG_FILTER: &str = "info,sqlx=warn";
+
 /// Installs the global subscriber (logs, and spans over OTLP when asked for). `instance_id`
-/// is the replica id, for the `service.instance.id` resource attribute. Calling it twice is
-/// harmless (the second call installs nothing).
-pub fn init(format: LogFormat, instance_id: Option<&str>) -> Telemetry {
+/// is the replica id, for the `service.instance.id` resource attribute; `default_filter`
+/// applies when `RUST_LOG` is not set. Calling it twice is harmless (the second call installs
+/// nothing).
+pub fn init(format: LogFormat, instance_id: Option<&str>, default_filter: &str) -> Telemetry {
     let _ = RESOURCE.set(resource(instance_id));
     let filter =
-        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn"));
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
     let json = match format {
         LogFormat::Json => true,
         LogFormat::Pretty => false,

@@ -512,6 +512,36 @@ fn bad_configuration_exits_non_zero_naming_the_key() {
     assert!(err.contains("h.yml"), "{err}");
 }
 
+/// A one-shot command logs warnings only (no INFO line about the private server on every
+/// call); `-v` brings info back.
+#[test]
+fn one_shot_commands_are_quiet_unless_verbose() {
+    // A private server of its own: starting and stopping it is what logs at info.
+    let home = reachable_home();
+    let stats = |verbose: bool| {
+        let mut cmd = harness(home.path());
+        cmd.env_remove("RUST_LOG");
+        if verbose {
+            cmd.arg("-v");
+        }
+        cmd.arg("stats").output().unwrap()
+    };
+    let quiet = stats(false);
+    assert!(quiet.status.success());
+    assert!(
+        !String::from_utf8_lossy(&quiet.stderr).contains("INFO"),
+        "{}",
+        String::from_utf8_lossy(&quiet.stderr)
+    );
+    let loud = stats(true);
+    assert!(loud.status.success());
+    assert!(
+        String::from_utf8_lossy(&loud.stderr).contains("INFO"),
+        "-v logs at info: {}",
+        String::from_utf8_lossy(&loud.stderr)
+    );
+}
+
 /// `HARNESS_API_BIND` (one underscore) used to be ignored without a word.
 #[test]
 fn a_harness_variable_that_is_no_setting_is_an_error_naming_the_setting_meant() {

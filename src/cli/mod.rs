@@ -36,6 +36,11 @@ pub struct Cli {
     #[arg(long, value_name = "PATH")]
     config: Option<PathBuf>,
 
+    /// Log at info on one-shot commands too (they log warnings only by default; replicas
+    /// always log at info). RUST_LOG overrides both.
+    #[arg(short, long, global = true)]
+    verbose: bool,
+
     #[command(subcommand)]
     command: Command,
 }
@@ -249,7 +254,13 @@ pub fn run(cli: Cli) -> ExitCode {
     // A replica's id is known before logging starts, so exported spans and metrics carry it.
     let replica_id = matches!(cli.command, Command::Up(_) | Command::Serve(_))
         .then(harness::fleet::new_replica_id);
-    let telemetry = harness::telemetry::init(cfg.telemetry.log_format, replica_id.as_deref());
+    let filter = if replica_id.is_some() || cli.verbose {
+        harness::telemetry::REPLICA_LOG_FILTER
+    } else {
+        "warn"
+    };
+    let telemetry =
+        harness::telemetry::init(cfg.telemetry.log_format, replica_id.as_deref(), filter);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
