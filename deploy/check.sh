@@ -270,6 +270,7 @@ run "helm lint --strict (existingSecret)" "$HELM" lint --strict "$CHART" --set d
 run "kubernetes-validate (defaults)" check_k8s "${GOOD[@]}"
 run "kubernetes-validate (all options)" check_k8s "${FULL[@]}"
 run "kubernetes-validate (existingSecret)" check_k8s --set database.existingSecret=harness-db
+run "the default HPA fits the default connections" check_k8s "${GOOD[@]}" --set autoscaling.enabled=true
 run "kubernetes-validate (bundled PostgreSQL)" check_k8s --set postgresql.enabled=true \
   --set postgresql.password=laptop-only-password
 check_bundled_postgres() { # the replicas' URL points at it; no hook that would run before it

@@ -269,10 +269,12 @@ async fn sigterm_drains_and_returns_unstarted_work() {
     )
     .await;
     assert!(http_get(&bind, "/readyz").contains("draining"));
-    assert!(
-        http_get(&bind, "/healthz").starts_with("HTTP/1.1 200"),
-        "health during the drain"
-    );
+    for path in ["/healthz", "/metrics", "/api/tasks/stats/summary"] {
+        assert!(
+            http_get(&bind, path).starts_with("HTTP/1.1 200"),
+            "{path} during the drain"
+        );
+    }
     let status = r.wait(Duration::from_secs(20));
     assert!(status.success(), "clean exit: {status}");
     // The drain's promise, exactly: the two running finished, nothing more was claimed,

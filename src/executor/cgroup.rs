@@ -147,34 +147,9 @@ impl Cgroups {
         else {
             return false;
         };
-        if options.split(',').any(|o| o == "favordynmods") {
-            return true;
-        }
-        // A remount replaces the cgroup2 options: keep the ones it has.
-        const KEPT: [&str; 5] = [
-            "nsdelegate",
-            "memory_localevents",
-            "memory_recursiveprot",
-            "memory_hugetlb_accounting",
-            "pids_localevents",
-        ];
-        let mut data: Vec<&str> = options.split(',').filter(|o| KEPT.contains(o)).collect();
-        data.push("favordynmods");
-        let data = data.join(",");
-        // A remount also replaces the per-mount flags: keep the ones it has.
-        let mut flags = nix::mount::MsFlags::MS_REMOUNT;
-        for (name, flag) in [
-            ("nosuid", nix::mount::MsFlags::MS_NOSUID),
-            ("nodev", nix::mount::MsFlags::MS_NODEV),
-            ("noexec", nix::mount::MsFlags::MS_NOEXEC),
-            ("relatime", nix::mount::MsFlags::MS_RELATIME),
-            ("noatime", nix::mount::MsFlags::MS_NOATIME),
-            ("ro", nix::mount::MsFlags::MS_RDONLY),
-        ] {
-            if options.split(',').any(|o| o == name) {
-                flags |= flag;
-            }
-        }
+        let Some((flags, data)) = remount_with_favordynmods(&options) else {
+            return true; // set already
+        };
         let done = nix::mount::mount(
             None::<&str>,
             point.as_str(),
@@ -353,6 +328,40 @@ impl Cgroups {
     }
 }
 
+/// The flags and data of a remount that adds `favordynmods` to a cgroup2 mount with
+/// `options` (as `/proc/self/mounts` lists them), keeping what it has: a remount replaces both
+/// the per-mount flags and the cgroup2 options. `None` when it is set already.
+fn remount_with_favordynmods(options: &str) -> Option<(nix::mount::MsFlags, String)> {
+    use nix::mount::MsFlags;
+    let has = |name: &str| options.split(',').any(|o| o == name);
+    if has("favordynmods") {
+        return None;
+    }
+    const KEPT: [&str; 5] = [
+        "nsdelegate",
+        "memory_localevents",
+        "memory_recursiveprot",
+        "memory_hugetlb_accounting",
+        "pids_localevents",
+    ];
+    let mut data: Vec<&str> = options.split(',').filter(|o| KEPT.contains(o)).collect();
+    data.push("favordynmods");
+    let mut flags = MsFlags::MS_REMOUNT;
+    for (name, flag) in [
+        ("nosuid", MsFlags::MS_NOSUID),
+        ("nodev", MsFlags::MS_NODEV),
+        ("noexec", MsFlags::MS_NOEXEC),
+        ("relatime", MsFlags::MS_RELATIME),
+        ("noatime", MsFlags::MS_NOATIME),
+        ("ro", MsFlags::MS_RDONLY),
+    ] {
+        if has(name) {
+            flags |= flag;
+        }
+    }
+    Some((flags, data.join(",")))
+}
+
 /// Writes `"+memory +pids +cpu"` (what the host has) into the subtree controls from `own`
 /// down to `base`, so that runs under `base` get them. A cgroup with processes cannot hand
 /// controllers down (v2's no-internal-process rule): this process then moves itself into a
@@ -486,5 +495,29 @@ impl Drop for RunCgroup {
                 std::thread::sleep(Duration::from_millis(2));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nix::mount::MsFlags;
+
+    #[test]
+    fn the_favordynmods_remount_keeps_the_mounts_flags_and_options() {
+        let (flags, data) = remount_with_favordynmods(
+            "rw,nosuid,nodev,noexec,relatime,nsdelegate,memory_recursiveprot",
+        )
+        .unwrap();
+        assert_eq!(
+            flags,
+            MsFlags::MS_REMOUNT
+                | MsFlags::MS_NOSUID
+                | MsFlags::MS_NODEV
+                | MsFlags::MS_NOEXEC
+                | MsFlags::MS_RELATIME
+        );
+        assert_eq!(data, "nsdelegate,memory_recursiveprot,favordynmods");
+        assert_eq!(remount_with_favordynmods("rw,relatime,favordynmods"), None);
     }
 }

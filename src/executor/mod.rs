@@ -742,7 +742,6 @@ pub async fn execute_agent_code(
 /// Either is ours and not a symlink (a local user could plant one in a shared directory),
 /// mode 0711 so that the agent account can enter the run directory it is given.
 fn runs_dir() -> Result<PathBuf, Error> {
-    use std::os::unix::fs::MetadataExt;
     let dir = if Uid::effective().is_root() {
         let parent = Path::new("/run");
         if !parent.is_dir() {
@@ -752,7 +751,15 @@ fn runs_dir() -> Result<PathBuf, Error> {
     } else {
         std::env::temp_dir().join(format!("harness-runs-{}", Uid::effective()))
     };
-    match std::fs::symlink_metadata(&dir) {
+    own_dir(&dir, 0o711)?;
+    Ok(dir)
+}
+
+/// `dir`, created when missing, checked to be a directory of ours and not a symlink (a
+/// local user could plant one in a shared directory), with `mode`.
+fn own_dir(dir: &Path, mode: u32) -> Result<(), Error> {
+    use std::os::unix::fs::MetadataExt;
+    match std::fs::symlink_metadata(dir) {
         Ok(m) if m.file_type().is_dir() && m.uid() == Uid::effective().as_raw() => {}
         Ok(_) => {
             return Err(Error::RunDir(std::io::Error::other(format!(
@@ -760,7 +767,7 @@ fn runs_dir() -> Result<PathBuf, Error> {
                 dir.display()
             ))));
         }
-        Err(_) => match std::fs::create_dir(&dir) {
+        Err(_) => match std::fs::create_dir(dir) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
             Err(e) => {
@@ -771,9 +778,7 @@ fn runs_dir() -> Result<PathBuf, Error> {
             }
         },
     }
-    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o711))
-        .map_err(Error::RunDir)?;
-    Ok(dir)
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode)).map_err(Error::RunDir)
 }
 
 /// Where Python environments are cached: `/var/lib/harness/envs` as root (kept across
@@ -798,26 +803,14 @@ fn envs_dir() -> Result<PathBuf, Error> {
                 .map_err(Error::RunDir)?;
         }
     }
-    match std::fs::symlink_metadata(&dir) {
-        Ok(m) if m.file_type().is_dir() && m.uid() == me => {}
-        Ok(_) => {
-            return Err(Error::RunDir(std::io::Error::other(format!(
-                "{} exists but is not a directory of ours; remove it",
-                dir.display()
-            ))));
-        }
-        Err(_) => match std::fs::create_dir(&dir) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-            Err(e) => return Err(Error::RunDir(e)),
+    own_dir(
+        &dir,
+        if Uid::effective().is_root() {
+            0o755
+        } else {
+            0o700
         },
-    }
-    let mode = if Uid::effective().is_root() {
-        0o755
-    } else {
-        0o700
-    };
-    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(mode)).map_err(Error::RunDir)?;
+    )?;
     Ok(dir)
 }
 

@@ -142,19 +142,29 @@ pub fn probe_namespaces() -> (bool, bool) {
 
 /// Runs `test` in a forked child and says whether it returned true.
 fn probe(test: impl Fn() -> bool) -> bool {
-    // SAFETY: the child makes system calls only (unshare, mount, _exit), on memory prepared
-    // before the fork.
+    in_child(|| if test() { 0 } else { 1 }) == Some(0)
+}
+
+/// Runs `f` in a forked child and returns its exit code (`None`: no fork, or it did not
+/// exit). The child closes its copies of every descriptor first, so that it never keeps a
+/// lock (a uid lease) alive; `f` may only make async-signal-safe system calls on memory
+/// prepared before the fork (other threads may hold the allocator's lock).
+pub fn in_child(f: impl Fn() -> i32) -> Option<i32> {
+    // SAFETY: the child runs `f` (system calls only, see above) and `_exit`s.
     match unsafe { nix::unistd::fork() } {
         Ok(nix::unistd::ForkResult::Child) => unsafe {
-            // Copies of every descriptor (lease locks among them) go at once.
             nix::libc::syscall(nix::libc::SYS_close_range, 3u32, u32::MAX, 0u32);
-            nix::libc::_exit(if test() { 0 } else { 1 })
+            nix::libc::_exit(f())
         },
-        Ok(nix::unistd::ForkResult::Parent { child }) => matches!(
-            nix::sys::wait::waitpid(child, None),
-            Ok(nix::sys::wait::WaitStatus::Exited(_, 0))
-        ),
-        Err(_) => false,
+        Ok(nix::unistd::ForkResult::Parent { child }) => match nix::sys::wait::waitpid(child, None)
+        {
+            Ok(nix::sys::wait::WaitStatus::Exited(_, code)) => Some(code),
+            _ => None,
+        },
+        Err(e) => {
+            tracing::error!(error = %e, "could not fork a helper process");
+            None
+        }
     }
 }
 

@@ -156,35 +156,23 @@ impl Lease {
 /// take the uid). A forked helper takes the uid and signals everything it may (`kill(-1)`),
 /// until nothing is left. Blocking.
 pub fn kill_uid(uid: u32) -> Option<usize> {
-    // SAFETY: the child only makes async-signal-safe system calls (setresgid, setresuid,
-    // kill, _exit) and touches no memory the parent's other threads might hold locked.
-    match unsafe { nix::unistd::fork() } {
-        Ok(nix::unistd::ForkResult::Child) => unsafe {
-            use nix::libc;
-            // The fork copied every descriptor, the lease files' too: closed at once, so that
-            // this helper never keeps a lock another lease is waiting for.
-            libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
-            if libc::setresgid(uid, uid, uid) != 0 || libc::setresuid(uid, uid, uid) != 0 {
-                libc::_exit(255);
-            }
-            // kill(-1) spares the caller; a process forking meanwhile is caught next round.
-            let mut rounds = 0;
-            while rounds < 200 && libc::kill(-1, libc::SIGKILL) == 0 {
-                rounds += 1;
-            }
-            libc::_exit(rounds.min(200));
-        },
-        Ok(nix::unistd::ForkResult::Parent { child }) => {
-            match nix::sys::wait::waitpid(child, None) {
-                Ok(nix::sys::wait::WaitStatus::Exited(_, n)) if n != 255 => Some(n as usize),
-                _ => {
-                    tracing::error!(uid, "could not take uid {uid} to kill its processes");
-                    None
-                }
-            }
+    let rounds = super::sandbox::in_child(|| unsafe {
+        // SAFETY: plain system calls.
+        use nix::libc;
+        if libc::setresgid(uid, uid, uid) != 0 || libc::setresuid(uid, uid, uid) != 0 {
+            return 255;
         }
-        Err(e) => {
-            tracing::error!(uid, error = %e, "could not fork to kill a run uid's processes");
+        // kill(-1) spares the caller; a process forking meanwhile is caught next round.
+        let mut rounds = 0;
+        while rounds < 200 && libc::kill(-1, libc::SIGKILL) == 0 {
+            rounds += 1;
+        }
+        rounds
+    });
+    match rounds {
+        Some(n) if n != 255 => Some(n as usize),
+        _ => {
+            tracing::error!(uid, "could not take uid {uid} to kill its processes");
             None
         }
     }
