@@ -16,3 +16,5 @@ pub const TASK_TIMEOUT: (Duration, Duration) =
     (Duration::from_millis(1), Duration::from_secs(7 * 86_400));
 /// The longest delay before a task may run (a year).
 pub const MAX_DELAY: Duration = Duration::from_secs(365 * 86_400);
+/// An agent's own config (`Agent(config)`), as JSON text.
+pub const AGENT_CONFIG_BYTES: usize = 64 * 1024;

@@ -192,10 +192,11 @@ async fn a_hundred_megabytes_of_stdout_is_truncated_and_the_run_completes() {
     assert_eq!(r.status, ExecStatus::Success, "{:?}", r.error);
     assert_eq!(r.result, Some(json!({"done": true})));
     assert!(r.stdout.len() < 300 * 1024, "kept {} bytes", r.stdout.len());
-    assert!(r.stdout.ends_with(&format!(
-        "[truncated {} bytes]",
-        100 * 1024 * 1024 - 256 * 1024
-    )));
+    // The first and the last 128 KiB are kept; the middle is counted.
+    let marker = format!("\n[… {} bytes skipped …]\n", 100 * 1024 * 1024 - 256 * 1024);
+    let (head, tail) = r.stdout.split_once(&marker).expect("the skipped marker");
+    assert_eq!((head.len(), tail.len()), (128 * 1024, 128 * 1024));
+    assert!(tail.ends_with(&format!("{}\n", "x".repeat(1023))));
 }
 
 #[tokio::test]
@@ -426,7 +427,10 @@ async fn bad_agents_are_refused_before_anything_is_stored() {
         .unwrap();
     assert_eq!(n, 0);
     // A good one is stored, and a second of the same name is refused.
-    ok_json(&run(&db, &["agents", "add", "good", "--file", &good]));
+    ok_json(&run(
+        &db,
+        &["agents", "add", "good", "--file", &good, "--json"],
+    ));
     let dup = run(&db, &["agents", "add", "good", "--file", &good]);
     assert!(String::from_utf8_lossy(&dup.stderr).contains("already exists"));
 }
@@ -457,12 +461,13 @@ async fn runs_hand_state_forward_and_a_failed_run_keeps_it() {
             "GREETING=hi",
             "--max-retries",
             "0",
+            "--json",
         ],
     ));
     let _replica = serve(&db);
     let mut runs = Vec::new();
     for _ in 0..3 {
-        let id = ok_json(&run(&db, &["agents", "run", "counter"]))["id"]
+        let id = ok_json(&run(&db, &["agents", "run", "counter", "--json"]))["id"]
             .as_i64()
             .unwrap();
         let t = finished(&db, id).await;
@@ -487,7 +492,14 @@ async fn runs_hand_state_forward_and_a_failed_run_keeps_it() {
     // A failing run leaves the handoff as it was.
     let id = ok_json(&run(
         &db,
-        &["agents", "run", "counter", "--input", r#"{"fail": true}"#],
+        &[
+            "agents",
+            "run",
+            "counter",
+            "--input",
+            r#"{"fail": true}"#,
+            "--json",
+        ],
     ))["id"]
         .as_i64()
         .unwrap();
@@ -506,7 +518,7 @@ async fn runs_hand_state_forward_and_a_failed_run_keeps_it() {
             .status
             .success()
     );
-    let id = ok_json(&run(&db, &["agents", "run", "counter"]))["id"]
+    let id = ok_json(&run(&db, &["agents", "run", "counter", "--json"]))["id"]
         .as_i64()
         .unwrap();
     let t = finished(&db, id).await;
@@ -527,12 +539,13 @@ async fn the_readme_example_runs_through_agents_add_and_run() {
             example,
             "--schedule",
             "*/15 * * * *",
+            "--json",
         ],
     ));
     let list = run(&db, &["agents", "list"]);
     assert!(String::from_utf8_lossy(&list.stdout).contains("hello"));
     let _replica = serve(&db);
-    let id = ok_json(&run(&db, &["agents", "run", "hello"]))["id"]
+    let id = ok_json(&run(&db, &["agents", "run", "hello", "--json"]))["id"]
         .as_i64()
         .unwrap();
     let t = finished(&db, id).await;
@@ -564,13 +577,16 @@ async fn overlapping_runs_are_skipped_by_default() {
         "slow.py",
         "import time\nclass Agent:\n    def execute(self):\n        time.sleep(1.5)\n        return {}\n",
     );
-    ok_json(&run(&db, &["agents", "add", "slow", "--file", &slow]));
+    ok_json(&run(
+        &db,
+        &["agents", "add", "slow", "--file", &slow, "--json"],
+    ));
     let _replica = serve(&db);
-    let first = ok_json(&run(&db, &["agents", "run", "slow"]))["id"]
+    let first = ok_json(&run(&db, &["agents", "run", "slow", "--json"]))["id"]
         .as_i64()
         .unwrap();
     running(&db, first).await;
-    let second = ok_json(&run(&db, &["agents", "run", "slow"]))["id"]
+    let second = ok_json(&run(&db, &["agents", "run", "slow", "--json"]))["id"]
         .as_i64()
         .unwrap();
     let t2 = finished(&db, second).await;
@@ -609,14 +625,15 @@ async fn overlap_allow_runs_alongside() {
             "allow",
             "--timeout",
             "60s",
+            "--json",
         ],
     ));
     let _replica = serve(&db);
-    let first = ok_json(&run(&db, &["agents", "run", "pair"]))["id"]
+    let first = ok_json(&run(&db, &["agents", "run", "pair", "--json"]))["id"]
         .as_i64()
         .unwrap();
     running(&db, first).await;
-    let second = ok_json(&run(&db, &["agents", "run", "pair"]))["id"]
+    let second = ok_json(&run(&db, &["agents", "run", "pair", "--json"]))["id"]
         .as_i64()
         .unwrap();
     for id in [first, second] {
@@ -634,14 +651,24 @@ async fn agents_update_changes_the_schedule_and_a_resumed_agent_owes_no_catch_up
         "a.py",
         "class Agent:\n    def execute(self):\n        return {}\n",
     );
-    ok_json(&run(&db, &["agents", "add", "sched", "--file", &file]));
+    ok_json(&run(
+        &db,
+        &["agents", "add", "sched", "--file", &file, "--json"],
+    ));
     let updated = ok_json(&run(
         &db,
-        &["agents", "update", "sched", "--schedule", "* * * * * *"],
+        &[
+            "agents",
+            "update",
+            "sched",
+            "--schedule",
+            "* * * * * *",
+            "--json",
+        ],
     ));
-    assert_eq!(updated["config"]["schedule"], "* * * * * *");
+    assert_eq!(updated["settings"]["schedule"], "* * * * * *");
     let shown = ok_json(&run(&db, &["agents", "show", "sched", "--json"]));
-    assert_eq!(shown["config"]["schedule"], "* * * * * *");
+    assert_eq!(shown["settings"]["schedule"], "* * * * * *");
     assert!(shown["next_fire_at"].is_string(), "{shown}");
 
     // Paused for a few seconds of ticks, then resumed: no run for the ticks it was paused.
@@ -783,13 +810,14 @@ async fn queued_overlap_waits_and_command_tasks_run_in_the_sandbox() {
             &slow,
             "--overlap",
             "queue",
+            "--json",
         ],
     ));
     let _replica = serve(&db);
-    let a = ok_json(&run(&db, &["agents", "run", "queued"]))["id"]
+    let a = ok_json(&run(&db, &["agents", "run", "queued", "--json"]))["id"]
         .as_i64()
         .unwrap();
-    let b = ok_json(&run(&db, &["agents", "run", "queued"]))["id"]
+    let b = ok_json(&run(&db, &["agents", "run", "queued", "--json"]))["id"]
         .as_i64()
         .unwrap();
     let (ta, tb) = (finished(&db, a).await, finished(&db, b).await);
@@ -970,10 +998,13 @@ async fn the_sandbox_gives_what_the_readme_lists_and_nothing_more() {
         keys,
         [
             "HARNESS_INPUT_FILE",
+            "HARNESS_PERMANENT_EXIT_CODE",
+            "HARNESS_PROGRESS_FILE",
             "HARNESS_RESULT_FILE",
             "HOME",
             "LANG",
             "PATH",
+            "PYTHONUNBUFFERED",
             "TRACEPARENT",
             "TZ"
         ],
@@ -988,14 +1019,13 @@ async fn the_sandbox_gives_what_the_readme_lists_and_nothing_more() {
     assert_eq!(v["core"], 0);
     let input: Value = serde_json::from_str(v["input"].as_str().unwrap()).unwrap();
     assert_eq!(input["input"], json!({"n": 7}));
-    // The run directory is gone; stderr was kept up to the limit.
+    // The run directory is gone; stderr was kept up to the limit: head, marker, tail.
     let cwd = std::path::Path::new(v["cwd"].as_str().unwrap());
     assert!(!cwd.exists(), "{} was left behind", cwd.display());
-    assert!(
-        r.stderr.ends_with(&format!(
-            "[truncated {} bytes]",
-            300 * 1024 - e.output_limit
-        )),
+    let marker = format!("\n[… {} bytes skipped …]\n", 300 * 1024 - e.output_limit);
+    assert_eq!(
+        r.stderr.replace(&marker, "").len(),
+        e.output_limit,
         "{}",
         &r.stderr[r.stderr.len().saturating_sub(100)..]
     );
@@ -1207,6 +1237,7 @@ async fn an_agent_with_requirements_runs_in_its_own_environment_and_bad_ones_are
             &agent,
             "--max-retries",
             "0",
+            "--json",
         ],
     ));
     // With them (from PyPI; the environment is cached on the host by hash, so later runs of
@@ -1275,10 +1306,10 @@ async fn an_agent_with_requirements_runs_in_its_own_environment_and_bad_ones_are
     );
 
     let _replica = serve(&db);
-    let with = ok_json(&run(&db, &["agents", "run", "deco"]))["id"]
+    let with = ok_json(&run(&db, &["agents", "run", "deco", "--json"]))["id"]
         .as_i64()
         .unwrap();
-    let without = ok_json(&run(&db, &["agents", "run", "bare"]))["id"]
+    let without = ok_json(&run(&db, &["agents", "run", "bare", "--json"]))["id"]
         .as_i64()
         .unwrap();
     let t = finished(&db, with).await;

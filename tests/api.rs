@@ -83,7 +83,7 @@ async fn start_with(db: &TestDb, flaky: Arc<AtomicBool>, extra: &[(&str, &str)])
         agents: Some(agents),
         pool: db.pool.clone(),
         tokens: cfg.api.tokens.clone(),
-        kinds: h.kinds(),
+        registry: h.registry(),
         config: cfg,
         draining: tokio_util::sync::CancellationToken::new(),
     });
@@ -162,7 +162,7 @@ async fn task_endpoints_follow_the_documented_contract() {
         "payload": {"v": 1}, "result": null, "error": null, "priority": 3, "attempt": 0,
         "retry_count": 0, "max_retries": 0, "idempotency_key": "k1", "started_at": null,
         "completed_at": null, "replica": null, "attempts": [], "cancel_requested": false,
-        "fire_at": null, "timeout_ms": null,
+        "fire_at": null, "timeout_ms": null, "progress": null,
     });
     // The replica may have claimed it before the answer was read.
     if t["status"] == "running" {
@@ -569,7 +569,7 @@ async fn agent_and_fleet_endpoints() {
     )
     .await;
     assert_eq!(
-        (s, &p["config"]["timeout"]),
+        (s, &p["settings"]["timeout"]),
         (StatusCode::OK, &json!(20)),
         "{p}"
     );
@@ -707,6 +707,11 @@ async fn a_holding_replica_is_resumed_through_the_api() {
                 "1",
             ),
             ("HARNESS_GOVERNANCE__HUMAN_REVIEW_AFTER_PAUSE_BURSTS", "1"),
+            // The replica's own hold: one kind's burst would quarantine the kind instead.
+            (
+                "HARNESS_GOVERNANCE__PAUSE_AFTER_ERROR_BURST__QUARANTINE_SHARE",
+                "0",
+            ),
         ],
     )
     .await;
@@ -876,7 +881,7 @@ async fn readiness_follows_the_database() {
         agents: None,
         pool: pool.clone(),
         tokens: vec![],
-        kinds: vec![],
+        registry: Default::default(),
         config: cfg,
         draining: tokio_util::sync::CancellationToken::new(),
     });
@@ -1154,7 +1159,7 @@ async fn env_values_are_shown_to_admins_on_one_object_and_to_nobody_in_lists() {
     .await;
     assert_eq!(s, StatusCode::CREATED, "{created}");
     assert_eq!(
-        created["config"]["env"]["API_KEY"], secret,
+        created["settings"]["env"]["API_KEY"], secret,
         "the admin who set it sees it"
     );
     let (s, task) = json_of(
@@ -1190,7 +1195,7 @@ async fn env_values_are_shown_to_admins_on_one_object_and_to_nobody_in_lists() {
     }
     // Admins: on the one object, not in lists.
     let (_, one) = json_of(api.get("/api/agents/keyed").send().await.unwrap()).await;
-    assert_eq!(one["config"]["env"]["API_KEY"], secret);
+    assert_eq!(one["settings"]["env"]["API_KEY"], secret);
     let (_, one) = json_of(api.get(&format!("/api/tasks/{id}")).send().await.unwrap()).await;
     assert_eq!(one["payload"]["env"]["TOKEN"], secret);
     for path in ["/api/agents", "/api/tasks"] {

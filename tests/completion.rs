@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use common::TestDb;
 use harness::Harness;
-use harness::agents::{AgentConfig, AgentSpec, Agents};
+use harness::agents::{AgentSettings, AgentSpec, Agents};
 use harness::executor::{Executor, Runtime};
 use harness::queue::{NewTask, Queue, Status, Task};
 use harness::replica::builtin_handlers;
@@ -53,10 +53,11 @@ fn python_agent(name: &str, code: &str, cfg: &harness::Config) -> AgentSpec {
         runtime: Runtime::Python {
             code: code.to_string(),
         },
-        config: AgentConfig {
+        settings: AgentSettings {
             max_retries: 0,
-            ..AgentConfig::defaults(cfg)
+            ..AgentSettings::defaults(cfg)
         },
+        config: Default::default(),
     }
 }
 

@@ -66,7 +66,9 @@ impl Serving {
     }
 }
 
-/// A replica with `work` (sleeps 200 ms, counts concurrency) and `fail` handlers.
+/// A replica with `work` (sleeps 200 ms, counts concurrency) and two failing kinds, `fail`
+/// and `fail2` (a burst spread over both pauses the replica; one kind's own burst
+/// quarantines that kind instead: see tests/agent_runs.rs).
 async fn replica(
     db: &TestDb,
     cfg: Config,
@@ -79,6 +81,7 @@ async fn replica(
         .sampler(Box::new(sampler))
         .handler_with("work", work.handler(200))
         .handler("fail", |_p: Value| async { Err::<Value, _>("boom") })
+        .handler("fail2", |_p: Value| async { Err::<Value, _>("bang") })
         .build()
         .await
         .unwrap();
@@ -221,6 +224,11 @@ async fn high_memory_throttles_too_and_a_failing_webhook_never_stops_the_replica
                     "1",
                 ),
                 ("HARNESS_GOVERNANCE__HUMAN_REVIEW_AFTER_PAUSE_BURSTS", "1"),
+                // The replica's own escalation: no quarantine of the one failing kind.
+                (
+                    "HARNESS_GOVERNANCE__PAUSE_AFTER_ERROR_BURST__QUARANTINE_SHARE",
+                    "0",
+                ),
             ],
         ),
         sampler.clone(),
@@ -397,10 +405,16 @@ async fn error_bursts_pause_then_escalate_and_hold_until_a_person_resumes() {
     let r = replica(&db, cfg, Scripted::new(), Default::default()).await;
     let q = harness::queue::Queue::new(db.pool.clone(), 0);
 
+    // A burst spread over two kinds (neither has 80% of it) pauses the replica.
+    let spread = || {
+        vec![
+            NewTask::new("fail", json!({})),
+            NewTask::new("fail2", json!({})),
+            NewTask::new("fail", json!({})),
+        ]
+    };
     // Burst 1: claims stop for the pause duration, then work resumes.
-    q.enqueue_many(vec![NewTask::new("fail", json!({})); 3])
-        .await
-        .unwrap();
+    q.enqueue_many(spread()).await.unwrap();
     until(Duration::from_secs(10), "paused", async || {
         state(&db, &r.replica).await.0 == "paused"
     })
@@ -421,9 +435,7 @@ async fn error_bursts_pause_then_escalate_and_hold_until_a_person_resumes() {
 
     // Bursts 2 and 3: escalation, then the replica holds.
     for burst in 2..=3 {
-        q.enqueue_many(vec![NewTask::new("fail", json!({})); 3])
-            .await
-            .unwrap();
+        q.enqueue_many(spread()).await.unwrap();
         let want = if burst == 3 { "holding" } else { "paused" };
         until(Duration::from_secs(15), want, async || {
             state(&db, &r.replica).await.0 == want

@@ -1,8 +1,9 @@
 //! The agent registry (code, schedule, limits) and the `agent` and `command` task kinds.
 //!
 //! An agent is a name, a runtime (`python` source defining `class Agent`, or a `command`
-//! argv), a config `{schedule, timezone, timeout, max_retries, memory_mb, cpu_percent, env,
-//! overlap}` and an `active` flag. Everything is validated before it is stored, and every
+//! argv), its settings `{schedule, timezone, timeout, max_retries, memory_mb, cpu_percent,
+//! env, overlap, network, requirements}`, its own `config` (the JSON object `Agent(config)`
+//! receives, and a command finds in its input) and an `active` flag. Everything is validated before it is stored, and every
 //! error names the field and what is allowed. Every change sends `NOTIFY harness_agents`.
 //!
 //! A run of an agent is a task of kind `agent` (payload `{"agent_id", "input"}`): it runs in
@@ -21,6 +22,7 @@ use sqlx::PgPool;
 use crate::cron::CronSchedule;
 use crate::executor::{ExecStatus, Executor, RunSpec, Runtime};
 use crate::handoff::{self, HandoffManager, HandoffWrite};
+use crate::queue::logs::LogWriter;
 use crate::queue::{Enqueued, NewTask, Queue};
 use crate::worker::{Handler, HandlerError, TaskContext};
 
@@ -96,10 +98,10 @@ impl std::str::FromStr for Overlap {
     }
 }
 
-/// An agent's settings, stored as `agents.config`.
+/// An agent's settings (schedule and limits), stored as `agents.config`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
-pub struct AgentConfig {
+pub struct AgentSettings {
     pub schedule: Option<String>,
     pub timezone: Option<String>,
     /// Seconds.
@@ -120,15 +122,45 @@ pub struct AgentConfig {
     pub requirements: Option<String>,
 }
 
+/// An agent's own config: the JSON object `Agent(config)` receives.
+pub type AgentOwnConfig = serde_json::Map<String, Value>;
+
+/// The settings under their former name.
+#[deprecated(note = "renamed AgentSettings; an agent's `config` is now its own JSON object")]
+pub type AgentConfig = AgentSettings;
+
+/// Checks an agent's own config: a JSON object PostgreSQL can store, within its bound.
+pub fn validate_own_config(config: &AgentOwnConfig) -> Result<(), Error> {
+    let size = serde_json::to_string(config).map_or(usize::MAX, |s| s.len());
+    if size > crate::bounds::AGENT_CONFIG_BYTES {
+        return Err(invalid(
+            "config",
+            format!(
+                "is {size} bytes as JSON; allowed up to {} (keep large data elsewhere and put \
+                 a reference in the config)",
+                crate::bounds::AGENT_CONFIG_BYTES
+            ),
+        ));
+    }
+    if crate::db::text::needs_change(&Value::Object(config.clone())) {
+        return Err(invalid(
+            "config",
+            "holds a NUL character (\\u0000) or a number beyond PostgreSQL's range, which it \
+             cannot store",
+        ));
+    }
+    Ok(())
+}
+
 /// Bounds on an agent's limits.
 pub use crate::bounds::{CPU_PERCENT, MAX_RETRIES, MEMORY_MB, TIMEOUT_S};
 /// Largest Python source accepted.
 pub const MAX_CODE_BYTES: usize = 1024 * 1024;
 
-impl AgentConfig {
+impl AgentSettings {
     /// The defaults of a new agent, from the executor and bulk settings.
-    pub fn defaults(cfg: &crate::config::Config) -> AgentConfig {
-        AgentConfig {
+    pub fn defaults(cfg: &crate::config::Config) -> AgentSettings {
+        AgentSettings {
             schedule: None,
             timezone: None,
             timeout: cfg.executor.default_timeout_s,
@@ -231,7 +263,9 @@ pub struct Agent {
     pub id: i64,
     pub name: String,
     pub runtime: Runtime,
-    pub config: AgentConfig,
+    pub settings: AgentSettings,
+    /// What `Agent(config)` receives on every run.
+    pub config: AgentOwnConfig,
     pub active: bool,
     /// The last cron tick the scheduler enqueued (or skipped) for this agent.
     pub last_fire_at: Option<DateTime<Utc>>,
@@ -295,7 +329,9 @@ pub struct AgentJson {
     pub code: Option<String>,
     #[serde(default)]
     pub command: Option<Vec<String>>,
-    pub config: AgentConfig,
+    pub settings: AgentSettings,
+    /// What `Agent(config)` receives on every run (a command: `config` in its input).
+    pub config: AgentOwnConfig,
     pub active: bool,
     /// The last cron tick the scheduler enqueued (or skipped) for this agent.
     pub last_fire_at: Option<DateTime<Utc>>,
@@ -316,6 +352,7 @@ impl From<Agent> for AgentJson {
             runtime: kind,
             code,
             command,
+            settings: a.settings,
             config: a.config,
             active: a.active,
             last_fire_at: a.last_fire_at,
@@ -333,6 +370,7 @@ impl TryFrom<AgentJson> for Agent {
             id: j.id,
             name: j.name,
             runtime: runtime_from(j.runtime, j.code, j.command)?,
+            settings: j.settings,
             config: j.config,
             active: j.active,
             last_fire_at: j.last_fire_at,
@@ -381,7 +419,7 @@ impl Agent {
         if !self.active {
             return None;
         }
-        let schedule = self.config.schedule()?;
+        let schedule = self.settings.schedule()?;
         schedule.next_after(self.schedule_base().max(Utc::now()))
     }
 }
@@ -393,6 +431,7 @@ type Row = (
     Option<String>,
     Option<Vec<String>>,
     Value,
+    Value,
     bool,
     Option<DateTime<Utc>>,
     DateTime<Utc>,
@@ -400,29 +439,34 @@ type Row = (
 );
 
 fn from_row(r: Row) -> Result<Agent, Error> {
-    let config: AgentConfig = serde_json::from_value(r.5)
-        .map_err(|e| invalid("config", format!("stored config unreadable: {e}")))?;
+    let settings: AgentSettings = serde_json::from_value(r.5)
+        .map_err(|e| invalid("settings", format!("stored settings unreadable: {e}")))?;
+    let Value::Object(config) = r.6 else {
+        return Err(invalid("config", "stored config is not a JSON object"));
+    };
     Ok(Agent {
         id: r.0,
         name: r.1,
         runtime: runtime_from(r.2, r.3, r.4)?,
+        settings,
         config,
-        active: r.6,
-        last_fire_at: r.7,
-        created_at: r.8,
-        updated_at: r.9,
+        active: r.7,
+        last_fire_at: r.8,
+        created_at: r.9,
+        updated_at: r.10,
     })
 }
 
-const COLUMNS: &str =
-    "id, name, runtime, code, command, config, active, last_fire_at, created_at, updated_at";
+const COLUMNS: &str = "id, name, runtime, code, command, config, agent_config, active, last_fire_at, created_at, \
+     updated_at";
 
 /// A validated agent definition, ready to store.
 #[derive(Debug, Clone)]
 pub struct AgentSpec {
     pub name: String,
     pub runtime: Runtime,
-    pub config: AgentConfig,
+    pub settings: AgentSettings,
+    pub config: AgentOwnConfig,
 }
 
 /// Checks a name: 1–64 letters, digits, `_`, `-`, `.`, starting with a letter or digit.
@@ -462,10 +506,11 @@ impl Agents {
     }
 
     /// Validates the code (Python compiles and defines `class Agent`; a command's program
-    /// exists) and the config.
+    /// exists), the settings and the config.
     pub async fn validate(&self, spec: &AgentSpec) -> Result<(), Error> {
         parse_name(&spec.name)?;
-        spec.config.validate()?;
+        spec.settings.validate()?;
+        validate_own_config(&spec.config)?;
         match &spec.runtime {
             Runtime::Python { code } => {
                 if code.len() > MAX_CODE_BYTES {
@@ -481,7 +526,7 @@ impl Agents {
                     .check_python(code)
                     .await
                     .map_err(|e| invalid("code", e))?;
-                if let Some(requirements) = &spec.config.requirements {
+                if let Some(requirements) = &spec.settings.requirements {
                     // Built now: requirements that cannot be installed are refused with the
                     // installer's error, and the first run finds the environment ready.
                     self.executor
@@ -491,7 +536,7 @@ impl Agents {
                 }
             }
             Runtime::Command { argv } => {
-                if spec.config.requirements.is_some() {
+                if spec.settings.requirements.is_some() {
                     return Err(invalid(
                         "requirements",
                         "apply to Python agents only; a command brings its own environment",
@@ -526,8 +571,8 @@ impl Agents {
         self.validate(&spec).await?;
         let (runtime, code, command) = split_runtime(&spec.runtime);
         let row: Result<Row, sqlx::Error> = sqlx::query_as(&format!(
-            "WITH a AS (INSERT INTO agents (name, runtime, code, command, config) \
-             VALUES ($1, $2, $3, $4, $5) RETURNING {COLUMNS}) \
+            "WITH a AS (INSERT INTO agents (name, runtime, code, command, config, agent_config) \
+             VALUES ($1, $2, $3, $4, $5, $6) RETURNING {COLUMNS}) \
              SELECT a.* FROM a, {NOTIFY}",
             NOTIFY = notify_agents!()
         ))
@@ -535,7 +580,8 @@ impl Agents {
         .bind(runtime.as_str())
         .bind(code)
         .bind(command)
-        .bind(serde_json::to_value(&spec.config).expect("config serialises"))
+        .bind(serde_json::to_value(&spec.settings).expect("settings serialise"))
+        .bind(Value::Object(spec.config.clone()))
         .fetch_one(&self.pool)
         .await;
         match row {
@@ -580,23 +626,25 @@ impl Agents {
             .unwrap_or_else(|| Err(Error::NotFound(format!("#{id}"))))
     }
 
-    /// Replaces an agent's runtime and config (validated first).
+    /// Replaces an agent's runtime, settings and config (validated first).
     pub async fn update(
         &self,
         name: &str,
         runtime: Runtime,
-        config: AgentConfig,
+        settings: AgentSettings,
+        config: AgentOwnConfig,
     ) -> Result<Agent, Error> {
         let spec = AgentSpec {
             name: name.to_string(),
             runtime,
+            settings,
             config,
         };
         self.validate(&spec).await?;
         let (rt, code, command) = split_runtime(&spec.runtime);
         let row: Option<Row> = sqlx::query_as(&format!(
             "WITH a AS (UPDATE agents SET runtime = $2, code = $3, command = $4, config = $5, \
-             updated_at = now() WHERE name = $1 RETURNING {COLUMNS}) \
+             agent_config = $6, updated_at = now() WHERE name = $1 RETURNING {COLUMNS}) \
              SELECT a.* FROM a, {NOTIFY}",
             NOTIFY = notify_agents!()
         ))
@@ -604,7 +652,8 @@ impl Agents {
         .bind(rt.as_str())
         .bind(code)
         .bind(command)
-        .bind(serde_json::to_value(&spec.config).expect("config serialises"))
+        .bind(serde_json::to_value(&spec.settings).expect("settings serialise"))
+        .bind(Value::Object(spec.config.clone()))
         .fetch_optional(&self.pool)
         .await?;
         row.map(from_row)
@@ -623,6 +672,12 @@ impl Agents {
         .await?;
         row.map(from_row)
             .unwrap_or_else(|| Err(Error::NotFound(name.to_string())))
+    }
+
+    /// Lifts a quarantine of the agent's runs (see `governor`); returns whether there was one.
+    pub async fn lift_quarantine(&self, agent: &Agent) -> Result<bool, Error> {
+        let target = crate::worker::Target::of(AGENT_KIND, Some(agent.id));
+        Ok(crate::fleet::quarantines::lift(&self.pool, Some(&target)).await? > 0)
     }
 
     /// Removes an agent and its handoffs; its past tasks stay, detached.
@@ -649,10 +704,10 @@ impl Agents {
     pub fn new_run(&self, agent: &Agent, input: Value) -> NewTask {
         NewTask::new(AGENT_KIND, json!({ "agent_id": agent.id, "input": input }))
             .agent_id(agent.id)
-            .max_retries(agent.config.max_retries)
+            .max_retries(agent.settings.max_retries)
             // The sandbox enforces the agent's timeout; the pool's is a backstop above it.
             .timeout(
-                Duration::from_secs(agent.config.timeout)
+                Duration::from_secs(agent.settings.timeout)
                     + self.executor.kill_grace
                     + Duration::from_secs(10),
             )
@@ -719,24 +774,23 @@ impl Agents {
 
     /// One run of an agent, as the `agent` task kind.
     async fn run_agent(&self, ctx: TaskContext) -> Result<Value, HandlerError> {
-        let agent_id = ctx.payload["agent_id"]
-            .as_i64()
-            .ok_or_else(|| HandlerError("payload.agent_id must be an agent id".into()))?;
+        validate_agent_payload(&ctx.payload).map_err(HandlerError::permanent)?;
+        let agent_id = ctx.payload["agent_id"].as_i64().unwrap_or_default();
         let agent = match self.get_by_id(agent_id).await {
             Ok(a) => a,
             Err(Error::NotFound(_)) => {
                 ctx.skip(format!("agent #{agent_id} no longer exists"));
                 return Ok(Value::Null);
             }
-            Err(e) => return Err(HandlerError(e.to_string())),
+            Err(e) => return Err(HandlerError::Retryable(e.to_string())),
         };
-        if agent.config.overlap != Overlap::Allow
+        if agent.settings.overlap != Overlap::Allow
             && self
-                .must_wait(agent.id, ctx.id, agent.config.overlap)
+                .must_wait(agent.id, ctx.id, agent.settings.overlap)
                 .await
-                .map_err(|e| HandlerError(e.to_string()))?
+                .map_err(|e| HandlerError::Retryable(e.to_string()))?
         {
-            match agent.config.overlap {
+            match agent.settings.overlap {
                 Overlap::Skip => ctx.skip(format!(
                     "skipped: a previous run of agent {} is still running (overlap: skip)",
                     agent.name
@@ -749,36 +803,29 @@ impl Agents {
         let previous = manager
             .load_artifact(agent.id)
             .await
-            .map_err(|e| HandlerError(e.to_string()))?;
+            .map_err(|e| HandlerError::Retryable(e.to_string()))?;
         let mut spec = RunSpec::new(agent.runtime.clone(), &self.executor);
-        spec.config = ctx
-            .payload
-            .get("config")
-            .cloned()
-            .unwrap_or_else(|| json!({}));
+        spec.config = Value::Object(agent.config.clone());
         spec.input = ctx.payload.get("input").cloned().unwrap_or(Value::Null);
         spec.handoff = handoff::for_agent(previous.as_ref());
-        spec.timeout = Duration::from_secs(agent.config.timeout);
-        spec.memory_mb = agent.config.memory_mb;
-        spec.cpu_percent = agent.config.cpu_percent;
-        spec.env = agent.config.env.clone();
-        spec.network = agent.config.network;
-        if let Some(requirements) = &agent.config.requirements {
-            spec.python = Some(
-                self.executor
-                    .environment(requirements)
-                    .await
-                    .map_err(|e| HandlerError(format!("the agent's environment: {e}")))?,
-            );
+        spec.timeout = Duration::from_secs(agent.settings.timeout);
+        spec.memory_mb = agent.settings.memory_mb;
+        spec.cpu_percent = agent.settings.cpu_percent;
+        spec.env = agent.settings.env.clone();
+        spec.network = agent.settings.network;
+        if let Some(requirements) = &agent.settings.requirements {
+            spec.python =
+                Some(self.executor.environment(requirements).await.map_err(|e| {
+                    HandlerError::Retryable(format!("the agent's environment: {e}"))
+                })?);
         }
         // The sandboxed process continues this run's trace.
         spec.traceparent =
             crate::telemetry::current_traceparent().or_else(|| ctx.traceparent.clone());
         let result = self
-            .executor
-            .run(&spec)
+            .run_logged(&ctx, &mut spec)
             .await
-            .map_err(|e| HandlerError(e.to_string()))?;
+            .map_err(setup_error)?;
         let error = result.error.clone().unwrap_or_default();
         let record = serde_json::to_value(&result).expect("result serialises");
         match result.status {
@@ -796,8 +843,24 @@ impl Agents {
                 ctx.timed_out(error);
                 Ok(record)
             }
-            ExecStatus::Error => Err(HandlerError(error)),
+            ExecStatus::Error => Err(run_error(result.permanent, error)),
         }
+    }
+
+    /// Runs `spec` for the attempt of `ctx`, its output and progress stored as it goes
+    /// (`queue::logs`) and all of it stored before this returns.
+    async fn run_logged(
+        &self,
+        ctx: &TaskContext,
+        spec: &mut RunSpec,
+    ) -> Result<crate::executor::ExecutionResult, crate::executor::Error> {
+        let limit = self.executor.output_limit;
+        let output = Arc::new(crate::executor::output::RunOutput::new(limit));
+        spec.output = Some(output.clone());
+        let writer = LogWriter::spawn(self.pool.clone(), ctx.id, ctx.attempt, output, limit);
+        let result = self.executor.run(spec).await;
+        writer.finish().await;
+        result
     }
 
     /// The `agent` task kind.
@@ -807,19 +870,25 @@ impl Agents {
             let agents = agents.clone();
             async move { agents.run_agent(ctx).await }
         })
+        .with_validation(validate_agent_payload)
     }
 
     /// The `command` task kind: payload `{"argv": [...], "input"?, "timeout_s"?, "env"?}`.
     pub fn command_handler(&self) -> Handler {
+        let agents = self.clone();
         let executor = self.executor.clone();
         // The sandbox enforces the command's timeout; the pool's only backs it up.
         let backstop =
             Duration::from_secs(TIMEOUT_S.1) + executor.kill_grace + Duration::from_secs(10);
         Handler::from_context(move |ctx| {
-            let executor = executor.clone();
+            let agents = agents.clone();
+            let executor = agents.executor.clone();
             async move {
+                validate_command_payload(&ctx.payload).map_err(HandlerError::permanent)?;
                 let argv: Vec<String> = serde_json::from_value(ctx.payload["argv"].clone())
-                    .map_err(|_| HandlerError("payload.argv must be a list of strings".into()))?;
+                    .map_err(|_| {
+                        HandlerError::permanent("payload.argv must be a list of strings")
+                    })?;
                 let mut spec = RunSpec::new(Runtime::Command { argv }, &executor);
                 spec.input = ctx.payload.get("input").cloned().unwrap_or(Value::Null);
                 if let Some(t) = ctx.payload["timeout_s"].as_u64() {
@@ -827,14 +896,14 @@ impl Agents {
                 }
                 if let Some(env) = ctx.payload.get("env") {
                     spec.env = serde_json::from_value(env.clone()).map_err(|_| {
-                        HandlerError("payload.env must map names to strings".into())
+                        HandlerError::permanent("payload.env must map names to strings")
                     })?;
                 }
                 spec.traceparent = ctx.traceparent.clone();
-                let result = executor
-                    .run(&spec)
+                let result = agents
+                    .run_logged(&ctx, &mut spec)
                     .await
-                    .map_err(|e| HandlerError(e.to_string()))?;
+                    .map_err(setup_error)?;
                 let record = serde_json::to_value(&result).expect("result serialises");
                 match result.status {
                     ExecStatus::Success => Ok(record),
@@ -842,11 +911,83 @@ impl Agents {
                         ctx.timed_out(result.error.unwrap_or_default());
                         Ok(record)
                     }
-                    ExecStatus::Error => Err(HandlerError(result.error.unwrap_or_default())),
+                    ExecStatus::Error => Err(run_error(
+                        result.permanent,
+                        result.error.unwrap_or_default(),
+                    )),
                 }
             }
         })
         .with_timeout(backstop)
+        .with_validation(validate_command_payload)
+    }
+}
+
+/// Checks an `agent` task's payload: `{"agent_id": <id>, "input"?: any}`.
+pub fn validate_agent_payload(payload: &Value) -> Result<(), String> {
+    match payload.get("agent_id") {
+        Some(v) if v.as_i64().is_some() => Ok(()),
+        Some(v) => Err(format!(
+            "payload.agent_id must be an agent's id (an integer), not {v}"
+        )),
+        None => Err(
+            "payload.agent_id is missing: an agent task names the agent by id (or use \
+             `harness agents run <name>`, POST /api/agents/{id}/run)"
+                .into(),
+        ),
+    }
+}
+
+/// Checks a `command` task's payload: `{"argv": [program, args...], "input"?: any,
+/// "timeout_s"?: seconds, "env"?: {name: value}}`.
+pub fn validate_command_payload(payload: &Value) -> Result<(), String> {
+    let argv: Vec<String> = serde_json::from_value(payload["argv"].clone())
+        .map_err(|_| "payload.argv must be a list of strings: the program and its arguments")?;
+    let Some(program) = argv.first() else {
+        return Err("payload.argv is empty; give the program and its arguments".into());
+    };
+    if argv.iter().any(|a| a.contains('\0')) {
+        return Err("payload.argv holds a NUL character, which no argument can".into());
+    }
+    if !crate::executor::program_exists(program) {
+        return Err(format!(
+            "payload.argv: program {program:?} not found (agents see PATH=/usr/local/bin:/usr/bin:/bin)"
+        ));
+    }
+    if let Some(t) = payload.get("timeout_s")
+        && !t
+            .as_u64()
+            .is_some_and(|t| (TIMEOUT_S.0..=TIMEOUT_S.1).contains(&t))
+    {
+        return Err(format!(
+            "payload.timeout_s must be whole seconds from {} to {}, not {t}",
+            TIMEOUT_S.0, TIMEOUT_S.1
+        ));
+    }
+    if let Some(env) = payload.get("env")
+        && serde_json::from_value::<BTreeMap<String, String>>(env.clone()).is_err()
+    {
+        return Err("payload.env must map variable names to strings".into());
+    }
+    Ok(())
+}
+
+/// A run that could not be set up: permanent when no retry can cure it (see
+/// [`crate::executor::Error::is_permanent`]).
+fn setup_error(e: crate::executor::Error) -> HandlerError {
+    if e.is_permanent() {
+        HandlerError::permanent(e.to_string())
+    } else {
+        HandlerError::Retryable(e.to_string())
+    }
+}
+
+/// A run that failed: permanent when it said so.
+fn run_error(permanent: bool, error: String) -> HandlerError {
+    if permanent {
+        HandlerError::Permanent(error)
+    } else {
+        HandlerError::Retryable(error)
     }
 }
 

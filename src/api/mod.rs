@@ -16,6 +16,7 @@ use std::time::Duration;
 use axum::extract::{DefaultBodyLimit, Extension, Request, State};
 use axum::http::{HeaderMap, Method, StatusCode, header};
 use axum::middleware::{self, Next};
+use axum::response::sse::Event;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -24,7 +25,7 @@ use serde_json::{Value, json};
 use sqlx::PgPool;
 use subtle::ConstantTimeEq;
 
-use crate::agents::{AgentConfig, AgentSpec, Agents};
+use crate::agents::{AgentOwnConfig, AgentSettings, AgentSpec, Agents};
 use crate::bounds;
 use crate::config::{ApiToken, Config, Scope};
 use crate::executor::Runtime;
@@ -36,8 +37,8 @@ pub struct ApiState {
     pub agents: Option<Agents>,
     pub pool: PgPool,
     pub tokens: Vec<ApiToken>,
-    /// Kinds a task may be enqueued with (the replica's handlers).
-    pub kinds: Vec<String>,
+    /// Kinds a task may be enqueued with (the replica's handlers), and their payload checks.
+    pub registry: crate::worker::Registry,
     pub config: Config,
     /// Cancelled when the replica starts draining: `/readyz` then answers 503 so that no
     /// new traffic comes, while `/healthz` and the rest keep serving until the drain ends.
@@ -209,12 +210,18 @@ fn redact_env_at(v: &mut Value, pointer: &str) {
 
 /// An agent as the caller may see it: its `config.env` values (API keys, typically) are
 /// shown only to admins asking for this one agent.
-fn agent_json(agent: &crate::agents::Agent, scope: Scope, single: bool) -> Value {
+fn agent_json(
+    agent: &crate::agents::Agent,
+    scope: Scope,
+    single: bool,
+    quarantines: &[crate::fleet::quarantines::Quarantine],
+) -> Value {
     let mut v = serde_json::to_value(agent).expect("agent serialises");
     if !(single && scope == Scope::Admin) {
-        redact_env_at(&mut v, "/config/env");
+        redact_env_at(&mut v, "/settings/env");
     }
     v["next_fire_at"] = json!(agent.next_fire());
+    v["quarantine"] = json!(quarantines.iter().find(|q| q.agent_id == Some(agent.id)));
     v
 }
 
@@ -267,6 +274,7 @@ fn build(state: Arc<ApiState>, with_api: bool) -> Router {
         .route("/tasks/{task_id}", get(get_task).delete(delete_task))
         .route("/tasks/{task_id}/retry", post(retry_task))
         .route("/tasks/{task_id}/cancel", post(cancel_task))
+        .route("/tasks/{task_id}/logs", get(task_logs))
         .route("/agents", get(list_agents).post(create_agent))
         .route(
             "/agents/{id}",
@@ -439,7 +447,7 @@ async fn metrics() -> Response {
 }
 
 async fn openapi_json(State(st): Shared) -> Json<Value> {
-    Json(openapi::document(&st.kinds))
+    Json(openapi::document(&st.registry.kinds()))
 }
 
 // ---- tasks ---------------------------------------------------------------------------
@@ -469,15 +477,13 @@ async fn create_task(
     headers: HeaderMap,
     ApiJson(body): ApiJson<CreateTask>,
 ) -> ApiResult<Response> {
-    if !st.kinds.contains(&body.kind) {
-        return Err(ApiError::invalid(
-            "kind",
-            format!(
-                "{:?} is not a kind this fleet runs; allowed: {}",
-                body.kind,
-                st.kinds.join(", ")
-            ),
-        ));
+    if let Err(e) = st.registry.validate(&body.kind, &body.payload) {
+        let field = if st.registry.get(&body.kind).is_some() {
+            "payload"
+        } else {
+            "kind"
+        };
+        return Err(ApiError::invalid(field, e));
     }
     let key = idempotency_key(&headers, body.idempotency_key.as_deref())?;
     let mut task = NewTask::new(body.kind, body.payload).priority(body.priority);
@@ -648,7 +654,135 @@ async fn get_task(
     Extension(scope): Extension<Scope>,
     ApiPath(id): ApiPath<i64>,
 ) -> ApiResult<Json<Value>> {
-    Ok(Json(task_json(&st.queue.get(id).await?, scope, true)))
+    Ok(Json(task_json(
+        &st.queue.get_with_progress(id).await?,
+        scope,
+        true,
+    )))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogsQuery {
+    /// Stream the output as Server-Sent Events until the task ends.
+    pub follow: Option<bool>,
+    /// Only chunks after this one (`attempt:seq`, as `next` or an event's id says).
+    pub after: Option<String>,
+}
+
+/// The most chunks one answer holds (`next` says where to go on).
+const LOG_PAGE: i64 = 1000;
+
+fn parse_cursor(field: &str, raw: &str) -> ApiResult<(i32, i32)> {
+    raw.split_once(':')
+        .and_then(|(a, s)| Some((a.trim().parse().ok()?, s.trim().parse().ok()?)))
+        .ok_or_else(|| {
+            ApiError::invalid(
+                field,
+                format!("{raw:?} is not a position; give attempt:seq, e.g. 1:17"),
+            )
+        })
+}
+
+/// A task's output: JSON, or with `follow=true` Server-Sent Events (`output` and
+/// `progress` events with the chunk as data and `attempt:seq` as id, then one `end` event
+/// with the task's final status). A reconnecting client's `Last-Event-ID` resumes.
+async fn task_logs(
+    State(st): Shared,
+    ApiPath(id): ApiPath<i64>,
+    ApiQuery(q): ApiQuery<LogsQuery>,
+    headers: HeaderMap,
+) -> ApiResult<Response> {
+    let task = st.queue.get(id).await?;
+    let resume = headers
+        .get("last-event-id")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let after = match q.after.as_deref().or(resume.as_deref()) {
+        Some(raw) => Some(parse_cursor("after", raw)?),
+        None => None,
+    };
+    if q.follow == Some(true) {
+        return Ok(follow_logs(st.queue.clone(), st.draining.clone(), id, after).into_response());
+    }
+    let chunks = st.queue.logs(id, after, LOG_PAGE).await?;
+    let next = (chunks.len() as i64 == LOG_PAGE)
+        .then(|| chunks.last().map(|c| format!("{}:{}", c.attempt, c.seq)))
+        .flatten();
+    Ok(Json(crate::queue::logs::TaskLogs {
+        task_id: id,
+        status: task.status,
+        attempt: task.attempt,
+        progress: st.queue.progress(id).await?,
+        chunks,
+        next,
+    })
+    .into_response())
+}
+
+/// The events of a followed task: its output as it is stored, then its end. A draining
+/// replica ends the stream with an `end` event that says so (the client reconnects
+/// elsewhere with its Last-Event-ID).
+fn follow_logs(
+    queue: Queue,
+    draining: tokio_util::sync::CancellationToken,
+    id: i64,
+    after: Option<(i32, i32)>,
+) -> axum::response::sse::Sse<impl futures::Stream<Item = Result<Event, std::convert::Infallible>>>
+{
+    use crate::executor::output::Stream as Out;
+    use crate::queue::logs::{FollowStep, Follower};
+    let follower = Follower::new(queue, id, after);
+    let steps = futures::stream::unfold(Some(follower), move |state| {
+        let draining = draining.clone();
+        async move {
+            let mut f = state?;
+            let step = tokio::select! {
+                s = f.next() => s,
+                _ = draining.cancelled() => {
+                    let end = Event::default().event("end").data(
+                        json!({"reason": "the replica is shutting down; reconnect with Last-Event-ID"})
+                            .to_string(),
+                    );
+                    return Some((vec![end], None));
+                }
+            };
+            Some(match step {
+                Ok(FollowStep::Chunks(chunks)) => {
+                    let events = chunks
+                        .iter()
+                        .map(|c| {
+                            Event::default()
+                                .event(if c.stream == Out::Progress {
+                                    "progress"
+                                } else {
+                                    "output"
+                                })
+                                .id(format!("{}:{}", c.attempt, c.seq))
+                                .data(serde_json::to_string(c).expect("chunk serialises"))
+                        })
+                        .collect();
+                    (events, Some(f))
+                }
+                Ok(FollowStep::End(task)) => {
+                    let end = Event::default().event("end").data(
+                        json!({"status": task.status, "attempt": task.attempt, "error": task.error})
+                            .to_string(),
+                    );
+                    (vec![end], None)
+                }
+                Err(e) => {
+                    let error = Event::default()
+                        .event("error")
+                        .data(json!({"error": e.to_string()}).to_string());
+                    (vec![error], None)
+                }
+            })
+        }
+    });
+    use futures::StreamExt;
+    let events = steps.flat_map(|v| futures::stream::iter(v.into_iter().map(Ok)));
+    axum::response::sse::Sse::new(events).keep_alive(axum::response::sse::KeepAlive::default())
 }
 
 async fn delete_task(State(st): Shared, ApiPath(id): ApiPath<i64>) -> ApiResult<StatusCode> {
@@ -694,6 +828,13 @@ fn agents(st: &ApiState) -> ApiResult<&Agents> {
     })
 }
 
+/// The quarantines in force.
+async fn quarantines(st: &ApiState) -> ApiResult<Vec<crate::fleet::quarantines::Quarantine>> {
+    crate::fleet::quarantines::active(&st.pool)
+        .await
+        .map_err(ApiError::internal)
+}
+
 /// An agent by numeric id or by name.
 async fn find_agent(a: &Agents, key: &str) -> ApiResult<crate::agents::Agent> {
     Ok(match key.parse::<i64>() {
@@ -712,8 +853,11 @@ pub struct CreateAgent {
     pub command: Option<Vec<String>>,
     /// Any of schedule, timezone, timeout, max_retries, memory_mb, cpu_percent, env, overlap,
     /// network, requirements.
-    #[serde(default)]
-    pub config: serde_json::Map<String, Value>,
+    pub settings: Option<serde_json::Map<String, Value>>,
+    /// The agent's own config (what `Agent(config)` receives). Without `settings`, a config
+    /// made only of settings fields is read as the settings (the spelling before `settings`
+    /// existed; deprecated).
+    pub config: Option<AgentOwnConfig>,
     #[serde(default = "yes")]
     pub active: bool,
 }
@@ -731,12 +875,14 @@ fn runtime_of(code: Option<String>, command: Option<Vec<String>>) -> ApiResult<O
     }
 }
 
-/// `base` with the fields of `patch` applied; unknown fields and wrong types name the field.
-fn merge_config(
-    base: &AgentConfig,
+/// `base` with the fields of `patch` applied; unknown fields and wrong types name the field,
+/// under `group` (the name the caller used).
+fn merge_settings(
+    base: &AgentSettings,
     patch: serde_json::Map<String, Value>,
-) -> ApiResult<AgentConfig> {
-    let mut v = serde_json::to_value(base).expect("config serialises");
+    group: &str,
+) -> ApiResult<AgentSettings> {
+    let mut v = serde_json::to_value(base).expect("settings serialise");
     for (k, val) in patch {
         // 5.0 is a whole number as JSON Schema reads it: the integer fields take it as 5.
         v[&k] = extract::whole::normalize(val);
@@ -744,8 +890,52 @@ fn merge_config(
     serde_path_to_error::deserialize(v).map_err(|e| {
         let path = e.path().to_string();
         let (field, reason) = extract::field_error(&path, &e.into_inner().to_string());
-        ApiError::invalid(&format!("config.{field}"), reason)
+        ApiError::invalid(&format!("{group}.{field}"), reason)
     })
+}
+
+/// The settings patch and the agent's own config of a request body. Without `settings`, a
+/// non-empty `config` whose every field is a settings field is the settings under their
+/// former name: then the third value is true (the response says it is deprecated).
+fn split_agent_body(
+    settings: Option<serde_json::Map<String, Value>>,
+    config: Option<AgentOwnConfig>,
+    defaults: &AgentSettings,
+) -> (
+    Option<serde_json::Map<String, Value>>,
+    Option<AgentOwnConfig>,
+    bool,
+) {
+    match (settings, config) {
+        (None, Some(c)) if !c.is_empty() => {
+            let known = serde_json::to_value(defaults).expect("settings serialise");
+            if c.keys().all(|k| known.get(k).is_some()) {
+                (Some(c), None, true)
+            } else {
+                (None, Some(c), false)
+            }
+        }
+        (s, c) => (s, c, false),
+    }
+}
+
+/// Marks a response whose request named the settings `config` (RFC 9745 `Deprecation`).
+fn deprecated_config(mut response: Response, legacy: bool) -> Response {
+    if legacy {
+        tracing::warn!(
+            "an agent's settings sent as `config` (deprecated; send them as `settings`)"
+        );
+        let headers = response.headers_mut();
+        headers.insert("deprecation", axum::http::HeaderValue::from_static("true"));
+        headers.insert(
+            axum::http::header::WARNING,
+            axum::http::HeaderValue::from_static(
+                "299 - \"the agent's settings were sent as config; send them as settings \
+                 (config is now the agent's own config)\"",
+            ),
+        );
+    }
+    response
 }
 
 async fn create_agent(
@@ -756,18 +946,28 @@ async fn create_agent(
     let a = agents(&st)?;
     let runtime = runtime_of(body.code, body.command)?
         .ok_or_else(|| ApiError::invalid("code", "give the agent's code or a command"))?;
-    let config = merge_config(&AgentConfig::defaults(&st.config), body.config)?;
+    let defaults = AgentSettings::defaults(&st.config);
+    let (patch, config, legacy) = split_agent_body(body.settings, body.config, &defaults);
+    let group = if legacy { "config" } else { "settings" };
+    let settings = merge_settings(&defaults, patch.unwrap_or_default(), group)?;
     let mut agent = a
         .create(AgentSpec {
             name: body.name,
             runtime,
-            config,
+            settings,
+            config: config.unwrap_or_default(),
         })
         .await?;
     if !body.active {
         agent = a.set_active(&agent.name, false).await?;
     }
-    Ok((StatusCode::CREATED, Json(agent_json(&agent, scope, true))).into_response())
+    let q = quarantines(&st).await?;
+    let response = (
+        StatusCode::CREATED,
+        Json(agent_json(&agent, scope, true, &q)),
+    )
+        .into_response();
+    Ok(deprecated_config(response, legacy))
 }
 
 async fn list_agents(
@@ -775,8 +975,11 @@ async fn list_agents(
     Extension(scope): Extension<Scope>,
 ) -> ApiResult<Json<Value>> {
     let list = agents(&st)?.list().await?;
+    let q = quarantines(&st).await?;
     Ok(Json(Value::Array(
-        list.iter().map(|a| agent_json(a, scope, false)).collect(),
+        list.iter()
+            .map(|a| agent_json(a, scope, false, &q))
+            .collect(),
     )))
 }
 
@@ -786,7 +989,8 @@ async fn get_agent(
     ApiPath(id): ApiPath<String>,
 ) -> ApiResult<Json<Value>> {
     let agent = find_agent(agents(&st)?, &id).await?;
-    Ok(Json(agent_json(&agent, scope, true)))
+    let q = quarantines(&st).await?;
+    Ok(Json(agent_json(&agent, scope, true, &q)))
 }
 
 #[derive(Debug, Deserialize)]
@@ -794,8 +998,10 @@ async fn get_agent(
 pub struct UpdateAgent {
     pub code: Option<String>,
     pub command: Option<Vec<String>>,
-    #[serde(default)]
-    pub config: serde_json::Map<String, Value>,
+    /// Only the fields given change.
+    pub settings: Option<serde_json::Map<String, Value>>,
+    /// Replaces the agent's own config (see [`CreateAgent`] for the former spelling).
+    pub config: Option<AgentOwnConfig>,
     pub active: Option<bool>,
 }
 
@@ -804,16 +1010,25 @@ async fn update_agent(
     Extension(scope): Extension<Scope>,
     ApiPath(id): ApiPath<String>,
     ApiJson(body): ApiJson<UpdateAgent>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Response> {
     let a = agents(&st)?;
     let current = find_agent(a, &id).await?;
     let runtime = runtime_of(body.code, body.command)?.unwrap_or_else(|| current.runtime.clone());
-    let config = merge_config(&current.config, body.config)?;
-    let mut agent = a.update(&current.name, runtime, config).await?;
+    let (patch, config, legacy) = split_agent_body(body.settings, body.config, &current.settings);
+    let group = if legacy { "config" } else { "settings" };
+    let settings = merge_settings(&current.settings, patch.unwrap_or_default(), group)?;
+    let config = config.unwrap_or_else(|| current.config.clone());
+    let mut agent = a.update(&current.name, runtime, settings, config).await?;
     if let Some(active) = body.active {
         agent = a.set_active(&agent.name, active).await?;
+        if active {
+            a.lift_quarantine(&agent).await?;
+        }
     }
-    Ok(Json(agent_json(&agent, scope, true)))
+    Ok(deprecated_config(
+        Json(agent_json(&agent, scope, true, &quarantines(&st).await?)).into_response(),
+        legacy,
+    ))
 }
 
 async fn delete_agent(State(st): Shared, ApiPath(id): ApiPath<String>) -> ApiResult<StatusCode> {
@@ -886,7 +1101,10 @@ async fn fleet(State(st): Shared) -> ApiResult<Json<Value>> {
     let max_age = Duration::from_secs(st.config.persistence.rescue_after_s);
     let replicas = crate::fleet::replicas::list(&st.pool, max_age).await?;
     let leader = replicas.iter().find(|r| r.is_leader).map(|r| r.id.clone());
-    Ok(Json(json!({ "replicas": replicas, "leader": leader })))
+    let quarantines = quarantines(&st).await?;
+    Ok(Json(
+        json!({ "replicas": replicas, "leader": leader, "quarantines": quarantines }),
+    ))
 }
 
 async fn resume_one(
@@ -910,5 +1128,8 @@ async fn resume_all(State(st): Shared) -> ApiResult<Json<Value>> {
     let n = crate::fleet::replicas::request_resume(&st.pool, None)
         .await
         .map_err(ApiError::internal)?;
-    Ok(Json(json!({ "resumed": n })))
+    let lifted = crate::fleet::quarantines::lift(&st.pool, None)
+        .await
+        .map_err(ApiError::internal)?;
+    Ok(Json(json!({ "resumed": n, "quarantines_lifted": lifted })))
 }

@@ -33,6 +33,12 @@ pub struct Route {
 fn integer() -> Value {
     json!({"type": "integer", "format": "int64"})
 }
+fn boolean() -> Value {
+    json!({"type": "boolean"})
+}
+fn cursor() -> Value {
+    json!({"type": "string", "pattern": "^-?[0-9]{1,10}:-?[0-9]{1,10}$"})
+}
 fn text() -> Value {
     json!({"type": "string", "minLength": 1, "pattern": NO_NUL})
 }
@@ -64,6 +70,22 @@ const TASK_ID: Param = Param {
     required: true,
     schema: integer,
     description: "A task's id",
+};
+const FOLLOW: Param = Param {
+    name: "follow",
+    location: "query",
+    required: false,
+    schema: boolean,
+    description: "Stream the output as Server-Sent Events (output, progress, then end) until \
+                  the task ends",
+};
+const AFTER: Param = Param {
+    name: "after",
+    location: "query",
+    required: false,
+    schema: cursor,
+    description: "Only output after this position (attempt:seq: a response's next, or an \
+                  event's id; the Last-Event-ID header does the same)",
 };
 const AGENT_ID: Param = Param {
     name: "agent_id",
@@ -308,6 +330,21 @@ pub const ROUTES: &[Route] = &[
         ],
     },
     Route {
+        method: "get",
+        path: "/api/tasks/{task_id}/logs",
+        operation_id: "task_logs",
+        tag: "tasks",
+        summary: "A task's stored output (stdout, stderr and progress, per attempt, head and tail \
+                  kept); with follow=true, Server-Sent Events until the task ends",
+        params: &[TASK_ID, FOLLOW, AFTER],
+        request: None,
+        responses: api_errors![
+            (200, Some("#logs"), "The output, or its events"),
+            READ_ERRORS[0],
+            READ_ERRORS[1]
+        ],
+    },
+    Route {
         method: "post",
         path: "/api/tasks/{task_id}/retry",
         operation_id: "retry_task",
@@ -493,7 +530,7 @@ pub const ROUTES: &[Route] = &[
         path: "/api/fleet/resume",
         operation_id: "resume_fleet",
         tag: "fleet",
-        summary: "Lift the hold of every replica the governor escalated",
+        summary: "Lift the hold of every replica the governor escalated, and every quarantine",
         params: &[],
         request: None,
         responses: api_errors![
@@ -588,7 +625,7 @@ fn request_schemas(kinds: &[String]) -> Map<String, Value> {
         }),
     );
     let env_name = "^(?!HARNESS_)[A-Za-z_][A-Za-z0-9_]*$";
-    let config = json!({
+    let settings = json!({
         "type": "object",
         "additionalProperties": false,
         "description": "The agent's settings; on PATCH, only the fields given change",
@@ -612,6 +649,16 @@ fn request_schemas(kinds: &[String]) -> Map<String, Value> {
                                              virtual environment with these installed"},
         },
     });
+    let own_config = json!({
+        "type": "object",
+        "description": format!(
+            "The agent's own config, passed to Agent(config) on every run (a command finds it \
+             as `config` in its input); at most {} bytes as JSON. On PATCH it replaces the \
+             config. Deprecated: without `settings`, a config whose every field is a settings \
+             field is read as the settings (the response then carries `Deprecation: true`).",
+            crate::bounds::AGENT_CONFIG_BYTES
+        ),
+    });
     let code = json!({"type": "string", "minLength": 1, "maxLength": MAX_CODE_BYTES,
                       "pattern": NO_NUL,
                       "description": "Python source that compiles and defines a top-level class Agent"});
@@ -629,7 +676,8 @@ fn request_schemas(kinds: &[String]) -> Map<String, Value> {
                 "name": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"},
                 "code": code,
                 "command": command,
-                "config": config,
+                "settings": settings,
+                "config": own_config,
                 "active": {"type": "boolean", "default": true},
             },
         }),
@@ -642,7 +690,8 @@ fn request_schemas(kinds: &[String]) -> Map<String, Value> {
             "properties": {
                 "code": code,
                 "command": command,
-                "config": config,
+                "settings": settings,
+                "config": own_config,
                 "active": {"type": "boolean"},
             },
             "not": {"required": ["code", "command"]},
@@ -668,9 +717,11 @@ fn response_schemas() -> Map<String, Value> {
     settings.contract = schemars::generate::Contract::Serialize;
     let mut g = settings.into_generator();
     g.subschema_for::<crate::queue::Task>();
+    g.subschema_for::<crate::queue::logs::TaskLogs>();
     g.subschema_for::<crate::agents::Agent>();
     g.subschema_for::<crate::handoff::HandoffArtifact>();
     g.subschema_for::<crate::fleet::ReplicaRow>();
+    g.subschema_for::<crate::fleet::quarantines::Quarantine>();
     g.subschema_for::<crate::queue::Status>();
     g.subschema_for::<crate::agents::Overlap>();
     g.subschema_for::<crate::executor::Network>();
@@ -720,6 +771,9 @@ fn response_schemas() -> Map<String, Value> {
     if let Some(agent) = defs.get_mut("Agent") {
         agent["properties"]["next_fire_at"] = json!({"type": ["string", "null"], "format": "date-time",
             "description": "The next cron tick, if the agent has a schedule and is active"});
+        agent["properties"]["quarantine"] = json!({
+            "anyOf": [reference("Quarantine"), {"type": "null"}],
+            "description": "In force when the agent's error burst quarantined it: its runs wait"});
     }
     defs.insert(
         "TaskList".into(),
@@ -746,9 +800,11 @@ fn response_schemas() -> Map<String, Value> {
     );
     defs.insert(
         "Fleet".into(),
-        json!({"type": "object", "required": ["replicas", "leader"], "properties": {
+        json!({"type": "object", "required": ["replicas", "leader", "quarantines"], "properties": {
             "replicas": {"type": "array", "items": reference("ReplicaRow")},
             "leader": {"type": ["string", "null"]},
+            "quarantines": {"type": "array", "items": reference("Quarantine"),
+                            "description": "Agents and kinds no replica starts for now"},
         }}),
     );
     defs.insert(
@@ -767,8 +823,9 @@ fn response_schemas() -> Map<String, Value> {
     );
     defs.insert(
         "ResumedCount".into(),
-        json!({"type": "object", "required": ["resumed"], "properties": {
+        json!({"type": "object", "required": ["resumed", "quarantines_lifted"], "properties": {
             "resumed": {"type": "integer"},
+            "quarantines_lifted": {"type": "integer"},
         }}),
     );
     defs.insert(
@@ -895,6 +952,12 @@ pub fn document(kinds: &[String]) -> Value {
                 }
                 Some("#object") => {
                     resp["content"] = json!({"application/json": {"schema": {"type": "object"}}})
+                }
+                Some("#logs") => {
+                    resp["content"] = json!({
+                        "application/json": {"schema": reference("TaskLogs")},
+                        "text/event-stream": {"schema": {"type": "string"}},
+                    })
                 }
                 Some(s) => resp["content"] = json!({"application/json": {"schema": reference(s)}}),
             }

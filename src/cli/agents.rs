@@ -9,10 +9,11 @@ use clap::{Args, Subcommand};
 use serde_json::{Value, json};
 
 use harness::Config;
-use harness::agents::{AgentConfig, AgentSpec, Agents, Overlap};
+use harness::agents::{AgentOwnConfig, AgentSettings, AgentSpec, Agents, Overlap};
 use harness::executor::{Executor, Runtime};
 use harness::queue::Queue;
 
+use super::table::Table;
 use super::{FileArg, open_migrated, parse_duration};
 
 #[derive(Debug, Args)]
@@ -25,13 +26,17 @@ pub struct AgentsArgs {
 
 #[derive(Debug, Subcommand)]
 enum AgentsCommand {
-    /// Register an agent: Python code (--file) or a command (--command)
+    /// Register an agent: Python code (--file) or a command (--command); prints a one-line
+    /// confirmation (--json: the whole agent)
     Add {
         name: String,
         #[command(flatten)]
         def: Definition,
+        /// Print the agent as JSON
+        #[arg(long)]
+        json: bool,
     },
-    /// List agents with their schedule and next fire time
+    /// List agents: state, schedule, next fire time, last run
     List {
         #[arg(long)]
         json: bool,
@@ -42,17 +47,20 @@ enum AgentsCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Change an agent: only the options given change
+    /// Change an agent: only the options given change; prints a one-line confirmation
     Update {
         name: String,
         #[command(flatten)]
         def: Definition,
+        /// Print the agent as JSON
+        #[arg(long)]
+        json: bool,
     },
     /// Remove an agent and its handoff state (its past tasks stay)
     Rm { name: String },
     /// Stop scheduling an agent (manual runs still work)
     Pause { name: String },
-    /// Schedule a paused agent again
+    /// Schedule a paused agent again, and lift its quarantine if it has one
     Resume { name: String },
     /// Enqueue a run now and print its task id
     Run {
@@ -60,6 +68,9 @@ enum AgentsCommand {
         /// Input for this run, as JSON (seen as self.input)
         #[arg(long, value_name = "JSON")]
         input: Option<String>,
+        /// Print the task as JSON
+        #[arg(long)]
+        json: bool,
     },
     /// Show the state the next run will receive; --clear forgets it
     Handoff {
@@ -79,6 +90,13 @@ struct Definition {
     /// A command line, e.g. '/usr/bin/env python3 job.py --fast'
     #[arg(long)]
     command: Option<String>,
+    /// The agent's own config, a JSON object: what Agent(config) receives on every run (a
+    /// command finds it as "config" in its input). Replaces the current one on update
+    #[arg(long, value_name = "JSON", conflicts_with = "config_file")]
+    config: Option<String>,
+    /// The agent's own config from a JSON file
+    #[arg(long, value_name = "FILE")]
+    config_file: Option<PathBuf>,
     /// Cron schedule: 5 fields (minute hour day month weekday) or 6 (seconds first)
     #[arg(long)]
     schedule: Option<String>,
@@ -134,7 +152,27 @@ impl Definition {
         Ok(None)
     }
 
-    fn apply(&self, mut config: AgentConfig) -> anyhow::Result<AgentConfig> {
+    /// The agent's own config, when --config or --config-file gives one.
+    fn own_config(&self) -> anyhow::Result<Option<AgentOwnConfig>> {
+        let (raw, from) = match (&self.config, &self.config_file) {
+            (Some(raw), _) => (raw.clone(), "--config".to_string()),
+            (None, Some(f)) => (
+                std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?,
+                format!("--config-file {}", f.display()),
+            ),
+            (None, None) => return Ok(None),
+        };
+        match serde_json::from_str::<Value>(&raw) {
+            Ok(Value::Object(m)) => Ok(Some(m)),
+            Ok(other) => bail!(
+                "{from} must be a JSON object (e.g. '{{\"name\": \"Ada\"}}'), not {}",
+                json_type(&other)
+            ),
+            Err(e) => bail!("{from} is not valid JSON: {e}"),
+        }
+    }
+
+    fn apply(&self, mut config: AgentSettings) -> anyhow::Result<AgentSettings> {
         if let Some(s) = &self.schedule {
             config.schedule = Some(s.clone());
         }
@@ -183,21 +221,59 @@ impl Definition {
     }
 }
 
-fn show_line(a: &harness::agents::Agent) -> String {
-    let what = match &a.runtime {
+fn json_type(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+fn runtime_text(a: &harness::agents::Agent) -> String {
+    match &a.runtime {
         Runtime::Python { .. } => "python".to_string(),
         Runtime::Command { argv } => format!(
             "command {}",
             shlex::try_join(argv.iter().map(String::as_str)).unwrap_or_default()
         ),
+    }
+}
+
+fn time_text(t: Option<chrono::DateTime<chrono::Utc>>) -> String {
+    t.map_or("-".to_string(), |t| {
+        t.format("%Y-%m-%d %H:%M:%S").to_string()
+    })
+}
+
+fn schedule_text(a: &harness::agents::Agent) -> String {
+    match (&a.settings.schedule, &a.settings.timezone) {
+        (Some(s), Some(tz)) => format!("{s} ({tz})"),
+        (Some(s), None) => s.clone(),
+        (None, _) => "-".to_string(),
+    }
+}
+
+/// What `add` and `update` print: the name, id, runtime and the next fire time.
+fn confirmation(verb: &str, a: &harness::agents::Agent) -> String {
+    format!("{verb} agent {}", summary(a))
+}
+
+/// An agent in one line: name, id, runtime, schedule, next fire time.
+fn summary(a: &harness::agents::Agent) -> String {
+    let next = match (a.active, a.next_fire()) {
+        (false, _) => "paused".to_string(),
+        (true, Some(t)) => format!("next run {}", t.to_rfc3339()),
+        (true, None) => "no schedule (run it with `harness agents run`)".to_string(),
     };
     format!(
-        "{:<24} {:<8} {:<18} next {:<26} {}",
+        "{} (id {}): {}, schedule {}; {next}",
         a.name,
-        if a.active { "active" } else { "paused" },
-        a.config.schedule.as_deref().unwrap_or("-"),
-        a.next_fire().map_or("-".to_string(), |t| t.to_rfc3339()),
-        what
+        a.id,
+        runtime_text(a),
+        schedule_text(a)
     )
 }
 
@@ -223,30 +299,41 @@ async fn run_command(
     command: AgentsCommand,
 ) -> anyhow::Result<()> {
     match command {
-        AgentsCommand::Add { name, def } => {
+        AgentsCommand::Add { name, def, json } => {
             let Some(runtime) = def.runtime()? else {
                 bail!(
                     "give the agent's code with --file agent.py or a program with --command '<argv>'"
                 );
             };
-            let config = def.apply(AgentConfig::defaults(cfg))?;
+            let settings = def.apply(AgentSettings::defaults(cfg))?;
+            let config = def.own_config()?.unwrap_or_default();
             let agent = agents
                 .create(AgentSpec {
                     name,
                     runtime,
+                    settings,
                     config,
                 })
                 .await?;
-            println!("{}", serde_json::to_string(&agent_json(&agent))?);
+            if json {
+                println!("{}", serde_json::to_string(&agent_json(&agent))?);
+            } else {
+                println!("{}", confirmation("added", &agent));
+            }
         }
-        AgentsCommand::List { json } => list(agents, json).await?,
+        AgentsCommand::List { json } => list(agents, pool, json).await?,
         AgentsCommand::Show { name, json } => show(agents, &name, json).await?,
-        AgentsCommand::Update { name, def } => {
+        AgentsCommand::Update { name, def, json } => {
             let current = agents.get(&name).await?;
             let runtime = def.runtime()?.unwrap_or_else(|| current.runtime.clone());
-            let config = def.apply(current.config.clone())?;
-            let agent = agents.update(&name, runtime, config).await?;
-            println!("{}", serde_json::to_string(&agent_json(&agent))?);
+            let settings = def.apply(current.settings.clone())?;
+            let config = def.own_config()?.unwrap_or_else(|| current.config.clone());
+            let agent = agents.update(&name, runtime, settings, config).await?;
+            if json {
+                println!("{}", serde_json::to_string(&agent_json(&agent))?);
+            } else {
+                println!("{}", confirmation("updated", &agent));
+            }
         }
         AgentsCommand::Rm { name } => {
             agents.remove(&name).await?;
@@ -257,10 +344,14 @@ async fn run_command(
             println!("paused agent {name}");
         }
         AgentsCommand::Resume { name } => {
-            agents.set_active(&name, true).await?;
-            println!("resumed agent {name}");
+            let agent = agents.set_active(&name, true).await?;
+            if agents.lift_quarantine(&agent).await? {
+                println!("resumed agent {name} and lifted its quarantine");
+            } else {
+                println!("resumed agent {name}");
+            }
         }
-        AgentsCommand::Run { name, input } => {
+        AgentsCommand::Run { name, input, json } => {
             let input = match input {
                 Some(raw) => serde_json::from_str(&raw)
                     .map_err(|e| anyhow::anyhow!("--input is not valid JSON: {e}"))?,
@@ -269,24 +360,103 @@ async fn run_command(
             let queue = Queue::new(pool.clone(), cfg.bulk.retry_attempts);
             let e = agents.run(&queue, &name, input).await?;
             super::warn_if_no_replica(cfg, pool).await;
-            println!("{}", serde_json::to_string(&e)?);
+            warn_if_skipped(agents, &queue, &name, e.id).await?;
+            if json {
+                println!("{}", serde_json::to_string(&e)?);
+            } else {
+                println!(
+                    "enqueued run of agent {name} as task {} ({}); follow it with `harness logs {} \
+                     --follow`",
+                    e.id, e.status, e.id
+                );
+            }
         }
         AgentsCommand::Handoff { name, clear, json } => handoff(agents, &name, clear, json).await?,
     }
     Ok(())
 }
 
-async fn list(agents: &Agents, json: bool) -> anyhow::Result<()> {
+/// Says so on stderr when the run just enqueued will be skipped: its agent's overlap rule
+/// is `skip` and a run of it is running now.
+async fn warn_if_skipped(
+    agents: &Agents,
+    queue: &Queue,
+    name: &str,
+    id: i64,
+) -> anyhow::Result<()> {
+    let agent = agents.get(name).await?;
+    if agent.settings.overlap != Overlap::Skip {
+        return Ok(());
+    }
+    let running = queue
+        .list(&harness::queue::TaskFilter {
+            status: Some(harness::queue::Status::Running),
+            kind: Some(harness::agents::AGENT_KIND.to_string()),
+            agent_id: Some(agent.id),
+            limit: 1,
+            offset: 0,
+        })
+        .await?;
+    if let Some(r) = running.first().filter(|r| r.id != id) {
+        eprintln!(
+            "warning: agent {name} is running now (task {}) and its overlap rule is skip, so \
+             this run (task {id}) will be skipped unless that one ends first; use \
+             `harness agents update {name} --overlap queue` to wait instead",
+            r.id
+        );
+    }
+    Ok(())
+}
+
+async fn list(agents: &Agents, pool: &sqlx::PgPool, json: bool) -> anyhow::Result<()> {
     let list = agents.list().await?;
+    let ids: Vec<i64> = list.iter().map(|a| a.id).collect();
+    let queue = Queue::new(pool.clone(), 0);
+    let last = queue.last_runs(harness::agents::AGENT_KIND, &ids).await?;
+    let quarantines = harness::fleet::quarantines::active(pool).await?;
+    let quarantine =
+        |a: &harness::agents::Agent| quarantines.iter().find(|q| q.agent_id == Some(a.id));
+    let last_run = |a: &harness::agents::Agent| {
+        last.get(&a.id)
+            .map(|(s, at)| json!({"status": s, "at": at}))
+            .unwrap_or(Value::Null)
+    };
     if json {
-        let v: Vec<Value> = list.iter().map(agent_json).collect();
+        let v: Vec<Value> = list
+            .iter()
+            .map(|a| {
+                let mut v = agent_json(a);
+                v["last_run"] = last_run(a);
+                v["quarantine"] = json!(quarantine(a));
+                v
+            })
+            .collect();
         println!("{}", serde_json::to_string(&v)?);
     } else if list.is_empty() {
         println!("no agents; add one with `harness agents add <name> --file agent.py`");
     } else {
+        let mut t = Table::new(&[
+            "NAME", "STATE", "SCHEDULE", "NEXT RUN", "LAST RUN", "RUNTIME",
+        ]);
         for a in &list {
-            println!("{}", show_line(a));
+            let last = last
+                .get(&a.id)
+                .map_or("-".to_string(), |(s, at)| format!("{s} {}", time_text(*at)));
+            t.row(vec![
+                a.name.clone(),
+                match (a.active, quarantine(a)) {
+                    (_, Some(q)) if q.held => "quarantined (held)".to_string(),
+                    (_, Some(q)) => format!("quarantined until {}", q.until.format("%H:%M:%S")),
+                    (true, None) => "active".to_string(),
+                    (false, None) => "paused".to_string(),
+                },
+                schedule_text(a),
+                time_text(a.next_fire()),
+                last,
+                runtime_text(a),
+            ]);
         }
+        t.print();
     }
     Ok(())
 }
@@ -296,8 +466,9 @@ async fn show(agents: &Agents, name: &str, json: bool) -> anyhow::Result<()> {
     if json {
         println!("{}", serde_json::to_string_pretty(&agent_json(&a))?);
     } else {
-        println!("{}", show_line(&a));
-        println!("{}", serde_json::to_string_pretty(&a.config)?);
+        println!("{}", summary(&a));
+        println!("settings: {}", serde_json::to_string_pretty(&a.settings)?);
+        println!("config: {}", serde_json::to_string_pretty(&a.config)?);
         if let Runtime::Python { code } = &a.runtime {
             println!("--- code ---\n{code}");
         }

@@ -4,6 +4,8 @@
 mod agents;
 mod bench;
 pub(crate) mod init;
+mod table;
+mod tasks;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -87,6 +89,11 @@ second signal exits at once. The REST API listens on api.bind unless --no-api."
         #[command(flatten)]
         file: FileArg,
     },
+    /// List, cancel, retry and delete tasks
+    Tasks(tasks::TasksArgs),
+    /// Print a task's output (stdout, stderr, progress); --follow streams it until the task
+    /// ends, from whichever replica runs it
+    Logs(tasks::LogsArgs),
     /// Show a task's whole record, its attempt history included
     Inspect {
         /// The task id
@@ -164,7 +171,8 @@ struct ServeArgs {
 
 #[derive(Debug, Subcommand)]
 enum FleetAction {
-    /// Lift the hold of a replica the governor escalated (or of every replica with --all)
+    /// Lift the hold of a replica the governor escalated (or of every replica with --all,
+    /// which also lifts every quarantine of an agent or kind)
     Resume {
         /// The replica id, as `harness fleet` lists it
         #[arg(required_unless_present = "all", conflicts_with = "all")]
@@ -233,6 +241,8 @@ impl Command {
             Command::Enqueue(a) => a.file.file.as_deref(),
             Command::Bench(a) => a.file.file.as_deref(),
             Command::Agents(a) => a.file.file.as_deref(),
+            Command::Tasks(a) => a.file.file.as_deref(),
+            Command::Logs(a) => a.file.file.as_deref(),
             Command::Exec(_) => None,
         }
     }
@@ -286,6 +296,8 @@ pub fn run(cli: Cli) -> ExitCode {
             Command::Bench(args) => bench::run(cfg, args).await,
             Command::Exec(args) => return exec(cfg, args).await,
             Command::Agents(args) => agents::run(cfg, args).await,
+            Command::Tasks(args) => tasks::run(cfg, args).await,
+            Command::Logs(args) => return tasks::logs(cfg, args).await,
             Command::Fleet {
                 action: None, json, ..
             } => fleet(cfg, json).await,
@@ -488,7 +500,7 @@ async fn serve(
             agents: Some(agents),
             pool: database.pool.clone(),
             tokens: cfg.api.tokens.clone(),
-            kinds: harness.kinds(),
+            registry: harness.registry(),
             config: cfg.clone(),
             draining: stop.clone(),
         });
@@ -616,6 +628,9 @@ async fn enqueue(cfg: Config, args: EnqueueArgs) -> anyhow::Result<()> {
     }
     let payload: serde_json::Value = serde_json::from_str(&args.payload)
         .map_err(|e| anyhow::anyhow!("the payload is not valid JSON: {e}"))?;
+    if let Some(Err(e)) = harness::replica::validate_builtin(&args.kind, &payload) {
+        bail!("invalid payload for kind {}: {e}", args.kind);
+    }
     let mut task = NewTask::new(args.kind, payload).priority(args.priority);
     if let Some(k) = args.idempotency_key {
         task = task.idempotency_key(k);
@@ -682,11 +697,19 @@ async fn stats(cfg: Config, json: bool) -> anyhow::Result<()> {
 async fn fleet_resume(cfg: Config, replica: Option<String>) -> anyhow::Result<()> {
     let database = open_migrated(&cfg).await?;
     let n = harness::fleet::replicas::request_resume(&database.pool, replica.as_deref()).await;
+    let lifted = match replica {
+        None => harness::fleet::quarantines::lift(&database.pool, None).await,
+        Some(_) => Ok(0),
+    };
     database.close().await;
     match (n?, replica) {
         (0, Some(r)) => bail!("no replica {r:?}; `harness fleet` lists the live ones"),
         (n, Some(r)) => println!("asked replica {r} to resume ({n}); it does at its next sample"),
-        (n, None) => println!("asked {n} replica(s) to resume; each does at its next sample"),
+        (n, None) => println!(
+            "asked {n} replica(s) to resume; each does at its next sample; lifted {} \
+             quarantine(s)",
+            lifted?
+        ),
     }
     Ok(())
 }
@@ -696,12 +719,14 @@ async fn fleet(cfg: Config, json: bool) -> anyhow::Result<()> {
     // A replica is live while its heartbeat is younger than the rescue threshold.
     let max_age = Duration::from_secs(cfg.persistence.rescue_after_s);
     let rows = harness::fleet::replicas::list(&database.pool, max_age).await;
+    let quarantines = harness::fleet::quarantines::active(&database.pool).await;
     database.close().await;
-    let rows = rows?;
+    let (rows, quarantines) = (rows?, quarantines?);
     if json {
         println!("{}", serde_json::to_string(&rows)?);
         return Ok(());
     }
+    print_quarantines(&quarantines);
     if rows.is_empty() {
         println!("no live replicas (start one with `harness serve`)");
         return Ok(());
@@ -732,10 +757,31 @@ async fn fleet(cfg: Config, json: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The quarantines in force, one line each, before the replicas.
+fn print_quarantines(quarantines: &[harness::fleet::quarantines::Quarantine]) {
+    for q in quarantines {
+        let what = match (&q.agent, q.agent_id) {
+            (Some(name), _) => format!("agent {name}"),
+            (None, Some(id)) => format!("agent #{id}"),
+            (None, None) => format!("kind {}", q.kind),
+        };
+        let until = if q.held {
+            "until a person lifts it (harness agents resume <name>, harness fleet resume --all)"
+                .to_string()
+        } else {
+            format!("until {}", q.until.to_rfc3339())
+        };
+        println!(
+            "quarantined: {what} {until}, by {}: {}",
+            q.replica_id, q.reason
+        );
+    }
+}
+
 async fn inspect(cfg: Config, id: i64, json: bool) -> anyhow::Result<()> {
     let database = open_migrated(&cfg).await?;
     let queue = Queue::new(database.pool.clone(), cfg.bulk.retry_attempts);
-    let task = queue.get(id).await;
+    let task = queue.get_with_progress(id).await;
     database.close().await;
     let task = task?;
     if json {
@@ -764,6 +810,14 @@ async fn inspect(cfg: Config, id: i64, json: bool) -> anyhow::Result<()> {
     if let Some(r) = &task.result {
         println!("  result        {r}");
     }
+    if let Some(p) = &task.progress {
+        println!(
+            "  progress     {} (attempt {}, {})",
+            tasks::progress_text(&p.progress),
+            p.attempt,
+            p.at.to_rfc3339()
+        );
+    }
     if let Some(e) = &task.error {
         println!("  error         {e}");
     }
@@ -775,9 +829,14 @@ async fn inspect(cfg: Config, id: i64, json: bool) -> anyhow::Result<()> {
             a.replica.as_deref().unwrap_or("?"),
             a.started_at.map_or("?".to_string(), |t| t.to_rfc3339()),
             a.ended_at.to_rfc3339(),
-            a.error.as_deref().unwrap_or("")
+            // The whole error is above (the latest) or in --json: one line each here.
+            a.error
+                .as_deref()
+                .and_then(|e| e.lines().rev().find(|l| !l.trim().is_empty()))
+                .unwrap_or("")
         );
     }
+    println!("  output: harness logs {}", task.id);
     Ok(())
 }
 

@@ -167,6 +167,9 @@ impl Default for GovernanceConfig {
 pub struct ErrorBurstConfig {
     pub threshold: u32,
     pub duration_s: u64,
+    /// A burst with at least this share of its failures from one agent (or kind)
+    /// quarantines that agent fleet-wide instead of pausing the replica; 0 never does.
+    pub quarantine_share: f64,
 }
 
 impl Default for ErrorBurstConfig {
@@ -174,6 +177,7 @@ impl Default for ErrorBurstConfig {
         ErrorBurstConfig {
             threshold: 10,
             duration_s: 60,
+            quarantine_share: 0.8,
         }
     }
 }
@@ -507,7 +511,7 @@ impl Config {
 
     /// Every numeric setting with its allowed range (checked in this order; integers are exact
     /// as `f64` at these sizes). A table, so it stays whole however long `rustfmt` makes it.
-    fn ranges(&self) -> [(&'static str, f64, f64, f64); 35] {
+    fn ranges(&self) -> [(&'static str, f64, f64, f64); 36] {
         use crate::bounds;
         let (b, g, t, p, e, sc, a) = (
             &self.bulk,
@@ -576,6 +580,12 @@ impl Config {
                 f(g.pause_after_error_burst.duration_s),
                 1.0,
                 86_400.0,
+            ),
+            (
+                "governance.pause_after_error_burst.quarantine_share",
+                g.pause_after_error_burst.quarantine_share,
+                0.0,
+                1.0,
             ),
             (
                 "governance.human_review_after_pause_bursts",

@@ -37,6 +37,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use crate::config::ExecutorConfig;
 
 mod cgroup;
+pub mod output;
 pub mod pyenv;
 mod sandbox;
 pub mod session;
@@ -72,6 +73,11 @@ pub enum Error {
     NoPython(String),
     #[error("the program {0:?} was not found (searched {AGENT_PATH})")]
     NoProgram(String),
+    #[error(
+        "permission denied: {user} cannot execute {path}; make it (and the directories above \
+         it) executable for that account, e.g. chmod o+rx"
+    )]
+    NotExecutable { path: String, user: String },
     #[error("cannot set up the run's cgroup: {0}")]
     Cgroup(std::io::Error),
     #[error(
@@ -82,6 +88,25 @@ pub enum Error {
     #[error("executor.uid_range: {0}")]
     UidRange(String),
 }
+
+impl Error {
+    /// Whether no retry of the run can succeed (the program is missing or the agent's
+    /// account may not execute it), so the task should fail at once.
+    pub fn is_permanent(&self) -> bool {
+        match self {
+            Error::NoProgram(_) | Error::NotExecutable { .. } => true,
+            Error::Spawn { source, .. } => matches!(
+                source.kind(),
+                std::io::ErrorKind::NotFound | std::io::ErrorKind::PermissionDenied
+            ),
+            _ => false,
+        }
+    }
+}
+
+/// The exit code with which a command says its failure is permanent (no retry can succeed);
+/// also in its environment as `HARNESS_PERMANENT_EXIT_CODE`. 78 is `EX_CONFIG` of sysexits.h.
+pub const PERMANENT_EXIT_CODE: i32 = 78;
 
 /// How a run ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -104,6 +129,10 @@ pub struct ExecutionResult {
     pub exit_code: Option<i32>,
     /// Seconds.
     pub duration: f64,
+    /// The run said no retry can succeed (`harness.PermanentError`, or a command's exit
+    /// code [`PERMANENT_EXIT_CODE`]).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub permanent: bool,
 }
 
 /// What to run.
@@ -132,6 +161,9 @@ pub struct RunSpec {
     /// The interpreter of the agent's environment (see `pyenv`); none: `executor.python`.
     pub python: Option<PathBuf>,
     pub traceparent: Option<String>,
+    /// Where the output and progress go while the run goes on (whoever stores them takes
+    /// from it); none: only the result's head and tail.
+    pub output: Option<std::sync::Arc<output::RunOutput>>,
 }
 
 impl RunSpec {
@@ -148,6 +180,7 @@ impl RunSpec {
             network: Network::Allow,
             python: None,
             traceparent: None,
+            output: None,
         }
     }
 }
@@ -523,12 +556,28 @@ impl Executor {
         let out = tokio::spawn(capture(
             child.stdout.take().expect("piped"),
             self.output_limit,
+            output::Stream::Stdout,
+            spec.output.clone(),
         ));
         let err = tokio::spawn(capture(
             child.stderr.take().expect("piped"),
             self.output_limit,
+            output::Stream::Stderr,
+            spec.output.clone(),
         ));
+        let owner = ids.map_or(Uid::effective().as_raw(), |(uid, _)| uid);
+        let progress = spec
+            .output
+            .clone()
+            .map(|o| tokio::spawn(watch_progress(run.progress_path.clone(), owner, o)));
         let (status, timed_out, refused) = self.wait(&mut child, cleanup.pgid, spec.timeout).await;
+        if let Some(watch) = progress {
+            watch.abort();
+            if let Some(o) = &spec.output {
+                // The last report of a run that ended between two looks.
+                read_progress(&run.progress_path, owner, o);
+            }
+        }
         // Whatever the agent left running goes with it.
         let ended = tokio::task::spawn_blocking(move || cleanup.finish())
             .await
@@ -556,6 +605,7 @@ impl Executor {
             stderr: finish_capture(err).await,
             exit_code: status.and_then(|s| s.code()),
             duration: 0.0,
+            permanent: false,
         };
         if timed_out {
             result.status = ExecStatus::Timeout;
@@ -568,7 +618,6 @@ impl Executor {
                 spec.memory_mb
             ));
         } else {
-            let owner = ids.map_or(Uid::effective().as_raw(), |(uid, _)| uid);
             let path = run.result_path.clone();
             let file_result = tokio::task::spawn_blocking(move || read_result(&path, owner))
                 .await
@@ -595,6 +644,7 @@ impl Executor {
         let input_text = input.to_string();
         let input_path = dir.path().join("input.json");
         let result_path = dir.path().join("result.json");
+        let progress_path = dir.path().join("progress.json");
         std::fs::write(&input_path, &input_text).map_err(Error::RunDir)?;
         let code_path = dir.path().join("agent.py");
         let (program, args): (PathBuf, Vec<String>) = match &spec.runtime {
@@ -607,7 +657,14 @@ impl Executor {
                 let first = argv
                     .first()
                     .ok_or_else(|| Error::NoProgram(String::new()))?;
-                (find_program(first)?, argv[1..].to_vec())
+                let program = find_program(first)?;
+                if !executable_by(&program, ids) {
+                    return Err(Error::NotExecutable {
+                        path: program.display().to_string(),
+                        user: self.account(ids),
+                    });
+                }
+                (program, argv[1..].to_vec())
             }
         };
         if let Some((uid, gid)) = ids {
@@ -624,6 +681,7 @@ impl Executor {
             input_text,
             input_path,
             result_path,
+            progress_path,
             program,
             args,
         })
@@ -643,6 +701,11 @@ impl Executor {
             .env("HOME", run.dir.path())
             .env("HARNESS_RESULT_FILE", &run.result_path)
             .env("HARNESS_INPUT_FILE", &run.input_path)
+            .env("HARNESS_PROGRESS_FILE", &run.progress_path)
+            .env(
+                "HARNESS_PERMANENT_EXIT_CODE",
+                PERMANENT_EXIT_CODE.to_string(),
+            )
             .envs(&spec.env)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -657,7 +720,8 @@ impl Executor {
             }
             cmd.stdin(Stdio::piped());
         } else {
-            cmd.stdin(Stdio::null());
+            // Prints reach `harness logs --follow` as they happen, not when a buffer fills.
+            cmd.stdin(Stdio::null()).env("PYTHONUNBUFFERED", "1");
         }
         cmd
     }
@@ -689,6 +753,17 @@ impl Executor {
                     ),
                 }
             }
+        }
+    }
+
+    /// The account a run with `ids` runs as, in words.
+    fn account(&self, ids: Option<(u32, u32)>) -> String {
+        match (ids, &self.run_as) {
+            (None, _) => format!("the harness's own user (uid {})", Uid::effective()),
+            (Some((uid, _)), Some(u)) if u.uid.as_raw() == uid => {
+                format!("user {} (executor.run_as, uid {uid})", u.name)
+            }
+            (Some((uid, _)), _) => format!("the run's account (uid {uid}, executor.uid_range)"),
         }
     }
 
@@ -851,6 +926,7 @@ struct Prepared {
     input_text: String,
     input_path: PathBuf,
     result_path: PathBuf,
+    progress_path: PathBuf,
     program: PathBuf,
     args: Vec<String>,
 }
@@ -872,6 +948,7 @@ fn interpret(
                 result.status = ExecStatus::Success;
                 result.result = Some(v["result"].clone());
             } else {
+                result.permanent = v["permanent"] == json!(true);
                 result.error = Some(
                     v["error"]
                         .as_str()
@@ -900,6 +977,7 @@ fn interpret(
                 result.result = Some(value.unwrap_or_else(|| json!({})));
             } else {
                 result.result = value;
+                result.permanent = exit_code == Some(PERMANENT_EXIT_CODE);
                 result.error = Some(describe_exit(status, &result.stderr));
             }
         }
@@ -1154,39 +1232,9 @@ fn describe_exit(status: Option<ExitStatus>, stderr: &str) -> String {
 /// a size cap whatever `stat` claimed (`/proc` files report size 0). Blocking: call it from
 /// `spawn_blocking`.
 fn read_result(path: &Path, owner: u32) -> Result<Option<Value>, String> {
-    use std::io::Read;
-    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
-    let file = match std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_NONBLOCK)
-        .open(path)
-    {
-        Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => {
-            return Err(format!(
-                "the result file cannot be read safely ({e}); it must be a regular file"
-            ));
-        }
+    let Some(text) = read_owned(path, owner, MAX_RESULT_BYTES, "result")? else {
+        return Ok(None);
     };
-    let meta = file
-        .metadata()
-        .map_err(|e| format!("cannot inspect the result: {e}"))?;
-    if !meta.file_type().is_file() {
-        return Err("the result file is not a regular file".into());
-    }
-    if meta.uid() != owner && meta.uid() != Uid::effective().as_raw() {
-        return Err("the result file belongs to another account".into());
-    }
-    let mut text = String::new();
-    file.take(MAX_RESULT_BYTES + 1)
-        .read_to_string(&mut text)
-        .map_err(|e| format!("cannot read the result: {e}"))?;
-    if text.len() as u64 > MAX_RESULT_BYTES {
-        return Err(format!(
-            "the result is over {MAX_RESULT_BYTES} bytes, which the harness does not accept"
-        ));
-    }
     serde_json::from_str(&text).map(Some).map_err(|e| {
         if e.to_string().contains("recursion limit") {
             // serde_json's depth limit keeps a hostile result from overflowing our stack.
@@ -1198,37 +1246,121 @@ fn read_result(path: &Path, owner: u32) -> Result<Option<Value>, String> {
     })
 }
 
-/// Reads a stream to its end, keeping the first `limit` bytes and counting the rest.
-async fn capture(mut r: impl AsyncRead + Unpin, limit: usize) -> (Vec<u8>, u64) {
-    let mut kept = Vec::new();
-    let mut dropped = 0u64;
+/// A file the run wrote in its directory (`what`: "result", "progress report"), read only
+/// if it is a regular file of the run's account (`owner`) or ours — never through a
+/// symlink — and at most `max` bytes.
+fn read_owned(path: &Path, owner: u32, max: u64, what: &str) -> Result<Option<String>, String> {
+    use std::io::Read;
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+    let file = match std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_NONBLOCK)
+        .open(path)
+    {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => {
+            return Err(format!(
+                "the {what} file cannot be read safely ({e}); it must be a regular file"
+            ));
+        }
+    };
+    let meta = file
+        .metadata()
+        .map_err(|e| format!("cannot inspect the {what}: {e}"))?;
+    if !meta.file_type().is_file() {
+        return Err(format!("the {what} file is not a regular file"));
+    }
+    if meta.uid() != owner && meta.uid() != Uid::effective().as_raw() {
+        return Err(format!("the {what} file belongs to another account"));
+    }
+    let mut text = String::new();
+    file.take(max + 1)
+        .read_to_string(&mut text)
+        .map_err(|e| format!("cannot read the {what}: {e}"))?;
+    if text.len() as u64 > max {
+        return Err(format!(
+            "the {what} is over {max} bytes, which the harness does not accept"
+        ));
+    }
+    Ok(Some(text))
+}
+
+/// Reads a stream to its end: keeps its head and tail for the result, and hands every byte
+/// to `live` (which bounds what it keeps the same way).
+async fn capture(
+    mut r: impl AsyncRead + Unpin,
+    limit: usize,
+    stream: output::Stream,
+    live: Option<std::sync::Arc<output::RunOutput>>,
+) -> output::HeadTail {
+    let mut kept = output::HeadTail::new(limit);
     let mut buf = vec![0u8; 64 * 1024];
     loop {
         match r.read(&mut buf).await {
             Ok(0) | Err(_) => break,
             Ok(n) => {
-                let room = limit.saturating_sub(kept.len());
-                let take = room.min(n);
-                kept.extend_from_slice(&buf[..take]);
-                dropped += (n - take) as u64;
+                kept.push(&buf[..n]);
+                if let Some(live) = &live {
+                    live.push(stream, &buf[..n]);
+                }
             }
         }
     }
-    (kept, dropped)
+    kept
 }
 
-async fn finish_capture(h: tokio::task::JoinHandle<(Vec<u8>, u64)>) -> String {
+async fn finish_capture(h: tokio::task::JoinHandle<output::HeadTail>) -> String {
     // The group is dead, so the pipes close; the timeout guards against a descendant that
     // escaped the group still holding them.
     match tokio::time::timeout(Duration::from_secs(5), h).await {
-        Ok(Ok((kept, dropped))) => {
-            let mut s = String::from_utf8_lossy(&kept).into_owned();
-            if dropped > 0 {
-                s.push_str(&format!("\n[truncated {dropped} bytes]"));
-            }
-            s
-        }
+        Ok(Ok(kept)) => kept.text(),
         _ => "[output unavailable: a process outside the agent's group kept it open]".to_string(),
+    }
+}
+
+/// How often a running agent's progress file is looked at.
+const PROGRESS_POLL: Duration = Duration::from_millis(200);
+
+/// Reads the run's progress file every [`PROGRESS_POLL`] while it runs; a changed, valid
+/// report goes to `live`.
+async fn watch_progress(path: PathBuf, owner: u32, live: std::sync::Arc<output::RunOutput>) {
+    let mut last = None;
+    loop {
+        tokio::time::sleep(PROGRESS_POLL).await;
+        let p = path.clone();
+        let read = tokio::task::spawn_blocking(move || {
+            read_owned(
+                &p,
+                owner,
+                output::MAX_PROGRESS_BYTES as u64,
+                "progress report",
+            )
+        })
+        .await
+        .ok()
+        .and_then(Result::ok)
+        .flatten();
+        if read.is_some() && read != last {
+            match output::Progress::parse(read.as_deref().unwrap_or_default()) {
+                Ok(progress) => live.set_progress(progress),
+                Err(e) => tracing::debug!(error = %e, "an unreadable progress report"),
+            }
+            last = read;
+        }
+    }
+}
+
+/// One look at the progress file (after the run's end).
+fn read_progress(path: &Path, owner: u32, live: &output::RunOutput) {
+    if let Ok(Some(text)) = read_owned(
+        path,
+        owner,
+        output::MAX_PROGRESS_BYTES as u64,
+        "progress report",
+    ) && let Ok(progress) = output::Progress::parse(&text)
+    {
+        live.set_progress(progress);
     }
 }
 

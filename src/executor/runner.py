@@ -1,6 +1,8 @@
 # Agent Harness Python runner: loads agent.py from the working directory, runs
 # Agent(config).execute() (sync or async) and writes {"ok": ..., "result"|"error": ...} to
 # $HARNESS_RESULT_FILE. Never writes to stdout, so the agent's prints cannot corrupt the result.
+# The agent may `import harness` (this module's PermanentError and progress) and call
+# self.progress(fraction, message), which writes $HARNESS_PROGRESS_FILE.
 #
 # Its start-up is part of every run's overhead, so it avoids `import json` (7 ms: it pulls in
 # re, enum, functools) on the common path: the input is JSON written by the harness itself,
@@ -98,8 +100,47 @@ def _write(path, text):
     os.replace(tmp, path)
 
 
+class PermanentError(Exception):
+    """Raised by an agent, ends its task failed at once: no retry can succeed."""
+
+
+def progress(fraction=None, message=None):
+    """Reports how far the run is: fraction from 0 to 1, and/or a message."""
+    report = {}
+    if fraction is not None:
+        fraction = float(fraction)
+        if not 0.0 <= fraction <= 1.0:
+            raise ValueError("progress fraction must be between 0 and 1, not %r" % fraction)
+        report["fraction"] = fraction
+    if message is not None:
+        report["message"] = str(message)[:1000]
+    _write(os.environ["HARNESS_PROGRESS_FILE"], _dumps(report))
+
+
+def _agent_progress(self, fraction=None, message=None):
+    progress(fraction, message)
+
+
+def _install_module():
+    module = type(sys)("harness")
+    module.PermanentError = PermanentError
+    module.progress = progress
+    sys.modules["harness"] = module
+
+
+def _agent_traceback():
+    # The runner's own frames (compiled from "<string>") are not the agent's concern.
+    import traceback
+
+    etype, e, tb = sys.exc_info()
+    while tb is not None and tb.tb_frame.f_code.co_filename == "<string>":
+        tb = tb.tb_next
+    return "".join(traceback.format_exception(etype, e, tb))
+
+
 def _main():
     result_path = os.environ["HARNESS_RESULT_FILE"]
+    _install_module()
     try:
         with open(os.environ["HARNESS_INPUT_FILE"]) as f:
             inp = _load(f.read())
@@ -111,6 +152,8 @@ def _main():
         agent_class = namespace.get("Agent")
         if not isinstance(agent_class, type):
             raise TypeError("agent.py must define a class named Agent")
+        if not hasattr(agent_class, "progress"):
+            agent_class.progress = _agent_progress
         handoff = inp.get("handoff")
         # Readable in __init__ (class attribute) and in execute (instance attribute).
         agent_class.handoff = handoff
@@ -138,10 +181,11 @@ def _main():
         except (TypeError, ValueError) as e:
             raise TypeError("Agent.execute() returned a dict that is not JSON-serialisable: %s" % e)
         _write(result_path, '{"ok": true, "result": ' + encoded + "}")
-    except BaseException:
-        import traceback
-
-        _write(result_path, _dumps({"ok": False, "error": traceback.format_exc()}))
+    except BaseException as e:
+        report = {"ok": False, "error": _agent_traceback()}
+        if isinstance(e, PermanentError):
+            report["permanent"] = True
+        _write(result_path, _dumps(report))
         sys.stdout.flush()
         os._exit(1)
 

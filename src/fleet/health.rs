@@ -18,6 +18,8 @@ pub enum EventKind {
     Escalated,
     EscalationDelivered,
     EscalationFailed,
+    Quarantined,
+    QuarantineLifted,
 }
 
 impl EventKind {
@@ -28,6 +30,8 @@ impl EventKind {
             EventKind::Escalated => "escalated",
             EventKind::EscalationDelivered => "escalation_delivered",
             EventKind::EscalationFailed => "escalation_failed",
+            EventKind::Quarantined => "quarantined",
+            EventKind::QuarantineLifted => "quarantine_lifted",
         }
     }
 }

@@ -5,9 +5,12 @@
 //!
 //! - [`replicas`]: registration and heartbeat ([`Heartbeat`]), leadership, governor state,
 //!   resume requests, and the listing `harness fleet` shows;
-//! - [`health`]: metrics rows, governance events, and their pruning.
+//! - [`health`]: metrics rows, governance events, and their pruning;
+//! - [`quarantines`]: agents and kinds no replica starts for a while (the `quarantines`
+//!   table).
 
 pub mod health;
+pub mod quarantines;
 pub mod replicas;
 
 pub use health::{EventKind, MetricsRow};

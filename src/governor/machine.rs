@@ -10,11 +10,18 @@
 //!                        ▼
 //!                     holding (escalated) ──(a person resumes it)──▶ normal/throttled
 //! ```
+//!
+//! A burst concentrated in one agent or kind (at least `quarantine_share` of its failures)
+//! quarantines that target for `duration` instead — fleet-wide, while this replica and its
+//! other work go on; a target quarantined `review_after_pauses` times within the escalation
+//! window is escalated and stays quarantined until a person lifts it.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
+
+use crate::worker::Target;
 
 /// The governor's view of a replica's health (stored in the `replicas` table as is).
 pub use crate::fleet::GovernorState as State;
@@ -29,6 +36,9 @@ pub struct Settings {
     pub burst_threshold: u32,
     pub pause_duration: Duration,
     pub review_after_pauses: u32,
+    /// The share of a burst's failures one target must have to be quarantined instead of
+    /// the replica pausing (0: never).
+    pub quarantine_share: f64,
 }
 
 impl Settings {
@@ -42,6 +52,7 @@ impl Settings {
             burst_threshold: g.pause_after_error_burst.threshold,
             pause_duration: Duration::from_secs(g.pause_after_error_burst.duration_s),
             review_after_pauses: g.human_review_after_pause_bursts,
+            quarantine_share: g.pause_after_error_burst.quarantine_share,
         }
     }
 
@@ -73,6 +84,15 @@ pub enum Event {
     },
     Escalated {
         reason: String,
+        /// The agent or kind escalated (none: the replica).
+        target: Option<Target>,
+    },
+    /// No task of `target` starts anywhere in the fleet for `seconds` (none: until a
+    /// person lifts it).
+    Quarantined {
+        target: Target,
+        seconds: Option<u64>,
+        reason: String,
     },
 }
 
@@ -84,6 +104,7 @@ impl Event {
             Event::StateChanged { .. } => EventKind::StateChanged,
             Event::CapacityChanged { .. } => EventKind::CapacityChanged,
             Event::Escalated { .. } => EventKind::Escalated,
+            Event::Quarantined { .. } => EventKind::Quarantined,
         }
     }
 }
@@ -95,8 +116,11 @@ pub struct Machine {
     /// The throttle level: what may run when not paused.
     level: usize,
     samples: VecDeque<(Instant, f64, f64)>,
-    failures: VecDeque<Instant>,
+    /// Failures within the window, with the agent or kind they came from when known.
+    failures: VecDeque<(Instant, Option<Target>)>,
     pauses: VecDeque<Instant>,
+    /// Quarantines per target within the escalation window.
+    quarantines: std::collections::HashMap<Target, VecDeque<Instant>>,
     last_step: Instant,
     paused_until: Option<Instant>,
 }
@@ -110,6 +134,7 @@ impl Machine {
             samples: VecDeque::new(),
             failures: VecDeque::new(),
             pauses: VecDeque::new(),
+            quarantines: std::collections::HashMap::new(),
             last_step: now,
             paused_until: None,
         }
@@ -135,9 +160,17 @@ impl Machine {
         self.samples.push_back((now, cpu_pct, mem_pct));
     }
 
+    /// `n` failures whose agent or kind is not known.
     pub fn observe_failures(&mut self, now: Instant, n: u64) {
         for _ in 0..n.min(100_000) {
-            self.failures.push_back(now);
+            self.failures.push_back((now, None));
+        }
+    }
+
+    /// `n` failures of `target`.
+    pub fn observe_failures_of(&mut self, now: Instant, target: &Target, n: u64) {
+        for _ in 0..n.min(100_000) {
+            self.failures.push_back((now, Some(target.clone())));
         }
     }
 
@@ -191,6 +224,11 @@ impl Machine {
             }
             _ => {}
         }
+        if self.failures.len() >= self.s.burst_threshold as usize
+            && let Some(target) = self.concentrated()
+        {
+            self.quarantine(now, target, &mut events);
+        }
         if self.failures.len() >= self.s.burst_threshold as usize {
             self.on_error_burst(now, &mut events);
         } else if now.duration_since(self.last_step) >= self.s.window {
@@ -207,11 +245,74 @@ impl Machine {
         while self.samples.front().is_some_and(|s| old(s.0, window)) {
             self.samples.pop_front();
         }
-        while self.failures.front().is_some_and(|t| old(*t, window)) {
+        while self.failures.front().is_some_and(|t| old(t.0, window)) {
             self.failures.pop_front();
         }
         while self.pauses.front().is_some_and(|t| old(*t, esc)) {
             self.pauses.pop_front();
+        }
+        self.quarantines.retain(|_, times| {
+            while times.front().is_some_and(|t| old(*t, esc)) {
+                times.pop_front();
+            }
+            !times.is_empty()
+        });
+    }
+
+    /// The target with at least `quarantine_share` of the failures in the window, if any.
+    fn concentrated(&self) -> Option<Target> {
+        if self.s.quarantine_share <= 0.0 {
+            return None;
+        }
+        let mut per: std::collections::HashMap<&Target, usize> = Default::default();
+        for t in self.failures.iter().filter_map(|(_, t)| t.as_ref()) {
+            *per.entry(t).or_default() += 1;
+        }
+        let (target, n) = per
+            .into_iter()
+            .max_by(|a, b| a.1.cmp(&b.1).then(b.0.cmp(a.0)))?;
+        (n as f64 >= self.s.quarantine_share * self.failures.len() as f64).then(|| target.clone())
+    }
+
+    /// Quarantines `target` (its failures leave the window), or escalates it when this is
+    /// its `review_after_pauses`-th quarantine within the escalation window.
+    fn quarantine(&mut self, now: Instant, target: Target, events: &mut Vec<Event>) {
+        let (window, esc) = (self.s.window, self.s.escalation_window());
+        let before = self.failures.len();
+        self.failures.retain(|(_, t)| t.as_ref() != Some(&target));
+        let n = before - self.failures.len();
+        let times = self.quarantines.entry(target.clone()).or_default();
+        times.push_back(now);
+        if times.len() >= self.s.review_after_pauses as usize {
+            let reason = format!(
+                "{target}: {} error bursts within {}s (last: {n} of {before} failures within \
+                 {}s); quarantined until a person lifts it",
+                times.len(),
+                esc.as_secs(),
+                window.as_secs()
+            );
+            times.clear();
+            events.push(Event::Escalated {
+                reason: reason.clone(),
+                target: Some(target.clone()),
+            });
+            events.push(Event::Quarantined {
+                target,
+                seconds: None,
+                reason,
+            });
+        } else {
+            let reason = format!(
+                "{target}: {n} of {before} failures within {}s; quarantined fleet-wide for {}s \
+                 while other work goes on",
+                window.as_secs(),
+                self.s.pause_duration.as_secs()
+            );
+            events.push(Event::Quarantined {
+                target,
+                seconds: Some(self.s.pause_duration.as_secs()),
+                reason,
+            });
         }
     }
 
@@ -232,6 +333,7 @@ impl Machine {
             );
             events.push(Event::Escalated {
                 reason: reason.clone(),
+                target: None,
             });
             self.set_state(State::Holding, reason, events);
         } else {
@@ -307,6 +409,7 @@ mod tests {
             burst_threshold: 10,
             pause_duration: Duration::from_secs(60),
             review_after_pauses: 3,
+            quarantine_share: 0.8,
         }
     }
 

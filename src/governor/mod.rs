@@ -121,7 +121,6 @@ struct Governor {
     recent_events: VecDeque<Value>,
     /// Attempt counts at the last metrics row, and at the last sample.
     logged: (u64, u64),
-    seen_failed: u64,
     last_log: Instant,
     last_prune: Option<Instant>,
     held_since: Option<DateTime<Utc>>,
@@ -138,7 +137,6 @@ impl Governor {
             recent_samples: VecDeque::new(),
             recent_events: VecDeque::new(),
             logged: (completed, failed),
-            seen_failed: failed,
             last_log: Instant::now(),
             last_prune: None,
             held_since: None,
@@ -159,9 +157,16 @@ impl Governor {
         let (completed, failed) = self.handle.counts();
         self.machine
             .observe_sample(now, r.cpu_percent, r.memory_percent);
-        self.machine
-            .observe_failures(now, failed.saturating_sub(self.seen_failed));
-        self.seen_failed = failed;
+        for (target, n) in self.handle.take_failures() {
+            self.machine.observe_failures_of(now, &target, n);
+        }
+        // Quarantines decided by other replicas (or lifted by a person) take effect here.
+        match fleet::quarantines::active(&self.pool).await {
+            Ok(q) => self
+                .handle
+                .set_quarantines(q.iter().map(|q| (q.target(), q.ends())).collect()),
+            Err(e) => tracing::debug!(error = %e, "could not read the quarantines"),
+        }
         let mut events = self.machine.evaluate(now);
         // A person's `harness fleet resume` lifts a hold (or a pause).
         if matches!(self.machine.state(), State::Holding | State::Paused)
@@ -193,6 +198,9 @@ impl Governor {
             self.last_prune = Some(Instant::now());
             if let Err(e) = fleet::health::prune(&self.pool, self.opts.retention).await {
                 tracing::warn!(error = %e, "could not prune old metrics");
+            }
+            if let Err(e) = fleet::quarantines::prune(&self.pool).await {
+                tracing::warn!(error = %e, "could not prune ended quarantines");
             }
         }
     }
@@ -238,28 +246,75 @@ impl Governor {
                     .record(e.kind(), None, None, reason, detail)
                     .await;
             }
-            Event::Escalated { reason } => self.escalate(reason).await,
+            Event::Escalated { reason, target } => self.escalate(reason, target.as_ref()).await,
+            Event::Quarantined {
+                target,
+                seconds,
+                reason,
+            } => self.quarantine(target, *seconds, reason).await,
         }
+    }
+
+    /// Stores the quarantine for the whole fleet and applies it here at once.
+    async fn quarantine(
+        &mut self,
+        target: &crate::worker::Target,
+        seconds: Option<u64>,
+        reason: &str,
+    ) {
+        let replica = &self.opts.replica;
+        tracing::warn!(%replica, %target, %reason, "quarantined");
+        let held = seconds.is_none();
+        let until = Utc::now() + Duration::from_secs(seconds.unwrap_or(0));
+        if let Err(e) =
+            fleet::quarantines::put(&self.pool, target, until, held, reason, replica).await
+        {
+            tracing::warn!(error = %e, "could not store the quarantine; it holds on this replica only");
+        }
+        self.handle.quarantine(
+            target.clone(),
+            if held {
+                DateTime::<Utc>::MAX_UTC
+            } else {
+                until
+            },
+        );
+        let detail = json!({"kind": target.kind, "agent_id": target.agent_id,
+                            "until": (!held).then_some(until), "held": held});
+        self.reporter
+            .record(EventKind::Quarantined, None, None, reason, detail)
+            .await;
     }
 
     /// Records the escalation and delivers it off the loop: delivery must never stop the
     /// replica.
-    async fn escalate(&mut self, reason: &str) {
+    async fn escalate(&mut self, reason: &str, target: Option<&crate::worker::Target>) {
         tracing::error!(replica = %self.opts.replica, %reason, "escalating to a person");
+        let resume_with = match target {
+            None => format!("harness fleet resume {}", self.opts.replica),
+            Some(t) if t.agent_id.is_some() => {
+                format!(
+                    "harness agents resume <the agent> (agent id {})",
+                    t.agent_id.unwrap_or(0)
+                )
+            }
+            Some(_) => "harness fleet resume --all".to_string(),
+        };
         let payload = json!({
             "replica": self.opts.replica,
             "reason": reason,
+            "target": target,
             "state": self.machine.state(),
             "at": Utc::now(),
             "samples": self.recent_samples.iter().map(|(t, r)| json!({"at": t, "cpu_percent": r.cpu_percent, "memory_percent": r.memory_percent, "memory_available_mb": r.memory_available_mb})).collect::<Vec<_>>(),
             "events": self.recent_events.iter().cloned().collect::<Vec<_>>(),
-            "resume_with": format!("harness fleet resume {}", self.opts.replica),
+            "resume_with": resume_with,
         });
         self.reporter
             .record(
                 EventKind::Escalated,
                 None,
-                Some(State::Holding),
+                target.is_none().then_some(State::Holding),
                 reason,
                 payload.clone(),
             )

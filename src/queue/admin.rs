@@ -1,6 +1,7 @@
 //! Reading and administering tasks: one, a listing, counts, delete, retry, depth, and the
 //! measurements `harness bench` and agent overlap rules need.
 
+use chrono::{DateTime, Utc};
 use sqlx::PgPool;
 use std::collections::HashMap;
 
@@ -102,10 +103,32 @@ impl Queue {
         Ok(q.build_query_as().fetch_all(&self.pool).await?)
     }
 
-    /// Deletes a task for good; a running task is refused (cancel it first).
+    /// The newest run of each of `agent_ids` (of kind `kind`): its status and when it ended
+    /// (or started, while running). One index walk per agent (tasks_agent_id_idx).
+    pub async fn last_runs(
+        &self,
+        kind: &str,
+        agent_ids: &[i64],
+    ) -> Result<HashMap<i64, (Status, Option<DateTime<Utc>>)>, Error> {
+        let rows: Vec<(i64, Status, Option<DateTime<Utc>>)> = sqlx::query_as(
+            "SELECT a.id, t.status, COALESCE(t.completed_at, t.started_at) \
+             FROM unnest($1::bigint[]) a(id) \
+             CROSS JOIN LATERAL (SELECT status, completed_at, started_at FROM tasks \
+                 WHERE agent_id = a.id AND kind = $2 ORDER BY id DESC LIMIT 1) t",
+        )
+        .bind(agent_ids)
+        .bind(kind)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.into_iter().map(|(id, s, at)| (id, (s, at))).collect())
+    }
+
+    /// Deletes a task for good, with its output; a running task is refused (cancel it first).
     pub async fn delete(&self, id: TaskId) -> Result<(), Error> {
         let deleted: Option<TaskId> = sqlx::query_scalar(
-            "DELETE FROM tasks WHERE id = $1 AND status <> 'running' RETURNING id",
+            "WITH d AS (DELETE FROM tasks WHERE id = $1 AND status <> 'running' RETURNING id), \
+                  l AS (DELETE FROM task_logs WHERE task_id IN (SELECT id FROM d)) \
+             SELECT id FROM d",
         )
         .bind(id)
         .fetch_optional(&self.pool)

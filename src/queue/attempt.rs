@@ -15,6 +15,8 @@ pub enum Outcome {
     Success(Value),
     /// The handler returned an error (or panicked); retried while retries remain.
     Failed(String),
+    /// The handler said no retry can succeed: `failed` at once.
+    FailedPermanently(String),
     /// The attempt ran out of time; retried while retries remain.
     TimedOut(String),
     /// Aborted because someone cancelled the task; never retried.
@@ -75,6 +77,9 @@ impl<'a> CompletionRow<'a> {
                 (true, false, Some(v), None, Status::Completed)
             }
             Outcome::Failed(e) => (false, true, None, Some(storable_text(e)), Status::Failed),
+            Outcome::FailedPermanently(e) => {
+                (false, false, None, Some(storable_text(e)), Status::Failed)
+            }
             Outcome::TimedOut(e) => (false, true, None, Some(storable_text(e)), Status::Timeout),
             Outcome::Cancelled => (
                 false,

@@ -153,18 +153,21 @@ impl Queue {
             if !leader {
                 return Ok(total);
             }
-            let deleted = sqlx::query(
-                "DELETE FROM tasks WHERE id IN (
+            // A task's output goes with it (task_logs has no foreign key; see the migration).
+            let deleted: i64 = sqlx::query_scalar(
+                "WITH d AS (DELETE FROM tasks WHERE id IN (
                     SELECT id FROM tasks
                     WHERE status IN ('completed', 'cancelled')
                       AND completed_at < now() - make_interval(secs => $1)
-                    LIMIT $2)",
+                    LIMIT $2) RETURNING id),
+                 l AS (DELETE FROM task_logs WHERE task_id IN (SELECT id FROM d))
+                 SELECT count(*) FROM d",
             )
             .bind(age.as_secs_f64())
             .bind(batch as i64)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
+            .fetch_one(&mut *tx)
+            .await?;
+            let deleted = deleted as u64;
             tx.commit().await?;
             total += deleted;
             if deleted < batch as u64 {

@@ -19,7 +19,8 @@
 //!
 //! One file per part: `task` (the types), `enqueue`, `attempt` (claim and complete),
 //! `lifecycle` (release, defer, rescue, cancel, prune), `admin` (reads and administration),
-//! `listener` (LISTEN), `backoff` (retry delays, pure).
+//! `logs` (the output of runs, in `task_logs`), `listener` (LISTEN), `backoff` (retry
+//! delays, pure).
 //!
 //! The queue never runs user code; the `worker` does, and reports back through
 //! [`Queue::complete`].
@@ -60,6 +61,7 @@ pub mod backoff;
 mod enqueue;
 mod lifecycle;
 mod listener;
+pub mod logs;
 mod task;
 
 pub use admin::{Waiting, depth, waiting};

@@ -303,6 +303,10 @@ pub struct Task {
     pub attempts: Vec<AttemptRecord>,
     pub cancel_requested: bool,
     pub traceparent: Option<String>,
+    /// The latest progress its run reported (on one task, not in listings).
+    #[sqlx(skip)]
+    #[serde(default)]
+    pub progress: Option<super::logs::TaskProgress>,
 }
 
 pub(super) const TASK_COLUMNS: &str = "id, kind, agent_id, status, payload, result, error, priority, attempt, \

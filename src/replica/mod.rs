@@ -50,7 +50,9 @@ use crate::fleet::{Heartbeat, new_replica_id};
 use crate::governor::{GovernorOptions, ResourceLimits, ResourceMonitor, Sampler};
 use crate::queue::{self, Listener, Queue};
 use crate::scheduler::SchedulerOptions;
-use crate::worker::{Capacity, Handler, Registry, Worker, WorkerHandle, WorkerOptions};
+use crate::worker::{
+    Capacity, Handler, HandlerError, Registry, Worker, WorkerHandle, WorkerOptions,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -190,6 +192,11 @@ impl Harness {
     /// The kinds this replica claims.
     pub fn kinds(&self) -> Vec<String> {
         self.registry.kinds()
+    }
+
+    /// Its handlers, by kind (what the API checks a new task against).
+    pub fn registry(&self) -> crate::worker::Registry {
+        (*self.registry).clone()
     }
 
     /// The pool's capacity (what the governor adjusts).
@@ -403,14 +410,42 @@ pub fn builtin_handlers(builder: HarnessBuilder) -> HarnessBuilder {
         .handler("echo", |payload: Value| async move {
             Ok::<_, std::convert::Infallible>(payload)
         })
-        .handler("sleep", |payload: Value| async move {
-            let ms = payload["ms"]
-                .as_u64()
-                .filter(|ms| *ms <= 3_600_000)
-                .ok_or("payload.ms must be a whole number of milliseconds from 0 to 3600000")?;
-            tokio::time::sleep(Duration::from_millis(ms)).await;
-            Ok::<_, &str>(serde_json::json!({ "slept_ms": ms }))
+        .handler_with(
+            "sleep",
+            Handler::from_context(|ctx| async move {
+                let ms = sleep_ms(&ctx.payload).map_err(HandlerError::permanent)?;
+                tokio::time::sleep(Duration::from_millis(ms)).await;
+                Ok(serde_json::json!({ "slept_ms": ms }))
+            })
+            .with_validation(|p| sleep_ms(p).map(|_| ())),
+        )
+}
+
+/// The `sleep` kind's payload: `{"ms": N}`, N from 0 to an hour.
+fn sleep_ms(payload: &Value) -> Result<u64, String> {
+    payload["ms"]
+        .as_u64()
+        .filter(|ms| *ms <= 3_600_000)
+        .ok_or_else(|| {
+            format!(
+                "payload.ms must be a whole number of milliseconds from 0 to 3600000, not {}",
+                payload
+                    .get("ms")
+                    .map_or("missing".to_string(), Value::to_string)
+            )
         })
+}
+
+/// Checks a payload of a built-in kind (`noop`, `echo`, `sleep`, `agent`, `command`) as a
+/// replica would at enqueue; `None` for another kind.
+pub fn validate_builtin(kind: &str, payload: &Value) -> Option<Result<(), String>> {
+    match kind {
+        "noop" | "echo" => Some(Ok(())),
+        "sleep" => Some(sleep_ms(payload).map(|_| ())),
+        AGENT_KIND => Some(crate::agents::validate_agent_payload(payload)),
+        COMMAND_KIND => Some(crate::agents::validate_command_payload(payload)),
+        _ => None,
+    }
 }
 
 /// The kinds [`builtin_handlers`] registers.

@@ -217,7 +217,7 @@ async fn load(
 ) -> Result<(), crate::agents::Error> {
     let mut fresh = HashMap::new();
     for agent in agents.scheduled().await? {
-        let Some(schedule) = agent.config.schedule() else {
+        let Some(schedule) = agent.settings.schedule() else {
             continue;
         };
         let db_base = agent.schedule_base();

@@ -66,15 +66,39 @@ impl TaskContext {
     }
 }
 
-/// A handler's failure: its message is stored as the task's error.
+/// A handler's failure: its message is stored as the task's error. Any error converts
+/// (`?`) into a retryable one; [`HandlerError::permanent`] says no retry can succeed.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct HandlerError(pub String);
+pub enum HandlerError {
+    /// Retried while the task has retries left.
+    Retryable(String),
+    /// No retry can succeed (a payload the kind cannot take, a program that does not
+    /// exist): the task ends `failed` at once, whatever retries it has left.
+    Permanent(String),
+}
+
+impl HandlerError {
+    /// A failure no retry can cure.
+    pub fn permanent(message: impl Into<String>) -> HandlerError {
+        HandlerError::Permanent(message.into())
+    }
+
+    pub fn message(&self) -> &str {
+        match self {
+            HandlerError::Retryable(m) | HandlerError::Permanent(m) => m,
+        }
+    }
+}
 
 impl<E: std::fmt::Display> From<E> for HandlerError {
     fn from(e: E) -> Self {
-        HandlerError(e.to_string())
+        HandlerError::Retryable(e.to_string())
     }
 }
+
+/// A kind's check of a payload, run before a task is stored: the error says which field
+/// is wrong and what is allowed.
+pub type ValidateFn = Arc<dyn Fn(&Value) -> Result<(), String> + Send + Sync>;
 
 pub(super) type HandlerFn =
     Arc<dyn Fn(TaskContext) -> BoxFuture<'static, Result<Value, HandlerError>> + Send + Sync>;
@@ -85,6 +109,8 @@ pub struct Handler {
     pub(super) func: HandlerFn,
     /// The kind's default timeout (a task's own `timeout_ms` overrides it).
     pub timeout: Option<Duration>,
+    /// Refuses a payload at enqueue that the handler could never run.
+    pub(super) validate: Option<ValidateFn>,
 }
 
 impl Handler {
@@ -98,9 +124,14 @@ impl Handler {
         Handler {
             func: Arc::new(move |ctx: TaskContext| {
                 let fut = f(ctx.payload);
-                async move { fut.await.map_err(|e| HandlerError(e.to_string())) }.boxed()
+                async move {
+                    fut.await
+                        .map_err(|e| HandlerError::Retryable(e.to_string()))
+                }
+                .boxed()
             }),
             timeout: None,
+            validate: None,
         }
     }
 
@@ -113,11 +144,23 @@ impl Handler {
         Handler {
             func: Arc::new(move |ctx| f(ctx).boxed()),
             timeout: None,
+            validate: None,
         }
     }
 
     pub fn with_timeout(mut self, timeout: Duration) -> Handler {
         self.timeout = Some(timeout);
+        self
+    }
+
+    /// Checks every payload before it is stored (the API and `Harness::enqueue` refuse a
+    /// payload that fails); the handler itself should treat such a payload as a
+    /// [`HandlerError::permanent`] failure.
+    pub fn with_validation(
+        mut self,
+        validate: impl Fn(&Value) -> Result<(), String> + Send + Sync + 'static,
+    ) -> Handler {
+        self.validate = Some(Arc::new(validate));
         self
     }
 }
@@ -135,6 +178,20 @@ impl Registry {
     pub fn get(&self, kind: &str) -> Option<&Handler> {
         self.handlers.get(kind)
     }
+    /// Whether `kind` is registered and takes `payload`: the error names the problem.
+    pub fn validate(&self, kind: &str, payload: &Value) -> Result<(), String> {
+        match self.handlers.get(kind) {
+            None => Err(format!(
+                "{kind:?} is not a kind this fleet runs; allowed: {}",
+                self.kinds().join(", ")
+            )),
+            Some(Handler {
+                validate: Some(v), ..
+            }) => v(payload),
+            Some(_) => Ok(()),
+        }
+    }
+
     pub fn kinds(&self) -> Vec<String> {
         let mut k: Vec<String> = self.handlers.keys().cloned().collect();
         k.sort();

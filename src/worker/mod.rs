@@ -27,6 +27,7 @@ mod claimer;
 mod completer;
 mod handler;
 mod holds;
+mod quarantine;
 mod runner;
 
 use crate::queue::{Queue, TaskId};
@@ -45,6 +46,8 @@ use completer::write_completions;
 use handler::{Control, Verdict};
 pub use handler::{Handler, HandlerError, Registry, TaskContext};
 use holds::Holds;
+use quarantine::Quarantines;
+pub use quarantine::Target;
 use runner::Runner;
 
 /// Settings of a pool.
@@ -97,6 +100,8 @@ struct Shared {
     /// would claim might be rescued and run twice.
     claiming: std::sync::atomic::AtomicBool,
     claiming_changed: Notify,
+    /// Agents and kinds not to start now, and failures per target.
+    quarantines: Quarantines,
 }
 
 impl Shared {
@@ -148,6 +153,7 @@ impl Worker {
             failed: 0.into(),
             claiming: true.into(),
             claiming_changed: Notify::new(),
+            quarantines: Quarantines::default(),
         });
 
         let stop_writer = CancellationToken::new();
@@ -394,6 +400,23 @@ impl WorkerHandle {
             );
         }
         orphans
+    }
+
+    /// Failed attempts per agent or kind since the last call (what the governor decides
+    /// quarantines on).
+    pub fn take_failures(&self) -> HashMap<Target, u64> {
+        self.shared.quarantines.take_failures()
+    }
+
+    /// The quarantines in force (replacing what was known): their tasks go back to the queue
+    /// until then instead of running.
+    pub fn set_quarantines(&self, quarantines: HashMap<Target, chrono::DateTime<chrono::Utc>>) {
+        self.shared.quarantines.set(quarantines);
+    }
+
+    /// One more quarantine, in force at once on this pool.
+    pub fn quarantine(&self, target: Target, until: chrono::DateTime<chrono::Utc>) {
+        self.shared.quarantines.add(target, until);
     }
 
     /// Aborts a running attempt of this pool (a cancel request). Returns whether it was here.

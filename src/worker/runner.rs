@@ -175,6 +175,14 @@ async fn attempt(
             c.kind, shared.options.replica
         ));
     };
+    if let Some(until) = shared.quarantines.until(&c.kind, c.agent_id) {
+        tracing::info!(%until, "not started: its agent or kind is quarantined");
+        let wait = (until - chrono::Utc::now())
+            .to_std()
+            .unwrap_or_default()
+            .max(Duration::from_millis(100));
+        return Outcome::Deferred(wait);
+    }
     let timeout = c
         .timeout_ms
         .map(|ms| Duration::from_millis(ms as u64))
@@ -201,7 +209,8 @@ async fn attempt(
                 Some(Verdict::Skip(reason)) => Outcome::Skipped(reason),
                 Some(Verdict::Defer(d)) => Outcome::Deferred(d),
             },
-            Ok(Ok(Err(HandlerError(e)))) => Outcome::Failed(e),
+            Ok(Ok(Err(HandlerError::Retryable(e)))) => Outcome::Failed(e),
+            Ok(Ok(Err(HandlerError::Permanent(e)))) => Outcome::FailedPermanently(e),
             Ok(Err(panic)) => Outcome::Failed(format!("handler panicked: {}", panic_message(&*panic))),
             Err(_) => Outcome::TimedOut(format!("timed out after {:.3}s", timeout.as_secs_f64())),
         },
@@ -214,6 +223,9 @@ async fn attempt(
         Outcome::Deferred(d) => tracing::debug!(delay_ms = d.as_millis() as u64, "task deferred"),
         Outcome::Failed(e) | Outcome::TimedOut(e) => {
             tracing::warn!(error = %e, "task attempt failed")
+        }
+        Outcome::FailedPermanently(e) => {
+            tracing::warn!(error = %e, "task failed permanently (not retried)")
         }
     }
     outcome
@@ -233,7 +245,9 @@ enum Counted {
 fn counted(outcome: &Outcome) -> Counted {
     match outcome {
         Outcome::Success(_) => Counted::Completed,
-        Outcome::Failed(_) | Outcome::TimedOut(_) => Counted::Failed,
+        Outcome::Failed(_) | Outcome::FailedPermanently(_) | Outcome::TimedOut(_) => {
+            Counted::Failed
+        }
         Outcome::Cancelled | Outcome::Skipped(_) => Counted::Neither,
         Outcome::Deferred(_) => Counted::NotEnded,
     }
@@ -245,8 +259,12 @@ fn count(shared: &Shared, c: &Claimed, outcome: &Outcome) {
     let attrs = crate::telemetry::task_attrs(&c.kind, c.agent_id);
     let counter = match counted(outcome) {
         Counted::Failed => {
+            shared
+                .quarantines
+                .failed(super::Target::of(&c.kind, c.agent_id));
             m.failed.add(1, &attrs);
-            if c.retry_count < c.max_retries {
+            let retried = !matches!(outcome, Outcome::FailedPermanently(_));
+            if retried && c.retry_count < c.max_retries {
                 m.retried.add(1, &attrs);
             }
             Some(&shared.failed)
