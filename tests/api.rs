@@ -493,6 +493,126 @@ async fn auth_scopes_and_bad_requests_get_clear_json_errors() {
 }
 
 #[tokio::test]
+async fn an_agents_own_config_is_apart_from_its_settings_and_the_old_spelling_is_deprecated() {
+    let db = TestDb::new().await;
+    let api = start(&db, Arc::new(AtomicBool::new(false))).await;
+    let code = "class Agent:\n    def __init__(self, config):\n        self.c = config\n    def execute(self):\n        return {'name': self.c.get('name')}\n";
+    // The request: an agent's own config, which used to be refused.
+    let r = api
+        .post("/api/agents")
+        .json(
+            &json!({"name": "ada", "code": code, "config": {"name": "Ada"},
+                      "settings": {"timeout": 30}}),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert!(r.headers().get("deprecation").is_none());
+    let (s, a) = json_of(r).await;
+    assert_eq!(s, StatusCode::CREATED, "{a}");
+    assert_eq!(a["config"], json!({"name": "Ada"}));
+    assert_eq!(a["settings"]["timeout"], 30);
+    // Config alone, with a key that is no setting: the agent's own.
+    let (s, b) = json_of(
+        api.post("/api/agents")
+            .json(&json!({"name": "bea", "code": code, "config": {"name": "Bea", "timeout": 5}}))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(s, StatusCode::CREATED, "{b}");
+    assert_eq!(b["config"], json!({"name": "Bea", "timeout": 5}));
+    // The spelling that shipped: settings fields under `config` still work, and say they
+    // are deprecated.
+    let r = api
+        .post("/api/agents")
+        .json(&json!({"name": "old", "code": code, "config": {"timeout": 20}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.headers()["deprecation"], "true");
+    assert!(
+        r.headers()["warning"]
+            .to_str()
+            .unwrap()
+            .contains("send them as settings")
+    );
+    let (s, o) = json_of(r).await;
+    assert_eq!(s, StatusCode::CREATED, "{o}");
+    assert_eq!(
+        (o["settings"]["timeout"].clone(), o["config"].clone()),
+        (json!(20), json!({}))
+    );
+    // A bad setting names its field under the name the caller used.
+    for (body, field) in [
+        (json!({"settings": {"timeout": 0}}), "settings.timeout"),
+        (json!({"config": {"overlap": "never"}}), "config.overlap"),
+    ] {
+        let (s, e) = json_of(
+            api.client
+                .patch(api.url("/api/agents/ada"))
+                .bearer_auth(ADMIN)
+                .json(&body)
+                .send()
+                .await
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{e}");
+        assert_eq!(e["detail"]["field"], field, "{e}");
+    }
+    // PATCH replaces the config, and runs get it.
+    let (s, p) = json_of(
+        api.client
+            .patch(api.url("/api/agents/ada"))
+            .bearer_auth(ADMIN)
+            .json(&json!({"config": {"name": "Grace"}}))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(
+        (s, &p["config"]),
+        (StatusCode::OK, &json!({"name": "Grace"})),
+        "{p}"
+    );
+    let (s, t) = json_of(api.post("/api/agents/ada/run").send().await.unwrap()).await;
+    assert_eq!(s, StatusCode::CREATED, "{t}");
+    let done = wait_status(&api, t["id"].as_i64().unwrap(), "completed").await;
+    assert_eq!(done["result"]["result"], json!({"name": "Grace"}), "{done}");
+    // A config PostgreSQL cannot store, or over its bound, is refused.
+    let big = "x".repeat(harness::bounds::AGENT_CONFIG_BYTES);
+    for config in [json!({"k": "\u{0}"}), json!({"big": big})] {
+        let (s, e) = json_of(
+            api.client
+                .patch(api.url("/api/agents/ada"))
+                .bearer_auth(ADMIN)
+                .json(&json!({"config": config}))
+                .send()
+                .await
+                .unwrap(),
+        )
+        .await;
+        assert!(s.is_client_error(), "{s} {e}");
+    }
+    // A payload the kind can never run is refused at enqueue, naming the payload.
+    let (s, e) = json_of(
+        api.post("/api/tasks")
+            .json(&json!({"kind": "sleep", "payload": {"ms": "abc"}}))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{e}");
+    assert_eq!(e["detail"]["field"], "payload", "{e}");
+    assert!(e["error"].as_str().unwrap().contains("payload.ms"), "{e}");
+    api.stop().await;
+}
+
+#[tokio::test]
 async fn agent_and_fleet_endpoints() {
     let db = TestDb::new().await;
     let api = start(&db, Arc::new(AtomicBool::new(false))).await;
@@ -532,7 +652,7 @@ async fn agent_and_fleet_endpoints() {
     .await;
     assert_eq!(
         (s, e["detail"]["field"].as_str()),
-        (StatusCode::UNPROCESSABLE_ENTITY, Some("memory_mb")),
+        (StatusCode::UNPROCESSABLE_ENTITY, Some("config.memory_mb")),
         "{e}"
     );
     let (s, e) = json_of(
@@ -545,7 +665,7 @@ async fn agent_and_fleet_endpoints() {
     .await;
     assert_eq!(
         (s, e["detail"]["field"].as_str()),
-        (StatusCode::UNPROCESSABLE_ENTITY, Some("schedule")),
+        (StatusCode::UNPROCESSABLE_ENTITY, Some("config.schedule")),
         "{e}"
     );
 

@@ -1000,6 +1000,26 @@ fn split_runtime(r: &Runtime) -> (RuntimeKind, Option<&str>, Option<&[String]>) 
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn an_own_config_over_its_bound_or_with_a_nul_is_refused_naming_the_field() {
+        let mut c = AgentOwnConfig::new();
+        c.insert("name".into(), json!("Ada"));
+        assert!(validate_own_config(&c).is_ok());
+        c.insert(
+            "big".into(),
+            json!("x".repeat(crate::bounds::AGENT_CONFIG_BYTES)),
+        );
+        let e = validate_own_config(&c).unwrap_err().to_string();
+        assert!(
+            e.starts_with("invalid config: is ") && e.contains("allowed up to 65536"),
+            "{e}"
+        );
+        let mut c = AgentOwnConfig::new();
+        c.insert("k".into(), json!("a\u{0}b"));
+        let e = validate_own_config(&c).unwrap_err().to_string();
+        assert!(e.contains("NUL"), "{e}");
+    }
+
     use super::*;
 
     #[test]

@@ -919,6 +919,22 @@ fn split_agent_body(
     }
 }
 
+/// An agent refused for one of its settings names the field under the caller's `group`
+/// (`settings.timeout`, or `config.timeout` in the deprecated spelling).
+fn settings_error(e: crate::agents::Error, group: &str, settings: &AgentSettings) -> ApiError {
+    match e {
+        crate::agents::Error::Invalid { field, reason }
+            if serde_json::to_value(settings)
+                .expect("settings serialise")
+                .get(field)
+                .is_some() =>
+        {
+            ApiError::invalid(&format!("{group}.{field}"), reason)
+        }
+        e => e.into(),
+    }
+}
+
 /// Marks a response whose request named the settings `config` (RFC 9745 `Deprecation`).
 fn deprecated_config(mut response: Response, legacy: bool) -> Response {
     if legacy {
@@ -954,10 +970,11 @@ async fn create_agent(
         .create(AgentSpec {
             name: body.name,
             runtime,
-            settings,
+            settings: settings.clone(),
             config: config.unwrap_or_default(),
         })
-        .await?;
+        .await
+        .map_err(|e| settings_error(e, group, &settings))?;
     if !body.active {
         agent = a.set_active(&agent.name, false).await?;
     }
@@ -1018,7 +1035,10 @@ async fn update_agent(
     let group = if legacy { "config" } else { "settings" };
     let settings = merge_settings(&current.settings, patch.unwrap_or_default(), group)?;
     let config = config.unwrap_or_else(|| current.config.clone());
-    let mut agent = a.update(&current.name, runtime, settings, config).await?;
+    let mut agent = a
+        .update(&current.name, runtime, settings.clone(), config)
+        .await
+        .map_err(|e| settings_error(e, group, &settings))?;
     if let Some(active) = body.active {
         agent = a.set_active(&agent.name, active).await?;
         if active {

@@ -685,11 +685,13 @@ async fn stats(cfg: Config, json: bool) -> anyhow::Result<()> {
         obj.insert("success_rate".into(), stats.success_rate.into());
         println!("{}", serde_json::Value::Object(obj));
     } else {
+        let mut t = table::Table::new(&["STATUS", "TASKS"]);
         for s in Status::ALL {
-            println!("{:<16} {:>10}", s.as_str(), stats.count(s));
+            t.row(vec![s.as_str().to_string(), stats.count(s).to_string()]);
         }
-        println!("{:<16} {:>10}", "total", stats.total);
-        println!("{:<16} {:>9.1}%", "success rate", stats.success_rate);
+        t.row(vec!["total".into(), stats.total.to_string()]);
+        t.print();
+        println!("success rate {:.1}%", stats.success_rate);
     }
     Ok(())
 }
@@ -731,29 +733,36 @@ async fn fleet(cfg: Config, json: bool) -> anyhow::Result<()> {
         println!("no live replicas (start one with `harness serve`)");
         return Ok(());
     }
-    println!(
-        "{:<28} {:>8} {:<22} {:<10} {:>8} {:>8} {:>6} {:>6}  isolation",
-        "replica", "hb age", "leader", "state", "capacity", "running", "cpu", "mem"
-    );
+    let mut t = table::Table::new(&[
+        "REPLICA",
+        "HB AGE",
+        "LEADER",
+        "STATE",
+        "CAPACITY",
+        "RUNNING",
+        "CPU",
+        "MEM",
+        "ISOLATION",
+    ]);
     let pct = |v: Option<f32>| v.map_or("-".to_string(), |v| format!("{v:.0}%"));
     for r in rows {
-        println!(
-            "{:<28} {:>7.1}s {:<22} {:<10} {:>8} {:>8} {:>6} {:>6}  {}",
-            r.id,
-            r.heartbeat_age_s,
+        t.row(vec![
+            r.id.clone(),
+            format!("{:.1}s", r.heartbeat_age_s),
             match (r.is_leader, r.leader_since) {
                 (true, Some(t)) => format!("since {}", t.format("%Y-%m-%d %H:%M:%S")),
                 (true, None) => "leader".to_string(),
-                _ => String::new(),
+                _ => "-".to_string(),
             },
-            r.governor_state.as_str(),
-            r.capacity,
-            r.running,
+            r.governor_state.as_str().to_string(),
+            r.capacity.to_string(),
+            r.running.to_string(),
             pct(r.cpu_percent),
             pct(r.memory_percent),
-            r.isolation.as_deref().unwrap_or("-")
-        );
+            r.isolation.clone().unwrap_or_else(|| "-".into()),
+        ]);
     }
+    t.print();
     Ok(())
 }
 

@@ -292,14 +292,15 @@ impl Machine {
                 window.as_secs()
             );
             times.clear();
-            events.push(Event::Escalated {
-                reason: reason.clone(),
-                target: Some(target.clone()),
-            });
+            // In force before anyone hears of the escalation.
             events.push(Event::Quarantined {
-                target,
+                target: target.clone(),
                 seconds: None,
+                reason: reason.clone(),
+            });
+            events.push(Event::Escalated {
                 reason,
+                target: Some(target),
             });
         } else {
             let reason = format!(
@@ -492,6 +493,99 @@ mod tests {
             m.evaluate(t);
         }
         assert_eq!(m.state(), State::Normal);
+    }
+
+    fn agent(id: i64) -> Target {
+        Target::of("agent", Some(id))
+    }
+
+    #[test]
+    fn a_burst_of_one_agent_quarantines_it_and_the_replica_goes_on() {
+        let t0 = Instant::now();
+        let mut m = Machine::new(settings(), t0);
+        m.observe_failures_of(t0, &agent(7), 9);
+        m.observe_failures_of(t0, &Target::of("echo", None), 1);
+        let ev = m.evaluate(t0);
+        assert_eq!(
+            ev,
+            vec![Event::Quarantined {
+                target: agent(7),
+                seconds: Some(60),
+                reason: "agent #7: 9 of 10 failures within 30s; quarantined fleet-wide for 60s \
+                         while other work goes on"
+                    .into()
+            }]
+        );
+        assert_eq!((m.state(), m.granted()), (State::Normal, 8));
+    }
+
+    #[test]
+    fn a_burst_spread_over_agents_and_kinds_pauses_the_replica() {
+        let t0 = Instant::now();
+        let mut m = Machine::new(settings(), t0);
+        for id in 0..5 {
+            m.observe_failures_of(t0, &agent(id), 2);
+        }
+        let ev = m.evaluate(t0);
+        assert!(
+            ev.iter().all(|e| !matches!(e, Event::Quarantined { .. })),
+            "{ev:?}"
+        );
+        assert_eq!(m.state(), State::Paused);
+    }
+
+    #[test]
+    fn a_share_of_zero_never_quarantines() {
+        let t0 = Instant::now();
+        let mut m = Machine::new(
+            Settings {
+                quarantine_share: 0.0,
+                ..settings()
+            },
+            t0,
+        );
+        m.observe_failures_of(t0, &agent(1), 10);
+        m.evaluate(t0);
+        assert_eq!(m.state(), State::Paused);
+    }
+
+    #[test]
+    fn an_agent_quarantined_again_and_again_is_escalated_and_held() {
+        let t0 = Instant::now();
+        let mut m = Machine::new(settings(), t0);
+        let mut t = t0;
+        for round in 1..=3 {
+            m.observe_failures_of(t, &agent(7), 10);
+            let ev = m.evaluate(t);
+            if round < 3 {
+                assert!(
+                    matches!(
+                        &ev[..],
+                        [Event::Quarantined {
+                            seconds: Some(60),
+                            ..
+                        }]
+                    ),
+                    "{ev:?}"
+                );
+            } else {
+                assert!(
+                    matches!(
+                        &ev[..],
+                        [
+                            Event::Quarantined { seconds: None, .. },
+                            Event::Escalated {
+                                target: Some(_),
+                                ..
+                            }
+                        ]
+                    ),
+                    "{ev:?}"
+                );
+            }
+            t += Duration::from_secs(61);
+        }
+        assert_eq!(m.state(), State::Normal, "the replica never paused");
     }
 
     #[test]

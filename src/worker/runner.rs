@@ -42,6 +42,9 @@ impl tower::Service<Task<Job>> for Runner {
     }
 }
 
+/// The longest a task of a quarantined agent or kind waits before it is looked at again.
+const QUARANTINE_RECHECK: Duration = Duration::from_secs(5);
+
 pub(super) fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
     p.downcast_ref::<&str>()
         .map(|s| s.to_string())
@@ -177,10 +180,11 @@ async fn attempt(
     };
     if let Some(until) = shared.quarantines.until(&c.kind, c.agent_id) {
         tracing::info!(%until, "not started: its agent or kind is quarantined");
+        // Looked at again within QUARANTINE_RECHECK: a person may lift it before its end.
         let wait = (until - chrono::Utc::now())
             .to_std()
             .unwrap_or_default()
-            .max(Duration::from_millis(100));
+            .clamp(Duration::from_millis(100), QUARANTINE_RECHECK);
         return Outcome::Deferred(wait);
     }
     let timeout = c
