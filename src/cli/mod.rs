@@ -63,15 +63,12 @@ With no database URL configured this starts (or joins) a private PostgreSQL unde
 and runs a replica until Ctrl-C or SIGTERM. The private server stops when its last user exits.")]
     Up(ServeArgs),
     /// Run a replica: claim and run tasks until SIGTERM/Ctrl-C (a second signal exits at once)
-    #[command(
-        visible_alias = "resume",
-        long_about = "Run a replica until SIGTERM or Ctrl-C.\n\n\
+    #[command(long_about = "Run a replica until SIGTERM or Ctrl-C.\n\n\
 The replica registers itself in the replicas table, heartbeats it, claims tasks of the kinds \
 it knows (built in: noop, echo, sleep, agent, command) as capacity allows, and rescues tasks of replicas that stopped \
 heartbeating. On the first signal it stops claiming, lets running tasks finish for \
 bulk.shutdown_grace_s, and hands the rest back to the queue without counting an attempt; a \
-second signal exits at once. The REST API listens on api.bind unless --no-api."
-    )]
+second signal exits at once. The REST API listens on api.bind unless --no-api.")]
     Serve(ServeArgs),
     /// Apply pending database migrations (idempotent; safe from several processes at once)
     Migrate(FileArg),
@@ -120,6 +117,18 @@ subprocess, scrubbed environment, resource limits, timeout. Prints the Execution
 1 on error and 124 on timeout. Needs no database."
     )]
     Exec(ExecArgs),
+    /// Print a shell completion script for harness (e.g. `harness completions bash >
+    /// /etc/bash_completion.d/harness`)
+    Completions {
+        /// The shell to complete in
+        shell: clap_complete::Shell,
+    },
+    /// Not a command: says where resuming an agent or a replica lives (exit code 2)
+    #[command(hide = true)]
+    Resume {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -233,12 +242,18 @@ impl Command {
             Command::Enqueue(a) => a.file.file.as_deref(),
             Command::Bench(a) => a.file.file.as_deref(),
             Command::Agents(a) => a.file.file.as_deref(),
-            Command::Exec(_) => None,
+            Command::Exec(_) | Command::Completions { .. } | Command::Resume { .. } => None,
         }
     }
 }
 
 pub fn run(cli: Cli) -> ExitCode {
+    // These need no configuration: a broken harness.yml must not break them.
+    match &cli.command {
+        Command::Completions { shell } => return completions(*shell),
+        Command::Resume { args } => return resume_is_no_command(args),
+        _ => {}
+    }
     let file = cli
         .command
         .file()
@@ -285,6 +300,9 @@ pub fn run(cli: Cli) -> ExitCode {
             Command::Inspect { task_id, json, .. } => inspect(cfg, task_id, json).await,
             Command::Bench(args) => bench::run(cfg, args).await,
             Command::Exec(args) => return exec(cfg, args).await,
+            // Answered above, before the configuration is loaded; the same answer here.
+            Command::Completions { shell } => return Ok(completions(shell)),
+            Command::Resume { args } => return Ok(resume_is_no_command(&args)),
             Command::Agents(args) => agents::run(cfg, args).await,
             Command::Fleet {
                 action: None, json, ..
@@ -309,6 +327,33 @@ pub fn run(cli: Cli) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Writes the completion script for `shell` to stdout.
+fn completions(shell: clap_complete::Shell) -> ExitCode {
+    use clap::CommandFactory;
+    clap_complete::generate(
+        shell,
+        &mut Cli::command(),
+        "harness",
+        &mut std::io::stdout(),
+    );
+    ExitCode::SUCCESS
+}
+
+/// What `harness resume …` says (exit code 2, a usage error): resuming is a subcommand of
+/// `agents` and of `fleet`, and `serve` (which once answered to `resume`) is neither.
+fn resume_is_no_command(args: &[String]) -> ExitCode {
+    let named = args.iter().find(|a| !a.starts_with('-'));
+    let name = named.map_or("<name>", String::as_str);
+    let replica = named.map_or("<replica>", String::as_str);
+    eprintln!(
+        "error: `harness resume` is not a command. To resume a paused agent run \
+         `harness agents resume {name}`; to lift the governor's hold on a replica run \
+         `harness fleet resume {replica}` (or `harness fleet resume --all`). A replica is \
+         started with `harness serve`."
+    );
+    ExitCode::from(2)
 }
 
 /// A task priority: an integer, or one of the names `low`, `normal`, `high`, `urgent`.
