@@ -89,3 +89,39 @@ fn resume_is_no_command_and_points_to_agents_and_fleet_resume() {
         "{help}"
     );
 }
+
+/// A one-shot command in the wrong directory (or with a mistyped `HARNESS_HOME`) used to
+/// initdb an empty 47 MB database there and report 0 tasks.
+#[test]
+fn one_shot_commands_on_a_home_without_a_database_fail_and_create_nothing() {
+    let parent = tempfile::tempdir().unwrap();
+    let home = parent.path().join("typo");
+    for args in [
+        &["stats"][..],
+        &["fleet"],
+        &["inspect", "1"],
+        &["enqueue", "noop", "{}"],
+        &["agents", "list"],
+    ] {
+        let out = harness(&home).args(args).output().unwrap();
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {}", stderr(&out));
+        let err = stderr(&out);
+        assert!(
+            err.contains(&format!("there is no database under {}", home.display())),
+            "{args:?}: {err}"
+        );
+        for fix in [
+            "harness up",
+            "harness migrate",
+            "HARNESS_HOME",
+            "DATABASE_URL",
+        ] {
+            assert!(err.contains(fix), "{args:?} does not suggest {fix}: {err}");
+        }
+        assert!(!home.exists(), "{args:?} created {}", home.display());
+    }
+    // An existing but empty home stays without a data directory.
+    let out = harness(parent.path()).arg("stats").output().unwrap();
+    assert!(!out.status.success());
+    assert!(!parent.path().join("pg").exists());
+}

@@ -14,7 +14,7 @@ use chrono::{DateTime, Utc};
 use clap::{Args, Parser, Subcommand};
 
 use harness::config::redact_url;
-use harness::db::{self, Database};
+use harness::db::{self, Database, IfAbsent};
 use harness::queue::{NewTask, Queue, Status};
 use harness::replica::{BUILTIN_KINDS, builtin_handlers};
 use harness::{Config, Harness};
@@ -29,7 +29,8 @@ fleet of identical replicas that share nothing but a PostgreSQL database.\n\n\
 Settings come from built-in defaults, then a YAML file (--config, $HARNESS_CONFIG or \
 ./harness.yml), then HARNESS_<SECTION>__<KEY> environment variables; DATABASE_URL sets \
 database.url. Without a database URL, a private PostgreSQL is started (or joined) under \
-.harness/ ($HARNESS_HOME) from the installed server binaries."
+.harness/ ($HARNESS_HOME) from the installed server binaries; only up, serve and migrate set \
+one up, the other commands fail in a home that has none."
 )]
 pub struct Cli {
     /// YAML configuration file [default: $HARNESS_CONFIG, else ./harness.yml when present]
@@ -422,8 +423,10 @@ async fn exec(cfg: Config, args: ExecArgs) -> anyhow::Result<ExitCode> {
     })
 }
 
-pub(crate) async fn open_migrated(cfg: &Config) -> anyhow::Result<Database> {
-    let database = Database::open(cfg).await?;
+/// The database with every migration of this binary applied. One-shot commands pass
+/// [`IfAbsent::Refuse`]: only `up`, `serve` and `migrate` set a private database up.
+pub(crate) async fn open_migrated(cfg: &Config, if_absent: IfAbsent) -> anyhow::Result<Database> {
+    let database = Database::open_with(cfg, if_absent).await?;
     // Nothing to apply: no DDL at all (the role may have none), no migration lock taken.
     if !db::missing_migrations(&database.pool)
         .await
@@ -453,7 +456,7 @@ async fn open_current(cfg: &Config) -> anyhow::Result<Database> {
 }
 
 async fn migrate(cfg: Config) -> anyhow::Result<()> {
-    let database = open_migrated(&cfg).await?;
+    let database = open_migrated(&cfg, IfAbsent::Create).await?;
     let count = db::MIGRATOR.iter().count();
     println!(
         "database {} is at schema version {} ({count} migrations)",
@@ -494,7 +497,7 @@ async fn serve(
     let database = if args.no_migrate {
         open_current(&cfg).await?
     } else {
-        open_migrated(&cfg).await?
+        open_migrated(&cfg, IfAbsent::Create).await?
     };
     let agents = harness::agents::Agents::new(database.pool.clone(), executor.clone());
     let harness = builtin_handlers(Harness::builder())
@@ -677,7 +680,7 @@ async fn enqueue(cfg: Config, args: EnqueueArgs) -> anyhow::Result<()> {
     if let Some(t) = args.timeout {
         task = task.timeout(t);
     }
-    let database = open_migrated(&cfg).await?;
+    let database = open_migrated(&cfg, IfAbsent::Refuse).await?;
     let queue = Queue::new(database.pool.clone(), cfg.bulk.retry_attempts);
     let result = queue.enqueue(task).await;
     warn_if_no_replica(&cfg, &database.pool).await;
@@ -701,7 +704,7 @@ pub(crate) async fn warn_if_no_replica(cfg: &Config, pool: &sqlx::PgPool) {
 }
 
 async fn stats(cfg: Config, json: bool) -> anyhow::Result<()> {
-    let database = open_migrated(&cfg).await?;
+    let database = open_migrated(&cfg, IfAbsent::Refuse).await?;
     let queue = Queue::new(database.pool.clone(), cfg.bulk.retry_attempts);
     let stats = queue.stats().await;
     database.close().await;
@@ -725,7 +728,7 @@ async fn stats(cfg: Config, json: bool) -> anyhow::Result<()> {
 }
 
 async fn fleet_resume(cfg: Config, replica: Option<String>) -> anyhow::Result<()> {
-    let database = open_migrated(&cfg).await?;
+    let database = open_migrated(&cfg, IfAbsent::Refuse).await?;
     let n = harness::fleet::replicas::request_resume(&database.pool, replica.as_deref()).await;
     database.close().await;
     match (n?, replica) {
@@ -737,7 +740,7 @@ async fn fleet_resume(cfg: Config, replica: Option<String>) -> anyhow::Result<()
 }
 
 async fn fleet(cfg: Config, json: bool) -> anyhow::Result<()> {
-    let database = open_migrated(&cfg).await?;
+    let database = open_migrated(&cfg, IfAbsent::Refuse).await?;
     // A replica is live while its heartbeat is younger than the rescue threshold.
     let max_age = Duration::from_secs(cfg.persistence.rescue_after_s);
     let rows = harness::fleet::replicas::list(&database.pool, max_age).await;
@@ -778,7 +781,7 @@ async fn fleet(cfg: Config, json: bool) -> anyhow::Result<()> {
 }
 
 async fn inspect(cfg: Config, id: i64, json: bool) -> anyhow::Result<()> {
-    let database = open_migrated(&cfg).await?;
+    let database = open_migrated(&cfg, IfAbsent::Refuse).await?;
     let queue = Queue::new(database.pool.clone(), cfg.bulk.retry_attempts);
     let task = queue.get(id).await;
     database.close().await;

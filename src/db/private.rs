@@ -317,6 +317,12 @@ impl Drop for PrivateServer {
     }
 }
 
+/// Whether `home` holds an initialised data directory (`initdb` has run there), without
+/// creating or starting anything.
+pub fn is_initialised(home: &Path) -> bool {
+    home.join("pg").join("PG_VERSION").is_file()
+}
+
 fn process_alive(pid: i32) -> bool {
     // EPERM means it exists but belongs to another user (postgres, when we are root).
     !matches!(
