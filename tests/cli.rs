@@ -4,8 +4,13 @@
 
 mod common;
 
+use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::Proc;
+use nix::sys::signal::Signal;
 
 /// A command for the harness binary with a clean harness environment and `home`.
 fn harness(home: &Path) -> Command {
@@ -124,4 +129,245 @@ fn one_shot_commands_on_a_home_without_a_database_fail_and_create_nothing() {
     let out = harness(parent.path()).arg("stats").output().unwrap();
     assert!(!out.status.success());
     assert!(!parent.path().join("pg").exists());
+}
+
+/// A home the unprivileged PostgreSQL user can reach (tests run as root), whose private
+/// server is stopped when the test ends, passed or failed: it runs in a process group of its
+/// own, which stopping the test's processes does not reach.
+struct Home(tempfile::TempDir);
+
+impl Home {
+    fn new() -> Home {
+        let dir = tempfile::Builder::new()
+            .prefix("harness-cli-")
+            .tempdir_in(std::env::temp_dir())
+            .unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        Home(dir)
+    }
+
+    fn path(&self) -> &Path {
+        self.0.path()
+    }
+
+    /// The pid in the server's `postmaster.pid`, if the file is there.
+    fn postmaster_pid(&self) -> Option<i32> {
+        std::fs::read_to_string(self.path().join("pg/postmaster.pid"))
+            .ok()?
+            .lines()
+            .next()?
+            .trim()
+            .parse()
+            .ok()
+    }
+
+    /// Pids of live processes whose command line names this home (the postmaster's `-D`).
+    fn processes(&self) -> Vec<i32> {
+        let home = self.path().to_string_lossy().into_owned();
+        std::fs::read_dir("/proc")
+            .unwrap()
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+            .filter(|pid| {
+                std::fs::read(format!("/proc/{pid}/cmdline"))
+                    .is_ok_and(|c| String::from_utf8_lossy(&c).contains(&home))
+            })
+            .filter(|pid| alive(*pid))
+            .collect()
+    }
+}
+
+impl Drop for Home {
+    fn drop(&mut self) {
+        let _ = harness(self.path())
+            .args(["down", "--force"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+/// Alive and not a zombie.
+fn alive(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        // pid (comm) STATE …: the state follows the last parenthesis.
+        stat.rsplit(')')
+            .next()
+            .and_then(|rest| rest.split_whitespace().next())
+            .is_some_and(|state| state != "Z" && state != "X")
+    })
+}
+
+/// `harness up` on `home` with its stderr collected, once it says it is up.
+fn spawn_up(home: &Path, extra: &[(&str, &str)]) -> (Proc, common::Log) {
+    let mut cmd = harness(home);
+    cmd.arg("up").stdout(Stdio::null());
+    for (k, v) in extra {
+        cmd.env(k, v);
+    }
+    let (up, log) = Proc::spawn_logged(&mut cmd);
+    wait_for(Duration::from_secs(60), "harness up to be up", || {
+        log.contains("is up")
+    });
+    (up, log)
+}
+
+/// Polls `done` every 20 ms until it holds; panics naming `what` after `within`.
+fn wait_for(within: Duration, what: &str, mut done: impl FnMut() -> bool) {
+    let t0 = Instant::now();
+    while !done() {
+        assert!(t0.elapsed() < within, "{what}: not within {within:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn down_stops_a_private_server_left_running_and_says_when_there_is_none() {
+    let home = Home::new();
+    let out = harness(home.path()).arg("down").output().unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(
+        stdout(&out).trim(),
+        format!(
+            "no private PostgreSQL is running under {}",
+            home.path().display()
+        )
+    );
+    assert!(!home.path().join("pg").exists(), "down created nothing");
+
+    // `up` killed with SIGKILL cannot stop its server: it is left running with no user.
+    let (mut up, _log) = spawn_up(home.path(), &[]);
+    let pid = home.postmaster_pid().expect("the server runs");
+    up.signal(Signal::SIGKILL);
+    up.wait_for_exit(Duration::from_secs(10)).expect("killed");
+    assert!(alive(pid), "the server outlives a killed user");
+
+    let out = harness(home.path()).arg("down").output().unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(
+        stdout(&out).trim(),
+        format!(
+            "stopped the private PostgreSQL under {} (pid {pid})",
+            home.path().display()
+        )
+    );
+    // `down` returns once the server has exited: nothing of it is left, at once.
+    assert!(!alive(pid), "the postmaster {pid} is still alive");
+    assert_eq!(
+        home.processes(),
+        Vec::<i32>::new(),
+        "processes of the home remain"
+    );
+
+    let again = harness(home.path()).arg("down").output().unwrap();
+    assert!(again.status.success());
+    assert!(stdout(&again).contains("no private PostgreSQL is running"));
+}
+
+#[test]
+fn down_refuses_while_a_replica_uses_the_server_unless_forced() {
+    let home = Home::new();
+    let (up, _log) = spawn_up(home.path(), &[]);
+    let pid = home.postmaster_pid().expect("the server runs");
+
+    let out = harness(home.path()).arg("down").output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = stderr(&out);
+    assert!(err.contains(&format!("(pid {pid}) is in use")), "{err}");
+    assert!(
+        err.contains(&up.pid().to_string()),
+        "names the replica: {err}"
+    );
+    assert!(err.contains("harness down --force"), "{err}");
+    assert!(alive(pid), "refused: the server runs on");
+
+    let out = harness(home.path())
+        .args(["down", "--force"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stdout(&out).contains(&format!("(pid {pid})")),
+        "{}",
+        stdout(&out)
+    );
+    assert!(
+        stderr(&out).contains(&up.pid().to_string()),
+        "{}",
+        stderr(&out)
+    );
+    assert!(!alive(pid), "forced: the server is gone");
+}
+
+#[test]
+fn down_with_a_database_url_refuses_since_nothing_private_runs() {
+    let home = tempfile::tempdir().unwrap();
+    let out = harness(home.path())
+        .arg("down")
+        .env("DATABASE_URL", "postgres://harness@db.example/harness")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = stderr(&out);
+    assert!(err.contains("database.url is set"), "{err}");
+    assert!(err.contains("no private PostgreSQL to stop"), "{err}");
+}
+
+/// A second Ctrl-C exited at once and left the private server running, with no word.
+#[test]
+fn a_second_sigint_on_up_stops_the_private_server_before_exiting() {
+    let home = Home::new();
+    let (mut up, log) = spawn_up(
+        home.path(),
+        &[
+            ("HARNESS_BULK__SHUTDOWN_GRACE_S", "60"),
+            ("HARNESS_BULK__POLL_INTERVAL_MS", "100"),
+            ("RUST_LOG", "info"),
+        ],
+    );
+    let pid = home.postmaster_pid().expect("the server runs");
+    // A task that outlasts the test keeps the first signal's drain going.
+    let out = harness(home.path())
+        .args(["enqueue", "sleep", r#"{"ms": 600000}"#])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    wait_for(Duration::from_secs(30), "the sleep task to run", || {
+        let out = harness(home.path())
+            .args(["stats", "--json"])
+            .output()
+            .unwrap();
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).is_ok_and(|v| v["running"] == 1)
+    });
+
+    up.signal(Signal::SIGINT);
+    wait_for(Duration::from_secs(20), "up to start draining", || {
+        log.contains("shutting down: no new claims")
+    });
+    assert!(up.alive(), "first signal: draining, not gone");
+    let t0 = Instant::now();
+    up.signal(Signal::SIGINT);
+    let status = up
+        .wait_for_exit(Duration::from_secs(20))
+        .expect("up exits after the second signal");
+    assert!(
+        t0.elapsed() < Duration::from_secs(10),
+        "exited {:?} after the second signal",
+        t0.elapsed()
+    );
+    assert_eq!(status.code(), Some(130));
+    let text = log.text();
+    assert!(
+        text.contains(&format!(
+            "stopped the private PostgreSQL under {} (pid {pid})",
+            home.path().canonicalize().unwrap().display()
+        )),
+        "{text}"
+    );
+    assert!(!alive(pid), "the postmaster {pid} outlived up: {text}");
+    assert_eq!(
+        home.processes(),
+        Vec::<i32>::new(),
+        "processes of the home remain"
+    );
 }

@@ -118,6 +118,23 @@ subprocess, scrubbed environment, resource limits, timeout. Prints the Execution
 1 on error and 124 on timeout. Needs no database."
     )]
     Exec(ExecArgs),
+    /// Stop the private PostgreSQL of the home ($HARNESS_HOME, default ./.harness)
+    #[command(
+        long_about = "Stop the private PostgreSQL that `harness up` (or another command) \
+started under the home ($HARNESS_HOME, default ./.harness): a fast shutdown, waiting until the \
+server has exited. Nothing to do when none runs. While harness processes still use it (a \
+replica of `up` or `serve`, a one-shot command) it refuses and lists their pids; stop them and \
+the last one stops the server, or pass --force to stop it under them (their database \
+connections fail until they are stopped). With database.url set (DATABASE_URL) there is no \
+private server and it refuses."
+    )]
+    Down {
+        /// Stop the server even while harness processes use it
+        #[arg(long)]
+        force: bool,
+        #[command(flatten)]
+        file: FileArg,
+    },
     /// Print a shell completion script for harness (e.g. `harness completions bash >
     /// /etc/bash_completion.d/harness`)
     Completions {
@@ -239,7 +256,8 @@ impl Command {
             Command::Migrate(f) | Command::Config(f) => f.file.as_deref(),
             Command::Stats { file, .. }
             | Command::Inspect { file, .. }
-            | Command::Fleet { file, .. } => file.file.as_deref(),
+            | Command::Fleet { file, .. }
+            | Command::Down { file, .. } => file.file.as_deref(),
             Command::Enqueue(a) => a.file.file.as_deref(),
             Command::Bench(a) => a.file.file.as_deref(),
             Command::Agents(a) => a.file.file.as_deref(),
@@ -299,6 +317,7 @@ pub fn run(cli: Cli) -> ExitCode {
             Command::Enqueue(args) => enqueue(cfg, args).await,
             Command::Stats { json, .. } => stats(cfg, json).await,
             Command::Inspect { task_id, json, .. } => inspect(cfg, task_id, json).await,
+            Command::Down { force, .. } => down(cfg, force).await,
             Command::Bench(args) => bench::run(cfg, args).await,
             Command::Exec(args) => return exec(cfg, args).await,
             // Answered above, before the configuration is loaded; the same answer here.
@@ -467,6 +486,58 @@ async fn migrate(cfg: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
+async fn down(cfg: Config, force: bool) -> anyhow::Result<()> {
+    let home = std::path::absolute(&cfg.home).unwrap_or_else(|_| cfg.home.clone());
+    if cfg.database.url.is_some() {
+        bail!(
+            "database.url is set (DATABASE_URL or the config file), so harness uses that server \
+             and runs no private PostgreSQL to stop; stop that server with its own tools, or \
+             unset DATABASE_URL to act on the private one under {}",
+            home.display()
+        );
+    }
+    let at = home.clone();
+    let done = tokio::task::spawn_blocking(move || db::shut_down_home(&at, force))
+        .await
+        .context("stopping the private PostgreSQL")??;
+    let pids = |users: &[i32]| {
+        let list: Vec<String> = users.iter().map(i32::to_string).collect();
+        list.join(", ")
+    };
+    match done {
+        db::Shutdown::Stopped { pid, users } => {
+            if !users.is_empty() {
+                eprintln!(
+                    "warning: harness processes {} were still using it; their database \
+                     connections fail until they are stopped",
+                    pids(&users)
+                );
+            }
+            println!(
+                "stopped the private PostgreSQL under {} (pid {pid})",
+                home.display()
+            );
+        }
+        db::Shutdown::NotRunning => {
+            println!("no private PostgreSQL is running under {}", home.display())
+        }
+        db::Shutdown::InUse { pid, users } => bail!(
+            "the private PostgreSQL under {} (pid {pid}) is in use by {}; stop them (Ctrl-C) \
+             and the last one stops it, or run `harness down --force` to stop it under them",
+            home.display(),
+            if users.is_empty() {
+                "other harness processes".to_string()
+            } else {
+                format!(
+                    "harness processes {} (replicas or one-shot commands)",
+                    pids(&users)
+                )
+            }
+        ),
+    }
+    Ok(())
+}
+
 async fn serve(
     mut cfg: Config,
     announce: bool,
@@ -488,7 +559,11 @@ async fn serve(
         warn_if_shared_user(&cfg);
     }
     // Before anything else: from here on SIGTERM means "drain", never "die".
-    let stop = stop_on_signals()?;
+    let private = std::sync::Arc::new(std::sync::OnceLock::new());
+    let stop = stop_on_signals(
+        private.clone(),
+        cfg.database.url.is_none().then(|| cfg.home.clone()),
+    )?;
     let executor = std::sync::Arc::new(harness::executor::Executor::new(&cfg.executor)?);
     // `up` on a reachable address with no token would expose the API: make one.
     let generated_token =
@@ -499,6 +574,9 @@ async fn serve(
     } else {
         open_migrated(&cfg, IfAbsent::Create).await?
     };
+    if let Some(server) = database.private_server() {
+        let _ = private.set(server.stopper());
+    }
     let agents = harness::agents::Agents::new(database.pool.clone(), executor.clone());
     let harness = builtin_handlers(Harness::builder())
         .agents(agents.clone())
@@ -576,9 +654,18 @@ fn warn_if_shared_user(cfg: &Config) {
     }
 }
 
+/// How long the second signal gives the private PostgreSQL's fast shutdown before stopping
+/// it in immediate mode (crash recovery at the next start).
+const SECOND_SIGNAL_GRACE: Duration = Duration::from_secs(5);
+
 /// A token cancelled by the first SIGINT or SIGTERM; a second one exits at once, leaving
-/// unfinished tasks to be rescued.
-fn stop_on_signals() -> anyhow::Result<tokio_util::sync::CancellationToken> {
+/// unfinished tasks to be rescued, after leaving the private server of `private` (set once
+/// the database is open), which stops it when this was its last user. `home`: where the
+/// private server lives when one is used.
+fn stop_on_signals(
+    private: std::sync::Arc<std::sync::OnceLock<db::Stopper>>,
+    home: Option<PathBuf>,
+) -> anyhow::Result<tokio_util::sync::CancellationToken> {
     let mut signals = Signals::register().context("installing signal handlers")?;
     let stop = tokio_util::sync::CancellationToken::new();
     let cancel = stop.clone();
@@ -586,7 +673,38 @@ fn stop_on_signals() -> anyhow::Result<tokio_util::sync::CancellationToken> {
         signals.next().await;
         cancel.cancel();
         signals.next().await;
-        eprintln!("second signal: exiting now");
+        let Some(stopper) = private.get().cloned() else {
+            match home {
+                // Between start-up and an open database a server may be starting there.
+                Some(home) => eprintln!(
+                    "second signal: exiting now (if a private PostgreSQL was starting under {}, \
+                     `harness down` stops it)",
+                    std::path::absolute(&home).unwrap_or(home).display()
+                ),
+                None => eprintln!("second signal: exiting now"),
+            }
+            std::process::exit(130);
+        };
+        let home = stopper.home().display().to_string();
+        eprintln!("second signal: stopping the private PostgreSQL under {home}, then exiting");
+        let left = tokio::task::spawn_blocking(move || stopper.stop_now(SECOND_SIGNAL_GRACE)).await;
+        match left {
+            Ok(Ok(db::Left::Stopped { pid })) => {
+                eprintln!("stopped the private PostgreSQL under {home} (pid {pid}); exiting now")
+            }
+            Ok(Ok(db::Left::InUse)) => eprintln!(
+                "the private PostgreSQL under {home} keeps running for the other harness \
+                 processes using it; exiting now"
+            ),
+            Ok(Ok(db::Left::Nothing)) => eprintln!("exiting now"),
+            Ok(Err(e)) => eprintln!(
+                "could not stop the private PostgreSQL under {home} ({e}); `harness down` \
+                 stops it; exiting now"
+            ),
+            Err(e) => {
+                eprintln!("could not stop the private PostgreSQL under {home} ({e}); exiting now")
+            }
+        }
         std::process::exit(130);
     });
     Ok(stop)

@@ -16,7 +16,7 @@ use sqlx::migrate::Migrator;
 use sqlx::postgres::PgPoolOptions;
 
 use crate::config::{Config, redact_url};
-pub use private::{PrivateServer, ServerOptions};
+pub use private::{Left, PrivateServer, ServerOptions, Shutdown, Stopper, shut_down_home};
 
 /// Every migration in `migrations/`, embedded in the binary.
 pub static MIGRATOR: Migrator = sqlx::migrate!("./migrations");
