@@ -36,7 +36,15 @@ fn completions_print_a_script_naming_the_subcommands_and_reject_an_unknown_shell
         .unwrap();
     assert!(out.status.success(), "{}", stderr(&out));
     let script = stdout(&out);
-    for word in ["harness", "enqueue", "agents", "fleet", "completions"] {
+    for word in [
+        "harness",
+        "enqueue",
+        "agents",
+        "fleet",
+        "completions",
+        "doctor",
+        "down",
+    ] {
         assert!(script.contains(word), "{word} missing from the script");
     }
     // A hidden command is not offered.
@@ -370,4 +378,111 @@ fn a_second_sigint_on_up_stops_the_private_server_before_exiting() {
         Vec::<i32>::new(),
         "processes of the home remain"
     );
+}
+
+/// The line of `check` in doctor's output.
+fn doctor_line<'a>(out: &'a str, check: &str) -> &'a str {
+    out.lines()
+        .find(|l| l.split_whitespace().nth(1) == Some(check))
+        .unwrap_or_else(|| panic!("no {check} line in:\n{out}"))
+}
+
+#[tokio::test]
+async fn doctor_on_a_working_setup_passes_every_check_it_prints() {
+    let db = common::TestDb::new().await;
+    let out = common::harness_at(&db.url).arg("doctor").output().unwrap();
+    let text = stdout(&out);
+    assert_eq!(out.status.code(), Some(0), "{text}{}", stderr(&out));
+    assert!(doctor_line(&text, "python").starts_with("ok"), "{text}");
+    assert!(
+        doctor_line(&text, "python").contains("(Python 3."),
+        "{text}"
+    );
+    for check in ["account", "isolation"] {
+        assert!(!doctor_line(&text, check).starts_with("FAIL"), "{text}");
+    }
+    assert!(doctor_line(&text, "database").starts_with("ok    database   reachable"));
+    assert!(doctor_line(&text, "migrations").starts_with("ok"), "{text}");
+    assert!(doctor_line(&text, "api.bind").starts_with("ok"), "{text}");
+    assert!(
+        doctor_line(&text, "api.tokens").starts_with("warn"),
+        "{text}"
+    );
+
+    let out = common::harness_at(&db.url)
+        .args(["doctor", "--json"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["ok"], true);
+    let names: Vec<&str> = v["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["check"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "python",
+            "account",
+            "isolation",
+            "database",
+            "migrations",
+            "api.bind",
+            "api.tokens"
+        ]
+    );
+}
+
+#[tokio::test]
+async fn doctor_with_a_bogus_python_fails_naming_the_setting() {
+    let db = common::TestDb::new().await;
+    let out = common::harness_at(&db.url)
+        .arg("doctor")
+        .env("HARNESS_EXECUTOR__PYTHON", "/nonexistent")
+        .output()
+        .unwrap();
+    let text = stdout(&out);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    let line = doctor_line(&text, "python");
+    assert!(line.starts_with("FAIL"), "{line}");
+    assert!(
+        line.contains("executor.python = \"/nonexistent\""),
+        "{line}"
+    );
+    assert!(line.contains("HARNESS_EXECUTOR__PYTHON"), "{line}");
+    // The rest is still checked.
+    assert!(doctor_line(&text, "database").starts_with("ok"), "{text}");
+}
+
+#[test]
+fn doctor_names_who_holds_api_bind_and_sets_up_no_database() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let parent = tempfile::tempdir().unwrap();
+    let home = parent.path().join("home");
+    let out = harness(&home)
+        .arg("doctor")
+        .env("HARNESS_API__BIND", &addr)
+        .output()
+        .unwrap();
+    let text = stdout(&out);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    let line = doctor_line(&text, "api.bind");
+    assert!(line.starts_with("FAIL"), "{line}");
+    assert!(
+        line.contains(&format!("{addr} is in use by"))
+            && line.contains(&format!("(pid {})", std::process::id())),
+        "names this test as the holder: {line}"
+    );
+    assert!(line.contains("HARNESS_API__BIND"), "{line}");
+    let db = doctor_line(&text, "database");
+    assert!(db.starts_with("warn"), "{db}");
+    assert!(
+        db.contains("harness up") && db.contains("harness migrate"),
+        "{db}"
+    );
+    assert!(!home.exists(), "doctor created {}", home.display());
 }

@@ -3,6 +3,7 @@
 
 mod agents;
 mod bench;
+mod doctor;
 pub(crate) mod init;
 
 use std::path::{Path, PathBuf};
@@ -118,6 +119,23 @@ subprocess, scrubbed environment, resource limits, timeout. Prints the Execution
 1 on error and 124 on timeout. Needs no database."
     )]
     Exec(ExecArgs),
+    /// Check what a replica needs here: Python, the agent account, isolation, the database
+    /// and its migrations, api.bind, api.tokens (exit code 1 when a check fails)
+    #[command(
+        long_about = "Check what a replica on this host needs, one line per check with \
+ok, warn or FAIL and what to do: the Python interpreter (executor.python) and its version, \
+the account agents run as (executor.run_as, executor.uid_range), the isolation mode and what \
+it lacks, whether the database is reachable (a private one is never set up by this) and has \
+every migration, whether api.bind can be bound (or who holds it), and whether api.tokens are \
+configured. Exits 1 when any check fails."
+    )]
+    Doctor {
+        /// Print {\"ok\": bool, \"checks\": [{check, status, detail, fix}]} instead of lines
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        file: FileArg,
+    },
     /// Stop the private PostgreSQL of the home ($HARNESS_HOME, default ./.harness)
     #[command(
         long_about = "Stop the private PostgreSQL that `harness up` (or another command) \
@@ -257,7 +275,8 @@ impl Command {
             Command::Stats { file, .. }
             | Command::Inspect { file, .. }
             | Command::Fleet { file, .. }
-            | Command::Down { file, .. } => file.file.as_deref(),
+            | Command::Down { file, .. }
+            | Command::Doctor { file, .. } => file.file.as_deref(),
             Command::Enqueue(a) => a.file.file.as_deref(),
             Command::Bench(a) => a.file.file.as_deref(),
             Command::Agents(a) => a.file.file.as_deref(),
@@ -318,6 +337,7 @@ pub fn run(cli: Cli) -> ExitCode {
             Command::Stats { json, .. } => stats(cfg, json).await,
             Command::Inspect { task_id, json, .. } => inspect(cfg, task_id, json).await,
             Command::Down { force, .. } => down(cfg, force).await,
+            Command::Doctor { json, .. } => return doctor::run(cfg, json).await,
             Command::Bench(args) => bench::run(cfg, args).await,
             Command::Exec(args) => return exec(cfg, args).await,
             // Answered above, before the configuration is loaded; the same answer here.
