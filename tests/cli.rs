@@ -486,3 +486,29 @@ fn doctor_names_who_holds_api_bind_and_sets_up_no_database() {
     );
     assert!(!home.exists(), "doctor created {}", home.display());
 }
+
+#[tokio::test]
+async fn doctor_fails_an_open_api_beyond_loopback_and_warns_of_missing_migrations() {
+    let db = common::TestDb::empty().await;
+    let out = common::harness_at(&db.url)
+        .arg("doctor")
+        .env("HARNESS_API__BIND", "0.0.0.0:0")
+        .output()
+        .unwrap();
+    let text = stdout(&out);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    let tokens = doctor_line(&text, "api.tokens");
+    assert!(tokens.starts_with("FAIL"), "{tokens}");
+    assert!(tokens.contains("HARNESS_API__TOKENS"), "{tokens}");
+    let migrations = doctor_line(&text, "migrations");
+    assert!(
+        migrations.starts_with("warn  migrations missing ["),
+        "{migrations}"
+    );
+    assert!(migrations.contains("harness migrate"), "{migrations}");
+    // Doctor applied nothing.
+    assert!(
+        !harness::db::migrations_current(&db.pool).await.unwrap(),
+        "doctor migrated the database"
+    );
+}
