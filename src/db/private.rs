@@ -15,7 +15,9 @@
 //! Guarantees: several `harness` processes on one home share one server; the server is
 //! stopped by the last process that leaves it (an exclusive `pg.users` lock succeeds only
 //! then). A process killed with `kill -9` leaves the server running, and the next process
-//! attaches to it. As root, `initdb` and `postgres` run as `postgres` (or `nobody`) because
+//! attaches to it; [`shut_down_home`] (`harness down`) stops such a server from outside, and
+//! refuses while users remain unless forced. A [`Stopper`] leaves the server on its owner's
+//! behalf from another task (a replica's second Ctrl-C). As root, `initdb` and `postgres` run as `postgres` (or `nobody`) because
 //! PostgreSQL refuses to run as root.
 
 use std::fs::{self, File, OpenOptions};
