@@ -516,8 +516,15 @@ fn bad_configuration_exits_non_zero_naming_the_key() {
 /// call); `-v` brings info back.
 #[test]
 fn one_shot_commands_are_quiet_unless_verbose() {
-    // A private server of its own: starting and stopping it is what logs at info.
+    // A private server of its own: starting and stopping it is what logs at info. `migrate`
+    // sets it up (one-shot commands refuse to).
     let home = reachable_home();
+    let migrated = harness(home.path()).arg("migrate").output().unwrap();
+    assert!(
+        migrated.status.success(),
+        "{}",
+        String::from_utf8_lossy(&migrated.stderr)
+    );
     let stats = |verbose: bool| {
         let mut cmd = harness(home.path());
         cmd.env_remove("RUST_LOG");

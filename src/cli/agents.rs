@@ -10,6 +10,7 @@ use serde_json::{Value, json};
 
 use harness::Config;
 use harness::agents::{AgentOwnConfig, AgentSettings, AgentSpec, Agents, Overlap};
+use harness::db::IfAbsent;
 use harness::executor::{Executor, Runtime};
 use harness::queue::Queue;
 
@@ -285,7 +286,7 @@ fn agent_json(a: &harness::agents::Agent) -> Value {
 
 pub async fn run(cfg: Config, args: AgentsArgs) -> anyhow::Result<()> {
     let executor = Arc::new(Executor::new(&cfg.executor)?);
-    let database = open_migrated(&cfg).await?;
+    let database = open_migrated(&cfg, IfAbsent::Refuse).await?;
     let agents = Agents::new(database.pool.clone(), executor);
     let result = run_command(&cfg, &agents, &database.pool, args.command).await;
     database.close().await;

@@ -84,7 +84,7 @@ pub async fn run(cfg: Config, args: BenchArgs) -> anyhow::Result<()> {
             "--tasks, --concurrency, --replicas, --runs, --producers and --batch must be at least 1"
         );
     }
-    let database = Database::open(&cfg).await?;
+    let database = Database::open_existing(&cfg).await?;
     let admin_url = db::with_database(database.url(), "postgres");
     let mut runs = Vec::new();
     for i in 0..args.runs {

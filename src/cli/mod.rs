@@ -3,6 +3,7 @@
 
 mod agents;
 mod bench;
+mod doctor;
 pub(crate) mod init;
 mod table;
 mod tasks;
@@ -16,7 +17,7 @@ use chrono::{DateTime, Utc};
 use clap::{Args, Parser, Subcommand};
 
 use harness::config::redact_url;
-use harness::db::{self, Database};
+use harness::db::{self, Database, IfAbsent};
 use harness::queue::{NewTask, Queue, Status};
 use harness::replica::{BUILTIN_KINDS, builtin_handlers};
 use harness::{Config, Harness};
@@ -31,7 +32,8 @@ fleet of identical replicas that share nothing but a PostgreSQL database.\n\n\
 Settings come from built-in defaults, then a YAML file (--config, $HARNESS_CONFIG or \
 ./harness.yml), then HARNESS_<SECTION>__<KEY> environment variables; DATABASE_URL sets \
 database.url. Without a database URL, a private PostgreSQL is started (or joined) under \
-.harness/ ($HARNESS_HOME) from the installed server binaries."
+.harness/ ($HARNESS_HOME) from the installed server binaries; only up, serve and migrate set \
+one up, the other commands fail in a home that has none."
 )]
 pub struct Cli {
     /// YAML configuration file [default: $HARNESS_CONFIG, else ./harness.yml when present]
@@ -65,15 +67,12 @@ With no database URL configured this starts (or joins) a private PostgreSQL unde
 and runs a replica until Ctrl-C or SIGTERM. The private server stops when its last user exits.")]
     Up(ServeArgs),
     /// Run a replica: claim and run tasks until SIGTERM/Ctrl-C (a second signal exits at once)
-    #[command(
-        visible_alias = "resume",
-        long_about = "Run a replica until SIGTERM or Ctrl-C.\n\n\
+    #[command(long_about = "Run a replica until SIGTERM or Ctrl-C.\n\n\
 The replica registers itself in the replicas table, heartbeats it, claims tasks of the kinds \
 it knows (built in: noop, echo, sleep, agent, command) as capacity allows, and rescues tasks of replicas that stopped \
 heartbeating. On the first signal it stops claiming, lets running tasks finish for \
 bulk.shutdown_grace_s, and hands the rest back to the queue without counting an attempt; a \
-second signal exits at once. The REST API listens on api.bind unless --no-api."
-    )]
+second signal exits at once. The REST API listens on api.bind unless --no-api.")]
     Serve(ServeArgs),
     /// Apply pending database migrations (idempotent; safe from several processes at once)
     Migrate(FileArg),
@@ -127,6 +126,52 @@ subprocess, scrubbed environment, resource limits, timeout. Prints the Execution
 1 on error and 124 on timeout. Needs no database."
     )]
     Exec(ExecArgs),
+    /// Check what a replica needs here: Python, the agent account, isolation, the database
+    /// and its migrations, api.bind, api.tokens (exit code 1 when a check fails)
+    #[command(
+        long_about = "Check what a replica on this host needs, one line per check with \
+ok, warn or FAIL and what to do: the Python interpreter (executor.python) and its version, \
+the account agents run as (executor.run_as, executor.uid_range), the isolation mode and what \
+it lacks, whether the database is reachable (a private one is never set up by this) and has \
+every migration, whether api.bind can be bound (or who holds it), and whether api.tokens are \
+configured. Exits 1 when any check fails."
+    )]
+    Doctor {
+        /// Print {\"ok\": bool, \"checks\": [{check, status, detail, fix}]} instead of lines
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        file: FileArg,
+    },
+    /// Stop the private PostgreSQL of the home ($HARNESS_HOME, default ./.harness)
+    #[command(
+        long_about = "Stop the private PostgreSQL that `harness up` (or another command) \
+started under the home ($HARNESS_HOME, default ./.harness): a fast shutdown, waiting until the \
+server has exited. Nothing to do when none runs. While harness processes still use it (a \
+replica of `up` or `serve`, a one-shot command) it refuses and lists their pids; stop them and \
+the last one stops the server, or pass --force to stop it under them (their database \
+connections fail until they are stopped). With database.url set (DATABASE_URL) there is no \
+private server and it refuses."
+    )]
+    Down {
+        /// Stop the server even while harness processes use it
+        #[arg(long)]
+        force: bool,
+        #[command(flatten)]
+        file: FileArg,
+    },
+    /// Print a shell completion script for harness (e.g. `harness completions bash >
+    /// /etc/bash_completion.d/harness`)
+    Completions {
+        /// The shell to complete in
+        shell: clap_complete::Shell,
+    },
+    /// Not a command: says where resuming an agent or a replica lives (exit code 2)
+    #[command(hide = true)]
+    Resume {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -237,18 +282,26 @@ impl Command {
             Command::Migrate(f) | Command::Config(f) => f.file.as_deref(),
             Command::Stats { file, .. }
             | Command::Inspect { file, .. }
-            | Command::Fleet { file, .. } => file.file.as_deref(),
+            | Command::Fleet { file, .. }
+            | Command::Down { file, .. }
+            | Command::Doctor { file, .. } => file.file.as_deref(),
             Command::Enqueue(a) => a.file.file.as_deref(),
             Command::Bench(a) => a.file.file.as_deref(),
             Command::Agents(a) => a.file.file.as_deref(),
             Command::Tasks(a) => a.file.file.as_deref(),
             Command::Logs(a) => a.file.file.as_deref(),
-            Command::Exec(_) => None,
+            Command::Exec(_) | Command::Completions { .. } | Command::Resume { .. } => None,
         }
     }
 }
 
 pub fn run(cli: Cli) -> ExitCode {
+    // These need no configuration: a broken harness.yml must not break them.
+    match &cli.command {
+        Command::Completions { shell } => return completions(*shell),
+        Command::Resume { args } => return resume_is_no_command(args),
+        _ => {}
+    }
     let file = cli
         .command
         .file()
@@ -293,8 +346,13 @@ pub fn run(cli: Cli) -> ExitCode {
             Command::Enqueue(args) => enqueue(cfg, args).await,
             Command::Stats { json, .. } => stats(cfg, json).await,
             Command::Inspect { task_id, json, .. } => inspect(cfg, task_id, json).await,
+            Command::Down { force, .. } => down(cfg, force).await,
+            Command::Doctor { json, .. } => return doctor::run(cfg, json).await,
             Command::Bench(args) => bench::run(cfg, args).await,
             Command::Exec(args) => return exec(cfg, args).await,
+            // Answered above, before the configuration is loaded; the same answer here.
+            Command::Completions { shell } => return Ok(completions(shell)),
+            Command::Resume { args } => return Ok(resume_is_no_command(&args)),
             Command::Agents(args) => agents::run(cfg, args).await,
             Command::Tasks(args) => tasks::run(cfg, args).await,
             Command::Logs(args) => return tasks::logs(cfg, args).await,
@@ -321,6 +379,33 @@ pub fn run(cli: Cli) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Writes the completion script for `shell` to stdout.
+fn completions(shell: clap_complete::Shell) -> ExitCode {
+    use clap::CommandFactory;
+    clap_complete::generate(
+        shell,
+        &mut Cli::command(),
+        "harness",
+        &mut std::io::stdout(),
+    );
+    ExitCode::SUCCESS
+}
+
+/// What `harness resume …` says (exit code 2, a usage error): resuming is a subcommand of
+/// `agents` and of `fleet`, and `serve` (which once answered to `resume`) is neither.
+fn resume_is_no_command(args: &[String]) -> ExitCode {
+    let named = args.iter().find(|a| !a.starts_with('-'));
+    let name = named.map_or("<name>", String::as_str);
+    let replica = named.map_or("<replica>", String::as_str);
+    eprintln!(
+        "error: `harness resume` is not a command. To resume a paused agent run \
+         `harness agents resume {name}`; to lift the governor's hold on a replica run \
+         `harness fleet resume {replica}` (or `harness fleet resume --all`). A replica is \
+         started with `harness serve`."
+    );
+    ExitCode::from(2)
 }
 
 /// A task priority: an integer, or one of the names `low`, `normal`, `high`, `urgent`.
@@ -389,8 +474,10 @@ async fn exec(cfg: Config, args: ExecArgs) -> anyhow::Result<ExitCode> {
     })
 }
 
-pub(crate) async fn open_migrated(cfg: &Config) -> anyhow::Result<Database> {
-    let database = Database::open(cfg).await?;
+/// The database with every migration of this binary applied. One-shot commands pass
+/// [`IfAbsent::Refuse`]: only `up`, `serve` and `migrate` set a private database up.
+pub(crate) async fn open_migrated(cfg: &Config, if_absent: IfAbsent) -> anyhow::Result<Database> {
+    let database = Database::open_with(cfg, if_absent).await?;
     // Nothing to apply: no DDL at all (the role may have none), no migration lock taken.
     if !db::missing_migrations(&database.pool)
         .await
@@ -420,7 +507,7 @@ async fn open_current(cfg: &Config) -> anyhow::Result<Database> {
 }
 
 async fn migrate(cfg: Config) -> anyhow::Result<()> {
-    let database = open_migrated(&cfg).await?;
+    let database = open_migrated(&cfg, IfAbsent::Create).await?;
     let count = db::MIGRATOR.iter().count();
     println!(
         "database {} is at schema version {} ({count} migrations)",
@@ -428,6 +515,58 @@ async fn migrate(cfg: Config) -> anyhow::Result<()> {
         db::MIGRATOR.iter().map(|m| m.version).max().unwrap_or(0)
     );
     database.close().await;
+    Ok(())
+}
+
+async fn down(cfg: Config, force: bool) -> anyhow::Result<()> {
+    let home = std::path::absolute(&cfg.home).unwrap_or_else(|_| cfg.home.clone());
+    if cfg.database.url.is_some() {
+        bail!(
+            "database.url is set (DATABASE_URL or the config file), so harness uses that server \
+             and runs no private PostgreSQL to stop; stop that server with its own tools, or \
+             unset DATABASE_URL to act on the private one under {}",
+            home.display()
+        );
+    }
+    let at = home.clone();
+    let done = tokio::task::spawn_blocking(move || db::shut_down_home(&at, force))
+        .await
+        .context("stopping the private PostgreSQL")??;
+    let pids = |users: &[i32]| {
+        let list: Vec<String> = users.iter().map(i32::to_string).collect();
+        list.join(", ")
+    };
+    match done {
+        db::Shutdown::Stopped { pid, users } => {
+            if !users.is_empty() {
+                eprintln!(
+                    "warning: harness processes {} were still using it; their database \
+                     connections fail until they are stopped",
+                    pids(&users)
+                );
+            }
+            println!(
+                "stopped the private PostgreSQL under {} (pid {pid})",
+                home.display()
+            );
+        }
+        db::Shutdown::NotRunning => {
+            println!("no private PostgreSQL is running under {}", home.display())
+        }
+        db::Shutdown::InUse { pid, users } => bail!(
+            "the private PostgreSQL under {} (pid {pid}) is in use by {}; stop them (Ctrl-C) \
+             and the last one stops it, or run `harness down --force` to stop it under them",
+            home.display(),
+            if users.is_empty() {
+                "other harness processes".to_string()
+            } else {
+                format!(
+                    "harness processes {} (replicas or one-shot commands)",
+                    pids(&users)
+                )
+            }
+        ),
+    }
     Ok(())
 }
 
@@ -452,7 +591,11 @@ async fn serve(
         warn_if_shared_user(&cfg);
     }
     // Before anything else: from here on SIGTERM means "drain", never "die".
-    let stop = stop_on_signals()?;
+    let private = std::sync::Arc::new(std::sync::OnceLock::new());
+    let stop = stop_on_signals(
+        private.clone(),
+        cfg.database.url.is_none().then(|| cfg.home.clone()),
+    )?;
     let executor = std::sync::Arc::new(harness::executor::Executor::new(&cfg.executor)?);
     // `up` on a reachable address with no token would expose the API: make one.
     let generated_token =
@@ -461,8 +604,11 @@ async fn serve(
     let database = if args.no_migrate {
         open_current(&cfg).await?
     } else {
-        open_migrated(&cfg).await?
+        open_migrated(&cfg, IfAbsent::Create).await?
     };
+    if let Some(server) = database.private_server() {
+        let _ = private.set(server.stopper());
+    }
     let agents = harness::agents::Agents::new(database.pool.clone(), executor.clone());
     let harness = builtin_handlers(Harness::builder())
         .agents(agents.clone())
@@ -540,9 +686,18 @@ fn warn_if_shared_user(cfg: &Config) {
     }
 }
 
+/// How long the second signal gives the private PostgreSQL's fast shutdown before stopping
+/// it in immediate mode (crash recovery at the next start).
+const SECOND_SIGNAL_GRACE: Duration = Duration::from_secs(5);
+
 /// A token cancelled by the first SIGINT or SIGTERM; a second one exits at once, leaving
-/// unfinished tasks to be rescued.
-fn stop_on_signals() -> anyhow::Result<tokio_util::sync::CancellationToken> {
+/// unfinished tasks to be rescued, after leaving the private server of `private` (set once
+/// the database is open), which stops it when this was its last user. `home`: where the
+/// private server lives when one is used.
+fn stop_on_signals(
+    private: std::sync::Arc<std::sync::OnceLock<db::Stopper>>,
+    home: Option<PathBuf>,
+) -> anyhow::Result<tokio_util::sync::CancellationToken> {
     let mut signals = Signals::register().context("installing signal handlers")?;
     let stop = tokio_util::sync::CancellationToken::new();
     let cancel = stop.clone();
@@ -550,7 +705,38 @@ fn stop_on_signals() -> anyhow::Result<tokio_util::sync::CancellationToken> {
         signals.next().await;
         cancel.cancel();
         signals.next().await;
-        eprintln!("second signal: exiting now");
+        let Some(stopper) = private.get().cloned() else {
+            match home {
+                // Between start-up and an open database a server may be starting there.
+                Some(home) => eprintln!(
+                    "second signal: exiting now (if a private PostgreSQL was starting under {}, \
+                     `harness down` stops it)",
+                    std::path::absolute(&home).unwrap_or(home).display()
+                ),
+                None => eprintln!("second signal: exiting now"),
+            }
+            std::process::exit(130);
+        };
+        let home = stopper.home().display().to_string();
+        eprintln!("second signal: stopping the private PostgreSQL under {home}, then exiting");
+        let left = tokio::task::spawn_blocking(move || stopper.stop_now(SECOND_SIGNAL_GRACE)).await;
+        match left {
+            Ok(Ok(db::Left::Stopped { pid })) => {
+                eprintln!("stopped the private PostgreSQL under {home} (pid {pid}); exiting now")
+            }
+            Ok(Ok(db::Left::InUse)) => eprintln!(
+                "the private PostgreSQL under {home} keeps running for the other harness \
+                 processes using it; exiting now"
+            ),
+            Ok(Ok(db::Left::Nothing)) => eprintln!("exiting now"),
+            Ok(Err(e)) => eprintln!(
+                "could not stop the private PostgreSQL under {home} ({e}); `harness down` \
+                 stops it; exiting now"
+            ),
+            Err(e) => {
+                eprintln!("could not stop the private PostgreSQL under {home} ({e}); exiting now")
+            }
+        }
         std::process::exit(130);
     });
     Ok(stop)
@@ -647,7 +833,7 @@ async fn enqueue(cfg: Config, args: EnqueueArgs) -> anyhow::Result<()> {
     if let Some(t) = args.timeout {
         task = task.timeout(t);
     }
-    let database = open_migrated(&cfg).await?;
+    let database = open_migrated(&cfg, IfAbsent::Refuse).await?;
     let queue = Queue::new(database.pool.clone(), cfg.bulk.retry_attempts);
     let result = queue.enqueue(task).await;
     warn_if_no_replica(&cfg, &database.pool).await;
@@ -671,7 +857,7 @@ pub(crate) async fn warn_if_no_replica(cfg: &Config, pool: &sqlx::PgPool) {
 }
 
 async fn stats(cfg: Config, json: bool) -> anyhow::Result<()> {
-    let database = open_migrated(&cfg).await?;
+    let database = open_migrated(&cfg, IfAbsent::Refuse).await?;
     let queue = Queue::new(database.pool.clone(), cfg.bulk.retry_attempts);
     let stats = queue.stats().await;
     database.close().await;
@@ -697,7 +883,7 @@ async fn stats(cfg: Config, json: bool) -> anyhow::Result<()> {
 }
 
 async fn fleet_resume(cfg: Config, replica: Option<String>) -> anyhow::Result<()> {
-    let database = open_migrated(&cfg).await?;
+    let database = open_migrated(&cfg, IfAbsent::Refuse).await?;
     let n = harness::fleet::replicas::request_resume(&database.pool, replica.as_deref()).await;
     let lifted = match replica {
         None => harness::fleet::quarantines::lift(&database.pool, None).await,
@@ -717,7 +903,7 @@ async fn fleet_resume(cfg: Config, replica: Option<String>) -> anyhow::Result<()
 }
 
 async fn fleet(cfg: Config, json: bool) -> anyhow::Result<()> {
-    let database = open_migrated(&cfg).await?;
+    let database = open_migrated(&cfg, IfAbsent::Refuse).await?;
     // A replica is live while its heartbeat is younger than the rescue threshold.
     let max_age = Duration::from_secs(cfg.persistence.rescue_after_s);
     let rows = harness::fleet::replicas::list(&database.pool, max_age).await;
@@ -788,7 +974,7 @@ fn print_quarantines(quarantines: &[harness::fleet::quarantines::Quarantine]) {
 }
 
 async fn inspect(cfg: Config, id: i64, json: bool) -> anyhow::Result<()> {
-    let database = open_migrated(&cfg).await?;
+    let database = open_migrated(&cfg, IfAbsent::Refuse).await?;
     let queue = Queue::new(database.pool.clone(), cfg.bulk.retry_attempts);
     let task = queue.get_with_progress(id).await;
     database.close().await;

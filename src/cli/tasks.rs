@@ -8,6 +8,7 @@ use clap::{Args, Subcommand};
 use serde_json::json;
 
 use harness::Config;
+use harness::db::IfAbsent;
 use harness::executor::output::{Progress, Stream, skipped_marker};
 use harness::queue::logs::{FollowStep, Follower, LogChunk, TaskLogs};
 use harness::queue::{Queue, Status, Task, TaskFilter};
@@ -74,7 +75,7 @@ pub struct LogsArgs {
 }
 
 pub async fn run(cfg: Config, args: TasksArgs) -> anyhow::Result<()> {
-    let database = open_migrated(&cfg).await?;
+    let database = open_migrated(&cfg, IfAbsent::Refuse).await?;
     let queue = Queue::new(database.pool.clone(), cfg.bulk.retry_attempts);
     let result = run_command(&queue, &database.pool, args.command).await;
     database.close().await;
@@ -203,7 +204,7 @@ async fn print_tasks(pool: &sqlx::PgPool, tasks: &[Task]) -> anyhow::Result<()> 
 /// `harness logs`: what the task printed (stdout to stdout, stderr and progress to stderr),
 /// or with `--follow` as it prints it.
 pub async fn logs(cfg: Config, args: LogsArgs) -> anyhow::Result<ExitCode> {
-    let database = open_migrated(&cfg).await?;
+    let database = open_migrated(&cfg, IfAbsent::Refuse).await?;
     let queue = Queue::new(database.pool.clone(), cfg.bulk.retry_attempts);
     let result = if args.follow {
         follow(&queue, args.task_id, args.json).await

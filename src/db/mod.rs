@@ -16,7 +16,7 @@ use sqlx::migrate::Migrator;
 use sqlx::postgres::PgPoolOptions;
 
 use crate::config::{Config, redact_url};
-pub use private::{PrivateServer, ServerOptions};
+pub use private::{Left, PrivateServer, ServerOptions, Shutdown, Stopper, shut_down_home};
 
 /// Every migration in `migrations/`, embedded in the binary.
 pub static MIGRATOR: Migrator = sqlx::migrate!("./migrations");
@@ -44,12 +44,30 @@ pub enum Error {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error(
+        "there is no database under {}: no private PostgreSQL has been set up in this home. \
+         Run `harness up` (or `harness migrate`) to create one here, set HARNESS_HOME to the \
+         home you meant, or set DATABASE_URL to use a server of your own",
+        home.display()
+    )]
+    NoPrivateDatabase { home: PathBuf },
     #[error("cannot connect to PostgreSQL at {url}: {source}")]
     Connect { url: String, source: sqlx::Error },
     #[error("database migration failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("database error: {0}")]
     Sql(#[from] sqlx::Error),
+}
+
+/// Whether opening the database may set up a private one that does not exist yet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IfAbsent {
+    /// initdb and create it (`up`, `serve`, `migrate`: commands that set a home up).
+    Create,
+    /// Fail with [`Error::NoPrivateDatabase`] (one-shot commands: a typo in `HARNESS_HOME`,
+    /// or a command run in the wrong directory, must not make an empty 47 MB database and
+    /// report 0 tasks from it).
+    Refuse,
 }
 
 /// An open database: the pool, and the private server behind it when there is one.
@@ -61,18 +79,44 @@ pub struct Database {
 }
 
 impl Database {
-    /// Connects to `database.url`, or starts (or joins) the private server under `home`.
+    /// Connects to `database.url`, or starts (or joins) the private server under `home`,
+    /// setting it up first when there is none.
     pub async fn open(cfg: &Config) -> Result<Database, Error> {
+        Database::open_with(cfg, IfAbsent::Create).await
+    }
+
+    /// [`Database::open`], but a private database that does not exist yet is an error
+    /// rather than made: the home is left as it was.
+    pub async fn open_existing(cfg: &Config) -> Result<Database, Error> {
+        Database::open_with(cfg, IfAbsent::Refuse).await
+    }
+
+    pub async fn open_with(cfg: &Config, if_absent: IfAbsent) -> Result<Database, Error> {
         let (url, server) = match &cfg.database.url {
             Some(url) => (url.expose().to_string(), None),
             None => {
+                let absent = || Error::NoPrivateDatabase {
+                    home: std::path::absolute(&cfg.home).unwrap_or_else(|_| cfg.home.clone()),
+                };
+                if if_absent == IfAbsent::Refuse && !private::is_initialised(&cfg.home) {
+                    return Err(absent());
+                }
                 let options = ServerOptions {
                     bindir: cfg.database.pg_bindir.clone(),
                     ephemeral: false,
                     port: None,
                 };
                 let server = start_private(cfg.home.clone(), options).await?;
-                create_database(&server, PRIVATE_DATABASE).await?;
+                match if_absent {
+                    IfAbsent::Create => create_database(&server, PRIVATE_DATABASE).await?,
+                    // The server was set up but its database never made (a start that was
+                    // interrupted): still nothing to read. Dropping `server` leaves it.
+                    IfAbsent::Refuse => {
+                        if !database_exists(&server.url("postgres"), PRIVATE_DATABASE).await? {
+                            return Err(absent());
+                        }
+                    }
+                }
                 (server.url(PRIVATE_DATABASE), Some(server))
             }
         };
@@ -110,14 +154,26 @@ pub async fn create_database(server: &PrivateServer, name: &str) -> Result<(), E
     create_database_at(&server.url("postgres"), name).await
 }
 
+const DATABASE_EXISTS: &str = "SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)";
+
+/// Whether database `name` exists on the server of `admin_url`.
+pub async fn database_exists(admin_url: &str, name: &str) -> Result<bool, Error> {
+    let admin = connect(admin_url, 1).await?;
+    let exists = sqlx::query_scalar(DATABASE_EXISTS)
+        .bind(name)
+        .fetch_one(&admin)
+        .await;
+    admin.close().await;
+    Ok(exists?)
+}
+
 /// Creates database `name` on the server of `admin_url` unless it exists.
 pub async fn create_database_at(admin_url: &str, name: &str) -> Result<(), Error> {
     let admin = connect(admin_url, 1).await?;
-    let exists: bool =
-        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
-            .bind(name)
-            .fetch_one(&admin)
-            .await?;
+    let exists: bool = sqlx::query_scalar(DATABASE_EXISTS)
+        .bind(name)
+        .fetch_one(&admin)
+        .await?;
     if !exists {
         // CREATE DATABASE takes no bind parameters; the name is quoted as an identifier.
         let sql = format!("CREATE DATABASE {}", quote_ident(name));

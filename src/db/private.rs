@@ -15,7 +15,9 @@
 //! Guarantees: several `harness` processes on one home share one server; the server is
 //! stopped by the last process that leaves it (an exclusive `pg.users` lock succeeds only
 //! then). A process killed with `kill -9` leaves the server running, and the next process
-//! attaches to it. As root, `initdb` and `postgres` run as `postgres` (or `nobody`) because
+//! attaches to it; [`shut_down_home`] (`harness down`) stops such a server from outside, and
+//! refuses while users remain unless forced. A [`Stopper`] leaves the server on its owner's
+//! behalf from another task (a replica's second Ctrl-C). As root, `initdb` and `postgres` run as `postgres` (or `nobody`) because
 //! PostgreSQL refuses to run as root.
 
 use std::fs::{self, File, OpenOptions};
@@ -24,6 +26,7 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{self, Signal};
@@ -54,8 +57,9 @@ pub struct ServerOptions {
 pub struct PrivateServer {
     home: PathBuf,
     port: u16,
-    /// Held shared for as long as this process uses the server.
-    users_lock: Option<File>,
+    /// Held shared for as long as this process uses the server; shared with its
+    /// [`Stopper`]s, and taken by whichever leaves first.
+    users_lock: UsersLock,
     /// Present when this process started the server, so it can reap it.
     child: Option<Child>,
 }
@@ -67,6 +71,148 @@ impl std::fmt::Debug for PrivateServer {
             .field("port", &self.port)
             .finish()
     }
+}
+
+/// How long a fast shutdown may take before the server is stopped in immediate mode.
+const FAST_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+
+/// How long an immediate shutdown (SIGQUIT) is waited for.
+const IMMEDIATE_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// This process's shared lock on `pg.users`, until one leaves the server with it.
+#[derive(Clone)]
+struct UsersLock(Arc<Mutex<Option<File>>>);
+
+impl UsersLock {
+    fn new(file: File) -> UsersLock {
+        UsersLock(Arc::new(Mutex::new(Some(file))))
+    }
+
+    /// The lock, for the one caller that leaves; `None` once taken.
+    fn take(&self) -> Option<File> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).take()
+    }
+}
+
+/// Leaves a [`PrivateServer`] from elsewhere than its owner: a replica's second Ctrl-C exits
+/// at once, while the owner may be anywhere in its drain.
+#[derive(Clone)]
+pub struct Stopper {
+    home: PathBuf,
+    users_lock: UsersLock,
+}
+
+/// What leaving the server did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Left {
+    /// This was its last user: the server (this postmaster pid) is stopped.
+    Stopped { pid: i32 },
+    /// Other processes use it: it keeps running for them.
+    InUse,
+    /// The server was not running (anymore), or this process had already left it.
+    Nothing,
+}
+
+impl Stopper {
+    pub fn home(&self) -> &Path {
+        &self.home
+    }
+
+    /// Leaves the server now; when no other process uses it, stops it: fast shutdown for
+    /// `grace`, then immediate. Blocking, for at most `grace` and the immediate stop.
+    pub fn stop_now(&self, grace: Duration) -> Result<Left, Error> {
+        match self.users_lock.take() {
+            Some(users) => leave_server(&self.home, users, Signal::SIGINT, grace, None),
+            None => Ok(Left::Nothing),
+        }
+    }
+}
+
+/// What [`shut_down_home`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Shutdown {
+    /// The server (this postmaster pid) was running and has exited; `users` are the pids of
+    /// processes that were still using it (stopped under them with `force`).
+    Stopped { pid: i32, users: Vec<i32> },
+    /// No server runs under the home.
+    NotRunning,
+    /// Other processes use the server (their pids, as far as `/proc/locks` tells, possibly
+    /// none); nothing was done.
+    InUse { pid: i32, users: Vec<i32> },
+}
+
+/// Stops the private server under `home`, whoever started it (`harness down`): fast shutdown,
+/// waiting until the postmaster has exited. Refuses while other processes use it unless
+/// `force`. Creates nothing in a home without a server. Blocking.
+pub fn shut_down_home(home: &Path, force: bool) -> Result<Shutdown, Error> {
+    if !home.join("pg").is_dir() {
+        return Ok(Shutdown::NotRunning);
+    }
+    let home = home.canonicalize().map_err(io_err(home))?;
+    // No process starts, joins or leaves the server while this holds the start-up lock.
+    let lock_path = home.join("pg.lock");
+    let startup = open_lock(&lock_path)?;
+    startup.lock().map_err(io_err(&lock_path))?;
+    let Some(pid) = postmaster_pid(&home.join("pg")).filter(|p| is_postmaster(*p)) else {
+        return Ok(Shutdown::NotRunning);
+    };
+    let users_path = home.join("pg.users");
+    let users = open_lock(&users_path)?;
+    let mut holders = Vec::new();
+    if users.try_lock().is_err() {
+        holders = lock_holders(&users_path);
+        if !force {
+            return Ok(Shutdown::InUse {
+                pid,
+                users: holders,
+            });
+        }
+    }
+    shut_down(pid);
+    let _ = fs::remove_file(home.join("pg.port"));
+    Ok(Shutdown::Stopped {
+        pid,
+        users: holders,
+    })
+}
+
+/// Whether `pid` is alive and a PostgreSQL server (not another process that got the pid of
+/// one that crashed). Where `/proc` cannot tell, alive is enough.
+fn is_postmaster(pid: i32) -> bool {
+    process_alive(pid)
+        && fs::read_to_string(format!("/proc/{pid}/comm"))
+            .map_or(true, |comm| comm.trim() == "postgres")
+}
+
+/// The pids holding a `flock` on `path`, from `/proc/locks` (empty where it cannot tell).
+fn lock_holders(path: &Path) -> Vec<i32> {
+    use std::os::unix::fs::MetadataExt;
+    let (Ok(meta), Ok(locks)) = (fs::metadata(path), fs::read_to_string("/proc/locks")) else {
+        return Vec::new();
+    };
+    flock_holders(&locks, meta.ino(), std::process::id() as i32)
+}
+
+/// The pids in a `/proc/locks` listing that hold a `FLOCK` on inode `ino`, but `own_pid`.
+/// Waiters (lines with `->`) hold nothing yet. Matched on the inode alone: the device numbers
+/// of overlay filesystems differ between `stat` and `/proc/locks`.
+fn flock_holders(locks: &str, ino: u64, own_pid: i32) -> Vec<i32> {
+    let mut pids: Vec<i32> = locks
+        .lines()
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            // 1: FLOCK  ADVISORY  READ  1234 fd:01:5678 0 EOF
+            if fields.get(1) != Some(&"FLOCK") {
+                return None;
+            }
+            let pid: i32 = fields.get(4)?.parse().ok()?;
+            let file_ino: u64 = fields.get(5)?.rsplit(':').next()?.parse().ok()?;
+            (file_ino == ino && pid != own_pid && pid > 0).then_some(pid)
+        })
+        .collect();
+    pids.sort_unstable();
+    pids.dedup();
+    pids
 }
 
 /// Locates the PostgreSQL server binaries: the explicit directory, else `pg_config --bindir`,
@@ -185,7 +331,7 @@ impl PrivateServer {
                 return Ok(PrivateServer {
                     home,
                     port: r.port,
-                    users_lock: Some(users),
+                    users_lock: UsersLock::new(users),
                     child: None,
                 });
             }
@@ -223,7 +369,7 @@ impl PrivateServer {
         Ok(PrivateServer {
             home,
             port,
-            users_lock: Some(users),
+            users_lock: UsersLock::new(users),
             child: Some(child),
         })
     }
@@ -257,6 +403,14 @@ impl PrivateServer {
         )
     }
 
+    /// A handle that leaves the server on this process's behalf from elsewhere.
+    pub fn stopper(&self) -> Stopper {
+        Stopper {
+            home: self.home.clone(),
+            users_lock: self.users_lock.clone(),
+        }
+    }
+
     /// Leaves the server; stops it when no other process uses it. Blocking.
     pub fn stop(mut self) -> Result<(), Error> {
         self.leave(Signal::SIGINT)
@@ -272,41 +426,53 @@ impl PrivateServer {
         let Some(users) = self.users_lock.take() else {
             return Ok(());
         };
-        let lock_path = self.home.join("pg.lock");
-        let startup = open_lock(&lock_path)?;
-        startup.lock().map_err(io_err(&lock_path))?;
-        drop(users);
-        let users = open_lock(&self.home.join("pg.users"))?;
-        if users.try_lock().is_err() {
-            tracing::debug!(
-                "private PostgreSQL still in use by another process; leaving it running"
-            );
-            return Ok(());
-        }
-        let data = self.home.join("pg");
-        if let Some(pid) = postmaster_pid(&data) {
-            // SIGINT is PostgreSQL's "fast" shutdown: roll back sessions, checkpoint, exit.
-            let _ = signal::kill(Pid::from_raw(pid), mode);
-            let deadline = Instant::now() + Duration::from_secs(30);
-            while process_alive(pid) && Instant::now() < deadline {
-                if let Some(child) = &mut self.child
-                    && let Ok(Some(_)) = child.try_wait()
-                {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            if process_alive(pid) {
-                let _ = signal::kill(Pid::from_raw(pid), Signal::SIGQUIT);
-            }
-        }
-        if let Some(mut child) = self.child.take() {
-            let _ = child.wait();
-        }
-        let _ = fs::remove_file(self.home.join("pg.port"));
-        tracing::info!(home = %self.home.display(), "stopped private PostgreSQL");
-        Ok(())
+        leave_server(
+            &self.home,
+            users,
+            mode,
+            FAST_SHUTDOWN_GRACE,
+            self.child.take(),
+        )
+        .map(|_| ())
     }
+}
+
+/// Gives up this process's shared lock `users` on the server under `home`, and stops the
+/// server (`mode`, then immediate after `grace`) when no other process holds one. `child` is
+/// the server's process when this process started it, to reap.
+fn leave_server(
+    home: &Path,
+    users: File,
+    mode: Signal,
+    grace: Duration,
+    mut child: Option<Child>,
+) -> Result<Left, Error> {
+    let lock_path = home.join("pg.lock");
+    let startup = open_lock(&lock_path)?;
+    startup.lock().map_err(io_err(&lock_path))?;
+    drop(users);
+    let users = open_lock(&home.join("pg.users"))?;
+    if users.try_lock().is_err() {
+        tracing::debug!("private PostgreSQL still in use by another process; leaving it running");
+        return Ok(Left::InUse);
+    }
+    let data = home.join("pg");
+    let mut left = Left::Nothing;
+    if let Some(pid) = postmaster_pid(&data).filter(|p| is_postmaster(*p)) {
+        // SIGINT is PostgreSQL's "fast" shutdown: roll back sessions, checkpoint, exit.
+        let _ = signal::kill(Pid::from_raw(pid), mode);
+        if !exits_within(pid, &mut child, grace) {
+            let _ = signal::kill(Pid::from_raw(pid), Signal::SIGQUIT);
+            exits_within(pid, &mut child, IMMEDIATE_SHUTDOWN_GRACE);
+        }
+        left = Left::Stopped { pid };
+    }
+    if let Some(mut child) = child {
+        let _ = child.wait();
+    }
+    let _ = fs::remove_file(home.join("pg.port"));
+    tracing::info!(home = %home.display(), "stopped private PostgreSQL");
+    Ok(left)
 }
 
 impl Drop for PrivateServer {
@@ -317,12 +483,56 @@ impl Drop for PrivateServer {
     }
 }
 
+/// Whether `home` holds an initialised data directory (`initdb` has run there), without
+/// creating or starting anything.
+pub fn is_initialised(home: &Path) -> bool {
+    home.join("pg").join("PG_VERSION").is_file()
+}
+
+/// Waits up to `within` for the server `pid` to exit; whether it did. A server this process
+/// started is reaped (by `child` when held, else by pid): unreaped, it would stay a zombie
+/// that still answers to its pid.
+fn exits_within(pid: i32, child: &mut Option<Child>, within: Duration) -> bool {
+    use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
+    let deadline = Instant::now() + within;
+    loop {
+        let reaped = match child {
+            Some(c) => matches!(c.try_wait(), Ok(Some(_))),
+            // Not our child: ECHILD, and the liveness check below decides.
+            None => matches!(
+                waitpid(Pid::from_raw(pid), Some(WaitPidFlag::WNOHANG)),
+                Ok(WaitStatus::Exited(..) | WaitStatus::Signaled(..))
+            ),
+        };
+        if reaped || !process_alive(pid) {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 fn process_alive(pid: i32) -> bool {
     // EPERM means it exists but belongs to another user (postgres, when we are root).
-    !matches!(
+    let exists = !matches!(
         signal::kill(Pid::from_raw(pid), None),
         Err(nix::errno::Errno::ESRCH)
-    )
+    );
+    // A zombie has exited and only waits for its parent's wait (a server stopped under the
+    // replica that started it, by `harness down --force`); waiting for it to go would hang.
+    exists && !is_zombie(pid)
+}
+
+fn is_zombie(pid: i32) -> bool {
+    fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        // pid (comm) STATE …: the state follows the last parenthesis.
+        stat.rsplit(')')
+            .next()
+            .and_then(|rest| rest.split_whitespace().next())
+            == Some("Z")
+    })
 }
 
 fn postmaster_pid(data: &Path) -> Option<i32> {
@@ -360,7 +570,7 @@ fn running(home: &Path, data: &Path) -> Option<Running> {
 /// Fast shutdown of a server we did not start (no child handle): SIGINT, then SIGQUIT.
 fn shut_down(pid: i32) {
     let _ = signal::kill(Pid::from_raw(pid), Signal::SIGINT);
-    let deadline = Instant::now() + Duration::from_secs(30);
+    let deadline = Instant::now() + FAST_SHUTDOWN_GRACE;
     while process_alive(pid) && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -589,6 +799,19 @@ fn log_tail(path: &Path, from: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lock_holders_are_the_flock_holders_of_the_inode_but_ourselves_and_waiters() {
+        let locks = "1: FLOCK  ADVISORY  READ  4242 fd:01:777 0 EOF\n\
+                     1: -> FLOCK  ADVISORY  WRITE 5151 fd:01:777 0 EOF\n\
+                     2: FLOCK  ADVISORY  READ  4343 00:2f:777 0 EOF\n\
+                     3: FLOCK  ADVISORY  READ  99 fd:01:777 0 EOF\n\
+                     4: POSIX  ADVISORY  WRITE 4444 fd:01:777 0 EOF\n\
+                     5: FLOCK  ADVISORY  WRITE 4545 fd:01:778 0 EOF\n\
+                     6: FLOCK  ADVISORY  READ  4242 fd:01:777 0 EOF\n";
+        assert_eq!(flock_holders(locks, 777, 99), vec![4242, 4343]);
+        assert_eq!(flock_holders("", 777, 99), Vec::<i32>::new());
+    }
 
     #[test]
     fn search_reports_everything_it_looked_at() {
