@@ -1,7 +1,8 @@
 """Drives a real replica through the generated Python client (clients/python).
 
 Usage: python clients/smoke.py BASE_URL TOKEN
-Enqueue, get, list an agent's runs, retry a failed task, stats and fleet, each through the
+Enqueue, get, a refused payload, a failed task's output and its retry, list an agent's runs,
+stats and fleet, each through the
 client's typed functions and models. Exits non-zero on the first surprise.
 """
 import sys
@@ -10,7 +11,14 @@ import time
 from harness_client import AuthenticatedClient
 from harness_client.api.agents import create_agent, run_agent
 from harness_client.api.fleet import fleet
-from harness_client.api.tasks import create_task, get_task, list_agent_tasks, retry_task, task_stats
+from harness_client.api.tasks import (
+    create_task,
+    get_task,
+    list_agent_tasks,
+    retry_task,
+    task_logs,
+    task_stats,
+)
 from harness_client.models import (
     CreateAgent,
     CreateTask,
@@ -21,6 +29,7 @@ from harness_client.models import (
     Stats,
     Status,
     Task,
+    TaskLogs,
 )
 
 base, token = sys.argv[1], sys.argv[2]
@@ -49,14 +58,28 @@ check(isinstance(t, Task), f"create_task: {t}")
 done = wait(t.id, {Status.COMPLETED})
 check(done.result == {"hello": "client"}, f"echo result {done.result}")
 
-# A failure, retried as a new task.
-bad = create_task.sync(
+# A payload the kind can never run is refused at enqueue, naming the field.
+refused = create_task.sync(
     client=client,
     body=CreateTask(kind=CreateTaskKind.SLEEP, payload={"ms": "soon"}, max_retries=0),
 )
+check(isinstance(refused, Error) and "payload.ms" in refused.error, f"create_task: {refused}")
+
+# A failure, its output, and a retry as a new task.
+bad = create_task.sync(
+    client=client,
+    body=CreateTask(
+        kind=CreateTaskKind.COMMAND,
+        payload={"argv": ["sh", "-c", "echo said so; exit 1"]},
+        max_retries=0,
+    ),
+)
 check(isinstance(bad, Task), f"create_task: {bad}")
 failed = wait(bad.id, {Status.FAILED})
-check("payload.ms" in (failed.error or ""), f"the failure says why: {failed.error}")
+check("exit code 1" in (failed.error or ""), f"the failure says why: {failed.error}")
+logs = task_logs.sync(bad.id, client=client)
+check(isinstance(logs, TaskLogs), f"task_logs: {logs}")
+check("said so" in "".join(c.text for c in logs.chunks), f"task_logs chunks: {logs.chunks}")
 again = retry_task.sync(bad.id, client=client)
 check(isinstance(again, Task) and again.id != bad.id, f"retry_task: {again}")
 

@@ -606,6 +606,18 @@ async fn a_permanent_error_is_not_retried_and_a_payload_that_can_never_run_is_re
         .unwrap();
     assert_eq!(once(&final_task(&db, id).await), (Status::Failed, 3, 2));
 
+    // A program that does not exist (on the replica that runs it): permanent.
+    let payload = json!({"argv": ["no-such-program-anywhere"]}).to_string();
+    let id = json_of(&cli(
+        &db,
+        &["enqueue", "command", &payload, "--max-retries", "3"],
+    ))["id"]
+        .as_i64()
+        .unwrap();
+    let t = final_task(&db, id).await;
+    assert_eq!(once(&t), (Status::Failed, 1, 0), "{t:?}");
+    assert!(t.error.unwrap().contains("was not found"));
+
     // A program the agent's account may not execute: permanent, naming the user and path.
     if nix::unistd::Uid::effective().is_root() {
         let private = tempfile::tempdir().unwrap();
@@ -640,8 +652,8 @@ async fn a_permanent_error_is_not_retried_and_a_payload_that_can_never_run_is_re
         ("sleep", r#"{"ms": "abc"}"#, "payload.ms"),
         (
             "command",
-            r#"{"argv": ["no-such-program-anywhere"]}"#,
-            "not found",
+            r#"{"argv": ["ls"], "timeout_s": 0}"#,
+            "payload.timeout_s",
         ),
         ("command", r#"{"argv": "ls"}"#, "payload.argv"),
         ("agent", r#"{"input": 1}"#, "payload.agent_id"),

@@ -775,7 +775,7 @@ impl Agents {
     /// One run of an agent, as the `agent` task kind.
     async fn run_agent(&self, ctx: TaskContext) -> Result<Value, HandlerError> {
         validate_agent_payload(&ctx.payload).map_err(HandlerError::permanent)?;
-        let agent_id = ctx.payload["agent_id"].as_i64().unwrap_or_default();
+        let agent_id = crate::worker::whole(&ctx.payload["agent_id"]).unwrap_or_default();
         let agent = match self.get_by_id(agent_id).await {
             Ok(a) => a,
             Err(Error::NotFound(_)) => {
@@ -891,7 +891,9 @@ impl Agents {
                     })?;
                 let mut spec = RunSpec::new(Runtime::Command { argv }, &executor);
                 spec.input = ctx.payload.get("input").cloned().unwrap_or(Value::Null);
-                if let Some(t) = ctx.payload["timeout_s"].as_u64() {
+                if let Some(t) = crate::worker::whole(&ctx.payload["timeout_s"])
+                    .and_then(|t| u64::try_from(t).ok())
+                {
                     spec.timeout = Duration::from_secs(t.clamp(TIMEOUT_S.0, TIMEOUT_S.1));
                 }
                 if let Some(env) = ctx.payload.get("env") {
@@ -926,7 +928,7 @@ impl Agents {
 /// Checks an `agent` task's payload: `{"agent_id": <id>, "input"?: any}`.
 pub fn validate_agent_payload(payload: &Value) -> Result<(), String> {
     match payload.get("agent_id") {
-        Some(v) if v.as_i64().is_some() => Ok(()),
+        Some(v) if crate::worker::whole(v).is_some() => Ok(()),
         Some(v) => Err(format!(
             "payload.agent_id must be an agent's id (an integer), not {v}"
         )),
@@ -939,25 +941,23 @@ pub fn validate_agent_payload(payload: &Value) -> Result<(), String> {
 }
 
 /// Checks a `command` task's payload: `{"argv": [program, args...], "input"?: any,
-/// "timeout_s"?: seconds, "env"?: {name: value}}`.
+/// "timeout_s"?: seconds, "env"?: {name: value}}`. Whether the program exists is the run's
+/// business (a missing one fails the task at once): it may exist on the replica that runs it.
 pub fn validate_command_payload(payload: &Value) -> Result<(), String> {
     let argv: Vec<String> = serde_json::from_value(payload["argv"].clone())
         .map_err(|_| "payload.argv must be a list of strings: the program and its arguments")?;
     let Some(program) = argv.first() else {
         return Err("payload.argv is empty; give the program and its arguments".into());
     };
+    if program.is_empty() {
+        return Err("payload.argv[0] is empty; give the program".into());
+    }
     if argv.iter().any(|a| a.contains('\0')) {
         return Err("payload.argv holds a NUL character, which no argument can".into());
     }
-    if !crate::executor::program_exists(program) {
-        return Err(format!(
-            "payload.argv: program {program:?} not found (agents see PATH=/usr/local/bin:/usr/bin:/bin)"
-        ));
-    }
     if let Some(t) = payload.get("timeout_s")
-        && !t
-            .as_u64()
-            .is_some_and(|t| (TIMEOUT_S.0..=TIMEOUT_S.1).contains(&t))
+        && !crate::worker::whole(t)
+            .is_some_and(|t| (TIMEOUT_S.0 as i64..=TIMEOUT_S.1 as i64).contains(&t))
     {
         return Err(format!(
             "payload.timeout_s must be whole seconds from {} to {}, not {t}",

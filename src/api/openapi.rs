@@ -622,6 +622,7 @@ fn request_schemas(kinds: &[String]) -> Map<String, Value> {
                 "required": ["delay_s", "run_at"],
                 "properties": {"delay_s": {"type": "number"}, "run_at": {"type": "string"}},
             },
+            "allOf": payload_rules(kinds),
         }),
     );
     let env_name = "^(?!HARNESS_)[A-Za-z_][A-Za-z0-9_]*$";
@@ -706,6 +707,45 @@ fn request_schemas(kinds: &[String]) -> Map<String, Value> {
         }),
     );
     m
+}
+
+/// What the built-in kinds this replica runs check in a payload at enqueue (see
+/// `replica::validate_builtin`), as `if kind … then payload …` rules.
+fn payload_rules(kinds: &[String]) -> Vec<Value> {
+    use crate::agents::{AGENT_KIND, COMMAND_KIND};
+    let rule = |kind: &str, payload: Value| {
+        json!({
+            "if": {"required": ["kind"], "properties": {"kind": {"const": kind}}},
+            "then": {"required": ["payload"], "properties": {"payload": payload}},
+        })
+    };
+    let arg = json!({"type": "string", "pattern": NO_NUL});
+    [
+        (
+            "sleep",
+            json!({"type": "object", "required": ["ms"], "properties": {
+                "ms": {"type": "integer", "minimum": 0,
+                       "maximum": crate::replica::SLEEP_MAX_MS}}}),
+        ),
+        (
+            COMMAND_KIND,
+            json!({"type": "object", "required": ["argv"], "properties": {
+                "argv": {"type": "array", "minItems": 1,
+                         "prefixItems": [{"type": "string", "minLength": 1, "pattern": NO_NUL}],
+                         "items": arg},
+                "timeout_s": {"type": "integer", "minimum": crate::bounds::TIMEOUT_S.0, "maximum": crate::bounds::TIMEOUT_S.1},
+                "env": {"type": "object", "additionalProperties": {"type": "string"}}}}),
+        ),
+        (
+            AGENT_KIND,
+            json!({"type": "object", "required": ["agent_id"],
+                   "properties": {"agent_id": {"type": "integer"}}}),
+        ),
+    ]
+    .into_iter()
+    .filter(|(kind, _)| kinds.iter().any(|k| k == kind))
+    .map(|(kind, payload)| rule(kind, payload))
+    .collect()
 }
 
 /// The schemas of responses: the Rust types' own (schemars), and small answers spelled here.

@@ -421,14 +421,18 @@ pub fn builtin_handlers(builder: HarnessBuilder) -> HarnessBuilder {
         )
 }
 
-/// The `sleep` kind's payload: `{"ms": N}`, N from 0 to an hour.
+/// The longest `sleep` task, in milliseconds (an hour).
+pub const SLEEP_MAX_MS: u64 = 3_600_000;
+
+/// The `sleep` kind's payload: `{"ms": N}`, N from 0 to [`SLEEP_MAX_MS`].
 fn sleep_ms(payload: &Value) -> Result<u64, String> {
-    payload["ms"]
-        .as_u64()
-        .filter(|ms| *ms <= 3_600_000)
+    crate::worker::whole(&payload["ms"])
+        .and_then(|ms| u64::try_from(ms).ok())
+        .filter(|ms| *ms <= SLEEP_MAX_MS)
         .ok_or_else(|| {
             format!(
-                "payload.ms must be a whole number of milliseconds from 0 to 3600000, not {}",
+                "payload.ms must be a whole number of milliseconds from 0 to {SLEEP_MAX_MS}, \
+                 not {}",
                 payload
                     .get("ms")
                     .map_or("missing".to_string(), Value::to_string)

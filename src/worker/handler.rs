@@ -96,6 +96,15 @@ impl<E: std::fmt::Display> From<E> for HandlerError {
     }
 }
 
+/// A JSON number that is a whole number (`5` or `5.0`: JSON Schema's integer), as an i64.
+pub fn whole(v: &Value) -> Option<i64> {
+    v.as_i64().or_else(|| {
+        v.as_f64()
+            .filter(|f| f.fract() == 0.0 && f.abs() < 9.0e15)
+            .map(|f| f as i64)
+    })
+}
+
 /// A kind's check of a payload, run before a task is stored: the error says which field
 /// is wrong and what is allowed.
 pub type ValidateFn = Arc<dyn Fn(&Value) -> Result<(), String> + Send + Sync>;

@@ -44,7 +44,7 @@ pub use capacity::Capacity;
 use claimer::claim_loop;
 use completer::write_completions;
 use handler::{Control, Verdict};
-pub use handler::{Handler, HandlerError, Registry, TaskContext};
+pub use handler::{Handler, HandlerError, Registry, TaskContext, whole};
 use holds::Holds;
 use quarantine::Quarantines;
 pub use quarantine::Target;

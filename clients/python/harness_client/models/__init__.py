@@ -2,13 +2,15 @@
 
 from .agent import Agent
 from .agent_config import AgentConfig
-from .agent_config_env import AgentConfigEnv
+from .agent_settings import AgentSettings
+from .agent_settings_env import AgentSettingsEnv
 from .attempt_record import AttemptRecord
 from .attempt_status import AttemptStatus
 from .cancelled import Cancelled
 from .create_agent import CreateAgent
 from .create_agent_config import CreateAgentConfig
-from .create_agent_config_env import CreateAgentConfigEnv
+from .create_agent_settings import CreateAgentSettings
+from .create_agent_settings_env import CreateAgentSettingsEnv
 from .create_task import CreateTask
 from .create_task_kind import CreateTaskKind
 from .error import Error
@@ -16,9 +18,11 @@ from .fleet import Fleet
 from .governor_state import GovernorState
 from .handoff_artifact import HandoffArtifact
 from .health import Health
+from .log_chunk import LogChunk
 from .network import Network
 from .openapi_response_200 import OpenapiResponse200
 from .overlap import Overlap
+from .quarantine import Quarantine
 from .ready import Ready
 from .ready_status import ReadyStatus
 from .replica_row import ReplicaRow
@@ -28,21 +32,27 @@ from .run_agent import RunAgent
 from .runtime_kind import RuntimeKind
 from .stats import Stats
 from .status import Status
+from .stream import Stream
 from .task import Task
+from .task_logs import TaskLogs
+from .task_progress import TaskProgress
 from .update_agent import UpdateAgent
 from .update_agent_config import UpdateAgentConfig
-from .update_agent_config_env import UpdateAgentConfigEnv
+from .update_agent_settings import UpdateAgentSettings
+from .update_agent_settings_env import UpdateAgentSettingsEnv
 
 __all__ = (
     "Agent",
     "AgentConfig",
-    "AgentConfigEnv",
+    "AgentSettings",
+    "AgentSettingsEnv",
     "AttemptRecord",
     "AttemptStatus",
     "Cancelled",
     "CreateAgent",
     "CreateAgentConfig",
-    "CreateAgentConfigEnv",
+    "CreateAgentSettings",
+    "CreateAgentSettingsEnv",
     "CreateTask",
     "CreateTaskKind",
     "Error",
@@ -50,9 +60,11 @@ __all__ = (
     "GovernorState",
     "HandoffArtifact",
     "Health",
+    "LogChunk",
     "Network",
     "OpenapiResponse200",
     "Overlap",
+    "Quarantine",
     "Ready",
     "ReadyStatus",
     "ReplicaRow",
@@ -62,8 +74,12 @@ __all__ = (
     "RuntimeKind",
     "Stats",
     "Status",
+    "Stream",
     "Task",
+    "TaskLogs",
+    "TaskProgress",
     "UpdateAgent",
     "UpdateAgentConfig",
-    "UpdateAgentConfigEnv",
+    "UpdateAgentSettings",
+    "UpdateAgentSettingsEnv",
 )

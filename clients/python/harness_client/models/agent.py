@@ -15,6 +15,8 @@ import datetime
 
 if TYPE_CHECKING:
   from ..models.agent_config import AgentConfig
+  from ..models.agent_settings import AgentSettings
+  from ..models.quarantine import Quarantine
 
 
 
@@ -31,15 +33,17 @@ class Agent:
         Attributes:
             active (bool):
             command (list[str] | None):
-            config (AgentConfig): An agent's settings, stored as `agents.config`.
+            config (AgentConfig): What `Agent(config)` receives on every run (a command: `config` in its input).
             created_at (datetime.datetime):
             id (int):
             last_fire_at (datetime.datetime | None): The last cron tick the scheduler enqueued (or skipped) for this agent.
             name (str):
             runtime (RuntimeKind): What an agent runs: python (its code defines class Agent) or command (an argv)
+            settings (AgentSettings): An agent's settings (schedule and limits), stored as `agents.config`.
             updated_at (datetime.datetime):
             code (None | str | Unset):
             next_fire_at (datetime.datetime | None | Unset): The next cron tick, if the agent has a schedule and is active
+            quarantine (None | Quarantine | Unset): In force when the agent's error burst quarantined it: its runs wait
      """
 
     active: bool
@@ -50,9 +54,11 @@ class Agent:
     last_fire_at: datetime.datetime | None
     name: str
     runtime: RuntimeKind
+    settings: AgentSettings
     updated_at: datetime.datetime
     code: None | str | Unset = UNSET
     next_fire_at: datetime.datetime | None | Unset = UNSET
+    quarantine: None | Quarantine | Unset = UNSET
     additional_properties: dict[str, Any] = _attrs_field(init=False, factory=dict)
 
 
@@ -61,6 +67,8 @@ class Agent:
 
     def to_dict(self) -> dict[str, Any]:
         from ..models.agent_config import AgentConfig # noqa: PLC0415
+        from ..models.agent_settings import AgentSettings # noqa: PLC0415
+        from ..models.quarantine import Quarantine # noqa: PLC0415
         active = self.active
 
         command: list[str] | None
@@ -87,6 +95,8 @@ class Agent:
 
         runtime = self.runtime.value
 
+        settings = self.settings.to_dict()
+
         updated_at = self.updated_at.isoformat()
 
         code: None | str | Unset
@@ -103,6 +113,14 @@ class Agent:
         else:
             next_fire_at = self.next_fire_at
 
+        quarantine: dict[str, Any] | None | Unset
+        if isinstance(self.quarantine, Unset):
+            quarantine = UNSET
+        elif isinstance(self.quarantine, Quarantine):
+            quarantine = self.quarantine.to_dict()
+        else:
+            quarantine = self.quarantine
+
 
         field_dict: dict[str, Any] = {}
         field_dict.update(self.additional_properties)
@@ -115,12 +133,15 @@ class Agent:
             "last_fire_at": last_fire_at,
             "name": name,
             "runtime": runtime,
+            "settings": settings,
             "updated_at": updated_at,
         })
         if code is not UNSET:
             field_dict["code"] = code
         if next_fire_at is not UNSET:
             field_dict["next_fire_at"] = next_fire_at
+        if quarantine is not UNSET:
+            field_dict["quarantine"] = quarantine
 
         return field_dict
 
@@ -129,6 +150,8 @@ class Agent:
     @classmethod
     def from_dict(cls: type[T], src_dict: Mapping[str, Any]) -> T:
         from ..models.agent_config import AgentConfig # noqa: PLC0415
+        from ..models.agent_settings import AgentSettings # noqa: PLC0415
+        from ..models.quarantine import Quarantine # noqa: PLC0415
         d = dict(src_dict)
         active = d.pop("active")
 
@@ -185,6 +208,11 @@ class Agent:
 
 
 
+        settings = AgentSettings.from_dict(d.pop("settings"))
+
+
+
+
         updated_at = datetime.datetime.fromisoformat(d.pop("updated_at"))
 
 
@@ -220,6 +248,26 @@ class Agent:
         next_fire_at = _parse_next_fire_at(d.pop("next_fire_at", UNSET))
 
 
+        def _parse_quarantine(data: object) -> None | Quarantine | Unset:
+            if data is None:
+                return data
+            if isinstance(data, Unset):
+                return data
+            try:
+                if not isinstance(data, dict):
+                    raise TypeError()
+                quarantine_type_0 = Quarantine.from_dict(data)
+
+
+
+                return quarantine_type_0
+            except (TypeError, ValueError, AttributeError, KeyError):
+                pass
+            return cast(None | Quarantine | Unset, data)
+
+        quarantine = _parse_quarantine(d.pop("quarantine", UNSET))
+
+
         agent = cls(
             active=active,
             command=command,
@@ -229,9 +277,11 @@ class Agent:
             last_fire_at=last_fire_at,
             name=name,
             runtime=runtime,
+            settings=settings,
             updated_at=updated_at,
             code=code,
             next_fire_at=next_fire_at,
+            quarantine=quarantine,
         )
 
 

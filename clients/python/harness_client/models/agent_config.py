@@ -8,12 +8,7 @@ from attrs import field as _attrs_field
 
 from ..types import UNSET, Unset
 
-from ..models.network import Network
-from ..models.overlap import Overlap
-from typing import cast
 
-if TYPE_CHECKING:
-  from ..models.agent_config_env import AgentConfigEnv
 
 
 
@@ -25,79 +20,20 @@ T = TypeVar("T", bound="AgentConfig")
 
 @_attrs_define
 class AgentConfig:
-    """ An agent's settings, stored as `agents.config`.
+    """ What `Agent(config)` receives on every run (a command: `config` in its input).
 
-        Attributes:
-            cpu_percent (int):
-            env (AgentConfigEnv):
-            max_retries (int):
-            memory_mb (int):
-            network (Network): Whether a run may use the network: allow (the host's) or none (a network namespace of its own
-                with nothing in it)
-            overlap (Overlap): What a run due while the previous one still runs does: skip (recorded as cancelled with the
-                reason), queue (waits for it) or allow (runs alongside)
-            requirements (None | str): A Python agent's `requirements.txt`: its runs use a virtual environment with these
-                installed (built on each host at first use, cached by hash).
-            schedule (None | str):
-            timeout (int): Seconds.
-            timezone (None | str):
      """
 
-    cpu_percent: int
-    env: AgentConfigEnv
-    max_retries: int
-    memory_mb: int
-    network: Network
-    overlap: Overlap
-    requirements: None | str
-    schedule: None | str
-    timeout: int
-    timezone: None | str
+    additional_properties: dict[str, Any] = _attrs_field(init=False, factory=dict)
 
 
 
 
 
     def to_dict(self) -> dict[str, Any]:
-        from ..models.agent_config_env import AgentConfigEnv # noqa: PLC0415
-        cpu_percent = self.cpu_percent
-
-        env = self.env.to_dict()
-
-        max_retries = self.max_retries
-
-        memory_mb = self.memory_mb
-
-        network = self.network.value
-
-        overlap = self.overlap.value
-
-        requirements: None | str
-        requirements = self.requirements
-
-        schedule: None | str
-        schedule = self.schedule
-
-        timeout = self.timeout
-
-        timezone: None | str
-        timezone = self.timezone
-
-
+        
         field_dict: dict[str, Any] = {}
-
-        field_dict.update({
-            "cpu_percent": cpu_percent,
-            "env": env,
-            "max_retries": max_retries,
-            "memory_mb": memory_mb,
-            "network": network,
-            "overlap": overlap,
-            "requirements": requirements,
-            "schedule": schedule,
-            "timeout": timeout,
-            "timezone": timezone,
-        })
+        field_dict.update(self.additional_properties)
 
         return field_dict
 
@@ -105,67 +41,26 @@ class AgentConfig:
 
     @classmethod
     def from_dict(cls: type[T], src_dict: Mapping[str, Any]) -> T:
-        from ..models.agent_config_env import AgentConfigEnv # noqa: PLC0415
         d = dict(src_dict)
-        cpu_percent = d.pop("cpu_percent")
-
-        env = AgentConfigEnv.from_dict(d.pop("env"))
-
-
-
-
-        max_retries = d.pop("max_retries")
-
-        memory_mb = d.pop("memory_mb")
-
-        network = Network(d.pop("network"))
-
-
-
-
-        overlap = Overlap(d.pop("overlap"))
-
-
-
-
-        def _parse_requirements(data: object) -> None | str:
-            if data is None:
-                return data
-            return cast(None | str, data)
-
-        requirements = _parse_requirements(d.pop("requirements"))
-
-
-        def _parse_schedule(data: object) -> None | str:
-            if data is None:
-                return data
-            return cast(None | str, data)
-
-        schedule = _parse_schedule(d.pop("schedule"))
-
-
-        timeout = d.pop("timeout")
-
-        def _parse_timezone(data: object) -> None | str:
-            if data is None:
-                return data
-            return cast(None | str, data)
-
-        timezone = _parse_timezone(d.pop("timezone"))
-
-
         agent_config = cls(
-            cpu_percent=cpu_percent,
-            env=env,
-            max_retries=max_retries,
-            memory_mb=memory_mb,
-            network=network,
-            overlap=overlap,
-            requirements=requirements,
-            schedule=schedule,
-            timeout=timeout,
-            timezone=timezone,
         )
 
+
+        agent_config.additional_properties = d
         return agent_config
 
+    @property
+    def additional_keys(self) -> list[str]:
+        return list(self.additional_properties.keys())
+
+    def __getitem__(self, key: str) -> Any:
+        return self.additional_properties[key]
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        self.additional_properties[key] = value
+
+    def __delitem__(self, key: str) -> None:
+        del self.additional_properties[key]
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.additional_properties

@@ -13,6 +13,7 @@ from typing import cast
 
 if TYPE_CHECKING:
   from ..models.create_agent_config import CreateAgentConfig
+  from ..models.create_agent_settings import CreateAgentSettings
 
 
 
@@ -31,7 +32,11 @@ class CreateAgent:
             active (bool | Unset):  Default: True.
             code (str | Unset): Python source that compiles and defines a top-level class Agent
             command (list[str] | Unset): A program (found on /usr/local/bin:/usr/bin:/bin) and its arguments
-            config (CreateAgentConfig | Unset): The agent's settings; on PATCH, only the fields given change
+            config (CreateAgentConfig | Unset): The agent's own config, passed to Agent(config) on every run (a command
+                finds it as `config` in its input); at most 65536 bytes as JSON. On PATCH it replaces the config. Deprecated:
+                without `settings`, a config whose every field is a settings field is read as the settings (the response then
+                carries `Deprecation: true`).
+            settings (CreateAgentSettings | Unset): The agent's settings; on PATCH, only the fields given change
      """
 
     name: str
@@ -39,6 +44,7 @@ class CreateAgent:
     code: str | Unset = UNSET
     command: list[str] | Unset = UNSET
     config: CreateAgentConfig | Unset = UNSET
+    settings: CreateAgentSettings | Unset = UNSET
 
 
 
@@ -46,6 +52,7 @@ class CreateAgent:
 
     def to_dict(self) -> dict[str, Any]:
         from ..models.create_agent_config import CreateAgentConfig # noqa: PLC0415
+        from ..models.create_agent_settings import CreateAgentSettings # noqa: PLC0415
         name = self.name
 
         active = self.active
@@ -62,6 +69,10 @@ class CreateAgent:
         if not isinstance(self.config, Unset):
             config = self.config.to_dict()
 
+        settings: dict[str, Any] | Unset = UNSET
+        if not isinstance(self.settings, Unset):
+            settings = self.settings.to_dict()
+
 
         field_dict: dict[str, Any] = {}
 
@@ -76,6 +87,8 @@ class CreateAgent:
             field_dict["command"] = command
         if config is not UNSET:
             field_dict["config"] = config
+        if settings is not UNSET:
+            field_dict["settings"] = settings
 
         return field_dict
 
@@ -84,6 +97,7 @@ class CreateAgent:
     @classmethod
     def from_dict(cls: type[T], src_dict: Mapping[str, Any]) -> T:
         from ..models.create_agent_config import CreateAgentConfig # noqa: PLC0415
+        from ..models.create_agent_settings import CreateAgentSettings # noqa: PLC0415
         d = dict(src_dict)
         name = d.pop("name")
 
@@ -104,12 +118,23 @@ class CreateAgent:
 
 
 
+        _settings = d.pop("settings", UNSET)
+        settings: CreateAgentSettings | Unset
+        if isinstance(_settings,  Unset):
+            settings = UNSET
+        else:
+            settings = CreateAgentSettings.from_dict(_settings)
+
+
+
+
         create_agent = cls(
             name=name,
             active=active,
             code=code,
             command=command,
             config=config,
+            settings=settings,
         )
 
         return create_agent

@@ -8,13 +8,7 @@ from attrs import field as _attrs_field
 
 from ..types import UNSET, Unset
 
-from ..models.network import Network
-from ..models.overlap import Overlap
-from ..types import UNSET, Unset
-from typing import cast
 
-if TYPE_CHECKING:
-  from ..models.create_agent_config_env import CreateAgentConfigEnv
 
 
 
@@ -26,106 +20,22 @@ T = TypeVar("T", bound="CreateAgentConfig")
 
 @_attrs_define
 class CreateAgentConfig:
-    """ The agent's settings; on PATCH, only the fields given change
+    """ The agent's own config, passed to Agent(config) on every run (a command finds it as `config` in its input); at most
+    65536 bytes as JSON. On PATCH it replaces the config. Deprecated: without `settings`, a config whose every field is
+    a settings field is read as the settings (the response then carries `Deprecation: true`).
 
-        Attributes:
-            cpu_percent (int | Unset):
-            env (CreateAgentConfigEnv | Unset):
-            max_retries (int | Unset):
-            memory_mb (int | Unset):
-            network (Network | Unset): Whether a run may use the network: allow (the host's) or none (a network namespace of
-                its own with nothing in it)
-            overlap (Overlap | Unset): What a run due while the previous one still runs does: skip (recorded as cancelled
-                with the reason), queue (waits for it) or allow (runs alongside)
-            requirements (None | str | Unset): A Python agent's requirements.txt: its runs use a virtual environment with
-                these installed
-            schedule (None | str | Unset): Cron: 5 fields, or 6 with seconds first
-            timeout (int | Unset): Seconds
-            timezone (None | str | Unset): IANA time zone of the schedule (default UTC)
      """
 
-    cpu_percent: int | Unset = UNSET
-    env: CreateAgentConfigEnv | Unset = UNSET
-    max_retries: int | Unset = UNSET
-    memory_mb: int | Unset = UNSET
-    network: Network | Unset = UNSET
-    overlap: Overlap | Unset = UNSET
-    requirements: None | str | Unset = UNSET
-    schedule: None | str | Unset = UNSET
-    timeout: int | Unset = UNSET
-    timezone: None | str | Unset = UNSET
+    additional_properties: dict[str, Any] = _attrs_field(init=False, factory=dict)
 
 
 
 
 
     def to_dict(self) -> dict[str, Any]:
-        from ..models.create_agent_config_env import CreateAgentConfigEnv # noqa: PLC0415
-        cpu_percent = self.cpu_percent
-
-        env: dict[str, Any] | Unset = UNSET
-        if not isinstance(self.env, Unset):
-            env = self.env.to_dict()
-
-        max_retries = self.max_retries
-
-        memory_mb = self.memory_mb
-
-        network: str | Unset = UNSET
-        if not isinstance(self.network, Unset):
-            network = self.network.value
-
-
-        overlap: str | Unset = UNSET
-        if not isinstance(self.overlap, Unset):
-            overlap = self.overlap.value
-
-
-        requirements: None | str | Unset
-        if isinstance(self.requirements, Unset):
-            requirements = UNSET
-        else:
-            requirements = self.requirements
-
-        schedule: None | str | Unset
-        if isinstance(self.schedule, Unset):
-            schedule = UNSET
-        else:
-            schedule = self.schedule
-
-        timeout = self.timeout
-
-        timezone: None | str | Unset
-        if isinstance(self.timezone, Unset):
-            timezone = UNSET
-        else:
-            timezone = self.timezone
-
-
+        
         field_dict: dict[str, Any] = {}
-
-        field_dict.update({
-        })
-        if cpu_percent is not UNSET:
-            field_dict["cpu_percent"] = cpu_percent
-        if env is not UNSET:
-            field_dict["env"] = env
-        if max_retries is not UNSET:
-            field_dict["max_retries"] = max_retries
-        if memory_mb is not UNSET:
-            field_dict["memory_mb"] = memory_mb
-        if network is not UNSET:
-            field_dict["network"] = network
-        if overlap is not UNSET:
-            field_dict["overlap"] = overlap
-        if requirements is not UNSET:
-            field_dict["requirements"] = requirements
-        if schedule is not UNSET:
-            field_dict["schedule"] = schedule
-        if timeout is not UNSET:
-            field_dict["timeout"] = timeout
-        if timezone is not UNSET:
-            field_dict["timezone"] = timezone
+        field_dict.update(self.additional_properties)
 
         return field_dict
 
@@ -133,88 +43,26 @@ class CreateAgentConfig:
 
     @classmethod
     def from_dict(cls: type[T], src_dict: Mapping[str, Any]) -> T:
-        from ..models.create_agent_config_env import CreateAgentConfigEnv # noqa: PLC0415
         d = dict(src_dict)
-        cpu_percent = d.pop("cpu_percent", UNSET)
-
-        _env = d.pop("env", UNSET)
-        env: CreateAgentConfigEnv | Unset
-        if isinstance(_env,  Unset):
-            env = UNSET
-        else:
-            env = CreateAgentConfigEnv.from_dict(_env)
-
-
-
-
-        max_retries = d.pop("max_retries", UNSET)
-
-        memory_mb = d.pop("memory_mb", UNSET)
-
-        _network = d.pop("network", UNSET)
-        network: Network | Unset
-        if isinstance(_network,  Unset):
-            network = UNSET
-        else:
-            network = Network(_network)
-
-
-
-
-        _overlap = d.pop("overlap", UNSET)
-        overlap: Overlap | Unset
-        if isinstance(_overlap,  Unset):
-            overlap = UNSET
-        else:
-            overlap = Overlap(_overlap)
-
-
-
-
-        def _parse_requirements(data: object) -> None | str | Unset:
-            if data is None:
-                return data
-            if isinstance(data, Unset):
-                return data
-            return cast(None | str | Unset, data)
-
-        requirements = _parse_requirements(d.pop("requirements", UNSET))
-
-
-        def _parse_schedule(data: object) -> None | str | Unset:
-            if data is None:
-                return data
-            if isinstance(data, Unset):
-                return data
-            return cast(None | str | Unset, data)
-
-        schedule = _parse_schedule(d.pop("schedule", UNSET))
-
-
-        timeout = d.pop("timeout", UNSET)
-
-        def _parse_timezone(data: object) -> None | str | Unset:
-            if data is None:
-                return data
-            if isinstance(data, Unset):
-                return data
-            return cast(None | str | Unset, data)
-
-        timezone = _parse_timezone(d.pop("timezone", UNSET))
-
-
         create_agent_config = cls(
-            cpu_percent=cpu_percent,
-            env=env,
-            max_retries=max_retries,
-            memory_mb=memory_mb,
-            network=network,
-            overlap=overlap,
-            requirements=requirements,
-            schedule=schedule,
-            timeout=timeout,
-            timezone=timezone,
         )
 
+
+        create_agent_config.additional_properties = d
         return create_agent_config
 
+    @property
+    def additional_keys(self) -> list[str]:
+        return list(self.additional_properties.keys())
+
+    def __getitem__(self, key: str) -> Any:
+        return self.additional_properties[key]
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        self.additional_properties[key] = value
+
+    def __delitem__(self, key: str) -> None:
+        del self.additional_properties[key]
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.additional_properties

@@ -11,6 +11,7 @@ from ..types import UNSET, Unset
 from typing import cast
 
 if TYPE_CHECKING:
+  from ..models.quarantine import Quarantine
   from ..models.replica_row import ReplicaRow
 
 
@@ -26,10 +27,12 @@ class Fleet:
     """ 
         Attributes:
             leader (None | str):
+            quarantines (list[Quarantine]): Agents and kinds no replica starts for now
             replicas (list[ReplicaRow]):
      """
 
     leader: None | str
+    quarantines: list[Quarantine]
     replicas: list[ReplicaRow]
     additional_properties: dict[str, Any] = _attrs_field(init=False, factory=dict)
 
@@ -38,9 +41,17 @@ class Fleet:
 
 
     def to_dict(self) -> dict[str, Any]:
+        from ..models.quarantine import Quarantine # noqa: PLC0415
         from ..models.replica_row import ReplicaRow # noqa: PLC0415
         leader: None | str
         leader = self.leader
+
+        quarantines = []
+        for quarantines_item_data in self.quarantines:
+            quarantines_item = quarantines_item_data.to_dict()
+            quarantines.append(quarantines_item)
+
+
 
         replicas = []
         for replicas_item_data in self.replicas:
@@ -54,6 +65,7 @@ class Fleet:
         field_dict.update(self.additional_properties)
         field_dict.update({
             "leader": leader,
+            "quarantines": quarantines,
             "replicas": replicas,
         })
 
@@ -63,6 +75,7 @@ class Fleet:
 
     @classmethod
     def from_dict(cls: type[T], src_dict: Mapping[str, Any]) -> T:
+        from ..models.quarantine import Quarantine # noqa: PLC0415
         from ..models.replica_row import ReplicaRow # noqa: PLC0415
         d = dict(src_dict)
         def _parse_leader(data: object) -> None | str:
@@ -71,6 +84,16 @@ class Fleet:
             return cast(None | str, data)
 
         leader = _parse_leader(d.pop("leader"))
+
+
+        quarantines = []
+        _quarantines = d.pop("quarantines")
+        for quarantines_item_data in (_quarantines):
+            quarantines_item = Quarantine.from_dict(quarantines_item_data)
+
+
+
+            quarantines.append(quarantines_item)
 
 
         replicas = []
@@ -85,6 +108,7 @@ class Fleet:
 
         fleet = cls(
             leader=leader,
+            quarantines=quarantines,
             replicas=replicas,
         )
 

@@ -22,9 +22,11 @@ T = TypeVar("T", bound="ResumedCount")
 class ResumedCount:
     """ 
         Attributes:
+            quarantines_lifted (int):
             resumed (int):
      """
 
+    quarantines_lifted: int
     resumed: int
     additional_properties: dict[str, Any] = _attrs_field(init=False, factory=dict)
 
@@ -33,12 +35,15 @@ class ResumedCount:
 
 
     def to_dict(self) -> dict[str, Any]:
+        quarantines_lifted = self.quarantines_lifted
+
         resumed = self.resumed
 
 
         field_dict: dict[str, Any] = {}
         field_dict.update(self.additional_properties)
         field_dict.update({
+            "quarantines_lifted": quarantines_lifted,
             "resumed": resumed,
         })
 
@@ -49,9 +54,12 @@ class ResumedCount:
     @classmethod
     def from_dict(cls: type[T], src_dict: Mapping[str, Any]) -> T:
         d = dict(src_dict)
+        quarantines_lifted = d.pop("quarantines_lifted")
+
         resumed = d.pop("resumed")
 
         resumed_count = cls(
+            quarantines_lifted=quarantines_lifted,
             resumed=resumed,
         )
 

@@ -14,6 +14,7 @@ import datetime
 
 if TYPE_CHECKING:
   from ..models.attempt_record import AttemptRecord
+  from ..models.task_progress import TaskProgress
 
 
 
@@ -42,6 +43,7 @@ class Task:
             max_retries (int):
             payload (Any):
             priority (int):
+            progress (None | TaskProgress): The latest progress its run reported (on one task, not in listings).
             replica (None | str): The replica running it (`locked_by`).
             result (Any):
             retry_count (int):
@@ -66,6 +68,7 @@ class Task:
     max_retries: int
     payload: Any
     priority: int
+    progress: None | TaskProgress
     replica: None | str
     result: Any
     retry_count: int
@@ -82,6 +85,7 @@ class Task:
 
     def to_dict(self) -> dict[str, Any]:
         from ..models.attempt_record import AttemptRecord # noqa: PLC0415
+        from ..models.task_progress import TaskProgress # noqa: PLC0415
         agent_id: int | None
         agent_id = self.agent_id
 
@@ -126,6 +130,12 @@ class Task:
 
         priority = self.priority
 
+        progress: dict[str, Any] | None
+        if isinstance(self.progress, TaskProgress):
+            progress = self.progress.to_dict()
+        else:
+            progress = self.progress
+
         replica: None | str
         replica = self.replica
 
@@ -167,6 +177,7 @@ class Task:
             "max_retries": max_retries,
             "payload": payload,
             "priority": priority,
+            "progress": progress,
             "replica": replica,
             "result": result,
             "retry_count": retry_count,
@@ -184,6 +195,7 @@ class Task:
     @classmethod
     def from_dict(cls: type[T], src_dict: Mapping[str, Any]) -> T:
         from ..models.attempt_record import AttemptRecord # noqa: PLC0415
+        from ..models.task_progress import TaskProgress # noqa: PLC0415
         d = dict(src_dict)
         def _parse_agent_id(data: object) -> int | None:
             if data is None:
@@ -274,6 +286,24 @@ class Task:
 
         priority = d.pop("priority")
 
+        def _parse_progress(data: object) -> None | TaskProgress:
+            if data is None:
+                return data
+            try:
+                if not isinstance(data, dict):
+                    raise TypeError()
+                progress_type_0 = TaskProgress.from_dict(data)
+
+
+
+                return progress_type_0
+            except (TypeError, ValueError, AttributeError, KeyError):
+                pass
+            return cast(None | TaskProgress, data)
+
+        progress = _parse_progress(d.pop("progress"))
+
+
         def _parse_replica(data: object) -> None | str:
             if data is None:
                 return data
@@ -345,6 +375,7 @@ class Task:
             max_retries=max_retries,
             payload=payload,
             priority=priority,
+            progress=progress,
             replica=replica,
             result=result,
             retry_count=retry_count,

@@ -13,6 +13,7 @@ from typing import cast
 
 if TYPE_CHECKING:
   from ..models.update_agent_config import UpdateAgentConfig
+  from ..models.update_agent_settings import UpdateAgentSettings
 
 
 
@@ -29,13 +30,18 @@ class UpdateAgent:
             active (bool | Unset):
             code (str | Unset): Python source that compiles and defines a top-level class Agent
             command (list[str] | Unset): A program (found on /usr/local/bin:/usr/bin:/bin) and its arguments
-            config (UpdateAgentConfig | Unset): The agent's settings; on PATCH, only the fields given change
+            config (UpdateAgentConfig | Unset): The agent's own config, passed to Agent(config) on every run (a command
+                finds it as `config` in its input); at most 65536 bytes as JSON. On PATCH it replaces the config. Deprecated:
+                without `settings`, a config whose every field is a settings field is read as the settings (the response then
+                carries `Deprecation: true`).
+            settings (UpdateAgentSettings | Unset): The agent's settings; on PATCH, only the fields given change
      """
 
     active: bool | Unset = UNSET
     code: str | Unset = UNSET
     command: list[str] | Unset = UNSET
     config: UpdateAgentConfig | Unset = UNSET
+    settings: UpdateAgentSettings | Unset = UNSET
 
 
 
@@ -43,6 +49,7 @@ class UpdateAgent:
 
     def to_dict(self) -> dict[str, Any]:
         from ..models.update_agent_config import UpdateAgentConfig # noqa: PLC0415
+        from ..models.update_agent_settings import UpdateAgentSettings # noqa: PLC0415
         active = self.active
 
         code = self.code
@@ -57,6 +64,10 @@ class UpdateAgent:
         if not isinstance(self.config, Unset):
             config = self.config.to_dict()
 
+        settings: dict[str, Any] | Unset = UNSET
+        if not isinstance(self.settings, Unset):
+            settings = self.settings.to_dict()
+
 
         field_dict: dict[str, Any] = {}
 
@@ -70,6 +81,8 @@ class UpdateAgent:
             field_dict["command"] = command
         if config is not UNSET:
             field_dict["config"] = config
+        if settings is not UNSET:
+            field_dict["settings"] = settings
 
         return field_dict
 
@@ -78,6 +91,7 @@ class UpdateAgent:
     @classmethod
     def from_dict(cls: type[T], src_dict: Mapping[str, Any]) -> T:
         from ..models.update_agent_config import UpdateAgentConfig # noqa: PLC0415
+        from ..models.update_agent_settings import UpdateAgentSettings # noqa: PLC0415
         d = dict(src_dict)
         active = d.pop("active", UNSET)
 
@@ -96,11 +110,22 @@ class UpdateAgent:
 
 
 
+        _settings = d.pop("settings", UNSET)
+        settings: UpdateAgentSettings | Unset
+        if isinstance(_settings,  Unset):
+            settings = UNSET
+        else:
+            settings = UpdateAgentSettings.from_dict(_settings)
+
+
+
+
         update_agent = cls(
             active=active,
             code=code,
             command=command,
             config=config,
+            settings=settings,
         )
 
         return update_agent

@@ -82,7 +82,7 @@ def sync_detailed(
     client: AuthenticatedClient,
 
 ) -> Response[Error | ResumedCount]:
-    """ Lift the hold of every replica the governor escalated
+    """ Lift the hold of every replica the governor escalated, and every quarantine
 
     Raises:
         errors.UnexpectedStatus: If the server returns an undocumented status code and Client.raise_on_unexpected_status is True.
@@ -108,7 +108,7 @@ def sync(
     client: AuthenticatedClient,
 
 ) -> Error | ResumedCount | None:
-    """ Lift the hold of every replica the governor escalated
+    """ Lift the hold of every replica the governor escalated, and every quarantine
 
     Raises:
         errors.UnexpectedStatus: If the server returns an undocumented status code and Client.raise_on_unexpected_status is True.
@@ -129,7 +129,7 @@ async def asyncio_detailed(
     client: AuthenticatedClient,
 
 ) -> Response[Error | ResumedCount]:
-    """ Lift the hold of every replica the governor escalated
+    """ Lift the hold of every replica the governor escalated, and every quarantine
 
     Raises:
         errors.UnexpectedStatus: If the server returns an undocumented status code and Client.raise_on_unexpected_status is True.
@@ -155,7 +155,7 @@ async def asyncio(
     client: AuthenticatedClient,
 
 ) -> Error | ResumedCount | None:
-    """ Lift the hold of every replica the governor escalated
+    """ Lift the hold of every replica the governor escalated, and every quarantine
 
     Raises:
         errors.UnexpectedStatus: If the server returns an undocumented status code and Client.raise_on_unexpected_status is True.

@@ -14,12 +14,12 @@ from ..types import UNSET, Unset
 
 
 
-T = TypeVar("T", bound="AgentConfigEnv")
+T = TypeVar("T", bound="CreateAgentSettingsEnv")
 
 
 
 @_attrs_define
-class AgentConfigEnv:
+class CreateAgentSettingsEnv:
     
 
     additional_properties: dict[str, str] = _attrs_field(init=False, factory=dict)
@@ -40,12 +40,12 @@ class AgentConfigEnv:
     @classmethod
     def from_dict(cls: type[T], src_dict: Mapping[str, Any]) -> T:
         d = dict(src_dict)
-        agent_config_env = cls(
+        create_agent_settings_env = cls(
         )
 
 
-        agent_config_env.additional_properties = d
-        return agent_config_env
+        create_agent_settings_env.additional_properties = d
+        return create_agent_settings_env
 
     @property
     def additional_keys(self) -> list[str]:

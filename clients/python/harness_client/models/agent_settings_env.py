@@ -14,12 +14,12 @@ from ..types import UNSET, Unset
 
 
 
-T = TypeVar("T", bound="UpdateAgentConfigEnv")
+T = TypeVar("T", bound="AgentSettingsEnv")
 
 
 
 @_attrs_define
-class UpdateAgentConfigEnv:
+class AgentSettingsEnv:
     
 
     additional_properties: dict[str, str] = _attrs_field(init=False, factory=dict)
@@ -40,12 +40,12 @@ class UpdateAgentConfigEnv:
     @classmethod
     def from_dict(cls: type[T], src_dict: Mapping[str, Any]) -> T:
         d = dict(src_dict)
-        update_agent_config_env = cls(
+        agent_settings_env = cls(
         )
 
 
-        update_agent_config_env.additional_properties = d
-        return update_agent_config_env
+        agent_settings_env.additional_properties = d
+        return agent_settings_env
 
     @property
     def additional_keys(self) -> list[str]:

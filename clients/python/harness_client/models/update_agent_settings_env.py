@@ -14,12 +14,12 @@ from ..types import UNSET, Unset
 
 
 
-T = TypeVar("T", bound="CreateAgentConfigEnv")
+T = TypeVar("T", bound="UpdateAgentSettingsEnv")
 
 
 
 @_attrs_define
-class CreateAgentConfigEnv:
+class UpdateAgentSettingsEnv:
     
 
     additional_properties: dict[str, str] = _attrs_field(init=False, factory=dict)
@@ -40,12 +40,12 @@ class CreateAgentConfigEnv:
     @classmethod
     def from_dict(cls: type[T], src_dict: Mapping[str, Any]) -> T:
         d = dict(src_dict)
-        create_agent_config_env = cls(
+        update_agent_settings_env = cls(
         )
 
 
-        create_agent_config_env.additional_properties = d
-        return create_agent_config_env
+        update_agent_settings_env.additional_properties = d
+        return update_agent_settings_env
 
     @property
     def additional_keys(self) -> list[str]:
