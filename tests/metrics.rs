@@ -103,7 +103,7 @@ async fn every_metric_the_dashboard_alerts_and_readme_name_is_exported() {
     let deadline = Instant::now() + Duration::from_secs(20);
     for body in [
         json!({"kind": "echo", "payload": {"x": 1}}),
-        json!({"kind": "sleep", "payload": {"ms": "not a number"}, "max_retries": 1}),
+        json!({"kind": "command", "payload": {"argv": ["sh", "-c", "exit 1"]}, "max_retries": 1}),
         json!({"kind": "noop", "delay_s": 3600}),
     ] {
         loop {
