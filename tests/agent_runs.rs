@@ -79,6 +79,24 @@ async fn until_running(db: &TestDb, id: i64) {
     .await;
 }
 
+/// Registers Python agent `name` with `code` (written to a directory every account may
+/// read) and `args`; the directory.
+fn add_python(db: &TestDb, name: &str, code: &str, args: &[&str]) -> tempfile::TempDir {
+    let dir = common::agent_writable_dir(&format!("{name}-"));
+    let file = write(&dir, "agent.py", code);
+    let mut all = vec!["agents", "add", name, "--file", &file];
+    all.extend_from_slice(args);
+    ok(&cli(db, &all));
+    dir
+}
+
+/// Enqueues a task through the CLI; its id.
+fn enqueue(db: &TestDb, kind: &str, payload: &str, args: &[&str]) -> i64 {
+    let mut all = vec!["enqueue", kind, payload];
+    all.extend_from_slice(args);
+    json_of(&cli(db, &all))["id"].as_i64().unwrap()
+}
+
 fn run_id(db: &TestDb, agent: &str, input: Option<&str>) -> i64 {
     let mut args = vec!["agents", "run", agent, "--json"];
     if let Some(i) = input {
@@ -531,9 +549,7 @@ async fn a_command_reports_progress_through_its_file() {
         release.display()
     );
     let payload = json!({"argv": ["sh", "-c", script]}).to_string();
-    let id = json_of(&cli(&db, &["enqueue", "command", &payload]))["id"]
-        .as_i64()
-        .unwrap();
+    let id = enqueue(&db, "command", &payload, &[]);
     let _replica = serve(&db, &[]);
     let q = Queue::new(db.pool.clone(), 0);
     let p = common::eventually("progress", Duration::from_secs(30), async || {
@@ -559,20 +575,7 @@ class Agent:
 #[tokio::test]
 async fn a_permanent_error_is_not_retried_and_a_payload_that_can_never_run_is_refused() {
     let db = TestDb::new().await;
-    let dir = common::agent_writable_dir("permanent-");
-    let file = write(&dir, "agent.py", PERMANENT);
-    ok(&cli(
-        &db,
-        &[
-            "agents",
-            "add",
-            "revoked",
-            "--file",
-            &file,
-            "--max-retries",
-            "3",
-        ],
-    ));
+    let _dir = add_python(&db, "revoked", PERMANENT, &["--max-retries", "3"]);
     let _replica = serve(&db, &[("HARNESS_BULK__RETRY_DELAY_SECONDS", "0")]);
     let once = |t: &harness::queue::Task| (t.status, t.attempt, t.retry_count);
 
@@ -588,32 +591,17 @@ async fn a_permanent_error_is_not_retried_and_a_payload_that_can_never_run_is_re
 
     // A command says so with exit code 78 (HARNESS_PERMANENT_EXIT_CODE).
     let payload = json!({"argv": ["sh", "-c", "exit $HARNESS_PERMANENT_EXIT_CODE"]}).to_string();
-    let id = json_of(&cli(
-        &db,
-        &["enqueue", "command", &payload, "--max-retries", "3"],
-    ))["id"]
-        .as_i64()
-        .unwrap();
+    let id = enqueue(&db, "command", &payload, &["--max-retries", "3"]);
     let t = final_task(&db, id).await;
     assert_eq!(once(&t), (Status::Failed, 1, 0), "{t:?}");
     // A plain failure is still retried.
     let payload = json!({"argv": ["sh", "-c", "exit 1"]}).to_string();
-    let id = json_of(&cli(
-        &db,
-        &["enqueue", "command", &payload, "--max-retries", "2"],
-    ))["id"]
-        .as_i64()
-        .unwrap();
+    let id = enqueue(&db, "command", &payload, &["--max-retries", "2"]);
     assert_eq!(once(&final_task(&db, id).await), (Status::Failed, 3, 2));
 
     // A program that does not exist (on the replica that runs it): permanent.
     let payload = json!({"argv": ["no-such-program-anywhere"]}).to_string();
-    let id = json_of(&cli(
-        &db,
-        &["enqueue", "command", &payload, "--max-retries", "3"],
-    ))["id"]
-        .as_i64()
-        .unwrap();
+    let id = enqueue(&db, "command", &payload, &["--max-retries", "3"]);
     let t = final_task(&db, id).await;
     assert_eq!(once(&t), (Status::Failed, 1, 0), "{t:?}");
     assert!(t.error.unwrap().contains("was not found"));
@@ -626,12 +614,7 @@ async fn a_permanent_error_is_not_retried_and_a_payload_that_can_never_run_is_re
         std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o700))
             .unwrap();
         let payload = json!({"argv": [script]}).to_string();
-        let id = json_of(&cli(
-            &db,
-            &["enqueue", "command", &payload, "--max-retries", "3"],
-        ))["id"]
-            .as_i64()
-            .unwrap();
+        let id = enqueue(&db, "command", &payload, &["--max-retries", "3"]);
         let t = final_task(&db, id).await;
         assert_eq!(once(&t), (Status::Failed, 1, 0), "{t:?}");
         let e = t.error.unwrap();
@@ -690,22 +673,12 @@ async fn events(db: &TestDb, event: &str) -> Vec<(String, Value)> {
 #[tokio::test]
 async fn one_failing_agent_is_quarantined_fleet_wide_while_other_work_flows() {
     let db = TestDb::new().await;
-    let dir = common::agent_writable_dir("broken-");
-    let file = write(&dir, "agent.py", BROKEN);
-    ok(&cli(
+    let _dir = add_python(
         &db,
-        &[
-            "agents",
-            "add",
-            "broken",
-            "--file",
-            &file,
-            "--max-retries",
-            "0",
-            "--overlap",
-            "allow",
-        ],
-    ));
+        "broken",
+        BROKEN,
+        &["--max-retries", "0", "--overlap", "allow"],
+    );
     let _replica = serve(
         &db,
         &[
@@ -736,9 +709,7 @@ async fn one_failing_agent_is_quarantined_fleet_wide_while_other_work_flows() {
         .await
         .unwrap();
     assert_eq!(replica.0, "normal");
-    let echo = json_of(&cli(&db, &["enqueue", "echo", r#"{"v": 1}"#]))["id"]
-        .as_i64()
-        .unwrap();
+    let echo = enqueue(&db, "echo", r#"{"v": 1}"#, &[]);
     let t = final_task(&db, echo).await;
     assert_eq!(t.status, Status::Completed);
     let took = t.completed_at.unwrap() - t.created_at;
@@ -793,16 +764,9 @@ async fn one_failing_agent_is_quarantined_fleet_wide_while_other_work_flows() {
 #[tokio::test]
 async fn tasks_can_be_listed_cancelled_retried_and_removed_from_the_cli() {
     let db = TestDb::new().await;
-    let later = json_of(&cli(&db, &["enqueue", "echo", "{}", "--delay", "1h"]))["id"]
-        .as_i64()
-        .unwrap();
+    let later = enqueue(&db, "echo", "{}", &["--delay", "1h"]);
     let failing = json!({"argv": ["sh", "-c", "echo nope >&2; exit 1"]}).to_string();
-    let failed = json_of(&cli(
-        &db,
-        &["enqueue", "command", &failing, "--max-retries", "0"],
-    ))["id"]
-        .as_i64()
-        .unwrap();
+    let failed = enqueue(&db, "command", &failing, &["--max-retries", "0"]);
     let _replica = serve(&db, &[]);
     assert_eq!(final_task(&db, failed).await.status, Status::Failed);
 
