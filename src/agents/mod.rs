@@ -489,6 +489,27 @@ pub fn parse_name(name: &str) -> Result<String, Error> {
     }
 }
 
+/// The id of the agent named `name` (for callers that hold a pool, not an [`Agents`]).
+pub async fn id_of(pool: &PgPool, name: &str) -> Result<i64, Error> {
+    let id: Option<i64> = sqlx::query_scalar("SELECT id FROM agents WHERE name = $1")
+        .bind(name)
+        .fetch_optional(pool)
+        .await?;
+    id.ok_or_else(|| Error::NotFound(name.to_string()))
+}
+
+/// The names of the agents among `ids`, by id (agents removed since are missing).
+pub async fn names_of(
+    pool: &PgPool,
+    ids: &[i64],
+) -> Result<std::collections::HashMap<i64, String>, Error> {
+    let rows: Vec<(i64, String)> = sqlx::query_as("SELECT id, name FROM agents WHERE id = ANY($1)")
+        .bind(ids)
+        .fetch_all(pool)
+        .await?;
+    Ok(rows.into_iter().collect())
+}
+
 /// The registry: agents in the database.
 #[derive(Clone)]
 pub struct Agents {

@@ -108,7 +108,9 @@ async fn run_command(
                 None => None,
             };
             let agent_id = match &agent {
-                Some(name) => Some(agent_id(pool, name).await?),
+                Some(name) => Some(harness::agents::id_of(pool, name).await.map_err(|_| {
+                    anyhow::anyhow!("no agent named {name:?}; `harness agents list` lists them")
+                })?),
                 None => None,
             };
             let tasks = queue
@@ -150,23 +152,9 @@ async fn run_command(
     Ok(())
 }
 
-async fn agent_id(pool: &sqlx::PgPool, name: &str) -> anyhow::Result<i64> {
-    let id: Option<i64> = sqlx::query_scalar("SELECT id FROM agents WHERE name = $1")
-        .bind(name)
-        .fetch_optional(pool)
-        .await?;
-    id.ok_or_else(|| anyhow::anyhow!("no agent named {name:?}; `harness agents list` lists them"))
-}
-
 async fn print_tasks(pool: &sqlx::PgPool, tasks: &[Task]) -> anyhow::Result<()> {
     let ids: Vec<i64> = tasks.iter().filter_map(|t| t.agent_id).collect();
-    let names: std::collections::HashMap<i64, String> =
-        sqlx::query_as("SELECT id, name FROM agents WHERE id = ANY($1)")
-            .bind(&ids)
-            .fetch_all(pool)
-            .await?
-            .into_iter()
-            .collect();
+    let names = harness::agents::names_of(pool, &ids).await?;
     let time = |t: Option<chrono::DateTime<chrono::Utc>>| {
         t.map_or("-".to_string(), |t| {
             t.format("%Y-%m-%d %H:%M:%S").to_string()
