@@ -809,3 +809,47 @@ async fn tasks_can_be_listed_cancelled_retried_and_removed_from_the_cli() {
         .unwrap();
     assert_eq!(logs, 0, "its output went with it");
 }
+
+#[tokio::test]
+async fn a_manual_run_that_overlap_will_skip_says_so_and_agents_list_shows_the_last_run() {
+    let db = TestDb::new().await;
+    let dir = common::agent_writable_dir("overlap-");
+    let release = dir.path().join("release");
+    let config = json!({"release": release}).to_string();
+    let _agent_dir = add_python(&db, "slowpoke", WAITING, &["--config", &config]);
+    let _replica = serve(&db, &[]);
+    let first = run_id(&db, "slowpoke", None);
+    until_running(&db, first).await;
+    let second = cli(&db, &["agents", "run", "slowpoke"]);
+    let said = ok(&second);
+    assert!(
+        said.starts_with("enqueued run of agent slowpoke as task "),
+        "{said}"
+    );
+    let warned = stderr(&second);
+    assert!(
+        warned.contains(&format!("agent slowpoke is running now (task {first})"))
+            && warned.contains("will be skipped"),
+        "{warned}"
+    );
+    let skipped: i64 = said.split_whitespace().nth(7).unwrap().parse().unwrap();
+    let t = final_task(&db, skipped).await;
+    assert_eq!(t.status, Status::Cancelled, "{t:?}");
+    assert!(t.error.unwrap().contains("overlap: skip"));
+    std::fs::write(&release, "").unwrap();
+    assert_eq!(final_task(&db, first).await.status, Status::Completed);
+    // The newest run is the skipped one: the table says so, with a header.
+    let listed = ok(&cli(&db, &["agents", "list"]));
+    let header = listed.lines().next().unwrap();
+    for column in [
+        "NAME", "STATE", "SCHEDULE", "NEXT RUN", "LAST RUN", "RUNTIME",
+    ] {
+        assert!(header.contains(column), "{listed}");
+    }
+    assert!(
+        listed.contains("cancelled 20"),
+        "the last run and when: {listed}"
+    );
+    let listed = json_of(&cli(&db, &["agents", "list", "--json"]));
+    assert_eq!(listed[0]["last_run"]["status"], "cancelled", "{listed}");
+}

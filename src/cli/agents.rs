@@ -394,11 +394,12 @@ async fn warn_if_skipped(
             status: Some(harness::queue::Status::Running),
             kind: Some(harness::agents::AGENT_KIND.to_string()),
             agent_id: Some(agent.id),
-            limit: 1,
+            // This run may be one of them already (claimed at once).
+            limit: 2,
             offset: 0,
         })
         .await?;
-    if let Some(r) = running.first().filter(|r| r.id != id) {
+    if let Some(r) = running.iter().find(|r| r.id != id) {
         eprintln!(
             "warning: agent {name} is running now (task {}) and its overlap rule is skip, so \
              this run (task {id}) will be skipped unless that one ends first; use \
