@@ -3,9 +3,10 @@
 //! with its task (pruning, `tasks rm`).
 //!
 //! What is stored of each stream of an attempt: its head (the first half of
-//! `executor.output_limit_kb`) whole, and a tail of at most about the other half — older tail
-//! chunks are deleted as newer ones arrive and their bytes are added to the `skipped` count of
-//! the chunk that follows them. A run that prints 1 GB stores about the limit.
+//! `executor.output_limit_kb`) whole, and a tail of at most the other half — as newer bytes
+//! arrive the oldest tail bytes go (whole chunks, then the front of the next), counted in the
+//! `skipped` count of the chunk where the stream resumes. A run that prints 1 GB stores the
+//! limit.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -178,11 +179,6 @@ impl Follower {
             tokio::time::sleep(FOLLOW_POLL).await;
         }
     }
-
-    /// Where the follower is: the last chunk seen (attempt, seq).
-    pub fn position(&self) -> Option<(i32, i32)> {
-        self.after
-    }
 }
 
 /// Writes an attempt's output to task_logs every [`FLUSH_INTERVAL`] while it runs, and what
@@ -306,7 +302,8 @@ impl Store {
                 sqlx::query(
                     "WITH gone AS (DELETE FROM task_logs \
                          WHERE task_id = $1 AND attempt = $2 AND seq = ANY($3)) \
-                     UPDATE task_logs SET skipped = skipped + $5 \
+                     UPDATE task_logs SET skipped = skipped + $5, \
+                         data = substring(data FROM $6::int + 1) \
                      WHERE task_id = $1 AND attempt = $2 AND seq = $4",
                 )
                 .bind(self.task_id)
@@ -314,6 +311,7 @@ impl Store {
                 .bind(&cut.delete)
                 .bind(cut.next)
                 .bind(cut.bytes as i64)
+                .bind(cut.trim as i32)
                 .execute(&self.pool)
                 .await?;
             }
@@ -335,11 +333,13 @@ struct Trim {
     tail_bytes: [u64; 2],
 }
 
-/// Delete `delete`; add `bytes` to the skipped count of chunk `next`.
+/// Delete `delete`; cut the first `trim` bytes of chunk `next` and add `bytes` (what was
+/// deleted before it, its own skipped counts, and `trim`) to its skipped count.
 #[derive(Debug, PartialEq, Eq)]
 struct Cut {
     delete: Vec<i32>,
     next: i32,
+    trim: u64,
     bytes: u64,
 }
 
@@ -354,7 +354,8 @@ impl Trim {
         }
     }
 
-    /// Records chunk `seq` as stored; returns the deletion it makes necessary, if any.
+    /// Records chunk `seq` as stored; returns what the stored tail must lose to stay within
+    /// its bound (whole chunks from the oldest, then the front of the next), if anything.
     fn stored(&mut self, seq: i32, c: &Chunk) -> Option<Cut> {
         let i = match c.stream {
             Stream::Stdout => 0,
@@ -372,23 +373,30 @@ impl Trim {
         let len = c.data.len() as u64;
         self.tail[i].push_back((seq, len, c.skipped));
         self.tail_bytes[i] += len;
+        let mut over = self.tail_bytes[i].saturating_sub(self.tail_limit);
+        if over == 0 {
+            return None;
+        }
+        self.tail_bytes[i] -= over;
         let mut delete = Vec::new();
         let mut bytes = 0;
-        while self.tail_bytes[i] > self.tail_limit && self.tail[i].len() > 1 {
+        while self.tail[i].len() > 1 && self.tail[i].front().is_some_and(|f| f.1 <= over) {
             let (s, len, skipped) = self.tail[i].pop_front().expect("more than one");
             delete.push(s);
             bytes += len + skipped;
-            self.tail_bytes[i] -= len;
+            over -= len;
         }
         let next = self.tail[i].front_mut().expect("one stays");
-        if delete.is_empty() {
-            return None;
-        }
-        next.2 += bytes;
+        // The newest chunk is never over the bound by itself (the executor bounds what
+        // waits of a tail), so `over` fits in it.
+        let trim = over.min(next.1);
+        next.1 -= trim;
+        next.2 += bytes + trim;
         Some(Cut {
             delete,
             next: next.0,
-            bytes,
+            trim,
+            bytes: bytes + trim,
         })
     }
 }
@@ -406,7 +414,7 @@ mod tests {
     }
 
     #[test]
-    fn the_head_stays_and_old_tail_chunks_go_with_their_bytes_counted() {
+    fn the_head_stays_and_the_tail_keeps_its_newest_bytes_with_the_rest_counted() {
         // limit 10: head 5, tail 5 per stream.
         let mut t = Trim::new(10);
         assert_eq!(t.stored(0, &chunk(Stream::Stdout, 0, 5)), None, "head");
@@ -421,23 +429,25 @@ mod tests {
             "tail within bound"
         );
         assert_eq!(t.stored(3, &chunk(Stream::Progress, 0, 30)), None);
-        // 4 + 3 > 5: chunk 2 goes, its 4 bytes and the 7 skipped before it are carried.
+        // 4 + 3 > 5: chunk 2 loses its first 2 bytes (counted on it).
         assert_eq!(
             t.stored(4, &chunk(Stream::Stdout, 0, 3)),
             Some(Cut {
-                delete: vec![2],
-                next: 4,
-                bytes: 11
+                delete: vec![],
+                next: 2,
+                trim: 2,
+                bytes: 2
             })
         );
-        // A newest chunk larger than the bound stays alone; what it displaces is carried,
-        // including what was carried onto it before.
+        // 2 + 3 + 5 > 5: chunks 2 and 4 go whole, their bytes and skipped counts carried
+        // onto chunk 5, which is the whole tail now.
         assert_eq!(
-            t.stored(5, &chunk(Stream::Stdout, 2, 5)),
+            t.stored(5, &chunk(Stream::Stdout, 1, 5)),
             Some(Cut {
-                delete: vec![4],
+                delete: vec![2, 4],
                 next: 5,
-                bytes: 3 + 11
+                trim: 0,
+                bytes: (2 + 7 + 2) + 3
             })
         );
         assert_eq!(
@@ -445,5 +455,6 @@ mod tests {
             None,
             "stderr head"
         );
+        assert_eq!(t.tail_bytes, [5, 0]);
     }
 }
