@@ -734,12 +734,14 @@ fn payload_rules(kinds: &[String]) -> Vec<Value> {
                          "prefixItems": [{"type": "string", "minLength": 1, "pattern": NO_NUL}],
                          "items": arg},
                 "timeout_s": {"type": "integer", "minimum": crate::bounds::TIMEOUT_S.0, "maximum": crate::bounds::TIMEOUT_S.1},
-                "env": {"type": "object", "additionalProperties": {"type": "string"}}}}),
+                "env": {"type": "object", "propertyNames": {"pattern": NO_NUL},
+                        "additionalProperties": {"type": "string", "pattern": NO_NUL}}}}),
         ),
         (
             AGENT_KIND,
             json!({"type": "object", "required": ["agent_id"],
-                   "properties": {"agent_id": {"type": "integer"}}}),
+                   "properties": {"agent_id": {"type": "integer", "minimum": i64::MIN,
+                                               "maximum": i64::MAX}}}),
         ),
     ]
     .into_iter()
