@@ -1,9 +1,11 @@
-//! The REST API of a replica (axum): tasks, agents and fleet, with bearer-token auth,
-//! body and time limits, JSON errors, `/healthz`, `/readyz`, `/metrics` and an OpenAPI
-//! document generated from the route table and the Rust types.
+//! The HTTP surface of a replica (axum): the REST API (tasks, agents and fleet, with
+//! bearer-token auth, body and time limits, JSON errors, `/healthz`, `/readyz`, `/metrics` and
+//! an OpenAPI document generated from the route table and the Rust types) and the web
+//! [`console`] at `/`, under the same limits.
 //!
 //! It contains no SQL: it calls `queue`, `agents`, `governor` and `db`.
 
+pub mod console;
 mod extract;
 mod openapi;
 pub mod server;
@@ -200,7 +202,7 @@ pub const REDACTED: &str = "[redacted]";
 
 /// Replaces the values of the `env` map at `pointer` in `v` (if any) by [`REDACTED`]; the
 /// names stay, so a reader sees which variables are set.
-fn redact_env_at(v: &mut Value, pointer: &str) {
+pub(crate) fn redact_env_at(v: &mut Value, pointer: &str) {
     if let Some(Value::Object(env)) = v.pointer_mut(pointer) {
         for value in env.values_mut() {
             *value = json!(REDACTED);
@@ -299,7 +301,9 @@ fn build(state: Arc<ApiState>, with_api: bool) -> Router {
         get(metrics)
     };
     let limited = if with_api {
-        Router::new().nest("/api", api)
+        Router::new()
+            .nest("/api", api)
+            .merge(console::routes(state.clone()))
     } else {
         Router::new()
     };
@@ -621,6 +625,7 @@ async fn list_tasks(
         status,
         kind: q.kind,
         agent_id: q.agent_id,
+        before: None,
         limit,
         offset,
     };
@@ -642,6 +647,7 @@ async fn agent_tasks(
     let (limit, offset) = page(q.limit, q.offset)?;
     let f = TaskFilter {
         agent_id: Some(agent_id),
+        before: None,
         limit,
         offset,
         ..TaskFilter::default()
@@ -723,7 +729,7 @@ async fn task_logs(
 /// The events of a followed task: its output as it is stored, then its end. A draining
 /// replica ends the stream with an `end` event that says so (the client reconnects
 /// elsewhere with its Last-Event-ID).
-fn follow_logs(
+pub(crate) fn follow_logs(
     queue: Queue,
     draining: tokio_util::sync::CancellationToken,
     id: i64,

@@ -395,6 +395,7 @@ async fn warn_if_skipped(
             kind: Some(harness::agents::AGENT_KIND.to_string()),
             agent_id: Some(agent.id),
             // This run may be one of them already (claimed at once).
+            before: None,
             limit: 2,
             offset: 0,
         })

@@ -637,7 +637,12 @@ async fn serve(
         }
     }
     if announce {
-        announce_up(&database, &harness, api_addr, generated_token.as_deref());
+        announce_up(
+            &database,
+            &harness,
+            api_addr.filter(|_| with_api),
+            generated_token.as_deref(),
+        );
     }
     let api_stop = tokio_util::sync::CancellationToken::new();
     let api = listener.map(|listener| {
@@ -773,7 +778,9 @@ fn announce_up(
     api_addr: Option<std::net::SocketAddr>,
     generated_token: Option<&str>,
 ) {
-    let api = api_addr.map_or("no API".to_string(), |a| format!("API on http://{a}"));
+    let api = api_addr.map_or("no API".to_string(), |a| {
+        format!("API on http://{a} (the console at http://{a}/)")
+    });
     match database.private_server() {
         Some(server) => eprintln!(
             "Agent Harness is up with a private PostgreSQL under {} ({}).\n\

@@ -118,6 +118,7 @@ async fn run_command(
                     status,
                     kind,
                     agent_id,
+                    before: None,
                     limit,
                     offset: 0,
                 })

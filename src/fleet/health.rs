@@ -40,6 +40,21 @@ const INSERT_EVENT: &str = "
 INSERT INTO governance_events (replica_id, event, from_state, to_state, reason, detail)
 VALUES ($1, $2, $3, $4, $5, $6)";
 
+/// The latest `n` escalations of the fleet: when, which replica, why.
+pub async fn recent_escalations(
+    pool: &PgPool,
+    n: i64,
+) -> Result<Vec<(chrono::DateTime<chrono::Utc>, String, String)>, sqlx::Error> {
+    // governance_events_at_idx, walked backwards.
+    sqlx::query_as(
+        "SELECT at, replica_id, reason FROM governance_events WHERE event = 'escalated' \
+         ORDER BY at DESC LIMIT $1",
+    )
+    .bind(n)
+    .fetch_all(pool)
+    .await
+}
+
 /// Records one governance event of `replica`.
 pub async fn record_event(
     pool: &PgPool,

@@ -96,6 +96,9 @@ impl Queue {
             // tasks_agent_id_idx: (agent_id, id DESC).
             q.push(" AND agent_id = ").push_bind(a);
         }
+        if let Some(b) = f.before {
+            q.push(" AND id < ").push_bind(b);
+        }
         q.push(" ORDER BY id DESC LIMIT ")
             .push_bind(f.limit)
             .push(" OFFSET ")

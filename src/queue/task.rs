@@ -351,6 +351,8 @@ pub struct TaskFilter {
     pub status: Option<Status>,
     pub kind: Option<String>,
     pub agent_id: Option<i64>,
+    /// Keyset pagination: only tasks with a smaller id (the primary key walks there).
+    pub before: Option<TaskId>,
     pub limit: i64,
     pub offset: i64,
 }

@@ -6,6 +6,8 @@
 //! last process to exit stops it.
 #![allow(dead_code)]
 
+pub mod browser;
+
 use std::hash::{Hash, Hasher};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, Ordering};

@@ -1,0 +1,410 @@
+//! The web console, served by every replica that serves the API, at `/` on `api.bind`:
+//! server-rendered pages (`pages`), a stylesheet and a small script embedded in the binary
+//! (`assets/`), no network at run time.
+//!
+//! Auth is the API's: with `api.tokens` set, a person signs in once with a token and gets a
+//! signed session cookie (`session`; HttpOnly, SameSite=Strict, Secure behind TLS) that every
+//! replica accepts. A read token sees everything with secrets redacted and no action; a change
+//! needs an admin session and its form's CSRF token, and a request from another origin is
+//! refused. Without tokens the console opens as the API does.
+//!
+//! Never SQL: it reads and acts through `queue`, `agents` and `fleet`, like the API.
+
+pub mod pages;
+pub mod session;
+
+use std::sync::{Arc, OnceLock};
+
+use axum::extract::{Form, Path, Query, Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Redirect, Response};
+use axum::routing::{get, post};
+use axum::{Extension, Router};
+use serde::Deserialize;
+
+use crate::api::ApiState;
+use crate::config::Scope;
+use crate::queue::{Status, TaskFilter};
+use session::Session;
+
+type Shared = State<Arc<ApiState>>;
+
+const CSS: &str = include_str!("assets/console.css");
+const JS: &str = include_str!("assets/console.js");
+
+/// The console's routes (merged into the API's router by `api::router`).
+pub fn routes(state: Arc<ApiState>) -> Router<Arc<ApiState>> {
+    let pages = Router::new()
+        .route("/", get(overview))
+        .route("/tasks", get(tasks))
+        .route("/tasks/{id}", get(task))
+        .route("/tasks/{id}/events", get(task_events))
+        .route("/tasks/{id}/{action}", post(task_action))
+        .route("/logout", post(logout))
+        .route_layer(middleware::from_fn_with_state(state, signed_in));
+    Router::new()
+        .route("/login", get(login_page).post(login))
+        .route(
+            "/assets/console.css",
+            get(|| async { asset(CSS, "text/css") }),
+        )
+        .route(
+            "/assets/console.js",
+            get(|| async { asset(JS, "text/javascript") }),
+        )
+        .merge(pages)
+}
+
+fn asset(body: &'static str, kind: &'static str) -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, format!("{kind}; charset=utf-8")),
+            (header::CACHE_CONTROL, "no-cache".to_string()),
+        ],
+        body,
+    )
+        .into_response()
+}
+
+/// The session of a request without tokens configured: admin, with a CSRF token of this
+/// process (a page of another replica cannot post here, which only matters in development).
+fn open_session() -> Session {
+    static KEY: OnceLock<String> = OnceLock::new();
+    let csrf = KEY.get_or_init(|| {
+        (0..32)
+            .map(|_| format!("{:02x}", rand::random::<u8>()))
+            .collect()
+    });
+    Session {
+        scope: Scope::Admin,
+        csrf: csrf.clone(),
+    }
+}
+
+fn now() -> i64 {
+    chrono::Utc::now().timestamp()
+}
+
+fn cookie_of(headers: &HeaderMap) -> Option<String> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|kv| kv.trim().split_once('='))
+        .find(|(k, _)| *k == session::COOKIE)
+        .map(|(_, v)| v.to_string())
+}
+
+/// Whether the request says it comes from another site (a form another page posts here).
+fn cross_origin(headers: &HeaderMap) -> bool {
+    let host = headers.get(header::HOST).and_then(|h| h.to_str().ok());
+    match (
+        headers.get(header::ORIGIN).and_then(|o| o.to_str().ok()),
+        host,
+    ) {
+        (Some(origin), Some(host)) => {
+            let origin_host = origin.split("://").nth(1).unwrap_or(origin);
+            origin == "null" || origin_host != host
+        }
+        _ => false,
+    }
+}
+
+/// Pages need a session (a sign-in with a token when tokens are configured); changes need
+/// an admin session from this origin.
+async fn signed_in(State(st): Shared, mut req: Request, next: Next) -> Response {
+    let session = if st.tokens.is_empty() {
+        Some(open_session())
+    } else {
+        cookie_of(req.headers()).and_then(|c| session::check(&st.tokens, &c, now()))
+    };
+    let reads = req.method() == axum::http::Method::GET;
+    let Some(session) = session else {
+        if reads {
+            let next = req
+                .uri()
+                .path_and_query()
+                .map_or("/".to_string(), |p| p.to_string());
+            let to = format!(
+                "/login?{}",
+                form_urlencoded::Serializer::new(String::new())
+                    .append_pair("next", &next)
+                    .finish()
+            );
+            return Redirect::to(&to).into_response();
+        }
+        return (StatusCode::UNAUTHORIZED, "sign in first").into_response();
+    };
+    if !reads {
+        if cross_origin(req.headers()) {
+            return (StatusCode::FORBIDDEN, "a request from another origin").into_response();
+        }
+        if session.scope != Scope::Admin && req.uri().path() != "/logout" {
+            return (
+                StatusCode::FORBIDDEN,
+                "a read token may not change anything",
+            )
+                .into_response();
+        }
+    }
+    req.extensions_mut().insert(session);
+    next.run(req).await
+}
+
+#[derive(Debug, Deserialize)]
+struct LoginQuery {
+    next: Option<String>,
+}
+
+/// Where to go after signing in: a path of this console, never another site.
+fn safe_next(next: Option<&str>) -> String {
+    match next {
+        Some(n) if n.starts_with('/') && !n.starts_with("//") && !n.contains('\\') => n.to_string(),
+        _ => "/".to_string(),
+    }
+}
+
+async fn login_page(State(st): Shared, Query(q): Query<LoginQuery>) -> Response {
+    if st.tokens.is_empty() {
+        return Redirect::to(&safe_next(q.next.as_deref())).into_response();
+    }
+    pages::login(None, &safe_next(q.next.as_deref())).into_response()
+}
+
+#[derive(Debug, Deserialize)]
+struct LoginForm {
+    token: String,
+    next: Option<String>,
+}
+
+async fn login(State(st): Shared, headers: HeaderMap, Form(f): Form<LoginForm>) -> Response {
+    let next = safe_next(f.next.as_deref());
+    if cross_origin(&headers) {
+        return (StatusCode::FORBIDDEN, "a request from another origin").into_response();
+    }
+    let Some(token) = session::token_of(&st.tokens, &f.token) else {
+        // The page again, with the reason (a 401 would only add a console error).
+        return pages::login(Some("That is not a token of this fleet."), &next).into_response();
+    };
+    let secure = headers
+        .get("x-forwarded-proto")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|p| p.eq_ignore_ascii_case("https"));
+    let cookie = format!(
+        "{}={}; Path=/; HttpOnly; SameSite=Strict; Max-Age={}{}",
+        session::COOKIE,
+        session::issue(token, now()),
+        session::LIFETIME_S,
+        if secure { "; Secure" } else { "" }
+    );
+    let mut r = Redirect::to(&next).into_response();
+    if let Ok(v) = HeaderValue::from_str(&cookie) {
+        r.headers_mut().insert(header::SET_COOKIE, v);
+    }
+    r
+}
+
+#[derive(Debug, Deserialize)]
+struct CsrfForm {
+    csrf: String,
+}
+
+fn csrf_refused() -> Response {
+    (
+        StatusCode::FORBIDDEN,
+        "the form's token does not match this session; reload the page",
+    )
+        .into_response()
+}
+
+async fn logout(Extension(s): Extension<Session>, Form(f): Form<CsrfForm>) -> Response {
+    if !session::csrf_ok(&s, &f.csrf) {
+        return csrf_refused();
+    }
+    let mut r = Redirect::to("/login").into_response();
+    let gone = format!(
+        "{}=; Path=/; HttpOnly; SameSite=Strict; Max-Age=0",
+        session::COOKIE
+    );
+    if let Ok(v) = HeaderValue::from_str(&gone) {
+        r.headers_mut().insert(header::SET_COOKIE, v);
+    }
+    r
+}
+
+fn failed(e: impl std::fmt::Display) -> Response {
+    tracing::error!(error = %e, "a console page failed");
+    (StatusCode::INTERNAL_SERVER_ERROR, "internal error").into_response()
+}
+
+async fn overview(State(st): Shared, Extension(s): Extension<Session>) -> Response {
+    let max_age = std::time::Duration::from_secs(st.config.persistence.rescue_after_s);
+    let depth = match crate::queue::depth(&st.pool).await {
+        Ok(d) => d,
+        Err(e) => return failed(e),
+    };
+    let replicas = match crate::fleet::replicas::list(&st.pool, max_age).await {
+        Ok(r) => r,
+        Err(e) => return failed(e),
+    };
+    let quarantines = match crate::fleet::quarantines::active(&st.pool).await {
+        Ok(q) => q,
+        Err(e) => return failed(e),
+    };
+    let escalations = match crate::fleet::health::recent_escalations(&st.pool, 10).await {
+        Ok(e) => e,
+        Err(e) => return failed(e),
+    };
+    pages::overview(
+        &s,
+        &pages::Overview {
+            depth: &depth,
+            replicas: &replicas,
+            quarantines: &quarantines,
+            escalations: &escalations,
+        },
+    )
+    .into_response()
+}
+
+async fn tasks(
+    State(st): Shared,
+    Extension(s): Extension<Session>,
+    Query(q): Query<pages::TaskQuery>,
+) -> Response {
+    let mut error = None;
+    let status = match q.status.as_deref().filter(|v| !v.is_empty()) {
+        Some(v) => match Status::parse(v) {
+            Some(s) => Some(s),
+            None => {
+                error = Some(format!("{v:?} is not a status"));
+                None
+            }
+        },
+        None => None,
+    };
+    let agent_id = match q.agent.as_deref().filter(|v| !v.is_empty()) {
+        Some(name) => match crate::agents::id_of(&st.pool, name).await {
+            Ok(id) => Some(id),
+            Err(_) => {
+                let e = format!("no agent named {name:?}");
+                return pages::tasks(&s, &q, &[], &Default::default(), Some(&e)).into_response();
+            }
+        },
+        None => None,
+    };
+    let filter = TaskFilter {
+        status,
+        kind: q.kind.clone().filter(|k| !k.is_empty()),
+        agent_id,
+        before: q.before,
+        limit: pages::PAGE,
+        offset: 0,
+    };
+    let list = match st.queue.list(&filter).await {
+        Ok(l) => l,
+        Err(e) => return failed(e),
+    };
+    let ids: Vec<i64> = list.iter().filter_map(|t| t.agent_id).collect();
+    let names = crate::agents::names_of(&st.pool, &ids)
+        .await
+        .unwrap_or_default();
+    pages::tasks(&s, &q, &list, &names, error.as_deref()).into_response()
+}
+
+async fn task(
+    State(st): Shared,
+    Extension(s): Extension<Session>,
+    Path(id): Path<i64>,
+) -> Response {
+    let mut t = match st.queue.get_with_progress(id).await {
+        Ok(t) => t,
+        Err(crate::queue::Error::NotFound(_)) => {
+            let page = pages::not_found(&s, &format!("There is no task {id}."));
+            return (StatusCode::NOT_FOUND, page).into_response();
+        }
+        Err(e) => return failed(e),
+    };
+    if s.scope != Scope::Admin {
+        crate::api::redact_env_at(&mut t.payload, "/env");
+    }
+    let agent = match t.agent_id {
+        Some(a) => crate::agents::names_of(&st.pool, &[a])
+            .await
+            .ok()
+            .and_then(|mut m| m.remove(&a)),
+        None => None,
+    };
+    pages::task(&s, &t, agent.as_deref()).into_response()
+}
+
+async fn task_events(State(st): Shared, Path(id): Path<i64>, headers: HeaderMap) -> Response {
+    let after = headers
+        .get("last-event-id")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split_once(':'))
+        .and_then(|(a, s)| Some((a.parse().ok()?, s.parse().ok()?)));
+    crate::api::follow_logs(st.queue.clone(), st.draining.clone(), id, after).into_response()
+}
+
+async fn task_action(
+    State(st): Shared,
+    Extension(s): Extension<Session>,
+    Path((id, action)): Path<(i64, String)>,
+    Form(f): Form<CsrfForm>,
+) -> Response {
+    if !session::csrf_ok(&s, &f.csrf) {
+        return csrf_refused();
+    }
+    let done = match action.as_str() {
+        "retry" => st.queue.retry(id).await.map(|t| format!("/tasks/{}", t.id)),
+        "cancel" => st.queue.cancel(id).await.map(|_| format!("/tasks/{id}")),
+        "delete" => st.queue.delete(id).await.map(|()| "/tasks".to_string()),
+        _ => return (StatusCode::NOT_FOUND, "no such action").into_response(),
+    };
+    match done {
+        Ok(to) => Redirect::to(&to).into_response(),
+        Err(e @ crate::queue::Error::WrongState { .. }) => {
+            (StatusCode::CONFLICT, e.to_string()).into_response()
+        }
+        Err(crate::queue::Error::NotFound(_)) => {
+            (StatusCode::NOT_FOUND, format!("there is no task {id}")).into_response()
+        }
+        Err(e) => failed(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn after_signing_in_a_person_goes_only_to_a_page_of_this_console() {
+        assert_eq!(
+            safe_next(Some("/tasks?status=failed")),
+            "/tasks?status=failed"
+        );
+        for bad in ["https://evil.example", "//evil.example", "/\\evil", "tasks"] {
+            assert_eq!(safe_next(Some(bad)), "/", "{bad}");
+        }
+        assert_eq!(safe_next(None), "/");
+    }
+
+    #[test]
+    fn a_form_from_another_origin_is_told_apart() {
+        let h = |origin: Option<&str>| {
+            let mut h = HeaderMap::new();
+            h.insert(header::HOST, HeaderValue::from_static("127.0.0.1:8080"));
+            if let Some(o) = origin {
+                h.insert(header::ORIGIN, HeaderValue::from_str(o).unwrap());
+            }
+            h
+        };
+        assert!(!cross_origin(&h(None)));
+        assert!(!cross_origin(&h(Some("http://127.0.0.1:8080"))));
+        assert!(cross_origin(&h(Some("https://evil.example"))));
+        assert!(cross_origin(&h(Some("null"))));
+    }
+}

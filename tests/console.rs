@@ -1,0 +1,192 @@
+//! The web console in a real Chromium, against a real replica and PostgreSQL: signing in with
+//! a token, a read token's view (no actions, its posts refused), a failed task's error and
+//! output, a retry watched to completion without reloading, filters and pagination, and no
+//! error in the browser's console on any page. Screenshots of the pages go to
+//! `$CONSOLE_SCREENSHOTS_DIR` (docs/images for the README) or the target's tmp directory.
+
+mod common;
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use common::TestDb;
+use common::browser::Browser;
+use harness::queue::{Queue, Status};
+use serde_json::json;
+
+const ADMIN: &str = "console-admin-token-0123456789";
+const READ: &str = "console-read-token-0123456789";
+
+fn enqueue(db: &TestDb, kind: &str, payload: &str) -> i64 {
+    let o = common::harness_at(&db.url)
+        .args(["enqueue", kind, payload, "--max-retries", "0"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{o:?}");
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    v["id"].as_i64().unwrap()
+}
+
+fn screenshots_dir() -> std::path::PathBuf {
+    std::env::var_os("CONSOLE_SCREENSHOTS_DIR").map_or_else(
+        || std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("console-screenshots"),
+        std::path::PathBuf::from,
+    )
+}
+
+async fn save(browser: &Browser, name: &str) {
+    let dir = screenshots_dir();
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join(format!("console-{name}.png")),
+        browser.screenshot().await,
+    )
+    .unwrap();
+}
+
+async fn sign_in(browser: &Browser, base: &str, token: &str) {
+    browser.goto(&format!("{base}/")).await;
+    assert!(
+        browser.url().await.contains("/login?next=%2F"),
+        "{}",
+        browser.url().await
+    );
+    browser.type_into("input[name=token]", token).await;
+    browser.click("form[action='/login'] button").await;
+    common::eventually("the overview", Duration::from_secs(10), async || {
+        (browser.text("h1").await == "Overview").then_some(())
+    })
+    .await;
+}
+
+/// Waits until the element `css` of the page (not reloaded) says `want`.
+async fn until_text(browser: &Browser, css: &str, want: &str) {
+    let what = format!("{css} to show {want:?}");
+    common::eventually(&what, Duration::from_secs(30), async || {
+        browser.text(css).await.contains(want).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn the_console_signs_in_shows_a_failed_run_and_retries_it_live() {
+    let Some(driver) = common::browser::driver_or_skip() else {
+        return;
+    };
+    let db = TestDb::new().await;
+    let dir = common::agent_writable_dir("console-");
+    let marker = dir.path().join("failed-once");
+    // Fails the first time (printing why), succeeds when retried.
+    let script = format!(
+        "echo said so; if [ -e {m} ]; then exit 0; else touch {m}; exit 1; fi",
+        m = marker.display()
+    );
+    let flaky = enqueue(
+        &db,
+        "command",
+        &json!({"argv": ["sh", "-c", script]}).to_string(),
+    );
+    let mut echoes = Vec::new();
+    for i in 0..55 {
+        echoes.push(enqueue(&db, "echo", &json!({"i": i}).to_string()));
+    }
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let tokens =
+        format!(r#"[{{"token":"{ADMIN}","scope":"admin"}},{{"token":"{READ}","scope":"read"}}]"#);
+    let _replica = common::Proc::spawn(
+        common::harness_at(&db.url)
+            .arg("serve")
+            .env("HARNESS_API__BIND", format!("127.0.0.1:{port}"))
+            .env("HARNESS_API__TOKENS", &tokens)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null()),
+    );
+    let t = common::wait_final(&db.pool, flaky, Duration::from_secs(60)).await;
+    assert_eq!(t.status, Status::Failed);
+    common::wait_final(&db.pool, *echoes.last().unwrap(), Duration::from_secs(60)).await;
+    let base = format!("http://127.0.0.1:{port}");
+
+    let browser = Browser::start(&driver).await;
+    // A wrong token is refused on the page.
+    browser.goto(&format!("{base}/tasks")).await;
+    browser.type_into("input[name=token]", "not-a-token").await;
+    browser.click("form[action='/login'] button").await;
+    until_text(&browser, "[role=alert]", "not a token of this fleet").await;
+
+    // A read token: everything visible, no actions.
+    sign_in(&browser, &base, READ).await;
+    assert!(browser.text("#counts").await.contains("failed"));
+    save(&browser, "overview").await;
+    browser.goto(&format!("{base}/tasks?status=failed")).await;
+    until_text(&browser, "#task-list", &flaky.to_string()).await;
+    browser.goto(&format!("{base}/tasks/{flaky}")).await;
+    until_text(&browser, "#error", "exit code 1").await;
+    until_text(&browser, "#logs", "said so").await;
+    assert!(
+        browser.all(".actions button").await.is_empty(),
+        "a read token sees no actions"
+    );
+    // Its posts are refused, even with the page's own form token.
+    let status = browser
+        .run(&format!(
+            "const x = new XMLHttpRequest(); x.open('POST', '/tasks/{flaky}/retry', false); \
+             x.setRequestHeader('Content-Type', 'application/x-www-form-urlencoded'); \
+             x.send('csrf=' + document.querySelector('input[name=csrf]').value); \
+             return x.status;"
+        ))
+        .await;
+    assert_eq!(status, 403);
+    let errors = browser.errors().await;
+    assert!(
+        errors.iter().all(|e| e.contains("403")),
+        "only the refused post: {errors:?}"
+    );
+    browser.click("header form button").await;
+    until_text(&browser, "h1", "Sign in").await;
+
+    // An admin: retry the failed task and watch it complete on the page.
+    sign_in(&browser, &base, ADMIN).await;
+    browser.goto(&format!("{base}/tasks/{flaky}")).await;
+    save(&browser, "failed-task").await;
+    browser
+        .click(".actions form[action$='/retry'] button")
+        .await;
+    common::eventually("the new task's page", Duration::from_secs(10), async || {
+        let url = browser.url().await;
+        (!url.ends_with(&format!("/tasks/{flaky}"))).then_some(())
+    })
+    .await;
+    let url = browser.url().await;
+    let retried: i64 = url.rsplit('/').next().unwrap().parse().unwrap();
+    browser.run("window.notReloaded = true; return null;").await;
+    until_text(&browser, "#task-fields", "completed").await;
+    assert_eq!(
+        browser.run("return window.notReloaded === true;").await,
+        true
+    );
+    let q = Queue::new(db.pool.clone(), 0);
+    assert_eq!(q.get(retried).await.unwrap().status, Status::Completed);
+
+    // Filters and keyset pagination: 50 a page, then older ones.
+    browser.goto(&format!("{base}/tasks?kind=echo")).await;
+    let first_page = browser.all("#task-list tbody tr").await.len();
+    assert_eq!(first_page, 50);
+    browser.click("a[rel=next]").await;
+    common::eventually("the older page", Duration::from_secs(10), async || {
+        (browser.all("#task-list tbody tr").await.len() == 5).then_some(())
+    })
+    .await;
+    assert!(
+        browser
+            .text("#task-list")
+            .await
+            .contains(&echoes[0].to_string())
+    );
+    save(&browser, "tasks").await;
+    let errors = browser.errors().await;
+    assert!(errors.is_empty(), "the browser logged errors: {errors:?}");
+}
