@@ -110,6 +110,14 @@ async fn the_console_signs_in_shows_a_failed_run_and_retries_it_live() {
     common::wait_final(&db.pool, *echoes.last().unwrap(), Duration::from_secs(60)).await;
     let base = format!("http://127.0.0.1:{port}");
 
+    // The pages may not be framed and run only their own script.
+    let login = reqwest::get(format!("{base}/login")).await.unwrap();
+    let csp = login.headers()["content-security-policy"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    assert!(csp.contains("frame-ancestors 'none'") && csp.contains("default-src 'self'"));
+
     let browser = Browser::start(&driver).await;
     // A wrong token is refused on the page.
     browser.goto(&format!("{base}/tasks")).await;

@@ -54,6 +54,30 @@ pub fn routes(state: Arc<ApiState>) -> Router<Arc<ApiState>> {
             get(|| async { asset(JS, "text/javascript") }),
         )
         .merge(pages)
+        .layer(middleware::from_fn(security_headers))
+}
+
+/// What the browser may do with the console's pages: run only its own script and style,
+/// connect only back here, never be framed (clickjacking), never guess a content type.
+async fn security_headers(req: Request, next: Next) -> Response {
+    let mut r = next.run(req).await;
+    let h = r.headers_mut();
+    h.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(
+            "default-src 'self'; img-src 'self' data:; frame-ancestors 'none'; \
+             form-action 'self'; base-uri 'none'",
+        ),
+    );
+    h.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    h.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("same-origin"),
+    );
+    r
 }
 
 fn asset(body: &'static str, kind: &'static str) -> Response {
