@@ -86,6 +86,20 @@ async fn the_console_signs_in_shows_a_failed_run_and_retries_it_live() {
         "command",
         &json!({"argv": ["sh", "-c", script]}).to_string(),
     );
+    let hello = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/hello_agent.py");
+    let added = common::harness_at(&db.url)
+        .args([
+            "agents",
+            "add",
+            "greeter",
+            "--file",
+            hello,
+            "--config",
+            r#"{"name": "Ada"}"#,
+        ])
+        .output()
+        .unwrap();
+    assert!(added.status.success(), "{added:?}");
     let mut echoes = Vec::new();
     for i in 0..55 {
         echoes.push(enqueue(&db, "echo", &json!({"i": i}).to_string()));
@@ -102,6 +116,18 @@ async fn the_console_signs_in_shows_a_failed_run_and_retries_it_live() {
             .arg("serve")
             .env("HARNESS_API__BIND", format!("127.0.0.1:{port}"))
             .env("HARNESS_API__TOKENS", &tokens)
+            // Three failures hold the replica (its own escalation, no quarantine): the fleet
+            // page's resume is clicked at the end.
+            .env(
+                "HARNESS_GOVERNANCE__PAUSE_AFTER_ERROR_BURST__THRESHOLD",
+                "3",
+            )
+            .env("HARNESS_GOVERNANCE__HUMAN_REVIEW_AFTER_PAUSE_BURSTS", "1")
+            .env(
+                "HARNESS_GOVERNANCE__PAUSE_AFTER_ERROR_BURST__QUARANTINE_SHARE",
+                "0",
+            )
+            .env("HARNESS_GOVERNANCE__WINDOW_S", "600")
             .stdout(Stdio::null())
             .stderr(Stdio::null()),
     );
@@ -195,6 +221,41 @@ async fn the_console_signs_in_shows_a_failed_run_and_retries_it_live() {
             .contains(&echoes[0].to_string())
     );
     save(&browser, "tasks").await;
+
+    // An agent: run it now, see its run complete and its handoff appear; pause it.
+    browser.goto(&format!("{base}/agents")).await;
+    until_text(&browser, "#agent-list", "greeter").await;
+    browser.click("#agent-list a[href='/agents/greeter']").await;
+    until_text(&browser, "h1", "Agent greeter").await;
+    browser
+        .type_into("input[name=input]", r#"{"hello": 1}"#)
+        .await;
+    browser
+        .click("form[action='/agents/greeter/run'] button")
+        .await;
+    until_text(&browser, "#task-fields", "completed").await;
+    browser.goto(&format!("{base}/agents/greeter")).await;
+    until_text(&browser, "#handoffs", "run #1").await;
+    until_text(&browser, "#handoffs", "\"count\": 1").await;
+    assert!(browser.text("#config").await.contains("Ada"));
+    save(&browser, "agent").await;
+    browser
+        .click("form[action='/agents/greeter/pause'] button")
+        .await;
+    until_text(&browser, "#agent-state", "paused").await;
+
+    // The fleet: three failures hold the replica; resume it from the page.
+    for _ in 0..3 {
+        enqueue(&db, "command", r#"{"argv": ["false"]}"#);
+    }
+    browser.goto(&format!("{base}/fleet")).await;
+    until_text(&browser, "#fleet-replicas", "holding").await;
+    save(&browser, "fleet").await;
+    browser
+        .click("#fleet-replicas form[action$='/resume'] button")
+        .await;
+    until_text(&browser, "#fleet-replicas", "normal").await;
+    assert!(browser.text("#fleet-replicas").await.contains("escalated"));
     let errors = browser.errors().await;
     assert!(errors.is_empty(), "the browser logged errors: {errors:?}");
 }

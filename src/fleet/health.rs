@@ -40,6 +40,28 @@ const INSERT_EVENT: &str = "
 INSERT INTO governance_events (replica_id, event, from_state, to_state, reason, detail)
 VALUES ($1, $2, $3, $4, $5, $6)";
 
+/// A governance event as the console lists it: when, which replica, what, why.
+pub type EventLine = (
+    chrono::DateTime<chrono::Utc>,
+    String,
+    String,
+    Option<String>,
+    Option<String>,
+    String,
+);
+
+/// The latest `n` governance events of the fleet, newest first.
+pub async fn recent_events(pool: &PgPool, n: i64) -> Result<Vec<EventLine>, sqlx::Error> {
+    // governance_events_at_idx, walked backwards.
+    sqlx::query_as(
+        "SELECT at, replica_id, event, from_state, to_state, reason FROM governance_events \
+         ORDER BY at DESC LIMIT $1",
+    )
+    .bind(n)
+    .fetch_all(pool)
+    .await
+}
+
 /// The latest `n` escalations of the fleet: when, which replica, why.
 pub async fn recent_escalations(
     pool: &PgPool,

@@ -41,6 +41,12 @@ pub fn routes(state: Arc<ApiState>) -> Router<Arc<ApiState>> {
         .route("/tasks/{id}", get(task))
         .route("/tasks/{id}/events", get(task_events))
         .route("/tasks/{id}/{action}", post(task_action))
+        .route("/agents", get(agents))
+        .route("/agents/{name}", get(agent))
+        .route("/agents/{name}/{action}", post(agent_action))
+        .route("/fleet", get(fleet))
+        .route("/fleet/{replica}/resume", post(resume_replica))
+        .route("/fleet/lift-quarantines", post(lift_quarantines))
         .route("/logout", post(logout))
         .route_layer(middleware::from_fn_with_state(state, signed_in));
     Router::new()
@@ -396,6 +402,189 @@ async fn task_action(
         Err(crate::queue::Error::NotFound(_)) => {
             (StatusCode::NOT_FOUND, format!("there is no task {id}")).into_response()
         }
+        Err(e) => failed(e),
+    }
+}
+
+fn no_agents() -> Response {
+    (
+        StatusCode::NOT_IMPLEMENTED,
+        "this replica does not run agents",
+    )
+        .into_response()
+}
+
+async fn agents(State(st): Shared, Extension(s): Extension<Session>) -> Response {
+    let Some(registry) = st.agents.as_ref() else {
+        return no_agents();
+    };
+    let list = match registry.list().await {
+        Ok(l) => l,
+        Err(e) => return failed(e),
+    };
+    let ids: Vec<i64> = list.iter().map(|a| a.id).collect();
+    let last = st
+        .queue
+        .last_runs(crate::agents::AGENT_KIND, &ids)
+        .await
+        .unwrap_or_default();
+    let quarantines = crate::fleet::quarantines::active(&st.pool)
+        .await
+        .unwrap_or_default();
+    let lines: Vec<pages::AgentLine<'_>> = list
+        .iter()
+        .map(|a| pages::AgentLine {
+            agent: a,
+            last_run: last.get(&a.id).copied(),
+            quarantine: quarantines.iter().find(|q| q.agent_id == Some(a.id)),
+        })
+        .collect();
+    pages::agents(&s, &lines).into_response()
+}
+
+async fn agent_page(st: &ApiState, s: &Session, name: &str, error: Option<&str>) -> Response {
+    let Some(registry) = st.agents.as_ref() else {
+        return no_agents();
+    };
+    let a = match registry.get(name).await {
+        Ok(a) => a,
+        Err(crate::agents::Error::NotFound(_)) | Err(crate::agents::Error::Invalid { .. }) => {
+            let page = pages::not_found(s, &format!("There is no agent {name:?}."));
+            return (StatusCode::NOT_FOUND, page).into_response();
+        }
+        Err(e) => return failed(e),
+    };
+    let mut settings = serde_json::to_value(&a.settings).unwrap_or_default();
+    if s.scope != Scope::Admin {
+        crate::api::redact_env_at(&mut settings, "/env");
+    }
+    let runs = st
+        .queue
+        .list(&TaskFilter {
+            agent_id: Some(a.id),
+            limit: 20,
+            ..Default::default()
+        })
+        .await
+        .unwrap_or_default();
+    let handoffs = registry.handoffs().history(a.id).await.unwrap_or_default();
+    let quarantines = crate::fleet::quarantines::active(&st.pool)
+        .await
+        .unwrap_or_default();
+    pages::agent(
+        s,
+        &pages::AgentPage {
+            agent: &a,
+            settings,
+            quarantine: quarantines.iter().find(|q| q.agent_id == Some(a.id)),
+            runs: &runs,
+            handoffs: &handoffs,
+            error,
+        },
+    )
+    .into_response()
+}
+
+async fn agent(
+    State(st): Shared,
+    Extension(s): Extension<Session>,
+    Path(name): Path<String>,
+) -> Response {
+    agent_page(&st, &s, &name, None).await
+}
+
+#[derive(Debug, Deserialize)]
+struct AgentForm {
+    csrf: String,
+    input: Option<String>,
+}
+
+async fn agent_action(
+    State(st): Shared,
+    Extension(s): Extension<Session>,
+    Path((name, action)): Path<(String, String)>,
+    Form(f): Form<AgentForm>,
+) -> Response {
+    if !session::csrf_ok(&s, &f.csrf) {
+        return csrf_refused();
+    }
+    let Some(registry) = st.agents.as_ref() else {
+        return no_agents();
+    };
+    let back = format!("/agents/{name}");
+    let done = match action.as_str() {
+        "run" => {
+            let input = match f.input.as_deref().map(str::trim).filter(|i| !i.is_empty()) {
+                None => serde_json::Value::Null,
+                Some(raw) => match serde_json::from_str(raw) {
+                    Ok(v) => v,
+                    Err(e) => {
+                        let error = format!("The input is not valid JSON: {e}");
+                        return agent_page(&st, &s, &name, Some(&error)).await;
+                    }
+                },
+            };
+            registry
+                .run(&st.queue, &name, input)
+                .await
+                .map(|e| format!("/tasks/{}", e.id))
+        }
+        "pause" => registry.set_active(&name, false).await.map(|_| back),
+        "resume" => match registry.set_active(&name, true).await {
+            Ok(a) => registry.lift_quarantine(&a).await.map(|_| back),
+            Err(e) => Err(e),
+        },
+        _ => return (StatusCode::NOT_FOUND, "no such action").into_response(),
+    };
+    match done {
+        Ok(to) => Redirect::to(&to).into_response(),
+        Err(crate::agents::Error::NotFound(_)) => {
+            (StatusCode::NOT_FOUND, format!("there is no agent {name:?}")).into_response()
+        }
+        Err(e) => failed(e),
+    }
+}
+
+async fn fleet(State(st): Shared, Extension(s): Extension<Session>) -> Response {
+    let max_age = std::time::Duration::from_secs(st.config.persistence.rescue_after_s);
+    let replicas = match crate::fleet::replicas::list(&st.pool, max_age).await {
+        Ok(r) => r,
+        Err(e) => return failed(e),
+    };
+    let quarantines = crate::fleet::quarantines::active(&st.pool)
+        .await
+        .unwrap_or_default();
+    let events = crate::fleet::health::recent_events(&st.pool, 50)
+        .await
+        .unwrap_or_default();
+    pages::fleet(&s, &replicas, &quarantines, &events).into_response()
+}
+
+async fn resume_replica(
+    State(st): Shared,
+    Extension(s): Extension<Session>,
+    Path(replica): Path<String>,
+    Form(f): Form<CsrfForm>,
+) -> Response {
+    if !session::csrf_ok(&s, &f.csrf) {
+        return csrf_refused();
+    }
+    match crate::fleet::replicas::request_resume(&st.pool, Some(&replica)).await {
+        Ok(_) => Redirect::to("/fleet").into_response(),
+        Err(e) => failed(e),
+    }
+}
+
+async fn lift_quarantines(
+    State(st): Shared,
+    Extension(s): Extension<Session>,
+    Form(f): Form<CsrfForm>,
+) -> Response {
+    if !session::csrf_ok(&s, &f.csrf) {
+        return csrf_refused();
+    }
+    match crate::fleet::quarantines::lift(&st.pool, None).await {
+        Ok(_) => Redirect::to("/fleet").into_response(),
         Err(e) => failed(e),
     }
 }

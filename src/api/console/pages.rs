@@ -47,6 +47,8 @@ pub fn layout(title: &str, session: Option<&Session>, body: Markup) -> Markup {
                         nav aria-label="pages" {
                             a href="/" { "Overview" }
                             a href="/tasks" { "Tasks" }
+                            a href="/agents" { "Agents" }
+                            a href="/fleet" { "Fleet" }
                         }
                     }
                     @if let Some(s) = session {
@@ -326,6 +328,233 @@ pub fn task(session: &Session, t: &Task, agent: Option<&str>) -> Markup {
             pre id="logs" data-events=(format!("/tasks/{}/events", t.id)) { span.muted { "No output yet." } }
             h2 { "Payload" }
             pre id="payload" { (pretty(&t.payload)) }
+        },
+    )
+}
+
+/// A small form that posts `action` with the session's CSRF token.
+fn button(session: &Session, action: &str, label: &str, class: &str) -> Markup {
+    html! {
+        form.inline method="post" action=(action) {
+            input type="hidden" name="csrf" value=(session.csrf);
+            button type="submit" class=(class) { (label) }
+        }
+    }
+}
+
+/// One agent's line in the list.
+pub struct AgentLine<'a> {
+    pub agent: &'a crate::agents::Agent,
+    pub last_run: Option<(Status, Option<DateTime<Utc>>)>,
+    pub quarantine: Option<&'a Quarantine>,
+}
+
+fn agent_state(a: &crate::agents::Agent, q: Option<&Quarantine>) -> String {
+    match (a.active, q) {
+        (_, Some(q)) if q.held => "quarantined (held)".to_string(),
+        (_, Some(q)) => format!("quarantined until {}", time(Some(q.until))),
+        (true, None) => "active".to_string(),
+        (false, None) => "paused".to_string(),
+    }
+}
+
+fn runtime(a: &crate::agents::Agent) -> String {
+    match &a.runtime {
+        crate::executor::Runtime::Python { .. } => "python".to_string(),
+        crate::executor::Runtime::Command { argv } => format!("command {}", argv.join(" ")),
+    }
+}
+
+pub fn agents(session: &Session, lines: &[AgentLine<'_>]) -> Markup {
+    layout(
+        "Agents",
+        Some(session),
+        html! {
+            h1 { "Agents" }
+            section id="agent-list" data-live {
+                @if lines.is_empty() {
+                    p.muted { "No agents yet: harness agents add <name> --file agent.py" }
+                } @else {
+                    div.scroll { table {
+                        thead { tr { th { "Name" } th { "State" } th { "Runtime" } th { "Schedule" } th { "Next run" } th { "Last run" } } }
+                        tbody {
+                            @for l in lines {
+                                tr {
+                                    td { a href=(format!("/agents/{}", l.agent.name)) { (l.agent.name) } }
+                                    td { (agent_state(l.agent, l.quarantine)) }
+                                    td.wrap { (runtime(l.agent)) }
+                                    td { (l.agent.settings.schedule.as_deref().unwrap_or("-")) @if let Some(tz) = &l.agent.settings.timezone { " " span.muted { (tz) } } }
+                                    td { (time(l.agent.next_fire())) }
+                                    td {
+                                        @if let Some((s, at)) = l.last_run { (badge(s)) " " (time(at)) } @else { "-" }
+                                    }
+                                }
+                            }
+                        }
+                    } }
+                }
+            }
+        },
+    )
+}
+
+/// What an agent's page shows.
+pub struct AgentPage<'a> {
+    pub agent: &'a crate::agents::Agent,
+    /// Its settings as JSON, `env` values redacted for readers.
+    pub settings: serde_json::Value,
+    pub quarantine: Option<&'a Quarantine>,
+    pub runs: &'a [Task],
+    pub handoffs: &'a [crate::handoff::HandoffArtifact],
+    pub error: Option<&'a str>,
+}
+
+pub fn agent(session: &Session, p: &AgentPage<'_>) -> Markup {
+    let a = p.agent;
+    let admin = session.scope == Scope::Admin;
+    layout(
+        &format!("Agent {}", a.name),
+        Some(session),
+        html! {
+            h1 { "Agent " (a.name) " " span.muted { (runtime(a)) } }
+            @if let Some(e) = p.error { p.error role="alert" { (e) } }
+            @if admin {
+                div.actions {
+                    form.inline method="post" action=(format!("/agents/{}/run", a.name)) {
+                        input type="hidden" name="csrf" value=(session.csrf);
+                        label { "Input (JSON)" input type="text" name="input" placeholder="{}"; }
+                        button type="submit" { "Run now" }
+                    }
+                    @if a.active && p.quarantine.is_none() {
+                        (button(session, &format!("/agents/{}/pause", a.name), "Pause", ""))
+                    } @else {
+                        (button(session, &format!("/agents/{}/resume", a.name), "Resume", ""))
+                    }
+                }
+            }
+            section id="agent-fields" data-live {
+                dl.fields {
+                    dt { "State" } dd id="agent-state" { (agent_state(a, p.quarantine)) }
+                    dt { "Schedule" } dd { (a.settings.schedule.as_deref().unwrap_or("-")) " " (a.settings.timezone.as_deref().unwrap_or("")) }
+                    dt { "Next run" } dd { (time(a.next_fire())) }
+                    dt { "Timeout" } dd { (a.settings.timeout) " s" }
+                    dt { "Memory" } dd { (a.settings.memory_mb) " MB" }
+                    dt { "CPU" } dd { (a.settings.cpu_percent) " %" }
+                    dt { "Retries" } dd { (a.settings.max_retries) }
+                    dt { "Network" } dd { (format!("{:?}", a.settings.network).to_lowercase()) }
+                }
+                h2 { "Runs" }
+                @if p.runs.is_empty() { p.muted { "No runs yet." } } @else {
+                    div.scroll { table {
+                        thead { tr { th { "Task" } th { "Status" } th { "Started" } th { "Ended" } th { "Error" } } }
+                        tbody {
+                            @for t in p.runs {
+                                tr {
+                                    td { a href=(format!("/tasks/{}", t.id)) { (t.id) } }
+                                    td { (badge(t.status)) }
+                                    td { (time(t.started_at)) }
+                                    td { (time(t.completed_at)) }
+                                    td.wrap { (t.error.as_deref().map(last_line).unwrap_or_default()) }
+                                }
+                            }
+                        }
+                    } }
+                }
+                h2 { "Handoffs" }
+                @if p.handoffs.is_empty() { p.muted { "No state handed on yet (a run hands its state on when it completes)." } } @else {
+                    ol.handoffs id="handoffs" {
+                        @for h in p.handoffs {
+                            li {
+                                strong { "run #" (h.run_number) } " " span.muted { (time(Some(h.created_at))) }
+                                @if let Some(s) = &h.summary { " — " (s) }
+                                @if h.compressed { " " span.muted { "(compressed to fit)" } }
+                                pre { (pretty(&h.state)) }
+                            }
+                        }
+                    }
+                }
+            }
+            h2 { "Config" }
+            pre id="config" { (pretty(&serde_json::Value::Object(a.config.clone()))) }
+            h2 { "Settings" }
+            pre id="settings" { (pretty(&p.settings)) }
+            @if let crate::executor::Runtime::Python { code } = &a.runtime {
+                h2 { "Code" }
+                pre id="code" { (code) }
+            }
+        },
+    )
+}
+
+pub fn fleet(
+    session: &Session,
+    replicas: &[ReplicaRow],
+    quarantines: &[Quarantine],
+    events: &[crate::fleet::health::EventLine],
+) -> Markup {
+    let admin = session.scope == Scope::Admin;
+    layout(
+        "Fleet",
+        Some(session),
+        html! {
+            h1 { "Fleet" }
+            section id="fleet-replicas" data-live {
+                @if replicas.is_empty() { p.muted { "No live replica." } } @else {
+                    div.scroll { table {
+                        thead { tr { th { "Replica" } th { "Host" } th { "State" } th { "Running / capacity" } th { "Heartbeat" } th { "Leader" } th { "CPU" } th { "Memory" } th { "Isolation" } th {} } }
+                        tbody {
+                            @for r in replicas {
+                                tr {
+                                    td { (r.id) }
+                                    td { (r.hostname) " " span.muted { "pid " (r.pid) } }
+                                    td { (r.governor_state.as_str()) }
+                                    td { (r.running) " / " (r.capacity) }
+                                    td { (format!("{:.1} s ago", r.heartbeat_age_s)) }
+                                    td { @if r.is_leader { "since " (time(r.leader_since)) } @else { "-" } }
+                                    td { (r.cpu_percent.map_or("-".to_string(), |v| format!("{v:.0}%"))) }
+                                    td { (r.memory_percent.map_or("-".to_string(), |v| format!("{v:.0}%"))) }
+                                    td.wrap { (r.isolation.as_deref().unwrap_or("-")) }
+                                    td {
+                                        @if admin && matches!(r.governor_state, crate::fleet::GovernorState::Holding | crate::fleet::GovernorState::Paused) {
+                                            (button(session, &format!("/fleet/{}/resume", r.id), "Resume", ""))
+                                        }
+                                    }
+                                }
+                            }
+                        }
+                    } }
+                }
+                @if !quarantines.is_empty() {
+                    h2 { "Quarantined" }
+                    ul {
+                        @for q in quarantines {
+                            li {
+                                (q.agent.clone().map_or_else(|| format!("kind {}", q.kind), |a| format!("agent {a}")))
+                                " — " @if q.held { "until a person lifts it" } @else { "until " (time(Some(q.until))) }
+                                ": " span.muted { (q.reason) }
+                            }
+                        }
+                    }
+                    @if admin { (button(session, "/fleet/lift-quarantines", "Lift every quarantine", "")) }
+                }
+                h2 { "Governance events" }
+                @if events.is_empty() { p.muted { "None yet." } } @else {
+                    div.scroll { table {
+                        thead { tr { th { "At" } th { "Replica" } th { "Event" } th { "From → to" } th { "Why" } } }
+                        tbody {
+                            @for (at, replica, event, from, to, reason) in events {
+                                tr {
+                                    td { (time(Some(*at))) }
+                                    td { (replica) }
+                                    td { (event) }
+                                    td { (from.as_deref().unwrap_or("")) @if to.is_some() { " → " (to.as_deref().unwrap_or("")) } }
+                                    td.wrap { (reason) }
+                                }
+                            }
+                        }
+                    } }
+                }
+            }
         },
     )
 }
