@@ -929,6 +929,24 @@ async fn the_harness_does_not_follow_what_an_agent_plants_as_its_result() {
             "{script} leaked the file"
         );
     }
+    // A hard link is refused whatever it links to (where the kernel lets an account link
+    // files it does not own, it could be one the harness may read).
+    let spec = RunSpec::new(
+        Runtime::Command {
+            argv: vec![
+                "sh".into(),
+                "-c".into(),
+                "echo '{\"v\": 1}' > own.json && ln own.json \"$HARNESS_RESULT_FILE\"".into(),
+            ],
+        },
+        &e,
+    );
+    let r = e.run(&spec).await.unwrap();
+    assert_eq!(r.status, ExecStatus::Error, "{r:?}");
+    assert!(
+        r.error.as_deref().unwrap_or("").contains("hard link"),
+        "{r:?}"
+    );
 }
 
 #[tokio::test]

@@ -1271,8 +1271,16 @@ fn read_owned(path: &Path, owner: u32, max: u64, what: &str) -> Result<Option<St
     if !meta.file_type().is_file() {
         return Err(format!("the {what} file is not a regular file"));
     }
-    if meta.uid() != owner && meta.uid() != Uid::effective().as_raw() {
+    // The run's own file: of its account (ours only when the run has none of its own), and
+    // not a hard link to a file elsewhere (a link to a file the harness may read).
+    let ours = Uid::effective().as_raw();
+    if meta.uid() != owner && !(owner == ours && meta.uid() == ours) {
         return Err(format!("the {what} file belongs to another account"));
+    }
+    if meta.nlink() != 1 {
+        return Err(format!(
+            "the {what} file is a hard link to another file, which the harness does not read"
+        ));
     }
     let mut text = String::new();
     file.take(max + 1)
