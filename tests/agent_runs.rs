@@ -560,7 +560,8 @@ async fn a_command_reports_progress_through_its_file() {
     let release = dir.path().join("release");
     let script = format!(
         "echo '{{\"fraction\": 0.25, \"message\": \"a quarter\"}}' > \"$HARNESS_PROGRESS_FILE\"; \
-         while [ ! -e {} ]; do sleep 0.05; done",
+         while [ ! -e {} ]; do sleep 0.05; done; \
+         echo '{{\"fraction\": 0.5, \"message\": \"half\"}}' > \"$HARNESS_PROGRESS_FILE\"",
         release.display()
     );
     let payload = json!({"argv": ["sh", "-c", script]}).to_string();
@@ -578,6 +579,17 @@ async fn a_command_reports_progress_through_its_file() {
     assert_eq!(task(&db, id).await.status, Status::Running);
     std::fs::write(&release, "").unwrap();
     assert_eq!(final_task(&db, id).await.status, Status::Completed);
+    // The report written just before the end is read, and only the latest one is kept.
+    let p = q.get_with_progress(id).await.unwrap().progress.unwrap();
+    assert_eq!(p.progress.message.as_deref(), Some("half"));
+    let rows: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM task_logs WHERE task_id = $1 AND stream = 'progress'",
+    )
+    .bind(id)
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(rows, 1);
 }
 
 const PERMANENT: &str = "\
@@ -596,6 +608,12 @@ async fn a_permanent_error_is_not_retried_and_a_payload_that_can_never_run_is_re
 
     let t = final_task(&db, run_id(&db, "revoked", None)).await;
     assert_eq!(once(&t), (Status::Failed, 1, 0), "{t:?}");
+    // An agent task enqueued by hand is that agent's run too (its history, its quarantine).
+    let agent = json_of(&cli(&db, &["agents", "show", "revoked", "--json"]))["id"]
+        .as_i64()
+        .unwrap();
+    let by_hand = enqueue(&db, "agent", &json!({"agent_id": agent}).to_string(), &[]);
+    assert_eq!(task(&db, by_hand).await.agent_id, Some(agent));
     assert!(
         t.error
             .as_deref()

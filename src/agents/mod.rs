@@ -946,6 +946,15 @@ impl Agents {
     }
 }
 
+/// The agent an `agent` task enqueued by hand runs (its payload's `agent_id`): the task is
+/// then that agent's run, in its history and counted for its quarantine, like one enqueued
+/// by `agents run`.
+pub fn agent_of_payload(kind: &str, payload: &Value) -> Option<i64> {
+    (kind == AGENT_KIND)
+        .then(|| crate::worker::whole(&payload["agent_id"]))
+        .flatten()
+}
+
 /// Checks an `agent` task's payload: `{"agent_id": <id>, "input"?: any}`.
 pub fn validate_agent_payload(payload: &Value) -> Result<(), String> {
     match payload.get("agent_id") {
@@ -962,8 +971,8 @@ pub fn validate_agent_payload(payload: &Value) -> Result<(), String> {
 }
 
 /// Checks a `command` task's payload: `{"argv": [program, args...], "input"?: any,
-/// "timeout_s"?: seconds, "env"?: {name: value}}`. Whether the program exists is the run's
-/// business (a missing one fails the task at once): it may exist on the replica that runs it.
+/// "timeout_s"?: seconds, "env"?: {name: value}}`. Whether the program exists is checked
+/// where the task runs: a missing one fails it at once, not retried.
 pub fn validate_command_payload(payload: &Value) -> Result<(), String> {
     let argv: Vec<String> = serde_json::from_value(payload["argv"].clone())
         .map_err(|_| "payload.argv must be a list of strings: the program and its arguments")?;

@@ -825,6 +825,9 @@ async fn enqueue(cfg: Config, args: EnqueueArgs) -> anyhow::Result<()> {
         bail!("invalid payload for kind {}: {e}", args.kind);
     }
     let mut task = NewTask::new(args.kind, payload).priority(args.priority);
+    if let Some(agent) = harness::agents::agent_of_payload(&task.kind, &task.payload) {
+        task = task.agent_id(agent);
+    }
     if let Some(k) = args.idempotency_key {
         task = task.idempotency_key(k);
     }

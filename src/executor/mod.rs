@@ -566,13 +566,17 @@ impl Executor {
             spec.output.clone(),
         ));
         let owner = ids.map_or(Uid::effective().as_raw(), |(uid, _)| uid);
-        let progress = spec
-            .output
-            .clone()
-            .map(|o| tokio::spawn(watch_progress(run.progress_path.clone(), owner, o)));
+        // Aborted when dropped: a cancelled run (this future dropped) stops watching too.
+        let progress = spec.output.clone().map(|o| {
+            AbortOnDrop(tokio::spawn(watch_progress(
+                run.progress_path.clone(),
+                owner,
+                o,
+            )))
+        });
         let (status, timed_out, refused) = self.wait(&mut child, cleanup.pgid, spec.timeout).await;
         if let Some(watch) = progress {
-            watch.abort();
+            drop(watch);
             if let Some(o) = &spec.output {
                 // The last report of a run that ended between two looks.
                 read_progress(&run.progress_path, owner, o);
@@ -1324,6 +1328,15 @@ async fn finish_capture(h: tokio::task::JoinHandle<output::HeadTail>) -> String 
     match tokio::time::timeout(Duration::from_secs(5), h).await {
         Ok(Ok(kept)) => kept.text(),
         _ => "[output unavailable: a process outside the agent's group kept it open]".to_string(),
+    }
+}
+
+/// A task that ends when its handle is dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 

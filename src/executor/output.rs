@@ -166,6 +166,8 @@ struct Pending {
     /// Dropped bytes of each stream not yet reported on a chunk.
     skipped: [u64; 2],
     progress: Option<Progress>,
+    /// The last report set, so that one read twice is stored once.
+    last_progress: Option<Progress>,
 }
 
 #[derive(Debug)]
@@ -273,7 +275,11 @@ impl RunOutput {
 
     /// Records the run's latest progress (taken with the next chunks).
     pub fn set_progress(&self, progress: Progress) {
-        self.state.lock().expect("output lock").progress = Some(progress);
+        let mut p = self.state.lock().expect("output lock");
+        if p.last_progress.as_ref() != Some(&progress) {
+            p.last_progress = Some(progress.clone());
+            p.progress = Some(progress);
+        }
     }
 
     /// Everything waiting, in arrival order; a new progress report last.

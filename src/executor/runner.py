@@ -114,7 +114,14 @@ def progress(fraction=None, message=None):
         report["fraction"] = fraction
     if message is not None:
         report["message"] = str(message)[:1000]
-    _write(os.environ["HARNESS_PROGRESS_FILE"], _dumps(report))
+    import _thread
+
+    path = os.environ["HARNESS_PROGRESS_FILE"]
+    # A temporary file per thread: two threads reporting at once do not collide.
+    tmp = "%s.%d.tmp" % (path, _thread.get_ident())
+    with open(tmp, "w") as f:
+        f.write(_dumps(report))
+    os.replace(tmp, path)
 
 
 def _agent_progress(self, fraction=None, message=None):

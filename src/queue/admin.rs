@@ -54,6 +54,15 @@ impl Queue {
             .ok_or(Error::NotFound(id))
     }
 
+    /// A task's status alone (a follower's frequent look; the primary key).
+    pub async fn status(&self, id: TaskId) -> Result<Status, Error> {
+        sqlx::query_scalar("SELECT status FROM tasks WHERE id = $1")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?
+            .ok_or(Error::NotFound(id))
+    }
+
     pub async fn stats(&self) -> Result<Stats, Error> {
         let rows: Vec<(Status, i64)> =
             sqlx::query_as("SELECT status, count(*) FROM tasks GROUP BY status")

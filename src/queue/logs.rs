@@ -170,8 +170,9 @@ impl Follower {
             if let Some(task) = self.ending.take() {
                 return Ok(FollowStep::End(Box::new(task)));
             }
-            let task = self.queue.get(self.id).await?;
-            if task.status.is_final() {
+            // The status alone each look; the whole row once, at the end.
+            if self.queue.status(self.id).await?.is_final() {
+                let task = self.queue.get(self.id).await?;
                 // One more look: chunks stored just before the end.
                 self.ending = Some(task);
                 continue;
@@ -282,7 +283,7 @@ impl Store {
             data.push(c.data.as_slice());
             seq += 1;
         }
-        sqlx::query(
+        let inserted = sqlx::query(
             "INSERT INTO task_logs (task_id, attempt, seq, stream, skipped, data) \
              SELECT $1, $2, u.seq, u.stream, u.skipped, u.data \
              FROM unnest($3::int[], $4::text[], $5::bigint[], $6::bytea[]) \
@@ -295,8 +296,32 @@ impl Store {
         .bind(&skipped)
         .bind(&data)
         .execute(&self.pool)
-        .await?;
+        .await;
+        if let Err(e) = inserted {
+            // Read the next number again: another writer of this attempt (one handed back at
+            // a shutdown) may have taken these.
+            self.next_seq = None;
+            return Err(e);
+        }
         self.next_seq = Some(seq);
+        // Only the latest progress report is kept.
+        if let Some(newest) = chunks
+            .iter()
+            .zip(&seqs)
+            .rev()
+            .find(|(c, _)| c.stream == Stream::Progress)
+            .map(|(_, s)| *s)
+        {
+            sqlx::query(
+                "DELETE FROM task_logs WHERE task_id = $1 AND attempt = $2 \
+                 AND stream = 'progress' AND seq < $3",
+            )
+            .bind(self.task_id)
+            .bind(self.attempt)
+            .bind(newest)
+            .execute(&self.pool)
+            .await?;
+        }
         for (c, s) in chunks.iter().zip(&seqs) {
             if let Some(cut) = self.trim.stored(*s, c) {
                 sqlx::query(
