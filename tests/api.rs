@@ -609,6 +609,21 @@ async fn an_agents_own_config_is_apart_from_its_settings_and_the_old_spelling_is
     assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{e}");
     assert_eq!(e["detail"]["field"], "payload", "{e}");
     assert!(e["error"].as_str().unwrap().contains("payload.ms"), "{e}");
+    // An agent task by hand is its agent's run; one naming no agent is taken as before (its
+    // run ends cancelled, saying the agent does not exist), never a 500.
+    let ada = a["id"].as_i64().unwrap();
+    for (agent_id, want) in [(ada, json!(ada)), (-1591, Value::Null)] {
+        let (s, t) = json_of(
+            api.post("/api/tasks")
+                .json(&json!({"kind": "agent", "payload": {"agent_id": agent_id}, "delay_s": 3600}))
+                .send()
+                .await
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(s, StatusCode::CREATED, "{t}");
+        assert_eq!(t["agent_id"], want, "{t}");
+    }
     api.stop().await;
 }
 

@@ -946,13 +946,22 @@ impl Agents {
     }
 }
 
-/// The agent an `agent` task enqueued by hand runs (its payload's `agent_id`): the task is
-/// then that agent's run, in its history and counted for its quarantine, like one enqueued
-/// by `agents run`.
-pub fn agent_of_payload(kind: &str, payload: &Value) -> Option<i64> {
-    (kind == AGENT_KIND)
+/// The agent an `agent` task enqueued by hand runs (its payload's `agent_id`), when it
+/// exists: the task is then that agent's run, in its history and counted for its quarantine,
+/// like one enqueued by `agents run`. (A run of an agent that does not exist ends
+/// `cancelled`, saying so.)
+pub async fn agent_of_payload(
+    pool: &PgPool,
+    kind: &str,
+    payload: &Value,
+) -> Result<Option<i64>, Error> {
+    let Some(id) = (kind == AGENT_KIND)
         .then(|| crate::worker::whole(&payload["agent_id"]))
         .flatten()
+    else {
+        return Ok(None);
+    };
+    Ok(names_of(pool, &[id]).await?.contains_key(&id).then_some(id))
 }
 
 /// Checks an `agent` task's payload: `{"agent_id": <id>, "input"?: any}`.

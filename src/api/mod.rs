@@ -491,7 +491,9 @@ async fn create_task(
     }
     let key = idempotency_key(&headers, body.idempotency_key.as_deref())?;
     let mut task = NewTask::new(body.kind, body.payload).priority(body.priority);
-    if let Some(agent) = crate::agents::agent_of_payload(&task.kind, &task.payload) {
+    if let Some(agent) =
+        crate::agents::agent_of_payload(&st.pool, &task.kind, &task.payload).await?
+    {
         task = task.agent_id(agent);
     }
     if let Some(d) = body.delay_s {

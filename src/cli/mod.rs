@@ -825,9 +825,6 @@ async fn enqueue(cfg: Config, args: EnqueueArgs) -> anyhow::Result<()> {
         bail!("invalid payload for kind {}: {e}", args.kind);
     }
     let mut task = NewTask::new(args.kind, payload).priority(args.priority);
-    if let Some(agent) = harness::agents::agent_of_payload(&task.kind, &task.payload) {
-        task = task.agent_id(agent);
-    }
     if let Some(k) = args.idempotency_key {
         task = task.idempotency_key(k);
     }
@@ -844,6 +841,11 @@ async fn enqueue(cfg: Config, args: EnqueueArgs) -> anyhow::Result<()> {
         task = task.timeout(t);
     }
     let database = open_migrated(&cfg, IfAbsent::Refuse).await?;
+    if let Some(agent) =
+        harness::agents::agent_of_payload(&database.pool, &task.kind, &task.payload).await?
+    {
+        task = task.agent_id(agent);
+    }
     let queue = Queue::new(database.pool.clone(), cfg.bulk.retry_attempts);
     let result = queue.enqueue(task).await;
     warn_if_no_replica(&cfg, &database.pool).await;
