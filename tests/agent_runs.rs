@@ -542,6 +542,27 @@ async fn output_and_progress_are_seen_live_from_another_replica_before_the_run_e
         .map(|c| c["text"].as_str().unwrap())
         .collect();
     assert_eq!(text, "line one of a\nline two\n");
+    // A reconnecting reader resumes after the last chunk it saw (Last-Event-ID, or `after`).
+    let first = &all["chunks"][0];
+    let seen = format!("{}:{}", first["attempt"], first["seq"]);
+    for req in [
+        client
+            .get(format!("{api}/api/tasks/{a}/logs"))
+            .header("last-event-id", &seen),
+        client.get(format!("{api}/api/tasks/{a}/logs?after={seen}")),
+    ] {
+        let rest: Value = req
+            .bearer_auth(TOKEN)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let rest = rest["chunks"].as_array().unwrap();
+        assert_eq!(rest.len() + 1, all["chunks"].as_array().unwrap().len());
+        assert!(rest.iter().all(|c| c["seq"] != first["seq"]), "{rest:?}");
+    }
     // A bad position is refused, naming the parameter.
     let bad = client
         .get(format!("{api}/api/tasks/{a}/logs?after=later"))
@@ -812,6 +833,10 @@ async fn tasks_can_be_listed_cancelled_retried_and_removed_from_the_cli() {
     );
     assert_eq!(lines.count(), 2, "{listed}");
     assert!(listed.contains("nope"), "the error's last line: {listed}");
+    let stats = ok(&cli(&db, &["stats"]));
+    assert!(stats.starts_with("STATUS"), "a header: {stats}");
+    let fleet = ok(&cli(&db, &["fleet"]));
+    assert!(fleet.starts_with("REPLICA"), "a header: {fleet}");
     let pending = json_of(&cli(
         &db,
         &["tasks", "list", "--status", "pending", "--json"],

@@ -143,6 +143,28 @@ async fn the_console_signs_in_shows_a_failed_run_and_retries_it_live() {
         .unwrap()
         .to_string();
     assert!(csp.contains("frame-ancestors 'none'") && csp.contains("default-src 'self'"));
+    // The session cookie: HttpOnly, SameSite=Strict, and Secure when TLS was in front.
+    let no_redirects = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    for (proto, secure) in [("http", false), ("https", true)] {
+        let r = no_redirects
+            .post(format!("{base}/login"))
+            .header("x-forwarded-proto", proto)
+            .form(&[("token", READ), ("next", "/")])
+            .send()
+            .await
+            .unwrap();
+        let cookie = r.headers()["set-cookie"].to_str().unwrap().to_string();
+        assert!(
+            cookie.starts_with("harness_session=read.")
+                && cookie.contains("HttpOnly")
+                && cookie.contains("SameSite=Strict")
+                && cookie.contains("Secure") == secure,
+            "{proto}: {cookie}"
+        );
+    }
 
     let browser = Browser::start(&driver).await;
     // A wrong token is refused on the page.

@@ -597,6 +597,7 @@ async fn up_on_a_reachable_address_without_tokens_prints_an_admin_token() {
         .next()
         .unwrap()
         .to_string();
+    assert!(text.contains("(the console at http://0.0.0.0:"), "{text}");
     // The port it listens on, from "API on http://0.0.0.0:PORT".
     let port: u16 = text
         .split("API on http://0.0.0.0:")

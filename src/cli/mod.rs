@@ -967,11 +967,7 @@ async fn fleet(cfg: Config, json: bool) -> anyhow::Result<()> {
 /// The quarantines in force, one line each, before the replicas.
 fn print_quarantines(quarantines: &[harness::fleet::quarantines::Quarantine]) {
     for q in quarantines {
-        let what = match (&q.agent, q.agent_id) {
-            (Some(name), _) => format!("agent {name}"),
-            (None, Some(id)) => format!("agent #{id}"),
-            (None, None) => format!("kind {}", q.kind),
-        };
+        let what = q.what();
         let until = if q.held {
             "until a person lifts it (harness agents resume <name>, harness fleet resume --all)"
                 .to_string()

@@ -579,7 +579,7 @@ impl Executor {
             drop(watch);
             if let Some(o) = &spec.output {
                 // The last report of a run that ended between two looks.
-                read_progress(&run.progress_path, owner, o);
+                look_at_progress(&run.progress_path, owner, o).await;
             }
         }
         // Whatever the agent left running goes with it.
@@ -1343,45 +1343,32 @@ impl Drop for AbortOnDrop {
 /// How often a running agent's progress file is looked at.
 const PROGRESS_POLL: Duration = Duration::from_millis(200);
 
-/// Reads the run's progress file every [`PROGRESS_POLL`] while it runs; a changed, valid
-/// report goes to `live`.
+/// Looks at the run's progress file every [`PROGRESS_POLL`] while it runs.
 async fn watch_progress(path: PathBuf, owner: u32, live: std::sync::Arc<output::RunOutput>) {
-    let mut last = None;
     loop {
         tokio::time::sleep(PROGRESS_POLL).await;
-        let p = path.clone();
-        let read = tokio::task::spawn_blocking(move || {
-            read_owned(
-                &p,
-                owner,
-                output::MAX_PROGRESS_BYTES as u64,
-                "progress report",
-            )
-        })
-        .await
-        .ok()
-        .and_then(Result::ok)
-        .flatten();
-        if read.is_some() && read != last {
-            match output::Progress::parse(read.as_deref().unwrap_or_default()) {
-                Ok(progress) => live.set_progress(progress),
-                Err(e) => tracing::debug!(error = %e, "an unreadable progress report"),
-            }
-            last = read;
-        }
+        look_at_progress(&path, owner, &live).await;
     }
 }
 
-/// One look at the progress file (after the run's end).
-fn read_progress(path: &Path, owner: u32, live: &output::RunOutput) {
-    if let Ok(Some(text)) = read_owned(
-        path,
-        owner,
-        output::MAX_PROGRESS_BYTES as u64,
-        "progress report",
-    ) && let Ok(progress) = output::Progress::parse(&text)
-    {
-        live.set_progress(progress);
+/// One look at the progress file (off the runtime threads): a valid report goes to `live`,
+/// which keeps it only when it changed.
+async fn look_at_progress(path: &Path, owner: u32, live: &output::RunOutput) {
+    let path = path.to_path_buf();
+    let read = tokio::task::spawn_blocking(move || {
+        read_owned(
+            &path,
+            owner,
+            output::MAX_PROGRESS_BYTES as u64,
+            "progress report",
+        )
+    })
+    .await;
+    if let Ok(Ok(Some(text))) = read {
+        match output::Progress::parse(&text) {
+            Ok(progress) => live.set_progress(progress),
+            Err(e) => tracing::debug!(error = %e, "an unreadable progress report"),
+        }
     }
 }
 

@@ -33,6 +33,15 @@ impl Quarantine {
         }
     }
 
+    /// What it stops, in words: `agent NAME` (`agent #ID` once removed) or `kind KIND`.
+    pub fn what(&self) -> String {
+        match (&self.agent, self.agent_id) {
+            (Some(name), _) => format!("agent {name}"),
+            (None, Some(id)) => format!("agent #{id}"),
+            (None, None) => format!("kind {}", self.kind),
+        }
+    }
+
     /// When it ends, for the worker: far away when held.
     pub fn ends(&self) -> DateTime<Utc> {
         if self.held {

@@ -139,7 +139,7 @@ pub fn overview(session: &Session, o: &Overview<'_>) -> Markup {
                     ul {
                         @for q in o.quarantines {
                             li {
-                                (q.agent.clone().map_or_else(|| format!("kind {}", q.kind), |a| format!("agent {a}")))
+                                (q.what())
                                 " — "
                                 @if q.held { "until a person lifts it" } @else { "until " (time(Some(q.until))) }
                                 ": " span.muted { (q.reason) }
@@ -529,7 +529,7 @@ pub fn fleet(
                     ul {
                         @for q in quarantines {
                             li {
-                                (q.agent.clone().map_or_else(|| format!("kind {}", q.kind), |a| format!("agent {a}")))
+                                (q.what())
                                 " — " @if q.held { "until a person lifts it" } @else { "until " (time(Some(q.until))) }
                                 ": " span.muted { (q.reason) }
                             }
