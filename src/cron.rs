@@ -233,6 +233,127 @@ impl CronSchedule {
     }
 }
 
+/// A schedule in words, for people: `*/15 * * * *` is "every 15 minutes", `0 9 * * 1-5` is
+/// "at 09:00, Monday to Friday". None for what it cannot say simply (the expression is shown
+/// then) or an invalid expression.
+pub fn describe(expr: &str) -> Option<String> {
+    let expanded = expand_macro(expr).ok()?;
+    let fields: Vec<&str> = expanded.split_whitespace().collect();
+    let (second, f) = match fields.len() {
+        5 => ("0", &fields[..]),
+        6 => (fields[0], &fields[1..]),
+        _ => return None,
+    };
+    let (minute, hour, dom, month, dow) = (f[0], f[1], f[2], f[3], f[4]);
+    let num = |s: &str| s.parse::<u32>().ok();
+    let step = |s: &str| s.strip_prefix("*/").and_then(|n| n.parse::<u32>().ok());
+    let plural = |n: u32, one: &str| {
+        if n == 1 {
+            format!("every {one}")
+        } else {
+            format!("every {n} {one}s")
+        }
+    };
+    let hours: Option<Vec<u32>> = hour.split(',').map(num).collect();
+    let mut time = match (second, num(minute), hours) {
+        ("0", Some(m), Some(hs)) if hs.iter().all(|h| *h < 24) && m < 60 => {
+            let at: Vec<String> = hs.iter().map(|h| format!("{h:02}:{m:02}")).collect();
+            format!("at {}", at.join(", "))
+        }
+        ("0", Some(m), None) if hour == "*" => {
+            if m == 0 {
+                "every hour".to_string()
+            } else {
+                format!("every hour at minute {m}")
+            }
+        }
+        ("0", Some(m), None) if step(hour).is_some() => {
+            format!("{} at minute {m}", plural(step(hour)?, "hour"))
+        }
+        ("0", None, _) if minute == "*" && hour == "*" => "every minute".to_string(),
+        ("0", None, _) if step(minute).is_some() && hour == "*" => plural(step(minute)?, "minute"),
+        (s, _, _) if s != "0" && minute == "*" && hour == "*" => {
+            if s == "*" {
+                "every second".to_string()
+            } else {
+                plural(step(s)?, "second")
+            }
+        }
+        _ => return None,
+    };
+    let days = weekday_names(dow).ok()?;
+    let mut on = Vec::new();
+    if dom != "*" {
+        let days_of_month: Option<Vec<u32>> = dom.split(',').map(num).collect();
+        let d = days_of_month?;
+        let list: Vec<String> = d.iter().map(u32::to_string).collect();
+        on.push(format!(
+            "on day{} {} of the month",
+            if d.len() > 1 { "s" } else { "" },
+            list.join(", ")
+        ));
+    }
+    if days != "*" {
+        on.push(weekdays_in_words(&days));
+    }
+    if month != "*" {
+        const MONTHS: [&str; 12] = [
+            "January",
+            "February",
+            "March",
+            "April",
+            "May",
+            "June",
+            "July",
+            "August",
+            "September",
+            "October",
+            "November",
+            "December",
+        ];
+        let ms: Option<Vec<&str>> = month
+            .split(',')
+            .map(|m| {
+                num(m)
+                    .filter(|m| (1..=12).contains(m))
+                    .map(|m| MONTHS[m as usize - 1])
+            })
+            .collect();
+        on.push(format!("in {}", ms?.join(", ")));
+    }
+    if on.is_empty() && time.starts_with("at ") {
+        time.push_str(", every day");
+    }
+    for part in on {
+        time.push_str(", ");
+        time.push_str(&part);
+    }
+    Some(time)
+}
+
+/// `MON,TUE,WED,THU,FRI` as "Monday to Friday", `SUN,SAT` as "Sunday, Saturday".
+fn weekdays_in_words(days: &str) -> String {
+    const FULL: [&str; 7] = [
+        "Sunday",
+        "Monday",
+        "Tuesday",
+        "Wednesday",
+        "Thursday",
+        "Friday",
+        "Saturday",
+    ];
+    let idx: Vec<usize> = days
+        .split(',')
+        .filter_map(|d| NAMES.iter().position(|n| n.eq_ignore_ascii_case(d)))
+        .collect();
+    let consecutive = idx.windows(2).all(|w| w[1] == w[0] + 1);
+    if idx.len() >= 3 && consecutive {
+        format!("{} to {}", FULL[idx[0]], FULL[idx[idx.len() - 1]])
+    } else {
+        idx.iter().map(|i| FULL[*i]).collect::<Vec<_>>().join(", ")
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -375,5 +496,40 @@ mod tests {
         let e = err("* * *", Some("Mars/Base"));
         assert_eq!(e.field(), "timezone");
         assert!(e.to_string().contains("is not a time zone"), "{e}");
+    }
+
+    #[test]
+    fn a_schedule_reads_in_words() {
+        for (expr, words) in [
+            ("* * * * *", "every minute"),
+            ("*/15 * * * *", "every 15 minutes"),
+            ("*/1 * * * *", "every minute"),
+            ("0 * * * *", "every hour"),
+            ("@hourly", "every hour"),
+            ("7 * * * *", "every hour at minute 7"),
+            ("30 */2 * * *", "every 2 hours at minute 30"),
+            ("0 9 * * *", "at 09:00, every day"),
+            ("@daily", "at 00:00, every day"),
+            ("0 9,17 * * *", "at 09:00, 17:00, every day"),
+            ("0 9 * * 1-5", "at 09:00, Monday to Friday"),
+            ("0 9 * * mon-fri", "at 09:00, Monday to Friday"),
+            ("0 10 * * 0,6", "at 10:00, Sunday, Saturday"),
+            ("@weekly", "at 00:00, Sunday"),
+            ("0 0 1 * *", "at 00:00, on day 1 of the month"),
+            ("0 6 1,15 * *", "at 06:00, on days 1, 15 of the month"),
+            ("@yearly", "at 00:00, on day 1 of the month, in January"),
+            ("*/10 * * * * *", "every 10 seconds"),
+        ] {
+            assert_eq!(describe(expr).as_deref(), Some(words), "{expr}");
+        }
+        for odd in [
+            "5-10 * * * *",
+            "0 9-17 * * *",
+            "not cron",
+            "@never",
+            "0 9 L * *",
+        ] {
+            assert_eq!(describe(odd), None, "{odd}");
+        }
     }
 }

@@ -95,11 +95,41 @@ async fn the_console_signs_in_shows_a_failed_run_and_retries_it_live() {
             "--file",
             hello,
             "--config",
-            r#"{"name": "Ada"}"#,
+            r#"{"name": "Ada", "api_key": "sk-secret-1"}"#,
         ])
         .output()
         .unwrap();
     assert!(added.status.success(), "{added:?}");
+    // An agent whose run fails: the overview's "failing most".
+    for args in [
+        &[
+            "agents",
+            "add",
+            "broken",
+            "--command",
+            "false",
+            "--max-retries",
+            "0",
+        ][..],
+        &["agents", "run", "broken"],
+    ] {
+        let o = common::harness_at(&db.url).args(args).output().unwrap();
+        assert!(o.status.success(), "{o:?}");
+    }
+    let keyed = common::harness_at(&db.url)
+        .args([
+            "enqueue",
+            "sleep",
+            r#"{"ms": 1}"#,
+            "--idempotency-key",
+            "console-key-1",
+        ])
+        .output()
+        .unwrap();
+    assert!(keyed.status.success(), "{keyed:?}");
+    let keyed = serde_json::from_slice::<serde_json::Value>(&keyed.stdout).unwrap()["id"]
+        .as_i64()
+        .unwrap();
     let mut echoes = Vec::new();
     for i in 0..55 {
         echoes.push(enqueue(&db, "echo", &json!({"i": i}).to_string()));
@@ -128,6 +158,8 @@ async fn the_console_signs_in_shows_a_failed_run_and_retries_it_live() {
                 "0",
             )
             .env("HARNESS_GOVERNANCE__WINDOW_S", "600")
+            // A metrics row a second: the overview's charts fill at once.
+            .env("HARNESS_TELEMETRY__LOG_INTERVAL_S", "1")
             .stdout(Stdio::null())
             .stderr(Stdio::null()),
     );
@@ -176,9 +208,27 @@ async fn the_console_signs_in_shows_a_failed_run_and_retries_it_live() {
     // A read token: everything visible, no actions.
     sign_in(&browser, &base, READ).await;
     assert!(browser.text("#counts").await.contains("failed"));
+    // The last hour in charts (from the metrics rows), and the agent failing most.
+    common::eventually(
+        "a bar of completed tasks",
+        Duration::from_secs(20),
+        async || (!browser.all("#chart-completed rect").await.is_empty()).then_some(()),
+    )
+    .await;
+    until_text(&browser, "#failing", "broken").await;
+    assert!(!browser.all("#chart-failed rect").await.is_empty());
     save(&browser, "overview").await;
+    // Secrets in an agent's config are redacted for a reader, and it cannot edit.
+    browser.goto(&format!("{base}/agents/greeter")).await;
+    until_text(&browser, "#config", "[redacted]").await;
+    assert!(!browser.text("#config").await.contains("sk-secret-1"));
+    assert!(browser.all("details.edit").await.is_empty());
     browser.goto(&format!("{base}/tasks?status=failed")).await;
     until_text(&browser, "#task-list", &flaky.to_string()).await;
+    assert!(
+        browser.all("input[type=checkbox]").await.is_empty(),
+        "a reader cannot select tasks for a bulk action"
+    );
     browser.goto(&format!("{base}/tasks/{flaky}")).await;
     until_text(&browser, "#error", "exit code 1").await;
     until_text(&browser, "#logs", "said so").await;
@@ -227,6 +277,55 @@ async fn the_console_signs_in_shows_a_failed_run_and_retries_it_live() {
     let q = Queue::new(db.pool.clone(), 0);
     assert_eq!(q.get(retried).await.unwrap().status, Status::Completed);
 
+    // Search by idempotency key or id; time filters.
+    browser.goto(&format!("{base}/tasks")).await;
+    browser.type_into("input[name=q]", "console-key-1").await;
+    browser.click("form[role=search] button").await;
+    common::eventually(
+        "the keyed task's page",
+        Duration::from_secs(10),
+        async || {
+            browser
+                .url()
+                .await
+                .ends_with(&format!("/tasks/{keyed}"))
+                .then_some(())
+        },
+    )
+    .await;
+    browser.goto(&format!("{base}/tasks?q=no-such-key")).await;
+    until_text(
+        &browser,
+        "[role=alert]",
+        "No task has the id or idempotency key",
+    )
+    .await;
+    browser.goto(&format!("{base}/tasks?q={flaky}")).await;
+    until_text(&browser, "h1", &format!("Task {flaky}")).await;
+    for (query, rows) in [
+        ("since=2000-01-01T00:00", 50),
+        ("since=2999-01-01T00:00", 0),
+        ("until=2000-01-01T00:00", 0),
+        ("until=2999-01-01T00:00", 50),
+    ] {
+        browser
+            .goto(&format!("{base}/tasks?kind=echo&{query}"))
+            .await;
+        until_text(&browser, "h1", "Tasks").await;
+        assert_eq!(
+            browser.all("#task-list tbody tr").await.len(),
+            rows,
+            "{query}"
+        );
+    }
+    browser.goto(&format!("{base}/tasks?since=yesterday")).await;
+    until_text(
+        &browser,
+        "[role=alert]",
+        "since \"yesterday\" is not a time",
+    )
+    .await;
+
     // Filters and keyset pagination: 50 a page, then older ones.
     browser.goto(&format!("{base}/tasks?kind=echo")).await;
     let first_page = browser.all("#task-list tbody tr").await.len();
@@ -244,6 +343,26 @@ async fn the_console_signs_in_shows_a_failed_run_and_retries_it_live() {
     );
     save(&browser, "tasks").await;
 
+    // Bulk: select the newest page of echoes and delete them (after confirming).
+    browser.goto(&format!("{base}/tasks?kind=echo")).await;
+    until_text(&browser, "#task-list", &echoes[54].to_string()).await;
+    browser.click("input[data-select-all]").await;
+    assert_eq!(
+        browser
+            .run("return document.querySelectorAll('#task-list input[name=id]:checked').length;")
+            .await,
+        50
+    );
+    browser.click("#bulk button[value=delete]").await;
+    browser.accept_alert().await;
+    until_text(&browser, "[role=status]", "Deleted 50 tasks").await;
+    assert_eq!(browser.all("#task-list tbody tr").await.len(), 5);
+    assert!(matches!(
+        q.get(echoes[54]).await,
+        Err(harness::queue::Error::NotFound(_))
+    ));
+    assert!(q.get(echoes[4]).await.is_ok());
+
     // An agent: run it now, see its run complete and its handoff appear; pause it.
     browser.goto(&format!("{base}/agents")).await;
     until_text(&browser, "#agent-list", "greeter").await;
@@ -259,8 +378,50 @@ async fn the_console_signs_in_shows_a_failed_run_and_retries_it_live() {
     browser.goto(&format!("{base}/agents/greeter")).await;
     until_text(&browser, "#handoffs", "run #1").await;
     until_text(&browser, "#handoffs", "\"count\": 1").await;
-    assert!(browser.text("#config").await.contains("Ada"));
+    assert!(
+        browser.text("#config").await.contains("sk-secret-1"),
+        "an admin sees it"
+    );
+    // A second run: the handoff history shows what changed.
+    browser
+        .click("form[action='/agents/greeter/run'] button")
+        .await;
+    until_text(&browser, "#task-fields", "completed").await;
+    browser.goto(&format!("{base}/agents/greeter")).await;
+    until_text(&browser, "#handoffs", "run #2").await;
+    until_text(&browser, "#handoffs", "~ /count 1 → 2").await;
+    assert!(
+        !browser.all("#code span.k").await.is_empty(),
+        "the code is highlighted"
+    );
     save(&browser, "agent").await;
+    // Editing: a bad schedule is refused naming the field, keeping what was typed.
+    browser.click("details.edit summary").await;
+    browser
+        .run(
+            "document.querySelector('input[name=schedule]').value = '61 * * * *'; \
+             document.querySelector('textarea[name=config]').value = '{\"name\": \"Grace\"}'; \
+             return null;",
+        )
+        .await;
+    browser.click("form.edit button").await;
+    until_text(&browser, "[role=alert]", "schedule").await;
+    assert_eq!(
+        browser
+            .run("return document.querySelector('input[name=schedule]').value;")
+            .await,
+        "61 * * * *"
+    );
+    browser
+        .run("document.querySelector('input[name=schedule]').value = '*/5 * * * *'; return null;")
+        .await;
+    browser.click("form.edit button").await;
+    until_text(&browser, "#agent-fields", "every 5 minutes").await;
+    assert!(browser.text("#config").await.contains("Grace"));
+    browser.goto(&format!("{base}/agents")).await;
+    until_text(&browser, "#agent-list", "100% of").await;
+    until_text(&browser, "#agent-list", "every 5 minutes").await;
+    browser.goto(&format!("{base}/agents/greeter")).await;
     browser
         .click("form[action='/agents/greeter/pause'] button")
         .await;
@@ -272,12 +433,56 @@ async fn the_console_signs_in_shows_a_failed_run_and_retries_it_live() {
     }
     browser.goto(&format!("{base}/fleet")).await;
     until_text(&browser, "#fleet-replicas", "holding").await;
+    assert!(
+        !browser
+            .all("#fleet-replicas figure.chart polyline")
+            .await
+            .is_empty()
+    );
     save(&browser, "fleet").await;
     browser
         .click("#fleet-replicas form[action$='/resume'] button")
         .await;
     until_text(&browser, "#fleet-replicas", "normal").await;
     assert!(browser.text("#fleet-replicas").await.contains("escalated"));
+
+    // Keyboard: Tab reaches the pages' links, Enter follows one.
+    browser.goto(&format!("{base}/")).await;
+    until_text(&browser, "h1", "Overview").await;
+    for _ in 0..3 {
+        browser.press("\u{E004}").await;
+    }
+    assert_eq!(
+        browser
+            .run("return document.activeElement.textContent;")
+            .await,
+        "Tasks"
+    );
+    browser.press("\u{E007}").await;
+    until_text(&browser, "h1", "Tasks").await;
+
+    // A phone: no page is wider than the screen (tables scroll in their own box).
+    browser.set_window(390, 844).await;
+    for page in [
+        "/",
+        "/tasks",
+        &format!("/tasks/{flaky}"),
+        "/agents",
+        "/agents/greeter",
+        "/fleet",
+    ] {
+        browser.goto(&format!("{base}{page}")).await;
+        browser.find("main h1").await;
+        let fits = browser
+            .run("return document.documentElement.scrollWidth <= window.innerWidth + 1;")
+            .await;
+        assert_eq!(fits, true, "{page} is wider than a phone");
+    }
+    browser.goto(&format!("{base}/")).await;
+    browser.find("main h1").await;
+    save(&browser, "phone").await;
+    browser.set_window(1280, 900).await;
+
     let errors = browser.errors().await;
     assert!(errors.is_empty(), "the browser logged errors: {errors:?}");
 }

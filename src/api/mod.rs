@@ -210,8 +210,43 @@ pub(crate) fn redact_env_at(v: &mut Value, pointer: &str) {
     }
 }
 
+/// Whether a config key names a secret: `password`, `api_key`, `slackToken`, `private_key`…
+pub(crate) fn secret_key(key: &str) -> bool {
+    let k = key.to_ascii_lowercase().replace(['-', '_'], "");
+    [
+        "secret",
+        "token",
+        "password",
+        "passwd",
+        "credential",
+        "authorization",
+    ]
+    .iter()
+    .any(|w| k.contains(w))
+        || k.ends_with("key")
+        || k == "auth"
+}
+
+/// Replaces, at any depth of `v`, the values of keys that name a secret by [`REDACTED`].
+pub(crate) fn redact_secrets(v: &mut Value) {
+    match v {
+        Value::Object(map) => {
+            for (k, value) in map.iter_mut() {
+                if secret_key(k) {
+                    *value = json!(REDACTED);
+                } else {
+                    redact_secrets(value);
+                }
+            }
+        }
+        Value::Array(items) => items.iter_mut().for_each(redact_secrets),
+        _ => {}
+    }
+}
+
 /// An agent as the caller may see it: its `config.env` values (API keys, typically) are
-/// shown only to admins asking for this one agent.
+/// shown only to admins asking for this one agent; a read token sees its own config's
+/// secret-looking values (`password`, `api_key`, …) redacted.
 fn agent_json(
     agent: &crate::agents::Agent,
     scope: Scope,
@@ -221,6 +256,11 @@ fn agent_json(
     let mut v = serde_json::to_value(agent).expect("agent serialises");
     if !(single && scope == Scope::Admin) {
         redact_env_at(&mut v, "/settings/env");
+    }
+    if scope != Scope::Admin
+        && let Some(config) = v.get_mut("config")
+    {
+        redact_secrets(config);
     }
     v["next_fire_at"] = json!(agent.next_fire());
     v["quarantine"] = json!(quarantines.iter().find(|q| q.agent_id == Some(agent.id)));
@@ -631,6 +671,7 @@ async fn list_tasks(
         kind: q.kind,
         agent_id: q.agent_id,
         before: None,
+        after: None,
         limit,
         offset,
     };
@@ -653,6 +694,7 @@ async fn agent_tasks(
     let f = TaskFilter {
         agent_id: Some(agent_id),
         before: None,
+        after: None,
         limit,
         offset,
         ..TaskFilter::default()
@@ -1163,4 +1205,28 @@ async fn resume_all(State(st): Shared) -> ApiResult<Json<Value>> {
         .await
         .map_err(ApiError::internal)?;
     Ok(Json(json!({ "resumed": n, "quarantines_lifted": lifted })))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secret_looking_config_values_are_redacted_at_any_depth_and_the_rest_kept() {
+        let mut v = json!({
+            "api_key": "sk-1", "slackToken": "xoxb", "db": {"password": "p", "host": "h"},
+            "feeds": [{"url": "u", "private-key": "k"}], "author": "me", "auth": "basic",
+            "limit": 3
+        });
+        redact_secrets(&mut v);
+        assert_eq!(
+            v,
+            json!({
+                "api_key": REDACTED, "slackToken": REDACTED,
+                "db": {"password": REDACTED, "host": "h"},
+                "feeds": [{"url": "u", "private-key": REDACTED}], "author": "me",
+                "auth": REDACTED, "limit": 3
+            })
+        );
+    }
 }

@@ -167,7 +167,7 @@ impl Definition {
             Ok(Value::Object(m)) => Ok(Some(m)),
             Ok(other) => bail!(
                 "{from} must be a JSON object (e.g. '{{\"name\": \"Ada\"}}'), not {}",
-                json_type(&other)
+                harness::db::text::json_type(&other)
             ),
             Err(e) => bail!("{from} is not valid JSON: {e}"),
         }
@@ -219,17 +219,6 @@ impl Definition {
             config.requirements = None;
         }
         Ok(config)
-    }
-}
-
-fn json_type(v: &Value) -> &'static str {
-    match v {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
     }
 }
 
@@ -396,6 +385,7 @@ async fn warn_if_skipped(
             agent_id: Some(agent.id),
             // This run may be one of them already (claimed at once).
             before: None,
+            after: None,
             limit: 2,
             offset: 0,
         })

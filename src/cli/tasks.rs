@@ -119,6 +119,7 @@ async fn run_command(
                     kind,
                     agent_id,
                     before: None,
+                    after: None,
                     limit,
                     offset: 0,
                 })

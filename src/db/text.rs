@@ -13,6 +13,18 @@ use serde_json::Value;
 /// What a NUL becomes in stored output: U+2400 SYMBOL FOR NULL.
 pub const NUL_MARK: char = '\u{2400}';
 
+/// A JSON value's type in words, for errors: "an array", "a number".
+pub fn json_type(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
 /// Whether `s` holds a NUL.
 pub fn has_nul(s: &str) -> bool {
     s.as_bytes().contains(&0)

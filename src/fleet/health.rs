@@ -77,6 +77,69 @@ pub async fn recent_escalations(
     .await
 }
 
+/// The fleet's work in one minute, summed over the replicas' metrics rows.
+#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
+pub struct Minute {
+    pub at: chrono::DateTime<chrono::Utc>,
+    pub completed: i64,
+    pub failed: i64,
+    pub timed: i64,
+    pub pickup_ms_total: f64,
+}
+
+impl Minute {
+    /// The mean pick-up wait of the attempts timed in this minute, in milliseconds.
+    pub fn pickup_ms(&self) -> Option<f64> {
+        (self.timed > 0).then(|| self.pickup_ms_total / self.timed as f64)
+    }
+}
+
+/// Per minute over the last `minutes`, oldest first, the attempts the fleet ended (succeeded,
+/// failed or timed out) and their pick-up waits; minutes without a row are absent.
+pub async fn minutes(pool: &PgPool, minutes: i64) -> Result<Vec<Minute>, sqlx::Error> {
+    // metrics_recorded_idx: a range of the last hour, a few rows per replica and minute.
+    sqlx::query_as(
+        "SELECT date_trunc('minute', recorded_at) AS at, sum(completed)::bigint AS completed, \
+                sum(failed)::bigint AS failed, sum(timed)::bigint AS timed, \
+                sum(pickup_ms_total)::float8 AS pickup_ms_total \
+         FROM metrics WHERE recorded_at > now() - make_interval(mins => $1::int) \
+         GROUP BY 1 ORDER BY 1",
+    )
+    .bind(minutes as i32)
+    .fetch_all(pool)
+    .await
+}
+
+/// One replica's sample as the fleet page charts it.
+#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
+pub struct Sample {
+    pub replica_id: String,
+    pub recorded_at: chrono::DateTime<chrono::Utc>,
+    pub cpu_percent: f32,
+    pub memory_percent: f32,
+    pub running: i32,
+    pub capacity: i32,
+}
+
+/// The metrics rows of the last `minutes` of `replicas`, oldest first.
+pub async fn samples(
+    pool: &PgPool,
+    replicas: &[String],
+    minutes: i64,
+) -> Result<Vec<Sample>, sqlx::Error> {
+    // metrics_replica_recorded_idx: one range per replica.
+    sqlx::query_as(
+        "SELECT replica_id, recorded_at, cpu_percent, memory_percent, running, capacity \
+         FROM metrics WHERE replica_id = ANY($1) \
+           AND recorded_at > now() - make_interval(mins => $2::int) \
+         ORDER BY replica_id, recorded_at",
+    )
+    .bind(replicas)
+    .bind(minutes as i32)
+    .fetch_all(pool)
+    .await
+}
+
 /// Records one governance event of `replica`.
 pub async fn record_event(
     pool: &PgPool,
@@ -110,6 +173,10 @@ pub struct MetricsRow {
     /// Attempts ended since the previous row.
     pub completed: u64,
     pub failed: u64,
+    /// Attempts ended since the previous row whose pick-up wait was timed, and the sum of
+    /// those waits in milliseconds.
+    pub timed: u64,
+    pub pickup_ms_total: f64,
     pub state: GovernorState,
 }
 
@@ -121,7 +188,8 @@ pub async fn record_metrics(
 ) -> Result<(), sqlx::Error> {
     sqlx::query(
         "INSERT INTO metrics (replica_id, cpu_percent, memory_percent, memory_available_mb, \
-         capacity, running, completed, failed, state) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+         capacity, running, completed, failed, timed, pickup_ms_total, state) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
     )
     .bind(replica)
     .bind(m.cpu_percent as f32)
@@ -131,6 +199,8 @@ pub async fn record_metrics(
     .bind(m.running as i32)
     .bind(m.completed as i64)
     .bind(m.failed as i64)
+    .bind(m.timed as i64)
+    .bind(m.pickup_ms_total)
     .bind(m.state.as_str())
     .execute(pool)
     .await

@@ -121,6 +121,8 @@ struct Governor {
     recent_events: VecDeque<Value>,
     /// Attempt counts at the last metrics row, and at the last sample.
     logged: (u64, u64),
+    /// Timed pick-ups (count, µs total) at the last metrics row.
+    logged_pickups: (u64, u64),
     last_log: Instant,
     last_prune: Option<Instant>,
     held_since: Option<DateTime<Utc>>,
@@ -137,6 +139,7 @@ impl Governor {
             recent_samples: VecDeque::new(),
             recent_events: VecDeque::new(),
             logged: (completed, failed),
+            logged_pickups: handle.pickups(),
             last_log: Instant::now(),
             last_prune: None,
             held_since: None,
@@ -340,6 +343,7 @@ impl Governor {
 
     /// A `metrics` row, a `metrics.jsonl` line and the queue-depth gauges.
     async fn log_health(&mut self, r: Resources, completed: u64, failed: u64) {
+        let pickups = self.handle.pickups();
         let row = MetricsRow {
             cpu_percent: r.cpu_percent,
             memory_percent: r.memory_percent,
@@ -348,18 +352,22 @@ impl Governor {
             running: self.handle.running(),
             completed: completed - self.logged.0,
             failed: failed - self.logged.1,
+            timed: pickups.0 - self.logged_pickups.0,
+            pickup_ms_total: (pickups.1 - self.logged_pickups.1) as f64 / 1000.0,
             state: self.machine.state(),
         };
         self.metrics_log.append(&json!({
             "at": Utc::now(), "replica": self.opts.replica, "cpu_percent": row.cpu_percent,
             "memory_percent": row.memory_percent, "memory_available_mb": row.memory_available_mb,
             "capacity": row.capacity, "running": row.running, "completed": row.completed,
-            "failed": row.failed, "state": row.state,
+            "failed": row.failed, "timed": row.timed,
+            "pickup_ms_total": row.pickup_ms_total, "state": row.state,
         }));
         if let Err(e) = fleet::health::record_metrics(&self.pool, &self.opts.replica, &row).await {
             tracing::warn!(error = %e, "could not write the metrics row");
         }
         self.logged = (completed, failed);
+        self.logged_pickups = pickups;
         if let Ok(depth) = crate::queue::depth(&self.pool).await {
             let m = crate::telemetry::metrics();
             for status in crate::queue::Status::ALL {

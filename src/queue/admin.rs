@@ -17,6 +17,69 @@ pub async fn depth(pool: &PgPool) -> Result<Vec<(Status, i64)>, Error> {
     .await?)
 }
 
+/// Tasks of each status but `completed`, counted up to `cap` each (the count says `cap` when
+/// there are at least that many): bounded work per status, in the partial indexes
+/// (tasks_claim_idx for waiting work, tasks_status_idx for the rest).
+pub async fn capped_counts(pool: &PgPool, cap: i64) -> Result<Vec<(Status, i64)>, Error> {
+    // Each status is a literal, so that the planner can prove the partial index's predicate.
+    const STATUSES: [Status; 6] = [
+        Status::Pending,
+        Status::RetryScheduled,
+        Status::Running,
+        Status::Failed,
+        Status::Timeout,
+        Status::Cancelled,
+    ];
+    let parts: Vec<String> = STATUSES
+        .iter()
+        .map(|s| {
+            format!(
+                "(SELECT count(*) FROM (SELECT 1 FROM tasks WHERE status = '{}' LIMIT $1) x)",
+                s.as_str()
+            )
+        })
+        .collect();
+    let row: (i64, i64, i64, i64, i64, i64) =
+        sqlx::query_as(&format!("SELECT {}", parts.join(", ")))
+            .bind(cap)
+            .fetch_one(pool)
+            .await?;
+    let n = [row.0, row.1, row.2, row.3, row.4, row.5];
+    Ok(STATUSES.into_iter().zip(n).collect())
+}
+
+/// The planner's estimate of the rows in `tasks` (from the last ANALYZE or autovacuum; -1 or
+/// 0 before any), never a count.
+pub async fn estimated_total(pool: &PgPool) -> Result<i64, Error> {
+    Ok(sqlx::query_scalar(
+        "SELECT GREATEST(reltuples, 0)::bigint FROM pg_class WHERE oid = 'tasks'::regclass",
+    )
+    .fetch_one(pool)
+    .await?)
+}
+
+/// An agent's recent runs, summed: of its last `n` runs, how many completed, failed (or timed
+/// out), failed in the last hour, and its newest finished run's status, end and duration.
+#[derive(Debug, Clone, PartialEq, Default, sqlx::FromRow)]
+pub struct RunStats {
+    pub agent_id: i64,
+    pub finished: i64,
+    pub completed: i64,
+    pub failed: i64,
+    pub failed_last_hour: i64,
+    pub last_status: Option<Status>,
+    pub last_ended_at: Option<DateTime<Utc>>,
+    pub last_duration_s: Option<f64>,
+}
+
+impl RunStats {
+    /// Completed runs among the finished ones (cancelled runs are not finished here), as a
+    /// fraction; `None` without finished runs.
+    pub fn success_rate(&self) -> Option<f64> {
+        (self.finished > 0).then(|| self.completed as f64 / self.finished as f64)
+    }
+}
+
 /// Waiting work (pending or retry_scheduled) split by whether it is due: how many are due,
 /// how many are delayed (scheduled later), and how long the oldest due task has been due,
 /// in seconds (0 when none is). tasks_claim_idx (its predicate is exactly "waiting").
@@ -107,6 +170,9 @@ impl Queue {
         }
         if let Some(b) = f.before {
             q.push(" AND id < ").push_bind(b);
+        }
+        if let Some(a) = f.after {
+            q.push(" AND id > ").push_bind(a);
         }
         q.push(" ORDER BY id DESC LIMIT ")
             .push_bind(f.limit)
@@ -252,6 +318,95 @@ impl Queue {
         )
         .fetch_one(&self.pool)
         .await?)
+    }
+
+    /// [`RunStats`] of each of `agent_ids` over its last `n` runs of kind `kind`: one walk of
+    /// tasks_agent_id_idx per agent, at most `n` rows each.
+    pub async fn run_stats(
+        &self,
+        kind: &str,
+        agent_ids: &[i64],
+        n: i64,
+    ) -> Result<HashMap<i64, RunStats>, Error> {
+        let rows: Vec<RunStats> = sqlx::query_as(
+            "SELECT a.id AS agent_id, \
+                count(*) FILTER (WHERE t.status IN ('completed', 'failed', 'timeout')) AS finished, \
+                count(*) FILTER (WHERE t.status = 'completed') AS completed, \
+                count(*) FILTER (WHERE t.status IN ('failed', 'timeout')) AS failed, \
+                count(*) FILTER (WHERE t.status IN ('failed', 'timeout') \
+                                   AND t.completed_at > now() - interval '1 hour') AS failed_last_hour, \
+                (array_agg(t.status ORDER BY t.id DESC) FILTER (WHERE t.completed_at IS NOT NULL))[1] \
+                    AS last_status, \
+                max(t.completed_at) AS last_ended_at, \
+                (array_agg(EXTRACT(EPOCH FROM t.completed_at - t.started_at)::float8 ORDER BY t.id DESC) \
+                    FILTER (WHERE t.completed_at IS NOT NULL AND t.started_at IS NOT NULL))[1] \
+                    AS last_duration_s \
+             FROM unnest($1::bigint[]) a(id) \
+             CROSS JOIN LATERAL (SELECT id, status, started_at, completed_at FROM tasks \
+                 WHERE agent_id = a.id AND kind = $2 ORDER BY id DESC LIMIT $3) t \
+             GROUP BY a.id",
+        )
+        .bind(agent_ids)
+        .bind(kind)
+        .bind(n)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.into_iter().map(|r| (r.agent_id, r)).collect())
+    }
+
+    /// The task with this idempotency key (tasks_idempotency_key_idx).
+    pub async fn find_by_key(&self, key: &str) -> Result<Option<TaskId>, Error> {
+        if crate::db::text::has_nul(key) {
+            return Ok(None);
+        }
+        Ok(
+            sqlx::query_scalar("SELECT id FROM tasks WHERE idempotency_key = $1")
+                .bind(key)
+                .fetch_optional(&self.pool)
+                .await?,
+        )
+    }
+
+    /// The smallest and largest task id (the two ends of the primary key), if any task.
+    pub async fn id_range(&self) -> Result<Option<(TaskId, TaskId)>, Error> {
+        let (lo, hi): (Option<TaskId>, Option<TaskId>) =
+            sqlx::query_as("SELECT min(id), max(id) FROM tasks")
+                .fetch_one(&self.pool)
+                .await?;
+        Ok(lo.zip(hi))
+    }
+
+    /// The first task id created at or after `t`, found by bisecting ids (tasks are created in
+    /// id order, give or take concurrent transactions): about 40 primary-key probes, never a
+    /// scan. `None` when every task is older.
+    pub async fn first_id_since(&self, t: DateTime<Utc>) -> Result<Option<TaskId>, Error> {
+        let Some((mut lo, hi)) = self.id_range().await? else {
+            return Ok(None);
+        };
+        // The first task at or after `id`: (its id, its creation time).
+        let at = async |id: TaskId| -> Result<Option<(TaskId, DateTime<Utc>)>, Error> {
+            Ok(sqlx::query_as(
+                "SELECT id, created_at FROM tasks WHERE id >= $1 ORDER BY id LIMIT 1",
+            )
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?)
+        };
+        match at(hi).await? {
+            Some((_, c)) if c >= t => {}
+            _ => return Ok(None),
+        }
+        // The smallest x in [lo, hi] whose first task at or after it is new enough; every x
+        // up to an older task's id leads to that same task.
+        let mut hi = hi;
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            match at(mid).await? {
+                Some((id, c)) if c < t => lo = (id + 1).max(mid + 1),
+                _ => hi = mid,
+            }
+        }
+        Ok(at(lo).await?.map(|(id, _)| id))
     }
 
     /// Seconds from a completed task's creation to its start (its pick-up latency); `None`

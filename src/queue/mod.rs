@@ -64,7 +64,7 @@ mod listener;
 pub mod logs;
 mod task;
 
-pub use admin::{Waiting, depth, waiting};
+pub use admin::{RunStats, Waiting, capped_counts, depth, estimated_total, waiting};
 pub use attempt::{Completion, Outcome};
 pub use listener::{Listener, Wakeup};
 use task::TASK_COLUMNS;

@@ -353,6 +353,9 @@ pub struct TaskFilter {
     pub agent_id: Option<i64>,
     /// Keyset pagination: only tasks with a smaller id (the primary key walks there).
     pub before: Option<TaskId>,
+    /// Only tasks with a larger id: with `before`, a window of ids the primary key bounds,
+    /// so that a filter no index serves reads a bounded number of rows.
+    pub after: Option<TaskId>,
     pub limit: i64,
     pub offset: i64,
 }

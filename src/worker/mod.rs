@@ -96,6 +96,10 @@ struct Shared {
     /// Attempts that succeeded, and that failed or timed out (what the governor watches).
     completed: std::sync::atomic::AtomicU64,
     failed: std::sync::atomic::AtomicU64,
+    /// Attempts that ended, and the sum of their waits to be picked up (started_at −
+    /// scheduled_at) in microseconds: the console's pick-up latency chart.
+    timed: std::sync::atomic::AtomicU64,
+    pickup_us_total: std::sync::atomic::AtomicU64,
     /// False while the replica cannot prove it is alive (heartbeats failing): what it
     /// would claim might be rescued and run twice.
     claiming: std::sync::atomic::AtomicBool,
@@ -151,6 +155,8 @@ impl Worker {
             ended: Notify::new(),
             completed: 0.into(),
             failed: 0.into(),
+            timed: 0.into(),
+            pickup_us_total: 0.into(),
             claiming: true.into(),
             claiming_changed: Notify::new(),
             quarantines: Quarantines::default(),
@@ -315,6 +321,16 @@ impl WorkerHandle {
         (
             self.shared.completed.load(Relaxed),
             self.shared.failed.load(Relaxed),
+        )
+    }
+
+    /// Attempts that ended since the pool started and the sum of their pick-up waits, in
+    /// microseconds.
+    pub fn pickups(&self) -> (u64, u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        (
+            self.shared.timed.load(Relaxed),
+            self.shared.pickup_us_total.load(Relaxed),
         )
     }
 

@@ -286,8 +286,15 @@ fn count(shared: &Shared, c: &Claimed, outcome: &Outcome) {
     let seconds = |d: chrono::TimeDelta| d.num_microseconds().unwrap_or(0).max(0) as f64 / 1e6;
     m.duration
         .record(seconds(chrono::Utc::now() - c.started_at), &attrs);
-    m.pickup_latency
-        .record(seconds(c.started_at - c.scheduled_at), &attrs);
+    let waited = c.started_at - c.scheduled_at;
+    m.pickup_latency.record(seconds(waited), &attrs);
+    let us = waited.num_microseconds().unwrap_or(0).max(0) as u64;
+    shared
+        .timed
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    shared
+        .pickup_us_total
+        .fetch_add(us, std::sync::atomic::Ordering::Relaxed);
 }
 
 #[cfg(test)]

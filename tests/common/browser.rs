@@ -208,6 +208,41 @@ impl Browser {
             .collect()
     }
 
+    /// Resizes the window (a phone: 390 × 844).
+    pub async fn set_window(&self, width: u32, height: u32) {
+        self.call(
+            reqwest::Method::POST,
+            "/window/rect",
+            Some(json!({"width": width, "height": height})),
+        )
+        .await;
+    }
+
+    /// Accepts the page's `confirm()` (waiting for it up to 10 s).
+    pub async fn accept_alert(&self) {
+        super::eventually("a confirm dialog", Duration::from_secs(10), async || {
+            let r = self
+                .http
+                .post(format!("{}/alert/accept", self.base))
+                .json(&json!({}))
+                .send()
+                .await
+                .ok()?;
+            r.status().is_success().then_some(())
+        })
+        .await;
+    }
+
+    /// Presses and releases one key on whatever has the focus (WebDriver key codes:
+    /// `\u{E004}` Tab, `\u{E007}` Enter).
+    pub async fn press(&self, key: &str) {
+        let actions = json!({"actions": [{"type": "key", "id": "keyboard", "actions": [
+            {"type": "keyDown", "value": key}, {"type": "keyUp", "value": key},
+        ]}]});
+        self.call(reqwest::Method::POST, "/actions", Some(actions))
+            .await;
+    }
+
     /// A PNG of the window.
     pub async fn screenshot(&self) -> Vec<u8> {
         use base64::Engine;

@@ -12,6 +12,7 @@
 
 pub mod pages;
 pub mod session;
+pub mod view;
 
 use std::sync::{Arc, OnceLock};
 
@@ -38,11 +39,13 @@ pub fn routes(state: Arc<ApiState>) -> Router<Arc<ApiState>> {
     let pages = Router::new()
         .route("/", get(overview))
         .route("/tasks", get(tasks))
+        .route("/tasks/bulk", post(bulk))
         .route("/tasks/{id}", get(task))
         .route("/tasks/{id}/events", get(task_events))
         .route("/tasks/{id}/{action}", post(task_action))
         .route("/agents", get(agents))
         .route("/agents/{name}", get(agent))
+        .route("/agents/{name}/edit", post(edit_agent))
         .route("/agents/{name}/{action}", post(agent_action))
         .route("/fleet", get(fleet))
         .route("/fleet/{replica}/resume", post(resume_replica))
@@ -271,8 +274,13 @@ fn failed(e: impl std::fmt::Display) -> Response {
 
 async fn overview(State(st): Shared, Extension(s): Extension<Session>) -> Response {
     let max_age = std::time::Duration::from_secs(st.config.persistence.rescue_after_s);
-    let depth = match crate::queue::depth(&st.pool).await {
+    let counts = match crate::queue::capped_counts(&st.pool, pages::COUNT_CAP).await {
         Ok(d) => d,
+        Err(e) => return failed(e),
+    };
+    let total_estimate = crate::queue::estimated_total(&st.pool).await.unwrap_or(0);
+    let minutes = match crate::fleet::health::minutes(&st.pool, 60).await {
+        Ok(m) => m,
         Err(e) => return failed(e),
     };
     let replicas = match crate::fleet::replicas::list(&st.pool, max_age).await {
@@ -287,16 +295,79 @@ async fn overview(State(st): Shared, Extension(s): Extension<Session>) -> Respon
         Ok(e) => e,
         Err(e) => return failed(e),
     };
+    let failing = match failing_agents(&st).await {
+        Ok(f) => f,
+        Err(e) => return failed(e),
+    };
     pages::overview(
         &s,
         &pages::Overview {
-            depth: &depth,
+            counts: &counts,
+            total_estimate,
+            minutes: &minutes,
+            failing: &failing,
             replicas: &replicas,
             quarantines: &quarantines,
             escalations: &escalations,
         },
+        chrono::Utc::now(),
     )
     .into_response()
+}
+
+/// Agents with runs that failed in the last hour, most first (five), looking at each agent's
+/// last 60 runs: bounded work per agent (tasks_agent_id_idx), never the whole table.
+async fn failing_agents(
+    st: &ApiState,
+) -> Result<Vec<(String, crate::queue::RunStats)>, crate::queue::Error> {
+    let Some(registry) = st.agents.as_ref() else {
+        return Ok(Vec::new());
+    };
+    let agents = registry.list().await.unwrap_or_default();
+    let ids: Vec<i64> = agents.iter().map(|a| a.id).collect();
+    let mut stats = st
+        .queue
+        .run_stats(crate::agents::AGENT_KIND, &ids, 60)
+        .await?;
+    let mut failing: Vec<(String, crate::queue::RunStats)> = agents
+        .into_iter()
+        .filter_map(|a| stats.remove(&a.id).map(|s| (a.name, s)))
+        .filter(|(_, s)| s.failed_last_hour > 0)
+        .collect();
+    failing.sort_by(|a, b| {
+        b.1.failed_last_hour
+            .cmp(&a.1.failed_last_hour)
+            .then(a.0.cmp(&b.0))
+    });
+    failing.truncate(5);
+    Ok(failing)
+}
+
+/// Ids a filter no index serves may look at per page: bounded work at any table size.
+const WINDOW: i64 = 20_000;
+
+/// A time filter's value: `2026-12-01T09:30` (a browser's datetime-local, UTC here), with
+/// seconds, or RFC 3339.
+fn parse_time(field: &str, v: &str) -> Result<chrono::DateTime<chrono::Utc>, String> {
+    if let Ok(t) = chrono::DateTime::parse_from_rfc3339(v) {
+        return Ok(t.with_timezone(&chrono::Utc));
+    }
+    for f in [
+        "%Y-%m-%dT%H:%M",
+        "%Y-%m-%dT%H:%M:%S",
+        "%Y-%m-%d %H:%M",
+        "%Y-%m-%d %H:%M:%S",
+    ] {
+        if let Ok(t) = chrono::NaiveDateTime::parse_from_str(v, f) {
+            return Ok(t.and_utc());
+        }
+    }
+    if let Ok(d) = chrono::NaiveDate::parse_from_str(v, "%Y-%m-%d") {
+        return Ok(d.and_hms_opt(0, 0, 0).expect("midnight").and_utc());
+    }
+    Err(format!(
+        "{field} {v:?} is not a time; use 2026-12-01T09:30 (UTC) or RFC 3339"
+    ))
 }
 
 async fn tasks(
@@ -304,32 +375,92 @@ async fn tasks(
     Extension(s): Extension<Session>,
     Query(q): Query<pages::TaskQuery>,
 ) -> Response {
-    let mut error = None;
+    let refuse = |e: &str| pages::tasks(&s, &q, &Default::default(), Some(e)).into_response();
+    // Going to one task: by id, else by idempotency key.
+    if let Some(wanted) = q.q.as_deref().map(str::trim).filter(|v| !v.is_empty()) {
+        let id = match wanted.parse::<i64>() {
+            Ok(id) => match st.queue.get(id).await {
+                Ok(_) => Some(id),
+                Err(crate::queue::Error::NotFound(_)) => None,
+                Err(e) => return failed(e),
+            },
+            Err(_) => None,
+        };
+        let id = match id {
+            Some(id) => Some(id),
+            None => match st.queue.find_by_key(wanted).await {
+                Ok(id) => id,
+                Err(e) => return failed(e),
+            },
+        };
+        return match id {
+            Some(id) => Redirect::to(&format!("/tasks/{id}")).into_response(),
+            None => refuse(&format!(
+                "No task has the id or idempotency key {wanted:?}."
+            )),
+        };
+    }
     let status = match q.status.as_deref().filter(|v| !v.is_empty()) {
         Some(v) => match Status::parse(v) {
             Some(s) => Some(s),
-            None => {
-                error = Some(format!("{v:?} is not a status"));
-                None
-            }
+            None => return refuse(&format!("status {v:?} is not a status")),
         },
         None => None,
     };
     let agent_id = match q.agent.as_deref().filter(|v| !v.is_empty()) {
         Some(name) => match crate::agents::id_of(&st.pool, name).await {
             Ok(id) => Some(id),
-            Err(_) => {
-                let e = format!("no agent named {name:?}");
-                return pages::tasks(&s, &q, &[], &Default::default(), Some(&e)).into_response();
-            }
+            Err(_) => return refuse(&format!("No agent is named {name:?}.")),
         },
         None => None,
     };
+    let kind = q.kind.clone().filter(|k| !k.is_empty());
+    if kind.as_deref().is_some_and(crate::db::text::has_nul) {
+        return refuse("kind holds a NUL character, which no kind has");
+    }
+    let Some((lowest, highest)) = (match st.queue.id_range().await {
+        Ok(r) => r,
+        Err(e) => return failed(e),
+    }) else {
+        return pages::tasks(&s, &q, &Default::default(), None).into_response();
+    };
+    // Time filters become id bounds (tasks are created in id order).
+    let mut before = q.before;
+    let mut after = None;
+    if let Some(v) = q.until.as_deref().filter(|v| !v.is_empty()) {
+        let t = match parse_time("until", v) {
+            Ok(t) => t,
+            Err(e) => return refuse(&e),
+        };
+        match st.queue.first_id_since(t).await {
+            Ok(Some(id)) => before = Some(before.map_or(id, |b| b.min(id))),
+            Ok(None) => {}
+            Err(e) => return failed(e),
+        }
+    }
+    if let Some(v) = q.since.as_deref().filter(|v| !v.is_empty()) {
+        let t = match parse_time("since", v) {
+            Ok(t) => t,
+            Err(e) => return refuse(&e),
+        };
+        match st.queue.first_id_since(t).await {
+            Ok(Some(id)) => after = Some(id - 1),
+            Ok(None) => return pages::tasks(&s, &q, &Default::default(), None).into_response(),
+            Err(e) => return failed(e),
+        }
+    }
+    // A status or kind without an agent has no index in id order: look at a bounded window
+    // of ids below `before` and say how far the page searched.
+    let floor = after.unwrap_or(lowest - 1);
+    let window = (agent_id.is_none() && (status.is_some() || kind.is_some()))
+        .then(|| before.unwrap_or(highest + 1) - WINDOW - 1)
+        .filter(|lo| *lo > floor);
     let filter = TaskFilter {
         status,
-        kind: q.kind.clone().filter(|k| !k.is_empty()),
+        kind,
         agent_id,
-        before: q.before,
+        before,
+        after: window.or(after),
         limit: pages::PAGE,
         offset: 0,
     };
@@ -337,11 +468,100 @@ async fn tasks(
         Ok(l) => l,
         Err(e) => return failed(e),
     };
+    let full = list.len() as i64 == pages::PAGE;
+    let (older, searched_to) = match (full, window) {
+        (true, _) => (list.last().map(|t| t.id), None),
+        (false, Some(lo)) => (Some(lo + 1), Some(lo + 1)),
+        (false, None) => (None, None),
+    };
     let ids: Vec<i64> = list.iter().filter_map(|t| t.agent_id).collect();
     let names = crate::agents::names_of(&st.pool, &ids)
         .await
         .unwrap_or_default();
-    pages::tasks(&s, &q, &list, &names, error.as_deref()).into_response()
+    let listing = pages::TaskListing {
+        tasks: list,
+        names,
+        older,
+        searched_to,
+    };
+    pages::tasks(&s, &q, &listing, None).into_response()
+}
+
+/// At most this many tasks per bulk action (a page shows 50).
+const BULK_MAX: usize = 500;
+
+/// Retry, cancel or delete the selected tasks; back to the list with what was done.
+async fn bulk(
+    State(st): Shared,
+    Extension(s): Extension<Session>,
+    body: axum::body::Bytes,
+) -> Response {
+    let (mut csrf, mut action, mut back, mut ids) =
+        (String::new(), String::new(), None, Vec::new());
+    for (k, v) in form_urlencoded::parse(&body) {
+        match &*k {
+            "csrf" => csrf = v.into_owned(),
+            "action" => action = v.into_owned(),
+            "back" => back = Some(v.into_owned()),
+            "id" => match v.parse::<i64>() {
+                Ok(id) => ids.push(id),
+                Err(_) => {
+                    return (
+                        StatusCode::UNPROCESSABLE_ENTITY,
+                        format!("id {v:?} is not a task id"),
+                    )
+                        .into_response();
+                }
+            },
+            _ => {}
+        }
+    }
+    if !session::csrf_ok(&s, &csrf) {
+        return csrf_refused();
+    }
+    if !matches!(action.as_str(), "retry" | "cancel" | "delete") {
+        return (
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "action must be retry, cancel or delete",
+        )
+            .into_response();
+    }
+    if ids.len() > BULK_MAX {
+        return (
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!("{} tasks selected; at most {BULK_MAX} at once", ids.len()),
+        )
+            .into_response();
+    }
+    ids.sort_unstable();
+    ids.dedup();
+    let (mut done, mut skipped) = (0u32, 0u32);
+    for id in ids {
+        let r = match action.as_str() {
+            "retry" => st.queue.retry(id).await.map(|_| ()),
+            "cancel" => st.queue.cancel(id).await.map(|_| ()),
+            _ => st.queue.delete(id).await,
+        };
+        match r {
+            Ok(()) => done += 1,
+            Err(crate::queue::Error::WrongState { .. } | crate::queue::Error::NotFound(_)) => {
+                skipped += 1
+            }
+            Err(e) => return failed(e),
+        }
+    }
+    let back = safe_next(back.as_deref());
+    let (path, query) = back.split_once('?').unwrap_or((&back, ""));
+    let mut q = form_urlencoded::Serializer::new(String::new());
+    for (k, v) in form_urlencoded::parse(query.as_bytes()) {
+        if !matches!(&*k, "bulk" | "done" | "skipped") {
+            q.append_pair(&k, &v);
+        }
+    }
+    q.append_pair("bulk", &action);
+    q.append_pair("done", &done.to_string());
+    q.append_pair("skipped", &skipped.to_string());
+    Redirect::to(&format!("{path}?{}", q.finish())).into_response()
 }
 
 async fn task(
@@ -423,9 +643,9 @@ async fn agents(State(st): Shared, Extension(s): Extension<Session>) -> Response
         Err(e) => return failed(e),
     };
     let ids: Vec<i64> = list.iter().map(|a| a.id).collect();
-    let last = st
+    let stats = st
         .queue
-        .last_runs(crate::agents::AGENT_KIND, &ids)
+        .run_stats(crate::agents::AGENT_KIND, &ids, pages::RECENT_RUNS)
         .await
         .unwrap_or_default();
     let quarantines = crate::fleet::quarantines::active(&st.pool)
@@ -435,14 +655,20 @@ async fn agents(State(st): Shared, Extension(s): Extension<Session>) -> Response
         .iter()
         .map(|a| pages::AgentLine {
             agent: a,
-            last_run: last.get(&a.id).copied(),
+            stats: stats.get(&a.id),
             quarantine: quarantines.iter().find(|q| q.agent_id == Some(a.id)),
         })
         .collect();
     pages::agents(&s, &lines).into_response()
 }
 
-async fn agent_page(st: &ApiState, s: &Session, name: &str, error: Option<&str>) -> Response {
+async fn agent_page(
+    st: &ApiState,
+    s: &Session,
+    name: &str,
+    error: Option<&str>,
+    edit: Option<&pages::AgentEdit>,
+) -> Response {
     let Some(registry) = st.agents.as_ref() else {
         return no_agents();
     };
@@ -455,8 +681,10 @@ async fn agent_page(st: &ApiState, s: &Session, name: &str, error: Option<&str>)
         Err(e) => return failed(e),
     };
     let mut settings = serde_json::to_value(&a.settings).unwrap_or_default();
+    let mut config = serde_json::Value::Object(a.config.clone());
     if s.scope != Scope::Admin {
         crate::api::redact_env_at(&mut settings, "/env");
+        crate::api::redact_secrets(&mut config);
     }
     let runs = st
         .queue
@@ -467,22 +695,32 @@ async fn agent_page(st: &ApiState, s: &Session, name: &str, error: Option<&str>)
         })
         .await
         .unwrap_or_default();
+    let stats = st
+        .queue
+        .run_stats(crate::agents::AGENT_KIND, &[a.id], pages::RECENT_RUNS)
+        .await
+        .unwrap_or_default();
     let handoffs = registry.handoffs().history(a.id).await.unwrap_or_default();
     let quarantines = crate::fleet::quarantines::active(&st.pool)
         .await
         .unwrap_or_default();
-    pages::agent(
+    // A refused form comes back as the page with the reason (a 422 would only add a console
+    // error, as on the sign-in page).
+    let page = pages::agent(
         s,
         &pages::AgentPage {
             agent: &a,
             settings,
+            config,
             quarantine: quarantines.iter().find(|q| q.agent_id == Some(a.id)),
+            stats: stats.get(&a.id),
             runs: &runs,
             handoffs: &handoffs,
             error,
+            edit,
         },
-    )
-    .into_response()
+    );
+    page.into_response()
 }
 
 async fn agent(
@@ -490,7 +728,7 @@ async fn agent(
     Extension(s): Extension<Session>,
     Path(name): Path<String>,
 ) -> Response {
-    agent_page(&st, &s, &name, None).await
+    agent_page(&st, &s, &name, None, None).await
 }
 
 #[derive(Debug, Deserialize)]
@@ -520,7 +758,7 @@ async fn agent_action(
                     Ok(v) => v,
                     Err(e) => {
                         let error = format!("The input is not valid JSON: {e}");
-                        return agent_page(&st, &s, &name, Some(&error)).await;
+                        return agent_page(&st, &s, &name, Some(&error), None).await;
                     }
                 },
             };
@@ -545,6 +783,78 @@ async fn agent_action(
     }
 }
 
+/// The agent edit form: schedule, time zone, limits and config, validated as the CLI's
+/// `agents update` is; refused, the page comes back with the reason and what was typed.
+async fn edit_agent(
+    State(st): Shared,
+    Extension(s): Extension<Session>,
+    Path(name): Path<String>,
+    Form(f): Form<pages::AgentEdit>,
+) -> Response {
+    if !session::csrf_ok(&s, &f.csrf) {
+        return csrf_refused();
+    }
+    let Some(registry) = st.agents.as_ref() else {
+        return no_agents();
+    };
+    let current = match registry.get(&name).await {
+        Ok(a) => a,
+        Err(crate::agents::Error::NotFound(_)) | Err(crate::agents::Error::Invalid { .. }) => {
+            return (StatusCode::NOT_FOUND, format!("there is no agent {name:?}")).into_response();
+        }
+        Err(e) => return failed(e),
+    };
+    let (settings, config) = match edited(&current, &f) {
+        Ok(v) => v,
+        Err(e) => return agent_page(&st, &s, &name, Some(&e), Some(&f)).await,
+    };
+    match registry
+        .update(&name, current.runtime.clone(), settings, config)
+        .await
+    {
+        Ok(_) => Redirect::to(&format!("/agents/{name}")).into_response(),
+        Err(crate::agents::Error::Invalid { field, reason }) => {
+            let e = format!("{field}: {reason}");
+            agent_page(&st, &s, &name, Some(&e), Some(&f)).await
+        }
+        Err(e) => failed(e),
+    }
+}
+
+/// The settings and config the edit form asks for, or what is wrong with a field.
+fn edited(
+    current: &crate::agents::Agent,
+    f: &pages::AgentEdit,
+) -> Result<(crate::agents::AgentSettings, crate::agents::AgentOwnConfig), String> {
+    fn number<T: std::str::FromStr>(field: &str, v: &str) -> Result<T, String> {
+        v.trim()
+            .parse()
+            .map_err(|_| format!("{field}: {v:?} is not a whole number"))
+    }
+    let text = |v: &str| Some(v.trim().to_string()).filter(|v| !v.is_empty());
+    let mut settings = current.settings.clone();
+    settings.schedule = text(&f.schedule);
+    settings.timezone = text(&f.timezone);
+    settings.timeout = number("timeout", &f.timeout)?;
+    settings.max_retries = number("max_retries", &f.max_retries)?;
+    settings.memory_mb = number("memory_mb", &f.memory_mb)?;
+    settings.cpu_percent = number("cpu_percent", &f.cpu_percent)?;
+    let config = match f.config.trim() {
+        "" => Default::default(),
+        raw => match serde_json::from_str::<serde_json::Value>(raw) {
+            Ok(serde_json::Value::Object(m)) => m,
+            Ok(other) => {
+                return Err(format!(
+                    "config: must be a JSON object ({{\"key\": value}}), not {}",
+                    crate::db::text::json_type(&other)
+                ));
+            }
+            Err(e) => return Err(format!("config: not valid JSON: {e}")),
+        },
+    };
+    Ok((settings, config))
+}
+
 async fn fleet(State(st): Shared, Extension(s): Extension<Session>) -> Response {
     let max_age = std::time::Duration::from_secs(st.config.persistence.rescue_after_s);
     let replicas = match crate::fleet::replicas::list(&st.pool, max_age).await {
@@ -557,7 +867,19 @@ async fn fleet(State(st): Shared, Extension(s): Extension<Session>) -> Response 
     let events = crate::fleet::health::recent_events(&st.pool, 50)
         .await
         .unwrap_or_default();
-    pages::fleet(&s, &replicas, &quarantines, &events).into_response()
+    let ids: Vec<String> = replicas.iter().map(|r| r.id.clone()).collect();
+    let samples = crate::fleet::health::samples(&st.pool, &ids, 60)
+        .await
+        .unwrap_or_default();
+    pages::fleet(
+        &s,
+        &replicas,
+        &samples,
+        &quarantines,
+        &events,
+        chrono::Utc::now(),
+    )
+    .into_response()
 }
 
 async fn resume_replica(

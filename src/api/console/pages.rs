@@ -10,6 +10,7 @@ use crate::fleet::quarantines::Quarantine;
 use crate::queue::{Status, Task};
 
 use super::session::Session;
+use super::view;
 
 fn time(t: Option<DateTime<Utc>>) -> String {
     t.map_or("-".to_string(), |t| {
@@ -88,14 +89,78 @@ pub fn login(error: Option<&str>, next: &str) -> Markup {
 
 /// What the overview shows.
 pub struct Overview<'a> {
-    pub depth: &'a [(Status, i64)],
+    /// Tasks per status (but completed), each counted up to [`COUNT_CAP`].
+    pub counts: &'a [(Status, i64)],
+    /// The planner's estimate of all tasks.
+    pub total_estimate: i64,
+    pub minutes: &'a [crate::fleet::health::Minute],
+    pub failing: &'a [(String, crate::queue::RunStats)],
     pub replicas: &'a [ReplicaRow],
     pub quarantines: &'a [Quarantine],
     pub escalations: &'a [(DateTime<Utc>, String, String)],
 }
 
-pub fn overview(session: &Session, o: &Overview<'_>) -> Markup {
-    let count = |s: Status| o.depth.iter().find(|(x, _)| *x == s).map_or(0, |(_, n)| *n);
+/// Counts stop here ("100,000+"): bounded work per page however large the table.
+pub const COUNT_CAP: i64 = 100_000;
+
+/// 12345 as "12,345".
+pub fn thousands(n: i64) -> String {
+    let digits = n.unsigned_abs().to_string();
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    if n < 0 { format!("-{out}") } else { out }
+}
+
+fn capped(n: i64) -> String {
+    if n >= COUNT_CAP {
+        format!("{}+", thousands(COUNT_CAP))
+    } else {
+        thousands(n)
+    }
+}
+
+/// The last hour's minutes as chart slots: 0 is the oldest minute, 59 the current one.
+fn minute_bars(
+    now: DateTime<Utc>,
+    minutes: &[crate::fleet::health::Minute],
+    value: impl Fn(&crate::fleet::health::Minute) -> Option<f64>,
+    unit: &str,
+) -> Vec<view::Bar> {
+    let this_minute = now.timestamp() / 60;
+    minutes
+        .iter()
+        .filter_map(|m| {
+            let ago = this_minute - m.at.timestamp() / 60;
+            let v = value(m)?;
+            (0..60).contains(&ago).then(|| view::Bar {
+                slot: (59 - ago) as usize,
+                value: v,
+                label: format!("{} UTC: {} {unit}", m.at.format("%H:%M"), view::short(v)),
+            })
+        })
+        .collect()
+}
+
+pub fn overview(session: &Session, o: &Overview<'_>, now: DateTime<Utc>) -> Markup {
+    let count = |s: Status| {
+        o.counts
+            .iter()
+            .find(|(x, _)| *x == s)
+            .map_or(0, |(_, n)| *n)
+    };
+    let done = minute_bars(now, o.minutes, |m| Some(m.completed as f64), "completed");
+    let failed = minute_bars(
+        now,
+        o.minutes,
+        |m| Some(m.failed as f64),
+        "failed or timed out",
+    );
+    let pickup = minute_bars(now, o.minutes, |m| m.pickup_ms(), "ms mean pick-up");
     layout(
         "Overview",
         Some(session),
@@ -106,10 +171,43 @@ pub fn overview(session: &Session, o: &Overview<'_>) -> Markup {
                 div.cards {
                     @for s in [Status::Pending, Status::Running, Status::RetryScheduled, Status::Failed, Status::Timeout, Status::Cancelled] {
                         a.card href=(format!("/tasks?status={}", s.as_str())) {
-                            div.n { (count(s)) }
+                            div.n { (capped(count(s))) }
                             div.l { (s.as_str()) }
                         }
                     }
+                }
+                p.muted {
+                    "Queue depth " (capped(count(Status::Pending) + count(Status::RetryScheduled)))
+                    @if o.total_estimate > 0 { " · about " (thousands(o.total_estimate)) " tasks in all (the planner's estimate)" }
+                }
+            }
+            section id="charts" data-live {
+                h2 { "Last hour" }
+                div.charts {
+                    (view::bars("chart-completed", "Completed per minute", "/min", 60, &done, "ok"))
+                    (view::bars("chart-failed", "Failed or timed out per minute", "/min", 60, &failed, "bad"))
+                    (view::bars("chart-pickup", "Mean pick-up latency", "ms", 60, &pickup, "info"))
+                }
+                p.muted { "From the replicas' metrics rows (one per replica every telemetry.log_interval_s)." }
+            }
+            section id="failing" data-live {
+                h2 { "Agents failing most" }
+                @if o.failing.is_empty() {
+                    p.muted { "No agent run failed in the last hour." }
+                } @else {
+                    div.scroll { table {
+                        thead { tr { th { "Agent" } th { "Failed in the last hour" } th { "Success rate" } th { "Last run" } } }
+                        tbody {
+                            @for (name, st) in o.failing {
+                                tr {
+                                    td { a href=(format!("/agents/{name}")) { (name) } }
+                                    td { (st.failed_last_hour) }
+                                    td { (rate(st)) }
+                                    td { @if let Some(s) = st.last_status { (badge(s)) " " } (time(st.last_ended_at)) }
+                                }
+                            }
+                        }
+                    } }
                 }
             }
             section id="replicas" data-live {
@@ -160,48 +258,86 @@ pub fn overview(session: &Session, o: &Overview<'_>) -> Markup {
     )
 }
 
+/// An agent's success rate over its recent finished runs, with how many.
+fn rate(st: &crate::queue::RunStats) -> String {
+    st.success_rate().map_or("-".to_string(), |r| {
+        format!("{:.0}% of {}", r * 100.0, st.finished)
+    })
+}
+
 /// The filters of the task list, as given.
 #[derive(Debug, Default, Clone, serde::Deserialize)]
 pub struct TaskQuery {
     pub status: Option<String>,
     pub kind: Option<String>,
     pub agent: Option<String>,
+    /// Created at or after / before (UTC; `2026-12-01T09:30` or RFC 3339).
+    pub since: Option<String>,
+    pub until: Option<String>,
     /// Keyset pagination: tasks with a smaller id.
     pub before: Option<i64>,
+    /// A task id or idempotency key to go to.
+    pub q: Option<String>,
+    /// What the last bulk action did (set by its redirect).
+    pub bulk: Option<String>,
+    pub done: Option<u32>,
+    pub skipped: Option<u32>,
 }
 
 impl TaskQuery {
-    /// The query string of this filter with `before`.
-    fn with_before(&self, before: i64) -> String {
-        let mut q = form_urlencoded::Serializer::new(String::new());
-        for (k, v) in [
+    /// The filters (not the page) as query pairs.
+    fn filters(&self) -> Vec<(&'static str, &str)> {
+        [
             ("status", &self.status),
             ("kind", &self.kind),
             ("agent", &self.agent),
-        ] {
-            if let Some(v) = v.as_deref().filter(|v| !v.is_empty()) {
-                q.append_pair(k, v);
-            }
+            ("since", &self.since),
+            ("until", &self.until),
+        ]
+        .into_iter()
+        .filter_map(|(k, v)| v.as_deref().filter(|v| !v.is_empty()).map(|v| (k, v)))
+        .collect()
+    }
+
+    /// The query string of these filters with `before`.
+    pub fn with_before(&self, before: Option<i64>) -> String {
+        let mut q = form_urlencoded::Serializer::new(String::new());
+        for (k, v) in self.filters() {
+            q.append_pair(k, v);
         }
-        q.append_pair("before", &before.to_string());
+        if let Some(b) = before {
+            q.append_pair("before", &b.to_string());
+        }
         q.finish()
     }
 }
 
 pub const PAGE: i64 = 50;
 
-pub fn tasks(
-    session: &Session,
-    q: &TaskQuery,
-    tasks: &[Task],
-    names: &std::collections::HashMap<i64, String>,
-    error: Option<&str>,
-) -> Markup {
+/// One page of the task list as the handler found it.
+#[derive(Default)]
+pub struct TaskListing {
+    pub tasks: Vec<Task>,
+    pub names: std::collections::HashMap<i64, String>,
+    /// Where the next page starts (`before`), if there may be older matches.
+    pub older: Option<i64>,
+    /// Set when the page was cut short by the bounded window of ids it searched: the lowest
+    /// id looked at.
+    pub searched_to: Option<i64>,
+}
+
+pub fn tasks(session: &Session, q: &TaskQuery, l: &TaskListing, error: Option<&str>) -> Markup {
+    let admin = session.scope == Scope::Admin;
+    let back = format!("/tasks?{}", q.with_before(q.before));
     layout(
         "Tasks",
         Some(session),
         html! {
             h1 { "Tasks" }
+            form.filters method="get" action="/tasks" role="search" {
+                label { "Go to id or idempotency key" input type="search" name="q" value=(q.q.clone().unwrap_or_default()) placeholder="1234 or a key"; }
+                button type="submit" { "Go" }
+            }
             form.filters method="get" action="/tasks" {
                 label { "Status"
                     select name="status" {
@@ -213,38 +349,66 @@ pub fn tasks(
                 }
                 label { "Kind" input type="text" name="kind" value=(q.kind.clone().unwrap_or_default()); }
                 label { "Agent" input type="text" name="agent" value=(q.agent.clone().unwrap_or_default()); }
+                label { "Created since (UTC)" input type="datetime-local" name="since" value=(q.since.clone().unwrap_or_default()); }
+                label { "Created before (UTC)" input type="datetime-local" name="until" value=(q.until.clone().unwrap_or_default()); }
                 button type="submit" { "Filter" }
+                @if !q.filters().is_empty() { a href="/tasks" { "Clear" } }
             }
             @if let Some(e) = error { p.error role="alert" { (e) } }
-            section id="task-list" data-live[q.before.is_none()] {
-                @if tasks.is_empty() {
-                    p.muted { "No tasks match." }
-                } @else {
-                    div.scroll { table {
-                        thead { tr { th { "ID" } th { "Kind" } th { "Agent" } th { "Status" } th { "Attempt" } th { "Created" } th { "Ended" } th { "Error" } } }
-                        tbody {
-                            @for t in tasks {
-                                tr {
-                                    td { a href=(format!("/tasks/{}", t.id)) { (t.id) } }
-                                    td { (t.kind) }
-                                    td { (t.agent_id.map_or("-".to_string(), |a| names.get(&a).cloned().unwrap_or_else(|| format!("#{a}")))) }
-                                    td { (badge(t.status)) }
-                                    td { (t.attempt) "/" (t.max_retries + 1) }
-                                    td { (time(Some(t.created_at))) }
-                                    td { (time(t.completed_at)) }
-                                    td.wrap { (t.error.as_deref().map(last_line).unwrap_or_default()) }
+            @if let (Some(action), Some(done)) = (q.bulk.as_deref(), q.done) {
+                p.notice role="status" {
+                    (match action { "retry" => "Retried", "cancel" => "Cancelled", "delete" => "Deleted", _ => "Done:" })
+                    " " (done) " task" @if done != 1 { "s" }
+                    @if let Some(n) = q.skipped.filter(|n| *n > 0) { "; " (n) " skipped (not in a state that allows it, or gone)" }
+                    "."
+                }
+            }
+            form id="bulk" method="post" action="/tasks/bulk" {
+                @if admin {
+                    input type="hidden" name="csrf" value=(session.csrf);
+                    input type="hidden" name="back" value=(back);
+                    div.actions.bulk {
+                        span.muted { "Selected:" }
+                        button type="submit" name="action" value="retry" { "Retry" }
+                        button type="submit" name="action" value="cancel" class="danger" { "Cancel" }
+                        button type="submit" name="action" value="delete" class="danger" data-confirm="Delete the selected tasks and their output for good?" { "Delete" }
+                    }
+                }
+                section id="task-list" data-live[q.before.is_none()] {
+                    @if l.tasks.is_empty() {
+                        p.muted { "No tasks match." }
+                    } @else {
+                        div.scroll { table {
+                            thead { tr {
+                                @if admin { th { input type="checkbox" data-select-all="id" aria-label="select every task on this page"; } }
+                                th { "ID" } th { "Kind" } th { "Agent" } th { "Status" } th { "Attempt" } th { "Created" } th { "Ended" } th { "Error" }
+                            } }
+                            tbody {
+                                @for t in &l.tasks {
+                                    tr {
+                                        @if admin { td { input type="checkbox" name="id" value=(t.id) aria-label=(format!("select task {}", t.id)); } }
+                                        td { a href=(format!("/tasks/{}", t.id)) { (t.id) } }
+                                        td { (t.kind) }
+                                        td { (t.agent_id.map_or("-".to_string(), |a| l.names.get(&a).cloned().unwrap_or_else(|| format!("#{a}")))) }
+                                        td { (badge(t.status)) }
+                                        td { (t.attempt) "/" (t.max_retries + 1) }
+                                        td { (time(Some(t.created_at))) }
+                                        td { (time(t.completed_at)) }
+                                        td.wrap { (t.error.as_deref().map(last_line).unwrap_or_default()) }
+                                    }
                                 }
                             }
-                        }
-                    } }
+                        } }
+                    }
                 }
             }
             div.pager {
-                @if q.before.is_some() { a href="/tasks" { "Newest" } }
-                @if tasks.len() as i64 == PAGE {
-                    @if let Some(last) = tasks.last() {
-                        a rel="next" href=(format!("/tasks?{}", q.with_before(last.id))) { "Older →" }
-                    }
+                @if q.before.is_some() { a href=(format!("/tasks?{}", q.with_before(None))) { "Newest" } }
+                @if let Some(to) = l.searched_to {
+                    span.muted { "Searched down to task " (to) "." }
+                }
+                @if let Some(older) = l.older {
+                    a rel="next" href=(format!("/tasks?{}", q.with_before(Some(older)))) { "Older →" }
                 }
             }
         },
@@ -345,8 +509,33 @@ fn button(session: &Session, action: &str, label: &str, class: &str) -> Markup {
 /// One agent's line in the list.
 pub struct AgentLine<'a> {
     pub agent: &'a crate::agents::Agent,
-    pub last_run: Option<(Status, Option<DateTime<Utc>>)>,
+    /// Its last runs, summed (none: it has not run).
+    pub stats: Option<&'a crate::queue::RunStats>,
     pub quarantine: Option<&'a Quarantine>,
+}
+
+/// Runs an agent's list and overview sum up: its last this many.
+pub const RECENT_RUNS: i64 = 20;
+
+/// An agent's schedule: in words when it can be said simply, with the expression.
+fn schedule(a: &crate::agents::Agent) -> Markup {
+    match a.settings.schedule.as_deref() {
+        None => html! { span.muted { "manual only" } },
+        Some(expr) => html! {
+            @if let Some(words) = crate::cron::describe(expr) { (words) " " }
+            code.muted { (expr) }
+            @if let Some(tz) = &a.settings.timezone { " " span.muted { (tz) } }
+        },
+    }
+}
+
+fn duration(s: Option<f64>) -> String {
+    match s {
+        None => "-".to_string(),
+        Some(s) if s < 1.0 => format!("{:.0} ms", s * 1000.0),
+        Some(s) if s < 120.0 => format!("{s:.1} s"),
+        Some(s) => format!("{:.0} min", s / 60.0),
+    }
 }
 
 fn agent_state(a: &crate::agents::Agent, q: Option<&Quarantine>) -> String {
@@ -376,18 +565,23 @@ pub fn agents(session: &Session, lines: &[AgentLine<'_>]) -> Markup {
                     p.muted { "No agents yet: harness agents add <name> --file agent.py" }
                 } @else {
                     div.scroll { table {
-                        thead { tr { th { "Name" } th { "State" } th { "Runtime" } th { "Schedule" } th { "Next run" } th { "Last run" } } }
+                        thead { tr { th { "Name" } th { "State" } th { "Runtime" } th { "Schedule" } th { "Next run" } th { "Last run" } th { "Took" } th { (format!("Success (last {RECENT_RUNS})")) } } }
                         tbody {
                             @for l in lines {
                                 tr {
                                     td { a href=(format!("/agents/{}", l.agent.name)) { (l.agent.name) } }
                                     td { (agent_state(l.agent, l.quarantine)) }
                                     td.wrap { (runtime(l.agent)) }
-                                    td { (l.agent.settings.schedule.as_deref().unwrap_or("-")) @if let Some(tz) = &l.agent.settings.timezone { " " span.muted { (tz) } } }
+                                    td.wrap { (schedule(l.agent)) }
                                     td { (time(l.agent.next_fire())) }
                                     td {
-                                        @if let Some((s, at)) = l.last_run { (badge(s)) " " (time(at)) } @else { "-" }
+                                        @match l.stats.and_then(|s| s.last_status.map(|st| (st, s.last_ended_at))) {
+                                            Some((st, at)) => { (badge(st)) " " (time(at)) }
+                                            None => "-",
+                                        }
                                     }
+                                    td { (duration(l.stats.and_then(|s| s.last_duration_s))) }
+                                    td { (l.stats.map_or("-".to_string(), rate)) }
                                 }
                             }
                         }
@@ -403,15 +597,71 @@ pub struct AgentPage<'a> {
     pub agent: &'a crate::agents::Agent,
     /// Its settings as JSON, `env` values redacted for readers.
     pub settings: serde_json::Value,
+    /// Its own config, secret-looking values redacted for readers.
+    pub config: serde_json::Value,
     pub quarantine: Option<&'a Quarantine>,
+    pub stats: Option<&'a crate::queue::RunStats>,
     pub runs: &'a [Task],
+    /// Newest first.
     pub handoffs: &'a [crate::handoff::HandoffArtifact],
     pub error: Option<&'a str>,
+    /// What the edit form showed when it was refused (so nothing typed is lost).
+    pub edit: Option<&'a AgentEdit>,
+}
+
+/// The agent edit form's fields, as typed.
+#[derive(Debug, Default, Clone, serde::Deserialize)]
+pub struct AgentEdit {
+    pub csrf: String,
+    pub schedule: String,
+    pub timezone: String,
+    pub timeout: String,
+    pub max_retries: String,
+    pub memory_mb: String,
+    pub cpu_percent: String,
+    pub config: String,
+}
+
+impl AgentEdit {
+    /// The form filled with what the agent has now.
+    pub fn of(a: &crate::agents::Agent) -> AgentEdit {
+        let st = &a.settings;
+        AgentEdit {
+            csrf: String::new(),
+            schedule: st.schedule.clone().unwrap_or_default(),
+            timezone: st.timezone.clone().unwrap_or_default(),
+            timeout: st.timeout.to_string(),
+            max_retries: st.max_retries.to_string(),
+            memory_mb: st.memory_mb.to_string(),
+            cpu_percent: st.cpu_percent.to_string(),
+            config: pretty(&serde_json::Value::Object(a.config.clone())),
+        }
+    }
+}
+
+fn edit_form(session: &Session, a: &crate::agents::Agent, f: &AgentEdit) -> Markup {
+    html! {
+        details.edit open[!f.csrf.is_empty()] {
+            summary { "Edit schedule, limits and config" }
+            form.edit method="post" action=(format!("/agents/{}/edit", a.name)) {
+                input type="hidden" name="csrf" value=(session.csrf);
+                label { "Schedule (cron, empty: manual only)" input type="text" name="schedule" value=(f.schedule) placeholder="*/15 * * * *"; }
+                label { "Time zone (IANA, empty: UTC)" input type="text" name="timezone" value=(f.timezone) placeholder="Europe/Paris"; }
+                label { "Timeout (s)" input type="number" name="timeout" value=(f.timeout) min="1"; }
+                label { "Retries" input type="number" name="max_retries" value=(f.max_retries) min="0"; }
+                label { "Memory (MB)" input type="number" name="memory_mb" value=(f.memory_mb) min="1"; }
+                label { "CPU (% of a core)" input type="number" name="cpu_percent" value=(f.cpu_percent) min="1"; }
+                label.wide { "Config (a JSON object, what Agent(config) receives)" textarea name="config" rows="8" spellcheck="false" { (f.config) } }
+                button type="submit" { "Save" }
+            }
+        }
+    }
 }
 
 pub fn agent(session: &Session, p: &AgentPage<'_>) -> Markup {
     let a = p.agent;
     let admin = session.scope == Scope::Admin;
+    let current = AgentEdit::of(a);
     layout(
         &format!("Agent {}", a.name),
         Some(session),
@@ -431,56 +681,62 @@ pub fn agent(session: &Session, p: &AgentPage<'_>) -> Markup {
                         (button(session, &format!("/agents/{}/resume", a.name), "Resume", ""))
                     }
                 }
+                (edit_form(session, a, p.edit.unwrap_or(&current)))
             }
             section id="agent-fields" data-live {
                 dl.fields {
                     dt { "State" } dd id="agent-state" { (agent_state(a, p.quarantine)) }
-                    dt { "Schedule" } dd { (a.settings.schedule.as_deref().unwrap_or("-")) " " (a.settings.timezone.as_deref().unwrap_or("")) }
+                    dt { "Schedule" } dd { (schedule(a)) }
                     dt { "Next run" } dd { (time(a.next_fire())) }
-                    dt { "Timeout" } dd { (a.settings.timeout) " s" }
-                    dt { "Memory" } dd { (a.settings.memory_mb) " MB" }
-                    dt { "CPU" } dd { (a.settings.cpu_percent) " %" }
-                    dt { "Retries" } dd { (a.settings.max_retries) }
-                    dt { "Network" } dd { (format!("{:?}", a.settings.network).to_lowercase()) }
+                    dt { (format!("Success (last {RECENT_RUNS})")) } dd { (p.stats.map_or("-".to_string(), rate)) }
+                    dt { "Limits" } dd { (a.settings.timeout) " s, " (a.settings.memory_mb) " MB, " (a.settings.cpu_percent) " % CPU, " (a.settings.max_retries) " retries" }
+                    dt { "Isolation" } dd { "network " (format!("{:?}", a.settings.network).to_lowercase()) ", overlap " (format!("{:?}", a.settings.overlap).to_lowercase()) }
                 }
                 h2 { "Runs" }
                 @if p.runs.is_empty() { p.muted { "No runs yet." } } @else {
                     div.scroll { table {
-                        thead { tr { th { "Task" } th { "Status" } th { "Started" } th { "Ended" } th { "Error" } } }
+                        thead { tr { th { "Task" } th { "Status" } th { "Started" } th { "Took" } th { "Error" } } }
                         tbody {
                             @for t in p.runs {
                                 tr {
                                     td { a href=(format!("/tasks/{}", t.id)) { (t.id) } }
                                     td { (badge(t.status)) }
                                     td { (time(t.started_at)) }
-                                    td { (time(t.completed_at)) }
+                                    td { (duration(t.started_at.zip(t.completed_at).map(|(s, e)| (e - s).num_milliseconds() as f64 / 1000.0))) }
                                     td.wrap { (t.error.as_deref().map(last_line).unwrap_or_default()) }
                                 }
                             }
                         }
                     } }
+                    p { a href=(format!("/tasks?agent={}", a.name)) { "Every run →" } }
                 }
                 h2 { "Handoffs" }
                 @if p.handoffs.is_empty() { p.muted { "No state handed on yet (a run hands its state on when it completes)." } } @else {
                     ol.handoffs id="handoffs" {
-                        @for h in p.handoffs {
+                        @for (i, h) in p.handoffs.iter().enumerate() {
                             li {
                                 strong { "run #" (h.run_number) } " " span.muted { (time(Some(h.created_at))) }
                                 @if let Some(s) = &h.summary { " — " (s) }
                                 @if h.compressed { " " span.muted { "(compressed to fit)" } }
-                                pre { (pretty(&h.state)) }
+                                @if let Some(before) = p.handoffs.get(i + 1) {
+                                    @let (changes, more) = view::diff(&before.state, &h.state, 30);
+                                    (view::diff_list(&changes, more))
+                                } @else {
+                                    p.muted { "The first state kept." }
+                                }
+                                details { summary { "Whole state" } pre { (pretty(&h.state)) } }
                             }
                         }
                     }
                 }
             }
             h2 { "Config" }
-            pre id="config" { (pretty(&serde_json::Value::Object(a.config.clone()))) }
+            pre id="config" { (pretty(&p.config)) }
             h2 { "Settings" }
             pre id="settings" { (pretty(&p.settings)) }
             @if let crate::executor::Runtime::Python { code } = &a.runtime {
                 h2 { "Code" }
-                pre id="code" { (code) }
+                pre.code id="code" { code { (view::python(code)) } }
             }
         },
     )
@@ -489,8 +745,10 @@ pub fn agent(session: &Session, p: &AgentPage<'_>) -> Markup {
 pub fn fleet(
     session: &Session,
     replicas: &[ReplicaRow],
+    samples: &[crate::fleet::health::Sample],
     quarantines: &[Quarantine],
     events: &[crate::fleet::health::EventLine],
+    now: DateTime<Utc>,
 ) -> Markup {
     let admin = session.scope == Scope::Admin;
     layout(
@@ -523,6 +781,19 @@ pub fn fleet(
                             }
                         }
                     } }
+                }
+                @if !replicas.is_empty() {
+                    h2 { "CPU and memory, last hour" }
+                    div.charts {
+                        @for r in replicas {
+                            @let mine: Vec<_> = samples.iter().filter(|x| x.replica_id == r.id).collect();
+                            @let x = |at: DateTime<Utc>| 1.0 - (now - at).num_seconds() as f64 / 3600.0;
+                            (view::percent_lines(&format!("chart-{}", r.id), &r.id, &[
+                                ("CPU", "info", mine.iter().map(|m| (x(m.recorded_at), m.cpu_percent as f64)).collect()),
+                                ("memory", "warn", mine.iter().map(|m| (x(m.recorded_at), m.memory_percent as f64)).collect()),
+                            ]))
+                        }
+                    }
                 }
                 @if !quarantines.is_empty() {
                     h2 { "Quarantined" }

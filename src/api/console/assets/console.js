@@ -2,6 +2,10 @@
 // - Every element with an id and `data-live` is refreshed every 2 s from the same URL,
 //   paused while the tab is hidden.
 // - A `<pre data-events="URL">` shows a task's output as Server-Sent Events bring it.
+// - A live part holding a ticked checkbox or the focus is left alone until it has neither
+//   (a selection for a bulk action, a field being typed in).
+// - `<input data-select-all="NAME">` ticks every checkbox named NAME in its form; a button with
+//   `data-confirm` asks first.
 "use strict";
 
 (function () {
@@ -16,12 +20,19 @@
       if (!r.ok) return;
       const doc = new DOMParser().parseFromString(await r.text(), "text/html");
       for (const el of live) {
+        if (busy(el)) continue;
         const fresh = doc.getElementById(el.id);
         if (fresh && fresh.innerHTML !== el.innerHTML) el.innerHTML = fresh.innerHTML;
       }
     } catch (_) {
       // A replica restarting: the next tick tries again.
     }
+  }
+
+  function busy(el) {
+    if (el.querySelector("input[type=checkbox]:checked")) return true;
+    const f = document.activeElement;
+    return f !== null && f !== document.body && el.contains(f) && f.matches("input, textarea, select");
   }
 
   function start() {
@@ -65,6 +76,19 @@
       // The browser reconnects by itself (Last-Event-ID) unless the stream ended.
     });
   }
+
+  document.addEventListener("change", function (e) {
+    const all = e.target.closest("input[data-select-all]");
+    if (!all || !all.form) return;
+    for (const box of all.form.querySelectorAll("input[type=checkbox][name='" + all.dataset.selectAll + "']")) {
+      box.checked = all.checked;
+    }
+  });
+
+  document.addEventListener("click", function (e) {
+    const b = e.target.closest("button[data-confirm]");
+    if (b && !window.confirm(b.dataset.confirm)) e.preventDefault();
+  });
 
   document.addEventListener("DOMContentLoaded", function () {
     for (const pre of document.querySelectorAll("pre[data-events]")) follow(pre);
