@@ -217,6 +217,7 @@ async fn the_console_signs_in_shows_a_failed_run_and_retries_it_live() {
     .await;
     until_text(&browser, "#failing", "broken").await;
     assert!(!browser.all("#chart-failed rect").await.is_empty());
+    assert!(!browser.all("#chart-pickup rect").await.is_empty());
     save(&browser, "overview").await;
     // Secrets in an agent's config are redacted for a reader, and it cannot edit.
     browser.goto(&format!("{base}/agents/greeter")).await;
@@ -421,6 +422,12 @@ async fn the_console_signs_in_shows_a_failed_run_and_retries_it_live() {
     browser.goto(&format!("{base}/agents")).await;
     until_text(&browser, "#agent-list", "100% of").await;
     until_text(&browser, "#agent-list", "every 5 minutes").await;
+    // Pausing from the list comes back to the list.
+    browser
+        .click("#agent-list form[action='/agents/broken/pause'] button")
+        .await;
+    until_text(&browser, "#agent-list", "paused").await;
+    assert!(browser.url().await.ends_with("/agents"));
     browser.goto(&format!("{base}/agents/greeter")).await;
     browser
         .click("form[action='/agents/greeter/pause'] button")
@@ -485,4 +492,81 @@ async fn the_console_signs_in_shows_a_failed_run_and_retries_it_live() {
 
     let errors = browser.errors().await;
     assert!(errors.is_empty(), "the browser logged errors: {errors:?}");
+}
+
+/// Pages of a filter no index serves (a kind, a status) read a bounded window of ids below
+/// where they start, and say how far they searched; time filters become id bounds.
+#[tokio::test]
+async fn a_filter_no_index_serves_reads_a_bounded_window_of_ids() {
+    use harness::queue::NewTask;
+    let db = TestDb::new().await;
+    let q = Queue::new(db.pool.clone(), 0);
+    let later = chrono::Utc::now() + chrono::Duration::days(365);
+    let task = |kind: &str| NewTask::new(kind, json!({})).run_at(later);
+    let rare: Vec<i64> = q
+        .enqueue_many(vec![task("rare"); 3])
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| e.id)
+        .collect();
+    let between = chrono::Utc::now();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let many = q.enqueue_many(vec![task("common"); 20_050]).await.unwrap();
+    // The first task created at or after a time, by bisecting ids.
+    assert_eq!(q.first_id_since(between).await.unwrap(), Some(many[0].id));
+    assert_eq!(
+        q.first_id_since(between - chrono::Duration::hours(1))
+            .await
+            .unwrap(),
+        Some(rare[0])
+    );
+    assert_eq!(q.first_id_since(later).await.unwrap(), None);
+
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let _replica = common::Proc::spawn(
+        common::harness_at(&db.url)
+            .arg("serve")
+            .env("HARNESS_API__BIND", format!("127.0.0.1:{port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null()),
+    );
+    let base = format!("http://127.0.0.1:{port}");
+    let page = async |path: &str| -> String {
+        common::eventually("the console", Duration::from_secs(20), async || {
+            let r = reqwest::get(format!("{base}{path}")).await.ok()?;
+            r.status().is_success().then_some(())?;
+            r.text().await.ok()
+        })
+        .await
+    };
+    let rows = |html: &str| html.matches("href=\"/tasks/").count();
+    // The rare kind is older than the window: the first page says how far it looked and
+    // links on; the next one finds them.
+    let first = page("/tasks?kind=rare").await;
+    assert_eq!(rows(&first), 0, "{first}");
+    let searched_to = many[50].id;
+    assert!(
+        first.contains(&format!("Searched down to task {searched_to}")),
+        "{first}"
+    );
+    let older = format!("/tasks?kind=rare&amp;before={searched_to}");
+    assert!(first.contains(&older), "{first}");
+    let next = page(&older.replace("&amp;", "&")).await;
+    assert_eq!(rows(&next), 3, "{next}");
+    assert!(!next.contains("rel=\"next\""), "nothing older: {next}");
+    // A status every task has fills its page from the window.
+    let pending = page("/tasks?status=pending").await;
+    assert_eq!(rows(&pending), 50);
+    // A time filter: only what was created since `between`, a page of it.
+    let since = between.format("%Y-%m-%dT%H:%M:%S%.6fZ").to_string();
+    let recent = page(&format!("/tasks?kind=rare&since={since}")).await;
+    assert_eq!(rows(&recent), 0);
+    // The overview counts each status through its index (up to a cap of 100,000).
+    let overview = page("/").await;
+    assert!(overview.contains("20,053"), "{overview}");
 }

@@ -735,6 +735,8 @@ async fn agent(
 struct AgentForm {
     csrf: String,
     input: Option<String>,
+    /// Where to go after a pause or resume (a path of this console; default the agent).
+    back: Option<String>,
 }
 
 async fn agent_action(
@@ -749,7 +751,10 @@ async fn agent_action(
     let Some(registry) = st.agents.as_ref() else {
         return no_agents();
     };
-    let back = format!("/agents/{name}");
+    let back = match f.back.as_deref() {
+        Some(b) => safe_next(Some(b)),
+        None => format!("/agents/{name}"),
+    };
     let done = match action.as_str() {
         "run" => {
             let input = match f.input.as_deref().map(str::trim).filter(|i| !i.is_empty()) {
@@ -925,6 +930,27 @@ mod tests {
             assert_eq!(safe_next(Some(bad)), "/", "{bad}");
         }
         assert_eq!(safe_next(None), "/");
+    }
+
+    #[test]
+    fn a_time_filter_takes_a_browser_s_local_time_as_utc_or_rfc_3339() {
+        let t = |v| parse_time("since", v).map(|t| t.to_rfc3339());
+        assert_eq!(t("2026-12-01T09:30").unwrap(), "2026-12-01T09:30:00+00:00");
+        assert_eq!(
+            t("2026-12-01T09:30:15").unwrap(),
+            "2026-12-01T09:30:15+00:00"
+        );
+        assert_eq!(t("2026-12-01").unwrap(), "2026-12-01T00:00:00+00:00");
+        assert_eq!(
+            t("2026-12-01T10:30:00+01:00").unwrap(),
+            "2026-12-01T09:30:00+00:00"
+        );
+        let e = t("yesterday").unwrap_err();
+        assert!(e.starts_with("since \"yesterday\" is not a time"), "{e}");
+        assert_eq!(pages::thousands(0), "0");
+        assert_eq!(pages::thousands(999), "999");
+        assert_eq!(pages::thousands(1_000_000), "1,000,000");
+        assert_eq!(pages::thousands(-12_345), "-12,345");
     }
 
     #[test]

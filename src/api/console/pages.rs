@@ -472,7 +472,7 @@ pub fn task(session: &Session, t: &Task, agent: Option<&str>) -> Markup {
                 @if !t.attempts.is_empty() {
                     h2 { "Attempts" }
                     div.scroll { table {
-                        thead { tr { th { "#" } th { "Ended" } th { "Replica" } th { "Started" } th { "Ended at" } th { "Why" } } }
+                        thead { tr { th { "#" } th { "Ended" } th { "Replica" } th { "Started" } th { "Took" } th { "Why" } } }
                         tbody {
                             @for a in &t.attempts {
                                 tr {
@@ -480,7 +480,7 @@ pub fn task(session: &Session, t: &Task, agent: Option<&str>) -> Markup {
                                     td { (a.status.as_str()) }
                                     td { (a.replica.as_deref().unwrap_or("?")) }
                                     td { (time(a.started_at)) }
-                                    td { (time(Some(a.ended_at))) }
+                                    td { (duration(a.started_at.map(|s| (a.ended_at - s).num_milliseconds() as f64 / 1000.0))) }
                                     td.wrap { (a.error.as_deref().map(last_line).unwrap_or_default()) }
                                 }
                             }
@@ -502,6 +502,17 @@ fn button(session: &Session, action: &str, label: &str, class: &str) -> Markup {
         form.inline method="post" action=(action) {
             input type="hidden" name="csrf" value=(session.csrf);
             button type="submit" class=(class) { (label) }
+        }
+    }
+}
+
+/// A [`button`] whose action comes back to the page `back` (a path of this console).
+fn button_back(session: &Session, action: &str, label: &str, back: &str) -> Markup {
+    html! {
+        form.inline method="post" action=(action) {
+            input type="hidden" name="csrf" value=(session.csrf);
+            input type="hidden" name="back" value=(back);
+            button type="submit" { (label) }
         }
     }
 }
@@ -555,6 +566,7 @@ fn runtime(a: &crate::agents::Agent) -> String {
 }
 
 pub fn agents(session: &Session, lines: &[AgentLine<'_>]) -> Markup {
+    let admin = session.scope == Scope::Admin;
     layout(
         "Agents",
         Some(session),
@@ -565,7 +577,7 @@ pub fn agents(session: &Session, lines: &[AgentLine<'_>]) -> Markup {
                     p.muted { "No agents yet: harness agents add <name> --file agent.py" }
                 } @else {
                     div.scroll { table {
-                        thead { tr { th { "Name" } th { "State" } th { "Runtime" } th { "Schedule" } th { "Next run" } th { "Last run" } th { "Took" } th { (format!("Success (last {RECENT_RUNS})")) } } }
+                        thead { tr { th { "Name" } th { "State" } th { "Runtime" } th { "Schedule" } th { "Next run" } th { "Last run" } th { "Took" } th { (format!("Success (last {RECENT_RUNS})")) } @if admin { th {} } } }
                         tbody {
                             @for l in lines {
                                 tr {
@@ -582,6 +594,16 @@ pub fn agents(session: &Session, lines: &[AgentLine<'_>]) -> Markup {
                                     }
                                     td { (duration(l.stats.and_then(|s| s.last_duration_s))) }
                                     td { (l.stats.map_or("-".to_string(), rate)) }
+                                    @if admin {
+                                        td.row-actions {
+                                            (button(session, &format!("/agents/{}/run", l.agent.name), "Run now", ""))
+                                            @if l.agent.active && l.quarantine.is_none() {
+                                                (button_back(session, &format!("/agents/{}/pause", l.agent.name), "Pause", "/agents"))
+                                            } @else {
+                                                (button_back(session, &format!("/agents/{}/resume", l.agent.name), "Resume", "/agents"))
+                                            }
+                                        }
+                                    }
                                 }
                             }
                         }
