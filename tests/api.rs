@@ -1337,6 +1337,21 @@ async fn env_values_are_shown_to_admins_on_one_object_and_to_nobody_in_lists() {
         let (_, v) = json_of(api.get(path).send().await.unwrap()).await;
         assert!(!v.to_string().contains(secret), "{path}: {v}");
     }
+    // An agent's own config: a reader sees its secret-looking values redacted, an admin all.
+    let (s, created) = json_of(
+        api.post("/api/agents")
+            .json(&json!({"name": "configured", "command": ["true"],
+                          "config": {"webhook_token": secret, "region": "eu"}}))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(s, StatusCode::CREATED, "{created}");
+    let (_, v) = json_of(read("/api/agents/configured").send().await.unwrap()).await;
+    assert_eq!(v["config"], json!({"webhook_token": "[redacted]", "region": "eu"}));
+    let (_, v) = json_of(api.get("/api/agents/configured").send().await.unwrap()).await;
+    assert_eq!(v["config"]["webhook_token"], secret);
     api.stop().await;
 }
 
