@@ -1349,7 +1349,10 @@ async fn env_values_are_shown_to_admins_on_one_object_and_to_nobody_in_lists() {
     .await;
     assert_eq!(s, StatusCode::CREATED, "{created}");
     let (_, v) = json_of(read("/api/agents/configured").send().await.unwrap()).await;
-    assert_eq!(v["config"], json!({"webhook_token": "[redacted]", "region": "eu"}));
+    assert_eq!(
+        v["config"],
+        json!({"webhook_token": "[redacted]", "region": "eu"})
+    );
     let (_, v) = json_of(api.get("/api/agents/configured").send().await.unwrap()).await;
     assert_eq!(v["config"]["webhook_token"], secret);
     api.stop().await;
@@ -1801,13 +1804,7 @@ async fn hostile_requests_get_documented_json_errors() {
 async fn the_serve_binary_limits_requests_drains_them_on_shutdown_and_serves_only_health_without_api()
  {
     let db = TestDb::new().await;
-    let free_port = || {
-        std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port()
-    };
+    let free_port = || common::free_port();
     let port = free_port();
     let mut replica = common::Proc::spawn(
         common::harness_at(&db.url)

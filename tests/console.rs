@@ -134,11 +134,7 @@ async fn the_console_signs_in_shows_a_failed_run_and_retries_it_live() {
     for i in 0..55 {
         echoes.push(enqueue(&db, "echo", &json!({"i": i}).to_string()));
     }
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = common::free_port();
     let tokens =
         format!(r#"[{{"token":"{ADMIN}","scope":"admin"}},{{"token":"{READ}","scope":"read"}}]"#);
     let _replica = common::Proc::spawn(
@@ -523,11 +519,7 @@ async fn a_filter_no_index_serves_reads_a_bounded_window_of_ids() {
     );
     assert_eq!(q.first_id_since(later).await.unwrap(), None);
 
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = common::free_port();
     let _replica = common::Proc::spawn(
         common::harness_at(&db.url)
             .arg("serve")

@@ -80,11 +80,7 @@ async fn every_metric_the_dashboard_alerts_and_readme_name_is_exported() {
     assert!(wanted.len() > 10, "{wanted:?}");
 
     let db = TestDb::new().await;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = common::free_port();
     let _replica = common::Proc::spawn(
         common::harness_at(&db.url)
             .arg("serve")

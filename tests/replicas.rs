@@ -226,11 +226,7 @@ async fn three_replicas_complete_five_thousand_tasks_exactly_once() {
 async fn sigterm_drains_and_returns_unstarted_work() {
     let db = TestDb::new().await;
     let q = Queue::new(db.pool.clone(), 3);
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = common::free_port();
     let bind = format!("127.0.0.1:{port}");
     let mut r = Replica::start(
         &db,

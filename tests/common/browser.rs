@@ -48,11 +48,7 @@ fn answer(v: Value, what: &str) -> Value {
 impl Browser {
     /// Starts chromedriver and a headless Chromium with the browser log kept.
     pub async fn start(driver: &std::path::Path) -> Browser {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = super::free_port();
         let proc = super::Proc::spawn(
             std::process::Command::new(driver)
                 .arg(format!("--port={port}"))

@@ -268,6 +268,15 @@ impl Drop for TestDb {
 }
 
 /// The `harness` binary built for this test run.
+/// A loopback port free right now (the listener that found it is closed again).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 pub fn harness_bin() -> &'static str {
     env!("CARGO_BIN_EXE_harness")
 }

@@ -232,19 +232,7 @@ pub fn overview(session: &Session, o: &Overview<'_>, now: DateTime<Utc>) -> Mark
                         }
                     } }
                 }
-                @if !o.quarantines.is_empty() {
-                    h2 { "Quarantined" }
-                    ul {
-                        @for q in o.quarantines {
-                            li {
-                                (q.what())
-                                " — "
-                                @if q.held { "until a person lifts it" } @else { "until " (time(Some(q.until))) }
-                                ": " span.muted { (q.reason) }
-                            }
-                        }
-                    }
-                }
+                (quarantine_list(o.quarantines))
                 @if !o.escalations.is_empty() {
                     h2 { "Escalations" }
                     ul {
@@ -256,6 +244,24 @@ pub fn overview(session: &Session, o: &Overview<'_>, now: DateTime<Utc>) -> Mark
             }
         },
     )
+}
+
+/// The agents and kinds quarantined now, and until when.
+fn quarantine_list(quarantines: &[Quarantine]) -> Markup {
+    html! {
+        @if !quarantines.is_empty() {
+            h2 { "Quarantined" }
+            ul {
+                @for q in quarantines {
+                    li {
+                        (q.what())
+                        " — " @if q.held { "until a person lifts it" } @else { "until " (time(Some(q.until))) }
+                        ": " span.muted { (q.reason) }
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// An agent's success rate over its recent finished runs, with how many.
@@ -818,16 +824,7 @@ pub fn fleet(
                     }
                 }
                 @if !quarantines.is_empty() {
-                    h2 { "Quarantined" }
-                    ul {
-                        @for q in quarantines {
-                            li {
-                                (q.what())
-                                " — " @if q.held { "until a person lifts it" } @else { "until " (time(Some(q.until))) }
-                                ": " span.muted { (q.reason) }
-                            }
-                        }
-                    }
+                    (quarantine_list(quarantines))
                     @if admin { (button(session, "/fleet/lift-quarantines", "Lift every quarantine", "")) }
                 }
                 h2 { "Governance events" }
