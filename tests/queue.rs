@@ -212,6 +212,98 @@ async fn eight_concurrent_enqueues_of_one_key_make_one_row() {
     assert_eq!(rows, 1);
 }
 
+/// Concurrent single enqueues are written together (far fewer commits than calls), and each
+/// call's answer is what it would be alone: its own new task, or the task its key names.
+#[tokio::test]
+async fn concurrent_single_enqueues_share_commits_and_keep_their_answers() {
+    let db = TestDb::new().await;
+    let q = queue(&db);
+    let commits = async || -> i64 {
+        sqlx::query_scalar(
+            "SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()",
+        )
+        .fetch_one(&db.pool)
+        .await
+        .unwrap()
+    };
+    // Statistics are flushed when a backend's transaction ends, at most once a second.
+    let settle = async || {
+        tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+        sqlx::query("SELECT pg_stat_clear_snapshot()")
+            .execute(&db.pool)
+            .await
+            .unwrap();
+    };
+    settle().await;
+    let before = commits().await;
+    let mut handles = Vec::new();
+    for i in 0..600u32 {
+        let q = q.clone();
+        handles.push(tokio::spawn(async move {
+            let mut t = NewTask::new("demo", json!({"i": i}));
+            // Every tenth call shares one of six keys with nine others.
+            if i % 10 == 0 {
+                t = t.idempotency_key(format!("k{}", (i / 10) % 6));
+            }
+            // One bad task among them fails alone.
+            if i == 7 {
+                t = NewTask::new("", json!({}));
+            }
+            (i, q.enqueue(t).await)
+        }));
+    }
+    let mut answers = Vec::new();
+    for h in handles {
+        answers.push(h.await.unwrap());
+    }
+    settle().await;
+    let used = commits().await - before;
+    let bad = answers.iter().find(|(i, _)| *i == 7).unwrap();
+    assert!(
+        matches!(
+            bad.1,
+            Err(harness::queue::Error::Invalid { field: "kind", .. })
+        ),
+        "{:?}",
+        bad.1
+    );
+    let ok: Vec<(u32, harness::queue::Enqueued)> = answers
+        .into_iter()
+        .filter_map(|(i, r)| r.ok().map(|e| (i, e)))
+        .collect();
+    assert_eq!(ok.len(), 599);
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM tasks")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    // 539 unkeyed (the bad one is not written), and one task per key (k0..k5) for the 60
+    // keyed calls.
+    assert_eq!(rows, 539 + 6);
+    for k in 0..6 {
+        let ids: std::collections::HashSet<i64> = ok
+            .iter()
+            .filter(|(i, _)| i % 10 == 0 && (i / 10) % 6 == k)
+            .map(|(_, e)| e.id)
+            .collect();
+        assert_eq!(ids.len(), 1, "key k{k} names one task");
+        let fresh = ok
+            .iter()
+            .filter(|(i, e)| i % 10 == 0 && (i / 10) % 6 == k && !e.deduplicated)
+            .count();
+        assert_eq!(
+            fresh, 1,
+            "key k{k}: one call wrote it, the others were told it exists"
+        );
+    }
+    // Unkeyed calls got distinct tasks holding their own payloads.
+    let t = q
+        .get(ok.iter().find(|(i, _)| *i == 123).unwrap().1.id)
+        .await
+        .unwrap();
+    assert_eq!(t.payload, json!({"i": 123}));
+    assert!(used < 300, "600 calls took {used} commits");
+}
+
 #[tokio::test]
 async fn concurrent_bulk_enqueues_with_overlapping_keys_never_deadlock() {
     let db = TestDb::new().await;

@@ -92,9 +92,18 @@ pub(super) const INSERT_MANY_UNKEYED: &str = concat!(
 
 impl Queue {
     /// Enqueues one task; with an idempotency key that exists, returns that task instead.
+    /// Concurrent calls share one statement and one commit (see `coalesce`); each returns once
+    /// its task is committed.
     pub async fn enqueue(&self, task: NewTask) -> Result<Enqueued, Error> {
+        use tracing::Instrument;
+        let span = tracing::info_span!("queue.enqueue", task.kind = %task.kind);
+        self.coalescer.enqueue(self, task).instrument(span).await
+    }
+
+    /// [`Queue::enqueue`] in a statement and a commit of its own.
+    pub(super) async fn enqueue_alone(&self, task: NewTask) -> Result<Enqueued, Error> {
         let mut conn = self.pool.acquire().await?;
-        self.enqueue_in(&mut conn, task).await
+        self.enqueue_one(&mut conn, task).await
     }
 
     /// [`Queue::enqueue`] on the caller's connection or transaction: the task exists only if
@@ -186,6 +195,7 @@ impl Queue {
     ) -> Result<Vec<Enqueued>, Error> {
         use tracing::Instrument;
         let kinds: Vec<String> = tasks.iter().map(|t| t.kind.clone()).collect();
+        let agents: Vec<Option<i64>> = tasks.iter().map(|t| t.agent_id).collect();
         let span = tracing::info_span!("queue.enqueue_many", tasks = kinds.len());
         let out = async {
             let tp = crate::telemetry::current_traceparent();
@@ -202,16 +212,16 @@ impl Queue {
         }
         .instrument(span)
         .await?;
-        let mut per_kind: HashMap<&str, u64> = HashMap::new();
-        for (k, e) in kinds.iter().zip(&out) {
+        let mut per_target: HashMap<(&str, Option<i64>), u64> = HashMap::new();
+        for ((k, a), e) in kinds.iter().zip(&agents).zip(&out) {
             if !e.deduplicated {
-                *per_kind.entry(k.as_str()).or_default() += 1;
+                *per_target.entry((k.as_str(), *a)).or_default() += 1;
             }
         }
-        for (k, c) in per_kind {
+        for ((k, a), c) in per_target {
             crate::telemetry::metrics()
                 .enqueued
-                .add(c, &crate::telemetry::kind(k));
+                .add(c, &crate::telemetry::task_attrs(k, a));
         }
         Ok(out)
     }

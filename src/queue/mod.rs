@@ -58,6 +58,7 @@ macro_rules! back_to_queue {
 mod admin;
 mod attempt;
 pub mod backoff;
+mod coalesce;
 mod enqueue;
 mod lifecycle;
 mod listener;
@@ -186,6 +187,8 @@ pub const MAX_PAYLOAD_BYTES: usize = 16 * 1024 * 1024;
 pub struct Queue {
     pool: PgPool,
     default_max_retries: u32,
+    /// The writers that group concurrent single enqueues into one commit.
+    coalescer: coalesce::Coalescer,
 }
 
 impl Queue {
@@ -193,7 +196,13 @@ impl Queue {
         Queue {
             pool,
             default_max_retries,
+            coalescer: Default::default(),
         }
+    }
+
+    /// This queue without its writers (theirs: holding it would keep them alive forever).
+    fn direct(&self) -> Queue {
+        Queue::new(self.pool.clone(), self.default_max_retries)
     }
 
     pub fn pool(&self) -> &PgPool {
