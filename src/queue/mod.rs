@@ -64,7 +64,10 @@ mod listener;
 pub mod logs;
 mod task;
 
-pub use admin::{Waiting, depth, waiting};
+pub use admin::{
+    RARE_KIND, SEED_BATCH, STATS_PUBLISH_DELAY, SYNTHETIC_KINDS, SeededHistory, SyntheticHistory,
+    TableReads, Waiting, depth, seed_history, table_reads, waiting,
+};
 pub use attempt::{Completion, Outcome};
 pub use listener::{Listener, Wakeup};
 use task::TASK_COLUMNS;
