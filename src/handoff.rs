@@ -373,6 +373,29 @@ impl HandoffManager {
     }
 }
 
+/// Gives each of `agent_ids` a handoff history of `per_agent` runs (at most [`HISTORY`], the
+/// newest five minutes ago, one every five minutes before), for `harness bench --console`:
+/// states and summaries like a small agent's, metadata like a run's. Returns the rows written.
+pub async fn seed_for_bench(
+    pool: &PgPool,
+    agent_ids: &[i64],
+    per_agent: i64,
+) -> Result<u64, sqlx::Error> {
+    Ok(sqlx::query(
+        "INSERT INTO handoffs (agent_id, run_number, state, summary, metadata, created_at) \
+         SELECT a.id, r, jsonb_build_object('count', r, 'cursor', 'page-' || r), \
+                'run ' || r || ' processed 50 items', \
+                jsonb_build_object('status', 'success', 'duration', 0.4), \
+                now() - make_interval(mins => (5 * ($2 - r + 1))::int) \
+         FROM unnest($1::bigint[]) AS a(id) CROSS JOIN generate_series(1, $2) AS r",
+    )
+    .bind(agent_ids)
+    .bind(per_agent.clamp(0, HISTORY))
+    .execute(pool)
+    .await?
+    .rows_affected())
+}
+
 /// The artifact as the agent process receives it (`self.handoff`), or null.
 pub fn for_agent(a: Option<&HandoffArtifact>) -> Value {
     match a {

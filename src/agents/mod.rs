@@ -510,6 +510,57 @@ pub async fn names_of(
     Ok(rows.into_iter().collect())
 }
 
+/// The code of the agents [`seed_for_bench`] registers: small, like most agents' code.
+const BENCH_AGENT_CODE: &str = r#"class Agent:
+    def __init__(self, config):
+        self.source = config.get("source", "https://api.example.com/items")
+        self.batch = config.get("batch", 50)
+
+    def execute(self):
+        previous = (self.handoff or {}).get("state") or {}
+        count = previous.get("count", 0) + 1
+        return {"state": {"count": count}, "summary": f"run {count} of {self.source}"}
+"#;
+
+/// Registers `n` Python agents named `agent-001`, `agent-002`… with `settings` (validated),
+/// half of them with an own config, straight into the table, for `harness bench --console`:
+/// rows as [`Agents::create`] stores them, without its check of the code by the interpreter
+/// (one interpreter start per agent, and a benchmark of the console needs no Python). They
+/// were created eight days ago and fired last now. Returns `(id, name)` by name.
+pub async fn seed_for_bench(
+    pool: &PgPool,
+    n: usize,
+    settings: &AgentSettings,
+) -> Result<Vec<(i64, String)>, Error> {
+    settings.validate()?;
+    let names: Vec<String> = (1..=n).map(|i| format!("agent-{i:03}")).collect();
+    let configs: Vec<Value> = (1..=n)
+        .map(|i| {
+            if i % 2 == 0 {
+                json!({"source": format!("https://api.example.com/feeds/{i}"), "batch": 50})
+            } else {
+                json!({})
+            }
+        })
+        .collect();
+    Ok(sqlx::query_as(&format!(
+        "WITH a AS (INSERT INTO agents (name, runtime, code, config, agent_config, \
+             last_fire_at, created_at, updated_at) \
+             SELECT u.name, $3, $4, $5, u.config, now(), now() - interval '8 days', \
+                    now() - interval '8 days' \
+             FROM unnest($1::text[], $2::jsonb[]) AS u(name, config) RETURNING id, name) \
+         SELECT a.id, a.name FROM a, {NOTIFY} ORDER BY a.name",
+        NOTIFY = notify_agents!()
+    ))
+    .bind(&names)
+    .bind(&configs)
+    .bind(RuntimeKind::Python.as_str())
+    .bind(BENCH_AGENT_CODE)
+    .bind(serde_json::to_value(settings).expect("settings serialise"))
+    .fetch_all(pool)
+    .await?)
+}
+
 /// The registry: agents in the database.
 #[derive(Clone)]
 pub struct Agents {

@@ -6,6 +6,11 @@
 //!    the rate is tasks / (last completion − first claim), both read from the database.
 //! 3. Pick-up latency: one idle replica; tasks enqueued one at a time, each waited for;
 //!    latency is `started_at − created_at` of each task, as the database clock saw them.
+//!
+//! `--agent` times agent runs through the sandbox, `--governor` the governor's step, and
+//! `--console` the web console's pages over a big history (see [`console`]).
+
+mod console;
 
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -23,9 +28,10 @@ use harness::queue::{NewTask, Queue};
 pub struct BenchArgs {
     #[command(flatten)]
     pub file: super::FileArg,
-    /// No-op tasks to enqueue and process
-    #[arg(long, default_value_t = 20_000)]
-    tasks: usize,
+    /// No-op tasks to enqueue and process [default: 20000]; with --console, the tasks of the
+    /// history the pages show [default: 1000000]
+    #[arg(long)]
+    tasks: Option<usize>,
     /// Tasks each replica runs at once (its bulk.max_concurrent)
     #[arg(long, default_value_t = 512)]
     concurrency: u32,
@@ -41,18 +47,38 @@ pub struct BenchArgs {
     /// Sequential single enqueues for the pick-up latency
     #[arg(long, default_value_t = 200)]
     latency_samples: usize,
-    /// Repeat the whole measurement and report the medians; with --agent, the number of
-    /// agent runs timed
-    #[arg(long, default_value_t = 1)]
-    runs: usize,
+    /// Repeat the whole measurement and report the medians [default: 1]; with --agent, the
+    /// number of agent runs timed; with --governor, samples (at least 20); with --console,
+    /// requests per page [default: 50]
+    #[arg(long)]
+    runs: Option<usize>,
     /// Time runs of this Python agent through the sandbox, next to the same interpreter
     /// running a trivial script (no database needed)
-    #[arg(long, value_name = "FILE", conflicts_with = "governor")]
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["governor", "console"])]
     agent: Option<std::path::PathBuf>,
     /// Measure the governor's CPU cost per sample (--runs samples) and its share of one core
     /// at telemetry.sample_interval_s (no database needed)
-    #[arg(long)]
+    #[arg(long, conflicts_with = "console")]
     governor: bool,
+    /// Time the web console's pages on a fresh database seeded with a big history (--tasks
+    /// tasks over seven days, --agents agents), served by one `harness serve`: p50, p95 and
+    /// max per page, and how often each page's requests read the tasks table by sequential
+    /// scan. Takes a few minutes for a million tasks
+    #[arg(long)]
+    console: bool,
+    /// With --console: the agents of the history
+    #[arg(long, default_value_t = 200, requires = "console")]
+    agents: usize,
+    /// With --console: keep the database afterwards (stderr says how to reach it) to look at
+    /// query plans with EXPLAIN ANALYZE; drop it with `DROP DATABASE <name>` when done
+    #[arg(long, requires = "console")]
+    keep: bool,
+    /// With --console: how long to wait after a page's requests before reading the table
+    /// statistics, so that the replica's sessions have published theirs (an idle PostgreSQL
+    /// session does within 10 s); below that, a page's reads may be counted with the next
+    /// page's, and the replica's background reads are not measured
+    #[arg(long, value_name = "DURATION", default_value = "10.5s", value_parser = super::parse_duration, requires = "console")]
+    stats_wait: Duration,
     /// Print one JSON object
     #[arg(long)]
     json: bool,
@@ -66,17 +92,49 @@ struct Measurement {
     latency_p99_ms: f64,
 }
 
+/// Tasks of the queue benchmark unless --tasks says otherwise.
+const QUEUE_TASKS: usize = 20_000;
+
+impl BenchArgs {
+    fn tasks(&self) -> usize {
+        self.tasks.unwrap_or(if self.console {
+            console::DEFAULT_TASKS
+        } else {
+            QUEUE_TASKS
+        })
+    }
+
+    fn runs(&self) -> usize {
+        self.runs.unwrap_or(if self.console {
+            console::DEFAULT_RUNS
+        } else {
+            1
+        })
+    }
+}
+
 pub async fn run(cfg: Config, args: BenchArgs) -> anyhow::Result<()> {
     if let Some(agent) = &args.agent {
-        return agent_bench(&cfg, agent, args.runs.max(1), args.json).await;
+        return agent_bench(&cfg, agent, args.runs().max(1), args.json).await;
     }
     if args.governor {
-        return governor_bench(&cfg, args.runs.max(20), args.json);
+        return governor_bench(&cfg, args.runs().max(20), args.json);
     }
-    if args.tasks == 0
+    if args.console {
+        let options = console::Options {
+            tasks: args.tasks(),
+            agents: args.agents,
+            runs: args.runs(),
+            keep: args.keep,
+            stats_wait: args.stats_wait,
+            json: args.json,
+        };
+        return console::run(&cfg, &options).await;
+    }
+    if args.tasks() == 0
         || args.concurrency == 0
         || args.replicas == 0
-        || args.runs == 0
+        || args.runs() == 0
         || args.producers == 0
         || args.batch == 0
     {
@@ -87,7 +145,7 @@ pub async fn run(cfg: Config, args: BenchArgs) -> anyhow::Result<()> {
     let database = Database::open_existing(&cfg).await?;
     let admin_url = db::with_database(database.url(), "postgres");
     let mut runs = Vec::new();
-    for i in 0..args.runs {
+    for i in 0..args.runs() {
         let name = format!("harness_bench_{}_{i}", std::process::id());
         db::create_database_at(&admin_url, &name).await?;
         let url = db::with_database(database.url(), &name);
@@ -130,12 +188,12 @@ fn median(runs: &[Measurement]) -> Measurement {
 fn report(args: &BenchArgs, summary: &Measurement) -> anyhow::Result<()> {
     if args.json {
         let mut v = serde_json::to_value(summary)?;
-        v["tasks"] = json!(args.tasks);
+        v["tasks"] = json!(args.tasks());
         v["concurrency"] = json!(args.concurrency);
         v["replicas"] = json!(args.replicas);
         v["producers"] = json!(args.producers);
         v["batch"] = json!(args.batch);
-        v["runs"] = json!(args.runs);
+        v["runs"] = json!(args.runs());
         v["cpus"] = json!(std::thread::available_parallelism().map_or(0, |n| n.get()));
         println!("{v}");
         return Ok(());
@@ -143,7 +201,12 @@ fn report(args: &BenchArgs, summary: &Measurement) -> anyhow::Result<()> {
     println!(
         "{} no-op tasks ({} producers, batches of {}), {} replica(s) × concurrency {}, \
          median of {} run(s):",
-        args.tasks, args.producers, args.batch, args.replicas, args.concurrency, args.runs
+        args.tasks(),
+        args.producers,
+        args.batch,
+        args.replicas,
+        args.concurrency,
+        args.runs()
     );
     println!(
         "  bulk enqueue      {:>10.0} tasks/s",
@@ -230,7 +293,7 @@ async fn measure(cfg: &Config, args: &BenchArgs, url: &str) -> anyhow::Result<Me
     let queue = Queue::new(pool.clone(), 0);
     let enqueue_per_s = bulk_enqueue(&pool, &queue, args).await?;
     let mut replicas = Replicas::spawn(cfg, url, args.replicas, args.concurrency)?;
-    let process_per_s = processing(&queue, args.tasks).await?;
+    let process_per_s = processing(&queue, args.tasks()).await?;
     replicas.stop_all_but_first();
     let mut latencies = pickup_latencies(&queue, args.latency_samples).await?;
     drop(replicas);
@@ -246,9 +309,10 @@ async fn measure(cfg: &Config, args: &BenchArgs, url: &str) -> anyhow::Result<Me
 
 /// Enqueues `args.tasks` no-op tasks in batches shared out to the producers; tasks per second.
 async fn bulk_enqueue(pool: &sqlx::PgPool, queue: &Queue, args: &BenchArgs) -> anyhow::Result<f64> {
-    let batches: Vec<usize> = (0..args.tasks)
+    let tasks = args.tasks();
+    let batches: Vec<usize> = (0..tasks)
         .step_by(args.batch)
-        .map(|start| args.batch.min(args.tasks - start))
+        .map(|start| args.batch.min(tasks - start))
         .collect();
     let next = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let batches = std::sync::Arc::new(batches);
@@ -276,7 +340,7 @@ async fn bulk_enqueue(pool: &sqlx::PgPool, queue: &Queue, args: &BenchArgs) -> a
     while let Some(r) = producers.join_next().await {
         r??;
     }
-    Ok(args.tasks as f64 / started.elapsed().as_secs_f64())
+    Ok(tasks as f64 / started.elapsed().as_secs_f64())
 }
 
 /// Waits until every task is finished; tasks per second from the first start to the last

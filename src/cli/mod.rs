@@ -103,7 +103,8 @@ second signal exits at once. The REST API listens on api.bind unless --no-api.")
         #[command(flatten)]
         file: FileArg,
     },
-    /// Measure enqueue rate, processing rate and pick-up latency of no-op tasks
+    /// Measure enqueue rate, processing rate and pick-up latency of no-op tasks (or, with
+    /// --console, the web console's render times over a big history)
     Bench(bench::BenchArgs),
     /// Register, change, run and inspect agents
     Agents(agents::AgentsArgs),

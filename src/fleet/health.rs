@@ -207,6 +207,128 @@ pub async fn record_metrics(
     .map(|_| ())
 }
 
+/// A governor's day in the life, repeated by [`seed_for_bench`]: (event, from, to, reason).
+fn bench_events() -> [(
+    EventKind,
+    Option<GovernorState>,
+    Option<GovernorState>,
+    &'static str,
+); 10] {
+    use GovernorState::{Holding, Normal, Paused, Throttled};
+    [
+        (
+            EventKind::StateChanged,
+            Some(Normal),
+            Some(Throttled),
+            "cpu 91% over 30 s",
+        ),
+        (EventKind::CapacityChanged, None, None, "capacity 8 -> 4"),
+        (
+            EventKind::StateChanged,
+            Some(Throttled),
+            Some(Normal),
+            "cpu under 80% for 60 s",
+        ),
+        (EventKind::CapacityChanged, None, None, "capacity 4 -> 8"),
+        (
+            EventKind::Quarantined,
+            None,
+            None,
+            "agent agent-007 failed 5 times in 60 s",
+        ),
+        (
+            EventKind::QuarantineLifted,
+            None,
+            None,
+            "quarantine of agent agent-007 expired",
+        ),
+        (
+            EventKind::StateChanged,
+            Some(Normal),
+            Some(Paused),
+            "error burst: 20 failures in 60 s",
+        ),
+        (
+            EventKind::Escalated,
+            Some(Paused),
+            Some(Holding),
+            "3 pause bursts in a row",
+        ),
+        (
+            EventKind::EscalationDelivered,
+            None,
+            None,
+            "webhook answered 200",
+        ),
+        (
+            EventKind::StateChanged,
+            Some(Holding),
+            Some(Normal),
+            "resumed by a person",
+        ),
+    ]
+}
+
+/// Writes a health history for `harness bench --console`: a `metrics` row of each of
+/// `replicas` every `every` over the last `span`, and `events` governance events spread over
+/// the same span, taking turns among the replicas.
+pub async fn seed_for_bench(
+    pool: &PgPool,
+    replicas: &[String],
+    span: Duration,
+    every: Duration,
+    events: i64,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO metrics (replica_id, recorded_at, cpu_percent, memory_percent, \
+             memory_available_mb, capacity, running, completed, failed, state) \
+         SELECT r.id, t, 20 + (extract(epoch FROM t)::bigint % 60), \
+                35 + (extract(epoch FROM t)::bigint % 20), 12000, 8, \
+                (extract(epoch FROM t)::bigint % 9)::int, extract(epoch FROM t)::bigint % 40, \
+                extract(epoch FROM t)::bigint % 3, $4 \
+         FROM unnest($1::text[]) AS r(id) \
+         CROSS JOIN generate_series(now() - make_interval(secs => $2), now(), \
+                                    make_interval(secs => $3)) AS t",
+    )
+    .bind(replicas)
+    .bind(span.as_secs_f64())
+    .bind(every.as_secs_f64().max(1.0))
+    .bind(GovernorState::Normal.as_str())
+    .execute(pool)
+    .await?;
+    let cycle = bench_events();
+    let kind: Vec<&str> = cycle.iter().map(|e| e.0.as_str()).collect();
+    let from: Vec<Option<&str>> = cycle
+        .iter()
+        .map(|e| e.1.map(GovernorState::as_str))
+        .collect();
+    let to: Vec<Option<&str>> = cycle
+        .iter()
+        .map(|e| e.2.map(GovernorState::as_str))
+        .collect();
+    let reason: Vec<&str> = cycle.iter().map(|e| e.3).collect();
+    sqlx::query(
+        "INSERT INTO governance_events (replica_id, at, event, from_state, to_state, reason) \
+         SELECT ($1::text[])[1 + k % cardinality($1::text[])], \
+                now() - make_interval(secs => $3 * (k + 0.5) / $2), \
+                e.event, e.from_state, e.to_state, e.reason \
+         FROM generate_series(0, $2 - 1) AS k \
+         JOIN unnest($4::text[], $5::text[], $6::text[], $7::text[]) WITH ORDINALITY \
+              AS e(event, from_state, to_state, reason, n) \
+           ON e.n = 1 + (($2 - 1 - k) % cardinality($4::text[]))",
+    )
+    .bind(replicas)
+    .bind(events)
+    .bind(span.as_secs_f64())
+    .bind(&kind)
+    .bind(&from)
+    .bind(&to)
+    .bind(&reason)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
 /// Deletes metrics and events past `retention`, by one replica at a time (others skip).
 pub async fn prune(pool: &PgPool, retention: Duration) -> Result<(), sqlx::Error> {
     let mut tx = pool.begin().await?;

@@ -1,5 +1,6 @@
 //! Reading and administering tasks: one, a listing, counts, delete, retry, depth, and the
-//! measurements `harness bench` and agent overlap rules need.
+//! measurements `harness bench` and agent overlap rules need, with the synthetic history
+//! `harness bench --console` renders pages over and the table-read counters it reports.
 
 use chrono::{DateTime, Utc};
 use sqlx::PgPool;
@@ -10,8 +11,15 @@ use super::{Error, Queue, Stats, Status, TASK_COLUMNS, Task, TaskFilter, TaskId}
 /// Tasks per status, completed ones left out (they are most of the table, and the partial
 /// indexes cover the rest).
 pub async fn depth(pool: &PgPool) -> Result<Vec<(Status, i64)>, Error> {
+    // Two halves, each with its partial index's predicate spelled so the planner can prove it:
+    // waiting work in tasks_claim_idx, the rest in tasks_status_idx. One `status <> 'completed'`
+    // matches neither index and scans the whole table.
     Ok(sqlx::query_as(
-        "SELECT status, count(*) FROM tasks WHERE status <> 'completed' GROUP BY status",
+        "SELECT status, count(*) FROM tasks WHERE status IN ('pending', 'retry_scheduled') \
+         GROUP BY status \
+         UNION ALL \
+         SELECT status, count(*) FROM tasks \
+         WHERE status IN ('running', 'failed', 'timeout', 'cancelled') GROUP BY status",
     )
     .fetch_all(pool)
     .await?)
@@ -421,4 +429,284 @@ impl Queue {
         .await?;
         Ok(row.and_then(|r| r.0))
     }
+}
+
+/// The plain job kinds of a synthetic history (the tasks that are not agent runs).
+pub const SYNTHETIC_KINDS: [&str; 10] = [
+    "email",
+    "resize",
+    "report",
+    "sync",
+    "webhook",
+    "export",
+    "import",
+    "thumbnail",
+    "cleanup",
+    "notify",
+];
+
+/// A kind of which a synthetic history holds about twenty tasks, all among its oldest: what
+/// a selective filter has to find.
+pub const RARE_KIND: &str = "reindex";
+
+/// Rows per statement when seeding a synthetic history: ten statements for a million.
+pub const SEED_BATCH: u64 = 100_000;
+
+/// A synthetic task history, for `harness bench --console`: what a busy fleet's table holds
+/// after `span`. Tasks are created at a steady pace, oldest first (ids grow with
+/// `created_at`); per task, independently and reproducibly (hashes of the id, no
+/// randomness): 93 % completed, 4 % failed (a multi-line error, 1 to 3 attempts in
+/// `attempts`, retries exhausted), 1 % timeout, 1 % cancelled, 0.5 % retry_scheduled and
+/// 0.5 % pending (both due a year from now, so no replica runs them), none running; 60 %
+/// runs of `agent_ids` (kind `agent_kind`, payload `{"agent_id", "input"}`, a `fire_at` like
+/// a cron tick's, an `ExecutionResult` as result), the rest spread over
+/// [`SYNTHETIC_KINDS`], and about twenty old ones of [`RARE_KIND`]; 10 % carry the
+/// idempotency key `key-<id>`; 2 % of the completed needed a second attempt.
+#[derive(Debug, Clone)]
+pub struct SyntheticHistory {
+    pub tasks: u64,
+    /// The kind of an agent run (the queue does not know the agents module).
+    pub agent_kind: String,
+    /// The agents whose runs make up 60 % of the tasks (none: only plain kinds).
+    pub agent_ids: Vec<i64>,
+    /// How far back the oldest task was created; the newest is created at `until`.
+    pub span: std::time::Duration,
+    pub until: DateTime<Utc>,
+}
+
+/// Ids in a seeded history that pages can be pointed at.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SeededHistory {
+    pub first_id: TaskId,
+    pub last_id: TaskId,
+    /// The newest failed task (with output in `task_logs`).
+    pub failed_id: Option<TaskId>,
+    /// A task near the middle of the history with an idempotency key (`key-<id>`).
+    pub keyed_id: Option<TaskId>,
+}
+
+// One batch of a synthetic history: the ids $1..=$2 of a history starting at id $3 with $9
+// tasks. Three hashes of the id pick the status (`roll`), the kind (`pick`) and the rest
+// (`spin`) independently; `hashint8extended` is what hash partitioning uses, so it is stable
+// across PostgreSQL versions and the history is the same on every run. Written with the
+// columns a real lifecycle leaves (see attempt.rs's COMPLETE for `attempts`).
+const SEED_TASKS: &str = r#"
+WITH g AS (
+    SELECT id, id - $3 AS i,
+           abs(hashint8extended(id, 1) % 1000) AS roll,
+           abs(hashint8extended(id, 2) % 1000) AS pick,
+           abs(hashint8extended(id, 3) % 1000000) AS spin,
+           abs(hashint8extended(id, 4) % 10) AS keyed
+    FROM generate_series($1::bigint, $2::bigint) AS id),
+r AS (
+    SELECT id, spin, keyed,
+        CASE WHEN roll < 930 THEN 'completed' WHEN roll < 970 THEN 'failed'
+             WHEN roll < 980 THEN 'timeout' WHEN roll < 990 THEN 'cancelled'
+             WHEN roll < 995 THEN 'retry_scheduled' ELSE 'pending' END AS status,
+        CASE WHEN i % $7 = 0 AND i < 20 * $7 THEN $8
+             WHEN pick < 600 AND cardinality($5::bigint[]) > 0 THEN $10
+             ELSE ($6::text[])[1 + pick % cardinality($6::text[])] END AS kind,
+        CASE WHEN i % $7 = 0 AND i < 20 * $7 THEN NULL
+             WHEN pick < 600 AND cardinality($5::bigint[]) > 0
+             THEN ($5::bigint[])[1 + spin % cardinality($5::bigint[])] END AS agent_id,
+        $11::timestamptz - make_interval(secs => $4) + make_interval(secs => $4 * i / $9)
+            AS created_at,
+        0.05 + (spin % 200) / 100.0 AS wait_s,
+        0.1 + (spin / 200 % 3000) / 100.0 AS run_s,
+        1 + (spin / 7 % 3)::int AS tries
+    FROM g),
+a AS (
+    SELECT r.*,
+        CASE status WHEN 'pending' THEN 0 WHEN 'failed' THEN tries
+             WHEN 'completed' THEN CASE WHEN spin % 50 = 0 THEN 2 ELSE 1 END ELSE 1 END
+            AS attempt,
+        CASE WHEN status = 'timeout'
+             THEN 'timed out after 300.000s; the process group was terminated'
+             WHEN status = 'cancelled' THEN 'cancelled'
+             ELSE E'Traceback (most recent call last):\n'
+                 || E'  File "job.py", line 41, in run\n    page = client.fetch(cursor)\n'
+                 || E'  File "client.py", line 88, in fetch\n'
+                 || E'    raise UpstreamError(resp.status, url)\n'
+                 || 'UpstreamError: 503 Service Unavailable from '
+                 || 'https://api.example.com/items?task=' || id END AS failure
+    FROM r),
+t AS (
+    SELECT a.*,
+        -- Attempts that did not succeed, each with its entry in `attempts`.
+        CASE status WHEN 'pending' THEN 0 WHEN 'completed' THEN attempt - 1 ELSE attempt END
+            AS failures,
+        created_at + make_interval(secs => wait_s) AS first_start,
+        created_at + make_interval(secs => wait_s + 60 * (attempt - 1)) AS started
+    FROM a)
+INSERT INTO tasks (id, kind, agent_id, status, payload, result, error, attempt, retry_count,
+                   max_retries, timeout_ms, idempotency_key, fire_at, scheduled_at, started_at,
+                   completed_at, created_at, attempts)
+SELECT id, kind, agent_id, status,
+    CASE WHEN agent_id IS NOT NULL THEN jsonb_build_object('agent_id', agent_id, 'input', NULL)
+         ELSE jsonb_build_object('item', id, 'source', kind || '-feed') END,
+    CASE WHEN status <> 'completed' THEN NULL
+         WHEN agent_id IS NOT NULL THEN jsonb_build_object(
+             'status', 'success',
+             'result', jsonb_build_object('state', jsonb_build_object('count', spin % 5000),
+                                          'summary', 'processed ' || spin % 100 || ' items'),
+             'error', NULL, 'stdout', '', 'stderr', '', 'exit_code', 0,
+             'duration', run_s::float8)
+         ELSE jsonb_build_object('ok', true, 'items', spin % 100) END,
+    CASE WHEN status NOT IN ('completed', 'pending') THEN failure END,
+    attempt,
+    CASE status WHEN 'pending' THEN 0 WHEN 'retry_scheduled' THEN 1 ELSE attempt - 1 END,
+    -- What ends failed or timed out has used up its retries.
+    CASE WHEN status IN ('failed', 'timeout') THEN attempt - 1 ELSE 3 END,
+    CASE WHEN agent_id IS NOT NULL THEN 310000 END,
+    CASE WHEN keyed = 0 THEN 'key-' || id END,
+    CASE WHEN agent_id IS NOT NULL THEN created_at END,
+    CASE WHEN status IN ('pending', 'retry_scheduled') THEN $11::timestamptz + interval '1 year'
+         ELSE created_at END,
+    CASE WHEN status <> 'pending' THEN started END,
+    CASE WHEN status NOT IN ('pending', 'retry_scheduled')
+         THEN started + make_interval(secs => run_s) END,
+    created_at,
+    CASE WHEN failures = 0 THEN '[]'::jsonb ELSE (
+        SELECT jsonb_agg(jsonb_build_object(
+            'attempt', n,
+            'status', CASE WHEN status IN ('timeout', 'cancelled') THEN status ELSE 'failed' END,
+            'error', failure,
+            'replica', 'bench-replica-' || (1 + (id + n) % 3),
+            'started_at', first_start + make_interval(secs => 60 * (n - 1)),
+            'ended_at', first_start + make_interval(secs => 60 * (n - 1) + run_s)) ORDER BY n)
+        FROM generate_series(1, failures) AS n) END
+FROM t"#;
+
+/// Appends a [`SyntheticHistory`] to `tasks` (ids after the largest there), in statements
+/// of [`SEED_BATCH`] rows, calling `progress(done, total)` after each; gives the latest
+/// attempts of a few tasks an output (the newest failed one among them); then vacuums and
+/// analyzes the table, as autovacuum would have long since on a table this old.
+/// For `harness bench --console`: never on a database in use.
+pub async fn seed_history(
+    pool: &PgPool,
+    h: &SyntheticHistory,
+    mut progress: impl FnMut(u64, u64),
+) -> Result<SeededHistory, Error> {
+    let last: Option<TaskId> = sqlx::query_scalar("SELECT max(id) FROM tasks")
+        .fetch_one(pool)
+        .await?;
+    let first_id = last.unwrap_or(0) + 1;
+    let last_id = first_id + h.tasks as i64 - 1;
+    // About twenty tasks of the rare kind, one every `stride`, in the oldest 2 %.
+    let stride = (h.tasks / 1000).max(1) as i64;
+    let kinds: Vec<&str> = SYNTHETIC_KINDS.to_vec();
+    let mut lo = first_id;
+    while lo <= last_id {
+        let hi = (lo + SEED_BATCH as i64 - 1).min(last_id);
+        let mut tx = pool.begin().await?;
+        // JIT-compiling this statement took 4.7 s, longer than running it on 2,000 rows, and
+        // doubled the time of a 100,000-row batch (measured): not for this one.
+        sqlx::query("SELECT set_config('jit', 'off', true)")
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query(SEED_TASKS)
+            .bind(lo)
+            .bind(hi)
+            .bind(first_id)
+            .bind(h.span.as_secs_f64())
+            .bind(&h.agent_ids)
+            .bind(&kinds)
+            .bind(stride)
+            .bind(RARE_KIND)
+            .bind(h.tasks as f64)
+            .bind(&h.agent_kind)
+            .bind(h.until)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        progress((hi - first_id + 1) as u64, h.tasks);
+        lo = hi + 1;
+    }
+    if h.tasks > 0 {
+        // The rows came with their ids: the sequence continues after them.
+        sqlx::query("SELECT setval(pg_get_serial_sequence('tasks', 'id'), $1)")
+            .bind(last_id)
+            .execute(pool)
+            .await?;
+    }
+    // The primary key walked backwards from the end: the newest failed task.
+    let failed_id: Option<TaskId> = sqlx::query_scalar(
+        "SELECT id FROM tasks WHERE status = 'failed' AND id BETWEEN $1 AND $2 \
+         ORDER BY id DESC LIMIT 1",
+    )
+    .bind(first_id)
+    .bind(last_id)
+    .fetch_optional(pool)
+    .await?;
+    let keyed_id: Option<TaskId> = sqlx::query_scalar(
+        "SELECT id FROM tasks WHERE idempotency_key IS NOT NULL AND id BETWEEN $1 AND $2 \
+         ORDER BY id LIMIT 1",
+    )
+    .bind(first_id + h.tasks as i64 / 2)
+    .bind(last_id)
+    .fetch_optional(pool)
+    .await?;
+    let mut with_output: Vec<TaskId> = ((last_id - 20).max(first_id)..=last_id).collect();
+    with_output.extend(failed_id);
+    super::logs::seed_output(pool, &with_output).await?;
+    // VACUUM cannot run in a transaction: each statement on its own.
+    for sql in ["VACUUM (ANALYZE) tasks", "VACUUM (ANALYZE) task_logs"] {
+        sqlx::query(sql).execute(pool).await?;
+    }
+    Ok(SeededHistory {
+        first_id,
+        last_id,
+        failed_id,
+        keyed_id,
+    })
+}
+
+/// How the `tasks` table has been read since the server's statistics were last reset
+/// (pg_stat_user_tables): sequential scans and the rows they read, index scans and the rows
+/// they fetched. A session publishes its counts when a transaction ends at least a second
+/// after its previous report, and otherwise within [`STATS_PUBLISH_DELAY`] once idle.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct TableReads {
+    pub seq_scans: i64,
+    pub seq_rows: i64,
+    pub idx_scans: i64,
+    pub idx_rows: i64,
+}
+
+/// The longest a PostgreSQL session (15 and later) keeps its table statistics to itself
+/// while idle (`PGSTAT_IDLE_INTERVAL`).
+pub const STATS_PUBLISH_DELAY: std::time::Duration = std::time::Duration::from_secs(10);
+
+impl TableReads {
+    /// What happened between `earlier` and `self`.
+    pub fn since(self, earlier: TableReads) -> TableReads {
+        TableReads {
+            seq_scans: self.seq_scans - earlier.seq_scans,
+            seq_rows: self.seq_rows - earlier.seq_rows,
+            idx_scans: self.idx_scans - earlier.idx_scans,
+            idx_rows: self.idx_rows - earlier.idx_rows,
+        }
+    }
+
+    /// Rows read either way.
+    pub fn rows(self) -> i64 {
+        self.seq_rows + self.idx_rows
+    }
+}
+
+/// See [`TableReads`]. Each call is a transaction of its own, so it never sees a cached
+/// statistics snapshot.
+pub async fn table_reads(pool: &PgPool) -> Result<TableReads, Error> {
+    let (seq_scans, seq_rows, idx_scans, idx_rows): (i64, i64, i64, i64) = sqlx::query_as(
+        "SELECT seq_scan, seq_tup_read, COALESCE(idx_scan, 0), COALESCE(idx_tup_fetch, 0) \
+         FROM pg_stat_user_tables WHERE relid = 'tasks'::regclass",
+    )
+    .fetch_one(pool)
+    .await?;
+    Ok(TableReads {
+        seq_scans,
+        seq_rows,
+        idx_scans,
+        idx_rows,
+    })
 }

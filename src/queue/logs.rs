@@ -126,6 +126,30 @@ impl Queue {
     }
 }
 
+/// Gives the latest attempt of each of `ids` an output as a run leaves it: two stdout chunks,
+/// a progress report between them and, last, its error (or a warning) on stderr. Tasks never
+/// started get none. For `harness bench --console`'s synthetic history (see
+/// [`super::seed_history`]); returns how many chunks were written.
+pub(super) async fn seed_output(pool: &PgPool, ids: &[TaskId]) -> Result<u64, Error> {
+    Ok(sqlx::query(
+        r#"INSERT INTO task_logs (task_id, attempt, seq, stream, at, data)
+           SELECT t.id, t.attempt, c.seq, c.stream,
+                  t.started_at + make_interval(secs => c.seq / 10.0), convert_to(c.text, 'UTF8')
+           FROM tasks t CROSS JOIN LATERAL (VALUES
+               (1, 'stdout', 'starting task ' || t.id || E'\nfetched 50 items\n'),
+               (2, 'progress', '{"fraction":0.5,"message":"halfway"}'),
+               (3, 'stdout', E'processed 50 items\n'),
+               (4, 'stderr', COALESCE(t.error, 'warning: slow upstream') || E'\n'))
+               AS c(seq, stream, text)
+           WHERE t.id = ANY($1) AND t.attempt > 0
+           ON CONFLICT DO NOTHING"#,
+    )
+    .bind(ids)
+    .execute(pool)
+    .await?
+    .rows_affected())
+}
+
 /// How often a follower looks for new output and for the task's end.
 pub const FOLLOW_POLL: Duration = Duration::from_millis(250);
 

@@ -65,7 +65,11 @@ mod listener;
 pub mod logs;
 mod task;
 
-pub use admin::{RunStats, Waiting, capped_counts, depth, estimated_total, waiting};
+pub use admin::{
+    RARE_KIND, RunStats, SEED_BATCH, STATS_PUBLISH_DELAY, SYNTHETIC_KINDS, SeededHistory,
+    SyntheticHistory, TableReads, Waiting, capped_counts, depth, estimated_total, seed_history,
+    table_reads, waiting,
+};
 pub use attempt::{Completion, Outcome};
 pub use listener::{Listener, Wakeup};
 use task::TASK_COLUMNS;

@@ -159,6 +159,21 @@ async fn try_lead(
     }
 }
 
+/// Takes the leader lock of `namespace` on `conn`, held for as long as that session lives,
+/// so that no replica on the database leads (fires cron ticks) meanwhile: what `harness
+/// bench --console` does, so that no scheduled agent run starts in the middle of what it
+/// measures. Returns whether it got the lock.
+pub async fn hold_leadership(
+    conn: &mut PgConnection,
+    namespace: &str,
+) -> Result<bool, sqlx::Error> {
+    sqlx::query_scalar("SELECT pg_try_advisory_lock($1, hashtext($2))")
+        .bind(LOCK_CLASS)
+        .bind(namespace)
+        .fetch_one(conn)
+        .await
+}
+
 /// Runs the replica's scheduler until `stop`: campaigns, and leads when elected.
 pub async fn run(
     pool: PgPool,
