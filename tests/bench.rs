@@ -1,6 +1,7 @@
 //! `harness bench --console`: the history it seeds is one the real code reads back, the
 //! benchmark times every console page on a real replica and leaves no database behind, and
-//! while it holds the scheduler's leader lock no agent run starts.
+//! while it holds the scheduler's leader lock no agent run starts. `harness bench --api`
+//! answers every call its three ways and leaves no database behind either.
 
 mod common;
 
@@ -273,4 +274,49 @@ async fn no_scheduled_agent_run_starts_while_the_benchmark_holds_the_leader_lock
         async || (runs().await == 1).then_some(()),
     )
     .await;
+}
+
+/// `harness bench --api`: every call is answered (201 for the API), the three figures are
+/// reported, and the run's database is dropped.
+#[tokio::test]
+async fn bench_api_times_single_enqueues_three_ways_and_drops_its_database() {
+    let db = TestDb::new().await;
+    let mut cmd = tokio::process::Command::from(common::harness_command());
+    let child = cmd
+        .env("DATABASE_URL", &db.url)
+        .args([
+            "bench",
+            "--api",
+            "--tasks",
+            "300",
+            "--clients",
+            "8",
+            "--json",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id().unwrap();
+    let out = child.wait_with_output().await.unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)));
+    assert_eq!(report["tasks"], 300);
+    assert_eq!(report["clients"], 8);
+    for figure in [
+        "api_per_s",
+        "library_per_s",
+        "library_one_commit_each_per_s",
+    ] {
+        assert!(report[figure].as_f64().unwrap() > 0.0, "{figure}: {report}");
+    }
+    let left: bool =
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
+            .bind(format!("harness_bench_api_{pid}_0"))
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert!(!left, "the benchmark's database is dropped");
 }

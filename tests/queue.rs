@@ -678,3 +678,54 @@ async fn prune_deletes_old_finished_tasks_in_batches() {
     // The recent completed ones and the still-pending ones stay.
     assert_eq!(left, ids[15..24].to_vec());
 }
+
+/// The queue's depth per status (the governor's gauges, `harness stats`): every status but
+/// completed, counted right by its two index-served halves.
+#[tokio::test]
+async fn depth_counts_every_status_but_completed() {
+    let db = TestDb::new().await;
+    let q = queue(&db);
+    let tasks = q
+        .enqueue_many(vec![NewTask::new("demo", json!({})); 12])
+        .await
+        .unwrap();
+    // Two completed, failed, timed out, cancelled and retry_scheduled; one running; one left
+    // pending.
+    let plan = [
+        ("completed", 2),
+        ("failed", 2),
+        ("timeout", 2),
+        ("cancelled", 2),
+        ("retry_scheduled", 2),
+    ];
+    let mut next = 0;
+    for (status, n) in plan {
+        for t in &tasks[next..next + n] {
+            sqlx::query("UPDATE tasks SET status = $2 WHERE id = $1")
+                .bind(t.id)
+                .bind(status)
+                .execute(&db.pool)
+                .await
+                .unwrap();
+        }
+        next += n;
+    }
+    sqlx::query("UPDATE tasks SET status = 'running', locked_by = 'r1' WHERE id = $1")
+        .bind(tasks[next].id)
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let mut depth = harness::queue::depth(&db.pool).await.unwrap();
+    depth.sort_by_key(|(s, _)| s.as_str());
+    assert_eq!(
+        depth,
+        vec![
+            (Status::Cancelled, 2),
+            (Status::Failed, 2),
+            (Status::Pending, 1),
+            (Status::RetryScheduled, 2),
+            (Status::Running, 1),
+            (Status::Timeout, 2),
+        ]
+    );
+}

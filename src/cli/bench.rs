@@ -10,6 +10,7 @@
 //! `--agent` times agent runs through the sandbox, `--governor` the governor's step, and
 //! `--console` the web console's pages over a big history (see [`console`]).
 
+mod api;
 mod console;
 
 use std::process::{Child, Command, Stdio};
@@ -79,6 +80,15 @@ pub struct BenchArgs {
     /// page's, and the replica's background reads are not measured
     #[arg(long, value_name = "DURATION", default_value = "10.5s", value_parser = super::parse_duration, requires = "console")]
     stats_wait: Duration,
+    /// Single enqueues (one task per call) from --clients concurrent clients, on a fresh
+    /// database: `POST /api/tasks` to one `harness serve`, the library's `Queue::enqueue`
+    /// (concurrent calls share commits), and `Queue::enqueue_in` with one commit per call;
+    /// --tasks calls each (default 20,000), medians of --runs
+    #[arg(long, conflicts_with_all = ["agent", "governor", "console"])]
+    api: bool,
+    /// With --api: calls in flight at a time
+    #[arg(long, default_value_t = api::DEFAULT_CLIENTS, requires = "api")]
+    clients: usize,
     /// Print one JSON object
     #[arg(long)]
     json: bool,
@@ -130,6 +140,15 @@ pub async fn run(cfg: Config, args: BenchArgs) -> anyhow::Result<()> {
             json: args.json,
         };
         return console::run(&cfg, &options).await;
+    }
+    if args.api {
+        let options = api::Options {
+            tasks: args.tasks.unwrap_or(api::DEFAULT_TASKS),
+            clients: args.clients,
+            runs: args.runs(),
+            json: args.json,
+        };
+        return api::run(&cfg, &options).await;
     }
     if args.tasks() == 0
         || args.concurrency == 0

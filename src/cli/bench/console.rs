@@ -484,15 +484,15 @@ async fn seed(cfg: &Config, o: &Options, pool: &sqlx::PgPool) -> anyhow::Result<
 
 /// The `harness serve` that serves the pages, on a loopback port, without tokens; stopped
 /// (SIGTERM, then SIGKILL) when dropped.
-struct Replica {
+pub(super) struct Replica {
     child: Option<Child>,
-    base: String,
+    pub(super) base: String,
     /// Its stderr, shown when it fails.
     log: tempfile::NamedTempFile,
 }
 
 impl Replica {
-    fn spawn(cfg: &Config, url: &str) -> anyhow::Result<Replica> {
+    pub(super) fn spawn(cfg: &Config, url: &str) -> anyhow::Result<Replica> {
         let exe = std::env::current_exe().context("locating the harness binary")?;
         // A port free now; the replica binds it a moment later.
         let port = std::net::TcpListener::bind("127.0.0.1:0")
@@ -541,7 +541,7 @@ impl Replica {
     }
 
     /// Waits until the replica answers `/readyz` with 200.
-    async fn ready(&mut self, client: &reqwest::Client) -> anyhow::Result<()> {
+    pub(super) async fn ready(&mut self, client: &reqwest::Client) -> anyhow::Result<()> {
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
             if let Some(child) = self.child.as_mut()
