@@ -552,7 +552,8 @@ async fn create_task(
         task = task.idempotency_key(k);
     }
     let (kind, payload) = (task.kind.clone(), task.payload.clone());
-    let (e, t) = st.queue.enqueue_and_get(task).await?;
+    let e = st.queue.enqueue(task).await?;
+    let t = st.queue.get(e.id).await?;
     // A key names one request: the same key with another kind or payload is a mistake the
     // client must hear about, not a silent answer about some other task.
     if e.deduplicated && (t.kind != kind || t.payload != payload) {

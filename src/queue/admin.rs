@@ -125,16 +125,6 @@ impl Queue {
             .ok_or(Error::NotFound(id))
     }
 
-    /// The tasks of `ids` that exist, in no particular order (the primary key).
-    pub async fn get_many(&self, ids: &[TaskId]) -> Result<Vec<Task>, Error> {
-        Ok(sqlx::query_as(&format!(
-            "SELECT {TASK_COLUMNS} FROM tasks WHERE id = ANY($1)"
-        ))
-        .bind(ids)
-        .fetch_all(&self.pool)
-        .await?)
-    }
-
     /// A task's status alone (a follower's frequent look; the primary key).
     pub async fn status(&self, id: TaskId) -> Result<Status, Error> {
         sqlx::query_scalar("SELECT status FROM tasks WHERE id = $1")

@@ -19,9 +19,7 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::{mpsc, oneshot};
 
-use std::collections::HashMap;
-
-use super::{Enqueued, Error, NewTask, Queue, Task, TaskId};
+use super::{Enqueued, Error, NewTask, Queue};
 
 /// The most calls one batch writes.
 pub const MAX_BATCH: usize = 500;
@@ -32,14 +30,9 @@ const WRITERS: usize = 4;
 /// Calls waiting for a writer; a caller past this waits for room (back-pressure).
 const WAITING: usize = 8 * MAX_BATCH;
 
-/// What a call gets back: the answer, and the stored task when the call asked for it.
-type Answer = Result<(Enqueued, Option<Task>), Error>;
-
 struct Request {
     task: NewTask,
-    /// Whether the call wants the stored task too (read once per batch, not per call).
-    with_task: bool,
-    answer: oneshot::Sender<Answer>,
+    answer: oneshot::Sender<Result<Enqueued, Error>>,
 }
 
 /// The writers of one queue; made on first use, inside the runtime that uses it.
@@ -76,19 +69,14 @@ impl Coalescer {
         &self,
         queue: &Queue,
         mut task: NewTask,
-        with_task: bool,
-    ) -> Answer {
+    ) -> Result<Enqueued, Error> {
         task.validate()?;
         // The task's run becomes a child of the caller's span, not of a writer's.
         if task.traceparent.is_none() {
             task.traceparent = crate::telemetry::current_traceparent();
         }
         let (answer, answered) = oneshot::channel();
-        let request = Request {
-            task,
-            with_task,
-            answer,
-        };
+        let request = Request { task, answer };
         let request = match self.sender(queue).send(request).await {
             // No answer: the writer was stopped with its runtime, after or before its commit.
             // Not written again (that could write it twice): the caller hears of a failure.
@@ -100,8 +88,7 @@ impl Coalescer {
             Err(mpsc::error::SendError(r)) => r,
         };
         // The writers are gone (their runtime shut down): write it alone.
-        let queue = queue.direct();
-        alone(&queue, request.task, with_task).await
+        queue.direct().enqueue_alone(request.task).await
     }
 }
 
@@ -124,76 +111,24 @@ async fn write_batches(queue: Queue, rx: Arc<tokio::sync::Mutex<mpsc::Receiver<R
         }
         if batch.len() == 1 {
             let r = batch.pop().expect("one request");
-            let answer = alone(&queue, r.task, r.with_task).await;
+            let answer = queue.enqueue_alone(r.task).await;
             let _ = r.answer.send(answer);
             continue;
         }
         let tasks: Vec<NewTask> = batch.iter().map(|r| r.task.clone()).collect();
-        let written = match queue.enqueue_many(tasks).await {
-            Ok(answers) => answers,
+        match queue.enqueue_many(tasks).await {
+            Ok(answers) => {
+                for (r, a) in batch.into_iter().zip(answers) {
+                    let _ = r.answer.send(Ok(a));
+                }
+            }
             Err(e) => {
                 tracing::debug!(error = %e, calls = batch.len(), "a coalesced enqueue failed; writing its calls one by one");
                 for r in batch {
-                    let answer = alone(&queue, r.task, r.with_task).await;
+                    let answer = queue.enqueue_alone(r.task).await;
                     let _ = r.answer.send(answer);
                 }
-                continue;
             }
-        };
-        // The stored tasks the calls asked for, in one read.
-        let wanted: Vec<TaskId> = batch
-            .iter()
-            .zip(&written)
-            .filter(|(r, _)| r.with_task)
-            .map(|(_, e)| e.id)
-            .collect();
-        let stored: HashMap<TaskId, Task> = if wanted.is_empty() {
-            HashMap::new()
-        } else {
-            match queue.get_many(&wanted).await {
-                Ok(tasks) => tasks.into_iter().map(|t| (t.id, t)).collect(),
-                Err(e) => {
-                    // Written, but not read back: those calls hear of the failure (their
-                    // tasks exist; a retry with the same idempotency key finds them).
-                    let e = e.to_string();
-                    for (r, a) in batch.into_iter().zip(written) {
-                        let answer = if r.with_task {
-                            Err(Error::Db(sqlx::Error::Protocol(format!(
-                                "task {} was written but could not be read back: {e}",
-                                a.id
-                            ))))
-                        } else {
-                            Ok((a, None))
-                        };
-                        let _ = r.answer.send(answer);
-                    }
-                    continue;
-                }
-            }
-        };
-        for (r, a) in batch.into_iter().zip(written) {
-            // Calls of one idempotency key share a task: each gets its copy.
-            let task = if r.with_task {
-                stored.get(&a.id).cloned()
-            } else {
-                None
-            };
-            let answer = match (r.with_task, task) {
-                (true, None) => Err(Error::NotFound(a.id)),
-                (_, t) => Ok((a, t)),
-            };
-            let _ = r.answer.send(answer);
         }
     }
-}
-
-/// One call written on its own (and its task read back if asked).
-async fn alone(queue: &Queue, task: NewTask, with_task: bool) -> Answer {
-    let e = queue.enqueue_alone(task).await?;
-    let t = if with_task {
-        Some(queue.get(e.id).await?)
-    } else {
-        None
-    };
-    Ok((e, t))
 }

@@ -97,26 +97,7 @@ impl Queue {
     pub async fn enqueue(&self, task: NewTask) -> Result<Enqueued, Error> {
         use tracing::Instrument;
         let span = tracing::info_span!("queue.enqueue", task.kind = %task.kind);
-        let (e, _) = self
-            .coalescer
-            .enqueue(self, task, false)
-            .instrument(span)
-            .await?;
-        Ok(e)
-    }
-
-    /// [`Queue::enqueue`], and the stored task (the new one, or the one its key names), read
-    /// back with the other calls of its batch in one statement.
-    pub async fn enqueue_and_get(&self, task: NewTask) -> Result<(Enqueued, super::Task), Error> {
-        use tracing::Instrument;
-        let span = tracing::info_span!("queue.enqueue", task.kind = %task.kind);
-        let (e, t) = self
-            .coalescer
-            .enqueue(self, task, true)
-            .instrument(span)
-            .await?;
-        let id = e.id;
-        Ok((e, t.ok_or(Error::NotFound(id))?))
+        self.coalescer.enqueue(self, task).instrument(span).await
     }
 
     /// [`Queue::enqueue`] in a statement and a commit of its own.
