@@ -696,8 +696,9 @@ mod tests {
             rare_kind: "reindex",
         };
         let p = pages(&l);
-        assert_eq!(p.len(), 12);
+        assert_eq!(p.len(), 14);
         for want in [
+            "/tasks?status=pending",
             "/tasks?status=completed&before=500",
             "/tasks?kind=reindex",
             "/tasks?agent=agent-003",
@@ -707,5 +708,11 @@ mod tests {
         ] {
             assert!(p.iter().any(|x| x == want), "{want} in {p:?}");
         }
+        // A day's window of one kind, both bounds given.
+        assert!(
+            p.iter()
+                .any(|x| x.starts_with("/tasks?kind=email&since=") && x.contains("&until=")),
+            "{p:?}"
+        );
     }
 }
