@@ -1,7 +1,8 @@
 //! `harness bench --console`: the history it seeds is one the real code reads back, the
 //! benchmark times every console page on a real replica and leaves no database behind, and
 //! while it holds the scheduler's leader lock no agent run starts. `harness bench --api`
-//! answers every call its three ways and leaves no database behind either.
+//! answers every call its three ways, and `harness bench --ceiling` claims and completes
+//! every task; neither leaves a database behind.
 
 mod common;
 
@@ -315,6 +316,37 @@ async fn bench_api_times_single_enqueues_three_ways_and_drops_its_database() {
     let left: bool =
         sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
             .bind(format!("harness_bench_api_{pid}_0"))
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert!(!left, "the benchmark's database is dropped");
+}
+
+/// `harness bench --ceiling`: every task is claimed and completed by the two connections (the
+/// run fails otherwise), a rate is reported, and the run's database is dropped.
+#[tokio::test]
+async fn bench_ceiling_claims_and_completes_every_task_and_drops_its_database() {
+    let db = TestDb::new().await;
+    let mut cmd = tokio::process::Command::from(common::harness_command());
+    let child = cmd
+        .env("DATABASE_URL", &db.url)
+        .args(["bench", "--ceiling", "--tasks", "3000", "--json"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id().unwrap();
+    let out = child.wait_with_output().await.unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)));
+    assert_eq!(report["tasks"], 3000);
+    assert_eq!(report["batch"], 500);
+    assert!(report["ceiling_per_s"].as_f64().unwrap() > 0.0, "{report}");
+    let left: bool =
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
+            .bind(format!("harness_bench_ceiling_{pid}_0"))
             .fetch_one(&db.pool)
             .await
             .unwrap();

@@ -11,6 +11,7 @@
 //! `--console` the web console's pages over a big history (see [`console`]).
 
 mod api;
+mod ceiling;
 mod console;
 
 use std::process::{Child, Command, Stdio};
@@ -86,6 +87,11 @@ pub struct BenchArgs {
     /// --tasks calls each (default 20,000), medians of --runs
     #[arg(long, conflicts_with_all = ["agent", "governor", "console"])]
     api: bool,
+    /// The ceiling of the database: the claim and completion statements alone (no enqueue
+    /// timed, no handler, no worker pool), batches of 500 from two connections, on --tasks
+    /// no-op tasks (default 200,000) of a fresh database; medians of --runs
+    #[arg(long, conflicts_with_all = ["agent", "governor", "console", "api"])]
+    ceiling: bool,
     /// With --api: calls in flight at a time
     #[arg(long, default_value_t = api::DEFAULT_CLIENTS, requires = "api")]
     clients: usize,
@@ -140,6 +146,15 @@ pub async fn run(cfg: Config, args: BenchArgs) -> anyhow::Result<()> {
             json: args.json,
         };
         return console::run(&cfg, &options).await;
+    }
+    if args.ceiling {
+        return ceiling::run(
+            &cfg,
+            args.tasks.unwrap_or(ceiling::DEFAULT_TASKS),
+            args.runs(),
+            args.json,
+        )
+        .await;
     }
     if args.api {
         let options = api::Options {
