@@ -856,3 +856,40 @@ pub fn not_found(session: &Session, what: &str) -> Markup {
         html! { h1 { "Not found" } p { (what) } p { a href="/" { "Overview" } } },
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_count_at_its_cap_says_so() {
+        assert_eq!(capped(0), "0");
+        assert_eq!(capped(COUNT_CAP - 1), "99,999");
+        assert_eq!(capped(COUNT_CAP), "100,000+");
+    }
+
+    #[test]
+    fn chart_slots_are_the_minutes_of_the_last_hour_oldest_first() {
+        let now = DateTime::parse_from_rfc3339("2026-12-01T10:30:20Z")
+            .unwrap()
+            .with_timezone(&Utc);
+        let minute = |m: &str, completed: i64| crate::fleet::health::Minute {
+            at: DateTime::parse_from_rfc3339(m).unwrap().with_timezone(&Utc),
+            completed,
+            failed: 0,
+            timed: 0,
+            pickup_ms_total: 0.0,
+        };
+        let minutes = [
+            minute("2026-12-01T09:30:00Z", 1), // an hour ago: not shown
+            minute("2026-12-01T09:31:00Z", 2),
+            minute("2026-12-01T10:30:00Z", 3),
+        ];
+        let bars = minute_bars(now, &minutes, |m| Some(m.completed as f64), "done");
+        let slots: Vec<(usize, f64)> = bars.iter().map(|b| (b.slot, b.value)).collect();
+        assert_eq!(slots, vec![(0, 2.0), (59, 3.0)]);
+        assert_eq!(bars[1].label, "10:30 UTC: 3 done");
+        // A minute without timed pick-ups has no pick-up bar.
+        assert!(minute_bars(now, &minutes, |m| m.pickup_ms(), "ms").is_empty());
+    }
+}
