@@ -729,3 +729,80 @@ async fn depth_counts_every_status_but_completed() {
         ]
     );
 }
+
+/// A call whose key another session holds (an uncommitted `enqueue_in`) waits for it alone:
+/// the calls batched with it are written meanwhile, and it then answers with that task.
+#[tokio::test]
+async fn a_key_locked_elsewhere_holds_up_only_its_own_call() {
+    let db = TestDb::new().await;
+    let q = queue(&db);
+    let mut holder = db.pool.begin().await.unwrap();
+    let held = q
+        .enqueue_in(
+            &mut holder,
+            NewTask::new("demo", json!({"held": true})).idempotency_key("busy"),
+        )
+        .await
+        .unwrap();
+    let mut others = Vec::new();
+    for i in 0..20 {
+        let q = q.clone();
+        others.push(tokio::spawn(async move {
+            q.enqueue(NewTask::new("demo", json!({ "i": i }))).await
+        }));
+    }
+    let keyed = {
+        let q = q.clone();
+        tokio::spawn(async move {
+            q.enqueue(NewTask::new("demo", json!({"held": false})).idempotency_key("busy"))
+                .await
+        })
+    };
+    for h in others {
+        let e = tokio::time::timeout(Duration::from_secs(5), h)
+            .await
+            .expect("an unkeyed call waited for another session's lock")
+            .unwrap()
+            .unwrap();
+        assert!(!e.deduplicated);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!keyed.is_finished(), "the keyed call waits for the lock");
+    holder.commit().await.unwrap();
+    let e = tokio::time::timeout(Duration::from_secs(5), keyed)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!((e.id, e.deduplicated), (held.id, true));
+}
+
+/// With the database out of reach, every batched call fails with the pool's error, at once.
+#[tokio::test]
+async fn batched_calls_fail_together_when_the_database_is_out_of_reach() {
+    let db = TestDb::new().await;
+    let pool = harness::db::connect(&db.url, 2).await.unwrap();
+    let q = Queue::new(pool.clone(), 0);
+    q.enqueue(NewTask::new("demo", json!({}))).await.unwrap();
+    pool.close().await;
+    let started = std::time::Instant::now();
+    let mut calls = Vec::new();
+    for i in 0..50 {
+        let q = q.clone();
+        calls.push(tokio::spawn(async move {
+            q.enqueue(NewTask::new("demo", json!({ "i": i }))).await
+        }));
+    }
+    for c in calls {
+        let r = c.await.unwrap();
+        assert!(
+            matches!(r, Err(Error::Db(sqlx::Error::PoolClosed))),
+            "{r:?}"
+        );
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+}

@@ -67,7 +67,8 @@ pub async fn estimated_total(pool: &PgPool) -> Result<i64, Error> {
 }
 
 /// An agent's recent runs, summed: of its last `n` runs, how many completed, failed (or timed
-/// out), failed in the last hour, and its newest finished run's status, end and duration.
+/// out), failed in the last hour, and its newest ended run's status, end and duration (none
+/// when it never started), all of that one run.
 #[derive(Debug, Clone, PartialEq, Default, sqlx::FromRow)]
 pub struct RunStats {
     pub agent_id: i64,
@@ -345,10 +346,10 @@ impl Queue {
                                    AND t.completed_at > now() - interval '1 hour') AS failed_last_hour, \
                 (array_agg(t.status ORDER BY t.id DESC) FILTER (WHERE t.completed_at IS NOT NULL))[1] \
                     AS last_status, \
-                max(t.completed_at) AS last_ended_at, \
+                (array_agg(t.completed_at ORDER BY t.id DESC) \
+                    FILTER (WHERE t.completed_at IS NOT NULL))[1] AS last_ended_at, \
                 (array_agg(EXTRACT(EPOCH FROM t.completed_at - t.started_at)::float8 ORDER BY t.id DESC) \
-                    FILTER (WHERE t.completed_at IS NOT NULL AND t.started_at IS NOT NULL))[1] \
-                    AS last_duration_s \
+                    FILTER (WHERE t.completed_at IS NOT NULL))[1] AS last_duration_s \
              FROM unnest($1::bigint[]) a(id) \
              CROSS JOIN LATERAL (SELECT id, status, started_at, completed_at FROM tasks \
                  WHERE agent_id = a.id AND kind = $2 ORDER BY id DESC LIMIT $3) t \

@@ -10,8 +10,11 @@
 //! Guarantees: the answer of each call is the one a lone [`Queue::enqueue`] would give. Its
 //! task is validated on its own first (a bad task fails only its own call); an idempotency
 //! key already in the table, or taken by an earlier call of the same batch, answers with that
-//! task, `deduplicated`; and a batch that fails as a whole is written again call by call, so
-//! one call's database error is not another's.
+//! task, `deduplicated`; a batch the database refuses (or that waits over 200 ms for a row
+//! lock on a key) is rolled back and written again call by call, so one call's problem is not
+//! another's; when the database cannot be reached, or a commit's outcome is unknown, every
+//! call of the batch gets the error at once (never written twice, never retried per call);
+//! and a call whose caller gave up before its batch was taken is not written.
 //!
 //! Never used inside a caller's transaction ([`Queue::enqueue_in`] writes there directly).
 
@@ -50,10 +53,12 @@ impl std::fmt::Debug for Coalescer {
 impl Coalescer {
     /// The channel to the writers, starting them if none runs (or the runtime that ran
     /// them is gone).
-    fn sender(&self, queue: &Queue) -> mpsc::Sender<Request> {
+    /// `None` outside a Tokio runtime (the call is then written on its own).
+    fn sender(&self, queue: &Queue) -> Option<mpsc::Sender<Request>> {
+        tokio::runtime::Handle::try_current().ok()?;
         let mut slot = self.tx.lock().expect("coalescer lock");
         if let Some(tx) = slot.as_ref().filter(|tx| !tx.is_closed()) {
-            return tx.clone();
+            return Some(tx.clone());
         }
         let (tx, rx) = mpsc::channel(WAITING);
         let rx = Arc::new(tokio::sync::Mutex::new(rx));
@@ -61,7 +66,7 @@ impl Coalescer {
             tokio::spawn(write_batches(queue.direct(), rx.clone()));
         }
         *slot = Some(tx.clone());
-        tx
+        Some(tx)
     }
 
     /// Writes `task` with whatever other calls are waiting; answers once it is committed.
@@ -77,7 +82,10 @@ impl Coalescer {
         }
         let (answer, answered) = oneshot::channel();
         let request = Request { task, answer };
-        let request = match self.sender(queue).send(request).await {
+        let Some(sender) = self.sender(queue) else {
+            return queue.direct().enqueue_alone(request.task).await;
+        };
+        let request = match sender.send(request).await {
             // No answer: the writer was stopped with its runtime, after or before its commit.
             // Not written again (that could write it twice): the caller hears of a failure.
             Ok(()) => {
@@ -109,26 +117,105 @@ async fn write_batches(queue: Queue, rx: Arc<tokio::sync::Mutex<mpsc::Receiver<R
                 }
             }
         }
-        if batch.len() == 1 {
-            let r = batch.pop().expect("one request");
-            let answer = queue.enqueue_alone(r.task).await;
-            let _ = r.answer.send(answer);
+        // A caller that gave up (a request timed out) is not written for later.
+        batch.retain(|r| !r.answer.is_closed());
+        if batch.len() <= 1 {
+            if let Some(r) = batch.pop() {
+                let answer = queue.enqueue_alone(r.task).await;
+                let _ = r.answer.send(answer);
+            }
             continue;
         }
         let tasks: Vec<NewTask> = batch.iter().map(|r| r.task.clone()).collect();
-        match queue.enqueue_many(tasks).await {
+        match write_batch(&queue, tasks).await {
             Ok(answers) => {
                 for (r, a) in batch.into_iter().zip(answers) {
                     let _ = r.answer.send(Ok(a));
                 }
             }
-            Err(e) => {
-                tracing::debug!(error = %e, calls = batch.len(), "a coalesced enqueue failed; writing its calls one by one");
+            // The database cannot be reached, or the commit's outcome is unknown (the tasks may
+            // be written): every call hears of it, as it would alone. Writing them again one
+            // by one would wait out the outage once per call, or write a task twice.
+            Err(Failed { committing, error }) if committing || unreachable(&error) => {
+                tracing::warn!(error = %error, calls = batch.len(), committing, "a coalesced enqueue failed");
                 for r in batch {
+                    let _ = r.answer.send(Err(copy(&error)));
+                }
+            }
+            // Rolled back: one call's problem (a lock on its key held too long, a row the
+            // database refused) must not be the others'. Each is written on its own.
+            Err(Failed { error, .. }) => {
+                tracing::debug!(error = %error, calls = batch.len(), "a coalesced enqueue failed; writing its calls one by one");
+                for r in batch {
+                    if r.answer.is_closed() {
+                        continue;
+                    }
                     let answer = queue.enqueue_alone(r.task).await;
                     let _ = r.answer.send(answer);
                 }
             }
         }
+    }
+}
+
+/// How a batch failed: while writing (rolled back) or while committing (outcome unknown).
+struct Failed {
+    committing: bool,
+    error: Error,
+}
+
+/// The longest a batch waits for a row lock (another session writing the same idempotency
+/// key); past it the batch is rolled back and its calls written one by one.
+const LOCK_TIMEOUT: &str = "SET LOCAL lock_timeout = '200ms'";
+
+async fn write_batch(queue: &Queue, tasks: Vec<NewTask>) -> Result<Vec<Enqueued>, Failed> {
+    let writing = |e: Error| Failed {
+        committing: false,
+        error: e,
+    };
+    let mut tx = queue.pool.begin().await.map_err(|e| writing(e.into()))?;
+    sqlx::query(LOCK_TIMEOUT)
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| writing(e.into()))?;
+    let out = queue
+        .enqueue_many_in(&mut tx, tasks)
+        .await
+        .map_err(writing)?;
+    tx.commit().await.map_err(|e| Failed {
+        committing: true,
+        error: e.into(),
+    })?;
+    Ok(out)
+}
+
+/// Whether the database could not be reached at all (connection, pool, server shutting down),
+/// as opposed to refusing this batch.
+fn unreachable(e: &Error) -> bool {
+    match e {
+        Error::Db(sqlx::Error::Database(db)) => db.code().is_some_and(|c| {
+            let class = &c[..2.min(c.len())];
+            matches!(class, "08" | "53" | "57" | "58") && c != "57014"
+        }),
+        Error::Db(e) => crate::db::is_transient(e),
+        _ => false,
+    }
+}
+
+/// The batch's error for each of its calls (errors are not `Clone`): the same kind where the
+/// caller may act on it, its text otherwise.
+fn copy(e: &Error) -> Error {
+    match e {
+        Error::Db(sqlx::Error::PoolTimedOut) => Error::Db(sqlx::Error::PoolTimedOut),
+        Error::Db(sqlx::Error::PoolClosed) => Error::Db(sqlx::Error::PoolClosed),
+        Error::Db(sqlx::Error::Io(io)) => Error::Db(sqlx::Error::Io(std::io::Error::new(
+            io.kind(),
+            io.to_string(),
+        ))),
+        Error::Invalid { field, reason } => Error::Invalid {
+            field,
+            reason: reason.clone(),
+        },
+        other => Error::Db(sqlx::Error::Protocol(other.to_string())),
     }
 }

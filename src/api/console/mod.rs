@@ -194,7 +194,15 @@ struct LoginQuery {
 /// Where to go after signing in: a path of this console, never another site.
 fn safe_next(next: Option<&str>) -> String {
     match next {
-        Some(n) if n.starts_with('/') && !n.starts_with("//") && !n.contains('\\') => n.to_string(),
+        // Browsers drop tabs and newlines from a URL: "/\t/evil" would become "//evil".
+        Some(n)
+            if n.starts_with('/')
+                && !n.starts_with("//")
+                && !n.contains('\\')
+                && !n.chars().any(|c| c.is_control()) =>
+        {
+            n.to_string()
+        }
         _ => "/".to_string(),
     }
 }
@@ -425,7 +433,8 @@ async fn tasks(
         return pages::tasks(&s, &q, &Default::default(), None).into_response();
     };
     // Time filters become id bounds (tasks are created in id order).
-    let mut before = q.before;
+    // A page starts at most just above the newest task.
+    let mut before = q.before.map(|b| b.min(highest + 1));
     let mut after = None;
     if let Some(v) = q.until.as_deref().filter(|v| !v.is_empty()) {
         let t = match parse_time("until", v) {
@@ -453,7 +462,7 @@ async fn tasks(
     // of ids below `before` and say how far the page searched.
     let floor = after.unwrap_or(lowest - 1);
     let window = (agent_id.is_none() && (status.is_some() || kind.is_some()))
-        .then(|| before.unwrap_or(highest + 1) - WINDOW - 1)
+        .then(|| before.unwrap_or(highest + 1).saturating_sub(WINDOW + 1))
         .filter(|lo| *lo > floor);
     let filter = TaskFilter {
         status,
@@ -926,7 +935,14 @@ mod tests {
             safe_next(Some("/tasks?status=failed")),
             "/tasks?status=failed"
         );
-        for bad in ["https://evil.example", "//evil.example", "/\\evil", "tasks"] {
+        for bad in [
+            "https://evil.example",
+            "//evil.example",
+            "/\\evil",
+            "tasks",
+            "/\t/evil.example",
+            "/\n/evil.example",
+        ] {
             assert_eq!(safe_next(Some(bad)), "/", "{bad}");
         }
         assert_eq!(safe_next(None), "/");
