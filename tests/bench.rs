@@ -144,11 +144,9 @@ async fn a_synthetic_history_has_the_shape_of_a_busy_fleets_and_reads_back_as_re
 #[tokio::test]
 async fn bench_console_times_every_page_on_a_real_replica_and_drops_its_database() {
     let db = TestDb::new().await;
-    let mut cmd = tokio::process::Command::from(common::harness_command());
-    let child = cmd
-        .env("DATABASE_URL", &db.url)
-        .args([
-            "bench",
+    let (pid, report) = run_bench(
+        &db,
+        &[
             "--console",
             "--tasks",
             "2000",
@@ -160,17 +158,9 @@ async fn bench_console_times_every_page_on_a_real_replica_and_drops_its_database
             "--stats-wait",
             "0",
             "--json",
-        ])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let pid = child.id().unwrap();
-    let out = child.wait_with_output().await.unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{stderr}");
-    let report: serde_json::Value = serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)));
+        ],
+    )
+    .await;
     assert_eq!(report["tasks"], 2000);
     assert_eq!(report["agents"], 5);
     assert_eq!(report["runs"], 3);
@@ -210,13 +200,7 @@ async fn bench_console_times_every_page_on_a_real_replica_and_drops_its_database
     assert_eq!(report["worst_p95_ms"].as_f64().unwrap(), worst);
     assert!(report["tasks_seq_rows_read"].is_i64());
 
-    let left: bool =
-        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
-            .bind(format!("harness_bench_console_{pid}"))
-            .fetch_one(&db.pool)
-            .await
-            .unwrap();
-    assert!(!left, "the benchmark's database is dropped");
+    assert_dropped(&db, &format!("harness_bench_console_{pid}")).await;
 }
 
 #[tokio::test]
@@ -282,28 +266,11 @@ async fn no_scheduled_agent_run_starts_while_the_benchmark_holds_the_leader_lock
 #[tokio::test]
 async fn bench_api_times_single_enqueues_three_ways_and_drops_its_database() {
     let db = TestDb::new().await;
-    let mut cmd = tokio::process::Command::from(common::harness_command());
-    let child = cmd
-        .env("DATABASE_URL", &db.url)
-        .args([
-            "bench",
-            "--api",
-            "--tasks",
-            "300",
-            "--clients",
-            "8",
-            "--json",
-        ])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let pid = child.id().unwrap();
-    let out = child.wait_with_output().await.unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{stderr}");
-    let report: serde_json::Value = serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)));
+    let (pid, report) = run_bench(
+        &db,
+        &["--api", "--tasks", "300", "--clients", "8", "--json"],
+    )
+    .await;
     assert_eq!(report["tasks"], 300);
     assert_eq!(report["clients"], 8);
     for figure in [
@@ -313,13 +280,7 @@ async fn bench_api_times_single_enqueues_three_ways_and_drops_its_database() {
     ] {
         assert!(report[figure].as_f64().unwrap() > 0.0, "{figure}: {report}");
     }
-    let left: bool =
-        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
-            .bind(format!("harness_bench_api_{pid}_0"))
-            .fetch_one(&db.pool)
-            .await
-            .unwrap();
-    assert!(!left, "the benchmark's database is dropped");
+    assert_dropped(&db, &format!("harness_bench_api_{pid}_0")).await;
 }
 
 /// `harness bench --ceiling`: every task is claimed and completed by the two connections (the
@@ -327,10 +288,20 @@ async fn bench_api_times_single_enqueues_three_ways_and_drops_its_database() {
 #[tokio::test]
 async fn bench_ceiling_claims_and_completes_every_task_and_drops_its_database() {
     let db = TestDb::new().await;
+    let (pid, report) = run_bench(&db, &["--ceiling", "--tasks", "3000", "--json"]).await;
+    assert_eq!(report["tasks"], 3000);
+    assert_eq!(report["batch"], 500);
+    assert!(report["ceiling_per_s"].as_f64().unwrap() > 0.0, "{report}");
+    assert_dropped(&db, &format!("harness_bench_ceiling_{pid}_0")).await;
+}
+
+/// Runs `harness bench ARGS` against the test's server; its pid and its JSON report.
+async fn run_bench(db: &TestDb, args: &[&str]) -> (u32, serde_json::Value) {
     let mut cmd = tokio::process::Command::from(common::harness_command());
     let child = cmd
         .env("DATABASE_URL", &db.url)
-        .args(["bench", "--ceiling", "--tasks", "3000", "--json"])
+        .arg("bench")
+        .args(args)
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -339,16 +310,18 @@ async fn bench_ceiling_claims_and_completes_every_task_and_drops_its_database() 
     let out = child.wait_with_output().await.unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
-    let report: serde_json::Value = serde_json::from_slice(&out.stdout)
+    let report = serde_json::from_slice(&out.stdout)
         .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)));
-    assert_eq!(report["tasks"], 3000);
-    assert_eq!(report["batch"], 500);
-    assert!(report["ceiling_per_s"].as_f64().unwrap() > 0.0, "{report}");
+    (pid, report)
+}
+
+/// The benchmark's own database `name` is gone.
+async fn assert_dropped(db: &TestDb, name: &str) {
     let left: bool =
         sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
-            .bind(format!("harness_bench_ceiling_{pid}_0"))
+            .bind(name)
             .fetch_one(&db.pool)
             .await
             .unwrap();
-    assert!(!left, "the benchmark's database is dropped");
+    assert!(!left, "the benchmark's database {name} is dropped");
 }

@@ -510,14 +510,19 @@ async fn a_filter_no_index_serves_reads_a_bounded_window_of_ids() {
     tokio::time::sleep(Duration::from_millis(20)).await;
     let many = q.enqueue_many(vec![task("common"); 20_050]).await.unwrap();
     // The first task created at or after a time, by bisecting ids.
-    assert_eq!(q.first_id_since(between).await.unwrap(), Some(many[0].id));
+    let range = q.id_range().await.unwrap().unwrap();
+    assert_eq!(range, (rare[0], many.last().unwrap().id));
     assert_eq!(
-        q.first_id_since(between - chrono::Duration::hours(1))
+        q.first_id_since(range, between).await.unwrap(),
+        Some(many[0].id)
+    );
+    assert_eq!(
+        q.first_id_since(range, between - chrono::Duration::hours(1))
             .await
             .unwrap(),
         Some(rare[0])
     );
-    assert_eq!(q.first_id_since(later).await.unwrap(), None);
+    assert_eq!(q.first_id_since(range, later).await.unwrap(), None);
 
     let port = common::free_port();
     let _replica = common::Proc::spawn(
@@ -558,7 +563,53 @@ async fn a_filter_no_index_serves_reads_a_bounded_window_of_ids() {
     let since = between.format("%Y-%m-%dT%H:%M:%S%.6fZ").to_string();
     let recent = page(&format!("/tasks?kind=rare&since={since}")).await;
     assert_eq!(rows(&recent), 0);
+    // A bulk action: at most 500 tasks, and only with the page's form token.
+    let csrf = first
+        .split("name=\"csrf\" value=\"")
+        .nth(1)
+        .and_then(|v| v.split('"').next())
+        .expect("the page's form token")
+        .to_string();
+    let bulk = |csrf: String, n: usize| {
+        let mut form = vec![
+            ("csrf".to_string(), csrf),
+            ("action".into(), "cancel".into()),
+        ];
+        form.extend(
+            many.iter()
+                .take(n)
+                .map(|e| ("id".to_string(), e.id.to_string())),
+        );
+        reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .unwrap()
+            .post(format!("{base}/tasks/bulk"))
+            .form(&form)
+    };
+    let r = bulk(csrf.clone(), 501).send().await.unwrap();
+    assert_eq!(r.status(), 422);
+    assert!(
+        r.text()
+            .await
+            .unwrap()
+            .contains("501 tasks selected; at most 500")
+    );
+    let r = bulk("not-the-token".into(), 2).send().await.unwrap();
+    assert_eq!(r.status(), 403);
+    let r = bulk(csrf, 2).send().await.unwrap();
+    assert!(r.status().is_redirection(), "{:?}", r.status());
+    assert!(
+        r.headers()["location"]
+            .to_str()
+            .unwrap()
+            .contains("bulk=cancel&done=2&skipped=0"),
+        "{:?}",
+        r.headers()
+    );
+    assert_eq!(q.get(many[0].id).await.unwrap().status, Status::Cancelled);
     // The overview counts each status through its index (up to a cap of 100,000).
     let overview = page("/").await;
-    assert!(overview.contains("20,053"), "{overview}");
+    // 20,053 waiting, less the two the bulk action cancelled.
+    assert!(overview.contains("Queue depth 20,051"), "{overview}");
 }

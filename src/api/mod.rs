@@ -1216,7 +1216,7 @@ mod tests {
         let mut v = json!({
             "api_key": "sk-1", "slackToken": "xoxb", "db": {"password": "p", "host": "h"},
             "feeds": [{"url": "u", "private-key": "k"}], "author": "me", "auth": "basic",
-            "limit": 3
+            "limit": 3, "clientSecret": "s", "db_credentials": {"user": "u"}
         });
         redact_secrets(&mut v);
         assert_eq!(
@@ -1225,7 +1225,8 @@ mod tests {
                 "api_key": REDACTED, "slackToken": REDACTED,
                 "db": {"password": REDACTED, "host": "h"},
                 "feeds": [{"url": "u", "private-key": REDACTED}], "author": "me",
-                "auth": REDACTED, "limit": 3
+                "auth": REDACTED, "limit": 3, "clientSecret": REDACTED,
+                "db_credentials": REDACTED
             })
         );
     }

@@ -205,11 +205,7 @@ pub async fn run(cfg: Config, args: BenchArgs) -> anyhow::Result<()> {
 
 /// The median of each figure over the runs.
 fn median(runs: &[Measurement]) -> Measurement {
-    let med = |f: fn(&Measurement) -> f64| {
-        let mut v: Vec<f64> = runs.iter().map(f).collect();
-        v.sort_by(|a, b| a.total_cmp(b));
-        v[v.len() / 2]
-    };
+    let med = |f: fn(&Measurement) -> f64| median_of(runs.iter().map(f).collect());
     Measurement {
         enqueue_per_s: med(|m| m.enqueue_per_s).round(),
         process_per_s: med(|m| m.process_per_s).round(),
@@ -411,6 +407,12 @@ async fn pickup_latencies(queue: &Queue, samples: usize) -> anyhow::Result<Vec<f
         }
     }
     Ok(latencies)
+}
+
+/// The median of several runs' figures (the middle one; the upper middle of an even count).
+fn median_of(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v.get(v.len() / 2).copied().unwrap_or(0.0)
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {

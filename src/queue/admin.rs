@@ -385,13 +385,16 @@ impl Queue {
         Ok(lo.zip(hi))
     }
 
-    /// The first task id created at or after `t`, found by bisecting ids (tasks are created in
-    /// id order, give or take concurrent transactions): about 40 primary-key probes, never a
-    /// scan. `None` when every task is older.
-    pub async fn first_id_since(&self, t: DateTime<Utc>) -> Result<Option<TaskId>, Error> {
-        let Some((mut lo, hi)) = self.id_range().await? else {
-            return Ok(None);
-        };
+    /// The first task id in `range` (from [`Queue::id_range`]) created at or after `t`, found
+    /// by bisecting ids (tasks are created in id order, give or take concurrent
+    /// transactions): one primary-key probe per halving of the range, never a scan. `None`
+    /// when every task is older.
+    pub async fn first_id_since(
+        &self,
+        range: (TaskId, TaskId),
+        t: DateTime<Utc>,
+    ) -> Result<Option<TaskId>, Error> {
+        let (mut lo, hi) = range;
         // The first task at or after `id`: (its id, its creation time).
         let at = async |id: TaskId| -> Result<Option<(TaskId, DateTime<Utc>)>, Error> {
             Ok(sqlx::query_as(

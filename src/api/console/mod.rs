@@ -387,7 +387,7 @@ async fn tasks(
     // Going to one task: by id, else by idempotency key.
     if let Some(wanted) = q.q.as_deref().map(str::trim).filter(|v| !v.is_empty()) {
         let id = match wanted.parse::<i64>() {
-            Ok(id) => match st.queue.get(id).await {
+            Ok(id) => match st.queue.status(id).await {
                 Ok(_) => Some(id),
                 Err(crate::queue::Error::NotFound(_)) => None,
                 Err(e) => return failed(e),
@@ -411,7 +411,13 @@ async fn tasks(
     let status = match q.status.as_deref().filter(|v| !v.is_empty()) {
         Some(v) => match Status::parse(v) {
             Some(s) => Some(s),
-            None => return refuse(&format!("status {v:?} is not a status")),
+            None => {
+                let allowed: Vec<&str> = Status::ALL.iter().map(|s| s.as_str()).collect();
+                return refuse(&format!(
+                    "status {v:?} is not a status; allowed: {}",
+                    allowed.join(", ")
+                ));
+            }
         },
         None => None,
     };
@@ -441,7 +447,7 @@ async fn tasks(
             Ok(t) => t,
             Err(e) => return refuse(&e),
         };
-        match st.queue.first_id_since(t).await {
+        match st.queue.first_id_since((lowest, highest), t).await {
             Ok(Some(id)) => before = Some(before.map_or(id, |b| b.min(id))),
             Ok(None) => {}
             Err(e) => return failed(e),
@@ -452,7 +458,7 @@ async fn tasks(
             Ok(t) => t,
             Err(e) => return refuse(&e),
         };
-        match st.queue.first_id_since(t).await {
+        match st.queue.first_id_since((lowest, highest), t).await {
             Ok(Some(id)) => after = Some(id - 1),
             Ok(None) => return pages::tasks(&s, &q, &Default::default(), None).into_response(),
             Err(e) => return failed(e),
@@ -967,6 +973,18 @@ mod tests {
         assert_eq!(pages::thousands(999), "999");
         assert_eq!(pages::thousands(1_000_000), "1,000,000");
         assert_eq!(pages::thousands(-12_345), "-12,345");
+    }
+
+    #[test]
+    fn the_stylesheet_has_a_dark_theme_the_system_preference_selects() {
+        assert!(CSS.contains("color-scheme: light dark;"));
+        let dark = CSS
+            .split("@media (prefers-color-scheme: dark)")
+            .nth(1)
+            .expect("a dark block");
+        for var in ["--bg:", "--fg:", "--panel:", "--accent:"] {
+            assert!(dark.contains(var), "the dark theme sets {var}");
+        }
     }
 
     #[test]

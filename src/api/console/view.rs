@@ -26,6 +26,8 @@ pub fn scale_max(max: f64) -> f64 {
 
 /// A short number: 950, 1.2k, 3.4M.
 pub fn short(v: f64) -> String {
+    // An empty sum is -0.0; it reads as 0.
+    let v = v + 0.0;
     let a = v.abs();
     if a >= 1e6 {
         format!("{:.1}M", v / 1e6)
@@ -358,6 +360,7 @@ mod tests {
         assert_eq!(short(45_000.0), "45k");
         assert_eq!(short(3_400_000.0), "3.4M");
         assert_eq!(short(0.25), "0.2");
+        assert_eq!(short(std::iter::empty::<f64>().sum()), "0");
     }
 
     #[test]
@@ -379,6 +382,8 @@ mod tests {
         assert!(svg.contains("b &lt;x&gt;"), "labels are escaped: {svg}");
         assert!(svg.contains("20 /min"), "{svg}");
         assert!(svg.contains("30 /min in all"), "{svg}");
+        let empty = bars("e", "Done", "/min", 60, &[], "ok").into_string();
+        assert!(empty.contains("Done: 0 /min in all"), "{empty}");
         // The tallest bar reaches the top.
         assert!(svg.contains("height=\"108.0\""), "{svg}");
     }

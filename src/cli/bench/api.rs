@@ -70,11 +70,7 @@ pub(super) async fn run(cfg: &Config, o: &Options) -> anyhow::Result<()> {
         runs.push(f);
     }
     database.close().await;
-    let med = |f: fn(&Figures) -> f64| {
-        let mut v: Vec<f64> = runs.iter().map(f).collect();
-        v.sort_by(|a, b| a.total_cmp(b));
-        v[v.len() / 2].round()
-    };
+    let med = |f: fn(&Figures) -> f64| super::median_of(runs.iter().map(f).collect()).round();
     let m = Figures {
         api_per_s: med(|f| f.api_per_s),
         library_per_s: med(|f| f.library_per_s),

@@ -44,8 +44,7 @@ pub(super) async fn run(
         rates.push(rate);
     }
     database.close().await;
-    rates.sort_by(|a, b| a.total_cmp(b));
-    let median = rates[rates.len() / 2].round();
+    let median = super::median_of(rates).round();
     if json_out {
         let v = json!({
             "ceiling_per_s": median, "tasks": tasks, "runs": runs, "batch": BATCH,
