@@ -501,7 +501,10 @@ async fn running_rows_never_exceed_capacity_while_completions_are_written() {
     .unwrap();
     let capacity = 2;
     let h = Harness::builder()
-        .config(db.fast_config(&[("HARNESS_BULK__MAX_CONCURRENT", "2")]))
+        .config(db.fast_config(&[
+            ("HARNESS_BULK__MAX_CONCURRENT", "2"),
+            ("HARNESS_BULK__PREFETCH", "0"),
+        ]))
         .pool(db.pool.clone())
         .handler("quick", |_p: Value| async {
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -540,4 +543,149 @@ async fn running_rows_never_exceed_capacity_while_completions_are_written() {
     );
     let _ = stop.send(());
     served.await.unwrap();
+}
+
+/// The peak of rows `running` in the database while `until_done` tasks complete.
+async fn peak_running_until_completed(db: &TestDb, until_done: i64) -> i64 {
+    let mut peak = 0;
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let (running, done): (i64, i64) = sqlx::query_as(
+            "SELECT count(*) FILTER (WHERE status = 'running'), \
+                    count(*) FILTER (WHERE status = 'completed') FROM tasks",
+        )
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+        peak = peak.max(running);
+        if done >= until_done {
+            return peak;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{done} of {until_done} done after 60 s"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_prefetching_pool_claims_ahead_but_runs_no_more_than_its_grant() {
+    let db = TestDb::new().await;
+    let now = Arc::new(AtomicUsize::new(0));
+    let max = Arc::new(AtomicUsize::new(0));
+    let (n, m) = (now.clone(), max.clone());
+    let h = Harness::builder()
+        .config(db.fast_config(&[
+            ("HARNESS_BULK__MAX_CONCURRENT", "2"),
+            ("HARNESS_BULK__PREFETCH", "40"),
+        ]))
+        .pool(db.pool.clone())
+        .handler("quick", move |_p: Value| {
+            let (n, m) = (n.clone(), m.clone());
+            async move {
+                let running = n.fetch_add(1, Ordering::SeqCst) + 1;
+                m.fetch_max(running, Ordering::SeqCst);
+                tokio::task::yield_now().await;
+                n.fetch_sub(1, Ordering::SeqCst);
+                Ok::<_, String>(json!({}))
+            }
+        })
+        .build()
+        .await
+        .unwrap();
+    let tasks = 3000;
+    h.queue()
+        .enqueue_many(vec![NewTask::new("quick", json!({})); tasks])
+        .await
+        .unwrap();
+    let (stop, served) = serve(h);
+    let peak = peak_running_until_completed(&db, tasks as i64).await;
+    let _ = stop.send(());
+    served.await.unwrap();
+    assert_eq!(
+        max.load(Ordering::SeqCst),
+        2,
+        "ran at most (and at best) 2 at once"
+    );
+    assert!(
+        peak > 2,
+        "quick tasks are claimed ahead of free slots: at most {peak} rows held at once"
+    );
+    assert!(
+        peak <= 42,
+        "{peak} rows held at once by a replica with 2 slots and a prefetch of 40"
+    );
+}
+
+#[tokio::test]
+async fn a_row_that_waits_in_the_buffer_too_long_goes_back_to_an_idle_replica() {
+    let db = TestDb::new().await;
+    let ran_by = Arc::new(std::sync::Mutex::new(Vec::<&'static str>::new()));
+    let slow = |who: &'static str, ran_by: Arc<std::sync::Mutex<Vec<&'static str>>>| {
+        move |_p: Value| {
+            let ran_by = ran_by.clone();
+            async move {
+                ran_by.lock().unwrap().push(who);
+                tokio::time::sleep(Duration::from_millis(1500)).await;
+                Ok::<_, String>(json!({}))
+            }
+        }
+    };
+    // Replica a runs quick tasks, then slow ones; one slot, a buffer of 50.
+    let a = Harness::builder()
+        .config(db.fast_config(&[
+            ("HARNESS_BULK__MAX_CONCURRENT", "1"),
+            ("HARNESS_BULK__PREFETCH", "50"),
+        ]))
+        .pool(db.pool.clone())
+        .handler("quick", |_p: Value| async { Ok::<_, String>(json!({})) })
+        .handler("slow", slow("a", ran_by.clone()))
+        .build()
+        .await
+        .unwrap();
+    let q = a.queue().clone();
+    q.enqueue_many(vec![NewTask::new("quick", json!({})).priority(1); 2000])
+        .await
+        .unwrap();
+    q.enqueue_many(vec![NewTask::new("slow", json!({})); 4])
+        .await
+        .unwrap();
+    let (stop_a, served_a) = serve(a);
+    // At the quick tasks' pace, a claims the slow ones into its buffer as well.
+    common::eventually(
+        "replica a to hold all four slow tasks",
+        Duration::from_secs(30),
+        async || {
+            let n: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM tasks WHERE kind = 'slow' AND status = 'running'",
+            )
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+            (n == 4).then_some(())
+        },
+    )
+    .await;
+    // Replica b serves slow tasks only, and is idle.
+    let b = Harness::builder()
+        .config(db.fast_config(&[("HARNESS_BULK__MAX_CONCURRENT", "1")]))
+        .pool(db.pool.clone())
+        .handler("slow", slow("b", ran_by.clone()))
+        .build()
+        .await
+        .unwrap();
+    let (stop_b, served_b) = serve(b);
+    peak_running_until_completed(&db, 2004).await;
+    for stop in [stop_a, stop_b] {
+        let _ = stop.send(());
+    }
+    served_a.await.unwrap();
+    served_b.await.unwrap();
+    let ran_by = ran_by.lock().unwrap().clone();
+    assert_eq!(ran_by.len(), 4, "each slow task ran once: {ran_by:?}");
+    assert!(
+        ran_by.contains(&"b"),
+        "rows that waited over a second in a's buffer went back, and idle b ran some: {ran_by:?}"
+    );
 }

@@ -40,6 +40,10 @@ pub struct BenchArgs {
     /// Replica processes that process the tasks
     #[arg(long, default_value_t = 1)]
     replicas: u32,
+    /// Claimed tasks each replica may keep waiting for a slot (its bulk.prefetch)
+    /// [default: bulk.prefetch of the configuration]
+    #[arg(long)]
+    prefetch: Option<u32>,
     /// Rows per bulk enqueue statement
     #[arg(long, default_value_t = 5_000)]
     batch: usize,
@@ -200,7 +204,11 @@ pub async fn run(cfg: Config, args: BenchArgs) -> anyhow::Result<()> {
     }
     database.close().await;
 
-    report(&args, &median(&runs))
+    report(
+        &args,
+        args.prefetch.unwrap_or(cfg.bulk.prefetch),
+        &median(&runs),
+    )
 }
 
 /// The median of each figure over the runs.
@@ -215,12 +223,13 @@ fn median(runs: &[Measurement]) -> Measurement {
 }
 
 /// Prints the summary, as one JSON object with `--json`.
-fn report(args: &BenchArgs, summary: &Measurement) -> anyhow::Result<()> {
+fn report(args: &BenchArgs, prefetch: u32, summary: &Measurement) -> anyhow::Result<()> {
     if args.json {
         let mut v = serde_json::to_value(summary)?;
         v["tasks"] = json!(args.tasks());
         v["concurrency"] = json!(args.concurrency);
         v["replicas"] = json!(args.replicas);
+        v["prefetch"] = json!(prefetch);
         v["producers"] = json!(args.producers);
         v["batch"] = json!(args.batch);
         v["runs"] = json!(args.runs());
@@ -229,13 +238,14 @@ fn report(args: &BenchArgs, summary: &Measurement) -> anyhow::Result<()> {
         return Ok(());
     }
     println!(
-        "{} no-op tasks ({} producers, batches of {}), {} replica(s) × concurrency {}, \
-         median of {} run(s):",
+        "{} no-op tasks ({} producers, batches of {}), {} replica(s) × concurrency {} \
+         (prefetch {}), median of {} run(s):",
         args.tasks(),
         args.producers,
         args.batch,
         args.replicas,
         args.concurrency,
+        prefetch,
         args.runs()
     );
     println!(
@@ -257,7 +267,13 @@ fn report(args: &BenchArgs, summary: &Measurement) -> anyhow::Result<()> {
 struct Replicas(Vec<Child>);
 
 impl Replicas {
-    fn spawn(cfg: &Config, url: &str, n: u32, concurrency: u32) -> anyhow::Result<Replicas> {
+    fn spawn(
+        cfg: &Config,
+        url: &str,
+        n: u32,
+        concurrency: u32,
+        prefetch: u32,
+    ) -> anyhow::Result<Replicas> {
         let exe = std::env::current_exe().context("locating the harness binary")?;
         let mut children = Vec::new();
         for _ in 0..n {
@@ -272,6 +288,7 @@ impl Replicas {
                 .env("DATABASE_URL", url)
                 .env("HARNESS_HOME", &cfg.home)
                 .env("HARNESS_BULK__MAX_CONCURRENT", concurrency.to_string())
+                .env("HARNESS_BULK__PREFETCH", prefetch.to_string())
                 .env("HARNESS_DATABASE__MAX_CONNECTIONS", "10")
                 .env("RUST_LOG", "warn")
                 .stdin(Stdio::null())
@@ -322,7 +339,8 @@ async fn measure(cfg: &Config, args: &BenchArgs, url: &str) -> anyhow::Result<Me
     db::migrate(&pool).await?;
     let queue = Queue::new(pool.clone(), 0);
     let enqueue_per_s = bulk_enqueue(&pool, &queue, args).await?;
-    let mut replicas = Replicas::spawn(cfg, url, args.replicas, args.concurrency)?;
+    let prefetch = args.prefetch.unwrap_or(cfg.bulk.prefetch);
+    let mut replicas = Replicas::spawn(cfg, url, args.replicas, args.concurrency, prefetch)?;
     let process_per_s = processing(&queue, args.tasks()).await?;
     replicas.stop_all_but_first();
     let mut latencies = pickup_latencies(&queue, args.latency_samples).await?;

@@ -126,6 +126,10 @@ pub struct BulkConfig {
     pub poll_interval_ms: u64,
     /// How long running tasks may finish after SIGTERM before they are handed back.
     pub shutdown_grace_s: u64,
+    /// The most claimed tasks a replica keeps waiting for a free slot, beyond those running,
+    /// so that claims overlap execution. Used only while tasks end quickly: the buffer holds
+    /// at most what the replica ran in the last [`crate::worker::PREFETCH_HORIZON`].
+    pub prefetch: u32,
 }
 
 impl Default for BulkConfig {
@@ -136,6 +140,7 @@ impl Default for BulkConfig {
             retry_delay_seconds: 15,
             poll_interval_ms: 1000,
             shutdown_grace_s: 30,
+            prefetch: 500,
         }
     }
 }
@@ -511,7 +516,7 @@ impl Config {
 
     /// Every numeric setting with its allowed range (checked in this order; integers are exact
     /// as `f64` at these sizes). A table, so it stays whole however long `rustfmt` makes it.
-    fn ranges(&self) -> [(&'static str, f64, f64, f64); 36] {
+    fn ranges(&self) -> [(&'static str, f64, f64, f64); 37] {
         use crate::bounds;
         let (b, g, t, p, e, sc, a) = (
             &self.bulk,
@@ -554,6 +559,7 @@ impl Config {
                 0.0,
                 86_400.0,
             ),
+            ("bulk.prefetch", f(b.prefetch.into()), 0.0, 10_000.0),
             (
                 "persistence.rescue_after_s",
                 f(p.rescue_after_s),

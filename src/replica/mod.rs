@@ -153,7 +153,10 @@ impl HarnessBuilder {
             agents: self.agents,
             sampler: self.sampler,
             isolation: self.isolation,
-            capacity: Capacity::new(cfg.bulk.max_concurrent as usize),
+            capacity: Capacity::with_prefetch(
+                cfg.bulk.max_concurrent as usize,
+                cfg.bulk.prefetch as usize,
+            ),
             replica: self.replica_id.unwrap_or_else(new_replica_id),
             registry: Arc::new(self.registry),
             cfg,

@@ -1,4 +1,5 @@
-//! The claim loop of a worker: claims as many runnable tasks as there are free permits, in one
+//! The claim loop of a worker: claims as many runnable tasks as there are free hold permits
+//! and room for (free slots, plus the prefetch allowance while tasks end quickly), in one
 //! statement, and hands them to the backend. Sleeps until a NOTIFY or the poll interval when
 //! the queue is drained; stops while claiming is suspended.
 
@@ -27,17 +28,38 @@ pub(super) async fn claim_loop(
     let mut failures = 0u32;
     // Whether the last claim came back full: the queue has a backlog.
     let mut busy = false;
+    let mut allowance = Allowance::new(&shared);
     loop {
         if !wait_for_claiming(&shared, &stop).await {
             return;
         }
-        capacity.settle();
+        capacity.hold.settle();
+        // Registered before the room is reckoned, so an attempt ending meanwhile wakes it.
+        let ended = shared.ended.notified();
         let Some(permits) = gather_permits(&capacity, busy, &stop).await else {
             return;
         };
         let Some(mut permits) = permits else {
             continue; // every permit went to pay a capacity decrease
         };
+        // Free slots, plus what the buffer may hold at the pace tasks end, less what waits.
+        let waiting = jobs.max_capacity() - jobs.capacity();
+        let granted = capacity.granted();
+        let room = (granted + allowance.rows(&shared, granted, capacity.prefetch()))
+            .saturating_sub(shared.running_count() + waiting);
+        if room == 0 {
+            // Every slot is busy and the buffer is full enough: wait for an attempt to end.
+            drop(permits);
+            tokio::select! {
+                _ = ended => {}
+                _ = tokio::time::sleep(PREFETCH_HORIZON) => {}
+                _ = stop.cancelled() => return,
+            }
+            continue;
+        }
+        if permits.num_permits() > room {
+            drop(permits.split(permits.num_permits() - room));
+        }
         let want = permits.num_permits();
         let seq = shared.holds.lock().expect("holds lock").claim_started();
         let t0 = tokio::time::Instant::now();
@@ -71,13 +93,16 @@ pub(super) async fn claim_loop(
         failures = 0;
         let got = rows.len();
         busy = got == want;
+        let arrived_at = tokio::time::Instant::now();
         tracing::trace!(want, got, ms = t0.elapsed().as_secs_f64() * 1000.0, "claim");
         for row in ours(&shared, seq, rows) {
-            let permit = permits.split(1).expect("one permit per claimed row");
+            let hold = permits.split(1).expect("one permit per claimed row");
             let job = Job {
                 claimed: row,
-                permit,
+                hold,
+                run: None,
                 claimed_at: t0,
+                arrived_at,
             };
             if jobs.send(job).await.is_err() {
                 return;
@@ -93,6 +118,52 @@ pub(super) async fn claim_loop(
             }
         }
     }
+}
+
+/// What the prefetch buffer may hold: the rows the pool ends in one [`PREFETCH_HORIZON`] at
+/// the mean duration of the attempts that ended since the last look (at least a horizon ago),
+/// with every slot busy. Attempts that last longer than the horizon get no buffer, and a look
+/// that saw none end (all slots on slow work) gives none either.
+struct Allowance {
+    since: std::time::Instant,
+    seen: (u64, u64),
+    rows: usize,
+}
+
+impl Allowance {
+    fn new(shared: &Shared) -> Allowance {
+        Allowance {
+            since: std::time::Instant::now(),
+            seen: shared.pace.read(),
+            rows: 0,
+        }
+    }
+
+    fn rows(&mut self, shared: &Shared, granted: usize, prefetch: usize) -> usize {
+        if self.since.elapsed() >= PREFETCH_HORIZON {
+            let (ended, busy_us) = shared.pace.read();
+            self.rows = buffer_rows(
+                granted,
+                prefetch,
+                ended - self.seen.0,
+                busy_us - self.seen.1,
+            );
+            self.since = std::time::Instant::now();
+            self.seen = (ended, busy_us);
+        }
+        self.rows
+    }
+}
+
+/// Rows `granted` busy slots end in one [`PREFETCH_HORIZON`], when `ended` attempts took
+/// `busy_us` microseconds in all; at most `prefetch`, and none when nothing ended.
+fn buffer_rows(granted: usize, prefetch: usize, ended: u64, busy_us: u64) -> usize {
+    if ended == 0 {
+        return 0;
+    }
+    let mean_us = (busy_us / ended).max(1) as u128;
+    let per_horizon = granted as u128 * PREFETCH_HORIZON.as_micros() / mean_us;
+    per_horizon.min(prefetch as u128) as usize
 }
 
 /// Waits while claiming is suspended (heartbeats failing). False when stopped meanwhile.
@@ -111,19 +182,19 @@ async fn wait_for_claiming(shared: &Shared, stop: &CancellationToken) -> bool {
     true
 }
 
-/// The permits of the next claim: at least one, and every other free one. `None` when stopped;
-/// `Some(None)` when what was acquired went to pay a capacity decrease.
+/// The hold permits of the next claim: at least one, and every other free one. `None` when
+/// stopped; `Some(None)` when what was acquired went to pay a capacity decrease.
 async fn gather_permits(
     capacity: &Capacity,
     busy: bool,
     stop: &CancellationToken,
 ) -> Option<Option<OwnedSemaphorePermit>> {
     let mut permits = tokio::select! {
-        p = capacity.sem.clone().acquire_owned() => p.expect("semaphore never closed"),
+        p = capacity.hold.sem.clone().acquire_owned() => p.expect("semaphore never closed"),
         _ = stop.cancelled() => return None,
     };
     // After a decrease, permits freed by finishing tasks pay the debt before any claim.
-    if !capacity.repay(&mut permits) {
+    if !capacity.hold.repay(&mut permits) {
         return Some(None);
     }
     if busy {
@@ -133,16 +204,21 @@ async fn gather_permits(
         let target = (capacity.granted() / 4).clamp(1, MAX_CLAIM);
         let deadline = tokio::time::Instant::now() + CLAIM_GATHER;
         while permits.num_permits() < target {
-            match tokio::time::timeout_at(deadline, capacity.sem.clone().acquire_owned()).await {
+            match tokio::time::timeout_at(deadline, capacity.hold.sem.clone().acquire_owned()).await
+            {
                 Ok(p) => permits.merge(p.expect("semaphore never closed")),
                 Err(_) => break,
             }
         }
     }
     // Take every other free permit too: one statement claims for all of them.
-    let more = capacity.sem.available_permits().min(MAX_CLAIM - 1);
+    let more = capacity.hold.sem.available_permits().min(MAX_CLAIM - 1);
     if more > 0
-        && let Ok(p) = capacity.sem.clone().try_acquire_many_owned(more as u32)
+        && let Ok(p) = capacity
+            .hold
+            .sem
+            .clone()
+            .try_acquire_many_owned(more as u32)
     {
         permits.merge(p);
     }
@@ -165,4 +241,26 @@ fn ours(shared: &Shared, seq: u64, rows: Vec<Claimed>) -> Vec<Claimed> {
             ok
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::buffer_rows;
+
+    #[test]
+    fn the_buffer_holds_one_horizon_of_work_at_most() {
+        // No-op tasks (10 µs): capped by prefetch.
+        assert_eq!(buffer_rows(8, 500, 1000, 10_000), 500);
+        // 8 slots of 50 ms tasks end 16 in 100 ms.
+        assert_eq!(buffer_rows(8, 500, 40, 40 * 50_000), 16);
+        // Tasks longer than the horizon get no buffer.
+        assert_eq!(buffer_rows(2, 500, 2, 2 * 300_000), 0);
+        assert_eq!(buffer_rows(8, 500, 3, 3 * 1_000_000), 0);
+        // Nothing ended since the last look (every slot on slow work): none.
+        assert_eq!(buffer_rows(8, 500, 0, 0), 0);
+        // Prefetch off.
+        assert_eq!(buffer_rows(8, 0, 1000, 1000), 0);
+        // A zero duration does not divide by zero.
+        assert_eq!(buffer_rows(1, 7, 5, 0), 7);
+    }
 }

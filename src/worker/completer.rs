@@ -1,5 +1,5 @@
 //! The completer of a worker: writes finished attempts in batches (whatever arrived while the
-//! previous statement ran) and frees their permits once written.
+//! previous statement ran) and frees their hold permits once written.
 
 use crate::queue::{Completion, Queue, backoff};
 use std::sync::Arc;
@@ -13,7 +13,7 @@ use super::*;
 pub(super) const MAX_COMPLETE: usize = 2000;
 
 /// Writes finished attempts in batches: whatever has arrived while the previous statement
-/// ran goes into the next one. Each attempt's capacity permit is freed once its completion is
+/// ran goes into the next one. Each attempt's hold permit is freed once its completion is
 /// written.
 pub(super) async fn write_completions(
     shared: Arc<Shared>,

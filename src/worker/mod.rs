@@ -1,21 +1,27 @@
 //! The worker of one replica: an apalis worker fed by our own backend over `queue`.
 //!
 //! ```text
-//! claimer ──(claim n = free permits)──▶ channel ──▶ apalis Backend ──▶ runner (tower Service)
-//!    ▲                                                                   │ timeout, cancel,
-//!    │                                                                   │ panic → Outcome
-//!    └──── permits freed once the completion is written ◀── completer ◀──┘ (batched, fenced)
+//! claimer ──(claim n ≤ free hold permits)──▶ channel ──▶ apalis Backend ──(run permit)──▶ runner
+//!    ▲                   (the prefetch buffer)                                │ timeout, cancel,
+//!    │                                                                        │ panic → Outcome
+//!    └── hold permits freed once the completion is written ◀── completer ◀───┘ (batched, fenced)
 //! ```
 //!
 //! One file per part: `handler` (what task code sees), `capacity`, `backend`,
 //! `claimer`, `runner`, `completer`, and `holds` (the attempts it answers for).
 //!
 //! Guarantees:
-//! - never more tasks claimed than [`Capacity`] has free permits: a claimed row holds a permit
-//!   from the claim until its completion is written;
+//! - never more rows held than [`Capacity`] has hold permits (the grant plus `bulk.prefetch`,
+//!   none while the grant is 0): a claimed row holds one from the claim until its completion
+//!   is written;
+//! - never more attempts running than the grant: an attempt holds a run permit from its start
+//!   to the end of its handler;
+//! - rows beyond the free slots are claimed only while tasks end quickly: the buffer holds at
+//!   most what the pool ended in the last [`PREFETCH_HORIZON`];
 //! - every attempt ends in exactly one [`crate::queue::Outcome`] (success, error, panic →
 //!   failed, timeout, cancel), written back in batches through
 //!   [`crate::queue::Queue::complete`];
+//! - a buffered row whose claim is older than `claim_max_age` is given back, not started;
 //! - on shutdown, claimed-but-unstarted tasks and tasks still running after the grace period
 //!   go back to `pending` without counting an attempt.
 //!
@@ -39,7 +45,7 @@ use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 
 pub use backend::{BackendError, Job};
-use backend::{ClaimedRows, Finished};
+use backend::{ClaimedRows, Feed, Finished};
 pub use capacity::Capacity;
 use claimer::claim_loop;
 use completer::write_completions;
@@ -49,6 +55,10 @@ use holds::Holds;
 use quarantine::Quarantines;
 pub use quarantine::Target;
 use runner::Runner;
+
+/// How much work the prefetch buffer holds at most: the rows the pool ended in this long, up
+/// to `bulk.prefetch`. Slow tasks get no buffer, so they are not kept from idle replicas.
+pub const PREFETCH_HORIZON: Duration = Duration::from_millis(100);
 
 /// Settings of a pool.
 #[derive(Debug, Clone)]
@@ -106,6 +116,28 @@ struct Shared {
     claiming_changed: Notify,
     /// Agents and kinds not to start now, and failures per target.
     quarantines: Quarantines,
+    /// How long attempts take: what the prefetch buffer may hold.
+    pace: Pace,
+}
+
+/// Attempts ended and the time their handlers took, for [`Pace::allowance`].
+#[derive(Default)]
+struct Pace {
+    ended: std::sync::atomic::AtomicU64,
+    busy_us: std::sync::atomic::AtomicU64,
+}
+
+impl Pace {
+    fn ended(&self, took: Duration) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.busy_us.fetch_add(took.as_micros() as u64, Relaxed);
+        self.ended.fetch_add(1, Relaxed);
+    }
+
+    fn read(&self) -> (u64, u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        (self.ended.load(Relaxed), self.busy_us.load(Relaxed))
+    }
 }
 
 impl Shared {
@@ -131,7 +163,7 @@ pub struct Worker {
     stop_writer: CancellationToken,
     monitor: tokio::task::JoinHandle<()>,
     stop_monitor: Option<tokio::sync::oneshot::Sender<()>>,
-    unstarted: Arc<Mutex<mpsc::Receiver<Job>>>,
+    unstarted: Arc<Mutex<Feed>>,
 }
 
 impl Worker {
@@ -143,8 +175,11 @@ impl Worker {
         options: WorkerOptions,
         wake: Arc<Notify>,
     ) -> Worker {
-        let (jobs_tx, jobs_rx) = mpsc::channel::<Job>(options.max_concurrent.max(1));
-        let (done_tx, done_rx) = mpsc::channel::<Finished>(options.max_concurrent.max(1) * 2);
+        // Room for every row the pool may hold, so neither the claimer nor a runner ever waits
+        // on a channel.
+        let holdable = options.max_concurrent.max(1) + capacity.prefetch();
+        let (jobs_tx, jobs_rx) = mpsc::channel::<Job>(holdable);
+        let (done_tx, done_rx) = mpsc::channel::<Finished>(holdable);
         let shared = Arc::new(Shared {
             queue: queue.clone(),
             registry: registry.clone(),
@@ -160,6 +195,7 @@ impl Worker {
             claiming: true.into(),
             claiming_changed: Notify::new(),
             quarantines: Quarantines::default(),
+            pace: Pace::default(),
         });
 
         let stop_writer = CancellationToken::new();
@@ -178,9 +214,9 @@ impl Worker {
             stop_claiming.clone(),
         ));
 
-        let unstarted = Arc::new(Mutex::new(jobs_rx));
+        let unstarted = Arc::new(Mutex::new(Feed::new(jobs_rx, capacity.clone())));
         let backend = ClaimedRows {
-            rx: unstarted.clone(),
+            feed: unstarted.clone(),
         };
         let runner = Runner {
             shared: shared.clone(),
@@ -235,12 +271,11 @@ impl Worker {
 
         // Claimed but never started: straight back to the queue.
         let unstarted: Vec<(TaskId, i32)> = {
-            let mut rx = self.unstarted.lock().expect("backend lock");
-            let mut ids = Vec::new();
-            while let Ok(job) = rx.try_recv() {
-                ids.push((job.claimed.id, job.claimed.attempt));
-            }
-            ids
+            let mut feed = self.unstarted.lock().expect("backend lock");
+            feed.drain()
+                .into_iter()
+                .map(|job| (job.claimed.id, job.claimed.attempt))
+                .collect()
         };
         self.release(&unstarted, "claimed but not started").await;
 

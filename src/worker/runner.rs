@@ -1,6 +1,6 @@
 //! The tower service at the bottom of the apalis stack: runs one attempt end to end (a claim
 //! too old to start is handed back), maps every ending to one [`Outcome`], and passes the
-//! completion, with its permit, to the completer.
+//! completion, with its hold permit, to the completer (its run permit is freed at once).
 
 use crate::queue::{Claimed, Completion, Outcome, TaskId, backoff};
 use apalis::prelude::*;
@@ -55,10 +55,12 @@ pub(super) fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
 pub(super) async fn run_attempt(shared: Arc<Shared>, job: Job) {
     let Job {
         claimed: c,
-        permit,
+        hold,
+        run,
         claimed_at,
+        arrived_at,
     } = job;
-    if give_back_stale(&shared, &c, claimed_at).await {
+    if give_back_stale(&shared, &c, claimed_at, arrived_at).await {
         return;
     }
     let token = CancellationToken::new();
@@ -83,9 +85,13 @@ pub(super) async fn run_attempt(shared: Arc<Shared>, job: Job) {
         use tracing_opentelemetry::OpenTelemetrySpanExt;
         let _ = span.set_parent(parent);
     }
+    let began = std::time::Instant::now();
     let outcome = attempt(&shared, &c, &token, &control)
         .instrument(span)
         .await;
+    // The slot is free for the next buffered row while this completion waits to be written.
+    drop(run);
+    shared.pace.ended(began.elapsed());
     count(&shared, &c, &outcome);
     let retry_at = chrono::Utc::now()
         + backoff::delay(
@@ -116,13 +122,13 @@ pub(super) async fn run_attempt(shared: Arc<Shared>, job: Job) {
             handoff,
         };
         // Sent before the entry goes, so a draining shutdown still counts this attempt while
-        // its completion waits for room in the completer's channel. The permit is freed by
-        // the completer once the completion is durable.
+        // its completion waits for room in the completer's channel. The hold permit is freed
+        // by the completer once the completion is durable.
         let _ = shared
             .completions
             .send(Finished {
                 completion,
-                _permit: permit,
+                _permit: hold,
             })
             .await;
     }
@@ -135,24 +141,45 @@ pub(super) async fn run_attempt(shared: Arc<Shared>, job: Job) {
     shared.ended.notify_waiters();
 }
 
+/// The longest a claimed row waits in the prefetch buffer: one that waited longer goes back to
+/// the queue, where an idle replica can take it. The buffer is sized for less than one
+/// [`PREFETCH_HORIZON`] of work, so only a change of pace (quick tasks, then slow ones) leaves
+/// rows waiting this long.
+pub(super) const BUFFER_MAX_WAIT: Duration = Duration::from_secs(1);
+
 /// A claim that came back late (the process was stopped, or the database stalled) may already
 /// have been rescued and run elsewhere; one made while claiming is suspended may be rescued at
-/// any moment. Such a claim is given back (fenced by the attempt) rather than run twice.
-/// Returns whether it was.
-async fn give_back_stale(shared: &Shared, c: &Claimed, claimed_at: tokio::time::Instant) -> bool {
+/// any moment. Such a claim is given back (fenced by the attempt) rather than run twice. So is
+/// a row that waited in the buffer longer than [`BUFFER_MAX_WAIT`]. Returns whether it was.
+async fn give_back_stale(
+    shared: &Shared,
+    c: &Claimed,
+    claimed_at: tokio::time::Instant,
+    arrived_at: tokio::time::Instant,
+) -> bool {
     let age = claimed_at.elapsed();
+    let waited = arrived_at.elapsed();
     let suspended = !shared.claiming.load(std::sync::atomic::Ordering::SeqCst);
-    if age <= shared.options.claim_max_age && !suspended {
+    if age <= shared.options.claim_max_age && waited <= BUFFER_MAX_WAIT && !suspended {
         return false;
     }
-    tracing::warn!(
-        task.id = c.id,
-        task.attempt = c.attempt,
-        claim_age_ms = age.as_millis() as u64,
-        suspended,
-        "not starting a claimed task: the claim is too old or claiming is suspended; \
-         returning it to the queue"
-    );
+    if age <= shared.options.claim_max_age && !suspended {
+        // Only waited long in the buffer: the pace changed, nothing is wrong.
+        tracing::info!(
+            task.id = c.id,
+            buffered_ms = waited.as_millis() as u64,
+            "a prefetched task waited too long for a slot; returning it to the queue"
+        );
+    } else {
+        tracing::warn!(
+            task.id = c.id,
+            task.attempt = c.attempt,
+            claim_age_ms = age.as_millis() as u64,
+            suspended,
+            "not starting a claimed task: the claim is too old or claiming is suspended; \
+             returning it to the queue"
+        );
+    }
     if let Err(e) = shared
         .queue
         .release(&shared.options.replica, &[(c.id, c.attempt)])
