@@ -300,6 +300,7 @@ async fn run_bench(db: &TestDb, args: &[&str]) -> (u32, serde_json::Value) {
     let mut cmd = tokio::process::Command::from(common::harness_command());
     let child = cmd
         .env("DATABASE_URL", &db.url)
+        .kill_on_drop(true)
         .arg("bench")
         .args(args)
         .stdout(std::process::Stdio::piped())
@@ -324,4 +325,35 @@ async fn assert_dropped(db: &TestDb, name: &str) {
             .await
             .unwrap();
     assert!(!left, "the benchmark's database {name} is dropped");
+}
+
+#[tokio::test]
+async fn bench_replicas_run_when_the_default_api_port_is_taken() {
+    // A `harness up` on the same machine holds api.bind's default. The bench's replicas
+    // used it too (the bench clears HARNESS_* from their environment), so each one exited
+    // at once and the bench waited for tasks nobody ran.
+    let held = std::net::TcpListener::bind("127.0.0.1:8080");
+    let taken = held.is_ok() || std::net::TcpStream::connect("127.0.0.1:8080").is_ok();
+    assert!(taken, "127.0.0.1:8080 is held for the test");
+    let db = TestDb::new().await;
+    let (_, report) = tokio::time::timeout(
+        Duration::from_secs(120),
+        run_bench(
+            &db,
+            &[
+                "--tasks",
+                "300",
+                "--concurrency",
+                "4",
+                "--latency-samples",
+                "5",
+                "--json",
+            ],
+        ),
+    )
+    .await
+    .expect("the bench finished within 2 minutes");
+    assert!(report["process_per_s"].as_f64().unwrap() > 0.0, "{report}");
+    assert_eq!(report["prefetch"], 500, "{report}");
+    drop(held);
 }

@@ -689,3 +689,60 @@ async fn a_row_that_waits_in_the_buffer_too_long_goes_back_to_an_idle_replica() 
         "rows that waited over a second in a's buffer went back, and idle b ran some: {ran_by:?}"
     );
 }
+
+#[tokio::test]
+async fn shutdown_hands_buffered_tasks_back_without_counting_attempts() {
+    let db = TestDb::new().await;
+    let h = Harness::builder()
+        .config(db.fast_config(&[
+            ("HARNESS_BULK__MAX_CONCURRENT", "1"),
+            ("HARNESS_BULK__PREFETCH", "50"),
+            ("HARNESS_BULK__SHUTDOWN_GRACE_S", "1"),
+        ]))
+        .pool(db.pool.clone())
+        .handler("quick", |_p: Value| async { Ok::<_, String>(json!({})) })
+        .handler("stuck", |_p: Value| async {
+            tokio::time::sleep(Duration::from_secs(60)).await;
+            Ok::<_, String>(json!({}))
+        })
+        .build()
+        .await
+        .unwrap();
+    let q = h.queue().clone();
+    q.enqueue_many(vec![NewTask::new("quick", json!({})).priority(1); 2000])
+        .await
+        .unwrap();
+    let stuck: Vec<i64> = q
+        .enqueue_many(vec![NewTask::new("stuck", json!({})); 6])
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| e.id)
+        .collect();
+    let (stop, served) = serve(h);
+    // One runs; at the quick tasks' pace the other five were claimed into the buffer.
+    common::eventually(
+        "all six stuck tasks held",
+        Duration::from_secs(30),
+        async || {
+            let n: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM tasks WHERE kind = 'stuck' AND status = 'running'",
+            )
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+            (n == 6).then_some(())
+        },
+    )
+    .await;
+    stop.send(()).unwrap();
+    served.await.unwrap();
+    for id in stuck {
+        let t = q.get(id).await.unwrap();
+        assert_eq!(
+            (t.status, t.attempt, t.retry_count),
+            (Status::Pending, 0, 0),
+            "{t:?}"
+        );
+    }
+}

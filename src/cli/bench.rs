@@ -289,6 +289,8 @@ impl Replicas {
                 .env("HARNESS_HOME", &cfg.home)
                 .env("HARNESS_BULK__MAX_CONCURRENT", concurrency.to_string())
                 .env("HARNESS_BULK__PREFETCH", prefetch.to_string())
+                // Health and metrics on a free port: a taken api.bind would stop the replica.
+                .env("HARNESS_API__BIND", "127.0.0.1:0")
                 .env("HARNESS_DATABASE__MAX_CONNECTIONS", "10")
                 .env("RUST_LOG", "warn")
                 .stdin(Stdio::null())

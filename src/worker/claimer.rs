@@ -121,8 +121,8 @@ pub(super) async fn claim_loop(
 }
 
 /// What the prefetch buffer may hold: the rows the pool ends in one [`PREFETCH_HORIZON`] at
-/// the mean duration of the attempts that ended since the last look (at least a horizon ago),
-/// with every slot busy. Attempts that last longer than the horizon get no buffer, and a look
+/// the mean duration of the attempts that ended since the last look (a horizon ago, or as
+/// many attempts as there are slots), with every slot busy. Attempts that last longer than the horizon get no buffer, and a look
 /// that saw none end (all slots on slow work) gives none either.
 struct Allowance {
     since: std::time::Instant,
@@ -140,8 +140,11 @@ impl Allowance {
     }
 
     fn rows(&mut self, shared: &Shared, granted: usize, prefetch: usize) -> usize {
-        if self.since.elapsed() >= PREFETCH_HORIZON {
-            let (ended, busy_us) = shared.pace.read();
+        let (ended, busy_us) = shared.pace.read();
+        // Looked at again after a horizon, or as soon as every slot's worth of attempts has
+        // ended: quick work gets its buffer within milliseconds of starting.
+        if self.since.elapsed() >= PREFETCH_HORIZON || ended - self.seen.0 >= granted.max(1) as u64
+        {
             self.rows = buffer_rows(
                 granted,
                 prefetch,
