@@ -569,6 +569,15 @@ async fn peak_running_until_completed(db: &TestDb, until_done: i64) -> i64 {
     }
 }
 
+/// Rows of `kind` that are `running` (held by a replica, started or buffered).
+async fn held(db: &TestDb, kind: &str) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM tasks WHERE kind = $1 AND status = 'running'")
+        .bind(kind)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap()
+}
+
 #[tokio::test]
 async fn a_prefetching_pool_claims_ahead_but_runs_no_more_than_its_grant() {
     let db = TestDb::new().await;
@@ -656,15 +665,7 @@ async fn a_row_that_waits_in_the_buffer_too_long_goes_back_to_an_idle_replica() 
     common::eventually(
         "replica a to hold all four slow tasks",
         Duration::from_secs(30),
-        async || {
-            let n: i64 = sqlx::query_scalar(
-                "SELECT count(*) FROM tasks WHERE kind = 'slow' AND status = 'running'",
-            )
-            .fetch_one(&db.pool)
-            .await
-            .unwrap();
-            (n == 4).then_some(())
-        },
+        async || (held(&db, "slow").await == 4).then_some(()),
     )
     .await;
     // Replica b serves slow tasks only, and is idle.
@@ -684,6 +685,16 @@ async fn a_row_that_waits_in_the_buffer_too_long_goes_back_to_an_idle_replica() 
     served_b.await.unwrap();
     let ran_by = ran_by.lock().unwrap().clone();
     assert_eq!(ran_by.len(), 4, "each slow task ran once: {ran_by:?}");
+    let attempts: Vec<i32> =
+        sqlx::query_scalar("SELECT attempt FROM tasks WHERE kind = 'slow' ORDER BY id")
+            .fetch_all(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        attempts,
+        vec![1; 4],
+        "a task handed back from the buffer did not count an attempt"
+    );
     assert!(
         ran_by.contains(&"b"),
         "rows that waited over a second in a's buffer went back, and idle b ran some: {ran_by:?}"
@@ -724,15 +735,7 @@ async fn shutdown_hands_buffered_tasks_back_without_counting_attempts() {
     common::eventually(
         "all six stuck tasks held",
         Duration::from_secs(30),
-        async || {
-            let n: i64 = sqlx::query_scalar(
-                "SELECT count(*) FROM tasks WHERE kind = 'stuck' AND status = 'running'",
-            )
-            .fetch_one(&db.pool)
-            .await
-            .unwrap();
-            (n == 6).then_some(())
-        },
+        async || (held(&db, "stuck").await == 6).then_some(()),
     )
     .await;
     stop.send(()).unwrap();
@@ -745,4 +748,74 @@ async fn shutdown_hands_buffered_tasks_back_without_counting_attempts() {
             "{t:?}"
         );
     }
+}
+
+#[tokio::test]
+async fn a_paused_replica_hands_its_buffer_back() {
+    let db = TestDb::new().await;
+    let h = Harness::builder()
+        .config(db.fast_config(&[
+            ("HARNESS_BULK__MAX_CONCURRENT", "1"),
+            ("HARNESS_BULK__PREFETCH", "50"),
+            ("HARNESS_BULK__SHUTDOWN_GRACE_S", "1"),
+        ]))
+        .pool(db.pool.clone())
+        .handler("quick", |_p: Value| async { Ok::<_, String>(json!({})) })
+        .handler("stuck", |_p: Value| async {
+            tokio::time::sleep(Duration::from_secs(60)).await;
+            Ok::<_, String>(json!({}))
+        })
+        .build()
+        .await
+        .unwrap();
+    let capacity = h.capacity();
+    let q = h.queue().clone();
+    q.enqueue_many(vec![NewTask::new("quick", json!({})).priority(1); 2000])
+        .await
+        .unwrap();
+    q.enqueue_many(vec![NewTask::new("stuck", json!({})); 6])
+        .await
+        .unwrap();
+    let (stop, served) = serve(h);
+    common::eventually(
+        "all six stuck tasks held",
+        Duration::from_secs(30),
+        async || (held(&db, "stuck").await == 6).then_some(()),
+    )
+    .await;
+    // Paused (what the governor does): the five buffered tasks, which have waited a few
+    // milliseconds, go back within a sweep (not after the buffer's second), the running one
+    // goes on, and nothing new is claimed.
+    capacity.set(0);
+    let t0 = std::time::Instant::now();
+    common::eventually(
+        "the buffered tasks back in the queue",
+        Duration::from_secs(5),
+        async || (held(&db, "stuck").await == 1).then_some(()),
+    )
+    .await;
+    assert!(
+        t0.elapsed() < Duration::from_millis(600),
+        "{:?}",
+        t0.elapsed()
+    );
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(
+        held(&db, "stuck").await,
+        1,
+        "a paused replica claims nothing"
+    );
+    let pending: Vec<(i32, i32)> = sqlx::query_as(
+        "SELECT attempt, retry_count FROM tasks WHERE kind = 'stuck' AND status = 'pending'",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        pending,
+        vec![(0, 0); 5],
+        "handed back without counting attempts"
+    );
+    let _ = stop.send(());
+    served.await.unwrap();
 }

@@ -142,18 +142,19 @@ pg_version=$(query "SELECT version()") ||
     die "cannot connect to PostgreSQL with DATABASE_URL (see above); set DATABASE_URL to a server, as a role that may create databases"
 
 # --- where `harness bench` runs ---------------------------------------------------------
-# Its replica (`harness serve --no-api`) still listens on api.bind for health and metrics,
-# 127.0.0.1:8080 by default, and `harness bench` strips HARNESS_* from the replica's
+# Builds before 2026-12-02 left the bench's replica (`harness serve --no-api`) on api.bind
+# (127.0.0.1:8080 by default) for health and metrics, with HARNESS_* stripped from its
 # environment: with that port taken (a `harness up` on this machine, another bench) the
-# replica exits at once and the bench waits forever. So, unless the user has a config of their
-# own, the bench runs in a scratch directory whose harness.yml only moves api.bind to a free
-# port (the replica reads ./harness.yml).
+# replica exited at once and the bench waited up to 10 minutes. Newer builds give it a free
+# port themselves. So that older builds can be compared too, unless the user has a config of
+# their own, the bench runs in a scratch directory whose harness.yml only moves api.bind to a
+# free port (the replica reads ./harness.yml).
 if [[ -z ${HARNESS_CONFIG:-} && ! -e harness.yml ]]; then
     BENCH_DIR=$SCRATCH
     printf 'api:\n  bind: 127.0.0.1:0\n' >"$BENCH_DIR/harness.yml"
 else
     BENCH_DIR=$PWD
-    echo "note: harness bench uses your configuration (HARNESS_CONFIG or ./harness.yml); its replica must be able to listen on api.bind" >&2
+    echo "note: harness bench uses your configuration (HARNESS_CONFIG or ./harness.yml)" >&2
 fi
 if [[ -n ${HARNESS_HOME:-} ]]; then
     BENCH_HOME=$(mkdir -p "$HARNESS_HOME" && cd "$HARNESS_HOME" && pwd -P)

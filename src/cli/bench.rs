@@ -40,9 +40,9 @@ pub struct BenchArgs {
     /// Replica processes that process the tasks
     #[arg(long, default_value_t = 1)]
     replicas: u32,
-    /// Claimed tasks each replica may keep waiting for a slot (its bulk.prefetch)
+    /// Claimed tasks each replica may keep waiting for a slot (its bulk.prefetch, 0..=10000)
     /// [default: bulk.prefetch of the configuration]
-    #[arg(long)]
+    #[arg(long, value_parser = clap::value_parser!(u32).range(0..=10_000))]
     prefetch: Option<u32>,
     /// Rows per bulk enqueue statement
     #[arg(long, default_value_t = 5_000)]
@@ -302,6 +302,18 @@ impl Replicas {
         Ok(Replicas(children))
     }
 
+    /// How the replicas ended, when every one of them has.
+    fn all_exited(&mut self) -> Option<String> {
+        let mut ended = Vec::new();
+        for c in &mut self.0 {
+            match c.try_wait() {
+                Ok(Some(status)) => ended.push(status.to_string()),
+                _ => return None,
+            }
+        }
+        Some(ended.join(", "))
+    }
+
     fn stop_all_but_first(&mut self) {
         let rest: Vec<Child> = self.0.drain(1..).collect();
         stop(rest);
@@ -343,7 +355,7 @@ async fn measure(cfg: &Config, args: &BenchArgs, url: &str) -> anyhow::Result<Me
     let enqueue_per_s = bulk_enqueue(&pool, &queue, args).await?;
     let prefetch = args.prefetch.unwrap_or(cfg.bulk.prefetch);
     let mut replicas = Replicas::spawn(cfg, url, args.replicas, args.concurrency, prefetch)?;
-    let process_per_s = processing(&queue, args.tasks()).await?;
+    let process_per_s = processing(&queue, args.tasks(), &mut replicas).await?;
     replicas.stop_all_but_first();
     let mut latencies = pickup_latencies(&queue, args.latency_samples).await?;
     drop(replicas);
@@ -395,13 +407,18 @@ async fn bulk_enqueue(pool: &sqlx::PgPool, queue: &Queue, args: &BenchArgs) -> a
 
 /// Waits until every task is finished; tasks per second from the first start to the last
 /// completion.
-async fn processing(queue: &Queue, tasks: usize) -> anyhow::Result<f64> {
+async fn processing(queue: &Queue, tasks: usize, replicas: &mut Replicas) -> anyhow::Result<f64> {
     let deadline = Instant::now() + Duration::from_secs(600);
     // The progress check must not load the system it measures: "anything not completed?"
     // is one probe of the partial tasks_status_idx, where counting completed rows would scan.
     while queue.any_unfinished().await? {
         if Instant::now() > deadline {
             bail!("the tasks did not all complete within 10 minutes");
+        }
+        if let Some(how) = replicas.all_exited() {
+            bail!(
+                "every replica exited before the tasks were done ({how}); see their errors above"
+            );
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }

@@ -127,8 +127,8 @@ pub struct BulkConfig {
     /// How long running tasks may finish after SIGTERM before they are handed back.
     pub shutdown_grace_s: u64,
     /// The most claimed tasks a replica keeps waiting for a free slot, beyond those running,
-    /// so that claims overlap execution. Used only while tasks end quickly: the buffer holds
-    /// at most what the replica ran in the last [`crate::worker::PREFETCH_HORIZON`].
+    /// so that claims overlap execution. Used only while tasks end quickly (see
+    /// [`crate::worker::PREFETCH_HORIZON`]).
     pub prefetch: u32,
 }
 

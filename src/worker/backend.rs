@@ -1,17 +1,19 @@
-//! The apalis backend of a worker: claimed rows arrive on a channel from the claimer, each
-//! holding its hold permit ([`Job`]). A row leaves the backend for the runner only with a run
-//! permit too, so the channel is the prefetch buffer: rows wait there while every slot is busy.
-//! A finished attempt gives its run permit back at once and keeps its hold permit until its
-//! completion is written ([`Finished`]).
+//! The apalis backend of a worker: claimed rows wait in the [`Feed`], the prefetch buffer,
+//! each holding its hold permit ([`Job`]). A row leaves it for the runner only with a run
+//! permit too, so rows wait there while every slot is busy. A finished attempt gives its run
+//! permit back at once and keeps its hold permit until its completion is written
+//! ([`Finished`]).
 
 use crate::queue::{Claimed, Completion};
 use apalis::prelude::*;
 use apalis_core::backend::BackendConfig;
 use apalis_core::backend::finalize::Ephemeral;
 use apalis_core::layers::Identity;
+use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
-use tokio::sync::{OwnedSemaphorePermit, mpsc};
+use std::task::{Context, Poll, Waker};
+use std::time::Duration;
+use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::PollSemaphore;
 
 use super::Capacity;
@@ -35,36 +37,53 @@ pub(super) struct Finished {
     pub(super) _permit: OwnedSemaphorePermit,
 }
 
-/// The apalis backend: claimed rows arrive on a channel from the claimer.
+/// The apalis backend: claimed rows come from the [`Feed`].
 #[derive(Clone)]
 pub(super) struct ClaimedRows {
     pub(super) feed: Arc<Mutex<Feed>>,
 }
 
-/// The claimed rows not started yet: the channel, and the one row (at most) taken from it
-/// that waits for a run permit.
+/// The claimed rows not started yet, oldest first: the prefetch buffer.
 pub(super) struct Feed {
-    rx: mpsc::Receiver<Job>,
-    next: Option<Job>,
+    rows: VecDeque<Job>,
+    /// The backend's task, waiting for a row.
+    waker: Option<Waker>,
     run: PollSemaphore,
     capacity: Arc<Capacity>,
 }
 
 impl Feed {
-    pub(super) fn new(rx: mpsc::Receiver<Job>, capacity: Arc<Capacity>) -> Feed {
+    pub(super) fn new(capacity: Arc<Capacity>) -> Feed {
         Feed {
-            rx,
-            next: None,
+            rows: VecDeque::new(),
+            waker: None,
             run: PollSemaphore::new(capacity.run.sem.clone()),
             capacity,
         }
     }
 
-    /// Takes every row not started (shutdown): they go back to the queue.
-    pub(super) fn drain(&mut self) -> Vec<Job> {
-        let mut jobs: Vec<Job> = self.next.take().into_iter().collect();
-        while let Ok(job) = self.rx.try_recv() {
-            jobs.push(job);
+    /// Adds claimed rows, in the claim's order.
+    pub(super) fn push(&mut self, jobs: Vec<Job>) {
+        self.rows.extend(jobs);
+        if let Some(waker) = self.waker.take() {
+            waker.wake();
+        }
+    }
+
+    /// Rows waiting for a slot.
+    pub(super) fn len(&self) -> usize {
+        self.rows.len()
+    }
+
+    /// Takes the rows that waited longer than `max_wait` (every row with `all`): they go
+    /// back to the queue.
+    pub(super) fn overdue(&mut self, max_wait: Duration, all: bool) -> Vec<Job> {
+        let mut jobs = Vec::new();
+        while let Some(job) = self.rows.front() {
+            if !all && job.arrived_at.elapsed() <= max_wait {
+                break;
+            }
+            jobs.extend(self.rows.pop_front());
         }
         jobs
     }
@@ -72,13 +91,9 @@ impl Feed {
     /// The next row, with a run permit.
     fn poll_job(&mut self, cx: &mut Context<'_>) -> Poll<Job> {
         loop {
-            if self.next.is_none() {
-                match self.rx.poll_recv(cx) {
-                    Poll::Ready(Some(job)) => self.next = Some(job),
-                    // None: the claimer has stopped (shutdown); idle until the monitor stops
-                    // the worker.
-                    Poll::Ready(None) | Poll::Pending => return Poll::Pending,
-                }
+            if self.rows.is_empty() {
+                self.waker = Some(cx.waker().clone());
+                return Poll::Pending;
             }
             match self.run.poll_acquire(cx) {
                 Poll::Ready(Some(mut permit)) => {
@@ -86,7 +101,7 @@ impl Feed {
                     if !self.capacity.run.repay(&mut permit) {
                         continue;
                     }
-                    let mut job = self.next.take().expect("a row waits");
+                    let mut job = self.rows.pop_front().expect("a row waits");
                     job.run = Some(permit);
                     return Poll::Ready(job);
                 }

@@ -120,6 +120,11 @@ impl Capacity {
         self.prefetch
     }
 
+    /// The most rows the pool may hold at its current grant.
+    pub fn max_holdable(&self) -> usize {
+        holdable(self.granted(), self.prefetch)
+    }
+
     /// Changes the grant. An increase is usable at once; a decrease takes effect as running
     /// tasks end (nothing running is interrupted).
     pub fn set(&self, n: usize) {

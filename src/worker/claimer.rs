@@ -4,9 +4,9 @@
 //! the queue is drained; stops while claiming is suspended.
 
 use crate::queue::{Claimed, backoff};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::sync::{Notify, OwnedSemaphorePermit, mpsc};
+use tokio::sync::{Notify, OwnedSemaphorePermit};
 use tokio_util::sync::CancellationToken;
 
 use super::*;
@@ -21,7 +21,7 @@ pub(super) async fn claim_loop(
     shared: Arc<Shared>,
     capacity: Arc<Capacity>,
     wake: Arc<Notify>,
-    jobs: mpsc::Sender<Job>,
+    feed: Arc<Mutex<Feed>>,
     stop: CancellationToken,
 ) {
     let kinds = shared.registry.kinds();
@@ -43,7 +43,7 @@ pub(super) async fn claim_loop(
             continue; // every permit went to pay a capacity decrease
         };
         // Free slots, plus what the buffer may hold at the pace tasks end, less what waits.
-        let waiting = jobs.max_capacity() - jobs.capacity();
+        let waiting = feed.lock().expect("backend lock").len();
         let granted = capacity.granted();
         let room = (granted + allowance.rows(&shared, granted, capacity.prefetch()))
             .saturating_sub(shared.running_count() + waiting);
@@ -95,22 +95,22 @@ pub(super) async fn claim_loop(
         busy = got == want;
         let arrived_at = tokio::time::Instant::now();
         tracing::trace!(want, got, ms = t0.elapsed().as_secs_f64() * 1000.0, "claim");
-        for row in ours(&shared, seq, rows) {
-            let hold = permits.split(1).expect("one permit per claimed row");
-            let job = Job {
+        let jobs: Vec<Job> = ours(&shared, seq, rows)
+            .into_iter()
+            .map(|row| Job {
                 claimed: row,
-                hold,
+                hold: permits.split(1).expect("one permit per claimed row"),
                 run: None,
                 claimed_at: t0,
                 arrived_at,
-            };
-            if jobs.send(job).await.is_err() {
-                return;
-            }
-        }
+            })
+            .collect();
+        feed.lock().expect("backend lock").push(jobs);
         drop(permits);
         if got < want {
-            // The queue is drained: sleep until a NOTIFY or the next poll.
+            // The queue is drained: sleep until a NOTIFY or the next poll. What comes next
+            // may be other work: the buffer starts again from free slots only.
+            allowance.reset(&shared);
             tokio::select! {
                 _ = wake.notified() => {}
                 _ = tokio::time::sleep(shared.options.poll_interval) => {}
@@ -120,10 +120,9 @@ pub(super) async fn claim_loop(
     }
 }
 
-/// What the prefetch buffer may hold: the rows the pool ends in one [`PREFETCH_HORIZON`] at
-/// the mean duration of the attempts that ended since the last look (a horizon ago, or as
-/// many attempts as there are slots), with every slot busy. Attempts that last longer than the horizon get no buffer, and a look
-/// that saw none end (all slots on slow work) gives none either.
+/// What the prefetch buffer may hold: see [`PREFETCH_HORIZON`]. Looked at again a horizon
+/// after the last look, or once as many attempts as there are slots have ended; a look that
+/// saw none end (every slot on slow work) gives none, and so does a drained queue.
 struct Allowance {
     since: std::time::Instant,
     seen: (u64, u64),
@@ -137,6 +136,11 @@ impl Allowance {
             seen: shared.pace.read(),
             rows: 0,
         }
+    }
+
+    /// Starts again from no buffer, counting only attempts that end from now on.
+    fn reset(&mut self, shared: &Shared) {
+        *self = Allowance::new(shared);
     }
 
     fn rows(&mut self, shared: &Shared, granted: usize, prefetch: usize) -> usize {
@@ -165,8 +169,57 @@ fn buffer_rows(granted: usize, prefetch: usize, ended: u64, busy_us: u64) -> usi
         return 0;
     }
     let mean_us = (busy_us / ended).max(1) as u128;
+    if mean_us >= PREFETCH_HORIZON.as_micros() {
+        return 0;
+    }
     let per_horizon = granted as u128 * PREFETCH_HORIZON.as_micros() / mean_us;
     per_horizon.min(prefetch as u128) as usize
+}
+
+/// How often the buffer is looked at for rows that waited too long.
+const SWEEP_EVERY: Duration = Duration::from_millis(250);
+
+/// Returns to the queue, in one statement, the buffered rows that waited over
+/// [`BUFFER_MAX_WAIT`] for a slot, and every buffered row while the grant is 0 (paused).
+pub(super) async fn sweep_buffer(
+    shared: Arc<Shared>,
+    capacity: Arc<Capacity>,
+    feed: Arc<Mutex<Feed>>,
+    stop: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(SWEEP_EVERY) => {}
+            _ = stop.cancelled() => return,
+        }
+        let paused = capacity.granted() == 0;
+        let overdue = feed
+            .lock()
+            .expect("backend lock")
+            .overdue(BUFFER_MAX_WAIT, paused);
+        if overdue.is_empty() {
+            continue;
+        }
+        let ids: Vec<(TaskId, i32)> = overdue
+            .iter()
+            .map(|j| (j.claimed.id, j.claimed.attempt))
+            .collect();
+        shared.forget(ids.iter().copied());
+        match shared.queue.release(&shared.options.replica, &ids).await {
+            Ok(n) => tracing::info!(
+                released = n,
+                paused,
+                "returned prefetched tasks to the queue: they waited too long for a slot"
+            ),
+            Err(e) => tracing::warn!(
+                error = %e,
+                "could not return prefetched tasks now; the next reconciliation will"
+            ),
+        }
+        // Their hold permits go only now that the rows are no longer ours.
+        drop(overdue);
+        shared.ended.notify_waiters();
+    }
 }
 
 /// Waits while claiming is suspended (heartbeats failing). False when stopped meanwhile.
@@ -256,9 +309,14 @@ mod tests {
         assert_eq!(buffer_rows(8, 500, 1000, 10_000), 500);
         // 8 slots of 50 ms tasks end 16 in 100 ms.
         assert_eq!(buffer_rows(8, 500, 40, 40 * 50_000), 16);
-        // Tasks longer than the horizon get no buffer.
+        // Tasks as long as the horizon or longer get no buffer, however many slots.
         assert_eq!(buffer_rows(2, 500, 2, 2 * 300_000), 0);
         assert_eq!(buffer_rows(8, 500, 3, 3 * 1_000_000), 0);
+        assert_eq!(buffer_rows(8, 500, 8, 8 * 150_000), 0);
+        assert_eq!(buffer_rows(512, 500, 9, 9 * 100_000), 0);
+        assert_eq!(buffer_rows(128, 500, 4, 4 * 1_000_000), 0);
+        // Just under it: one horizon's worth.
+        assert_eq!(buffer_rows(8, 500, 8, 8 * 99_000), 8);
         // Nothing ended since the last look (every slot on slow work): none.
         assert_eq!(buffer_rows(8, 500, 0, 0), 0);
         // Prefetch off.

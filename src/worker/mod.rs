@@ -1,8 +1,8 @@
 //! The worker of one replica: an apalis worker fed by our own backend over `queue`.
 //!
 //! ```text
-//! claimer ──(claim n ≤ free hold permits)──▶ channel ──▶ apalis Backend ──(run permit)──▶ runner
-//!    ▲                   (the prefetch buffer)                                │ timeout, cancel,
+//! claimer ──(claim n ≤ free hold permits)──▶ feed ──▶ apalis Backend ──(run permit)──▶ runner
+//!    ▲                (the prefetch buffer)                                 │ timeout, cancel,
 //!    │                                                                        │ panic → Outcome
 //!    └── hold permits freed once the completion is written ◀── completer ◀───┘ (batched, fenced)
 //! ```
@@ -16,8 +16,9 @@
 //!   is written;
 //! - never more attempts running than the grant: an attempt holds a run permit from its start
 //!   to the end of its handler;
-//! - rows beyond the free slots are claimed only while tasks end quickly: the buffer holds at
-//!   most what the pool ended in the last [`PREFETCH_HORIZON`];
+//! - rows beyond the free slots are claimed only while tasks end quickly (see
+//!   [`PREFETCH_HORIZON`]); a buffered row goes back to the queue after [`BUFFER_MAX_WAIT`],
+//!   and every buffered row does while the grant is 0;
 //! - every attempt ends in exactly one [`crate::queue::Outcome`] (success, error, panic →
 //!   failed, timeout, cancel), written back in batches through
 //!   [`crate::queue::Queue::complete`];
@@ -47,7 +48,7 @@ use tokio_util::sync::CancellationToken;
 pub use backend::{BackendError, Job};
 use backend::{ClaimedRows, Feed, Finished};
 pub use capacity::Capacity;
-use claimer::claim_loop;
+use claimer::{claim_loop, sweep_buffer};
 use completer::write_completions;
 use handler::{Control, Verdict};
 pub use handler::{Handler, HandlerError, Registry, TaskContext, whole};
@@ -56,9 +57,15 @@ use quarantine::Quarantines;
 pub use quarantine::Target;
 use runner::Runner;
 
-/// How much work the prefetch buffer holds at most: the rows the pool ended in this long, up
-/// to `bulk.prefetch`. Slow tasks get no buffer, so they are not kept from idle replicas.
+/// How much work the prefetch buffer holds at most: the rows that every slot, busy, ends in
+/// this long at the mean duration of recent attempts, up to `bulk.prefetch`. Attempts that
+/// take this long or longer get no buffer, so slow work is not kept from idle replicas.
 pub const PREFETCH_HORIZON: Duration = Duration::from_millis(100);
+
+/// The longest a row waits in the prefetch buffer: one that waited longer goes back to the
+/// queue (without counting an attempt), where an idle replica can take it. Only a change of
+/// pace (quick tasks, then slow ones) or a lowered grant leaves rows waiting this long.
+pub const BUFFER_MAX_WAIT: Duration = Duration::from_secs(1);
 
 /// Settings of a pool.
 #[derive(Debug, Clone)]
@@ -120,7 +127,7 @@ struct Shared {
     pace: Pace,
 }
 
-/// Attempts ended and the time their handlers took, for [`Pace::allowance`].
+/// Handlers that returned and the time they took: what the prefetch buffer is sized by.
 #[derive(Default)]
 struct Pace {
     ended: std::sync::atomic::AtomicU64,
@@ -159,6 +166,7 @@ pub struct Worker {
     capacity: Arc<Capacity>,
     stop_claiming: CancellationToken,
     claimer: tokio::task::JoinHandle<()>,
+    sweeper: tokio::task::JoinHandle<()>,
     writer: tokio::task::JoinHandle<()>,
     stop_writer: CancellationToken,
     monitor: tokio::task::JoinHandle<()>,
@@ -175,10 +183,8 @@ impl Worker {
         options: WorkerOptions,
         wake: Arc<Notify>,
     ) -> Worker {
-        // Room for every row the pool may hold, so neither the claimer nor a runner ever waits
-        // on a channel.
-        let holdable = options.max_concurrent.max(1) + capacity.prefetch();
-        let (jobs_tx, jobs_rx) = mpsc::channel::<Job>(holdable);
+        // Room for every row the pool may hold, so a runner never waits on the completer.
+        let holdable = capacity.max_holdable().max(options.max_concurrent.max(1));
         let (done_tx, done_rx) = mpsc::channel::<Finished>(holdable);
         let shared = Arc::new(Shared {
             queue: queue.clone(),
@@ -205,16 +211,22 @@ impl Worker {
             stop_writer.clone(),
         ));
 
+        let unstarted = Arc::new(Mutex::new(Feed::new(capacity.clone())));
         let stop_claiming = CancellationToken::new();
         let claimer = tokio::spawn(claim_loop(
             shared.clone(),
             capacity.clone(),
             wake,
-            jobs_tx,
+            unstarted.clone(),
+            stop_claiming.clone(),
+        ));
+        let sweeper = tokio::spawn(sweep_buffer(
+            shared.clone(),
+            capacity.clone(),
+            unstarted.clone(),
             stop_claiming.clone(),
         ));
 
-        let unstarted = Arc::new(Mutex::new(Feed::new(jobs_rx, capacity.clone())));
         let backend = ClaimedRows {
             feed: unstarted.clone(),
         };
@@ -247,6 +259,7 @@ impl Worker {
             capacity,
             stop_claiming,
             claimer,
+            sweeper,
             writer,
             stop_writer,
             monitor,
@@ -268,11 +281,12 @@ impl Worker {
     pub async fn shutdown(mut self) {
         self.stop_claiming.cancel();
         let _ = (&mut self.claimer).await;
+        let _ = (&mut self.sweeper).await;
 
         // Claimed but never started: straight back to the queue.
         let unstarted: Vec<(TaskId, i32)> = {
             let mut feed = self.unstarted.lock().expect("backend lock");
-            feed.drain()
+            feed.overdue(Duration::ZERO, true)
                 .into_iter()
                 .map(|job| (job.claimed.id, job.claimed.attempt))
                 .collect()

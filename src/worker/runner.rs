@@ -60,9 +60,12 @@ pub(super) async fn run_attempt(shared: Arc<Shared>, job: Job) {
         claimed_at,
         arrived_at,
     } = job;
-    if give_back_stale(&shared, &c, claimed_at, arrived_at).await {
+    if give_back_stale(&shared, &c, claimed_at).await {
+        shared.ended.notify_waiters();
         return;
     }
+    // How long the row waited in the prefetch buffer: part of its pick-up.
+    let buffered = arrived_at.elapsed();
     let token = CancellationToken::new();
     shared
         .running
@@ -91,8 +94,7 @@ pub(super) async fn run_attempt(shared: Arc<Shared>, job: Job) {
         .await;
     // The slot is free for the next buffered row while this completion waits to be written.
     drop(run);
-    shared.pace.ended(began.elapsed());
-    count(&shared, &c, &outcome);
+    count(&shared, &c, &outcome, began.elapsed(), buffered);
     let retry_at = chrono::Utc::now()
         + backoff::delay(
             shared.options.retry_base,
@@ -141,45 +143,24 @@ pub(super) async fn run_attempt(shared: Arc<Shared>, job: Job) {
     shared.ended.notify_waiters();
 }
 
-/// The longest a claimed row waits in the prefetch buffer: one that waited longer goes back to
-/// the queue, where an idle replica can take it. The buffer is sized for less than one
-/// [`PREFETCH_HORIZON`] of work, so only a change of pace (quick tasks, then slow ones) leaves
-/// rows waiting this long.
-pub(super) const BUFFER_MAX_WAIT: Duration = Duration::from_secs(1);
-
 /// A claim that came back late (the process was stopped, or the database stalled) may already
 /// have been rescued and run elsewhere; one made while claiming is suspended may be rescued at
-/// any moment. Such a claim is given back (fenced by the attempt) rather than run twice. So is
-/// a row that waited in the buffer longer than [`BUFFER_MAX_WAIT`]. Returns whether it was.
-async fn give_back_stale(
-    shared: &Shared,
-    c: &Claimed,
-    claimed_at: tokio::time::Instant,
-    arrived_at: tokio::time::Instant,
-) -> bool {
+/// any moment. Such a claim is given back (fenced by the attempt) rather than run twice.
+/// Returns whether it was.
+async fn give_back_stale(shared: &Shared, c: &Claimed, claimed_at: tokio::time::Instant) -> bool {
     let age = claimed_at.elapsed();
-    let waited = arrived_at.elapsed();
     let suspended = !shared.claiming.load(std::sync::atomic::Ordering::SeqCst);
-    if age <= shared.options.claim_max_age && waited <= BUFFER_MAX_WAIT && !suspended {
+    if age <= shared.options.claim_max_age && !suspended {
         return false;
     }
-    if age <= shared.options.claim_max_age && !suspended {
-        // Only waited long in the buffer: the pace changed, nothing is wrong.
-        tracing::info!(
-            task.id = c.id,
-            buffered_ms = waited.as_millis() as u64,
-            "a prefetched task waited too long for a slot; returning it to the queue"
-        );
-    } else {
-        tracing::warn!(
-            task.id = c.id,
-            task.attempt = c.attempt,
-            claim_age_ms = age.as_millis() as u64,
-            suspended,
-            "not starting a claimed task: the claim is too old or claiming is suspended; \
-             returning it to the queue"
-        );
-    }
+    tracing::warn!(
+        task.id = c.id,
+        task.attempt = c.attempt,
+        claim_age_ms = age.as_millis() as u64,
+        suspended,
+        "not starting a claimed task: the claim is too old or claiming is suspended; \
+         returning it to the queue"
+    );
     if let Err(e) = shared
         .queue
         .release(&shared.options.replica, &[(c.id, c.attempt)])
@@ -232,6 +213,7 @@ async fn attempt(
     // Inside the guard, so a handler that panics while building its future is caught too.
     let func = handler.func.clone();
     let run = AssertUnwindSafe(async move { func(ctx).await }).catch_unwind();
+    let began = std::time::Instant::now();
     let outcome = tokio::select! {
         r = tokio::time::timeout(timeout, run) => match r {
             Ok(Ok(Ok(v))) => match control.lock().expect("control lock").verdict.take() {
@@ -247,6 +229,9 @@ async fn attempt(
         },
         _ = token.cancelled() => Outcome::Cancelled,
     };
+    // Only handlers that ran size the prefetch buffer: a quarantined or unknown kind, turned
+    // away at once, would make every task look instant.
+    shared.pace.ended(began.elapsed());
     match &outcome {
         Outcome::Success(_) => tracing::debug!("task completed"),
         Outcome::Cancelled => tracing::info!("task cancelled"),
@@ -285,7 +270,8 @@ fn counted(outcome: &Outcome) -> Counted {
 }
 
 /// One count for the governor (failures drive its pauses), and the metrics.
-fn count(shared: &Shared, c: &Claimed, outcome: &Outcome) {
+/// `ran`: from the attempt's start to its end; `buffered`: its wait in the prefetch buffer.
+fn count(shared: &Shared, c: &Claimed, outcome: &Outcome, ran: Duration, buffered: Duration) {
     let m = crate::telemetry::metrics();
     let attrs = crate::telemetry::task_attrs(&c.kind, c.agent_id);
     let counter = match counted(outcome) {
@@ -310,12 +296,12 @@ fn count(shared: &Shared, c: &Claimed, outcome: &Outcome) {
     if let Some(counter) = counter {
         counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
-    let seconds = |d: chrono::TimeDelta| d.num_microseconds().unwrap_or(0).max(0) as f64 / 1e6;
-    m.duration
-        .record(seconds(chrono::Utc::now() - c.started_at), &attrs);
-    let waited = c.started_at - c.scheduled_at;
-    m.pickup_latency.record(seconds(waited), &attrs);
-    let us = waited.num_microseconds().unwrap_or(0).max(0) as u64;
+    m.duration.record(ran.as_secs_f64(), &attrs);
+    // From due to start: until the claim, as the database saw it, then the buffer's wait.
+    let claimed = (c.started_at - c.scheduled_at).to_std().unwrap_or_default();
+    let waited = claimed + buffered;
+    m.pickup_latency.record(waited.as_secs_f64(), &attrs);
+    let us = waited.as_micros() as u64;
     shared
         .timed
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
