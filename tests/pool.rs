@@ -522,21 +522,7 @@ async fn running_rows_never_exceed_capacity_while_completions_are_written() {
         .map(|e| e.id)
         .collect();
     let (stop, served) = serve(h);
-    let mut peak = 0;
-    loop {
-        let (running, done): (i64, i64) = sqlx::query_as(
-            "SELECT count(*) FILTER (WHERE status = 'running'), \
-                    count(*) FILTER (WHERE status = 'completed') FROM tasks",
-        )
-        .fetch_one(&db.pool)
-        .await
-        .unwrap();
-        peak = peak.max(running);
-        if done == ids.len() as i64 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let peak = peak_running_until_completed(&db, ids.len() as i64).await;
     assert!(
         peak <= capacity,
         "{peak} rows running at once on a replica with capacity {capacity}"
@@ -701,58 +687,18 @@ async fn a_row_that_waits_in_the_buffer_too_long_goes_back_to_an_idle_replica() 
     );
 }
 
-#[tokio::test]
-async fn shutdown_hands_buffered_tasks_back_without_counting_attempts() {
-    let db = TestDb::new().await;
-    let h = Harness::builder()
-        .config(db.fast_config(&[
-            ("HARNESS_BULK__MAX_CONCURRENT", "1"),
-            ("HARNESS_BULK__PREFETCH", "50"),
-            ("HARNESS_BULK__SHUTDOWN_GRACE_S", "1"),
-        ]))
-        .pool(db.pool.clone())
-        .handler("quick", |_p: Value| async { Ok::<_, String>(json!({})) })
-        .handler("stuck", |_p: Value| async {
-            tokio::time::sleep(Duration::from_secs(60)).await;
-            Ok::<_, String>(json!({}))
-        })
-        .build()
-        .await
-        .unwrap();
-    let q = h.queue().clone();
-    q.enqueue_many(vec![NewTask::new("quick", json!({})).priority(1); 2000])
-        .await
-        .unwrap();
-    let stuck: Vec<i64> = q
-        .enqueue_many(vec![NewTask::new("stuck", json!({})); 6])
-        .await
-        .unwrap()
-        .iter()
-        .map(|e| e.id)
-        .collect();
-    let (stop, served) = serve(h);
-    // One runs; at the quick tasks' pace the other five were claimed into the buffer.
-    common::eventually(
-        "all six stuck tasks held",
-        Duration::from_secs(30),
-        async || (held(&db, "stuck").await == 6).then_some(()),
-    )
-    .await;
-    stop.send(()).unwrap();
-    served.await.unwrap();
-    for id in stuck {
-        let t = q.get(id).await.unwrap();
-        assert_eq!(
-            (t.status, t.attempt, t.retry_count),
-            (Status::Pending, 0, 0),
-            "{t:?}"
-        );
-    }
-}
-
-#[tokio::test]
-async fn a_paused_replica_hands_its_buffer_back() {
-    let db = TestDb::new().await;
+/// A replica with one slot and a prefetch of 50, serving: it runs 2,000 quick tasks, then six
+/// that never end, so one of those runs and, claimed at the quick tasks' pace, the other five
+/// wait in its buffer. Returns the ids of the six, its capacity and how to stop it.
+async fn five_buffered_behind_a_stuck_task(
+    db: &TestDb,
+) -> (
+    Vec<i64>,
+    Arc<harness::worker::Capacity>,
+    harness::queue::Queue,
+    oneshot::Sender<()>,
+    tokio::task::JoinHandle<()>,
+) {
     let h = Harness::builder()
         .config(db.fast_config(&[
             ("HARNESS_BULK__MAX_CONCURRENT", "1"),
@@ -773,16 +719,43 @@ async fn a_paused_replica_hands_its_buffer_back() {
     q.enqueue_many(vec![NewTask::new("quick", json!({})).priority(1); 2000])
         .await
         .unwrap();
-    q.enqueue_many(vec![NewTask::new("stuck", json!({})); 6])
+    let stuck: Vec<i64> = q
+        .enqueue_many(vec![NewTask::new("stuck", json!({})); 6])
         .await
-        .unwrap();
+        .unwrap()
+        .iter()
+        .map(|e| e.id)
+        .collect();
     let (stop, served) = serve(h);
     common::eventually(
         "all six stuck tasks held",
         Duration::from_secs(30),
-        async || (held(&db, "stuck").await == 6).then_some(()),
+        async || (held(db, "stuck").await == 6).then_some(()),
     )
     .await;
+    (stuck, capacity, q, stop, served)
+}
+
+#[tokio::test]
+async fn shutdown_hands_buffered_tasks_back_without_counting_attempts() {
+    let db = TestDb::new().await;
+    let (stuck, _, q, stop, served) = five_buffered_behind_a_stuck_task(&db).await;
+    stop.send(()).unwrap();
+    served.await.unwrap();
+    for id in stuck {
+        let t = q.get(id).await.unwrap();
+        assert_eq!(
+            (t.status, t.attempt, t.retry_count),
+            (Status::Pending, 0, 0),
+            "{t:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_paused_replica_hands_its_buffer_back() {
+    let db = TestDb::new().await;
+    let (_, capacity, _, stop, served) = five_buffered_behind_a_stuck_task(&db).await;
     // Paused (what the governor does): the five buffered tasks, which have waited a few
     // milliseconds, go back within a sweep (not after the buffer's second), the running one
     // goes on, and nothing new is claimed.
