@@ -357,3 +357,35 @@ async fn bench_replicas_run_when_the_default_api_port_is_taken() {
     assert_eq!(report["prefetch"], 500, "{report}");
     drop(held);
 }
+
+#[tokio::test]
+async fn the_bench_stops_when_every_replica_has_exited() {
+    // The replica reads ./harness.yml (the bench clears HARNESS_* from its environment); one
+    // that names no Python makes `harness serve` exit at once, while the bench itself needs
+    // none. The bench used to wait 10 minutes for tasks nobody ran.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("harness.yml"),
+        "executor:\n  python: /nonexistent/python3\n",
+    )
+    .unwrap();
+    let db = TestDb::new().await;
+    let mut cmd = tokio::process::Command::from(common::harness_command());
+    let out = tokio::time::timeout(
+        Duration::from_secs(120),
+        cmd.current_dir(dir.path())
+            .env("DATABASE_URL", &db.url)
+            .kill_on_drop(true)
+            .args(["bench", "--tasks", "200", "--latency-samples", "5"])
+            .output(),
+    )
+    .await
+    .expect("the bench gave up within 2 minutes")
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("every replica exited before the tasks were done"),
+        "{stderr}"
+    );
+}
