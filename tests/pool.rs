@@ -688,8 +688,8 @@ async fn a_row_that_waits_in_the_buffer_too_long_goes_back_to_an_idle_replica() 
 }
 
 /// A replica with one slot and a prefetch of 50, serving: it runs 2,000 quick tasks, then six
-/// that never end, so one of those runs and, claimed at the quick tasks' pace, the other five
-/// wait in its buffer. Returns the ids of the six, its capacity and how to stop it.
+/// that never end. Returns once one of those runs and, claimed at the quick tasks' pace, the
+/// other five wait in its buffer. Returns the ids of the six, its capacity and how to stop it.
 async fn five_buffered_behind_a_stuck_task(
     db: &TestDb,
 ) -> (
@@ -699,6 +699,8 @@ async fn five_buffered_behind_a_stuck_task(
     oneshot::Sender<()>,
     tokio::task::JoinHandle<()>,
 ) {
+    let started = Arc::new(AtomicUsize::new(0));
+    let s = started.clone();
     let h = Harness::builder()
         .config(db.fast_config(&[
             ("HARNESS_BULK__MAX_CONCURRENT", "1"),
@@ -707,9 +709,12 @@ async fn five_buffered_behind_a_stuck_task(
         ]))
         .pool(db.pool.clone())
         .handler("quick", |_p: Value| async { Ok::<_, String>(json!({})) })
-        .handler("stuck", |_p: Value| async {
-            tokio::time::sleep(Duration::from_secs(60)).await;
-            Ok::<_, String>(json!({}))
+        .handler("stuck", move |_p: Value| {
+            s.fetch_add(1, Ordering::SeqCst);
+            async {
+                tokio::time::sleep(Duration::from_secs(60)).await;
+                Ok::<_, String>(json!({}))
+            }
         })
         .build()
         .await
@@ -727,10 +732,13 @@ async fn five_buffered_behind_a_stuck_task(
         .map(|e| e.id)
         .collect();
     let (stop, served) = serve(h);
+    // The last quick tasks may still be ahead of them: wait for one stuck task to start.
     common::eventually(
-        "all six stuck tasks held",
+        "one stuck task running and the other five held",
         Duration::from_secs(30),
-        async || (held(db, "stuck").await == 6).then_some(()),
+        async || {
+            (started.load(Ordering::SeqCst) == 1 && held(db, "stuck").await == 6).then_some(())
+        },
     )
     .await;
     (stuck, capacity, q, stop, served)
