@@ -27,6 +27,20 @@ fn serve(harness: Harness) -> (oneshot::Sender<()>, tokio::task::JoinHandle<()>)
     (tx, handle)
 }
 
+/// Adds kind `stuck`: counts its starts in `started`, then sleeps 60 s (outlives any test).
+fn with_stuck(
+    b: harness::replica::HarnessBuilder,
+    started: Arc<AtomicUsize>,
+) -> harness::replica::HarnessBuilder {
+    b.handler("stuck", move |_p: Value| {
+        started.fetch_add(1, Ordering::SeqCst);
+        async {
+            tokio::time::sleep(Duration::from_secs(60)).await;
+            Ok::<_, String>(json!({}))
+        }
+    })
+}
+
 async fn wait_final(db: &TestDb, id: i64, within: Duration) -> Task {
     common::wait_final(&db.pool, id, within).await
 }
@@ -265,8 +279,7 @@ async fn a_running_task_is_cancelled_by_its_owner() {
 async fn graceful_shutdown_finishes_or_returns_work_without_counting_attempts() {
     let db = TestDb::new().await;
     let started = Arc::new(AtomicUsize::new(0));
-    let s = started.clone();
-    let h = Harness::builder()
+    let h = with_stuck(Harness::builder(), started.clone())
         .config(db.fast_config(&[
             ("HARNESS_BULK__MAX_CONCURRENT", "2"),
             ("HARNESS_BULK__SHUTDOWN_GRACE_S", "1"),
@@ -275,13 +288,6 @@ async fn graceful_shutdown_finishes_or_returns_work_without_counting_attempts() 
         .handler("quick", |_p: Value| async {
             tokio::time::sleep(Duration::from_millis(200)).await;
             Ok::<_, String>(json!({}))
-        })
-        .handler("stuck", move |_p: Value| {
-            s.fetch_add(1, Ordering::SeqCst);
-            async {
-                tokio::time::sleep(Duration::from_secs(60)).await;
-                Ok::<_, String>(json!({}))
-            }
         })
         .build()
         .await
@@ -700,8 +706,7 @@ async fn five_buffered_behind_a_stuck_task(
     tokio::task::JoinHandle<()>,
 ) {
     let started = Arc::new(AtomicUsize::new(0));
-    let s = started.clone();
-    let h = Harness::builder()
+    let h = with_stuck(Harness::builder(), started.clone())
         .config(db.fast_config(&[
             ("HARNESS_BULK__MAX_CONCURRENT", "1"),
             ("HARNESS_BULK__PREFETCH", "50"),
@@ -709,13 +714,6 @@ async fn five_buffered_behind_a_stuck_task(
         ]))
         .pool(db.pool.clone())
         .handler("quick", |_p: Value| async { Ok::<_, String>(json!({})) })
-        .handler("stuck", move |_p: Value| {
-            s.fetch_add(1, Ordering::SeqCst);
-            async {
-                tokio::time::sleep(Duration::from_secs(60)).await;
-                Ok::<_, String>(json!({}))
-            }
-        })
         .build()
         .await
         .unwrap();

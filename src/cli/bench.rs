@@ -124,6 +124,11 @@ impl BenchArgs {
         })
     }
 
+    /// Each replica's bulk.prefetch: --prefetch, else the configuration's.
+    fn prefetch(&self, cfg: &Config) -> u32 {
+        self.prefetch.unwrap_or(cfg.bulk.prefetch)
+    }
+
     fn runs(&self) -> usize {
         self.runs.unwrap_or(if self.console {
             console::DEFAULT_RUNS
@@ -204,11 +209,7 @@ pub async fn run(cfg: Config, args: BenchArgs) -> anyhow::Result<()> {
     }
     database.close().await;
 
-    report(
-        &args,
-        args.prefetch.unwrap_or(cfg.bulk.prefetch),
-        &median(&runs),
-    )
+    report(&args, args.prefetch(&cfg), &median(&runs))
 }
 
 /// The median of each figure over the runs.
@@ -353,7 +354,7 @@ async fn measure(cfg: &Config, args: &BenchArgs, url: &str) -> anyhow::Result<Me
     db::migrate(&pool).await?;
     let queue = Queue::new(pool.clone(), 0);
     let enqueue_per_s = bulk_enqueue(&pool, &queue, args).await?;
-    let prefetch = args.prefetch.unwrap_or(cfg.bulk.prefetch);
+    let prefetch = args.prefetch(cfg);
     let mut replicas = Replicas::spawn(cfg, url, args.replicas, args.concurrency, prefetch)?;
     let process_per_s = processing(&queue, args.tasks(), &mut replicas).await?;
     replicas.stop_all_but_first();
