@@ -806,3 +806,83 @@ async fn batched_calls_fail_together_when_the_database_is_out_of_reach() {
         started.elapsed()
     );
 }
+
+/// A task delayed for later wakes no replica: a woken replica would find nothing due and pay a
+/// claim that walks every waiting row. Work due now wakes them, whichever way it is enqueued.
+#[tokio::test]
+async fn only_work_due_now_wakes_replicas() {
+    let db = TestDb::new().await;
+    let q = queue(&db);
+    let mut listener = sqlx::postgres::PgListener::connect(&db.url).await.unwrap();
+    listener
+        .listen(harness::queue::TASKS_CHANNEL)
+        .await
+        .unwrap();
+    let later = || NewTask::new("demo", json!({})).delay(Duration::from_secs(3600));
+    let woke = async |listener: &mut sqlx::postgres::PgListener, within_ms: u64| {
+        tokio::time::timeout(Duration::from_millis(within_ms), listener.recv())
+            .await
+            .is_ok()
+    };
+
+    // Delayed: a lone call, concurrent calls (batches with and without keys), a bulk enqueue,
+    // a run_at ahead.
+    q.enqueue(later()).await.unwrap();
+    let mut calls = Vec::new();
+    for i in 0..40 {
+        let q = q.clone();
+        let mut t = later();
+        if i % 2 == 0 {
+            t = t.idempotency_key(format!("later-{i}"));
+        }
+        calls.push(tokio::spawn(async move { q.enqueue(t).await }));
+    }
+    for c in calls {
+        c.await.unwrap().unwrap();
+    }
+    q.enqueue_many(vec![later(), later().idempotency_key("bulk-later")])
+        .await
+        .unwrap();
+    q.enqueue(NewTask::new("demo", json!({})).run_at(Utc::now() + chrono::Duration::hours(1)))
+        .await
+        .unwrap();
+    assert!(
+        !woke(&mut listener, 500).await,
+        "a delayed task sent a NOTIFY"
+    );
+
+    // Due now, or with a run_at already past: one NOTIFY each time.
+    q.enqueue(NewTask::new("demo", json!({}))).await.unwrap();
+    assert!(
+        woke(&mut listener, 5000).await,
+        "a lone due task woke nobody"
+    );
+    q.enqueue_many(vec![later(), NewTask::new("demo", json!({"due": true}))])
+        .await
+        .unwrap();
+    assert!(
+        woke(&mut listener, 5000).await,
+        "a bulk with a due task woke nobody"
+    );
+    q.enqueue(
+        NewTask::new("demo", json!({}))
+            .idempotency_key("past")
+            .run_at(Utc::now() - chrono::Duration::minutes(1)),
+    )
+    .await
+    .unwrap();
+    assert!(
+        woke(&mut listener, 5000).await,
+        "a run_at already past woke nobody"
+    );
+    // A key that already exists writes nothing, so it wakes nobody.
+    let again = q
+        .enqueue(NewTask::new("demo", json!({})).idempotency_key("past"))
+        .await
+        .unwrap();
+    assert!(again.deduplicated);
+    assert!(
+        !woke(&mut listener, 500).await,
+        "a deduplicated enqueue sent a NOTIFY"
+    );
+}

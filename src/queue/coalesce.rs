@@ -28,7 +28,7 @@ use super::{Enqueued, Error, NewTask, Queue};
 pub const MAX_BATCH: usize = 500;
 
 /// Batches written at once (each holds a connection while it writes).
-const WRITERS: usize = 4;
+const WRITERS: usize = 2;
 
 /// Calls waiting for a writer; a caller past this waits for room (back-pressure).
 const WAITING: usize = 8 * MAX_BATCH;
@@ -164,18 +164,35 @@ struct Failed {
     error: Error,
 }
 
-/// The longest a batch waits for a row lock (another session writing the same idempotency
-/// key); past it the batch is rolled back and its calls written one by one.
-const LOCK_TIMEOUT: &str = "SET LOCAL lock_timeout = '200ms'";
+/// How a batch with keys opens its transaction: one round trip, and the longest it waits for
+/// a row lock (another session writing the same idempotency key or cron tick); past it the
+/// batch is rolled back and its calls written one by one.
+const BEGIN_KEYED: &str = "BEGIN; SET LOCAL lock_timeout = '200ms'";
 
 async fn write_batch(queue: &Queue, tasks: Vec<NewTask>) -> Result<Vec<Enqueued>, Failed> {
     let writing = |e: Error| Failed {
         committing: false,
         error: e,
     };
-    let mut tx = queue.pool.begin().await.map_err(|e| writing(e.into()))?;
-    sqlx::query(LOCK_TIMEOUT)
-        .execute(&mut *tx)
+    let keyed = tasks
+        .iter()
+        .any(|t| t.idempotency_key.is_some() || t.fire_at.is_some());
+    if !keyed {
+        // Nothing to conflict on or wait for: one statement, its own transaction, one round
+        // trip. An error the server answered rolled the statement back; any other (the
+        // connection lost after the statement was sent) leaves its outcome unknown.
+        let mut conn = queue.pool.acquire().await.map_err(|e| writing(e.into()))?;
+        return queue
+            .enqueue_many_in(&mut conn, tasks)
+            .await
+            .map_err(|e| Failed {
+                committing: matches!(&e, Error::Db(d) if !matches!(d, sqlx::Error::Database(_))),
+                error: e,
+            });
+    }
+    let mut tx = queue
+        .pool
+        .begin_with(BEGIN_KEYED)
         .await
         .map_err(|e| writing(e.into()))?;
     let out = queue

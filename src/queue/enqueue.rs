@@ -1,12 +1,30 @@
 //! Enqueue: one task or many in one statement, on the pool or inside a caller's transaction,
 //! with idempotency keys and cron fire keys answered by the existing task, and one NOTIFY per
-//! statement.
+//! statement that wrote a task due now.
 
 use chrono::{DateTime, Utc};
 use sqlx::PgConnection;
 use std::collections::HashMap;
 
 use super::{Enqueued, Error, NewTask, Queue, Status, TaskId};
+
+// The NOTIFY that wakes idle replicas, sent only when a row the statement wrote (`ins`, with
+// its `scheduled_at`) may run now. A task delayed for later wakes nobody: a replica that woke
+// for it would find nothing due and pay a claim that walks every waiting row of
+// tasks_claim_idx (the index orders by priority first, so future rows cannot be skipped).
+// The poll (`bulk.poll_interval_ms`) picks delayed tasks up, as it did when they woke
+// replicas early. A CTE with a volatile function runs once; `LEFT JOIN woke` keeps every row.
+macro_rules! notify_if_due {
+    () => {
+        concat!(
+            ", woke AS (
+    SELECT pg_notify('",
+            tasks_channel!(),
+            "', '') FROM ins WHERE ins.scheduled_at <= now() LIMIT 1
+)"
+        )
+    };
+}
 
 pub(super) const INSERT_ONE: &str = concat!(
     "
@@ -16,11 +34,11 @@ WITH ins AS (
     VALUES ($1, $2, $3, COALESCE($4, now() + make_interval(secs => $5::double precision)),
             $6, $7, $8, $9, $10, $11)
     ON CONFLICT DO NOTHING
-    RETURNING id, status
-)
-SELECT ins.id, ins.status FROM ins, ",
-    notify_tasks!(),
-    " AS n"
+    RETURNING id, status, scheduled_at
+)",
+    notify_if_due!(),
+    "
+SELECT ins.id, ins.status FROM ins LEFT JOIN woke ON true"
 );
 
 // The batch's arrays as rows, numbered in input order (`ord`), and what a batch statement
@@ -41,11 +59,10 @@ WITH input AS (
 macro_rules! batch_answer {
     () => {
         concat!(
+            notify_if_due!(),
             "
 SELECT ins.id, ins.status, ins.idempotency_key, ins.agent_id, ins.fire_at
-FROM ins, ",
-            notify_tasks!(),
-            " AS n"
+FROM ins LEFT JOIN woke ON true"
         )
     };
 }
@@ -68,7 +85,7 @@ pub(super) const INSERT_MANY: &str = concat!(
     FROM input JOIN numbered n USING (ord)
     ORDER BY idempotency_key, agent_id, fire_at, ord
     ON CONFLICT DO NOTHING
-    RETURNING id, status, idempotency_key, agent_id, fire_at
+    RETURNING id, status, idempotency_key, agent_id, fire_at, scheduled_at
 )",
     batch_answer!()
 );
@@ -85,7 +102,7 @@ pub(super) const INSERT_MANY_UNKEYED: &str = concat!(
            COALESCE(run_at, now() + make_interval(secs => delay_s)),
            max_retries, idempotency_key, agent_id, timeout_ms, fire_at, traceparent
     FROM input ORDER BY ord
-    RETURNING id, status, idempotency_key, agent_id, fire_at
+    RETURNING id, status, idempotency_key, agent_id, fire_at, scheduled_at
 )",
     batch_answer!()
 );

@@ -3,11 +3,13 @@
 //! Each run uses a fresh database and one real `harness serve` (its API on a loopback port).
 //! Three ways to enqueue `--tasks` tasks, `--clients` calls in flight at a time:
 //! 1. `POST /api/tasks` over keep-alive HTTP connections;
-//! 2. the library's `Queue::enqueue` in this process (concurrent calls share commits);
+//! 2. the library's `Queue::enqueue` in this process (concurrent calls share commits), with
+//!    the tasks delayed and again with tasks due at once (each batch also sends a NOTIFY);
 //! 3. the library's `Queue::enqueue_in` on a pooled connection, one statement and one commit
 //!    per call (what every single enqueue cost before group commit).
 //!
-//! Tasks are delayed by an hour, so the replica only serves the API and nothing runs them.
+//! Tasks are delayed by an hour, so the replica only serves the API and nothing runs them
+//! (the tasks due at once are enqueued after it stopped).
 //! The figure is calls answered per second of wall time; each call is answered only after
 //! its task is committed. The median of `--runs` runs.
 
@@ -41,6 +43,7 @@ pub(super) struct Options {
 struct Figures {
     api_per_s: f64,
     library_per_s: f64,
+    library_due_per_s: f64,
     library_one_commit_each_per_s: f64,
 }
 
@@ -61,10 +64,11 @@ pub(super) async fn run(cfg: &Config, o: &Options) -> anyhow::Result<()> {
         db::drop_database_at(&admin_url, &name).await?;
         let f = result?;
         eprintln!(
-            "run {}: API {:.0}/s, library {:.0}/s, library one commit each {:.0}/s",
+            "run {}: API {:.0}/s, library {:.0}/s, library due now {:.0}/s, library one commit each {:.0}/s",
             i + 1,
             f.api_per_s,
             f.library_per_s,
+            f.library_due_per_s,
             f.library_one_commit_each_per_s
         );
         runs.push(f);
@@ -74,6 +78,7 @@ pub(super) async fn run(cfg: &Config, o: &Options) -> anyhow::Result<()> {
     let m = Figures {
         api_per_s: med(|f| f.api_per_s),
         library_per_s: med(|f| f.library_per_s),
+        library_due_per_s: med(|f| f.library_due_per_s),
         library_one_commit_each_per_s: med(|f| f.library_one_commit_each_per_s),
     };
     if o.json {
@@ -97,6 +102,10 @@ pub(super) async fn run(cfg: &Config, o: &Options) -> anyhow::Result<()> {
             m.library_per_s
         );
         println!(
+            "  Queue::enqueue, tasks due now     {:>8.0} /s",
+            m.library_due_per_s
+        );
+        println!(
             "  Queue::enqueue_in, one commit each {:>8.0} /s",
             m.library_one_commit_each_per_s
         );
@@ -113,7 +122,10 @@ async fn measure(cfg: &Config, o: &Options, url: &str) -> anyhow::Result<Figures
         .timeout(Duration::from_secs(60))
         .build()?;
     replica.ready(&client).await?;
-    let api_per_s = through_api(&client, &replica.base, o).await?;
+    // A failed call is the replica's to explain: its log goes with the error.
+    let api_per_s = through_api(&client, &replica.base, o)
+        .await
+        .map_err(|e| e.context(format!("the replica's log ends:\n{}", replica.log_tail())))?;
     drop(replica);
 
     let queue = Queue::new(pool.clone(), 0);
@@ -125,6 +137,19 @@ async fn measure(cfg: &Config, o: &Options, url: &str) -> anyhow::Result<Figures
                 queue
                     .enqueue(NewTask::new("echo", json!({})).delay(DELAY))
                     .await?;
+                Ok(())
+            }
+        }
+    })
+    .await?;
+    // The same calls with tasks due at once: each batch also sends the NOTIFY that wakes
+    // replicas (none runs now, so the tasks stay where they are).
+    let library_due_per_s = concurrently(o, {
+        let queue = queue.clone();
+        move |_| {
+            let queue = queue.clone();
+            async move {
+                queue.enqueue(NewTask::new("echo", json!({}))).await?;
                 Ok(())
             }
         }
@@ -148,6 +173,7 @@ async fn measure(cfg: &Config, o: &Options, url: &str) -> anyhow::Result<Figures
     Ok(Figures {
         api_per_s,
         library_per_s,
+        library_due_per_s,
         library_one_commit_each_per_s: one_each,
     })
 }

@@ -534,7 +534,7 @@ impl Replica {
     }
 
     /// The end of what the replica wrote on stderr.
-    fn log_tail(&self) -> String {
+    pub(super) fn log_tail(&self) -> String {
         let text = std::fs::read_to_string(self.log.path()).unwrap_or_default();
         let lines: Vec<&str> = text.lines().collect();
         lines[lines.len().saturating_sub(20)..].join("\n")
