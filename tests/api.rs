@@ -1902,3 +1902,70 @@ async fn the_serve_binary_limits_requests_drains_them_on_shutdown_and_serves_onl
         assert_eq!(r.status(), expected, "--no-api {path}");
     }
 }
+
+/// A request that finds no pooled connection within the pool's wait is answered 503 with
+/// `Retry-After`, not 500: the client may retry; nothing is written meanwhile.
+#[tokio::test]
+async fn a_busy_pool_answers_503_with_retry_after() {
+    let db = TestDb::new().await;
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .acquire_timeout(Duration::from_millis(300))
+        .connect(&db.url)
+        .await
+        .unwrap();
+    let cfg = Config::load_from(None, [("DATABASE_URL".to_string(), db.url.clone())]).unwrap();
+    let state = Arc::new(ApiState {
+        queue: harness::queue::Queue::new(pool.clone(), 0),
+        agents: None,
+        pool: pool.clone(),
+        tokens: vec![],
+        registry: builtin_handlers(Harness::builder())
+            .config(cfg.clone())
+            .pool(db.pool.clone())
+            .build()
+            .await
+            .unwrap()
+            .registry(),
+        config: cfg,
+        draining: tokio_util::sync::CancellationToken::new(),
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let stop = tokio_util::sync::CancellationToken::new();
+    let limits = harness::api::server::ServerLimits::from_config(&state.config.api);
+    tokio::spawn(harness::api::serve(
+        listener,
+        router(state),
+        limits,
+        stop.clone().cancelled_owned(),
+    ));
+    let client = reqwest::Client::new();
+    let held = pool.acquire().await.unwrap();
+    for r in [
+        client.get(format!("{base}/api/tasks/1")),
+        client
+            .post(format!("{base}/api/tasks"))
+            .json(&json!({"kind": "echo", "payload": {}})),
+    ] {
+        let r = r.send().await.unwrap();
+        assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(r.headers()["retry-after"], "1");
+        let body: Value = r.json().await.unwrap();
+        assert!(body["error"].as_str().unwrap().contains("retry"), "{body}");
+    }
+    drop(held);
+    let count: i64 = sqlx::query_scalar("SELECT count(*) FROM tasks")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(count, 0);
+    let r = client
+        .post(format!("{base}/api/tasks"))
+        .json(&json!({"kind": "echo", "payload": {}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::CREATED);
+    stop.cancel();
+}

@@ -47,6 +47,9 @@ pub struct ApiState {
     pub draining: tokio_util::sync::CancellationToken,
 }
 
+/// What a 503 asks the client to wait before it retries, in seconds.
+const RETRY_AFTER_S: u64 = 1;
+
 /// An error as the API answers it: `{ "error": "...", "detail": ... }`.
 #[derive(Debug)]
 pub struct ApiError {
@@ -71,6 +74,20 @@ impl ApiError {
             json!({ "field": field, "reason": reason }),
         )
     }
+    /// A database error: 503 with `Retry-After` when it is one a retry may not meet (the
+    /// pool had no connection free within its wait, the database is unreachable, shutting
+    /// down or out of resources), 500 otherwise. Either way the cause goes to the log only.
+    fn db(e: sqlx::Error) -> ApiError {
+        if !crate::db::is_transient(&e) {
+            return ApiError::internal(e);
+        }
+        tracing::warn!(error = %e, "API request failed on the database; answered 503");
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the database is busy or out of reach; retry",
+            json!({ "retry_after_s": RETRY_AFTER_S }),
+        )
+    }
     fn internal(e: impl std::fmt::Display) -> ApiError {
         // The cause goes to the log, never to the client.
         tracing::error!(error = %e, "API request failed");
@@ -89,6 +106,12 @@ impl IntoResponse for ApiError {
             Json(json!({ "error": self.error, "detail": self.detail })),
         )
             .into_response();
+        if self.status == StatusCode::SERVICE_UNAVAILABLE {
+            r.headers_mut().insert(
+                header::RETRY_AFTER,
+                header::HeaderValue::from(RETRY_AFTER_S),
+            );
+        }
         if self.status == StatusCode::UNAUTHORIZED {
             r.headers_mut().insert(
                 header::WWW_AUTHENTICATE,
@@ -119,7 +142,7 @@ impl From<crate::queue::Error> for ApiError {
                 format!("task {id} is {status}; {action} needs {allowed}"),
                 json!({ "status": status }),
             ),
-            E::Db(e) => ApiError::internal(e),
+            E::Db(e) => ApiError::db(e),
         }
     }
 }
@@ -140,7 +163,7 @@ impl From<crate::agents::Error> for ApiError {
                 Value::Null,
             ),
             E::Queue(e) => e.into(),
-            E::Db(e) => ApiError::internal(e),
+            E::Db(e) => ApiError::db(e),
         }
     }
 }

@@ -158,6 +158,12 @@ macro_rules! api_errors {
             $($extra,)*
             (401, Some("Error"), "No token, or an unknown one (tokens configured)"),
             (500, Some("Error"), "The database failed; the cause is logged, not shown"),
+            (
+                503,
+                Some("Error"),
+                "The database is busy (no pooled connection within its wait) or out of \
+                 reach; Retry-After says when to try again",
+            ),
         ]
     };
 }
