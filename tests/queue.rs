@@ -886,3 +886,110 @@ async fn only_work_due_now_wakes_replicas() {
         "a deduplicated enqueue sent a NOTIFY"
     );
 }
+
+/// A batch with keys bounds its wait for row locks (200 ms), but not its COMMIT: a commit that
+/// sends a NOTIFY takes the lock that orders notifications, and under load another session
+/// can hold it for longer. Before, such a commit failed with a lock timeout and every call of
+/// the batch got an error (the API answered 500). Here another session holds that lock for
+/// a second (its own commit, with a NOTIFY, waits for a synchronous standby that never
+/// comes): the batch waits, commits, and every call gets its task.
+#[tokio::test]
+async fn a_batch_commit_waits_for_the_notify_lock_instead_of_failing() {
+    use sqlx::Connection;
+    let pg = common::RestartableServer::start("notify").await;
+    let url = pg.url("notify");
+    let admin = harness::db::connect(&url, 2).await.unwrap();
+    sqlx::query("ALTER SYSTEM SET synchronous_standby_names = 'nobody'")
+        .execute(&admin)
+        .await
+        .unwrap();
+    sqlx::query("SELECT pg_reload_conf()")
+        .execute(&admin)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The queue's sessions do not wait for the standby (the holder's does).
+    let options: sqlx::postgres::PgConnectOptions = url.parse().unwrap();
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(6)
+        .connect_with(options.options([("synchronous_commit", "local")]))
+        .await
+        .unwrap();
+    let q = Queue::new(pool.clone(), 0);
+    q.enqueue(NewTask::new("demo", json!({}))).await.unwrap(); // the writers are up
+
+    // The holder: its commit takes the notify lock, then waits for the standby.
+    let mut holder = sqlx::postgres::PgConnection::connect(&url).await.unwrap();
+    let holder_pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+        .fetch_one(&mut holder)
+        .await
+        .unwrap();
+    // Whatever the server's default, this commit waits for the standby.
+    sqlx::query("SET synchronous_commit = on")
+        .execute(&mut holder)
+        .await
+        .unwrap();
+    let holding = tokio::spawn(async move {
+        // A write, so that its commit is one to replicate.
+        let _ = sqlx::Executor::execute(
+            &mut holder,
+            "BEGIN; CREATE TEMP TABLE held (); NOTIFY harness_tasks; COMMIT",
+        )
+        .await;
+        holder
+    });
+    let waiting = async || -> bool {
+        sqlx::query_scalar("SELECT wait_event = 'SyncRep' FROM pg_stat_activity WHERE pid = $1")
+            .bind(holder_pid)
+            .fetch_one(&admin)
+            .await
+            .unwrap()
+    };
+    let t0 = std::time::Instant::now();
+    while !waiting().await {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "the holder's commit never waited for the standby"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    let started = std::time::Instant::now();
+    let mut calls = Vec::new();
+    for i in 0..30 {
+        let q = q.clone();
+        calls.push(tokio::spawn(async move {
+            q.enqueue(NewTask::new("demo", json!({"i": i})).idempotency_key(format!("k{i}")))
+                .await
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    // Released: the holder's wait is cancelled (its transaction stays committed locally).
+    sqlx::query("SELECT pg_cancel_backend($1)")
+        .bind(holder_pid)
+        .execute(&admin)
+        .await
+        .unwrap();
+    for c in calls {
+        let r = c.await.unwrap();
+        assert!(r.is_ok(), "{r:?}");
+    }
+    assert!(started.elapsed() >= Duration::from_millis(900));
+    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM tasks WHERE idempotency_key IS NOT NULL")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(n, 30);
+    drop(holding.await.unwrap());
+    pool.close().await;
+    // Without a standby to wait for, the server stops at once (it took 30 s otherwise).
+    sqlx::query("ALTER SYSTEM RESET synchronous_standby_names")
+        .execute(&admin)
+        .await
+        .unwrap();
+    sqlx::query("SELECT pg_reload_conf()")
+        .execute(&admin)
+        .await
+        .unwrap();
+    admin.close().await;
+}

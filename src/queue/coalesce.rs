@@ -168,6 +168,7 @@ struct Failed {
 /// a row lock (another session writing the same idempotency key or cron tick); past it the
 /// batch is rolled back and its calls written one by one.
 const BEGIN_KEYED: &str = "BEGIN; SET LOCAL lock_timeout = '200ms'";
+const UNBOUNDED: &str = "SET LOCAL lock_timeout = 0";
 
 async fn write_batch(queue: &Queue, tasks: Vec<NewTask>) -> Result<Vec<Enqueued>, Failed> {
     let writing = |e: Error| Failed {
@@ -199,8 +200,16 @@ async fn write_batch(queue: &Queue, tasks: Vec<NewTask>) -> Result<Vec<Enqueued>
         .enqueue_many_in(&mut tx, tasks)
         .await
         .map_err(writing)?;
+    // The bound is for row locks only. COMMIT takes the lock that orders NOTIFYs (when a
+    // task is due), which another committing session may hold for longer under load: a
+    // batch already written must wait for it, not fail.
+    sqlx::query(UNBOUNDED)
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| writing(e.into()))?;
     tx.commit().await.map_err(|e| Failed {
-        committing: true,
+        // An answer from the server means rolled back; only a lost one leaves it unknown.
+        committing: !matches!(e, sqlx::Error::Database(_)),
         error: e.into(),
     })?;
     Ok(out)
