@@ -1020,16 +1020,8 @@ async fn readiness_follows_the_database() {
         config: cfg,
         draining: tokio_util::sync::CancellationToken::new(),
     });
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://{}/readyz", listener.local_addr().unwrap());
-    let stop = tokio_util::sync::CancellationToken::new();
-    let limits = harness::api::server::ServerLimits::from_config(&state.config.api);
-    tokio::spawn(harness::api::serve(
-        listener,
-        router(state),
-        limits,
-        stop.clone().cancelled_owned(),
-    ));
+    let (base, stop) = serve_state(state).await;
+    let base = format!("{base}/readyz");
     let client = reqwest::Client::new();
     assert_eq!(
         client.get(&base).send().await.unwrap().status(),
@@ -1930,16 +1922,7 @@ async fn a_busy_pool_answers_503_with_retry_after() {
         config: cfg,
         draining: tokio_util::sync::CancellationToken::new(),
     });
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
-    let stop = tokio_util::sync::CancellationToken::new();
-    let limits = harness::api::server::ServerLimits::from_config(&state.config.api);
-    tokio::spawn(harness::api::serve(
-        listener,
-        router(state),
-        limits,
-        stop.clone().cancelled_owned(),
-    ));
+    let (base, stop) = serve_state(state).await;
     let client = reqwest::Client::new();
     let held = pool.acquire().await.unwrap();
     for r in [
@@ -1968,4 +1951,19 @@ async fn a_busy_pool_answers_503_with_retry_after() {
         .unwrap();
     assert_eq!(r.status(), StatusCode::CREATED);
     stop.cancel();
+}
+
+/// Serves the API of `state` on a loopback port: its base URL, and what stops it.
+async fn serve_state(state: Arc<ApiState>) -> (String, tokio_util::sync::CancellationToken) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let stop = tokio_util::sync::CancellationToken::new();
+    let limits = harness::api::server::ServerLimits::from_config(&state.config.api);
+    tokio::spawn(harness::api::serve(
+        listener,
+        router(state),
+        limits,
+        stop.clone().cancelled_owned(),
+    ));
+    (base, stop)
 }

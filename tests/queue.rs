@@ -899,14 +899,7 @@ async fn a_batch_commit_waits_for_the_notify_lock_instead_of_failing() {
     let pg = common::RestartableServer::start("notify").await;
     let url = pg.url("notify");
     let admin = harness::db::connect(&url, 2).await.unwrap();
-    sqlx::query("ALTER SYSTEM SET synchronous_standby_names = 'nobody'")
-        .execute(&admin)
-        .await
-        .unwrap();
-    sqlx::query("SELECT pg_reload_conf()")
-        .execute(&admin)
-        .await
-        .unwrap();
+    standbys(&admin, "'nobody'").await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     // The queue's sessions do not wait for the standby (the holder's does).
     let options: sqlx::postgres::PgConnectOptions = url.parse().unwrap();
@@ -983,13 +976,20 @@ async fn a_batch_commit_waits_for_the_notify_lock_instead_of_failing() {
     drop(holding.await.unwrap());
     pool.close().await;
     // Without a standby to wait for, the server stops at once (it took 30 s otherwise).
-    sqlx::query("ALTER SYSTEM RESET synchronous_standby_names")
-        .execute(&admin)
-        .await
-        .unwrap();
-    sqlx::query("SELECT pg_reload_conf()")
-        .execute(&admin)
-        .await
-        .unwrap();
+    standbys(&admin, "DEFAULT").await;
     admin.close().await;
+}
+
+/// Sets the server's `synchronous_standby_names` (a quoted list, or DEFAULT) and reloads.
+async fn standbys(admin: &sqlx::PgPool, value: &str) {
+    sqlx::query(&format!(
+        "ALTER SYSTEM SET synchronous_standby_names = {value}"
+    ))
+    .execute(admin)
+    .await
+    .unwrap();
+    sqlx::query("SELECT pg_reload_conf()")
+        .execute(admin)
+        .await
+        .unwrap();
 }

@@ -74,9 +74,9 @@ impl ApiError {
             json!({ "field": field, "reason": reason }),
         )
     }
-    /// A database error: 503 with `Retry-After` when it is one a retry may not meet (the
-    /// pool had no connection free within its wait, the database is unreachable, shutting
-    /// down or out of resources), 500 otherwise. Either way the cause goes to the log only.
+    /// A database error: 503 with `Retry-After` when a retry may succeed (the pool had no
+    /// connection free within its wait, the database is unreachable, shutting down or out of
+    /// resources), 500 otherwise. Either way the cause goes to the log only.
     fn db(e: sqlx::Error) -> ApiError {
         if !crate::db::is_transient(&e) {
             return ApiError::internal(e);
