@@ -900,7 +900,6 @@ async fn a_batch_commit_waits_for_the_notify_lock_instead_of_failing() {
     let url = pg.url("notify");
     let admin = harness::db::connect(&url, 2).await.unwrap();
     standbys(&admin, "'nobody'").await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
     // The queue's sessions do not wait for the standby (the holder's does).
     let options: sqlx::postgres::PgConnectOptions = url.parse().unwrap();
     let pool = sqlx::postgres::PgPoolOptions::new()
@@ -911,41 +910,53 @@ async fn a_batch_commit_waits_for_the_notify_lock_instead_of_failing() {
     let q = Queue::new(pool.clone(), 0);
     q.enqueue(NewTask::new("demo", json!({}))).await.unwrap(); // the writers are up
 
-    // The holder: its commit takes the notify lock, then waits for the standby.
-    let mut holder = sqlx::postgres::PgConnection::connect(&url).await.unwrap();
-    let holder_pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
-        .fetch_one(&mut holder)
-        .await
-        .unwrap();
-    // Whatever the server's default, this commit waits for the standby.
-    sqlx::query("SET synchronous_commit = on")
-        .execute(&mut holder)
-        .await
-        .unwrap();
-    let holding = tokio::spawn(async move {
-        // A write, so that its commit is one to replicate.
-        let _ = sqlx::Executor::execute(
-            &mut holder,
-            "BEGIN; CREATE TEMP TABLE held (); NOTIFY harness_tasks; COMMIT",
+    // The holder: its commit takes the notify lock, then waits for the standby. Until the
+    // server has taken in the reload, a commit does not wait: then it is tried again.
+    let waiting = async |pid: i32| -> bool {
+        sqlx::query_scalar(
+            "SELECT coalesce(wait_event = 'SyncRep', false) FROM pg_stat_activity WHERE pid = $1",
         )
-        .await;
-        holder
-    });
-    let waiting = async || -> bool {
-        sqlx::query_scalar("SELECT wait_event = 'SyncRep' FROM pg_stat_activity WHERE pid = $1")
-            .bind(holder_pid)
-            .fetch_one(&admin)
-            .await
-            .unwrap()
+        .bind(pid)
+        .fetch_one(&admin)
+        .await
+        .unwrap()
     };
     let t0 = std::time::Instant::now();
-    while !waiting().await {
+    let (holder_pid, holding) = 'hold: loop {
         assert!(
-            t0.elapsed() < Duration::from_secs(10),
+            t0.elapsed() < Duration::from_secs(30),
             "the holder's commit never waited for the standby"
         );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+        let mut holder = sqlx::postgres::PgConnection::connect(&url).await.unwrap();
+        let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+            .fetch_one(&mut holder)
+            .await
+            .unwrap();
+        // Whatever the server's default, this commit waits for the standby.
+        sqlx::query("SET synchronous_commit = on")
+            .execute(&mut holder)
+            .await
+            .unwrap();
+        let holding = tokio::spawn(async move {
+            // A write, so that its commit is one to replicate.
+            let _ = sqlx::Executor::execute(
+                &mut holder,
+                "BEGIN; CREATE TEMP TABLE IF NOT EXISTS held (); NOTIFY harness_tasks; COMMIT",
+            )
+            .await;
+            holder
+        });
+        loop {
+            if waiting(pid).await {
+                break 'hold (pid, holding);
+            }
+            if holding.is_finished() {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue 'hold;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
 
     let started = std::time::Instant::now();
     let mut calls = Vec::new();
