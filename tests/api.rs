@@ -1020,8 +1020,8 @@ async fn readiness_follows_the_database() {
         config: cfg,
         draining: tokio_util::sync::CancellationToken::new(),
     });
-    let (base, stop) = serve_state(state).await;
-    let base = format!("{base}/readyz");
+    let (api, stop) = serve_state(state).await;
+    let base = format!("{api}/readyz");
     let client = reqwest::Client::new();
     assert_eq!(
         client.get(&base).send().await.unwrap().status(),
@@ -1039,6 +1039,14 @@ async fn readiness_follows_the_database() {
     );
     let body: Value = r.json().await.unwrap();
     assert_eq!(body["status"], "unavailable");
+    // The API's answer while the database is out of reach: 503, retry.
+    let r = client
+        .get(format!("{api}/api/tasks/1"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(r.headers()["retry-after"], "1");
 
     pg.up().await;
     let t0 = Instant::now();

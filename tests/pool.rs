@@ -200,17 +200,13 @@ async fn never_more_running_than_capacity_and_priority_first() {
         .await
         .unwrap();
     let q = h.queue().clone();
-    let low: Vec<i64> = q
-        .enqueue_many(
-            (0..20)
-                .map(|i| NewTask::new("work", json!({"n": i})))
-                .collect(),
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|e| e.id)
-        .collect();
+    let low: Vec<i64> = ids(
+        &q,
+        (0..20)
+            .map(|i| NewTask::new("work", json!({"n": i})))
+            .collect(),
+    )
+    .await;
     q.enqueue(NewTask::new("work", json!({"n": -1})).priority(5))
         .await
         .unwrap();
@@ -304,13 +300,7 @@ async fn graceful_shutdown_finishes_or_returns_work_without_counting_attempts() 
         .await
         .unwrap()
         .id;
-    let waiting: Vec<i64> = q
-        .enqueue_many(vec![NewTask::new("stuck", json!({})); 4])
-        .await
-        .unwrap()
-        .iter()
-        .map(|e| e.id)
-        .collect();
+    let waiting: Vec<i64> = ids(&q, vec![NewTask::new("stuck", json!({})); 4]).await;
     let (stop, served) = serve(h);
     // Both slots busy: `quick` and `stuck` are running.
     common::eventually("stuck to start", Duration::from_secs(30), async || {
@@ -361,13 +351,7 @@ async fn capacity_changes_apply_without_restarting_workers() {
         .unwrap();
     let capacity = h.capacity();
     let q = h.queue().clone();
-    let ids: Vec<i64> = q
-        .enqueue_many(vec![NewTask::new("work", json!({})); 120])
-        .await
-        .unwrap()
-        .iter()
-        .map(|e| e.id)
-        .collect();
+    let ids: Vec<i64> = ids(&q, vec![NewTask::new("work", json!({})); 120]).await;
     let (stop, served) = serve(h);
     // Under full load (6 at once), lower the grant to 2.
     for id in &ids[..20] {
@@ -520,13 +504,7 @@ async fn running_rows_never_exceed_capacity_while_completions_are_written() {
         .await
         .unwrap();
     let q = h.queue().clone();
-    let ids: Vec<i64> = q
-        .enqueue_many(vec![NewTask::new("quick", json!({})); 12])
-        .await
-        .unwrap()
-        .iter()
-        .map(|e| e.id)
-        .collect();
+    let ids: Vec<i64> = ids(&q, vec![NewTask::new("quick", json!({})); 12]).await;
     let (stop, served) = serve(h);
     let peak = peak_running_until_completed(&db, ids.len() as i64).await;
     assert!(
@@ -722,13 +700,7 @@ async fn five_buffered_behind_a_stuck_task(
     q.enqueue_many(vec![NewTask::new("quick", json!({})).priority(1); 2000])
         .await
         .unwrap();
-    let stuck: Vec<i64> = q
-        .enqueue_many(vec![NewTask::new("stuck", json!({})); 6])
-        .await
-        .unwrap()
-        .iter()
-        .map(|e| e.id)
-        .collect();
+    let stuck: Vec<i64> = ids(&q, vec![NewTask::new("stuck", json!({})); 6]).await;
     let (stop, served) = serve(h);
     // The last quick tasks may still be ahead of them: wait for one stuck task to start.
     common::eventually(
@@ -797,4 +769,14 @@ async fn a_paused_replica_hands_its_buffer_back() {
     );
     let _ = stop.send(());
     served.await.unwrap();
+}
+
+/// Enqueues `tasks` in one statement; their ids, in order.
+async fn ids(q: &harness::queue::Queue, tasks: Vec<NewTask>) -> Vec<i64> {
+    q.enqueue_many(tasks)
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| e.id)
+        .collect()
 }

@@ -908,7 +908,7 @@ fn agents(st: &ApiState) -> ApiResult<&Agents> {
 async fn quarantines(st: &ApiState) -> ApiResult<Vec<crate::fleet::quarantines::Quarantine>> {
     crate::fleet::quarantines::active(&st.pool)
         .await
-        .map_err(ApiError::internal)
+        .map_err(ApiError::db)
 }
 
 /// An agent by numeric id or by name.
@@ -1167,7 +1167,7 @@ async fn get_handoff(State(st): Shared, ApiPath(id): ApiPath<String>) -> ApiResu
         .handoffs()
         .load_artifact(agent.id)
         .await
-        .map_err(ApiError::internal)?
+        .map_err(ApiError::db)?
         .ok_or_else(|| {
             ApiError::new(
                 StatusCode::NOT_FOUND,
@@ -1187,7 +1187,7 @@ async fn clear_handoff(State(st): Shared, ApiPath(id): ApiPath<String>) -> ApiRe
     a.handoffs()
         .clear_artifact(agent.id)
         .await
-        .map_err(ApiError::internal)?;
+        .map_err(ApiError::db)?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -1209,7 +1209,7 @@ async fn resume_one(
 ) -> ApiResult<Json<Value>> {
     let n = crate::fleet::replicas::request_resume(&st.pool, Some(&replica))
         .await
-        .map_err(ApiError::internal)?;
+        .map_err(ApiError::db)?;
     if n == 0 {
         return Err(ApiError::new(
             StatusCode::NOT_FOUND,
@@ -1223,10 +1223,10 @@ async fn resume_one(
 async fn resume_all(State(st): Shared) -> ApiResult<Json<Value>> {
     let n = crate::fleet::replicas::request_resume(&st.pool, None)
         .await
-        .map_err(ApiError::internal)?;
+        .map_err(ApiError::db)?;
     let lifted = crate::fleet::quarantines::lift(&st.pool, None)
         .await
-        .map_err(ApiError::internal)?;
+        .map_err(ApiError::db)?;
     Ok(Json(json!({ "resumed": n, "quarantines_lifted": lifted })))
 }
 

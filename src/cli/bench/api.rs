@@ -129,32 +129,11 @@ async fn measure(cfg: &Config, o: &Options, url: &str) -> anyhow::Result<Figures
     drop(replica);
 
     let queue = Queue::new(pool.clone(), 0);
-    let library_per_s = concurrently(o, {
-        let queue = queue.clone();
-        move |_| {
-            let queue = queue.clone();
-            async move {
-                queue
-                    .enqueue(NewTask::new("echo", json!({})).delay(DELAY))
-                    .await?;
-                Ok(())
-            }
-        }
-    })
-    .await?;
+    let library_per_s =
+        through_library(o, &queue, || NewTask::new("echo", json!({})).delay(DELAY)).await?;
     // The same calls with tasks due at once: each batch also sends the NOTIFY that wakes
     // replicas (none runs now, so the tasks stay where they are).
-    let library_due_per_s = concurrently(o, {
-        let queue = queue.clone();
-        move |_| {
-            let queue = queue.clone();
-            async move {
-                queue.enqueue(NewTask::new("echo", json!({}))).await?;
-                Ok(())
-            }
-        }
-    })
-    .await?;
+    let library_due_per_s = through_library(o, &queue, || NewTask::new("echo", json!({}))).await?;
     let one_each = concurrently(o, {
         let (queue, pool) = (queue.clone(), pool.clone());
         move |_| {
@@ -176,6 +155,19 @@ async fn measure(cfg: &Config, o: &Options, url: &str) -> anyhow::Result<Figures
         library_due_per_s,
         library_one_commit_each_per_s: one_each,
     })
+}
+
+/// `Queue::enqueue` calls of the tasks `task` makes; calls per second (see [`concurrently`]).
+async fn through_library(o: &Options, queue: &Queue, task: fn() -> NewTask) -> anyhow::Result<f64> {
+    let queue = queue.clone();
+    concurrently(o, move |_| {
+        let queue = queue.clone();
+        async move {
+            queue.enqueue(task()).await?;
+            Ok(())
+        }
+    })
+    .await
 }
 
 /// Runs `o.tasks` calls of `call`, `o.clients` at a time; calls per second of wall time.
