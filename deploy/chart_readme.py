@@ -34,9 +34,14 @@ helm test harness                                             # /readyz and /met
 - **Backups**: everything lives in PostgreSQL (tasks, agents, handoffs, replicas, metrics);
   back it up like any database (managed snapshots, or `pg_dump`). Completed tasks are kept
   `persistence.gc_completed_after_days` and metrics `telemetry.retention_days`.
-- **PgBouncer**: replicas use LISTEN/NOTIFY and a session-level advisory lock for the
-  scheduler election, which transaction pooling breaks: point `database.url` at a pooler in
-  session mode, or at the database itself.
+- **PgBouncer**: replicas use LISTEN/NOTIFY, a session-level advisory lock for the scheduler
+  election and session settings on their heartbeat, which transaction pooling breaks. Either
+  point `database.url` at the database itself (or a pooler in session mode), or point it at a
+  PgBouncer 1.21+ in transaction mode (`max_prepared_statements` above 0) and give the
+  replicas and the migration Job `HARNESS_DATABASE__SESSION_URL`, the database itself, through
+  `extraEnv` and `migration.extraEnv` (a `secretKeyRef`): the pool goes through the pooler,
+  and each replica holds 2 sessions on the database (4 on the scheduler's leader). See the
+  repository README, "Behind PgBouncer, and sizing".
 - **Sizing** (connections, memory, `/tmp`, shutdown grace) and what a pod's sandbox can
   offer: see the repository README, "Deploying and observing".
 

@@ -308,6 +308,8 @@ must_fail "reject workers that overflow the connections" 'PostgreSQL connections
 must_fail "reject an unknown sslMode" 'sslMode' helm_template "${GOOD[@]}" --set database.sslMode=maybe
 must_fail "reject short API token" 'token' helm_template --set database.url=postgres://h@db/h \
   --set 'api.tokens[0].token=short' --set 'api.tokens[0].scope=admin'
+must_fail "reject a session URL in the ConfigMap" 'config.database.session_url' helm_template \
+  "${GOOD[@]}" --set config.database.session_url=postgres://h:pw@db/h
 
 # ---------------------------------------------------------------------------- summary
 echo

@@ -485,9 +485,7 @@ pub(crate) async fn open_migrated(cfg: &Config, if_absent: IfAbsent) -> anyhow::
         .context("reading the applied migrations")?
         .is_empty()
     {
-        db::migrate(&database.pool)
-            .await
-            .context("applying migrations")?;
+        database.migrate().await.context("applying migrations")?;
     }
     Ok(database)
 }
@@ -617,6 +615,7 @@ async fn serve(
         .replica_id(replica_id)
         .config(cfg.clone())
         .pool(database.pool.clone())
+        .session(database.session_options().clone())
         .build()
         .await?;
     tracing::info!(

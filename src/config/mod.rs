@@ -98,6 +98,11 @@ impl Default for Config {
 pub struct DatabaseConfig {
     /// `postgres://…`; unset means "start a private server under `home`".
     pub url: Option<Secret>,
+    /// `postgres://…` to the same database for what needs a session of its own (the `LISTEN`
+    /// connections, the scheduler's leader lock, the heartbeat, migrations): PostgreSQL
+    /// itself or a pooler in session mode, when `url` goes through a pooler in transaction
+    /// mode. Unset: `url`.
+    pub session_url: Option<Secret>,
     pub max_connections: u32,
     /// Where to find `initdb`/`postgres` for the private server; unset means search.
     pub pg_bindir: Option<PathBuf>,
@@ -107,6 +112,7 @@ impl Default for DatabaseConfig {
     fn default() -> Self {
         DatabaseConfig {
             url: None,
+            session_url: None,
             max_connections: 10,
             pg_bindir: None,
         }
@@ -701,10 +707,16 @@ impl Config {
                 .map(|u| u.scheme().to_string())
                 .ok()
         };
-        let urls: [(&str, Option<&Secret>, &[&str], &str); 3] = [
+        let urls: [(&str, Option<&Secret>, &[&str], &str); 4] = [
             (
                 "database.url",
                 self.database.url.as_ref(),
+                &["postgres", "postgresql"],
+                "must be a URL of the form postgres://user:password@host:port/database",
+            ),
+            (
+                "database.session_url",
+                self.database.session_url.as_ref(),
                 &["postgres", "postgresql"],
                 "must be a URL of the form postgres://user:password@host:port/database",
             ),
@@ -729,6 +741,14 @@ impl Config {
                 return Err((key.into(), what.into()));
             }
         }
+        if self.database.session_url.is_some() && self.database.url.is_none() {
+            return Err((
+                "database.session_url".into(),
+                "needs database.url as well: it is the session-capable way to the database \
+                 database.url names (the private server needs neither)"
+                    .into(),
+            ));
+        }
         for (i, t) in self.api.tokens.iter().enumerate() {
             if t.token.expose().len() < 16 {
                 return Err((
@@ -746,15 +766,20 @@ impl Config {
     }
 
     /// The effective configuration as YAML, with every secret replaced by `[redacted]`
-    /// (the database URL keeps everything but its password, so it stays useful).
+    /// (the database URLs keep everything but their password, so it stays useful).
     pub fn to_redacted_yaml(&self) -> String {
         let mut value = serde_norway::to_value(self).expect("config serializes");
-        if let Some(url) = &self.database.url {
-            layers::set_path(
-                &mut value,
-                "database.url",
-                serde_norway::Value::String(redact_url(url.expose())),
-            );
+        for (key, url) in [
+            ("database.url", &self.database.url),
+            ("database.session_url", &self.database.session_url),
+        ] {
+            if let Some(url) = url {
+                layers::set_path(
+                    &mut value,
+                    key,
+                    serde_norway::Value::String(redact_url(url.expose())),
+                );
+            }
         }
         serde_norway::to_string(&value).expect("value serializes")
     }
@@ -1025,6 +1050,10 @@ mod tests {
             env(&[
                 ("DATABASE_URL", "postgres://app:hunter2@db:5432/harness"),
                 (
+                    "HARNESS_DATABASE__SESSION_URL",
+                    "postgres://app:swordfish@db-direct:5432/harness",
+                ),
+                (
                     "HARNESS_ESCALATION__WEBHOOK_URL",
                     "https://hooks.example/T0/secret-path",
                 ),
@@ -1039,6 +1068,7 @@ mod tests {
         let debug = format!("{c:?}");
         for out in [&yaml, &debug] {
             assert!(!out.contains("hunter2"), "{out}");
+            assert!(!out.contains("swordfish"), "{out}");
             assert!(!out.contains("secret-path"), "{out}");
             assert!(!out.contains("supersecrettoken"), "{out}");
         }
@@ -1046,6 +1076,42 @@ mod tests {
             yaml.contains("postgres://app:%5Bredacted%5D@db:5432/harness")
                 || yaml.contains("app:[redacted]@db"),
             "{yaml}"
+        );
+        assert!(yaml.contains("@db-direct:5432/harness"), "{yaml}");
+    }
+
+    #[test]
+    fn a_session_url_needs_a_url_and_a_postgres_scheme() {
+        let err = Config::load_from(
+            None,
+            env(&[("HARNESS_DATABASE__SESSION_URL", "postgres://u@db/h")]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("database.session_url"), "{err}");
+        assert!(err.contains("needs database.url as well"), "{err}");
+        let err = Config::load_from(
+            None,
+            env(&[
+                ("DATABASE_URL", "postgres://u@pooler:6432/h"),
+                ("HARNESS_DATABASE__SESSION_URL", "mysql://u@db/h"),
+            ]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("database.session_url"), "{err}");
+        assert!(err.contains("postgres://"), "{err}");
+        let c = Config::load_from(
+            None,
+            env(&[
+                ("DATABASE_URL", "postgres://u@pooler:6432/h"),
+                ("HARNESS_DATABASE__SESSION_URL", "postgres://u@db:5432/h"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(
+            c.database.session_url.unwrap().expose(),
+            "postgres://u@db:5432/h"
         );
     }
 

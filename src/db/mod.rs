@@ -11,9 +11,9 @@ pub mod text;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use sqlx::PgPool;
 use sqlx::migrate::Migrator;
-use sqlx::postgres::PgPoolOptions;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{ConnectOptions, Connection, PgConnection, PgPool};
 
 use crate::config::{Config, redact_url};
 pub use private::{Left, PrivateServer, ServerOptions, Shutdown, Stopper, shut_down_home};
@@ -70,11 +70,13 @@ pub enum IfAbsent {
     Refuse,
 }
 
-/// An open database: the pool, and the private server behind it when there is one.
+/// An open database: the pool, the way to sessions of its own, and the private server
+/// behind it when there is one.
 #[derive(Debug)]
 pub struct Database {
     pub pool: PgPool,
     url: String,
+    session: PgConnectOptions,
     server: Option<PrivateServer>,
 }
 
@@ -121,7 +123,40 @@ impl Database {
             }
         };
         let pool = connect(&url, cfg.database.max_connections).await?;
-        Ok(Database { pool, url, server })
+        let session = match &cfg.database.session_url {
+            Some(url) => options(url.expose())?,
+            None => (*pool.connect_options()).clone(),
+        };
+        Ok(Database {
+            pool,
+            url,
+            session,
+            server,
+        })
+    }
+
+    /// How to open a connection that is a session of its own (`database.session_url`, else
+    /// the pool's): for `LISTEN`, session advisory locks and session settings, which a pooler
+    /// in transaction mode would share out between clients.
+    pub fn session_options(&self) -> &PgConnectOptions {
+        &self.session
+    }
+
+    /// [`migrate`] on a session of its own: sqlx serialises migrations with a session
+    /// advisory lock, which must be taken and released on the same server connection.
+    pub async fn migrate(&self) -> Result<(), Error> {
+        let mut conn = self.session.connect().await.map_err(|source| {
+            let url = format!(
+                "{}:{}/{}",
+                self.session.get_host(),
+                self.session.get_port(),
+                self.session.get_database().unwrap_or("")
+            );
+            Error::Connect { url, source }
+        })?;
+        let result = migrate_on(&mut conn).await;
+        let _ = conn.close().await;
+        result
     }
 
     /// The URL the pool connects to (contains the password when the configured one does).
@@ -220,17 +255,44 @@ pub fn quote_ident(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
 }
 
+/// The options of `url` as the harness connects: without sqlx's `extra_float_digits`
+/// start-up parameter (values travel in binary), which PgBouncer refuses unless told to
+/// ignore it. Errors name the server but never the password.
+pub fn options(url: &str) -> Result<PgConnectOptions, Error> {
+    url.parse::<PgConnectOptions>()
+        .map(|o| o.extra_float_digits(None))
+        .map_err(|source| Error::Connect {
+            url: redact_url(url),
+            source,
+        })
+}
+
 /// A pool on `url` whose errors name the server but never the password.
 pub async fn connect(url: &str, max_connections: u32) -> Result<PgPool, Error> {
     PgPoolOptions::new()
         .max_connections(max_connections)
         .acquire_timeout(Duration::from_secs(10))
-        .connect(url)
+        .connect_with(options(url)?)
         .await
         .map_err(|source| Error::Connect {
             url: redact_url(url),
             source,
         })
+}
+
+/// Where a replica's `LISTEN` connections come from: `pool` itself when `session` is `None`
+/// (the pool's connections are sessions of their own), else a pool of its own on `session`
+/// (two: the wake-up listener and the scheduler leader's), opened when first used.
+pub fn session_pool(pool: &PgPool, session: Option<PgConnectOptions>) -> PgPool {
+    match session {
+        None => pool.clone(),
+        Some(options) => PgPoolOptions::new()
+            .max_connections(2)
+            .acquire_timeout(Duration::from_secs(10))
+            .idle_timeout(None)
+            .max_lifetime(None)
+            .connect_lazy_with(options),
+    }
 }
 
 /// Whether `e` says the database could not be reached or could not serve the statement right
@@ -270,10 +332,20 @@ pub async fn ping(pool: &PgPool) -> Result<(), Error> {
 /// columns, indexes), and what a release stops using is removed one release later, so the
 /// previous binary works on the newer schema.
 pub async fn migrate(pool: &PgPool) -> Result<(), Error> {
+    migrator().run(pool).await?;
+    Ok(())
+}
+
+/// [`migrate`] on one connection.
+pub async fn migrate_on(conn: &mut PgConnection) -> Result<(), Error> {
+    migrator().run(conn).await?;
+    Ok(())
+}
+
+fn migrator() -> Migrator {
     let mut migrator = sqlx::migrate!("./migrations");
     migrator.set_ignore_missing(true);
-    migrator.run(pool).await?;
-    Ok(())
+    migrator
 }
 
 /// Versions of this binary's migrations the database lacks (empty: nothing to do).

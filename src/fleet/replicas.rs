@@ -33,9 +33,12 @@ VALUES ($1, $2, $3, $4, $5, $6, now())
 ON CONFLICT (id) DO UPDATE SET heartbeat_at = now(), running = $5, capacity = $6";
 
 impl Heartbeat {
+    /// A heartbeat of `replica` on connections opened with `options` (a session of its own:
+    /// it sets a session `statement_timeout`), named `harness-heartbeat <replica>` in
+    /// `pg_stat_activity`.
     pub fn new(options: PgConnectOptions, replica: &str) -> Heartbeat {
         Heartbeat {
-            options,
+            options: options.application_name(&format!("harness-heartbeat {replica}")),
             replica: replica.to_string(),
             conn: None,
         }

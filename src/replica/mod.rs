@@ -71,6 +71,7 @@ pub enum Error {
 pub struct HarnessBuilder {
     config: Option<Config>,
     pool: Option<PgPool>,
+    session: Option<sqlx::postgres::PgConnectOptions>,
     registry: Registry,
     replica_id: Option<String>,
     agents: Option<Agents>,
@@ -87,6 +88,14 @@ impl HarnessBuilder {
     /// The database pool (migrated). Without one, `build` connects to `database.url`.
     pub fn pool(mut self, pool: PgPool) -> Self {
         self.pool = Some(pool);
+        self
+    }
+
+    /// How to open connections that must be sessions of their own (the `LISTEN` connections,
+    /// the heartbeat, the scheduler's leader lock) when the pool goes through a pooler in
+    /// transaction mode. Without it: `database.session_url`, else the pool's connections.
+    pub fn session(mut self, options: sqlx::postgres::PgConnectOptions) -> Self {
+        self.session = Some(options);
         self
     }
 
@@ -148,6 +157,16 @@ impl HarnessBuilder {
                 crate::db::connect(url.expose(), cfg.database.max_connections).await?
             }
         };
+        let session = match (self.session, &cfg.database.session_url) {
+            (Some(options), _) => Some(options),
+            (None, Some(url)) => Some(crate::db::options(url.expose())?),
+            (None, None) => None,
+        };
+        let replica = self.replica_id.unwrap_or_else(new_replica_id);
+        let sessions = crate::db::session_pool(
+            &pool,
+            session.map(|o| o.application_name(&format!("harness-listener {replica}"))),
+        );
         let queue = Queue::new(pool.clone(), cfg.bulk.retry_attempts);
         Ok(Harness {
             agents: self.agents,
@@ -157,10 +176,11 @@ impl HarnessBuilder {
                 cfg.bulk.max_concurrent as usize,
                 cfg.bulk.prefetch as usize,
             ),
-            replica: self.replica_id.unwrap_or_else(new_replica_id),
+            replica,
             registry: Arc::new(self.registry),
             cfg,
             pool,
+            sessions,
             queue,
         })
     }
@@ -173,6 +193,9 @@ pub struct Harness {
     isolation: Option<Isolation>,
     cfg: Config,
     pool: PgPool,
+    /// Where connections that need a session of their own come from (see
+    /// [`HarnessBuilder::session`]); the pool itself when none was configured.
+    sessions: PgPool,
     queue: Queue,
     registry: Arc<Registry>,
     replica: String,
@@ -216,6 +239,7 @@ impl Harness {
             isolation,
             cfg,
             pool,
+            sessions,
             queue,
             registry,
             replica,
@@ -223,13 +247,13 @@ impl Harness {
         } = self;
         // Before anything starts: a failure here must leave nothing running.
         let sampler = sampler_for(sampler, &cfg, &capacity)?;
-        let mut heartbeat = Heartbeat::new((*pool.connect_options()).clone(), &replica);
+        let mut heartbeat = Heartbeat::new((*sessions.connect_options()).clone(), &replica);
         // Registered before the first claim, so no one rescues what we are about to take.
         heartbeat
             .beat(0, capacity.granted() as i32, Duration::from_secs(10))
             .await?;
         // Listening before the first claim, so a task enqueued in between wakes us.
-        let listener = Listener::connect(&pool).await?;
+        let listener = Listener::connect(&sessions).await?;
         let wake = Arc::new(Notify::new());
         let options = WorkerOptions::from_config(&cfg, &replica);
         let worker = Worker::start(
@@ -243,6 +267,7 @@ impl Harness {
         let ctx = Context {
             cfg: &cfg,
             pool: &pool,
+            sessions: &sessions,
             queue: &queue,
             replica: &replica,
             worker: worker.handle(),
@@ -264,7 +289,7 @@ impl Harness {
         // The heartbeat keeps going while running tasks drain, or they would be rescued.
         worker.shutdown().await;
         loops.stop().await;
-        deregister(&pool, &replica).await;
+        deregister(&sessions, &replica).await;
         Ok(())
     }
 }
@@ -273,6 +298,7 @@ impl Harness {
 struct Context<'a> {
     cfg: &'a Config,
     pool: &'a PgPool,
+    sessions: &'a PgPool,
     queue: &'a Queue,
     replica: &'a str,
     worker: WorkerHandle,
@@ -361,6 +387,7 @@ impl Context<'_> {
         let mut r = Running::new();
         r.tasks.spawn(crate::scheduler::run(
             self.pool.clone(),
+            self.sessions.clone(),
             agents,
             self.queue.clone(),
             SchedulerOptions::from_config(self.cfg, self.replica),
@@ -395,8 +422,8 @@ fn sampler_for(
 }
 
 /// Removes the replica's row, on a fresh connection: the heartbeat's may have been failing.
-async fn deregister(pool: &PgPool, replica: &str) {
-    let mut hb = Heartbeat::new((*pool.connect_options()).clone(), replica);
+async fn deregister(sessions: &PgPool, replica: &str) {
+    let mut hb = Heartbeat::new((*sessions.connect_options()).clone(), replica);
     if let Err(e) = hb.deregister().await {
         tracing::warn!(error = %e, "could not remove the replica row; it will age out");
     }

@@ -121,12 +121,13 @@ impl SchedulerOptions {
     }
 }
 
-/// Tries to become the leader: a dedicated connection holding the advisory lock.
+/// Tries to become the leader: a dedicated connection holding the advisory lock, opened like
+/// the connections of `sessions` (a session of its own, whatever pooler `pool` goes through).
 async fn try_lead(
-    pool: &PgPool,
+    sessions: &PgPool,
     opts: &SchedulerOptions,
 ) -> Result<Option<PgConnection>, sqlx::Error> {
-    let mut conn = (*pool.connect_options())
+    let mut conn = (*sessions.connect_options())
         .clone()
         .application_name(&format!("harness-scheduler {}", opts.replica))
         .connect()
@@ -174,16 +175,18 @@ pub async fn hold_leadership(
         .await
 }
 
-/// Runs the replica's scheduler until `stop`: campaigns, and leads when elected.
+/// Runs the replica's scheduler until `stop`: campaigns, and leads when elected. Statements
+/// go through `pool`; the leader lock and the leader's `LISTEN` through `sessions`.
 pub async fn run(
     pool: PgPool,
+    sessions: PgPool,
     agents: Agents,
     queue: Queue,
     opts: SchedulerOptions,
     stop: CancellationToken,
 ) {
     loop {
-        match try_lead(&pool, &opts).await {
+        match try_lead(&sessions, &opts).await {
             Ok(Some(conn)) => {
                 tracing::info!(replica = %opts.replica, namespace = %opts.namespace, "became the scheduler leader");
                 crate::telemetry::metrics().leader.record(1, &[]);
@@ -194,7 +197,7 @@ pub async fn run(
                 let why = {
                     use tracing::Instrument;
                     let span = tracing::info_span!("scheduler.lead", replica = %opts.replica);
-                    lead(conn, &pool, &agents, &queue, &opts, &stop)
+                    lead(conn, &sessions, &agents, &queue, &opts, &stop)
                         .instrument(span)
                         .await
                 };
@@ -257,13 +260,13 @@ async fn load(
 /// Leads until something goes wrong or `stop`; returns why it stopped.
 async fn lead(
     mut conn: PgConnection,
-    pool: &PgPool,
+    sessions: &PgPool,
     agents: &Agents,
     queue: &Queue,
     opts: &SchedulerOptions,
     stop: &CancellationToken,
 ) -> String {
-    let mut listener = match sqlx::postgres::PgListener::connect_with(pool).await {
+    let mut listener = match sqlx::postgres::PgListener::connect_with(sessions).await {
         Ok(mut l) => match l.listen(AGENTS_CHANNEL).await {
             Ok(()) => Some(l),
             Err(_) => None,

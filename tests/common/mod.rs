@@ -7,6 +7,7 @@
 #![allow(dead_code)]
 
 pub mod browser;
+pub mod pgbouncer;
 
 use std::hash::{Hash, Hasher};
 use std::path::PathBuf;
@@ -323,6 +324,11 @@ impl RestartableServer {
 
     pub fn url(&self, database: &str) -> String {
         self.server.as_ref().expect("server up").url(database)
+    }
+
+    /// The running server.
+    pub fn server(&self) -> &PrivateServer {
+        self.server.as_ref().expect("server up")
     }
 
     pub async fn down(&mut self) {

@@ -86,8 +86,8 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- if and .Values.database.existingSecret .Values.api.tokens }}
 {{- fail "api.tokens are ignored with database.existingSecret: put HARNESS_API__TOKENS in that Secret (api.tokensKey) and leave api.tokens empty" }}
 {{- end }}
-{{- if or (dig "database" "url" "" .Values.config) (dig "api" "tokens" list .Values.config) (dig "escalation" "webhook_url" "" .Values.config) }}
-{{- fail "config.database.url, config.api.tokens and config.escalation.webhook_url would land in a ConfigMap, readable by anyone who can read the namespace's ConfigMaps: use database.url / database.existingSecret, api.tokens, and extraEnv from a Secret" }}
+{{- if or (dig "database" "url" "" .Values.config) (dig "database" "session_url" "" .Values.config) (dig "api" "tokens" list .Values.config) (dig "escalation" "webhook_url" "" .Values.config) }}
+{{- fail "config.database.url, config.database.session_url, config.api.tokens and config.escalation.webhook_url would land in a ConfigMap, readable by anyone who can read the namespace's ConfigMaps: use database.url / database.existingSecret, api.tokens, and extraEnv (and migration.extraEnv) from a Secret" }}
 {{- end }}
 {{- if eq .Values.image.repository "" }}
 {{- fail "image.repository is required: build the image (docker build -f deploy/Dockerfile -t REGISTRY/agent-harness:APPVERSION .), push it, and set image.repository=REGISTRY/agent-harness" }}
