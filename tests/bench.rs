@@ -295,6 +295,37 @@ async fn bench_ceiling_claims_and_completes_every_task_and_drops_its_database() 
     assert_dropped(&db, &format!("harness_bench_ceiling_{pid}_0")).await;
 }
 
+/// `harness bench --history`: processing on an empty database and on one with the history,
+/// the API's first page over it, and the pruner deleting the completed part of it (never a
+/// failed task) while the replicas work; both databases are dropped.
+#[tokio::test]
+async fn bench_history_processes_lists_and_prunes_over_a_history_and_drops_its_databases() {
+    let db = TestDb::new().await;
+    let (pid, report) = run_bench(&db, &["--history", "20000", "--tasks", "500", "--json"]).await;
+    assert_eq!(report["history"], 20000);
+    for figure in [
+        "empty_per_s",
+        "history_per_s",
+        "list_p50_ms",
+        "list_p95_ms",
+        "prune_rows_per_s",
+        "process_during_prune_per_s",
+    ] {
+        assert!(report[figure].as_f64().unwrap() > 0.0, "{figure}: {report}");
+    }
+    let run = &report["each_run"][0];
+    let pruned = run["pruned"].as_u64().unwrap();
+    // 1 % of the history failed: the pruner keeps those.
+    if run["prune_finished"] == true {
+        assert_eq!(pruned, 19_800, "{report}");
+    } else {
+        assert!(pruned > 0 && pruned < 19_800, "{report}");
+    }
+    for suffix in ["empty", "full"] {
+        assert_dropped(&db, &format!("harness_bench_history_{pid}_0_{suffix}")).await;
+    }
+}
+
 /// Runs `harness bench ARGS` against the test's server; its pid and its JSON report.
 async fn run_bench(db: &TestDb, args: &[&str]) -> (u32, serde_json::Value) {
     let mut cmd = tokio::process::Command::from(common::harness_command());

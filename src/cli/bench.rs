@@ -7,12 +7,14 @@
 //! 3. Pick-up latency: one idle replica; tasks enqueued one at a time, each waited for;
 //!    latency is `started_at − created_at` of each task, as the database clock saw them.
 //!
-//! `--agent` times agent runs through the sandbox, `--governor` the governor's step, and
-//! `--console` the web console's pages over a big history (see [`console`]).
+//! `--agent` times agent runs through the sandbox, `--governor` the governor's step,
+//! `--console` the web console's pages over a big history (see [`console`]), and `--history`
+//! the queue, the API and the pruner over a big history of finished tasks (see [`history`]).
 
 mod api;
 mod ceiling;
 mod console;
+mod history;
 
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -96,6 +98,12 @@ pub struct BenchArgs {
     /// no-op tasks (default 200,000) of a fresh database; medians of --runs
     #[arg(long, conflicts_with_all = ["agent", "governor", "console", "api"])]
     ceiling: bool,
+    /// The queue over a history of N finished tasks (1 % failed, ended 8 to 38 days ago): on a
+    /// fresh database without it and one with it, processing of --tasks no-op tasks; with it,
+    /// also `GET /api/tasks` (first page) and the pruner deleting the history while replicas
+    /// process ten times --tasks; medians of --runs
+    #[arg(long, value_name = "N", conflicts_with_all = ["agent", "governor", "console", "api", "ceiling"])]
+    history: Option<u64>,
     /// With --api: calls in flight at a time
     #[arg(long, default_value_t = api::DEFAULT_CLIENTS, requires = "api")]
     clients: usize,
@@ -164,6 +172,9 @@ pub async fn run(cfg: Config, args: BenchArgs) -> anyhow::Result<()> {
             args.json,
         )
         .await;
+    }
+    if let Some(history) = args.history {
+        return history::run(&cfg, &args, history).await;
     }
     if args.api {
         let options = api::Options {
@@ -353,10 +364,10 @@ async fn measure(cfg: &Config, args: &BenchArgs, url: &str) -> anyhow::Result<Me
     let pool = db::connect(url, args.producers as u32 + 2).await?;
     db::migrate(&pool).await?;
     let queue = Queue::new(pool.clone(), 0);
-    let enqueue_per_s = bulk_enqueue(&pool, &queue, args).await?;
+    let enqueue_per_s = bulk_enqueue(&pool, &queue, args, args.tasks()).await?;
     let prefetch = args.prefetch(cfg);
     let mut replicas = Replicas::spawn(cfg, url, args.replicas, args.concurrency, prefetch)?;
-    let process_per_s = processing(&queue, args.tasks(), &mut replicas).await?;
+    let process_per_s = processing(&queue, 0, args.tasks(), &mut replicas).await?;
     replicas.stop_all_but_first();
     let mut latencies = pickup_latencies(&queue, args.latency_samples).await?;
     drop(replicas);
@@ -370,9 +381,14 @@ async fn measure(cfg: &Config, args: &BenchArgs, url: &str) -> anyhow::Result<Me
     })
 }
 
-/// Enqueues `args.tasks` no-op tasks in batches shared out to the producers; tasks per second.
-async fn bulk_enqueue(pool: &sqlx::PgPool, queue: &Queue, args: &BenchArgs) -> anyhow::Result<f64> {
-    let tasks = args.tasks();
+/// Enqueues `tasks` no-op tasks in batches of `args.batch` shared out to `args.producers`;
+/// tasks per second.
+async fn bulk_enqueue(
+    pool: &sqlx::PgPool,
+    queue: &Queue,
+    args: &BenchArgs,
+    tasks: usize,
+) -> anyhow::Result<f64> {
     let batches: Vec<usize> = (0..tasks)
         .step_by(args.batch)
         .map(|start| args.batch.min(tasks - start))
@@ -406,13 +422,18 @@ async fn bulk_enqueue(pool: &sqlx::PgPool, queue: &Queue, args: &BenchArgs) -> a
     Ok(tasks as f64 / started.elapsed().as_secs_f64())
 }
 
-/// Waits until every task is finished; tasks per second from the first start to the last
-/// completion.
-async fn processing(queue: &Queue, tasks: usize, replicas: &mut Replicas) -> anyhow::Result<f64> {
+/// Waits until every task after task `after` (the `tasks` the bench enqueued) is finished;
+/// tasks per second from the first start to the last completion.
+async fn processing(
+    queue: &Queue,
+    after: harness::queue::TaskId,
+    tasks: usize,
+    replicas: &mut Replicas,
+) -> anyhow::Result<f64> {
     let deadline = Instant::now() + Duration::from_secs(600);
     // The progress check must not load the system it measures: "anything not completed?"
-    // is one probe of the partial tasks_status_idx, where counting completed rows would scan.
-    while queue.any_unfinished().await? {
+    // is a probe of two partial indexes, where counting completed rows would scan.
+    while queue.any_unfinished(after).await? {
         if Instant::now() > deadline {
             bail!("the tasks did not all complete within 10 minutes");
         }
@@ -423,7 +444,7 @@ async fn processing(queue: &Queue, tasks: usize, replicas: &mut Replicas) -> any
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let window = queue.processing_window().await?;
+    let window = queue.processing_window(after).await?;
     Ok(tasks as f64 / window.max(1e-6))
 }
 

@@ -308,25 +308,40 @@ impl Queue {
         .await?)
     }
 
-    /// Whether any task has not completed. One probe of the partial tasks_status_idx (and
-    /// tasks_claim_idx), where counting completed rows would scan: cheap enough to poll while
-    /// measuring the system it would otherwise load.
-    pub async fn any_unfinished(&self) -> Result<bool, Error> {
-        Ok(
-            sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM tasks WHERE status <> 'completed')")
-                .fetch_one(&self.pool)
-                .await?,
-        )
-    }
-
-    /// Seconds from the first start to the last completion, over every task (`harness
-    /// bench`), as the database clock saw them.
-    pub async fn processing_window(&self) -> Result<f64, Error> {
+    /// Whether any task after task `after` has not completed. Probes of the partial
+    /// tasks_claim_idx and tasks_status_idx, where counting completed rows would scan: cheap
+    /// enough to poll while measuring the system it would otherwise load.
+    pub async fn any_unfinished(&self, after: TaskId) -> Result<bool, Error> {
+        // Two probes, each of a partial index (tasks_claim_idx, tasks_status_idx): completed
+        // rows, however many, are in neither.
         Ok(sqlx::query_scalar(
-            "SELECT EXTRACT(EPOCH FROM max(completed_at) - min(started_at))::float8 FROM tasks",
+            "SELECT EXISTS (SELECT 1 FROM tasks \
+                            WHERE status IN ('pending', 'retry_scheduled') AND id > $1) \
+                 OR EXISTS (SELECT 1 FROM tasks \
+                            WHERE status NOT IN ('pending', 'completed') AND id > $1)",
         )
+        .bind(after)
         .fetch_one(&self.pool)
         .await?)
+    }
+
+    /// Seconds from the first start to the last completion, over the tasks after task
+    /// `after` (`harness bench`), as the database clock saw them.
+    pub async fn processing_window(&self, after: TaskId) -> Result<f64, Error> {
+        Ok(sqlx::query_scalar(
+            "SELECT EXTRACT(EPOCH FROM max(completed_at) - min(started_at))::float8 FROM tasks \
+             WHERE id > $1",
+        )
+        .bind(after)
+        .fetch_one(&self.pool)
+        .await?)
+    }
+
+    /// The newest task's id (0 when there is none).
+    pub async fn last_id(&self) -> Result<TaskId, Error> {
+        Ok(sqlx::query_scalar("SELECT COALESCE(max(id), 0) FROM tasks")
+            .fetch_one(&self.pool)
+            .await?)
     }
 
     /// [`RunStats`] of each of `agent_ids` over its last `n` runs of kind `kind`: one walk of

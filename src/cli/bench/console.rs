@@ -568,7 +568,7 @@ impl Replica {
     }
 
     /// One whole response to `GET page`, which must be 200 OK; the body's size.
-    async fn get(&self, client: &reqwest::Client, page: &str) -> anyhow::Result<usize> {
+    pub(super) async fn get(&self, client: &reqwest::Client, page: &str) -> anyhow::Result<usize> {
         let r = client
             .get(format!("{}{page}", self.base))
             .send()
