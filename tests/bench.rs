@@ -296,8 +296,9 @@ async fn bench_ceiling_claims_and_completes_every_task_and_drops_its_database() 
 }
 
 /// `harness bench --history`: processing on an empty database and on one with the history,
-/// the API's first page over it, and the pruner deleting the completed part of it (never a
-/// failed task) while the replicas work; both databases are dropped.
+/// the API's first page over it, and the pruner deleting the old completed part of it (never
+/// a failed task, nothing within the retention) while the replicas work; both databases are
+/// dropped.
 #[tokio::test]
 async fn bench_history_processes_lists_and_prunes_over_a_history_and_drops_its_databases() {
     let db = TestDb::new().await;
@@ -315,12 +316,9 @@ async fn bench_history_processes_lists_and_prunes_over_a_history_and_drops_its_d
     }
     let run = &report["each_run"][0];
     let pruned = run["pruned"].as_u64().unwrap();
-    // 1 % of the history failed: the pruner keeps those.
-    if run["prune_finished"] == true {
-        assert_eq!(pruned, 19_800, "{report}");
-    } else {
-        assert!(pruned > 0 && pruned < 19_800, "{report}");
-    }
+    // The old four fifths of the history, but the 1 % of them that failed: the pruner keeps
+    // those, and the fifth that ended within the retention.
+    assert_eq!(pruned, 15_840, "{report}");
     for suffix in ["empty", "full"] {
         assert_dropped(&db, &format!("harness_bench_history_{pid}_0_{suffix}")).await;
     }

@@ -98,10 +98,11 @@ pub struct BenchArgs {
     /// no-op tasks (default 200,000) of a fresh database; medians of --runs
     #[arg(long, conflicts_with_all = ["agent", "governor", "console", "api"])]
     ceiling: bool,
-    /// The queue over a history of N finished tasks (1 % failed, ended 8 to 38 days ago): on a
-    /// fresh database without it and one with it, processing of --tasks no-op tasks; with it,
-    /// also `GET /api/tasks` (first page) and the pruner deleting the history while replicas
-    /// process ten times --tasks; medians of --runs
+    /// The queue over a history of N finished tasks (a fifth ended within the last day, the
+    /// rest 8 to 38 days ago, 1 % of those failed): on a fresh database without it and one
+    /// with it, processing of --tasks no-op tasks; with it, also `GET /api/tasks` (first page)
+    /// and the pruner deleting the old part while replicas process ten times --tasks; medians
+    /// of --runs
     #[arg(long, value_name = "N", conflicts_with_all = ["agent", "governor", "console", "api", "ceiling"])]
     history: Option<u64>,
     /// With --api: calls in flight at a time

@@ -140,20 +140,10 @@ impl Queue {
         .await?)
     }
 
-    /// Deletes completed and cancelled tasks that ended more than `age` ago, by one replica at
-    /// a time (others skip). Returns how many rows were deleted.
-    ///
-    /// It walks the primary key upwards from the oldest task, `batch` rows per statement (one
-    /// transaction each), deleting those of the batch that qualify, and stops at the first
-    /// batch created entirely within `age` (a task ends after it was created, so nothing from
-    /// there on qualifies). Each statement reads only its own `batch` rows: a search by
-    /// `completed_at` would read again, at every batch, the rows deleted by the batches before
-    /// it until vacuum reclaims them, and an index for it would cost every completion a write.
-    /// Rows kept (failed, still waiting, ended within `age`) among the old ones are read once
-    /// per prune.
+    /// Deletes completed and cancelled tasks older than `age`, `batch` rows per statement,
+    /// by one replica at a time (others skip). Returns how many rows were deleted.
     pub async fn prune(&self, age: Duration, batch: u32) -> Result<u64, Error> {
         let mut total = 0;
-        let mut cursor: TaskId = 0;
         loop {
             let mut tx = self.pool.begin().await?;
             let leader: bool =
@@ -164,30 +154,24 @@ impl Queue {
                 return Ok(total);
             }
             // A task's output goes with it (task_logs has no foreign key; see the migration).
-            // The conditions are on the deleted row itself, so a row that changed since the
-            // batch read it is judged as it is now.
-            let (last, deleted, rest_too_young): (Option<TaskId>, i64, bool) = sqlx::query_as(
-                "WITH batch AS (
-                    SELECT id, created_at FROM tasks WHERE id > $1 ORDER BY id LIMIT $2),
-                 d AS (DELETE FROM tasks t USING batch b
-                    WHERE t.id = b.id AND t.status IN ('completed', 'cancelled')
-                      AND t.completed_at < now() - make_interval(secs => $3)
-                    RETURNING t.id),
+            let deleted: i64 = sqlx::query_scalar(
+                "WITH d AS (DELETE FROM tasks WHERE id IN (
+                    SELECT id FROM tasks
+                    WHERE status IN ('completed', 'cancelled')
+                      AND completed_at < now() - make_interval(secs => $1)
+                    LIMIT $2) RETURNING id),
                  l AS (DELETE FROM task_logs WHERE task_id IN (SELECT id FROM d))
-                 SELECT (SELECT max(id) FROM batch), (SELECT count(*) FROM d),
-                        COALESCE((SELECT min(created_at) FROM batch)
-                                 >= now() - make_interval(secs => $3), true)",
+                 SELECT count(*) FROM d",
             )
-            .bind(cursor)
-            .bind(batch as i64)
             .bind(age.as_secs_f64())
+            .bind(batch as i64)
             .fetch_one(&mut *tx)
             .await?;
+            let deleted = deleted as u64;
             tx.commit().await?;
-            total += deleted as u64;
-            match last {
-                Some(last) if !rest_too_young => cursor = last,
-                _ => return Ok(total),
+            total += deleted;
+            if deleted < batch as u64 {
+                return Ok(total);
             }
         }
     }

@@ -2,18 +2,19 @@
 //! finished tasks.
 //!
 //! Each run makes two fresh databases, one after the other. The first stays empty. The second
-//! gets N finished tasks (`kind = 'history'`, 1 % failed, the rest completed, ended 8 to 38
-//! days ago in id order), inserted in bulk and then vacuumed and analysed, as autovacuum
-//! would have done on a database that grew this big (not timed). On each, as the queue
+//! gets N finished tasks (`kind = 'history'`), inserted in bulk and then vacuumed and
+//! analysed, as autovacuum would have done on a database that grew this big (not timed),
+//! laid out as in a database pruned for a while: the newest fifth, ended within the last day,
+//! fills the start of the table (space freed by earlier prunes is reused), and the rest,
+//! ended 8 to 38 days ago (1 % failed), follows in id order (see [`seed`]). On each, as the queue
 //! benchmark: bulk enqueue of `--tasks` no-op tasks and their processing by `--replicas`
 //! replicas of `--concurrency`. With the history, also:
 //! - `GET /api/tasks` (the first page) to one `harness serve`, [`LIST_REQUESTS`] times one
 //!   after another: p50 and p95 of the whole request;
 //! - the pruner: `Queue::prune` with the default retention (7 days) and a replica's batch
 //!   (5,000 rows), started with the replicas on ten times `--tasks` more no-op tasks: rows it
-//!   deleted per second, next to the tasks per second completed meanwhile. If it has not
-//!   finished when they are all completed it is stopped there, and its rate is what it
-//!   deleted until then.
+//!   deleted per second while they worked (counted when they are done, if it is not), next to
+//!   the tasks per second they completed; then the time it took to delete the whole history.
 
 use std::time::{Duration, Instant};
 
@@ -47,8 +48,12 @@ struct Figures {
     list_p95_ms: f64,
     prune_rows_per_s: f64,
     process_during_prune_per_s: f64,
+    /// Rows the pruner deleted in all (the completed part of the history).
     pruned: u64,
+    /// Whether it had deleted them all before the replicas were done.
     prune_finished: bool,
+    /// Seconds from its start to its end (the replicas worked during the first part).
+    whole_prune_s: f64,
 }
 
 pub(super) async fn run(cfg: &Config, args: &BenchArgs, history: u64) -> anyhow::Result<()> {
@@ -77,21 +82,22 @@ pub(super) async fn run(cfg: &Config, args: &BenchArgs, history: u64) -> anyhow:
         if !args.json {
             eprintln!(
                 "run {}: processing {:.0}/s empty, {:.0}/s with the history; GET /api/tasks \
-                 p50 {:.2} ms p95 {:.2} ms; prune {:.0} rows/s ({} rows{}) while processing \
-                 {:.0}/s",
+                 p50 {:.2} ms p95 {:.2} ms; prune {:.0} rows/s while processing {:.0}/s{}, \
+                 {} rows in {:.1} s",
                 i + 1,
                 f.empty_per_s,
                 f.history_per_s,
                 f.list_p50_ms,
                 f.list_p95_ms,
                 f.prune_rows_per_s,
-                f.pruned,
-                if f.prune_finished {
-                    ", all"
-                } else {
-                    ", stopped"
-                },
                 f.process_during_prune_per_s,
+                if f.prune_finished {
+                    " (done before them)"
+                } else {
+                    ""
+                },
+                f.pruned,
+                f.whole_prune_s,
             );
         }
         runs.push(f);
@@ -159,66 +165,99 @@ async fn with_history(
         })
     };
     let process_during_prune_per_s = processing(&queue, after, tasks, &mut replicas).await?;
-    let (pruned, ended, prune_finished) = if pruner.is_finished() {
-        let (deleted, at) = pruner.await?;
-        (deleted?, at, true)
+    let processed_at = Instant::now();
+    // What the pruner deleted while the replicas worked, then all of it.
+    let during = if pruner.is_finished() {
+        None
     } else {
-        let at = Instant::now();
-        pruner.abort();
-        let _ = pruner.await;
-        let left = completed_history(&pool).await?;
-        (before.saturating_sub(left), at, false)
+        Some(before.saturating_sub(completed_history(&pool).await?))
     };
     drop(replicas);
+    let (deleted, ended) = pruner.await?;
+    let pruned = deleted?;
+    let (prune_rows_per_s, prune_finished) = match during {
+        None => (
+            pruned as f64 / (ended - started).as_secs_f64().max(1e-6),
+            true,
+        ),
+        Some(n) => (
+            n as f64 / (processed_at - started).as_secs_f64().max(1e-6),
+            false,
+        ),
+    };
+    let whole_prune_s = (ended - started).as_secs_f64();
     pool.close().await;
     Ok(Figures {
         empty_per_s,
         history_per_s,
         list_p50_ms,
         list_p95_ms,
-        prune_rows_per_s: pruned as f64 / (ended - started).as_secs_f64().max(1e-6),
+        prune_rows_per_s,
         process_during_prune_per_s,
         pruned,
         prune_finished,
+        whole_prune_s,
     })
 }
 
-/// Builds the history: `n` finished tasks, 1 % failed, ended 8 to 38 days ago in id order;
-/// then VACUUM ANALYZE.
+/// Builds the history: `n` finished tasks laid out as in a database that has been pruned for
+/// a while, where new rows fill the space freed at the start of the table. The newest fifth
+/// (ended within the last day, which the pruner keeps) comes first in the table, with the
+/// highest ids; then the rest (ended 8 to 38 days ago, in id order, 1 % failed). Then VACUUM
+/// ANALYZE.
 async fn seed(conn: &mut sqlx::PgConnection, n: u64) -> anyhow::Result<()> {
-    let mut done = 0u64;
-    while done < n {
-        let k = SEED_CHUNK.min(n - done);
-        sqlx::query(
-            "INSERT INTO tasks (kind, status, result, error, attempt, scheduled_at, started_at, \
-                                completed_at, created_at) \
-             SELECT 'history', \
-                    CASE WHEN g % 100 = 0 THEN 'failed' ELSE 'completed' END, \
-                    CASE WHEN g % 100 = 0 THEN NULL ELSE '{}'::jsonb END, \
-                    CASE WHEN g % 100 = 0 THEN 'a failure of the history' END, \
-                    1, at, at, at + interval '5 ms', at \
-             FROM (SELECT g, now() - interval '38 days' + (g::float8 / $3) * interval '30 days' \
-                          AS at \
-                   FROM generate_series($1::bigint, $2::bigint) g) s",
-        )
-        .bind((done + 1) as i64)
-        .bind((done + k) as i64)
-        .bind(n as f64)
-        .execute(&mut *conn)
-        .await
-        .context("building the history")?;
-        done += k;
+    let recent = n / 5;
+    let old = n - recent;
+    // (first id, last id, start of the span, its length, share failed) of each part, in the
+    // order they go into the table.
+    let parts = [
+        (old + 1, n, "1 day", "1 day", 0),
+        (1, old, "38 days", "30 days", 100),
+    ];
+    for (first, last, ago, span, fail_every) in parts {
+        let mut from = first;
+        while from <= last {
+            let to = (from + SEED_CHUNK - 1).min(last);
+            sqlx::query(
+                "INSERT INTO tasks (id, kind, status, result, error, attempt, scheduled_at, \
+                                    started_at, completed_at, created_at) \
+                 SELECT g, 'history', \
+                        CASE WHEN $6 > 0 AND g % $6 = 0 THEN 'failed' ELSE 'completed' END, \
+                        CASE WHEN $6 > 0 AND g % $6 = 0 THEN NULL ELSE '{}'::jsonb END, \
+                        CASE WHEN $6 > 0 AND g % $6 = 0 THEN 'a failure of the history' END, \
+                        1, at, at, at + interval '5 ms', at \
+                 FROM (SELECT g, now() - $4::interval \
+                                 + ((g - $3)::float8 / ($5 - $3 + 1)) * $7::interval AS at \
+                       FROM generate_series($1::bigint, $2::bigint) g) s",
+            )
+            .bind(from as i64)
+            .bind(to as i64)
+            .bind(first as i64)
+            .bind(ago)
+            .bind(last as i64)
+            .bind(fail_every as i64)
+            .bind(span)
+            .execute(&mut *conn)
+            .await
+            .context("building the history")?;
+            from = to + 1;
+        }
     }
+    sqlx::query("SELECT setval(pg_get_serial_sequence('tasks', 'id'), $1)")
+        .bind(n as i64)
+        .execute(&mut *conn)
+        .await?;
     sqlx::query("VACUUM ANALYZE tasks")
         .execute(&mut *conn)
         .await?;
     Ok(())
 }
 
-/// Completed tasks of the history still there.
+/// Completed tasks of the history past the retention still there.
 async fn completed_history(pool: &sqlx::PgPool) -> anyhow::Result<u64> {
     let n: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM tasks WHERE kind = 'history' AND status = 'completed'",
+        "SELECT count(*) FROM tasks WHERE kind = 'history' AND status = 'completed' \
+         AND completed_at < now() - interval '7 days'",
     )
     .fetch_one(pool)
     .await?;
@@ -248,6 +287,7 @@ fn report(args: &BenchArgs, history: u64, runs: &[Figures]) -> anyhow::Result<()
         med(|f| f.prune_rows_per_s),
         med(|f| f.process_during_prune_per_s),
     );
+    let whole = med(|f| f.whole_prune_s);
     if args.json {
         let v = json!({
             "history": history,
@@ -262,6 +302,7 @@ fn report(args: &BenchArgs, history: u64, runs: &[Figures]) -> anyhow::Result<()
             "list_p95_ms": (p95 * 100.0).round() / 100.0,
             "prune_rows_per_s": prune.round(),
             "process_during_prune_per_s": during.round(),
+            "whole_prune_s": (whole * 10.0).round() / 10.0,
             "each_run": runs,
         });
         println!("{v}");
@@ -286,5 +327,6 @@ fn report(args: &BenchArgs, history: u64, runs: &[Figures]) -> anyhow::Result<()
          tasks/s ({} tasks)",
         10 * args.tasks()
     );
+    println!("  prune of the whole history     {whole:>10.1} s");
     Ok(())
 }
