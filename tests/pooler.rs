@@ -9,7 +9,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::pgbouncer::{self, PgBouncer};
-use common::{Log, Proc, RestartableServer, eventually};
+use common::{Log, Proc, RestartableServer, TestDb, eventually};
 use futures::StreamExt;
 use harness::db;
 use harness::queue::{NewTask, Queue, Status};
@@ -305,4 +305,28 @@ async fn replicas_behind_a_transaction_pooler_run_every_task_once_and_fail_over(
         clients.len()
     );
     drop(replicas);
+}
+
+/// A session URL that cannot be reached is an error that names it, before anything runs.
+#[tokio::test]
+async fn an_unreachable_session_url_is_named() {
+    let db = TestDb::new().await;
+    let closed = format!(
+        "postgres://postgres:hunter2@127.0.0.1:{}/x",
+        common::free_port()
+    );
+    for args in [&["migrate"][..], &["serve"][..]] {
+        let o = common::harness_at(&db.url)
+            .env("HARNESS_DATABASE__SESSION_URL", &closed)
+            .args(args)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "{args:?}: {stderr}");
+        assert!(
+            stderr.contains("database.session_url"),
+            "{args:?}: {stderr}"
+        );
+        assert!(!stderr.contains("hunter2"), "{args:?}: {stderr}");
+    }
 }

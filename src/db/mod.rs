@@ -53,6 +53,11 @@ pub enum Error {
     NoPrivateDatabase { home: PathBuf },
     #[error("cannot connect to PostgreSQL at {url}: {source}")]
     Connect { url: String, source: sqlx::Error },
+    #[error(
+        "cannot connect to PostgreSQL at {url} (database.session_url, the session-capable \
+         way to the database): {source}"
+    )]
+    SessionConnect { url: String, source: sqlx::Error },
     #[error("database migration failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("database error: {0}")]
@@ -77,6 +82,8 @@ pub struct Database {
     pub pool: PgPool,
     url: String,
     session: PgConnectOptions,
+    /// The session URL without its password, for errors.
+    session_label: String,
     server: Option<PrivateServer>,
 }
 
@@ -123,14 +130,28 @@ impl Database {
             }
         };
         let pool = connect(&url, cfg.database.max_connections).await?;
-        let session = match &cfg.database.session_url {
-            Some(url) => options(url.expose())?,
-            None => (*pool.connect_options()).clone(),
+        let (session, session_label) = match &cfg.database.session_url {
+            Some(session_url) => {
+                let label = redact_url(session_url.expose());
+                let session = options(session_url.expose())?;
+                // Reached now, or the first LISTEN or migration would fail far from here.
+                let conn = session
+                    .connect()
+                    .await
+                    .map_err(|source| Error::SessionConnect {
+                        url: label.clone(),
+                        source,
+                    })?;
+                let _ = conn.close().await;
+                (session, label)
+            }
+            None => ((*pool.connect_options()).clone(), redact_url(&url)),
         };
         Ok(Database {
             pool,
             url,
             session,
+            session_label,
             server,
         })
     }
@@ -145,15 +166,14 @@ impl Database {
     /// [`migrate`] on a session of its own: sqlx serialises migrations with a session
     /// advisory lock, which must be taken and released on the same server connection.
     pub async fn migrate(&self) -> Result<(), Error> {
-        let mut conn = self.session.connect().await.map_err(|source| {
-            let url = format!(
-                "{}:{}/{}",
-                self.session.get_host(),
-                self.session.get_port(),
-                self.session.get_database().unwrap_or("")
-            );
-            Error::Connect { url, source }
-        })?;
+        let mut conn = self
+            .session
+            .connect()
+            .await
+            .map_err(|source| Error::Connect {
+                url: self.session_label.clone(),
+                source,
+            })?;
         let result = migrate_on(&mut conn).await;
         let _ = conn.close().await;
         result
