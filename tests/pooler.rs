@@ -330,3 +330,52 @@ async fn an_unreachable_session_url_is_named() {
         assert!(!stderr.contains("hunter2"), "{args:?}: {stderr}");
     }
 }
+
+/// `harness bench` with a session URL: its databases are made and migrated on the session
+/// URL, and its replicas and its own statements go through the pooler.
+#[tokio::test]
+async fn the_queue_benchmark_runs_through_a_transaction_pooler() {
+    let Some(binary) = pgbouncer::binary() else {
+        return;
+    };
+    let server = RestartableServer::start("harness").await;
+    let bouncer = PgBouncer::start(&binary, server.server(), POOL_SIZE).await;
+    let child = common::harness_at(&bouncer.url("harness"))
+        .env("HARNESS_DATABASE__SESSION_URL", server.url("harness"))
+        .args([
+            "bench",
+            "--tasks",
+            "2000",
+            "--latency-samples",
+            "20",
+            "--json",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(report["process_per_s"].as_f64().unwrap() > 0.0, "{report}");
+    // The pooler served the benchmark's database: its log names each client login.
+    let name = format!("harness_bench_{pid}_0");
+    let logins = bouncer
+        .log
+        .text()
+        .lines()
+        .filter(|l| l.contains(&format!(" {name}/")) && l.contains("login attempt"))
+        .count();
+    assert!(logins > 2, "{logins} logins to {name}:\n{}", bouncer.log.text());
+    let pool = db::connect(&server.url("postgres"), 1).await.unwrap();
+    let left: bool =
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
+            .bind(&name)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert!(!left, "the benchmark's database {name} is dropped");
+    pool.close().await;
+}

@@ -198,13 +198,17 @@ pub async fn run(cfg: Config, args: BenchArgs) -> anyhow::Result<()> {
         );
     }
     let database = Database::open_existing(&cfg).await?;
-    let admin_url = db::with_database(database.url(), "postgres");
+    // With database.session_url (database.url is a pooler in transaction mode), databases are
+    // made and dropped, and migrated, on the session URL; the replicas get both, as in a fleet.
+    let session = cfg.database.session_url.as_ref().map(|s| s.expose());
+    let admin_url = db::with_database(session.unwrap_or(database.url()), "postgres");
     let mut runs = Vec::new();
     for i in 0..args.runs() {
         let name = format!("harness_bench_{}_{i}", std::process::id());
         db::create_database_at(&admin_url, &name).await?;
         let url = db::with_database(database.url(), &name);
-        let result = measure(&cfg, &args, &url).await;
+        let session_url = session.map(|s| db::with_database(s, &name));
+        let result = measure(&cfg, &args, &url, session_url.as_deref()).await;
         db::drop_database_at(&admin_url, &name).await?;
         let m = result?;
         if !args.json {
@@ -283,6 +287,7 @@ impl Replicas {
     fn spawn(
         cfg: &Config,
         url: &str,
+        session: Option<&str>,
         n: u32,
         concurrency: u32,
         prefetch: u32,
@@ -305,6 +310,7 @@ impl Replicas {
                 // Health and metrics on a free port: a taken api.bind would stop the replica.
                 .env("HARNESS_API__BIND", "127.0.0.1:0")
                 .env("HARNESS_DATABASE__MAX_CONNECTIONS", "10")
+                .envs(session.map(|s| ("HARNESS_DATABASE__SESSION_URL", s)))
                 .env("RUST_LOG", "warn")
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
@@ -361,13 +367,28 @@ impl Drop for Replicas {
 
 /// One run on the fresh database at `url`: bulk enqueue, processing by replica processes,
 /// then pick-up latency on one idle replica.
-async fn measure(cfg: &Config, args: &BenchArgs, url: &str) -> anyhow::Result<Measurement> {
+/// `session`: the database's session URL, when `url` goes through a pooler.
+async fn measure(
+    cfg: &Config,
+    args: &BenchArgs,
+    url: &str,
+    session: Option<&str>,
+) -> anyhow::Result<Measurement> {
     let pool = db::connect(url, args.producers as u32 + 2).await?;
-    db::migrate(&pool).await?;
+    match session {
+        Some(session) => {
+            use sqlx::{ConnectOptions, Connection};
+            let mut conn = db::options(session)?.connect().await?;
+            db::migrate_on(&mut conn).await?;
+            conn.close().await?;
+        }
+        None => db::migrate(&pool).await?,
+    }
     let queue = Queue::new(pool.clone(), 0);
     let enqueue_per_s = bulk_enqueue(&pool, &queue, args, args.tasks()).await?;
     let prefetch = args.prefetch(cfg);
-    let mut replicas = Replicas::spawn(cfg, url, args.replicas, args.concurrency, prefetch)?;
+    let mut replicas =
+        Replicas::spawn(cfg, url, session, args.replicas, args.concurrency, prefetch)?;
     let process_per_s = processing(&queue, 0, args.tasks(), &mut replicas).await?;
     replicas.stop_all_but_first();
     let mut latencies = pickup_latencies(&queue, args.latency_samples).await?;

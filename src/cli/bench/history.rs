@@ -130,7 +130,7 @@ async fn processing_on(
     let after = queue.last_id().await?;
     bulk_enqueue(&pool, &queue, args, args.tasks()).await?;
     let prefetch = args.prefetch(cfg);
-    let mut replicas = Replicas::spawn(cfg, url, args.replicas, args.concurrency, prefetch)?;
+    let mut replicas = Replicas::spawn(cfg, url, None, args.replicas, args.concurrency, prefetch)?;
     let rate = processing(&queue, after, args.tasks(), &mut replicas).await;
     drop(replicas);
     pool.close().await;
@@ -155,7 +155,7 @@ async fn with_history(
     let tasks = 10 * args.tasks();
     bulk_enqueue(&pool, &queue, args, tasks).await?;
     let prefetch = args.prefetch(cfg);
-    let mut replicas = Replicas::spawn(cfg, url, args.replicas, args.concurrency, prefetch)?;
+    let mut replicas = Replicas::spawn(cfg, url, None, args.replicas, args.concurrency, prefetch)?;
     let started = Instant::now();
     let pruner = {
         let queue = queue.clone();
