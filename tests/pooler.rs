@@ -368,7 +368,11 @@ async fn the_queue_benchmark_runs_through_a_transaction_pooler() {
         .lines()
         .filter(|l| l.contains(&format!(" {name}/")) && l.contains("login attempt"))
         .count();
-    assert!(logins > 2, "{logins} logins to {name}:\n{}", bouncer.log.text());
+    assert!(
+        logins > 2,
+        "{logins} logins to {name}:\n{}",
+        bouncer.log.text()
+    );
     let pool = db::connect(&server.url("postgres"), 1).await.unwrap();
     let left: bool =
         sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
