@@ -615,7 +615,6 @@ async fn serve(
         .replica_id(replica_id)
         .config(cfg.clone())
         .pool(database.pool.clone())
-        .session(database.session_options().clone())
         .build()
         .await?;
     tracing::info!(

@@ -156,13 +156,6 @@ impl Database {
         })
     }
 
-    /// How to open a connection that is a session of its own (`database.session_url`, else
-    /// the pool's): for `LISTEN`, session advisory locks and session settings, which a pooler
-    /// in transaction mode would share out between clients.
-    pub fn session_options(&self) -> &PgConnectOptions {
-        &self.session
-    }
-
     /// [`migrate`] on a session of its own: sqlx serialises migrations with a session
     /// advisory lock, which must be taken and released on the same server connection.
     pub async fn migrate(&self) -> Result<(), Error> {
