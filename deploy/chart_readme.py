@@ -37,11 +37,12 @@ helm test harness                                             # /readyz and /met
 - **PgBouncer**: replicas use LISTEN/NOTIFY, a session-level advisory lock for the scheduler
   election and session settings on their heartbeat, which transaction pooling breaks. Either
   point `database.url` at the database itself (or a pooler in session mode), or point it at a
-  PgBouncer 1.21+ in transaction mode (`max_prepared_statements` above 0) and give the
-  replicas and the migration Job `HARNESS_DATABASE__SESSION_URL`, the database itself, through
-  `extraEnv` and `migration.extraEnv` (a `secretKeyRef`): the pool goes through the pooler,
-  and each replica holds 2 sessions on the database (4 on the scheduler's leader). See the
-  repository README, "Behind PgBouncer, and sizing".
+  PgBouncer 1.21+ in transaction mode (`max_prepared_statements` above 0) and set
+  `database.sessionUrl` to the database itself (or put it in `database.existingSecret` under
+  `database.sessionUrlKey`): the replicas, the workers and the migration Job get it as
+  `HARNESS_DATABASE__SESSION_URL`, the pools go through the pooler, and each pod holds 2
+  sessions on the database (4 on the scheduler's leader). The connection check then counts
+  those direct sessions only. See the repository README, "Behind PgBouncer, and sizing".
 - **Sizing** (connections, memory, `/tmp`, shutdown grace) and what a pod's sandbox can
   offer: see the repository README, "Deploying and observing".
 

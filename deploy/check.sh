@@ -293,6 +293,26 @@ run "sandbox rights (root, capabilities, run directories)" check_sandbox_rights
 run "versions (crate, chart appVersion, image)" check_versions
 run "chart README from values.yaml" python3 deploy/chart_readme.py --check
 run "render behaviour (env, TLS, PDB, preStop, grace, resources)" check_render_behaviour
+check_session_url() { # behind PgBouncer: the session URL reaches replicas, workers and the Job
+  helm_template "${GOOD[@]}" --set database.sessionUrl=postgres://h:pw@db-direct:5432/h \
+    --set workers.enabled=true --set autoscaling.enabled=true --set autoscaling.maxReplicas=20 \
+    >"$TMP/session.yaml"
+  python3 - "$TMP/session.yaml" <<'PY'
+import sys, yaml
+docs = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d]
+secrets = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Secret"}
+assert secrets["harness"]["stringData"]["HARNESS_DATABASE__SESSION_URL"] == "postgres://h:pw@db-direct:5432/h"
+assert secrets["harness-migrate"]["stringData"]["HARNESS_DATABASE__SESSION_URL"] == "postgres://h:pw@db-direct:5432/h"
+pods = [d["spec"]["template"]["spec"] for d in docs if d["kind"] in ("Deployment", "Job")]
+assert len(pods) == 3, len(pods)
+for pod in pods:
+    env = {e["name"]: e for e in pod["containers"][0]["env"]}
+    ref = env["HARNESS_DATABASE__SESSION_URL"]["valueFrom"]["secretKeyRef"]
+    assert ref["key"] == "HARNESS_DATABASE__SESSION_URL" and ref["name"].startswith("harness"), ref
+print("session URL ok: 20 pods + workers fit, counting direct sessions only")
+PY
+}
+run "session URL (PgBouncer in front)" check_session_url
 must_fail "reject replicaCount=0" 'replicaCount' helm_template "${GOOD[@]}" --set replicaCount=0
 must_fail "reject missing database secret" 'database|existingSecret|url' helm_template
 must_fail "reject a short bundled PostgreSQL password" 'postgresql.password' helm_template \
@@ -310,6 +330,11 @@ must_fail "reject short API token" 'token' helm_template --set database.url=post
   --set 'api.tokens[0].token=short' --set 'api.tokens[0].scope=admin'
 must_fail "reject a session URL in the ConfigMap" 'config.database.session_url' helm_template \
   "${GOOD[@]}" --set config.database.session_url=postgres://h:pw@db/h
+must_fail "reject more direct sessions than the server allows" 'direct sessions' helm_template \
+  "${GOOD[@]}" --set database.sessionUrl=postgres://h@db/h --set autoscaling.enabled=true \
+  --set autoscaling.maxReplicas=40
+must_fail "reject a session URL that is not postgres://" 'sessionUrl' helm_template \
+  "${GOOD[@]}" --set database.sessionUrl=mysql://h@db/h
 
 # ---------------------------------------------------------------------------- summary
 echo

@@ -102,11 +102,19 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- $pods = add $pods (int .Values.workers.replicaCount) }}
 {{- $surge = mul $surge 2 }}
 {{- end }}
+{{- $room := sub (int .Values.database.serverMaxConnections) (int .Values.database.reservedConnections) }}
+{{- if .Values.database.sessionUrl }}
+{{- /* The pools go to the pooler; straight to PostgreSQL: a listener and a heartbeat per pod, one more while it stops, the leader's lock session and its listener, the migration. */}}
+{{- $need := add (mul (add $pods $surge) 3) 3 }}
+{{- if gt (int $need) (int $room) }}
+{{- fail (printf "PostgreSQL connections: (%d pods + %d surge) x 3 direct sessions per pod (a listener, a heartbeat, one while stopping) + 2 for the scheduler's leader + 1 migration = %d, over the %d the server allows (database.serverMaxConnections %d - reservedConnections %d); lower the pod count or raise database.serverMaxConnections" $pods $surge $need $room (int .Values.database.serverMaxConnections) (int .Values.database.reservedConnections)) }}
+{{- end }}
+{{- else }}
 {{- $perPod := add (int (dig "database" "max_connections" 10 .Values.config)) 3 }}
 {{- $need := add (mul (add $pods $surge) $perPod) 1 }}
-{{- $room := sub (int .Values.database.serverMaxConnections) (int .Values.database.reservedConnections) }}
 {{- if gt (int $need) (int $room) }}
-{{- fail (printf "PostgreSQL connections: (%d pods + %d surge) x %d per pod (config.database.max_connections + 3: two listeners and the leader's session) + 1 migration = %d, over the %d the server allows (database.serverMaxConnections %d - reservedConnections %d); lower the pod count or config.database.max_connections, or raise database.serverMaxConnections" $pods $surge $perPod $need $room (int .Values.database.serverMaxConnections) (int .Values.database.reservedConnections)) }}
+{{- fail (printf "PostgreSQL connections: (%d pods + %d surge) x %d per pod (config.database.max_connections + 3: the heartbeat, the leader's lock session, one while stopping) + 1 migration = %d, over the %d the server allows (database.serverMaxConnections %d - reservedConnections %d); lower the pod count or config.database.max_connections, raise database.serverMaxConnections, or put PgBouncer in front (database.sessionUrl)" $pods $surge $perPod $need $room (int .Values.database.serverMaxConnections) (int .Values.database.reservedConnections)) }}
+{{- end }}
 {{- end }}
 {{- end }}
 
@@ -135,6 +143,14 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
     secretKeyRef:
       name: {{ include "harness.secretName" . }}
       key: {{ .Values.database.urlKey }}
+{{- if or .Values.database.sessionUrl .Values.database.existingSecret }}
+- name: HARNESS_DATABASE__SESSION_URL
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "harness.secretName" . }}
+      key: {{ .Values.database.sessionUrlKey }}
+      optional: true
+{{- end }}
 {{- if .Values.database.sslMode }}
 - name: PGSSLMODE
   value: {{ .Values.database.sslMode | quote }}
