@@ -48,6 +48,15 @@ fn serve(pooled: &str, direct: &str) -> (Proc, Log) {
     Proc::spawn_logged(&mut cmd)
 }
 
+/// A private PostgreSQL and a PgBouncer in front of it, or `None` when no PgBouncer 1.21+
+/// is installed (see [`pgbouncer::binary`]).
+async fn pooled_server() -> Option<(RestartableServer, PgBouncer)> {
+    let binary = pgbouncer::binary()?;
+    let server = RestartableServer::start("harness").await;
+    let bouncer = PgBouncer::start(&binary, server.server(), POOL_SIZE).await;
+    Some((server, bouncer))
+}
+
 /// The one replica recorded as leader (pid, id); two fail the test.
 async fn leader(pool: &PgPool) -> Option<(i32, String)> {
     let rows: Vec<(i32, String)> = sqlx::query_as("SELECT pid, id FROM replicas WHERE is_leader")
@@ -82,12 +91,10 @@ async fn direct_sessions(pool: &PgPool) -> HashMap<String, i64> {
 
 #[tokio::test]
 async fn migrations_through_a_transaction_pooler_take_their_lock_on_the_session_url() {
-    let Some(binary) = pgbouncer::binary() else {
+    let Some((server, bouncer)) = pooled_server().await else {
         return;
     };
-    let server = RestartableServer::start("harness").await;
     db::create_database(server.server(), "fresh").await.unwrap();
-    let bouncer = PgBouncer::start(&binary, server.server(), POOL_SIZE).await;
     let (pooled, direct) = (bouncer.url("fresh"), server.url("fresh"));
     // Twice: the second finds nothing to do (and must not wait on a lock left behind).
     for _ in 0..2 {
@@ -96,11 +103,7 @@ async fn migrations_through_a_transaction_pooler_take_their_lock_on_the_session_
         assert!(t0.elapsed() < Duration::from_secs(30));
     }
     let pool = db::connect(&direct, 1).await.unwrap();
-    let applied: i64 = sqlx::query_scalar("SELECT count(*) FROM _sqlx_migrations WHERE success")
-        .fetch_one(&pool)
-        .await
-        .unwrap();
-    assert_eq!(applied as usize, db::MIGRATOR.iter().count());
+    assert!(db::migrations_current(&pool).await.unwrap());
     let advisory: i64 =
         sqlx::query_scalar("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'")
             .fetch_one(&pool)
@@ -112,35 +115,14 @@ async fn migrations_through_a_transaction_pooler_take_their_lock_on_the_session_
 
 #[tokio::test]
 async fn replicas_behind_a_transaction_pooler_run_every_task_once_and_fail_over() {
-    let Some(binary) = pgbouncer::binary() else {
+    let Some((server, bouncer)) = pooled_server().await else {
         return;
     };
-    let server = RestartableServer::start("harness").await;
-    let bouncer = PgBouncer::start(&binary, server.server(), POOL_SIZE).await;
     let (pooled, direct) = (bouncer.url("harness"), server.url("harness"));
     let inspect = db::connect(&direct, 2).await.unwrap();
 
     let mut replicas = vec![serve(&pooled, &direct), serve(&pooled, &direct)];
-    let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("tick.py");
-    std::fs::write(
-        &file,
-        "class Agent:\n    def execute(self):\n        return {}\n",
-    )
-    .unwrap();
-    cli(
-        &pooled,
-        &direct,
-        &[
-            "agents",
-            "add",
-            "ticker",
-            "--file",
-            file.to_str().unwrap(),
-            "--schedule",
-            "* * * * * *",
-        ],
-    );
+    common::add_ticker(harness(&pooled, &direct), "ticker", "* * * * * *");
     let logs = |replicas: &[(Proc, Log)]| {
         replicas
             .iter()
@@ -335,11 +317,9 @@ async fn an_unreachable_session_url_is_named() {
 /// URL, and its replicas and its own statements go through the pooler.
 #[tokio::test]
 async fn the_queue_benchmark_runs_through_a_transaction_pooler() {
-    let Some(binary) = pgbouncer::binary() else {
+    let Some((server, bouncer)) = pooled_server().await else {
         return;
     };
-    let server = RestartableServer::start("harness").await;
-    let bouncer = PgBouncer::start(&binary, server.server(), POOL_SIZE).await;
     let child = common::harness_at(&bouncer.url("harness"))
         .env("HARNESS_DATABASE__SESSION_URL", server.url("harness"))
         .args([
@@ -373,13 +353,8 @@ async fn the_queue_benchmark_runs_through_a_transaction_pooler() {
         "{logins} logins to {name}:\n{}",
         bouncer.log.text()
     );
-    let pool = db::connect(&server.url("postgres"), 1).await.unwrap();
-    let left: bool =
-        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
-            .bind(&name)
-            .fetch_one(&pool)
-            .await
-            .unwrap();
+    let left = db::database_exists(&server.url("postgres"), &name)
+        .await
+        .unwrap();
     assert!(!left, "the benchmark's database {name} is dropped");
-    pool.close().await;
 }

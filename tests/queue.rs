@@ -653,6 +653,17 @@ async fn prune_deletes_old_finished_tasks_in_batches() {
         .execute(&db.pool)
         .await
         .unwrap();
+    // Two pending ones end as old failures, which are kept.
+    sqlx::query(
+        "UPDATE tasks SET status = CASE WHEN id = $1 THEN 'failed' ELSE 'timeout' END, \
+                          completed_at = now() - interval '8 days' \
+         WHERE id IN ($1, $2)",
+    )
+    .bind(ids[22])
+    .bind(ids[23])
+    .execute(&db.pool)
+    .await
+    .unwrap();
     // Every DELETE statement records how many rows it took.
     sqlx::raw_sql(
         "CREATE TABLE deletes (n bigint);
@@ -675,7 +686,7 @@ async fn prune_deletes_old_finished_tasks_in_batches() {
         .fetch_all(&db.pool)
         .await
         .unwrap();
-    // The recent completed ones and the still-pending ones stay.
+    // The recent completed ones, the still-pending ones and the old failures stay.
     assert_eq!(left, ids[15..24].to_vec());
 }
 

@@ -48,25 +48,7 @@ fn cli(url: &str, args: &[&str]) -> Output {
 }
 
 fn add_ticker(url: &str, name: &str, schedule: &str) {
-    let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("tick.py");
-    std::fs::write(
-        &file,
-        "class Agent:\n    def execute(self):\n        return {}\n",
-    )
-    .unwrap();
-    cli(
-        url,
-        &[
-            "agents",
-            "add",
-            name,
-            "--file",
-            file.to_str().unwrap(),
-            "--schedule",
-            schedule,
-        ],
-    );
+    common::add_ticker(harness(url), name, schedule);
 }
 
 /// (pid of the leader replica, its id), if one is recorded. Two rows claiming to lead fail

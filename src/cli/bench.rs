@@ -385,11 +385,9 @@ async fn measure(
         None => db::migrate(&pool).await?,
     }
     let queue = Queue::new(pool.clone(), 0);
-    let enqueue_per_s = bulk_enqueue(&pool, &queue, args, args.tasks()).await?;
-    let prefetch = args.prefetch(cfg);
-    let mut replicas =
-        Replicas::spawn(cfg, url, session, args.replicas, args.concurrency, prefetch)?;
-    let process_per_s = processing(&queue, 0, args.tasks(), &mut replicas).await?;
+    let (enqueue_per_s, after, mut replicas) =
+        enqueue_and_start(cfg, args, &queue, url, session, args.tasks()).await?;
+    let process_per_s = processing(&queue, after, args.tasks(), &mut replicas).await?;
     replicas.stop_all_but_first();
     let mut latencies = pickup_latencies(&queue, args.latency_samples).await?;
     drop(replicas);
@@ -403,14 +401,26 @@ async fn measure(
     })
 }
 
+/// Enqueues `tasks` no-op tasks (see [`bulk_enqueue`]) and starts the replicas that will run
+/// them: the enqueue rate, the id the new tasks come after (for [`processing`]), the replicas.
+async fn enqueue_and_start(
+    cfg: &Config,
+    args: &BenchArgs,
+    queue: &Queue,
+    url: &str,
+    session: Option<&str>,
+    tasks: usize,
+) -> anyhow::Result<(f64, harness::queue::TaskId, Replicas)> {
+    let after = queue.last_id().await?;
+    let enqueue_per_s = bulk_enqueue(queue, args, tasks).await?;
+    let prefetch = args.prefetch(cfg);
+    let replicas = Replicas::spawn(cfg, url, session, args.replicas, args.concurrency, prefetch)?;
+    Ok((enqueue_per_s, after, replicas))
+}
+
 /// Enqueues `tasks` no-op tasks in batches of `args.batch` shared out to `args.producers`;
 /// tasks per second.
-async fn bulk_enqueue(
-    pool: &sqlx::PgPool,
-    queue: &Queue,
-    args: &BenchArgs,
-    tasks: usize,
-) -> anyhow::Result<f64> {
+async fn bulk_enqueue(queue: &Queue, args: &BenchArgs, tasks: usize) -> anyhow::Result<f64> {
     let batches: Vec<usize> = (0..tasks)
         .step_by(args.batch)
         .map(|start| args.batch.min(tasks - start))
@@ -420,7 +430,7 @@ async fn bulk_enqueue(
     // Connections are opened before the clock starts.
     let mut conns = Vec::new();
     for _ in 0..args.producers {
-        conns.push(pool.acquire().await?);
+        conns.push(queue.pool().acquire().await?);
     }
     let started = Instant::now();
     let mut producers = tokio::task::JoinSet::new();

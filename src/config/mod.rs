@@ -1082,32 +1082,22 @@ mod tests {
 
     #[test]
     fn a_session_url_needs_a_url_and_a_postgres_scheme() {
-        let err = Config::load_from(
-            None,
-            env(&[("HARNESS_DATABASE__SESSION_URL", "postgres://u@db/h")]),
-        )
-        .unwrap_err()
-        .to_string();
+        let load = |pairs: &[(&str, &str)]| Config::load_from(None, env(pairs));
+        let err = load(&[("HARNESS_DATABASE__SESSION_URL", "postgres://u@db/h")])
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("database.session_url"), "{err}");
         assert!(err.contains("needs database.url as well"), "{err}");
-        let err = Config::load_from(
-            None,
-            env(&[
-                ("DATABASE_URL", "postgres://u@pooler:6432/h"),
-                ("HARNESS_DATABASE__SESSION_URL", "mysql://u@db/h"),
-            ]),
-        )
-        .unwrap_err()
-        .to_string();
+        let pooler = ("DATABASE_URL", "postgres://u@pooler:6432/h");
+        let err = load(&[pooler, ("HARNESS_DATABASE__SESSION_URL", "mysql://u@db/h")])
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("database.session_url"), "{err}");
         assert!(err.contains("postgres://"), "{err}");
-        let c = Config::load_from(
-            None,
-            env(&[
-                ("DATABASE_URL", "postgres://u@pooler:6432/h"),
-                ("HARNESS_DATABASE__SESSION_URL", "postgres://u@db:5432/h"),
-            ]),
-        )
+        let c = load(&[
+            pooler,
+            ("HARNESS_DATABASE__SESSION_URL", "postgres://u@db:5432/h"),
+        ])
         .unwrap();
         assert_eq!(
             c.database.session_url.unwrap().expose(),

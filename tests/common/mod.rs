@@ -377,6 +377,28 @@ pub fn harness_command_at(program: &std::path::Path) -> std::process::Command {
     cmd
 }
 
+/// Adds, with `harness` (a command for the harness binary, its environment set), a Python
+/// agent `name` that returns `{}`, fired on `schedule`.
+pub fn add_ticker(mut harness: std::process::Command, name: &str, schedule: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("tick.py");
+    std::fs::write(
+        &file,
+        "class Agent:\n    def execute(self):\n        return {}\n",
+    )
+    .unwrap();
+    let o = harness
+        .args(["agents", "add", name, "--file", file.to_str().unwrap()])
+        .args(["--schedule", schedule])
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "agents add {name}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
 /// How long a replica the suite starts waits before rescuing a silent replica's tasks.
 pub const RESCUE_AFTER_S: u64 = 3;
 

@@ -28,7 +28,7 @@ use harness::db::{self, Database};
 use harness::queue::Queue;
 
 use super::console::Replica;
-use super::{BenchArgs, Replicas, bulk_enqueue, median_of, percentile, processing};
+use super::{BenchArgs, enqueue_and_start, median_of, percentile, processing};
 
 /// Requests of the first page of `GET /api/tasks` per run.
 pub(super) const LIST_REQUESTS: usize = 100;
@@ -127,10 +127,8 @@ async fn processing_on(
         conn.close().await?;
     }
     let queue = Queue::new(pool.clone(), 0);
-    let after = queue.last_id().await?;
-    bulk_enqueue(&pool, &queue, args, args.tasks()).await?;
-    let prefetch = args.prefetch(cfg);
-    let mut replicas = Replicas::spawn(cfg, url, None, args.replicas, args.concurrency, prefetch)?;
+    let (_, after, mut replicas) =
+        enqueue_and_start(cfg, args, &queue, url, None, args.tasks()).await?;
     let rate = processing(&queue, after, args.tasks(), &mut replicas).await;
     drop(replicas);
     pool.close().await;
@@ -151,11 +149,8 @@ async fn with_history(
     let pool = db::connect(url, args.producers as u32 + 3).await?;
     let queue = Queue::new(pool.clone(), 0);
     let before = completed_history(&pool).await?;
-    let after = queue.last_id().await?;
     let tasks = 10 * args.tasks();
-    bulk_enqueue(&pool, &queue, args, tasks).await?;
-    let prefetch = args.prefetch(cfg);
-    let mut replicas = Replicas::spawn(cfg, url, None, args.replicas, args.concurrency, prefetch)?;
+    let (_, after, mut replicas) = enqueue_and_start(cfg, args, &queue, url, None, tasks).await?;
     let started = Instant::now();
     let pruner = {
         let queue = queue.clone();
