@@ -1211,12 +1211,26 @@ fn not_root_agents_cannot_read_the_harness_environment() {
         return;
     };
     let agent = home.path().join("peek.py");
+    // Every ancestor: the harness (or, for a forked run, the fork server and then the
+    // harness) and up.
     std::fs::write(
         &agent,
-        "import os\nclass Agent:\n    def execute(self):\n        try:\n\
-         \x20           text = open('/proc/%d/environ' % os.getppid(), 'rb').read()\n\
-         \x20           return {'read': True, 'secret': b'SECRET_TOKEN' in text}\n\
-         \x20       except OSError as e:\n            return {'read': False, 'error': str(e)}\n",
+        r#"import os
+def parent(pid):
+    return int(open('/proc/%d/stat' % pid).read().rsplit(') ', 1)[1].split()[1])
+class Agent:
+    def execute(self):
+        seen = []
+        pid = parent(os.getpid())
+        while pid > 1:
+            try:
+                text = open('/proc/%d/environ' % pid, 'rb').read()
+                seen.append('secret' if b'SECRET_TOKEN' in text else 'read')
+            except OSError:
+                seen.append('denied')
+            pid = parent(pid)
+        return {'ancestors': seen}
+"#,
     )
     .unwrap();
     let out = cmd
@@ -1230,7 +1244,11 @@ fn not_root_agents_cannot_read_the_harness_environment() {
     let r: Value = serde_json::from_slice(&out.stdout)
         .unwrap_or_else(|e| panic!("{e}: {}\n{err}", String::from_utf8_lossy(&out.stdout)));
     assert_eq!(r["status"], "success", "{r}");
-    assert_eq!(r["result"]["read"], false, "{r}");
+    let ancestors = r["result"]["ancestors"].as_array().unwrap();
+    assert!(!ancestors.contains(&json!("secret")), "{r}");
+    // The parent is not readable: the fork server (python, started by the harness, not
+    // dumpable), and above it the harness itself.
+    assert_eq!(ancestors[..2], [json!("denied"), json!("denied")], "{r}");
 }
 
 const UNIDECODE_AGENT: &str = "import os, sys\nfrom text_unidecode import unidecode\n\

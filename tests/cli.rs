@@ -512,3 +512,42 @@ async fn doctor_fails_an_open_api_beyond_loopback_and_warns_of_missing_migration
         "doctor migrated the database"
     );
 }
+
+#[test]
+fn bench_agent_times_forked_and_execd_runs_against_the_bare_interpreter() {
+    let home = tempfile::tempdir().unwrap();
+    let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples");
+    for agent in ["hello_agent.py", "async_agent.py"] {
+        let o = harness(home.path())
+            .args(["bench", "--agent"])
+            .arg(examples.join(agent))
+            .args(["--runs", "5", "--json"])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", stderr(&o));
+        let v: serde_json::Value = serde_json::from_str(stdout(&o).trim()).unwrap();
+        assert_eq!(v["runs"], 5, "{v}");
+        let bare = v["bare_p50_ms"].as_f64().unwrap();
+        assert!(bare > 0.0, "{v}");
+        for path in ["forked", "exec"] {
+            let p50 = v[path]["run_p50_ms"].as_f64().unwrap();
+            assert!(
+                p50 > 0.0 && v[path]["run_p99_ms"].as_f64().unwrap() >= p50,
+                "{v}"
+            );
+            let overhead = v[path]["overhead_p50_ms"].as_f64().unwrap();
+            assert!((overhead - (p50 - bare)).abs() < 0.01, "{v}");
+        }
+    }
+    // Without the fork server, only the exec'd runs.
+    let o = harness(home.path())
+        .env("HARNESS_EXECUTOR__FORK_SERVER", "false")
+        .args(["bench", "--agent"])
+        .arg(examples.join("hello_agent.py"))
+        .args(["--runs", "3", "--json"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_str(stdout(&o).trim()).unwrap();
+    assert!(v.get("forked").is_none() && v["exec"].is_object(), "{v}");
+}

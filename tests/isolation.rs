@@ -236,14 +236,16 @@ async fn a_replica_sigterm_ends_its_runs_and_their_daemons() {
     daemon_gone_within_a_second(&m, "replica SIGTERM").await;
 }
 
-/// Finds the live process whose environment holds `marker` (as root, the test can read it).
-fn process_with_env(marker: &str) -> Option<i32> {
+/// Finds the live run whose code holds `marker`: the process whose working directory's
+/// `agent.py` holds it (as root, the test can read it). Its initial environment
+/// (`/proc/<pid>/environ`) would not do: a run forked from the fork server has the server's.
+fn process_of_run(marker: &str) -> Option<i32> {
     std::fs::read_dir("/proc")
         .ok()?
         .flatten()
         .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
         .find(|pid| {
-            std::fs::read(format!("/proc/{pid}/environ"))
+            std::fs::read(format!("/proc/{pid}/cwd/agent.py"))
                 .is_ok_and(|c| String::from_utf8_lossy(&c).contains(marker))
         })
 }
@@ -305,7 +307,7 @@ async fn concurrent_runs_have_their_own_uids_and_cannot_read_each_other() {
         async move { e.run(&a).await }
     });
     let pid = common::eventually("agent A to start", Duration::from_secs(20), async || {
-        process_with_env(&secret)
+        process_of_run(&secret)
     })
     .await;
     let cwd = std::fs::read_link(format!("/proc/{pid}/cwd")).unwrap();
@@ -328,7 +330,7 @@ async fn concurrent_runs_have_their_own_uids_and_cannot_read_each_other() {
     common::eventually(
         "agent A to die with its cancel",
         Duration::from_secs(2),
-        async || process_with_env(&secret).is_none().then_some(()),
+        async || process_of_run(&secret).is_none().then_some(()),
     )
     .await;
 }
@@ -703,4 +705,292 @@ fn the_charts_capabilities_give_a_uid_per_run_and_clean_up_after_it() {
         !std::path::Path::new(cwd).exists(),
         "the run directory {cwd} was left behind"
     );
+}
+
+/// What a run can see of its own isolation, from inside.
+const PROBE: &str = r#"import os, sys, random, resource
+PRELOADED = 'asyncio' in sys.modules
+class Agent:
+    def execute(self):
+        run = os.path.basename(os.getcwd())
+        status = dict(l.split(':', 1) for l in open('/proc/self/status') if ':' in l)
+        mounts = {}
+        for line in open('/proc/self/mountinfo'):
+            f = line.split()
+            mounts[f[4]] = f[f.index('-') + 1]
+        names = ['RLIMIT_NOFILE', 'RLIMIT_CORE', 'RLIMIT_FSIZE', 'RLIMIT_NPROC', 'RLIMIT_AS', 'RLIMIT_CPU']
+        plain = ('PATH', 'LANG', 'TZ', 'PYTHONUNBUFFERED', 'HARNESS_PERMANENT_EXIT_CODE', 'API_KEY')
+        return {
+            'preloaded': PRELOADED,
+            'ppid': os.getppid(),
+            'uid': os.getuid(),
+            'gid': os.getgid(),
+            'groups': os.getgroups(),
+            'group_leader': os.getpgrp() == os.getpid(),
+            'env': {k: v if k in plain else '...' for k, v in os.environ.items()},
+            'home_is_cwd': os.environ['HOME'] == os.getcwd(),
+            'files_in_run_dir': all(os.environ[k].startswith(os.getcwd() + '/') for k in
+                                    ['HARNESS_RESULT_FILE', 'HARNESS_INPUT_FILE', 'HARNESS_PROGRESS_FILE']),
+            'limits': {n: list(resource.getrlimit(getattr(resource, n))) for n in names},
+            'no_new_privs': status['NoNewPrivs'].strip(),
+            'cgroups_of_the_run': sum(l.rstrip().endswith('/' + run) for l in open('/proc/self/cgroup')),
+            'tmp': {p: mounts.get(p) for p in ['/tmp', '/var/tmp', '/dev/shm', '/run/lock']},
+            'proc_environ': sorted(e.split(b'=')[0].decode() for e in open('/proc/self/environ', 'rb').read().split(b'\0') if e),
+            'hash': hash('harness'),
+            'fds': sorted(os.listdir('/proc/self/fd')),
+            'stdin': os.read(0, 10).decode(),
+            'argv': sys.argv,
+            'path0': sys.path[0],
+            'sys_flags': repr(sys.flags),
+            'umask': os.umask(0o022),
+            'random': random.random(),
+        }
+"#;
+
+#[tokio::test]
+async fn a_forked_run_is_isolated_exactly_as_an_execd_one() {
+    let forked = executor();
+    let execd = executor_with(&[("HARNESS_EXECUTOR__FORK_SERVER", "false")]);
+    if skipped(forked.isolation.uid_per_run, "no uid per run (not root)") {
+        return;
+    }
+    let report = async |e: &Executor| {
+        let mut spec = python(e, PROBE, json!({}));
+        spec.env.insert("API_KEY".into(), "k-123".into());
+        let r = e.run(&spec).await.unwrap();
+        assert_eq!(r.status, ExecStatus::Success, "{r:?}");
+        r.result.unwrap()
+    };
+    let mut f = report(&forked).await;
+    let mut x = report(&execd).await;
+    // Every child reseeds `random` (Python does at fork); the string-hash seed is the
+    // server's, shared by its runs.
+    let again = report(&forked).await;
+    assert_ne!(f["random"], again["random"]);
+    assert_eq!(f["hash"], again["hash"]);
+    assert_ne!(f["hash"], x["hash"]);
+    // /proc/<pid>/environ: the run's own when exec'd, the server's scrubbed one when forked.
+    assert_eq!(
+        f["proc_environ"],
+        json!(["LANG", "PATH", "PYTHONUNBUFFERED", "TZ"]),
+        "{f}"
+    );
+    assert!(
+        x["proc_environ"]
+            .as_array()
+            .unwrap()
+            .contains(&json!("API_KEY")),
+        "{x}"
+    );
+    // Forked from the warm server, which had loaded asyncio; exec'd by the harness itself.
+    assert_eq!(f["preloaded"], true, "{f}");
+    assert_eq!(x["preloaded"], false, "{x}");
+    assert_eq!(f["ppid"], forked.fork_server_pid().unwrap(), "{f}");
+    assert_eq!(x["ppid"], std::process::id(), "{x}");
+    assert_eq!(execd.fork_server_pid(), None);
+    // Each its own uid from the range, no groups.
+    for r in [&f, &x] {
+        let uid = r["uid"].as_u64().unwrap();
+        assert!((200_000..=200_999).contains(&uid), "{r}");
+        assert_eq!(r["gid"], uid);
+    }
+    for r in [&mut f, &mut x] {
+        for k in [
+            "preloaded",
+            "ppid",
+            "uid",
+            "gid",
+            "random",
+            "hash",
+            "proc_environ",
+        ] {
+            r.as_object_mut().unwrap().remove(k);
+        }
+    }
+    // Everything else the same: environment, limits, cgroups, mounts, descriptors (none
+    // leaked from the server), stdin, flags.
+    assert_eq!(f, x, "forked and exec'd runs differ");
+    assert_eq!(f["env"]["API_KEY"], "k-123");
+    assert_eq!(f["fds"], json!(["0", "1", "2", "3"]), "{f}");
+    assert_eq!(f["no_new_privs"], "1");
+    assert_eq!(f["group_leader"], true);
+    if forked.isolation.private_tmp {
+        assert_eq!(f["tmp"]["/tmp"], "tmpfs");
+    }
+    if forked.isolation.cgroup_memory {
+        assert!(f["cgroups_of_the_run"].as_u64().unwrap() >= 1, "{f}");
+    }
+}
+
+/// Scans its own memory for `HARNESS-LEAK-` and 16 hex digits, and returns the SHA-256 of
+/// every such string found (not the strings, which would then be in this agent's memory as
+/// a match of their own).
+const SCAN: &str = r#"import hashlib, re
+class Agent:
+    def execute(self):
+        found = set()
+        pattern = re.compile(rb'HARNESS-LEAK-[0-9a-f]{16}')
+        with open('/proc/self/maps') as maps, open('/proc/self/mem', 'rb') as mem:
+            for line in maps:
+                f = line.split()
+                if 'r' not in f[1] or (len(f) > 5 and f[5] in ('[vvar]', '[vsyscall]')):
+                    continue
+                start, end = (int(x, 16) for x in f[0].split('-'))
+                try:
+                    mem.seek(start)
+                    chunk = mem.read(end - start)
+                except OSError:
+                    continue
+                for m in pattern.finditer(chunk):
+                    found.add(hashlib.sha256(m.group()).hexdigest())
+        return {'found': sorted(found)}
+"#;
+
+#[tokio::test]
+async fn a_forked_run_cannot_find_in_its_memory_the_secrets_of_runs_forked_before_it() {
+    let e = executor();
+    let secret = format!("HARNESS-LEAK-{:016x}", rand::random::<u64>());
+    let digest = {
+        use sha2::Digest;
+        format!("{:x}", sha2::Sha256::digest(secret.as_bytes()))
+    };
+    let scan = async |env: Option<&str>| {
+        let mut spec = python(&e, SCAN, json!({}));
+        if let Some(v) = env {
+            spec.env.insert("TOKEN".into(), v.into());
+        }
+        let r = e.run(&spec).await.unwrap();
+        assert_eq!(r.status, ExecStatus::Success, "{r:?}");
+        r.result.unwrap()["found"].clone()
+    };
+    // The scan finds a secret where there is one: in its own environment.
+    assert!(
+        scan(Some(&secret))
+            .await
+            .as_array()
+            .unwrap()
+            .contains(&json!(digest)),
+        "the scan does not find the run's own secret"
+    );
+    // Runs with the secret in their environment, input and config, forked from the server.
+    for _ in 0..3 {
+        let mut spec = python(
+            &e,
+            "class Agent:\n    def execute(self):\n        return {}\n",
+            json!({ "key": secret }),
+        );
+        spec.env.insert("TOKEN".into(), secret.clone());
+        spec.input = json!({ "key": secret });
+        assert_eq!(e.run(&spec).await.unwrap().status, ExecStatus::Success);
+    }
+    assert!(e.fork_server_pid().is_some());
+    let found = scan(None).await;
+    assert!(
+        !found.as_array().unwrap().contains(&json!(digest)),
+        "a later run found an earlier run's secret in its memory"
+    );
+}
+
+#[tokio::test]
+async fn a_killed_fork_server_ends_its_runs_and_the_next_run_gets_a_new_one() {
+    let e = std::sync::Arc::new(executor());
+    let m = marker();
+    let code = format!(
+        "import time\n# {m}\nclass Agent:\n    def execute(self):\n        time.sleep(60)\n        return {{}}\n"
+    );
+    let spec = python(&e, &code, json!({}));
+    let run = tokio::spawn({
+        let e = e.clone();
+        async move { e.run(&spec).await }
+    });
+    let pid = common::eventually("the run to start", Duration::from_secs(20), async || {
+        process_of_run(&m)
+    })
+    .await;
+    let server = e.fork_server_pid().expect("a fork server");
+    assert_eq!(
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .unwrap()
+            .rsplit_once(") ")
+            .unwrap()
+            .1
+            .split_whitespace()
+            .nth(1)
+            .unwrap(),
+        server.to_string(),
+        "the run is the server's child"
+    );
+    let t = Instant::now();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(server),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let r = tokio::time::timeout(Duration::from_secs(10), run)
+        .await
+        .expect("the run ends when its server dies")
+        .unwrap()
+        .unwrap();
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+    assert_eq!(r.status, ExecStatus::Error, "{r:?}");
+    assert!(
+        r.error
+            .as_deref()
+            .unwrap_or_default()
+            .contains("fork server"),
+        "{r:?}"
+    );
+    common::eventually(
+        "the run's process to die",
+        Duration::from_secs(2),
+        async || process_of_run(&m).is_none().then_some(()),
+    )
+    .await;
+    let r = e.run(&python(&e, PROBE, json!({}))).await.unwrap();
+    assert_eq!(r.status, ExecStatus::Success, "{r:?}");
+    let new = e.fork_server_pid().expect("a new fork server");
+    assert_ne!(new, server);
+    assert_eq!(r.result.unwrap()["ppid"], new);
+}
+
+#[tokio::test]
+async fn runs_that_set_python_variables_start_their_own_interpreter() {
+    let e = executor();
+    let mut spec = python(&e, PROBE, json!({}));
+    spec.env
+        .insert("PYTHONDONTWRITEBYTECODE".into(), "1".into());
+    let r = e.run(&spec).await.unwrap();
+    assert_eq!(r.status, ExecStatus::Success, "{r:?}");
+    let v = r.result.unwrap();
+    assert_eq!(v["preloaded"], false, "{v}");
+    assert_eq!(v["ppid"], std::process::id(), "{v}");
+    // The variable took effect: the interpreter read it as it started.
+    let flags = v["sys_flags"].as_str().unwrap();
+    assert!(flags.contains("dont_write_bytecode=1"), "{v}");
+}
+
+#[tokio::test]
+async fn a_forked_run_ends_as_an_interpreter_does() {
+    let forked = executor();
+    let execd = executor_with(&[("HARNESS_EXECUTOR__FORK_SERVER", "false")]);
+    // A thread still working when execute returns, an atexit handler, output without a
+    // newline: the run's end waits for the first, runs the second, flushes the third.
+    let code = r#"import atexit, sys, threading, time
+def late():
+    time.sleep(0.3)
+    print('thread done')
+class Agent:
+    def execute(self):
+        threading.Thread(target=late).start()
+        atexit.register(lambda: print('atexit ran'))
+        sys.stderr.write('no newline')
+        return {}
+"#;
+    for e in [&forked, &execd] {
+        let r = e.run(&python(e, code, json!({}))).await.unwrap();
+        assert_eq!(r.status, ExecStatus::Success, "{r:?}");
+        assert_eq!(r.stdout, "thread done\natexit ran\n", "{r:?}");
+        assert_eq!(r.stderr, "no newline", "{r:?}");
+    }
+    assert!(forked.fork_server_pid().is_some());
 }

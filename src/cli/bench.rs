@@ -514,7 +514,8 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 }
 
 /// Per-run time of an agent through the sandbox (fresh directory, scrubbed environment,
-/// limits, result file) against the bare interpreter starting and running `pass`.
+/// limits, result file), forked from the fork server and started as an interpreter of its
+/// own, against the bare interpreter starting and running `pass`.
 async fn agent_bench(
     cfg: &Config,
     file: &std::path::Path,
@@ -524,69 +525,89 @@ async fn agent_bench(
     use harness::executor::{ExecStatus, Executor, RunSpec, Runtime};
     let code =
         std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
-    let executor = Executor::new(&cfg.executor)?;
-    let spec = RunSpec::new(Runtime::Python { code }, &executor);
+    // Forked (when the configuration allows it) and exec'd, with the same settings otherwise.
+    let mut paths = Vec::new();
+    if cfg.executor.fork_server {
+        paths.push(("forked", Executor::new(&cfg.executor)?));
+    }
+    let mut exec_cfg = cfg.executor.clone();
+    exec_cfg.fork_server = false;
+    paths.push(("exec", Executor::new(&exec_cfg)?));
+    let python = paths[0].1.python.clone();
+    let spec = RunSpec::new(Runtime::Python { code }, &paths[0].1);
     let trivial = tempfile::Builder::new().suffix(".py").tempfile()?;
     std::fs::write(trivial.path(), "pass\n")?;
-    // Warm the page cache for both before timing.
+    let bare = || {
+        let mut cmd = tokio::process::Command::new(&python);
+        cmd.arg(trivial.path()).env_clear().stdin(Stdio::null());
+        cmd
+    };
+    // Warm the page cache (and start the fork server) before timing.
     for _ in 0..3 {
-        let r = executor.run(&spec).await?;
-        if r.status != ExecStatus::Success {
-            bail!(
-                "the agent does not succeed: {}",
-                r.error.unwrap_or_default()
-            );
+        for (_, executor) in &paths {
+            let r = executor.run(&spec).await?;
+            if r.status != ExecStatus::Success {
+                bail!(
+                    "the agent does not succeed: {}",
+                    r.error.unwrap_or_default()
+                );
+            }
         }
-        tokio::process::Command::new(&executor.python)
-            .arg(trivial.path())
-            .status()
-            .await?;
+        bare().status().await?;
     }
-    let mut run_ms = Vec::with_capacity(runs);
+    let mut times: Vec<Vec<f64>> = vec![Vec::with_capacity(runs); paths.len()];
     let mut bare_ms = Vec::with_capacity(runs);
-    // Interleaved, so both see the same machine load.
+    // Interleaved, so all see the same machine load.
     for _ in 0..runs {
+        for ((_, executor), ms) in paths.iter().zip(&mut times) {
+            let t = Instant::now();
+            executor.run(&spec).await?;
+            ms.push(t.elapsed().as_secs_f64() * 1000.0);
+        }
         let t = Instant::now();
-        executor.run(&spec).await?;
-        run_ms.push(t.elapsed().as_secs_f64() * 1000.0);
-        let t = Instant::now();
-        tokio::process::Command::new(&executor.python)
-            .arg(trivial.path())
-            .env_clear()
-            .stdin(Stdio::null())
-            .status()
-            .await?;
+        bare().status().await?;
         bare_ms.push(t.elapsed().as_secs_f64() * 1000.0);
     }
-    run_ms.sort_by(|a, b| a.total_cmp(b));
     bare_ms.sort_by(|a, b| a.total_cmp(b));
-    let (run_p50, run_p99, bare_p50) = (
-        percentile(&run_ms, 0.5),
-        percentile(&run_ms, 0.99),
-        percentile(&bare_ms, 0.5),
-    );
+    let bare_p50 = percentile(&bare_ms, 0.5);
     let round = |v: f64| (v * 1000.0).round() / 1000.0;
-    if json_out {
-        println!(
-            "{}",
-            json!({
-                "runs": runs,
-                "python": executor.python,
-                "run_p50_ms": round(run_p50),
-                "run_p99_ms": round(run_p99),
-                "bare_p50_ms": round(bare_p50),
-                "overhead_p50_ms": round(run_p50 - bare_p50),
-            })
-        );
-    } else {
+    let mut report = serde_json::Map::new();
+    report.insert("runs".into(), json!(runs));
+    report.insert("python".into(), json!(python));
+    report.insert("bare_p50_ms".into(), json!(round(bare_p50)));
+    if !json_out {
         println!(
             "{runs} runs of {} with {}:",
             file.display(),
-            executor.python.display()
+            python.display()
         );
-        println!("  through the harness   p50 {run_p50:.2} ms, p99 {run_p99:.2} ms");
-        println!("  bare interpreter      p50 {bare_p50:.2} ms");
-        println!("  harness overhead      p50 {:.2} ms", run_p50 - bare_p50);
+    }
+    for ((name, _), ms) in paths.iter().zip(&mut times) {
+        ms.sort_by(|a, b| a.total_cmp(b));
+        let (p50, p99) = (percentile(ms, 0.5), percentile(ms, 0.99));
+        report.insert(
+            (*name).into(),
+            json!({
+                "run_p50_ms": round(p50),
+                "run_p99_ms": round(p99),
+                "overhead_p50_ms": round(p50 - bare_p50),
+            }),
+        );
+        if !json_out {
+            let how = match *name {
+                "forked" => "forked (fork server)",
+                _ => "own interpreter     ",
+            };
+            println!(
+                "  {how}  p50 {p50:.2} ms, p99 {p99:.2} ms, overhead p50 {:.2} ms",
+                p50 - bare_p50
+            );
+        }
+    }
+    if json_out {
+        println!("{}", serde_json::Value::Object(report));
+    } else {
+        println!("  bare interpreter      p50 {bare_p50:.2} ms (`pass`, no harness)");
     }
     Ok(())
 }

@@ -360,6 +360,12 @@ pub struct ExecutorConfig {
     /// Size of each private tmpfs a run gets on /tmp, /var/tmp, /dev/shm and /run/lock, MB
     /// (its pages count against the run's memory limit).
     pub tmp_mb: u64,
+    /// Fork Python runs from a warm interpreter (one per replica, started on the first run)
+    /// that has loaded the runner, json and asyncio, instead of starting an interpreter per
+    /// run; each child isolates itself as an exec'd run would before the agent's code loads.
+    /// Runs with their own environment (`requirements`) or `PYTHON*` variables in `env` start
+    /// their own interpreter either way.
+    pub fork_server: bool,
 }
 
 impl ExecutorConfig {
@@ -395,6 +401,7 @@ impl Default for ExecutorConfig {
             cgroup_favordynmods: true,
             private_tmp: true,
             tmp_mb: 64,
+            fork_server: true,
         }
     }
 }

@@ -16,6 +16,10 @@
 //!   run (and when its future is dropped) everything it started is killed;
 //! - stdout and stderr kept up to `output_limit_kb` each, the rest drained.
 //!
+//! A Python run is forked from the executor's fork server (`forkserver`), a warm interpreter
+//! whose child takes the same steps before the agent's code loads; other runs, and Python
+//! runs the server cannot serve, are exec'd.
+//!
 //! The result never travels on stdout: the Python runner writes it to `HARNESS_RESULT_FILE`;
 //! a command may write it there too, or print it as its last stdout line.
 //!
@@ -37,6 +41,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use crate::config::ExecutorConfig;
 
 mod cgroup;
+mod forkserver;
 pub mod output;
 pub mod pyenv;
 mod sandbox;
@@ -46,7 +51,9 @@ pub mod uids;
 
 pub use sandbox::Isolation;
 
-const RUNNER: &str = include_str!("runner.py");
+/// The runner as a program of its own (`forkserver.py` appends its loop to the same
+/// definitions instead).
+const RUNNER: &str = concat!(include_str!("runner.py"), "_main()\n");
 /// The largest result accepted from an agent.
 pub const MAX_RESULT_BYTES: u64 = 16 * 1024 * 1024;
 /// The PATH agents see.
@@ -229,6 +236,8 @@ pub struct Executor {
     host: std::sync::Arc<Host>,
     /// Python environments of agents with requirements.
     envs: std::sync::Arc<pyenv::Environments>,
+    /// Python runs of `python` are forked from it (`executor.fork_server`).
+    fork_server: Option<std::sync::Arc<forkserver::ForkServer>>,
 }
 
 /// What one process holds on its host for its runs: its session directory, its cgroups and
@@ -367,6 +376,9 @@ impl Executor {
             default_cpu_percent: cfg.max_cpu_percent,
             isolation,
             envs: std::sync::Arc::new(pyenv::Environments::new(envs_dir()?, python.clone())),
+            fork_server: cfg
+                .fork_server
+                .then(|| std::sync::Arc::new(forkserver::ForkServer::new(&python))),
             host: std::sync::Arc::new(Host {
                 session,
                 cgroups,
@@ -518,12 +530,6 @@ impl Executor {
                 parent: nix::unistd::getpid(),
             },
         };
-        let mut cmd = self.command(spec, &run);
-        // SAFETY: the closure runs in the forked child before exec and only makes system
-        // calls on memory prepared before the fork (see `sandbox::ChildSetup`).
-        unsafe {
-            cmd.pre_exec(move || setup.apply());
-        }
         // From here on, whatever happens to this future (a cancel, the worker's timeout,
         // shutdown), everything the run started dies: its group, its cgroup, its uid.
         let mut cleanup = Cleanup {
@@ -533,11 +539,35 @@ impl Executor {
             sweep_tmp: lease.is_some() && !self.isolation.private_tmp,
             lease,
         };
-        let mut child = spawner::spawn(cmd).await.map_err(|source| Error::Spawn {
-            program: run.program.display().to_string(),
-            source,
-        })?;
-        cleanup.pgid = Pid::from_raw(child.id().map(|p| p as i32).unwrap_or(0));
+        let forked = match self.fork_server_for(spec) {
+            Some(server) => self.fork(server, spec, &run, &setup).await?,
+            None => None,
+        };
+        let (mut running, stdout, stderr): (Running, Output, Output) = match forked {
+            Some((forked, stdout, stderr)) => (Running::Forked(forked), stdout, stderr),
+            None => {
+                let mut cmd = self.command(spec, &run);
+                // SAFETY: the closure runs in the forked child before exec and only makes
+                // system calls on memory prepared before the fork (see `sandbox::ChildSetup`).
+                unsafe {
+                    cmd.pre_exec(move || setup.apply());
+                }
+                let mut child = spawner::spawn(cmd).await.map_err(|source| Error::Spawn {
+                    program: run.program.display().to_string(),
+                    source,
+                })?;
+                if let Some(mut stdin) = child.stdin.take() {
+                    let input = run.input_text.clone();
+                    tokio::spawn(async move {
+                        let _ = stdin.write_all(input.as_bytes()).await;
+                    });
+                }
+                let stdout = Box::new(child.stdout.take().expect("piped"));
+                let stderr = Box::new(child.stderr.take().expect("piped"));
+                (Running::Child(child), stdout, stderr)
+            }
+        };
+        cleanup.pgid = Pid::from_raw(running.pid());
         // Should this process die before the run ends, the next one on this host kills what is
         // left of the group (the direct child dies with us by its parent-death signal).
         let _record = self
@@ -547,20 +577,14 @@ impl Executor {
             .map(RecordGuard)
             .map_err(|e| tracing::warn!(error = %e, "could not record the run's process group"))
             .ok();
-        if let Some(mut stdin) = child.stdin.take() {
-            let input = run.input_text.clone();
-            tokio::spawn(async move {
-                let _ = stdin.write_all(input.as_bytes()).await;
-            });
-        }
         let out = tokio::spawn(capture(
-            child.stdout.take().expect("piped"),
+            stdout,
             self.output_limit,
             output::Stream::Stdout,
             spec.output.clone(),
         ));
         let err = tokio::spawn(capture(
-            child.stderr.take().expect("piped"),
+            stderr,
             self.output_limit,
             output::Stream::Stderr,
             spec.output.clone(),
@@ -574,7 +598,8 @@ impl Executor {
                 o,
             )))
         });
-        let (status, timed_out, refused) = self.wait(&mut child, cleanup.pgid, spec.timeout).await;
+        let (status, timed_out, refused) =
+            self.wait(&mut running, cleanup.pgid, spec.timeout).await;
         if let Some(watch) = progress {
             drop(watch);
             if let Some(o) = &spec.output {
@@ -611,9 +636,17 @@ impl Executor {
             duration: 0.0,
             permanent: false,
         };
+        // A forked run whose end nobody reported: its server died (its children with it).
+        let orphaned = status.is_none() && matches!(running, Running::Forked(_));
         if timed_out {
             result.status = ExecStatus::Timeout;
             result.error = Some(timeout_error(spec.timeout, refused.as_deref()));
+        } else if orphaned {
+            result.error = Some(
+                "the fork server died during the run (it was killed), and the run with it; \
+                 the next run starts a new server"
+                    .into(),
+            );
         } else if ended.oom {
             crate::telemetry::metrics().oom_kills.add(1, &[]);
             result.error = Some(format!(
@@ -699,35 +732,64 @@ impl Executor {
         cmd.args(&run.args)
             .current_dir(run.dir.path())
             .env_clear()
-            .env("PATH", AGENT_PATH)
-            .env("LANG", "C.UTF-8")
-            .env("TZ", "UTC")
-            .env("HOME", run.dir.path())
-            .env("HARNESS_RESULT_FILE", &run.result_path)
-            .env("HARNESS_INPUT_FILE", &run.input_path)
-            .env("HARNESS_PROGRESS_FILE", &run.progress_path)
-            .env(
-                "HARNESS_PERMANENT_EXIT_CODE",
-                PERMANENT_EXIT_CODE.to_string(),
-            )
-            .envs(&spec.env)
+            .envs(run_env(spec, run))
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .kill_on_drop(true)
             .process_group(0);
-        if let Some(tp) = &spec.traceparent {
-            cmd.env("TRACEPARENT", tp);
-        }
         if matches!(spec.runtime, Runtime::Command { .. }) {
-            if run.input_text.len() <= MAX_ENV_INPUT {
-                cmd.env("HARNESS_INPUT", &run.input_text);
-            }
             cmd.stdin(Stdio::piped());
         } else {
-            // Prints reach `harness logs --follow` as they happen, not when a buffer fills.
-            cmd.stdin(Stdio::null()).env("PYTHONUNBUFFERED", "1");
+            cmd.stdin(Stdio::null());
         }
         cmd
+    }
+
+    /// The fork server for `spec`'s run: a Python agent on the executor's own interpreter
+    /// whose environment sets nothing the interpreter reads at its start (`PYTHON*`).
+    fn fork_server_for(&self, spec: &RunSpec) -> Option<&forkserver::ForkServer> {
+        let server = self.fork_server.as_deref()?;
+        let python = matches!(spec.runtime, Runtime::Python { .. })
+            && spec.python.as_ref().is_none_or(|p| *p == self.python)
+            && !spec.env.keys().any(|k| k.starts_with("PYTHON"));
+        python.then_some(server)
+    }
+
+    /// Forks the run from the fork server, isolated as `setup` says. `None`: the server is
+    /// unavailable and nothing of the run started (start it the old way).
+    async fn fork(
+        &self,
+        server: &forkserver::ForkServer,
+        spec: &RunSpec,
+        run: &Prepared,
+        setup: &sandbox::ChildSetup,
+    ) -> Result<Option<(forkserver::Forked, Output, Output)>, Error> {
+        let io = |source: std::io::Error| Error::Spawn {
+            program: run.program.display().to_string(),
+            source,
+        };
+        let pipe = || nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| io(e.into()));
+        let (out_r, out_w) = pipe()?;
+        let (err_r, err_w) = pipe()?;
+        let env = run_env(spec, run);
+        let request = |parent| setup.fork_request(parent, run.dir.path(), &env);
+        match server.fork(request, &out_w, &err_w).await {
+            Ok(forked) => {
+                // The child has its copies; ours would keep the pipes open after it ends.
+                drop((out_w, err_w));
+                let reader = |fd| {
+                    tokio::net::unix::pipe::Receiver::from_owned_fd(fd)
+                        .map(|r| Box::new(r) as Output)
+                        .map_err(io)
+                };
+                Ok(Some((forked, reader(out_r)?, reader(err_r)?)))
+            }
+            Err(forkserver::NotForked::Setup(why)) => Err(io(std::io::Error::other(why))),
+            Err(forkserver::NotForked::Unavailable(why)) => {
+                tracing::debug!(reason = %why, "a Python run starts its own interpreter");
+                Ok(None)
+            }
+        }
     }
 
     /// Waits for the run's end, or its timeout: then SIGTERM to the group, `kill_grace`, and
@@ -736,20 +798,20 @@ impl Executor {
     /// CAP_KILL): then the run is given up after a second grace instead of waited for.
     async fn wait(
         &self,
-        child: &mut tokio::process::Child,
+        child: &mut Running,
         pgid: Pid,
         timeout: Duration,
     ) -> (Option<ExitStatus>, bool, Option<String>) {
         tokio::select! {
-            s = child.wait() => (s.ok(), false, None),
+            s = child.wait() => (s, false, None),
             _ = tokio::time::sleep(timeout) => {
                 let refused = signal_group(pgid, Signal::SIGTERM).err();
                 if let Ok(s) = tokio::time::timeout(self.kill_grace, child.wait()).await {
-                    return (s.ok(), true, refused);
+                    return (s, true, refused);
                 }
                 let refused = signal_group(pgid, Signal::SIGKILL).err().or(refused);
                 match tokio::time::timeout(self.kill_grace, child.wait()).await {
-                    Ok(s) => (s.ok(), true, refused),
+                    Ok(s) => (s, true, refused),
                     Err(_) => (
                         None,
                         true,
@@ -758,6 +820,11 @@ impl Executor {
                 }
             }
         }
+    }
+
+    /// The pid of the fork server Python runs are forked from, once one runs.
+    pub fn fork_server_pid(&self) -> Option<i32> {
+        self.fork_server.as_ref().and_then(|s| s.pid())
     }
 
     /// The account a run with `ids` runs as, in words.
@@ -933,6 +1000,64 @@ struct Prepared {
     progress_path: PathBuf,
     program: PathBuf,
     args: Vec<String>,
+}
+
+/// The environment of a run: a scrubbed one (see the module's documentation), the agent's
+/// `env` over it; a command also gets its input in `HARNESS_INPUT` when small.
+fn run_env(spec: &RunSpec, run: &Prepared) -> Vec<(String, String)> {
+    let path = |p: &Path| p.display().to_string();
+    let mut env = vec![
+        ("PATH".to_string(), AGENT_PATH.to_string()),
+        ("LANG".into(), "C.UTF-8".into()),
+        ("TZ".into(), "UTC".into()),
+        ("HOME".into(), path(run.dir.path())),
+        ("HARNESS_RESULT_FILE".into(), path(&run.result_path)),
+        ("HARNESS_INPUT_FILE".into(), path(&run.input_path)),
+        ("HARNESS_PROGRESS_FILE".into(), path(&run.progress_path)),
+        (
+            "HARNESS_PERMANENT_EXIT_CODE".into(),
+            PERMANENT_EXIT_CODE.to_string(),
+        ),
+    ];
+    env.extend(spec.env.iter().map(|(k, v)| (k.clone(), v.clone())));
+    if let Some(tp) = &spec.traceparent {
+        env.push(("TRACEPARENT".into(), tp.clone()));
+    }
+    if matches!(spec.runtime, Runtime::Command { .. }) {
+        if run.input_text.len() <= MAX_ENV_INPUT {
+            env.push(("HARNESS_INPUT".into(), run.input_text.clone()));
+        }
+    } else {
+        // Prints reach `harness logs --follow` as they happen, not when a buffer fills.
+        env.push(("PYTHONUNBUFFERED".into(), "1".into()));
+    }
+    env
+}
+
+/// A run's stdout or stderr, read by `capture`.
+type Output = Box<dyn AsyncRead + Unpin + Send>;
+
+/// A started run: an exec'd child of ours, or a child of the fork server.
+enum Running {
+    Child(tokio::process::Child),
+    Forked(forkserver::Forked),
+}
+
+impl Running {
+    fn pid(&self) -> i32 {
+        match self {
+            Running::Child(c) => c.id().map_or(0, |p| p as i32),
+            Running::Forked(f) => f.pid,
+        }
+    }
+
+    /// The run's end (`None`: its status could not be read).
+    async fn wait(&mut self) -> Option<ExitStatus> {
+        match self {
+            Running::Child(c) => c.wait().await.ok(),
+            Running::Forked(f) => f.wait().await,
+        }
+    }
 }
 
 /// What a finished run (not timed out) amounts to: a Python agent succeeds when its runner
@@ -1479,5 +1604,27 @@ mod tests {
         use std::os::unix::process::ExitStatusExt;
         assert!(describe_exit(Some(ExitStatus::from_raw(24)), "").contains("CPU-time budget"));
         assert!(describe_exit(Some(ExitStatus::from_raw(3 << 8)), "boom").contains("exit code 3"));
+    }
+
+    #[tokio::test]
+    async fn a_fork_server_that_cannot_start_leaves_runs_to_their_own_interpreter() {
+        let mut e = Executor::new(&crate::Config::default().executor).unwrap();
+        // An "interpreter" that exits at once: every start of the server fails.
+        let broken = std::sync::Arc::new(forkserver::ForkServer::new(Path::new("/bin/false")));
+        e.fork_server = Some(broken.clone());
+        let code = "import os, sys\nclass Agent:\n    def execute(self):\n        \
+                    return {'ppid': os.getppid(), 'preloaded': 'asyncio' in sys.modules}\n";
+        for _ in 0..3 {
+            let r = e
+                .run(&RunSpec::new(Runtime::Python { code: code.into() }, &e))
+                .await
+                .unwrap();
+            assert_eq!(r.status, ExecStatus::Success, "{r:?}");
+            let v = r.result.unwrap();
+            assert_eq!(v["ppid"], std::process::id(), "{v}");
+            assert_eq!(v["preloaded"], false, "{v}");
+        }
+        assert_eq!(broken.pid(), None);
+        assert!(broken.given_up(), "three failed starts give the server up");
     }
 }

@@ -197,4 +197,3 @@ def _main():
         os._exit(1)
 
 
-_main()

@@ -168,6 +168,23 @@ pub fn in_child(f: impl Fn() -> i32) -> Option<i32> {
     }
 }
 
+/// Marks every descriptor above stderr close-on-exec, in a child between fork and exec: a
+/// descriptor the harness inherited without the flag (a parent's jobserver pipe, say) must
+/// not reach an agent. Not closed at once: std reports a failed exec through one of them.
+/// Best effort (Linux 5.11+).
+pub fn close_inherited_on_exec() {
+    const CLOSE_RANGE_CLOEXEC: u32 = 1 << 2;
+    // SAFETY: one system call, no memory touched.
+    unsafe {
+        nix::libc::syscall(
+            nix::libc::SYS_close_range,
+            3u32,
+            u32::MAX,
+            CLOSE_RANGE_CLOEXEC,
+        );
+    }
+}
+
 /// Everything the forked child does before exec, prepared in the parent.
 pub struct ChildSetup {
     /// `cgroup.procs` files to write `0` to.
@@ -193,9 +210,37 @@ impl ChildSetup {
         (targets, options)
     }
 
+    /// The same set-up as a fork server's request (`forkserver.py` applies it in the same
+    /// order), for a child of the server `parent` that runs in `cwd` with `env`.
+    pub fn fork_request(
+        &self,
+        parent: i32,
+        cwd: &Path,
+        env: &[(String, String)],
+    ) -> super::forkserver::Request {
+        let text = |c: &CString| c.to_string_lossy().into_owned();
+        super::forkserver::Request {
+            parent,
+            cwd: cwd.to_path_buf(),
+            env: env.to_vec(),
+            cgroup_procs: self.cgroup_procs.iter().map(text).collect(),
+            tmpfs: self.tmpfs.iter().map(text).collect(),
+            tmpfs_options: text(&self.tmpfs_options),
+            new_network: self.new_network,
+            ids: self.ids,
+            limits: super::forkserver::RequestLimits {
+                address_space: self.limits.address_space,
+                cpu_seconds: self.limits.cpu_seconds,
+                processes: self.limits.processes,
+                file_bytes: self.limits.file_bytes,
+            },
+        }
+    }
+
     /// Runs in the child between fork and exec.
     pub fn apply(&self) -> std::io::Result<()> {
         use nix::libc;
+        close_inherited_on_exec();
         for path in &self.cgroup_procs {
             // SAFETY: open/write/close on a NUL-terminated path prepared before the fork.
             unsafe {
