@@ -740,7 +740,7 @@ class Agent:
             'fds': sorted(os.listdir('/proc/self/fd')),
             'stdin': os.read(0, 10).decode(),
             'argv': sys.argv,
-            'path0': sys.path[0],
+            'sys_path': sys.path,
             'sys_flags': repr(sys.flags),
             'umask': os.umask(0o022),
             'random': random.random(),
@@ -772,7 +772,7 @@ async fn a_forked_run_is_isolated_exactly_as_an_execd_one() {
     // /proc/<pid>/environ: the run's own when exec'd, the server's scrubbed one when forked.
     assert_eq!(
         f["proc_environ"],
-        json!(["LANG", "PATH", "PYTHONUNBUFFERED", "TZ"]),
+        json!(["HOME", "LANG", "PATH", "PYTHONUNBUFFERED", "TZ"]),
         "{f}"
     );
     assert!(
@@ -954,19 +954,28 @@ async fn a_killed_fork_server_ends_its_runs_and_the_next_run_gets_a_new_one() {
 }
 
 #[tokio::test]
-async fn runs_that_set_python_variables_start_their_own_interpreter() {
+async fn runs_that_set_what_an_interpreter_reads_as_it_starts_get_their_own() {
     let e = executor();
-    let mut spec = python(&e, PROBE, json!({}));
-    spec.env
-        .insert("PYTHONDONTWRITEBYTECODE".into(), "1".into());
-    let r = e.run(&spec).await.unwrap();
-    assert_eq!(r.status, ExecStatus::Success, "{r:?}");
-    let v = r.result.unwrap();
-    assert_eq!(v["preloaded"], false, "{v}");
-    assert_eq!(v["ppid"], std::process::id(), "{v}");
-    // The variable took effect: the interpreter read it as it started.
-    let flags = v["sys_flags"].as_str().unwrap();
-    assert!(flags.contains("dont_write_bytecode=1"), "{v}");
+    for (key, value) in [
+        ("PYTHONDONTWRITEBYTECODE", "1"),
+        ("TZ", "Europe/Paris"),
+        ("LANG", "C"),
+        ("LC_ALL", "C"),
+        ("HOME", "/tmp"),
+    ] {
+        let mut spec = python(&e, PROBE, json!({}));
+        spec.env.insert(key.into(), value.into());
+        let r = e.run(&spec).await.unwrap();
+        assert_eq!(r.status, ExecStatus::Success, "{key}: {r:?}");
+        let v = r.result.unwrap();
+        assert_eq!(v["preloaded"], false, "{key}: {v}");
+        assert_eq!(v["ppid"], std::process::id(), "{key}: {v}");
+        if key == "PYTHONDONTWRITEBYTECODE" {
+            // The variable took effect: the interpreter read it as it started.
+            let flags = v["sys_flags"].as_str().unwrap();
+            assert!(flags.contains("dont_write_bytecode=1"), "{v}");
+        }
+    }
 }
 
 #[tokio::test]
@@ -993,4 +1002,37 @@ class Agent:
         assert_eq!(r.stderr, "no newline", "{r:?}");
     }
     assert!(forked.fork_server_pid().is_some());
+}
+
+#[tokio::test]
+async fn a_stopped_fork_server_is_replaced_after_ten_seconds() {
+    let e = executor();
+    let run = async || {
+        let r = e.run(&python(&e, PROBE, json!({}))).await.unwrap();
+        assert_eq!(r.status, ExecStatus::Success, "{r:?}");
+        r.result.unwrap()
+    };
+    run().await;
+    let stopped = e.fork_server_pid().unwrap();
+    let pid = nix::unistd::Pid::from_raw(stopped);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
+    // This run waits for the stuck server, then starts its own interpreter.
+    let t = Instant::now();
+    let v = run().await;
+    assert!(t.elapsed() >= Duration::from_secs(10), "{:?}", t.elapsed());
+    assert_eq!(v["ppid"], std::process::id(), "{v}");
+    // The next one gets a new server; the stopped one, forgotten, was killed.
+    let v = run().await;
+    let new = e.fork_server_pid().unwrap();
+    assert_ne!(new, stopped);
+    assert_eq!(v["ppid"], new, "{v}");
+    common::eventually(
+        "the stopped server to die",
+        Duration::from_secs(5),
+        async || {
+            (!std::path::Path::new(&format!("/proc/{stopped}")).exists() || zombie(stopped))
+                .then_some(())
+        },
+    )
+    .await;
 }

@@ -363,8 +363,9 @@ pub struct ExecutorConfig {
     /// Fork Python runs from a warm interpreter (one per replica, started on the first run)
     /// that has loaded the runner, json and asyncio, instead of starting an interpreter per
     /// run; each child isolates itself as an exec'd run would before the agent's code loads.
-    /// Runs with their own environment (`requirements`) or `PYTHON*` variables in `env` start
-    /// their own interpreter either way.
+    /// Runs with their own environment (`requirements`), or whose `env` sets what an
+    /// interpreter reads only as it starts (`PYTHON*`, the locale, `TZ`, `HOME`), start their
+    /// own interpreter either way.
     pub fork_server: bool,
 }
 

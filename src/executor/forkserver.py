@@ -8,27 +8,39 @@
 # Protocol, all on SOCK_SEQPACKET sockets:
 # - fd 3, from the harness: b"f" with one descriptor, the run's connection (`conn`);
 # - on `conn`, from this process: b"pid N" after the fork, b"exit S" (the wait status) when
-#   the child ended; from the child: b"ready" once it is isolated (its connection is closed
-#   before the agent's code loads), or b"fail <why>" and exit 126;
+#   the child ended; from the child: b"ready" once it is isolated, or b"fail <why>" and exit
+#   126; from the harness, after "ready": b"go" (the child closes its connection and loads
+#   the agent's code; without it, it exits 126);
 # - the harness wrote the request on `conn` before the fork: JSON, with the run's stdout and
 #   stderr pipes attached.
-import asyncio  # noqa: F401 (loaded once here, not in every run)
-import atexit
 import ctypes
-import gc
-import json
-import resource
-import select
-import signal
-import socket
-import threading
-import traceback  # noqa: F401 (the runner reports errors with it)
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.prctl.argtypes = [ctypes.c_int] + [ctypes.c_ulong] * 4
+_PR_SET_DUMPABLE = 4
+# First of all: agents that share our account (a harness that is not root) can neither read
+# this process's memory nor trace it, so none can reach into the runs forked after it. And
+# nobody traces it already.
+if _libc.prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:
+    os._exit(3)
+with open("/proc/self/status") as _status:
+    if any(l.startswith("TracerPid:") and l.split()[1] != "0" for l in _status):
+        os._exit(3)
+
+import asyncio  # noqa: E402,F401 (loaded once here, not in every run)
+import atexit  # noqa: E402
+import gc  # noqa: E402
+import json  # noqa: E402
+import resource  # noqa: E402
+import select  # noqa: E402
+import signal  # noqa: E402
+import socket  # noqa: E402
+import threading  # noqa: E402
+import traceback  # noqa: E402,F401 (the runner reports errors with it)
 
 _CONTROL = 3
-_libc = ctypes.CDLL(None, use_errno=True)
 _libc.unshare.argtypes = [ctypes.c_int]
 _libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
-_libc.prctl.argtypes = [ctypes.c_int] + [ctypes.c_ulong] * 4
 _CLONE_NEWNS = 0x00020000
 _CLONE_NEWNET = 0x40000000
 _MS_NOSUID = 2
@@ -36,7 +48,6 @@ _MS_NODEV = 4
 _MS_REC = 0x4000
 _MS_PRIVATE = 1 << 18
 _PR_SET_PDEATHSIG = 1
-_PR_SET_DUMPABLE = 4
 _PR_SET_NO_NEW_PRIVS = 38
 
 
@@ -49,9 +60,6 @@ def _check(ret, what):
 def _serve():
     """Forks a child per request; returns the run's connection in the child, never in the
     server."""
-    # Agents that share our account (a harness that is not root) can neither read this
-    # process's memory nor trace it, so none can reach into the runs forked after it.
-    _check(_libc.prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0), "prctl(PR_SET_DUMPABLE)")
     wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     signal.signal(signal.SIGCHLD, lambda *_: None)
     signal.set_wakeup_fd(wake_w)
@@ -79,7 +87,17 @@ def _serve():
             if not fds:
                 continue
             conn = fds[0]
-            pid = os.fork()
+            try:
+                pid = os.fork()
+            except OSError as e:
+                # This run fails (EAGAIN: a process limit); the server and its runs go on.
+                c = socket.socket(fileno=conn)
+                try:
+                    c.send(("fail fork: %s" % e).encode())
+                except OSError:
+                    pass
+                c.close()
+                continue
             if pid == 0:
                 signal.set_wakeup_fd(-1)
                 signal.signal(signal.SIGCHLD, signal.SIG_DFL)
@@ -159,9 +177,6 @@ def _become_run(conn):
             os.setgroups([])
             os.setresgid(gid, gid, gid)
             os.setresuid(uid, uid, uid)
-        # The server is not dumpable, nor a uid change's result; an exec'd run is dumpable
-        # (/proc/self is its own), and so is this one.
-        _check(_libc.prctl(_PR_SET_DUMPABLE, 1, 0, 0, 0), "prctl(PR_SET_DUMPABLE)")
         # After the uid change, which clears it.
         _check(_libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0), "prctl(PR_SET_PDEATHSIG)")
         if os.getppid() != req["parent"]:
@@ -186,12 +201,25 @@ def _become_run(conn):
         # "" on sys.path is the working directory: forget where it pointed in the server.
         sys.path_importer_cache.pop("", None)
         sys.path_importer_cache.pop(os.getcwd(), None)
+        # Last, as an exec'd run becomes dumpable again only at its exec, after every step:
+        # the server is not dumpable, nor is a uid change's result, and a run is (/proc/self
+        # is its own).
+        _check(_libc.prctl(_PR_SET_DUMPABLE, 1, 0, 0, 0), "prctl(PR_SET_DUMPABLE)")
         s.send(b"ready")
     except BaseException as e:
         try:
             s.send(("fail %s" % e).encode("utf-8", "replace")[:4000])
         finally:
             os._exit(126)
+    # The agent's code loads only once the harness tracks the run (it has recorded the
+    # process group it will kill); a harness that let go of the run first closed the
+    # connection: nothing runs.
+    try:
+        go = s.recv(16)
+    except OSError:
+        go = b""
+    if go != b"go":
+        os._exit(126)
     s.close()
 
 

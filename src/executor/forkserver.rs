@@ -65,6 +65,18 @@ pub struct ForkServer {
 
 const MAX_FAILED_STARTS: u32 = 3;
 
+/// How long a fork and the child's set-up may take before the server counts as stuck.
+const FORK_DEADLINE: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// What became of a request to fork.
+enum Forking {
+    Forked(Forked),
+    /// The server is gone and forked nothing.
+    Gone,
+    /// The fork failed (a process limit): this run fails, the server goes on.
+    Failed(String),
+}
+
 #[derive(Debug)]
 struct Server {
     pid: i32,
@@ -125,21 +137,34 @@ impl ForkServer {
             let server = self.server().await.map_err(NotForked::Unavailable)?;
             let request = serde_json::to_vec(&make_request(server.pid))
                 .map_err(|e| NotForked::Unavailable(e.to_string()))?;
-            match server.fork(&request, stdout, stderr).await {
-                Ok(Some(mut forked)) => {
+            // A server that forks nothing in this long is stuck (stopped, say): it is left to
+            // the runs it has, and this run starts the old way. Dropping what was forked
+            // meanwhile makes the child exit before any of the agent's code (no "go").
+            let forking = async {
+                match server.fork(&request, stdout, stderr).await? {
+                    Forking::Forked(mut forked) => Ok(match forked.until_ready().await {
+                        Ok(()) => Forking::Forked(forked),
+                        Err(why) => Forking::Failed(why),
+                    }),
+                    other => Ok::<_, io::Error>(other),
+                }
+            };
+            match tokio::time::timeout(FORK_DEADLINE, forking).await {
+                Ok(Ok(Forking::Forked(forked))) => {
                     *self.failed_starts.lock().expect("not poisoned") = 0;
-                    return match forked.until_ready().await {
-                        Ok(()) => Ok(forked),
-                        Err(why) => Err(NotForked::Setup(why)),
-                    };
+                    return Ok(forked);
                 }
-                Ok(None) => {
-                    // Nothing was forked: the server is gone.
+                Ok(Ok(Forking::Failed(why))) => return Err(NotForked::Setup(why)),
+                // Nothing was forked: the server is gone.
+                Ok(Ok(Forking::Gone)) => self.forget(&server),
+                // The request could not be sent (too big for the socket, say): this run
+                // starts the old way; the server is fine.
+                Ok(Err(e)) => return Err(NotForked::Unavailable(e.to_string())),
+                Err(_) => {
                     self.forget(&server);
-                }
-                Err(e) => {
-                    self.forget(&server);
-                    return Err(NotForked::Unavailable(e.to_string()));
+                    return Err(NotForked::Unavailable(format!(
+                        "the fork server did not fork the run within {FORK_DEADLINE:?}"
+                    )));
                 }
             }
         }
@@ -206,9 +231,15 @@ impl ForkServer {
             .env("LANG", "C.UTF-8")
             .env("TZ", "UTC")
             .env("PYTHONUNBUFFERED", "1")
+            // No user site-packages from an account's home, as for an exec'd run (whose home
+            // is its fresh run directory).
+            .env("HOME", "/nonexistent")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
+            // Its own group: a Ctrl-C at the terminal goes to the harness, which ends its runs
+            // in order, not to the server, which would take them all down at once.
+            .process_group(0)
             .kill_on_drop(true);
         let parent = nix::unistd::getpid();
         // SAFETY: system calls only, on values prepared before the fork.
@@ -217,7 +248,12 @@ impl ForkServer {
                 // The control socket as fd 3 (dup2 clears close-on-exec on the copy), and no
                 // other descriptor of ours.
                 super::sandbox::close_inherited_on_exec();
-                if nix::libc::dup2(theirs_fd, 3) < 0 {
+                let kept = if theirs_fd == 3 {
+                    nix::libc::fcntl(3, nix::libc::F_SETFD, 0)
+                } else {
+                    nix::libc::dup2(theirs_fd, 3)
+                };
+                if kept < 0 {
                     return Err(io::Error::last_os_error());
                 }
                 nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)?;
@@ -241,13 +277,12 @@ impl ForkServer {
 
 impl Server {
     /// Writes the request on a new connection and asks the server to fork a child for it.
-    /// `Ok(None)`: the server is gone and forked nothing.
     async fn fork(
         self: &Arc<Self>,
         request: &[u8],
         stdout: &OwnedFd,
         stderr: &OwnedFd,
-    ) -> io::Result<Option<Forked>> {
+    ) -> io::Result<Forking> {
         let (ours, theirs) = socketpair(
             AddressFamily::Unix,
             SockType::SeqPacket,
@@ -260,7 +295,7 @@ impl Server {
         send(&conn, request, &pipes).await?;
         match send(&self.control, b"f", &[theirs.as_raw_fd()]).await {
             Ok(()) => {}
-            Err(e) if is_gone(&e) => return Ok(None),
+            Err(e) if is_gone(&e) => return Ok(Forking::Gone),
             Err(e) => return Err(e),
         }
         drop(theirs);
@@ -271,8 +306,19 @@ impl Server {
             early: Vec::new(),
             _server: Some(self.clone()),
         };
-        Ok(forked.until_pid().await?.then_some(forked))
+        Ok(match forked.until_pid().await? {
+            Pid::Forked => Forking::Forked(forked),
+            Pid::Gone => Forking::Gone,
+            Pid::Failed(why) => Forking::Failed(why),
+        })
     }
+}
+
+/// What came instead of the pid, or the pid.
+enum Pid {
+    Forked,
+    Gone,
+    Failed(String),
 }
 
 enum Message {
@@ -283,19 +329,21 @@ enum Message {
 }
 
 impl Forked {
-    /// Reads the pid the server sends right after the fork. `false`: the connection ended
+    /// Reads the pid the server sends right after the fork. `Gone`: the connection ended
     /// first, so the server died before forking (a child cannot outlive it: the request names
-    /// it as the parent the child checks for).
-    async fn until_pid(&mut self) -> io::Result<bool> {
+    /// it as the parent the child checks for). `Failed`: the fork failed, or the child's
+    /// set-up did before its pid came.
+    async fn until_pid(&mut self) -> io::Result<Pid> {
         loop {
             match self.receive().await? {
                 Some(Message::Pid(pid)) => {
                     self.pid = pid;
-                    return Ok(true);
+                    return Ok(Pid::Forked);
                 }
+                Some(Message::Fail(why)) => return Ok(Pid::Failed(why)),
                 // The child's answer may come first: kept for `until_ready`.
                 Some(m) => self.early.push(m),
-                None => return Ok(false),
+                None => return Ok(Pid::Gone),
             }
         }
     }
@@ -318,6 +366,13 @@ impl Forked {
                 Err(e) => return Err(e.to_string()),
             }
         }
+    }
+
+    /// Lets the child load the agent's code: call once the run's process group is recorded
+    /// for killing. Until then, dropping this value (the run cancelled) makes the child exit
+    /// without running any of it.
+    pub(super) async fn start(&self) -> io::Result<()> {
+        send(&self.conn, b"go", &[]).await
     }
 
     /// Waits for the run's end: its wait status, or `None` when the server died first (the
@@ -351,6 +406,9 @@ impl Forked {
             match ready.try_io(|fd| {
                 recv(fd.as_raw_fd(), &mut buf, MsgFlags::MSG_DONTWAIT).map_err(io::Error::from)
             }) {
+                // The peer closed with our request unread: the kernel reports that once,
+                // ahead of the messages still queued for us. They (then the end) come next.
+                Ok(Err(e)) if e.raw_os_error() == Some(nix::libc::ECONNRESET) => continue,
                 Ok(r) => break r?,
                 Err(_would_block) => continue,
             }
@@ -375,14 +433,15 @@ impl Forked {
 /// Sends `data` with `fds` attached, waiting while the socket is full.
 async fn send(sock: &AsyncFd<OwnedFd>, data: &[u8], fds: &[i32]) -> io::Result<()> {
     let iov = [io::IoSlice::new(data)];
-    let cmsg = [ControlMessage::ScmRights(fds)];
+    let rights = [ControlMessage::ScmRights(fds)];
+    let cmsg: &[ControlMessage] = if fds.is_empty() { &[] } else { &rights };
     loop {
         let mut ready = sock.writable().await?;
         match ready.try_io(|fd| {
             sendmsg::<()>(
                 fd.as_fd().as_raw_fd(),
                 &iov,
-                &cmsg,
+                cmsg,
                 MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL,
                 None,
             )
@@ -418,6 +477,119 @@ fn register(fd: OwnedFd) -> io::Result<AsyncFd<OwnedFd>> {
 mod tests {
     use super::*;
 
+    /// A request for a child of `parent` that runs `dir/agent.py` as we are, with no cgroup,
+    /// namespace or uid change.
+    fn plain_request(parent: i32, dir: &Path) -> Request {
+        let file = |name: &str| dir.join(name).display().to_string();
+        Request {
+            parent,
+            cwd: dir.to_path_buf(),
+            env: vec![
+                ("HARNESS_RESULT_FILE".into(), file("result.json")),
+                ("HARNESS_INPUT_FILE".into(), file("input.json")),
+                ("HARNESS_PROGRESS_FILE".into(), file("progress.json")),
+            ],
+            cgroup_procs: vec![],
+            tmpfs: vec![],
+            tmpfs_options: String::new(),
+            new_network: false,
+            ids: None,
+            limits: RequestLimits {
+                address_space: None,
+                cpu_seconds: None,
+                processes: 4096,
+                file_bytes: 1 << 30,
+            },
+        }
+    }
+
+    #[tokio::test]
+    async fn no_agent_code_runs_until_the_harness_says_go() {
+        let server = ForkServer::new(Path::new("/usr/bin/python3"));
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("input.json"), "{}").unwrap();
+        let marker = dir.path().join("ran");
+        std::fs::write(
+            dir.path().join("agent.py"),
+            format!(
+                "open({:?}, 'a').write('x')\nclass Agent:\n    def execute(self):\n        return {{}}\n",
+                marker.display().to_string()
+            ),
+        )
+        .unwrap();
+        let (out_r, out_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).unwrap();
+        drop(out_r);
+        let request = |parent| plain_request(parent, dir.path());
+        // Isolated and ready, then let go of (a cancelled run): the child exits.
+        let Ok(forked) = server.fork(request, &out_w, &out_w).await else {
+            panic!("not forked")
+        };
+        let pid = forked.pid;
+        drop(forked);
+        let t = std::time::Instant::now();
+        while std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            assert!(
+                t.elapsed() < std::time::Duration::from_secs(5),
+                "the child lives on"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        assert!(!marker.exists(), "the agent's code ran without go");
+        // With go, it runs.
+        let Ok(mut forked) = server.fork(request, &out_w, &out_w).await else {
+            panic!("not forked")
+        };
+        forked.start().await.unwrap();
+        let status = forked.wait().await.unwrap();
+        assert!(status.success(), "{status}");
+        assert_eq!(std::fs::read_to_string(&marker).unwrap(), "x");
+    }
+
+    #[tokio::test]
+    async fn a_fork_the_system_refuses_fails_that_run_and_the_server_goes_on() {
+        // A pids cgroup of one process for the server: its fork fails with EAGAIN.
+        let pids = Path::new("/sys/fs/cgroup/pids");
+        let cage = pids.join(format!("harness-fork-test-{:08x}", rand::random::<u32>()));
+        if std::fs::create_dir(&cage).is_err() {
+            eprintln!("skipped: no writable v1 pids hierarchy");
+            return;
+        }
+        let server = ForkServer::new(Path::new("/usr/bin/python3"));
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("input.json"), "{}").unwrap();
+        std::fs::write(
+            dir.path().join("agent.py"),
+            "class Agent:\n    def execute(self):\n        return {}\n",
+        )
+        .unwrap();
+        let (_out_r, out_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).unwrap();
+        let request = |parent| plain_request(parent, dir.path());
+        // Started by a first run.
+        let Ok(mut first) = server.fork(request, &out_w, &out_w).await else {
+            panic!("not forked")
+        };
+        first.start().await.unwrap();
+        assert!(first.wait().await.unwrap().success());
+        let pid = server.pid().unwrap();
+        std::fs::write(cage.join("pids.max"), "1").unwrap();
+        std::fs::write(cage.join("cgroup.procs"), pid.to_string()).unwrap();
+        let refused = server.fork(request, &out_w, &out_w).await;
+        std::fs::write(pids.join("cgroup.procs"), pid.to_string()).unwrap();
+        std::fs::remove_dir(&cage).unwrap();
+        match refused {
+            Err(NotForked::Setup(why)) => assert!(why.contains("fork"), "{why}"),
+            Err(NotForked::Unavailable(why)) => panic!("unavailable: {why}"),
+            Ok(_) => panic!("the refused fork did not fail its run"),
+        }
+        // The same server forks the next run.
+        let Ok(mut next) = server.fork(request, &out_w, &out_w).await else {
+            panic!("not forked")
+        };
+        next.start().await.unwrap();
+        assert!(next.wait().await.unwrap().success());
+        assert_eq!(server.pid(), Some(pid));
+    }
+
     // Before the fix, reading the pid after an early "ready" spun for ever without yielding:
     // this test then never ends (the timeouts cannot fire), as the runs did.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -447,7 +619,7 @@ mod tests {
         let within = std::time::Duration::from_secs(5);
         use tokio::time::timeout;
         let reading = tokio::spawn(async move {
-            let got = forked.until_pid().await.unwrap();
+            let got = matches!(forked.until_pid().await.unwrap(), Pid::Forked);
             (forked, got)
         });
         let (mut forked, got) = timeout(within, reading)

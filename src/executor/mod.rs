@@ -577,6 +577,13 @@ impl Executor {
             .map(RecordGuard)
             .map_err(|e| tracing::warn!(error = %e, "could not record the run's process group"))
             .ok();
+        if let Running::Forked(forked) = &running {
+            // Tracked now (`cleanup` kills its group): the agent's code may load. A child
+            // that is gone already shows as its exit below.
+            if let Err(e) = forked.start().await {
+                tracing::debug!(error = %e, "a forked run ended before its start");
+            }
+        }
         let out = tokio::spawn(capture(
             stdout,
             self.output_limit,
@@ -746,12 +753,18 @@ impl Executor {
     }
 
     /// The fork server for `spec`'s run: a Python agent on the executor's own interpreter
-    /// whose environment sets nothing the interpreter reads at its start (`PYTHON*`).
+    /// whose environment sets nothing the interpreter reads only as it starts (`PYTHON*`,
+    /// the locale, the time zone, the home that holds user site-packages).
     fn fork_server_for(&self, spec: &RunSpec) -> Option<&forkserver::ForkServer> {
         let server = self.fork_server.as_deref()?;
+        let read_at_start = |k: &String| {
+            k.starts_with("PYTHON")
+                || k.starts_with("LC_")
+                || ["LANG", "LANGUAGE", "TZ", "HOME"].contains(&k.as_str())
+        };
         let python = matches!(spec.runtime, Runtime::Python { .. })
             && spec.python.as_ref().is_none_or(|p| *p == self.python)
-            && !spec.env.keys().any(|k| k.starts_with("PYTHON"));
+            && !spec.env.keys().any(read_at_start);
         python.then_some(server)
     }
 
