@@ -261,6 +261,34 @@ fn uid_of(pid: i32) -> u32 {
         .unwrap()
 }
 
+/// An agent that sleeps a minute, with `marker` in its code.
+fn sleeper(marker: &str) -> String {
+    format!(
+        "import time\n# {marker}\nclass Agent:\n    def execute(self):\n        time.sleep(60)\n"
+    )
+}
+
+/// Starts `spec` (whose code holds `marker`) and returns its task and its process, once it
+/// runs.
+async fn start_run(
+    e: &std::sync::Arc<Executor>,
+    spec: RunSpec,
+    marker: &str,
+) -> (
+    tokio::task::JoinHandle<Result<harness::executor::ExecutionResult, harness::executor::Error>>,
+    i32,
+) {
+    let run = tokio::spawn({
+        let e = e.clone();
+        async move { e.run(&spec).await }
+    });
+    let pid = common::eventually("the run to start", Duration::from_secs(20), async || {
+        process_of_run(marker)
+    })
+    .await;
+    (run, pid)
+}
+
 const SPY: &str = r#"import os
 class Agent:
     def __init__(self, config):
@@ -294,22 +322,9 @@ async fn concurrent_runs_have_their_own_uids_and_cannot_read_each_other() {
     }
     // Agent A: a secret in its environment, its input and its code; it waits.
     let secret = format!("API_KEY_{}", rand::random::<u64>());
-    let mut a = python(
-        &e,
-        &format!(
-            "import time\n# {secret}\nclass Agent:\n    def execute(self):\n        time.sleep(60)\n"
-        ),
-        json!({"secret": secret}),
-    );
+    let mut a = python(&e, &sleeper(&secret), json!({"secret": secret}));
     a.env.insert("API_KEY".into(), secret.clone());
-    let run_a = tokio::spawn({
-        let e = e.clone();
-        async move { e.run(&a).await }
-    });
-    let pid = common::eventually("agent A to start", Duration::from_secs(20), async || {
-        process_of_run(&secret)
-    })
-    .await;
+    let (run_a, pid) = start_run(&e, a, &secret).await;
     let cwd = std::fs::read_link(format!("/proc/{pid}/cwd")).unwrap();
     // Agent B spies on A.
     let b = python(&e, SPY, json!({"pid": pid, "cwd": cwd}));
@@ -895,18 +910,7 @@ async fn a_forked_run_cannot_find_in_its_memory_the_secrets_of_runs_forked_befor
 async fn a_killed_fork_server_ends_its_runs_and_the_next_run_gets_a_new_one() {
     let e = std::sync::Arc::new(executor());
     let m = marker();
-    let code = format!(
-        "import time\n# {m}\nclass Agent:\n    def execute(self):\n        time.sleep(60)\n        return {{}}\n"
-    );
-    let spec = python(&e, &code, json!({}));
-    let run = tokio::spawn({
-        let e = e.clone();
-        async move { e.run(&spec).await }
-    });
-    let pid = common::eventually("the run to start", Duration::from_secs(20), async || {
-        process_of_run(&m)
-    })
-    .await;
+    let (run, pid) = start_run(&e, python(&e, &sleeper(&m), json!({})), &m).await;
     let server = e.fork_server_pid().expect("a fork server");
     assert_eq!(
         std::fs::read_to_string(format!("/proc/{pid}/stat"))
@@ -975,6 +979,21 @@ async fn runs_that_set_what_an_interpreter_reads_as_it_starts_get_their_own() {
             let flags = v["sys_flags"].as_str().unwrap();
             assert!(flags.contains("dont_write_bytecode=1"), "{v}");
         }
+    }
+    // An environment too big for the server's socket (270 KB): exec'd, and the server stays.
+    let server = e.fork_server_pid();
+    let mut spec = python(&e, PROBE, json!({}));
+    for i in 0..3 {
+        spec.env.insert(format!("BIG{i}"), "x".repeat(90_000));
+    }
+    let r = e.run(&spec).await.unwrap();
+    assert_eq!(r.status, ExecStatus::Success, "{r:?}");
+    assert_eq!(r.result.unwrap()["ppid"], std::process::id());
+    let r = e.run(&python(&e, PROBE, json!({}))).await.unwrap();
+    let v = r.result.unwrap();
+    assert_eq!(v["preloaded"], true, "{v}");
+    if let Some(server) = server {
+        assert_eq!(v["ppid"], server, "the server was replaced");
     }
 }
 

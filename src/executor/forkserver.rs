@@ -214,13 +214,7 @@ impl ForkServer {
     }
 
     async fn start(&self) -> io::Result<Server> {
-        let (ours, theirs) = socketpair(
-            AddressFamily::Unix,
-            SockType::SeqPacket,
-            None,
-            SockFlag::SOCK_CLOEXEC,
-        )?;
-        set_nonblocking(&ours)?;
+        let (ours, theirs) = seqpacket_pair()?;
         let theirs_fd = theirs.as_raw_fd();
         let mut cmd = tokio::process::Command::new(&self.python);
         cmd.arg("-c")
@@ -283,13 +277,7 @@ impl Server {
         stdout: &OwnedFd,
         stderr: &OwnedFd,
     ) -> io::Result<Forking> {
-        let (ours, theirs) = socketpair(
-            AddressFamily::Unix,
-            SockType::SeqPacket,
-            None,
-            SockFlag::SOCK_CLOEXEC,
-        )?;
-        set_nonblocking(&ours)?;
+        let (ours, theirs) = seqpacket_pair()?;
         let conn = register(ours)?;
         let pipes = [stdout.as_raw_fd(), stderr.as_raw_fd()];
         send(&conn, request, &pipes).await?;
@@ -460,6 +448,19 @@ fn is_gone(e: &io::Error) -> bool {
     )
 }
 
+/// A connected pair of SOCK_SEQPACKET sockets, both close-on-exec: ours (non-blocking) and
+/// the one to hand over.
+fn seqpacket_pair() -> io::Result<(OwnedFd, OwnedFd)> {
+    let (ours, theirs) = socketpair(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        None,
+        SockFlag::SOCK_CLOEXEC,
+    )?;
+    set_nonblocking(&ours)?;
+    Ok((ours, theirs))
+}
+
 fn set_nonblocking(fd: &OwnedFd) -> io::Result<()> {
     use nix::fcntl::{FcntlArg, OFlag, fcntl};
     let fd = fd.as_raw_fd();
@@ -594,14 +595,7 @@ mod tests {
     // this test then never ends (the timeouts cannot fire), as the runs did.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn the_childs_answer_may_come_before_the_servers_pid() {
-        let (ours, theirs) = socketpair(
-            AddressFamily::Unix,
-            SockType::SeqPacket,
-            None,
-            SockFlag::SOCK_CLOEXEC,
-        )
-        .unwrap();
-        set_nonblocking(&ours).unwrap();
+        let (ours, theirs) = seqpacket_pair().unwrap();
         let mut forked = Forked {
             pid: 0,
             conn: register(ours).unwrap(),
