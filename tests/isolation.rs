@@ -174,8 +174,25 @@ async fn a_daemon_of_a_killed_harness_is_reaped_when_the_next_one_starts() {
         .arg(json!({"marker": m, "linger": 300}).to_string());
     let mut harness = common::Proc::spawn(&mut exec);
     daemon_seen(&m).await;
+    // The harness's fork server, and the run it forked.
+    let server = children_of(harness.pid());
+    assert_eq!(server.len(), 1, "one child, the fork server: {server:?}");
+    let run = children_of(server[0]);
+    assert_eq!(run.len(), 1, "one run: {run:?}");
     harness.signal(nix::sys::signal::Signal::SIGKILL);
     let _ = harness.wait_for_exit(Duration::from_secs(10));
+    // Both die with it (their parent-death signals).
+    common::eventually(
+        "the server and its run to die",
+        Duration::from_secs(2),
+        async || {
+            [server[0], run[0]]
+                .iter()
+                .all(|p| !std::path::Path::new(&format!("/proc/{p}")).exists() || zombie(*p))
+                .then_some(())
+        },
+    )
+    .await;
     // The daemon left the process group: only its cgroup still holds it. The next harness
     // on the host (this one, or one that another test starts meanwhile) reaps it.
     let _next = executor();
@@ -259,6 +276,27 @@ fn uid_of(pid: i32) -> u32 {
         .unwrap()
         .parse()
         .unwrap()
+}
+
+/// Field `n` (1-based, as in proc(5)) of `/proc/<pid>/stat`, from the state (3) on.
+fn stat_field(pid: i32, n: usize) -> Option<i32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit_once(") ")?
+        .1
+        .split_whitespace()
+        .nth(n - 3)?
+        .parse()
+        .ok()
+}
+
+/// The live processes whose parent is `pid`.
+fn children_of(pid: i32) -> Vec<i32> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|p| stat_field(*p, 4) == Some(pid) && !zombie(*p))
+        .collect()
 }
 
 /// An agent that sleeps a minute, with `marker` in its code.
@@ -895,6 +933,14 @@ async fn a_forked_run_cannot_find_in_its_memory_the_secrets_of_runs_forked_befor
             json!({ "key": secret }),
         );
         spec.env.insert("TOKEN".into(), secret.clone());
+        // In strings of several sizes too, so that one later allocation cannot overwrite
+        // every copy a careless server would have left in its freed memory.
+        for pad in [50, 300, 700, 3_000, 20_000] {
+            spec.env.insert(
+                format!("TOKEN_{pad}"),
+                format!("{secret}-{}", "p".repeat(pad)),
+            );
+        }
         spec.input = json!({ "key": secret });
         assert_eq!(e.run(&spec).await.unwrap().status, ExecStatus::Success);
     }
@@ -913,17 +959,13 @@ async fn a_killed_fork_server_ends_its_runs_and_the_next_run_gets_a_new_one() {
     let (run, pid) = start_run(&e, python(&e, &sleeper(&m), json!({})), &m).await;
     let server = e.fork_server_pid().expect("a fork server");
     assert_eq!(
-        std::fs::read_to_string(format!("/proc/{pid}/stat"))
-            .unwrap()
-            .rsplit_once(") ")
-            .unwrap()
-            .1
-            .split_whitespace()
-            .nth(1)
-            .unwrap(),
-        server.to_string(),
+        stat_field(pid, 4),
+        Some(server),
         "the run is the server's child"
     );
+    // The server leads a process group of its own: a Ctrl-C to ours does not reach it.
+    assert_eq!(stat_field(server, 5), Some(server));
+    assert_ne!(Some(server), stat_field(std::process::id() as i32, 5));
     let t = Instant::now();
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(server),
@@ -1003,7 +1045,11 @@ async fn a_forked_run_ends_as_an_interpreter_does() {
     let execd = executor_with(&[("HARNESS_EXECUTOR__FORK_SERVER", "false")]);
     // A thread still working when execute returns, an atexit handler, output without a
     // newline: the run's end waits for the first, runs the second, flushes the third.
-    let code = r#"import atexit, sys, threading, time
+    let code = r#"import atexit, os, sys, threading, time
+class Kept:
+    def __del__(self):
+        os.write(1, b'finalized\n')
+kept = Kept()
 def late():
     time.sleep(0.3)
     print('thread done')
@@ -1014,10 +1060,16 @@ class Agent:
         sys.stderr.write('no newline')
         return {}
 "#;
-    for e in [&forked, &execd] {
+    // An object still alive at the end (`kept`, held by the agent's globals) is finalized by
+    // an exec'd interpreter's teardown, not by a forked run's end.
+    for (e, finalized) in [(&forked, ""), (&execd, "finalized\n")] {
         let r = e.run(&python(e, code, json!({}))).await.unwrap();
         assert_eq!(r.status, ExecStatus::Success, "{r:?}");
-        assert_eq!(r.stdout, "thread done\natexit ran\n", "{r:?}");
+        assert_eq!(
+            r.stdout,
+            format!("thread done\natexit ran\n{finalized}"),
+            "{r:?}"
+        );
         assert_eq!(r.stderr, "no newline", "{r:?}");
     }
     assert!(forked.fork_server_pid().is_some());

@@ -78,10 +78,7 @@ def _serve():
                     pass
                 _reap(conns)
                 continue
-            try:
-                msg, fds, _, _ = socket.recv_fds(control, 16, 1)
-            except InterruptedError:
-                continue
+            msg, fds, _, _ = socket.recv_fds(control, 16, 1)
             if not msg:
                 os._exit(0)  # the harness is gone
             if not fds:
@@ -200,7 +197,6 @@ def _become_run(conn):
         os.environ.update(req["env"])
         # "" on sys.path is the working directory: forget where it pointed in the server.
         sys.path_importer_cache.pop("", None)
-        sys.path_importer_cache.pop(os.getcwd(), None)
         # Last, as an exec'd run becomes dumpable again only at its exec, after every step:
         # the server is not dumpable, nor is a uid change's result, and a run is (/proc/self
         # is its own).

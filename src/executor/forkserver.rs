@@ -18,6 +18,7 @@ use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 
 use nix::sys::socket::{
@@ -60,7 +61,7 @@ pub struct ForkServer {
     running: Mutex<Option<Arc<Server>>>,
     /// Starts that failed in a row (a server that died before forking anything counts);
     /// at [`MAX_FAILED_STARTS`] the executor stops trying and execs every run.
-    failed_starts: Mutex<u32>,
+    failed_starts: AtomicU32,
 }
 
 const MAX_FAILED_STARTS: u32 = 3;
@@ -82,7 +83,7 @@ struct Server {
     pid: i32,
     control: AsyncFd<OwnedFd>,
     /// Killed when the last run holding the server lets go of it (kill_on_drop).
-    _process: Mutex<tokio::process::Child>,
+    _process: tokio::process::Child,
 }
 
 /// A run forked by the server.
@@ -109,7 +110,7 @@ impl ForkServer {
         ForkServer {
             python: python.to_path_buf(),
             running: Mutex::new(None),
-            failed_starts: Mutex::new(0),
+            failed_starts: AtomicU32::new(0),
         }
     }
 
@@ -120,7 +121,7 @@ impl ForkServer {
 
     /// Whether starts failed so often that runs no longer try the server.
     pub fn given_up(&self) -> bool {
-        *self.failed_starts.lock().expect("not poisoned") >= MAX_FAILED_STARTS
+        self.failed_starts.load(Ordering::Relaxed) >= MAX_FAILED_STARTS
     }
 
     /// Forks a run: `stdout` and `stderr` become its fds 1 and 2, `request` (built by
@@ -151,7 +152,7 @@ impl ForkServer {
             };
             match tokio::time::timeout(FORK_DEADLINE, forking).await {
                 Ok(Ok(Forking::Forked(forked))) => {
-                    *self.failed_starts.lock().expect("not poisoned") = 0;
+                    self.failed_starts.store(0, Ordering::Relaxed);
                     return Ok(forked);
                 }
                 Ok(Ok(Forking::Failed(why))) => return Err(NotForked::Setup(why)),
@@ -184,9 +185,7 @@ impl ForkServer {
 
     /// Counts a start that failed (or a server that died before forking anything).
     fn failed(&self) {
-        let mut failed = self.failed_starts.lock().expect("not poisoned");
-        *failed += 1;
-        if *failed == MAX_FAILED_STARTS {
+        if self.failed_starts.fetch_add(1, Ordering::Relaxed) + 1 == MAX_FAILED_STARTS {
             tracing::error!(
                 python = %self.python.display(),
                 "the agents' fork server failed {MAX_FAILED_STARTS} times in a row: Python runs \
@@ -264,7 +263,7 @@ impl ForkServer {
         Ok(Server {
             pid,
             control: register(ours)?,
-            _process: Mutex::new(process),
+            _process: process,
         })
     }
 }
