@@ -124,7 +124,11 @@ FULL=("${GOOD[@]}"
       --set autoscaling.enabled=true
       --set networkPolicy.enabled=true --set 'networkPolicy.egress[0].ports[0].port=5432'
       --set metrics.serviceMonitor.enabled=true --set metrics.prometheusRule.enabled=true
-      --set workers.enabled=true --set database.serverMaxConnections=200
+      --set workers.enabled=true --set database.serverMaxConnections=300
+      --set 'workerGroups[0].name=heavy' --set 'workerGroups[0].queues.heavy=2'
+      --set 'workerGroups[0].queues.agents=1' --set 'workerGroups[0].keda.enabled=true'
+      --set 'workerGroups[1].name=light' --set 'workerGroups[1].replicaCount=2'
+      --set 'workerGroups[1].queues.default=16' --set 'workerGroups[1].nodeSelector.pool=small'
       --set "extraVolumes[0].name=certs" --set "extraVolumes[0].secret.secretName=pg-client"
       --set "extraVolumeMounts[0].name=certs" --set "extraVolumeMounts[0].mountPath=/etc/pg-client"
       --set ingress.enabled=true --set 'ingress.hosts[0]=harness.example.com'
@@ -313,6 +317,57 @@ print("session URL ok: 20 pods + workers fit, counting direct sessions only")
 PY
 }
 run "session URL (PgBouncer in front)" check_session_url
+check_worker_groups() { # a Deployment per group, its queues, no overlapping selectors, KEDA
+  helm_template "${FULL[@]}" >"$TMP/groups.yaml"
+  python3 - "$TMP/groups.yaml" <<'PY'
+import json, sys, yaml
+docs = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d]
+deps = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Deployment"}
+heavy, light = deps["harness-heavy"], deps["harness-light"]
+def env(dep):
+    return {e["name"]: e for e in dep["spec"]["template"]["spec"]["containers"][0]["env"]}
+assert json.loads(env(heavy)["HARNESS_WORKER__QUEUES"]["value"]) == {"heavy": 2, "agents": 1}
+assert json.loads(env(light)["HARNESS_WORKER__QUEUES"]["value"]) == {"default": 16}
+assert "HARNESS_WORKER__QUEUES" not in env(deps["harness"]), "the API replicas serve config.worker.queues"
+for dep in (heavy, light):
+    c = dep["spec"]["template"]["spec"]["containers"][0]
+    assert c["args"] == ["serve", "--no-api"], c["args"]
+assert light["spec"]["replicas"] == 2
+assert "replicas" not in heavy["spec"], "KEDA owns the replica count of a scaled group"
+assert light["spec"]["template"]["spec"]["nodeSelector"] == {"pool": "small"}
+assert "nodeSelector" not in heavy["spec"]["template"]["spec"]
+# Memory and /tmp from the group's slots: 3 x 256 MB + 512 Mi; 16 x 256 MB + 512 Mi.
+mem = lambda d: d["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]["memory"]
+assert (mem(heavy), mem(light)) == ("1280Mi", "4608Mi"), (mem(heavy), mem(light))
+# No Deployment's selector matches another's pods.
+for a in deps.values():
+    sel = a["spec"]["selector"]["matchLabels"]
+    for b in deps.values():
+        if a is b:
+            continue
+        labels = b["spec"]["template"]["metadata"]["labels"]
+        assert not all(labels.get(k) == v for k, v in sel.items()), (a["metadata"]["name"], b["metadata"]["name"])
+names = {d["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/name"] for d in deps.values()}
+np = [d for d in docs if d["kind"] == "NetworkPolicy"][0]["spec"]["podSelector"]["matchExpressions"][0]["values"]
+sm = [d for d in docs if d["kind"] == "ServiceMonitor"][0]["spec"]["selector"]["matchExpressions"][0]["values"]
+assert names <= set(np) and names <= set(sm), (names, np, sm)
+scaled = [d for d in docs if d["kind"] == "ScaledObject"]
+assert [s["metadata"]["name"] for s in scaled] == ["harness-heavy"], scaled
+so = scaled[0]["spec"]
+assert so["scaleTargetRef"]["name"] == "harness-heavy"
+trig = so["triggers"][0]
+assert trig["type"] == "postgresql" and trig["metadata"]["connectionFromEnv"] == "DATABASE_URL"
+assert "DATABASE_URL" in env(heavy), "KEDA reads the connection from the target's environment"
+assert trig["metadata"]["query"] == (
+    "SELECT (SELECT count(*) FROM tasks WHERE queue IN ('agents', 'heavy') AND status IN "
+    "('pending', 'retry_scheduled') AND scheduled_at <= now() AND queue NOT IN "
+    "(SELECT name FROM queues WHERE paused)) + (SELECT count(*) FROM tasks WHERE queue IN "
+    "('agents', 'heavy') AND status = 'running')"), trig["metadata"]["query"]
+assert trig["metadata"]["targetQueryValue"] == "10"
+print("worker groups ok")
+PY
+}
+run "worker groups (Deployments, queues, selectors, KEDA)" check_worker_groups
 must_fail "reject replicaCount=0" 'replicaCount' helm_template "${GOOD[@]}" --set replicaCount=0
 must_fail "reject missing database secret" 'database|existingSecret|url' helm_template
 must_fail "reject a short bundled PostgreSQL password" 'postgresql.password' helm_template \
@@ -325,6 +380,13 @@ must_fail "reject more connections than the server allows" 'PostgreSQL connectio
   "${GOOD[@]}" --set autoscaling.enabled=true --set autoscaling.maxReplicas=10
 must_fail "reject workers that overflow the connections" 'PostgreSQL connections' helm_template \
   "${GOOD[@]}" --set workers.enabled=true --set workers.replicaCount=5
+must_fail "reject worker groups that overflow the connections" 'PostgreSQL connections' \
+  helm_template "${GOOD[@]}" --set 'workerGroups[0].name=big' --set 'workerGroups[0].queues.a=1' \
+  --set 'workerGroups[0].keda.enabled=true' --set 'workerGroups[0].keda.maxReplicaCount=6'
+must_fail "reject a worker group queue name that cannot exist" 'queues' helm_template \
+  "${GOOD[@]}" --set 'workerGroups[0].name=g' --set "workerGroups[0].queues.a'b=1"
+must_fail "reject a worker group without queues" 'queues' helm_template "${GOOD[@]}" \
+  --set 'workerGroups[0].name=g'
 must_fail "reject an unknown sslMode" 'sslMode' helm_template "${GOOD[@]}" --set database.sslMode=maybe
 must_fail "reject short API token" 'token' helm_template --set database.url=postgres://h@db/h \
   --set 'api.tokens[0].token=short' --set 'api.tokens[0].scope=admin'

@@ -18,3 +18,7 @@ pub const TASK_TIMEOUT: (Duration, Duration) =
 pub const MAX_DELAY: Duration = Duration::from_secs(365 * 86_400);
 /// An agent's own config (`Agent(config)`), as JSON text.
 pub const AGENT_CONFIG_BYTES: usize = 64 * 1024;
+
+/// The most tasks one replica runs at once (`bulk.max_concurrent`, or its queues' capacities
+/// added up).
+pub const MAX_SLOTS: u32 = 10_000;

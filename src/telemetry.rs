@@ -191,6 +191,8 @@ pub struct Metrics {
     pub pickup_latency: opentelemetry::metrics::Histogram<f64>,
     pub queue_depth: opentelemetry::metrics::Gauge<i64>,
     pub queue_due: opentelemetry::metrics::Gauge<i64>,
+    pub queue_runnable: opentelemetry::metrics::Gauge<i64>,
+    pub limit_waiting: opentelemetry::metrics::Gauge<i64>,
     pub queue_delayed: opentelemetry::metrics::Gauge<i64>,
     pub oldest_due_age: opentelemetry::metrics::Gauge<f64>,
     pub database_up: opentelemetry::metrics::Gauge<i64>,
@@ -284,6 +286,18 @@ pub fn metrics() -> &'static Metrics {
                 .i64_gauge("harness.queue.due")
                 .with_unit("{task}")
                 .with_description("Waiting tasks that are due now (pending or retry_scheduled)")
+                .build(),
+            queue_runnable: m
+                .i64_gauge("harness.queue.runnable")
+                .with_unit("{task}")
+                .with_description("Tasks due now in each named queue (label `queue`)")
+                .build(),
+            limit_waiting: m
+                .i64_gauge("harness.limit.waiting")
+                .with_unit("{task}")
+                .with_description(
+                    "Due tasks a full limit holds back now (labels `scope`, `target`), 0 while it is not full",
+                )
                 .build(),
             queue_delayed: m
                 .i64_gauge("harness.queue.delayed")

@@ -162,7 +162,8 @@ async fn task_endpoints_follow_the_documented_contract() {
         "payload": {"v": 1}, "result": null, "error": null, "priority": 3, "attempt": 0,
         "retry_count": 0, "max_retries": 0, "idempotency_key": "k1", "started_at": null,
         "completed_at": null, "replica": null, "attempts": [], "cancel_requested": false,
-        "fire_at": null, "timeout_ms": null, "progress": null,
+        "fire_at": null, "timeout_ms": null, "progress": null, "queue": "default",
+        "concurrency_key": null,
     });
     // The replica may have claimed it before the answer was read.
     if t["status"] == "running" {
@@ -1974,4 +1975,242 @@ async fn serve_state(state: Arc<ApiState>) -> (String, tokio_util::sync::Cancell
         stop.clone().cancelled_owned(),
     ));
     (base, stop)
+}
+
+#[tokio::test]
+async fn queue_endpoints_list_pause_and_resume_and_tasks_and_agents_name_their_queue() {
+    let db = TestDb::new().await;
+    let api = start(&db, Arc::new(AtomicBool::new(false))).await;
+    // A task in a queue no replica serves waits there; the listing says so.
+    let (s, t) = json_of(
+        api.post("/api/tasks")
+            .json(&json!({"kind": "echo", "payload": {}, "queue": "gpu"}))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(s, StatusCode::CREATED, "{t}");
+    assert_eq!(t["queue"], "gpu");
+    // An agent's runs wait in its queue, through its run endpoint and a plain agent task.
+    let (s, a) = json_of(
+        api.post("/api/agents")
+            .json(&json!({"name": "q", "command": ["true"], "settings": {"queue": "gpu"}}))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(s, StatusCode::CREATED, "{a}");
+    assert_eq!(a["settings"]["queue"], "gpu");
+    let (s, run) = json_of(api.post("/api/agents/q/run").send().await.unwrap()).await;
+    assert_eq!(s, StatusCode::CREATED, "{run}");
+    assert_eq!(run["queue"], "gpu");
+    let (_, plain) = json_of(
+        api.post("/api/tasks")
+            .json(&json!({"kind": "agent", "payload": {"agent_id": a["id"]}}))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(plain["queue"], "gpu", "{plain}");
+    let (s, list) = json_of(api.get("/api/queues").send().await.unwrap()).await;
+    assert_eq!(s, StatusCode::OK);
+    let queues = list["queues"].as_array().unwrap();
+    let gpu = queues.iter().find(|q| q["name"] == "gpu").unwrap();
+    assert_eq!(gpu["runnable"], 3, "{list}");
+    assert_eq!(gpu["served_by"], json!({}));
+    assert_eq!(gpu["paused"], false);
+    let default = queues.iter().find(|q| q["name"] == "default").unwrap();
+    assert_eq!(default["served_by"][&api.replica], 8, "{list}");
+    // Pause: admins only; a reason is kept; twice is not a change.
+    let r = api
+        .client
+        .post(api.url("/api/queues/gpu/pause"))
+        .bearer_auth(READ)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::FORBIDDEN);
+    let (s, p) = json_of(
+        api.post("/api/queues/gpu/pause")
+            .json(&json!({"reason": "driver upgrade"}))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(
+        (s, p),
+        (
+            StatusCode::OK,
+            json!({"name": "gpu", "paused": true, "changed": true})
+        )
+    );
+    let (_, p) = json_of(api.post("/api/queues/gpu/pause").send().await.unwrap()).await;
+    assert_eq!(p["changed"], false);
+    let (_, list) = json_of(api.get("/api/queues").send().await.unwrap()).await;
+    let gpu = list["queues"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|q| q["name"] == "gpu")
+        .unwrap()
+        .clone();
+    assert_eq!(
+        (gpu["paused"].clone(), gpu["reason"].clone()),
+        (json!(true), json!(""))
+    );
+    let (s, r) = json_of(api.post("/api/queues/gpu/resume").send().await.unwrap()).await;
+    assert_eq!(
+        (s, r),
+        (
+            StatusCode::OK,
+            json!({"name": "gpu", "paused": false, "changed": true})
+        )
+    );
+    // Bad names and bodies name the field.
+    for (path, body, field) in [
+        ("/api/queues/a%20b/pause", json!({}), "queue"),
+        ("/api/queues/gpu/pause", json!({"why": "x"}), "why"),
+        ("/api/queues/gpu/pause", json!({"reason": 3}), "reason"),
+    ] {
+        let (s, e) = json_of(api.post(path).json(&body).send().await.unwrap()).await;
+        assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{path} {body}: {e}");
+        assert!(e.to_string().contains(field), "{path} {body}: {e}");
+    }
+    let (s, e) = json_of(
+        api.post("/api/tasks")
+            .json(&json!({"kind": "echo", "queue": "no spaces"}))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(e["detail"]["field"], "queue", "{e}");
+    api.stop().await;
+}
+
+#[tokio::test]
+async fn limit_endpoints_set_list_and_remove_limits_and_refuse_bad_ones_naming_the_field() {
+    let db = TestDb::new().await;
+    let api = start(&db, Arc::new(AtomicBool::new(false))).await;
+    let (s, a) = json_of(
+        api.post("/api/agents")
+            .json(&json!({"name": "llm", "command": ["true"]}))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(s, StatusCode::CREATED, "{a}");
+    let put = |path: &str| api.client.put(api.url(path)).bearer_auth(ADMIN);
+    // An agent by name; a key limit for each key; a queue with both.
+    let (s, l) = json_of(
+        put("/api/limits/agent/llm")
+            .json(&json!({"concurrency": 3}))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{l}");
+    assert_eq!(
+        l,
+        json!({"scope": "agent", "target": a["id"].to_string(), "concurrency": 3,
+               "rate": null, "per_ms": null})
+    );
+    for (path, body) in [
+        ("/api/limits/key/*", json!({"concurrency": 2})),
+        (
+            "/api/limits/queue/openai",
+            json!({"concurrency": 10, "rate": "60/min"}),
+        ),
+    ] {
+        let (s, l) = json_of(put(path).json(&body).send().await.unwrap()).await;
+        assert_eq!(s, StatusCode::OK, "{path}: {l}");
+    }
+    let (s, list) = json_of(api.get("/api/limits").send().await.unwrap()).await;
+    assert_eq!(s, StatusCode::OK);
+    let limits = list["limits"].as_array().unwrap();
+    assert_eq!(limits.len(), 3, "{list}");
+    let openai = limits.iter().find(|l| l["target"] == "openai").unwrap();
+    assert_eq!(
+        (openai["rate"].clone(), openai["per_ms"].clone()),
+        (json!(60), json!(60_000))
+    );
+    assert_eq!(
+        (openai["running"].clone(), openai["waiting"].clone()),
+        (json!(0), json!(0))
+    );
+    // A task names its concurrency key.
+    let (s, t) = json_of(
+        api.post("/api/tasks")
+            .json(&json!({"kind": "echo", "concurrency_key": "acme"}))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(s, StatusCode::CREATED, "{t}");
+    assert_eq!(t["concurrency_key"], "acme");
+    // Read tokens may look, not change.
+    let r = api
+        .client
+        .put(api.url("/api/limits/kind/echo"))
+        .bearer_auth(READ)
+        .json(&json!({"concurrency": 1}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::FORBIDDEN);
+    for (path, body, field) in [
+        ("/api/limits/shelf/x", json!({"concurrency": 1}), "scope"),
+        ("/api/limits/kind/echo", json!({}), "concurrency"),
+        (
+            "/api/limits/kind/echo",
+            json!({"concurrency": 0}),
+            "concurrency",
+        ),
+        (
+            "/api/limits/kind/echo",
+            json!({"concurrency": 3_000_000_000u64}),
+            "concurrency",
+        ),
+        ("/api/limits/kind/echo", json!({"rate": "20"}), "rate"),
+        ("/api/limits/kind/echo", json!({"rate": "0/s"}), "rate"),
+        ("/api/limits/kind/echo", json!({"burst": 3}), "burst"),
+        (
+            "/api/limits/queue/a%20b",
+            json!({"concurrency": 1}),
+            "target",
+        ),
+    ] {
+        let (s, e) = json_of(put(path).json(&body).send().await.unwrap()).await;
+        assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{path} {body}: {e}");
+        assert!(e.to_string().contains(field), "{path} {body}: {e}");
+    }
+    let (s, _) = json_of(
+        put("/api/limits/agent/nobody")
+            .json(&json!({"concurrency": 1}))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    let del = |path: &str| api.client.delete(api.url(path)).bearer_auth(ADMIN);
+    assert_eq!(
+        del("/api/limits/agent/llm").send().await.unwrap().status(),
+        StatusCode::NO_CONTENT
+    );
+    assert_eq!(
+        del("/api/limits/agent/llm").send().await.unwrap().status(),
+        StatusCode::NOT_FOUND
+    );
+    let (_, list) = json_of(api.get("/api/limits").send().await.unwrap()).await;
+    assert_eq!(list["limits"].as_array().unwrap().len(), 2);
+    api.stop().await;
 }

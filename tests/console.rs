@@ -448,6 +448,26 @@ async fn the_console_signs_in_shows_a_failed_run_and_retries_it_live() {
         .await;
     until_text(&browser, "#fleet-replicas", "normal").await;
     assert!(browser.text("#fleet-replicas").await.contains("escalated"));
+    // Its queue, served by the replica: paused and resumed fleet-wide from the page.
+    until_text(&browser, "#fleet-queues", "running").await;
+    browser
+        .click("#fleet-queues form[action='/fleet/queues/default/pause'] button")
+        .await;
+    until_text(&browser, "#fleet-queues", "paused from the console").await;
+    let paused: bool = sqlx::query_scalar("SELECT paused FROM queues WHERE name = 'default'")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert!(paused);
+    browser
+        .click("#fleet-queues form[action='/fleet/queues/default/resume'] button")
+        .await;
+    until_text(&browser, "#fleet-queues", "running").await;
+    let paused: bool = sqlx::query_scalar("SELECT paused FROM queues WHERE name = 'default'")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert!(!paused);
 
     // Keyboard: Tab reaches the pages' links, Enter follows one.
     browser.goto(&format!("{base}/")).await;

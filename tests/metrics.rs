@@ -113,6 +113,15 @@ async fn every_metric_the_dashboard_alerts_and_readme_name_is_exported() {
         }
     }
 
+    // A limit, so that the gauge of what limits hold back is reported.
+    let r = client
+        .put(format!("http://127.0.0.1:{port}/api/limits/kind/noop"))
+        .json(&json!({"concurrency": 1}))
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success(), "{}", r.text().await.unwrap());
+
     let url = format!("http://127.0.0.1:{port}/metrics");
     let deadline = Instant::now() + Duration::from_secs(30);
     let mut missing: Vec<(String, &str)>;

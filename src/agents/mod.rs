@@ -120,6 +120,9 @@ pub struct AgentSettings {
     /// installed (built on each host at first use, cached by hash).
     #[serde(default)]
     pub requirements: Option<String>,
+    /// The queue its runs wait in (`default` when none): only replicas that serve it run it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queue: Option<String>,
 }
 
 /// An agent's own config: the JSON object `Agent(config)` receives.
@@ -171,7 +174,13 @@ impl AgentSettings {
             overlap: Overlap::Skip,
             network: crate::executor::Network::Allow,
             requirements: None,
+            queue: None,
         }
+    }
+
+    /// The queue its runs wait in.
+    pub fn queue(&self) -> &str {
+        self.queue.as_deref().unwrap_or(crate::queue::DEFAULT_QUEUE)
     }
 
     /// Checks every field; the error names the first bad one.
@@ -204,6 +213,9 @@ impl AgentSettings {
                 "max_retries",
                 format!("allowed 0 to {MAX_RETRIES}"),
             ));
+        }
+        if let Some(q) = &self.queue {
+            crate::queue::validate_queue_name(q).map_err(|reason| invalid("queue", reason))?;
         }
         let cron_error = |e: crate::cron::CronError| invalid(e.field(), e.to_string());
         crate::cron::time_zone(self.timezone.as_deref()).map_err(cron_error)?;
@@ -776,6 +788,7 @@ impl Agents {
     pub fn new_run(&self, agent: &Agent, input: Value) -> NewTask {
         NewTask::new(AGENT_KIND, json!({ "agent_id": agent.id, "input": input }))
             .agent_id(agent.id)
+            .queue(agent.settings.queue())
             .max_retries(agent.settings.max_retries)
             // The sandbox enforces the agent's timeout; the pool's is a backstop above it.
             .timeout(
@@ -1013,6 +1026,17 @@ pub async fn agent_of_payload(
         return Ok(None);
     };
     Ok(names_of(pool, &[id]).await?.contains_key(&id).then_some(id))
+}
+
+/// The queue an agent's runs wait in (`default` when it names none, or is gone).
+pub async fn queue_of(pool: &PgPool, id: i64) -> Result<String, Error> {
+    let q: Option<Option<String>> =
+        sqlx::query_scalar("SELECT config->>'queue' FROM agents WHERE id = $1")
+            .bind(id)
+            .fetch_optional(pool)
+            .await?;
+    Ok(q.flatten()
+        .unwrap_or_else(|| crate::queue::DEFAULT_QUEUE.to_string()))
 }
 
 /// Checks an `agent` task's payload: `{"agent_id": <id>, "input"?: any}`.

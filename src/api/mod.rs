@@ -350,6 +350,14 @@ fn build(state: Arc<ApiState>, with_api: bool) -> Router {
             "/agents/{id}/handoff",
             get(get_handoff).delete(clear_handoff),
         )
+        .route("/queues", get(list_queues))
+        .route("/queues/{name}/pause", post(pause_queue))
+        .route("/queues/{name}/resume", post(resume_queue))
+        .route("/limits", get(list_limits))
+        .route(
+            "/limits/{scope}/{target}",
+            axum::routing::put(set_limit).delete(remove_limit),
+        )
         .route("/fleet", get(fleet))
         .route("/fleet/resume", post(resume_all))
         .route("/fleet/{replica_id}/resume", post(resume_one))
@@ -536,6 +544,10 @@ pub struct CreateTask {
     pub timeout_s: Option<f64>,
     /// Also accepted as the `Idempotency-Key` header.
     pub idempotency_key: Option<String>,
+    /// The queue it waits in (default: its agent's, else `default`).
+    pub queue: Option<String>,
+    /// What limits of scope `key` count it under.
+    pub concurrency_key: Option<String>,
 }
 
 async fn create_task(
@@ -558,6 +570,14 @@ async fn create_task(
         crate::agents::agent_of_payload(&st.pool, &task.kind, &task.payload).await?
     {
         task = task.agent_id(agent);
+        // An agent's run waits in the agent's queue unless told otherwise.
+        task = task.queue(crate::agents::queue_of(&st.pool, agent).await?);
+    }
+    if let Some(q) = body.queue {
+        task = task.queue(q);
+    }
+    if let Some(k) = body.concurrency_key {
+        task = task.concurrency_key(k);
     }
     if let Some(d) = body.delay_s {
         task = task.delay(seconds("delay_s", d, (Duration::ZERO, bounds::MAX_DELAY))?);
@@ -1189,6 +1209,147 @@ async fn clear_handoff(State(st): Shared, ApiPath(id): ApiPath<String>) -> ApiRe
         .await
         .map_err(ApiError::db)?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+// ---- queues --------------------------------------------------------------------------
+
+async fn list_queues(State(st): Shared) -> ApiResult<Json<Value>> {
+    let max_age = Duration::from_secs(st.config.persistence.rescue_after_s);
+    let queues = crate::fleet::serving::queues(&st.pool, max_age).await?;
+    Ok(Json(json!({ "queues": queues })))
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PauseQueue {
+    /// Why, shown with the queue.
+    #[serde(default)]
+    pub reason: String,
+}
+
+async fn pause_queue(
+    State(st): Shared,
+    ApiPath(name): ApiPath<String>,
+    body: axum::body::Bytes,
+) -> ApiResult<Json<Value>> {
+    // The body is optional: no body pauses with no reason.
+    let reason = if body.iter().all(u8::is_ascii_whitespace) {
+        String::new()
+    } else {
+        extract::parse_json::<PauseQueue>(&body)?.reason
+    };
+    let changed = crate::queue::queues::pause(&st.pool, &name, &reason).await?;
+    Ok(Json(
+        json!({ "name": name, "paused": true, "changed": changed }),
+    ))
+}
+
+async fn resume_queue(State(st): Shared, ApiPath(name): ApiPath<String>) -> ApiResult<Json<Value>> {
+    let changed = crate::queue::queues::resume(&st.pool, &name).await?;
+    Ok(Json(
+        json!({ "name": name, "paused": false, "changed": changed }),
+    ))
+}
+
+// ---- limits --------------------------------------------------------------------------
+
+async fn list_limits(State(st): Shared) -> ApiResult<Json<Value>> {
+    let limits = crate::queue::limits::list(&st.pool).await?;
+    Ok(Json(json!({ "limits": limits })))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SetLimit {
+    #[serde(default, deserialize_with = "extract::whole::option_u32")]
+    pub concurrency: Option<u32>,
+    /// `20/s`, `60/min`, `1000/h`, `5/30s`.
+    pub rate: Option<String>,
+}
+
+/// The scope and target of a limit's path; an agent is named by its name or id.
+async fn limit_target(
+    st: &ApiState,
+    scope: &str,
+    target: &str,
+) -> ApiResult<(crate::queue::limits::Scope, String)> {
+    use crate::queue::limits::Scope;
+    let scope = Scope::parse(scope)
+        .ok_or_else(|| ApiError::invalid("scope", "must be queue, kind, agent or key"))?;
+    if scope != Scope::Agent {
+        return Ok((scope, target.to_string()));
+    }
+    let by_id = match target.parse::<i64>() {
+        Ok(id) => crate::agents::names_of(&st.pool, &[id])
+            .await?
+            .contains_key(&id)
+            .then_some(id),
+        Err(_) => None,
+    };
+    match crate::agents::id_of(&st.pool, target).await {
+        Ok(id) => Ok((scope, id.to_string())),
+        Err(crate::agents::Error::NotFound(_)) if by_id.is_some() => {
+            Ok((scope, by_id.unwrap_or_default().to_string()))
+        }
+        Err(crate::agents::Error::NotFound(_)) => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("no agent {target:?}"),
+            Value::Null,
+        )),
+        Err(e) => Err(e.into()),
+    }
+}
+
+async fn set_limit(
+    State(st): Shared,
+    ApiPath((scope, target)): ApiPath<(String, String)>,
+    ApiJson(body): ApiJson<SetLimit>,
+) -> ApiResult<Json<Value>> {
+    let (scope, target) = limit_target(&st, &scope, &target).await?;
+    let (rate, per_ms) = match body.rate {
+        Some(r) => {
+            let (n, ms) =
+                crate::queue::limits::parse_rate(&r).map_err(|e| ApiError::invalid("rate", e))?;
+            (Some(n), Some(ms))
+        }
+        None => (None, None),
+    };
+    let concurrency = body
+        .concurrency
+        .map(i32::try_from)
+        .transpose()
+        .map_err(|_| ApiError::invalid("concurrency", "must be 1 to 1000000"))?;
+    let limit = crate::queue::limits::Limit {
+        scope,
+        target,
+        concurrency,
+        rate,
+        per_ms,
+    };
+    crate::queue::limits::set(&st.pool, &limit).await?;
+    Ok(Json(serde_json::to_value(&limit).map_err(|e| {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            e.to_string(),
+            Value::Null,
+        )
+    })?))
+}
+
+async fn remove_limit(
+    State(st): Shared,
+    ApiPath((scope, target)): ApiPath<(String, String)>,
+) -> ApiResult<StatusCode> {
+    let (scope, target) = limit_target(&st, &scope, &target).await?;
+    if crate::queue::limits::remove(&st.pool, scope, &target).await? {
+        Ok(StatusCode::NO_CONTENT)
+    } else {
+        Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("no limit on {}:{target}", scope.as_str()),
+            Value::Null,
+        ))
+    }
 }
 
 // ---- fleet ---------------------------------------------------------------------------

@@ -108,6 +108,38 @@ const REPLICA: Param = Param {
     schema: text,
     description: "A replica's id (see GET /api/fleet)",
 };
+fn queue_param() -> Value {
+    json!({"type": "string", "pattern": "^[A-Za-z0-9_.:-]{1,64}$"})
+}
+const QUEUE: Param = Param {
+    name: "name",
+    location: "path",
+    required: true,
+    schema: queue_param,
+    description: "A queue's name (1 to 64 of letters, digits, _ - . :)",
+};
+fn limit_scope() -> Value {
+    json!({"type": "string", "enum": crate::queue::limits::Scope::ALL.map(|s| s.as_str())})
+}
+const LIMIT_SCOPE: Param = Param {
+    name: "scope",
+    location: "path",
+    required: true,
+    schema: limit_scope,
+    description: "What the limit applies to: queue, kind, agent or key",
+};
+fn limit_target() -> Value {
+    // What every scope accepts; a key limit also takes `*` (each key on its own).
+    json!({"type": "string", "pattern": "^[A-Za-z0-9_.:-]{1,64}$"})
+}
+const LIMIT_TARGET: Param = Param {
+    name: "target",
+    location: "path",
+    required: true,
+    schema: limit_target,
+    description: "A queue's name, a kind, an agent's name or id, or a concurrency key; with scope \
+                  key also * (each key on its own)",
+};
 const LIMIT: Param = Param {
     name: "limit",
     location: "query",
@@ -523,6 +555,93 @@ pub const ROUTES: &[Route] = &[
     },
     Route {
         method: "get",
+        path: "/api/queues",
+        operation_id: "list_queues",
+        tag: "queues",
+        summary: "Every queue with tasks, a pause on record or a live replica serving it",
+        params: &[],
+        request: None,
+        responses: api_errors![(200, Some("QueueList"), "The queues, by name")],
+    },
+    Route {
+        method: "post",
+        path: "/api/queues/{name}/pause",
+        operation_id: "pause_queue",
+        tag: "queues",
+        summary: "Stop every replica claiming from the queue (the body is optional)",
+        params: &[QUEUE],
+        request: Some(("PauseQueue", false)),
+        responses: api_errors![
+            (200, Some("QueueState"), "Paused"),
+            BODY_MALFORMED,
+            (403, Some("Error"), "A read token"),
+            BODY_TOO_LARGE,
+            BODY_FIELD,
+        ],
+    },
+    Route {
+        method: "post",
+        path: "/api/queues/{name}/resume",
+        operation_id: "resume_queue",
+        tag: "queues",
+        summary: "Let replicas claim from the queue again, at once",
+        params: &[QUEUE],
+        request: None,
+        responses: api_errors![
+            (200, Some("QueueState"), "Resumed"),
+            (403, Some("Error"), "A read token"),
+            BODY_FIELD,
+        ],
+    },
+    Route {
+        method: "get",
+        path: "/api/limits",
+        operation_id: "list_limits",
+        tag: "queues",
+        summary: "Every limit, with its tasks running fleet-wide and the due tasks it holds back",
+        params: &[],
+        request: None,
+        responses: api_errors![(200, Some("LimitList"), "The limits")],
+    },
+    Route {
+        method: "put",
+        path: "/api/limits/{scope}/{target}",
+        operation_id: "set_limit",
+        tag: "queues",
+        summary: "Add or change a fleet-wide concurrency and/or rate limit",
+        params: &[LIMIT_SCOPE, LIMIT_TARGET],
+        request: Some(("SetLimit", true)),
+        responses: api_errors![
+            (
+                200,
+                Some("Limit"),
+                "The limit, in force for every claim from now on"
+            ),
+            BODY_MALFORMED,
+            (403, Some("Error"), "A read token"),
+            (404, Some("Error"), "No such agent"),
+            BODY_TOO_LARGE,
+            BODY_NOT_JSON,
+            BODY_FIELD,
+        ],
+    },
+    Route {
+        method: "delete",
+        path: "/api/limits/{scope}/{target}",
+        operation_id: "remove_limit",
+        tag: "queues",
+        summary: "Remove a limit: its tasks are claimed as others are, at once",
+        params: &[LIMIT_SCOPE, LIMIT_TARGET],
+        request: None,
+        responses: api_errors![
+            (204, None, "Removed"),
+            (403, Some("Error"), "A read token"),
+            (404, Some("Error"), "No such limit or agent"),
+            BODY_FIELD,
+        ],
+    },
+    Route {
+        method: "get",
         path: "/api/fleet",
         operation_id: "fleet",
         tag: "fleet",
@@ -583,6 +702,9 @@ fn request_schemas(kinds: &[String]) -> Map<String, Value> {
     use crate::agents::MAX_CODE_BYTES;
     use crate::bounds::{CPU_PERCENT, MAX_RETRIES, MEMORY_MB, TIMEOUT_S};
     let mut m = Map::new();
+    let queue_name = json!({"type": "string", "pattern": "^[A-Za-z0-9_.:-]{1,64}$",
+        "description": "A queue: only replicas serving it run the task (default: its agent's, \
+                        else `default`)"});
     m.insert(
         "JsonValue".into(),
         // Any type: each keyword below applies only to the values of its own type (a string's
@@ -622,6 +744,10 @@ fn request_schemas(kinds: &[String]) -> Map<String, Value> {
                 "idempotency_key": nullable(json!({"type": "string", "minLength": 1,
                     "maxLength": crate::queue::MAX_KEY_LEN, "pattern": NO_NUL,
                     "description": "One task per key for ever; the Idempotency-Key header wins over it"})),
+                "queue": nullable(queue_name.clone()),
+                "concurrency_key": nullable(json!({"type": "string", "minLength": 1,
+                    "maxLength": crate::queue::MAX_KEY_LEN, "pattern": NO_NUL,
+                    "description": "What limits of scope key count it under (e.g. a customer)"})),
             },
             "not": {
                 "description": "give either delay_s or run_at, not both",
@@ -650,6 +776,7 @@ fn request_schemas(kinds: &[String]) -> Map<String, Value> {
                     "additionalProperties": {"type": "string", "pattern": NO_NUL}},
             "overlap": reference("Overlap"),
             "network": reference("Network"),
+            "queue": nullable(queue_name.clone()),
             "requirements": {"type": ["string", "null"], "pattern": NO_NUL,
                              "maxLength": crate::executor::pyenv::MAX_REQUIREMENTS_BYTES,
                              "description": "A Python agent's requirements.txt: its runs use a \
@@ -702,6 +829,35 @@ fn request_schemas(kinds: &[String]) -> Map<String, Value> {
                 "active": {"type": "boolean"},
             },
             "not": {"required": ["code", "command"]},
+        }),
+    );
+    m.insert(
+        "SetLimit".into(),
+        json!({
+            "type": "object",
+            "additionalProperties": false,
+            "description": "Give a concurrency, a rate, or both",
+            "anyOf": [
+                {"required": ["concurrency"], "properties": {"concurrency": {"type": "integer"}}},
+                {"required": ["rate"], "properties": {"rate": {"type": "string"}}},
+            ],
+            "properties": {
+                "concurrency": nullable(json!({"type": "integer", "minimum": 1,
+                    "maximum": crate::queue::limits::MAX_CONCURRENCY,
+                    "description": "At most this many of its tasks running at once, fleet-wide"})),
+                "rate": nullable(json!({"type": "string",
+                    "pattern": "^[1-9][0-9]{0,5}/(s|sec|second|min|m|minute|h|hour|d|day|[1-9][0-9]{0,4}ms|[1-9][0-9]{0,3}s|[1-9][0-9]{0,2}m|([1-9]|1[0-9]|2[0-4])h)$",
+                    "description": "At most N starts per interval, fleet-wide: 20/s, 60/min, 1000/h, 5/30s"})),
+            },
+        }),
+    );
+    m.insert(
+        "PauseQueue".into(),
+        json!({
+            "type": "object",
+            "additionalProperties": false,
+            "properties": {"reason": {"type": "string", "pattern": NO_NUL,
+                                      "description": "Why, shown with the queue"}},
         }),
     );
     m.insert(
@@ -770,6 +926,9 @@ fn response_schemas() -> Map<String, Value> {
     g.subschema_for::<crate::handoff::HandoffArtifact>();
     g.subschema_for::<crate::fleet::ReplicaRow>();
     g.subschema_for::<crate::fleet::quarantines::Quarantine>();
+    g.subschema_for::<crate::fleet::serving::QueueView>();
+    g.subschema_for::<crate::queue::limits::LimitInfo>();
+    g.subschema_for::<crate::queue::limits::Limit>();
     g.subschema_for::<crate::queue::Status>();
     g.subschema_for::<crate::agents::Overlap>();
     g.subschema_for::<crate::executor::Network>();
@@ -853,6 +1012,27 @@ fn response_schemas() -> Map<String, Value> {
             "leader": {"type": ["string", "null"]},
             "quarantines": {"type": "array", "items": reference("Quarantine"),
                             "description": "Agents and kinds no replica starts for now"},
+        }}),
+    );
+    defs.insert(
+        "QueueList".into(),
+        json!({"type": "object", "required": ["queues"], "properties": {
+            "queues": {"type": "array", "items": reference("QueueView")},
+        }}),
+    );
+    defs.insert(
+        "LimitList".into(),
+        json!({"type": "object", "required": ["limits"], "properties": {
+            "limits": {"type": "array", "items": reference("LimitInfo")},
+        }}),
+    );
+    defs.insert(
+        "QueueState".into(),
+        json!({"type": "object", "required": ["name", "paused", "changed"], "properties": {
+            "name": {"type": "string"},
+            "paused": {"type": "boolean"},
+            "changed": {"type": "boolean",
+                        "description": "False when it already was in that state"},
         }}),
     );
     defs.insert(
@@ -1038,6 +1218,7 @@ pub fn document(kinds: &[String]) -> Value {
         "tags": [
             {"name": "tasks", "description": "The queue"},
             {"name": "agents", "description": "Agents, their runs and handoffs"},
+            {"name": "queues", "description": "Named queues: backlog, serving replicas, pause"},
             {"name": "fleet", "description": "Replicas and their governors"},
             {"name": "system", "description": "Health, readiness, metrics and this document"},
         ],

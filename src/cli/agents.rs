@@ -135,6 +135,9 @@ struct Definition {
     /// Drop the agent's requirements (runs use executor.python)
     #[arg(long, conflicts_with = "requirements")]
     no_requirements: bool,
+    /// The queue its runs wait in [default: default]: only replicas serving it run them
+    #[arg(long)]
+    queue: Option<String>,
 }
 
 impl Definition {
@@ -217,6 +220,9 @@ impl Definition {
         }
         if self.no_requirements {
             config.requirements = None;
+        }
+        if let Some(q) = &self.queue {
+            config.queue = (q != harness::queue::DEFAULT_QUEUE).then(|| q.clone());
         }
         Ok(config)
     }

@@ -108,6 +108,17 @@ pub struct BenchArgs {
     /// With --api: calls in flight at a time
     #[arg(long, default_value_t = api::DEFAULT_CLIENTS, requires = "api")]
     clients: usize,
+    /// The queues each replica serves, as worker.queues (e.g. '{default: 512, agents: 8,
+    /// heavy: 1}'), instead of the `default` queue with --concurrency slots; the benchmark's
+    /// tasks wait in `default`
+    #[arg(long, value_name = "YAML", conflicts_with_all = ["agent", "governor", "console", "api", "ceiling"])]
+    queues: Option<String>,
+    /// A limit set on each run's database before its replicas start, as TARGET=N (at most N
+    /// running) or TARGET=R/INTERVAL (a rate), TARGET as for `harness limits set`, e.g.
+    /// kind:llm=3 or queue:heavy=60/min (repeatable); on kinds or queues the benchmark's
+    /// tasks are not in, it measures what limits that bind nothing cost
+    #[arg(long = "limit", value_name = "TARGET=SPEC", conflicts_with_all = ["agent", "governor", "console", "api", "ceiling"])]
+    limits: Vec<String>,
     /// Print one JSON object
     #[arg(long)]
     json: bool,
@@ -228,6 +239,32 @@ pub async fn run(cfg: Config, args: BenchArgs) -> anyhow::Result<()> {
     report(&args, args.prefetch(&cfg), &median(&runs))
 }
 
+/// `kind:llm=3` (at most 3 running) or `queue:heavy=60/min` (a rate), as `--limit` takes it.
+fn bench_limit(spec: &str) -> anyhow::Result<harness::queue::limits::Limit> {
+    use harness::queue::limits::{Limit, Scope, parse_rate};
+    let bad =
+        || anyhow::anyhow!("--limit {spec:?}: give TARGET=N or TARGET=R/INTERVAL, e.g. kind:llm=3");
+    let (target, value) = spec.rsplit_once('=').ok_or_else(bad)?;
+    let (scope, target) = target.split_once(':').ok_or_else(bad)?;
+    let scope = Scope::parse(scope).ok_or_else(bad)?;
+    if scope == Scope::Agent {
+        bail!("--limit {spec:?}: the benchmark runs no agents; limit a queue, kind or key");
+    }
+    let (concurrency, rate, per_ms) = if value.contains('/') {
+        let (r, ms) = parse_rate(value).map_err(|e| anyhow::anyhow!("--limit {spec:?}: {e}"))?;
+        (None, Some(r), Some(ms))
+    } else {
+        (Some(value.parse().map_err(|_| bad())?), None, None)
+    };
+    Ok(Limit {
+        scope,
+        target: target.to_string(),
+        concurrency,
+        rate,
+        per_ms,
+    })
+}
+
 /// The median of each figure over the runs.
 fn median(runs: &[Measurement]) -> Measurement {
     let med = |f: fn(&Measurement) -> f64| median_of(runs.iter().map(f).collect());
@@ -250,18 +287,26 @@ fn report(args: &BenchArgs, prefetch: u32, summary: &Measurement) -> anyhow::Res
         v["producers"] = json!(args.producers);
         v["batch"] = json!(args.batch);
         v["runs"] = json!(args.runs());
+        v["queues"] = json!(args.queues);
+        v["limits"] = json!(args.limits);
         v["cpus"] = json!(std::thread::available_parallelism().map_or(0, |n| n.get()));
         println!("{v}");
         return Ok(());
     }
+    let mut slots = match &args.queues {
+        Some(q) => format!("queues {q}"),
+        None => format!("concurrency {}", args.concurrency),
+    };
+    if !args.limits.is_empty() {
+        slots.push_str(&format!(", limits {}", args.limits.join(" ")));
+    }
     println!(
-        "{} no-op tasks ({} producers, batches of {}), {} replica(s) × concurrency {} \
+        "{} no-op tasks ({} producers, batches of {}), {} replica(s) × {slots} \
          (prefetch {}), median of {} run(s):",
         args.tasks(),
         args.producers,
         args.batch,
         args.replicas,
-        args.concurrency,
         prefetch,
         args.runs()
     );
@@ -291,6 +336,7 @@ impl Replicas {
         n: u32,
         concurrency: u32,
         prefetch: u32,
+        queues: Option<&str>,
     ) -> anyhow::Result<Replicas> {
         let exe = std::env::current_exe().context("locating the harness binary")?;
         let mut children = Vec::new();
@@ -311,6 +357,7 @@ impl Replicas {
                 .env("HARNESS_API__BIND", "127.0.0.1:0")
                 .env("HARNESS_DATABASE__MAX_CONNECTIONS", "10")
                 .envs(session.map(|s| ("HARNESS_DATABASE__SESSION_URL", s)))
+                .envs(queues.map(|q| ("HARNESS_WORKER__QUEUES", q)))
                 .env("RUST_LOG", "warn")
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
@@ -384,6 +431,9 @@ async fn measure(
         }
         None => db::migrate(&pool).await?,
     }
+    for spec in &args.limits {
+        harness::queue::limits::set(&pool, &bench_limit(spec)?).await?;
+    }
     let queue = Queue::new(pool.clone(), 0);
     let (enqueue_per_s, after, mut replicas) =
         enqueue_and_start(cfg, args, &queue, url, session, args.tasks()).await?;
@@ -414,7 +464,15 @@ async fn enqueue_and_start(
     let after = queue.last_id().await?;
     let enqueue_per_s = bulk_enqueue(queue, args, tasks).await?;
     let prefetch = args.prefetch(cfg);
-    let replicas = Replicas::spawn(cfg, url, session, args.replicas, args.concurrency, prefetch)?;
+    let replicas = Replicas::spawn(
+        cfg,
+        url,
+        session,
+        args.replicas,
+        args.concurrency,
+        prefetch,
+        args.queues.as_deref(),
+    )?;
     Ok((enqueue_per_s, after, replicas))
 }
 

@@ -5,6 +5,8 @@ mod agents;
 mod bench;
 mod doctor;
 pub(crate) mod init;
+mod limits;
+mod queues;
 mod table;
 mod tasks;
 
@@ -80,7 +82,8 @@ second signal exits at once. The REST API listens on api.bind unless --no-api.")
     Config(FileArg),
     /// Add a task to the queue and print {"id", "status", "deduplicated"}
     Enqueue(EnqueueArgs),
-    /// Count tasks per status, with the total and success rate
+    /// Count tasks per status, with the total and success rate, the waiting and running tasks
+    /// of each queue, and what each limit holds back
     Stats {
         /// Print JSON instead of a table
         #[arg(long)]
@@ -119,6 +122,12 @@ second signal exits at once. The REST API listens on api.bind unless --no-api.")
         #[command(flatten)]
         file: FileArg,
     },
+    /// List queues (runnable, delayed, running, paused, served by), or pause and resume one
+    /// fleet-wide
+    Queues(queues::QueuesArgs),
+    /// List, set and remove fleet-wide concurrency and rate limits of queues, kinds, agents
+    /// and concurrency keys
+    Limits(limits::LimitsArgs),
     /// Run Python agent code once in the sandbox and print its result as JSON
     #[command(
         long_about = "Run a Python agent file once, exactly as a replica would: isolated \
@@ -254,6 +263,12 @@ struct EnqueueArgs {
     /// Time limit of each attempt, e.g. 90s [default: the kind's]
     #[arg(long, value_parser = parse_duration)]
     timeout: Option<Duration>,
+    /// The queue it waits in [default: default]: only replicas serving it run it
+    #[arg(long)]
+    queue: Option<String>,
+    /// What limits of scope key count it under (e.g. a customer id)
+    #[arg(long, value_name = "KEY")]
+    concurrency_key: Option<String>,
 }
 
 /// `30s`, `5m`, `1h 30m`, `250ms`; a bare number is seconds.
@@ -290,6 +305,8 @@ impl Command {
             Command::Bench(a) => a.file.file.as_deref(),
             Command::Agents(a) => a.file.file.as_deref(),
             Command::Tasks(a) => a.file.file.as_deref(),
+            Command::Queues(a) => a.file.file.as_deref(),
+            Command::Limits(a) => a.file.file.as_deref(),
             Command::Logs(a) => a.file.file.as_deref(),
             Command::Exec(_) | Command::Completions { .. } | Command::Resume { .. } => None,
         }
@@ -356,6 +373,8 @@ pub fn run(cli: Cli) -> ExitCode {
             Command::Resume { args } => return Ok(resume_is_no_command(&args)),
             Command::Agents(args) => agents::run(cfg, args).await,
             Command::Tasks(args) => tasks::run(cfg, args).await,
+            Command::Queues(args) => queues::run(cfg, args).await,
+            Command::Limits(args) => limits::run(cfg, args).await,
             Command::Logs(args) => return tasks::logs(cfg, args).await,
             Command::Fleet {
                 action: None, json, ..
@@ -844,6 +863,14 @@ async fn enqueue(cfg: Config, args: EnqueueArgs) -> anyhow::Result<()> {
         harness::agents::agent_of_payload(&database.pool, &task.kind, &task.payload).await?
     {
         task = task.agent_id(agent);
+        // An agent's run waits in the agent's queue unless told otherwise.
+        task = task.queue(harness::agents::queue_of(&database.pool, agent).await?);
+    }
+    if let Some(q) = args.queue {
+        task = task.queue(q);
+    }
+    if let Some(k) = args.concurrency_key {
+        task = task.concurrency_key(k);
     }
     let queue = Queue::new(database.pool.clone(), cfg.bulk.retry_attempts);
     let result = queue.enqueue(task).await;
@@ -871,8 +898,10 @@ async fn stats(cfg: Config, json: bool) -> anyhow::Result<()> {
     let database = open_migrated(&cfg, IfAbsent::Refuse).await?;
     let queue = Queue::new(database.pool.clone(), cfg.bulk.retry_attempts);
     let stats = queue.stats().await;
+    let queues = harness::queue::queues::list(&database.pool).await;
+    let limits = harness::queue::limits::list(&database.pool).await;
     database.close().await;
-    let stats = stats?;
+    let (stats, queues, limits) = (stats?, queues?, limits?);
     if json {
         let mut obj = serde_json::Map::new();
         obj.insert("total".into(), stats.total.into());
@@ -880,6 +909,8 @@ async fn stats(cfg: Config, json: bool) -> anyhow::Result<()> {
             obj.insert(s.as_str().into(), stats.count(s).into());
         }
         obj.insert("success_rate".into(), stats.success_rate.into());
+        obj.insert("queues".into(), serde_json::to_value(&queues)?);
+        obj.insert("limits".into(), serde_json::to_value(&limits)?);
         println!("{}", serde_json::Value::Object(obj));
     } else {
         let mut t = table::Table::new(&["STATUS", "TASKS"]);
@@ -889,6 +920,32 @@ async fn stats(cfg: Config, json: bool) -> anyhow::Result<()> {
         t.row(vec!["total".into(), stats.total.to_string()]);
         t.print();
         println!("success rate {:.1}%", stats.success_rate);
+        if !queues.is_empty() {
+            println!();
+            let mut t = table::Table::new(&["QUEUE", "RUNNABLE", "DELAYED", "RUNNING", "STATE"]);
+            for q in queues {
+                t.row(vec![
+                    q.name,
+                    q.runnable.to_string(),
+                    q.delayed.to_string(),
+                    q.running.to_string(),
+                    if q.paused { "paused" } else { "running" }.to_string(),
+                ]);
+            }
+            t.print();
+        }
+        if !limits.is_empty() {
+            println!();
+            let mut t = table::Table::new(&["LIMIT", "RUNNING", "HELD BACK"]);
+            for l in limits {
+                t.row(vec![
+                    format!("{}:{}", l.limit.scope.as_str(), l.limit.target),
+                    l.running.to_string(),
+                    l.waiting.to_string(),
+                ]);
+            }
+            t.print();
+        }
     }
     Ok(())
 }
@@ -940,6 +997,7 @@ async fn fleet(cfg: Config, json: bool) -> anyhow::Result<()> {
         "CPU",
         "MEM",
         "ISOLATION",
+        "QUEUES",
     ]);
     let pct = |v: Option<f32>| v.map_or("-".to_string(), |v| format!("{v:.0}%"));
     for r in rows {
@@ -957,6 +1015,7 @@ async fn fleet(cfg: Config, json: bool) -> anyhow::Result<()> {
             pct(r.cpu_percent),
             pct(r.memory_percent),
             r.isolation.clone().unwrap_or_else(|| "-".into()),
+            queues::served(&r.queues),
         ]);
     }
     t.print();

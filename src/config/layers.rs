@@ -185,6 +185,9 @@ pub(super) fn choose_file(
 }
 
 /// Merges `src` (from a file) into `dst`, rejecting keys that the defaults do not have.
+/// Settings that are maps with keys of the user's choosing, set whole by each layer.
+const FREE_FORM: &[&str] = &["worker.queues"];
+
 fn overlay(
     dst: &mut Value,
     defaults: &Value,
@@ -217,6 +220,11 @@ fn overlay(
             });
         };
         match (default_here, v) {
+            // A map whose keys are the user's (queue names): taken whole.
+            (_, v) if FREE_FORM.contains(&key.as_str()) => {
+                set_path(dst, &key, v);
+                origins.insert(key, origin.clone());
+            }
             (Value::Mapping(_), Value::Null) => {}
             (Value::Mapping(_), v @ Value::Mapping(_)) => {
                 overlay(dst, defaults, v, &key, origin, origins)?;

@@ -74,6 +74,16 @@ pub struct Config {
     pub api: ApiConfig,
     pub executor: ExecutorConfig,
     pub scheduler: SchedulerConfig,
+    pub worker: WorkerConfig,
+}
+
+/// The work a replica takes.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WorkerConfig {
+    /// The queues this replica serves, each with the tasks it runs of it at once:
+    /// `{default: 8, heavy: 1}`. Empty: the `default` queue with `bulk.max_concurrent`.
+    pub queues: BTreeMap<String, u32>,
 }
 
 impl Default for Config {
@@ -89,6 +99,7 @@ impl Default for Config {
             api: ApiConfig::default(),
             executor: ExecutorConfig::default(),
             scheduler: SchedulerConfig::default(),
+            worker: WorkerConfig::default(),
         }
     }
 }
@@ -435,6 +446,27 @@ impl Default for SchedulerConfig {
     }
 }
 impl Config {
+    /// The queues this replica serves with their capacities (`worker.queues`, or the
+    /// `default` queue with `bulk.max_concurrent`).
+    pub fn queues(&self) -> Vec<(String, usize)> {
+        if self.worker.queues.is_empty() {
+            return vec![(
+                crate::queue::DEFAULT_QUEUE.to_string(),
+                self.bulk.max_concurrent as usize,
+            )];
+        }
+        self.worker
+            .queues
+            .iter()
+            .map(|(q, n)| (q.clone(), *n as usize))
+            .collect()
+    }
+
+    /// The tasks this replica runs at once before the governor: the sum of its queues'.
+    pub fn slots(&self) -> usize {
+        self.queues().iter().map(|(_, n)| n).sum()
+    }
+
     /// Loads from the process environment and the chosen file.
     pub fn load(explicit_file: Option<&Path>) -> Result<Config, Error> {
         Self::load_from(explicit_file, std::env::vars())
@@ -520,6 +552,31 @@ impl Config {
                 return Err((key.into(), what.into()));
             }
         }
+        for (q, n) in &self.worker.queues {
+            let key = format!("worker.queues.{q}");
+            if let Err(reason) = crate::queue::validate_queue_name(q) {
+                return Err((key, format!("names a queue that cannot exist: {reason}")));
+            }
+            if !(1..=crate::bounds::MAX_SLOTS).contains(n) {
+                return Err((
+                    key,
+                    format!(
+                        "{n} is out of range; a queue's capacity is 1 to {}",
+                        crate::bounds::MAX_SLOTS
+                    ),
+                ));
+            }
+        }
+        let slots: u64 = self.worker.queues.values().map(|n| *n as u64).sum();
+        if slots > crate::bounds::MAX_SLOTS as u64 {
+            return Err((
+                "worker.queues".into(),
+                format!(
+                    "the capacities add up to {slots}; a replica runs at most {} at once",
+                    crate::bounds::MAX_SLOTS
+                ),
+            ));
+        }
         if let Err(e) = self.executor.uid_range() {
             let text = e.to_string();
             let text = text.trim_start_matches("executor.uid_range: ");
@@ -553,7 +610,7 @@ impl Config {
                 "bulk.max_concurrent",
                 f(b.max_concurrent.into()),
                 1.0,
-                10_000.0,
+                bounds::MAX_SLOTS as f64,
             ),
             (
                 "bulk.retry_attempts",
@@ -810,6 +867,47 @@ mod tests {
         let mut f = tempfile::Builder::new().suffix(".yml").tempfile().unwrap();
         f.write_all(text.as_bytes()).unwrap();
         f
+    }
+
+    #[test]
+    fn worker_queues_come_from_the_file_or_the_environment_and_bad_ones_are_named() {
+        let c = Config::load_from(None, Vec::<(String, String)>::new()).unwrap();
+        assert_eq!(c.queues(), vec![("default".to_string(), 8)]);
+        assert_eq!(c.slots(), 8);
+        let f = file("worker:\n  queues: {default: 8, agents: 4, heavy: 1}\n");
+        let c = Config::load_from(Some(f.path()), Vec::<(String, String)>::new()).unwrap();
+        assert_eq!(
+            c.queues(),
+            vec![
+                ("agents".to_string(), 4),
+                ("default".to_string(), 8),
+                ("heavy".to_string(), 1)
+            ]
+        );
+        assert_eq!(c.slots(), 13);
+        // The environment replaces the file's map whole.
+        let c = Config::load_from(
+            Some(f.path()),
+            env(&[("HARNESS_WORKER__QUEUES", "{heavy: 2}")]),
+        )
+        .unwrap();
+        assert_eq!(c.queues(), vec![("heavy".to_string(), 2)]);
+        for (text, key, says) in [
+            (
+                "{heavy: 0}",
+                "worker.queues.heavy",
+                "capacity is 1 to 10000",
+            ),
+            ("{\"a b\": 1}", "worker.queues.a b", "letters, digits"),
+            ("{a: 6000, b: 6000}", "worker.queues", "add up to 12000"),
+            ("{a: x}", "worker.queues", "invalid"),
+        ] {
+            let err = Config::load_from(None, env(&[("HARNESS_WORKER__QUEUES", text)]))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(key), "{text}: {err}");
+            assert!(err.contains(says), "{text}: {err}");
+        }
     }
 
     #[test]

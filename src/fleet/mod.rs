@@ -7,11 +7,13 @@
 //!   resume requests, and the listing `harness fleet` shows;
 //! - [`health`]: metrics rows, governance events, and their pruning;
 //! - [`quarantines`]: agents and kinds no replica starts for a while (the `quarantines`
-//!   table).
+//!   table);
+//! - [`serving`]: the queues with the live replicas serving them.
 
 pub mod health;
 pub mod quarantines;
 pub mod replicas;
+pub mod serving;
 
 pub use health::{EventKind, MetricsRow};
 pub use replicas::{Heartbeat, ReplicaRow, new_replica_id};

@@ -25,12 +25,14 @@ pub struct Heartbeat {
     options: PgConnectOptions,
     replica: String,
     conn: Option<PgConnection>,
+    /// The queues it serves with their capacities, as `replicas.queues` holds them.
+    queues: serde_json::Value,
 }
 
 const BEAT: &str = "
-INSERT INTO replicas (id, hostname, pid, version, running, capacity, heartbeat_at)
-VALUES ($1, $2, $3, $4, $5, $6, now())
-ON CONFLICT (id) DO UPDATE SET heartbeat_at = now(), running = $5, capacity = $6";
+INSERT INTO replicas (id, hostname, pid, version, running, capacity, heartbeat_at, queues)
+VALUES ($1, $2, $3, $4, $5, $6, now(), $7)
+ON CONFLICT (id) DO UPDATE SET heartbeat_at = now(), running = $5, capacity = $6, queues = $7";
 
 impl Heartbeat {
     /// A heartbeat of `replica` on connections opened with `options` (a session of its own:
@@ -41,7 +43,19 @@ impl Heartbeat {
             options: options.application_name(&format!("harness-heartbeat {replica}")),
             replica: replica.to_string(),
             conn: None,
+            queues: serde_json::json!({}),
         }
+    }
+
+    /// The queues the replica serves, with its capacity for each (what `harness fleet` and
+    /// `harness queues` show).
+    pub fn serving(mut self, queues: &[(String, usize)]) -> Heartbeat {
+        self.queues = queues
+            .iter()
+            .map(|(q, n)| (q.clone(), serde_json::json!(n)))
+            .collect::<serde_json::Map<_, _>>()
+            .into();
+        self
     }
 
     /// Records that the replica is alive (registering it on the first beat or after its row
@@ -73,6 +87,7 @@ impl Heartbeat {
                 .bind(env!("CARGO_PKG_VERSION"))
                 .bind(running)
                 .bind(capacity)
+                .bind(&self.queues)
                 .execute(conn)
                 .await?;
             Ok::<_, sqlx::Error>(())
@@ -142,6 +157,9 @@ pub struct ReplicaRow {
     pub capacity: i32,
     pub running: i32,
     pub isolation: Option<String>,
+    /// The queues it serves, with its capacity for each.
+    #[sqlx(json)]
+    pub queues: std::collections::BTreeMap<String, i64>,
     /// From the replica's latest metrics row.
     pub cpu_percent: Option<f32>,
     pub memory_percent: Option<f32>,
@@ -154,6 +172,7 @@ pub async fn list(pool: &sqlx::PgPool, max_age: Duration) -> Result<Vec<ReplicaR
         "SELECT r.id, r.hostname, r.pid, r.version, r.started_at, r.heartbeat_at, \
                 EXTRACT(EPOCH FROM now() - r.heartbeat_at)::float8 AS heartbeat_age_s, \
                 r.is_leader, r.leader_since, r.governor_state, r.capacity, r.running, r.isolation, \
+                r.queues, \
                 m.cpu_percent, m.memory_percent, r.resume_requested_at \
          FROM replicas r \
          LEFT JOIN LATERAL ( \

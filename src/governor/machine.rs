@@ -45,7 +45,7 @@ impl Settings {
     pub fn from_config(cfg: &crate::config::Config) -> Settings {
         let g = &cfg.governance;
         Settings {
-            max_capacity: cfg.bulk.max_concurrent as usize,
+            max_capacity: cfg.slots(),
             cpu_high_pct: g.cpu_high_pct,
             mem_high_pct: g.mem_high_pct,
             window: Duration::from_secs(g.window_s),

@@ -49,6 +49,8 @@ pub struct GovernorOptions {
     pub escalation: EscalationConfig,
     /// The executor's isolation mode, shown by `harness fleet`.
     pub isolation: Option<Isolation>,
+    /// The queues the replica serves: their runnable gauge is reported even while 0.
+    pub queues: Vec<String>,
 }
 
 impl GovernorOptions {
@@ -66,6 +68,7 @@ impl GovernorOptions {
             logs_dir: cfg.logs_dir(),
             escalation: cfg.escalation.clone(),
             isolation,
+            queues: cfg.queues().into_iter().map(|(q, _)| q).collect(),
         }
     }
 }
@@ -123,6 +126,11 @@ struct Governor {
     logged: (u64, u64),
     /// Timed pick-ups (count, µs total) at the last metrics row.
     logged_pickups: (u64, u64),
+    /// Queues the runnable gauge reports: those served, and those seen with runnable tasks
+    /// (each is reported 0 while it has none).
+    queues_seen: std::collections::BTreeSet<String>,
+    /// Limits the held-back gauge has reported (each is reported 0 once removed).
+    limits_seen: std::collections::BTreeSet<(String, String)>,
     last_log: Instant,
     last_prune: Option<Instant>,
     held_since: Option<DateTime<Utc>>,
@@ -140,6 +148,8 @@ impl Governor {
             recent_events: VecDeque::new(),
             logged: (completed, failed),
             logged_pickups: handle.pickups(),
+            queues_seen: opts.queues.iter().cloned().collect(),
+            limits_seen: Default::default(),
             last_log: Instant::now(),
             last_prune: None,
             held_since: None,
@@ -385,6 +395,46 @@ impl Governor {
             }
         }
         let m = crate::telemetry::metrics();
+        if let Ok(runnable) = crate::queue::queues::runnable(&self.pool).await {
+            // A queue seen before and empty now is reported 0, not left at its last count.
+            for q in &self.queues_seen {
+                if !runnable.iter().any(|(name, _)| name == q) {
+                    m.queue_runnable
+                        .record(0, &[opentelemetry::KeyValue::new("queue", q.clone())]);
+                }
+            }
+            for (q, n) in runnable {
+                m.queue_runnable
+                    .record(n, &[opentelemetry::KeyValue::new("queue", q.clone())]);
+                self.queues_seen.insert(q);
+            }
+        }
+        if let Ok(limits) = crate::queue::limits::list(&self.pool).await {
+            let now: std::collections::BTreeMap<(String, String), i64> = limits
+                .into_iter()
+                .map(|l| {
+                    let key = (l.limit.scope.as_str().to_string(), l.limit.target);
+                    (key, l.waiting)
+                })
+                .collect();
+            // A limit removed since is reported 0, not left at its last count.
+            for (key, n) in self
+                .limits_seen
+                .iter()
+                .filter(|k| !now.contains_key(*k))
+                .map(|k| (k, 0))
+                .chain(now.iter().map(|(k, n)| (k, *n)))
+            {
+                m.limit_waiting.record(
+                    n,
+                    &[
+                        opentelemetry::KeyValue::new("scope", key.0.clone()),
+                        opentelemetry::KeyValue::new("target", key.1.clone()),
+                    ],
+                );
+            }
+            self.limits_seen.extend(now.into_keys());
+        }
         match crate::queue::waiting(&self.pool).await {
             Ok(w) => {
                 m.queue_due.record(w.due, &[]);

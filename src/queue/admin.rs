@@ -234,13 +234,15 @@ impl Queue {
         }
     }
 
-    /// A new task with the same kind, payload, priority, retries, agent and timeout as a
-    /// failed or timed-out one, claimable at once.
+    /// A new task with the same kind, payload, priority, retries, agent, timeout, queue and
+    /// concurrency key as a failed or timed-out one, claimable at once.
     pub async fn retry(&self, id: TaskId) -> Result<Task, Error> {
         let new_id: Option<TaskId> = sqlx::query_scalar(concat!(
             "WITH n AS (
-                INSERT INTO tasks (kind, payload, priority, max_retries, agent_id, timeout_ms)
-                SELECT kind, payload, priority, max_retries, agent_id, timeout_ms FROM tasks
+                INSERT INTO tasks (kind, payload, priority, max_retries, agent_id, timeout_ms,
+                                   queue, concurrency_key)
+                SELECT kind, payload, priority, max_retries, agent_id, timeout_ms, queue,
+                       concurrency_key FROM tasks
                 WHERE id = $1 AND status IN ('failed', 'timeout')
                 RETURNING id)
              SELECT n.id FROM n, ",

@@ -140,21 +140,53 @@ impl<'a> CompletionRow<'a> {
     }
 }
 
-// The claim. The inner SELECT walks tasks_claim_idx (partial on the claimable statuses,
-// ordered like this); `id = ANY(ARRAY(...))` makes the UPDATE look rows up by primary key
-// (a join here gets planned as a hash join over a sequential scan of the whole table).
-pub(super) const CLAIM: &str = "
+// The claim, for each queue of `$3` (with its limit in `$4`) that is not paused: the lateral
+// SELECT walks tasks_queue_claim_idx from (queue, highest priority) on, so no row of a queue
+// the replica does not serve is read; `id = ANY(ARRAY(...))` makes the UPDATE look rows up by
+// primary key (a join here gets planned as a hash join over a sequential scan of the table).
+// A pause commits before the claims that must honour it begin: each reads `queues` afresh.
+// It claims nothing unless the limits are those the replica read (`$5`, their version): with
+// a limit added meanwhile it might take tasks the limit holds back.
+macro_rules! claim_sql {
+    ($unlimited:expr, $version:expr) => {
+        concat!(
+            "
 UPDATE tasks t
 SET status = 'running', locked_by = $1, attempt = t.attempt + 1, started_at = now()
 WHERE t.id = ANY(ARRAY(
-    SELECT id FROM tasks
-    WHERE status IN ('pending', 'retry_scheduled') AND scheduled_at <= now()
-      AND kind = ANY($3)
-    ORDER BY priority DESC, scheduled_at, id
-    LIMIT $2
-    FOR UPDATE SKIP LOCKED))
-RETURNING t.id, t.kind, t.payload, t.priority, t.attempt, t.retry_count, t.max_retries,
-          t.timeout_ms, t.agent_id, t.traceparent, t.scheduled_at, t.started_at";
+    SELECT c.id
+    FROM unnest($3::text[], $4::bigint[]) AS q(name, n)
+    CROSS JOIN LATERAL (
+        SELECT id FROM tasks
+        WHERE queue = q.name AND status IN ('pending', 'retry_scheduled')
+          AND scheduled_at <= now() AND kind = ANY($2)",
+            $unlimited,
+            "
+        ORDER BY priority DESC, scheduled_at, id
+        LIMIT q.n
+        FOR UPDATE SKIP LOCKED) c
+    WHERE NOT EXISTS (SELECT 1 FROM queues p WHERE p.name = q.name AND p.paused)
+      AND (SELECT version FROM limits_version) = ",
+            $version,
+            "))
+RETURNING t.id, t.kind, t.queue, t.payload, t.priority, t.attempt, t.retry_count,
+          t.max_retries, t.timeout_ms, t.agent_id, t.traceparent, t.scheduled_at, t.started_at"
+        )
+    };
+}
+
+/// The claim with no limit in force.
+pub(super) const CLAIM: &str = claim_sql!("", "$5");
+
+/// The claim of the tasks no limit applies to (the limited ones go through
+/// [`super::limits`]): not the queues of `$6`, kinds of `$7`, agents of `$8`, keyed tasks
+/// when `$9`, keys of `$10`.
+pub(super) const CLAIM_UNLIMITED: &str = claim_sql!(
+    "
+          AND NOT (queue = ANY($6) OR kind = ANY($7) OR COALESCE(agent_id = ANY($8), false)
+                   OR (concurrency_key IS NOT NULL AND ($9 OR concurrency_key = ANY($10))))",
+    "$5"
+);
 
 // Batched completion, fenced by owner and attempt: a stale attempt matches no row.
 // `ok` rows complete; failed rows retry while retries remain, else take `final_status`.
@@ -193,11 +225,19 @@ RETURNING t.id";
 // churn (a bulk load is not analyzed for up to a minute). Each runs in a transaction with
 // these planner settings, local to it (`set_config(.., true)` is SET LOCAL).
 //
-// CLAIM walks tasks_claim_idx in order and stops after LIMIT rows. Without statistics the
+// CLAIM walks tasks_queue_claim_idx in order and stops after LIMIT rows. Without statistics the
 // planner expects a handful of rows and prefers a bitmap scan that fetches and sorts the
 // whole backlog: 10 ms per claim for 20k waiting tasks, growing with the backlog (measured).
-pub(super) const CLAIM_PLAN: &str =
-    "SELECT set_config('enable_sort', 'off', true), set_config('enable_bitmapscan', 'off', true)";
+//
+// Every claim also holds the limits lock shared until it commits (see `limits::LOCK`): a
+// change of the limits waits for the claims in flight, so none made for the old limits
+// commits after the new ones bind.
+pub(super) const CLAIM_PLAN: &str = concat!(
+    "SELECT set_config('enable_sort', 'off', true), set_config('enable_bitmapscan', 'off', true), \
+     pg_advisory_xact_lock_shared(",
+    limits_lock!(),
+    ")"
+);
 
 // COMPLETE's generic plan sees `unnest` as a few rows and probes the primary key once per
 // input row, whatever the batch size. A custom plan made with the real array size and stale
@@ -211,41 +251,268 @@ pub(super) async fn pin_plan(conn: &mut PgConnection, settings: &'static str) ->
     Ok(())
 }
 
+/// What one claim round took, and when limits would let it take more.
+#[derive(Debug, Default)]
+pub struct Round {
+    pub rows: Vec<Claimed>,
+    /// Limits held tasks back this round.
+    pub held_back: bool,
+    /// When the next token returns to a rate limit that held tasks back.
+    pub next_token_in: Option<std::time::Duration>,
+    /// Queues whose limited tasks filled every free slot: more may be claimed as soon as an
+    /// attempt of theirs ends.
+    pub slot_bound: Vec<String>,
+}
+
 impl Queue {
-    /// Claims up to `limit` runnable tasks of the given kinds for `replica`. Never more
-    /// than asked for; a replica only claims kinds it has handlers for.
+    /// Claims up to `limit` runnable tasks of the given kinds from the default queue for
+    /// `replica`: [`Queue::claim_from`] with that queue alone.
     pub async fn claim(
         &self,
         replica: &str,
         limit: u32,
         kinds: &[String],
     ) -> Result<Vec<Claimed>, Error> {
-        if limit == 0 {
-            return Ok(Vec::new());
+        self.claim_from(replica, &[(super::DEFAULT_QUEUE, limit)], kinds)
+            .await
+    }
+
+    /// Claims up to `limit` runnable tasks of the given kinds from each `(queue, limit)` for
+    /// `replica`, none from a paused queue, none that a limit holds back. Never more than
+    /// asked for; a replica only claims kinds it has handlers for. Rows come highest
+    /// priority first. See [`Queue::claim_round`].
+    pub async fn claim_from(
+        &self,
+        replica: &str,
+        limits: &[(&str, u32)],
+        kinds: &[String],
+    ) -> Result<Vec<Claimed>, Error> {
+        let asked: Vec<(&str, u32, u32)> = limits.iter().map(|(q, n)| (*q, *n, *n)).collect();
+        Ok(self.claim_round(replica, &asked, kinds).await?.rows)
+    }
+
+    /// [`Queue::claim_from`] for `(queue, rows, free slots)`, saying also how soon to ask
+    /// again when limits held tasks back. Without limits in force it is one statement. With
+    /// some, the tasks they may apply to are claimed first in a transaction of their own (see
+    /// [`super::limits`]), at most a queue's free slots of them (none into a prefetch buffer,
+    /// where they would hold a slot or a token without running), then the rest in one
+    /// statement.
+    pub async fn claim_round(
+        &self,
+        replica: &str,
+        limits: &[(&str, u32, u32)],
+        kinds: &[String],
+    ) -> Result<Round, Error> {
+        let free: Vec<(&str, u32)> = limits.iter().map(|(q, n, f)| (*q, (*f).min(*n))).collect();
+        let mut asked: Vec<(&str, u32)> = limits
+            .iter()
+            .filter(|(_, n, _)| *n > 0)
+            .map(|(q, n, _)| (*q, *n))
+            .collect();
+        let mut round = Round::default();
+        if asked.is_empty() {
+            return Ok(round);
         }
         use tracing::Instrument;
+        let limit: u32 = asked.iter().map(|(_, n)| n).sum();
         let span = tracing::info_span!("queue.claim", limit);
         async {
-            let mut tx = self.pool.begin().await?;
-            pin_plan(&mut tx, CLAIM_PLAN).await?;
-            let mut rows: Vec<Claimed> = sqlx::query_as(CLAIM)
-                .bind(replica)
-                .bind(limit as i64)
-                .bind(kinds)
-                .fetch_all(&mut *tx)
-                .await?;
-            tx.commit().await?;
+            // Twice at most: a claim made for limits that changed meanwhile takes nothing, and
+            // is made again with the limits read anew.
+            for _ in 0..2 {
+                let set = self.limit_set(false).await?;
+                // A limited claim that found nothing to take is not made again for a while:
+                // limits that apply to none of these tasks cost the plain claims nothing.
+                let idle = self
+                    .limited_idle_until
+                    .lock()
+                    .expect("limits lock")
+                    .and_then(|t| t.checked_duration_since(std::time::Instant::now()));
+                if !set.is_empty()
+                    && let Some(left) = idle
+                {
+                    // Tasks a limit applies to may have come since: ask again when the pause
+                    // ends, not at the poll interval.
+                    round.held_back = true;
+                    round.next_token_in = Some(left);
+                }
+                if !set.is_empty() && idle.is_none() {
+                    // What is still asked of each queue, up to its free slots.
+                    let want: Vec<(&str, u32)> = asked
+                        .iter()
+                        .map(|(q, n)| {
+                            let f = free.iter().find(|(fq, _)| fq == q).map_or(0, |(_, f)| *f);
+                            (*q, (*n).min(f))
+                        })
+                        .collect();
+                    let limited =
+                        super::limits::claim_limited(&self.pool, replica, &want, kinds).await?;
+                    for (q, w) in &want {
+                        let took = limited.rows.iter().filter(|r| r.queue == *q).count() as u32;
+                        let room = asked.iter().find(|(a, _)| a == q).map_or(0, |(_, n)| *n);
+                        if *w > 0 && took == *w && *w < room {
+                            round.slot_bound.push(q.to_string());
+                        }
+                    }
+                    for row in &limited.rows {
+                        if let Some(a) = asked.iter_mut().find(|(q, _)| *q == row.queue) {
+                            a.1 -= 1;
+                        }
+                    }
+                    if limited.held_back {
+                        round.held_back = true;
+                        round.next_token_in = limited.next_token_in;
+                    }
+                    *self.limited_idle_until.lock().expect("limits lock") =
+                        (limited.rows.is_empty() && !limited.held_back)
+                            .then(|| std::time::Instant::now() + super::limits::IDLE_RECHECK);
+                    round.rows.extend(limited.rows);
+                    if limited.version != set.version {
+                        // Limits changed since they were cached: the plain claim would leave
+                        // out the wrong tasks. Read them again and go on with those.
+                        self.limit_set(true).await?;
+                        continue;
+                    }
+                }
+                // Every task of a limited queue is the limited claim's.
+                let unlimited: Vec<(&str, u32)> = asked
+                    .iter()
+                    .filter(|(q, _)| {
+                        !set.limits
+                            .iter()
+                            .any(|l| l.scope == super::limits::Scope::Queue && l.target == *q)
+                    })
+                    .copied()
+                    .collect();
+                let wanted: u32 = unlimited.iter().map(|(_, n)| n).sum();
+                if wanted == 0 {
+                    break;
+                }
+                let rows = self
+                    .claim_unlimited(replica, &unlimited, kinds, &set)
+                    .await?;
+                let got = rows.len() as u32;
+                for row in &rows {
+                    if let Some(a) = asked.iter_mut().find(|(q, _)| *q == row.queue) {
+                        a.1 -= 1;
+                    }
+                }
+                round.rows.extend(rows);
+                if got == wanted || self.limit_set(true).await?.version == set.version {
+                    break;
+                }
+            }
             // RETURNING has no order: restore the claim's, so a batch starts highest first.
-            rows.sort_by(|a, b| {
+            round.rows.sort_by(|a, b| {
                 b.priority
                     .cmp(&a.priority)
                     .then(a.scheduled_at.cmp(&b.scheduled_at))
                     .then(a.id.cmp(&b.id))
             });
-            Ok(rows)
+            Ok(round)
         }
         .instrument(span)
         .await
+    }
+
+    /// One claim statement for the tasks no limit of `set` applies to.
+    async fn claim_unlimited(
+        &self,
+        replica: &str,
+        asked: &[(&str, u32)],
+        kinds: &[String],
+        set: &super::limits::LimitSet,
+    ) -> Result<Vec<Claimed>, Error> {
+        let (queues, ns): (Vec<&str>, Vec<i64>) = asked
+            .iter()
+            .filter(|(_, n)| *n > 0)
+            .map(|(q, n)| (*q, *n as i64))
+            .unzip();
+        let mut tx = self.pool.begin().await?;
+        pin_plan(&mut tx, CLAIM_PLAN).await?;
+        let rows: Vec<Claimed> = if set.is_empty() {
+            sqlx::query_as(CLAIM)
+                .bind(replica)
+                .bind(kinds)
+                .bind(&queues)
+                .bind(&ns)
+                .bind(set.version)
+                .fetch_all(&mut *tx)
+                .await?
+        } else {
+            let ex = set.exclusions();
+            sqlx::query_as(CLAIM_UNLIMITED)
+                .bind(replica)
+                .bind(kinds)
+                .bind(&queues)
+                .bind(&ns)
+                .bind(set.version)
+                .bind(&ex.queues)
+                .bind(&ex.kinds)
+                .bind(&ex.agents)
+                .bind(ex.every_key)
+                .bind(&ex.keys)
+                .fetch_all(&mut *tx)
+                .await?
+        };
+        tx.commit().await?;
+        Ok(rows)
+    }
+
+    /// Whether a limit of the queue itself was in force when this handle last read the
+    /// limits: every task of it is claimed by the limited claim, into free slots only.
+    pub fn queue_limited(&self, queue: &str) -> bool {
+        self.limits
+            .lock()
+            .expect("limits lock")
+            .as_ref()
+            .is_some_and(|set| {
+                set.limits
+                    .iter()
+                    .any(|l| l.scope == super::limits::Scope::Queue && l.target == queue)
+            })
+    }
+
+    /// The limits this handle last read; read anew when `fresh` or never read. A reread
+    /// that finds the version unchanged keeps the cached set.
+    pub(super) async fn limit_set(
+        &self,
+        fresh: bool,
+    ) -> Result<std::sync::Arc<super::limits::LimitSet>, Error> {
+        if !fresh && let Some(set) = self.limits.lock().expect("limits lock").clone() {
+            return Ok(set);
+        }
+        let mut conn = self.pool.acquire().await?;
+        let set = std::sync::Arc::new(super::limits::LimitSet::load(&mut conn).await?);
+        *self.limits.lock().expect("limits lock") = Some(set.clone());
+        Ok(set)
+    }
+
+    /// The plan of [`Queue::claim_from`] as it runs (EXPLAIN ANALYZE, text), in a transaction
+    /// rolled back: nothing is claimed. For tests and `harness doctor`-style checks of which
+    /// index serves the claim and how many rows it reads.
+    pub async fn claim_plan(
+        &self,
+        limits: &[(&str, u32)],
+        kinds: &[String],
+    ) -> Result<String, Error> {
+        let (queues, ns): (Vec<&str>, Vec<i64>) =
+            limits.iter().map(|(q, n)| (*q, *n as i64)).unzip();
+        let version = self.limit_set(true).await?.version;
+        let mut tx = self.pool.begin().await?;
+        pin_plan(&mut tx, CLAIM_PLAN).await?;
+        let lines: Vec<String> = sqlx::query_scalar(&format!(
+            "EXPLAIN (ANALYZE, COSTS OFF, TIMING OFF, SUMMARY OFF) {CLAIM}"
+        ))
+        .bind("explain")
+        .bind(kinds)
+        .bind(&queues)
+        .bind(&ns)
+        .bind(version)
+        .fetch_all(&mut *tx)
+        .await?;
+        tx.rollback().await?;
+        Ok(lines.join("\n"))
     }
 
     /// Writes a batch of finished attempts in one statement. Returns how many rows changed:

@@ -30,9 +30,9 @@ pub(super) const INSERT_ONE: &str = concat!(
     "
 WITH ins AS (
     INSERT INTO tasks (kind, payload, priority, scheduled_at, max_retries, idempotency_key,
-                       agent_id, timeout_ms, fire_at, traceparent)
+                       agent_id, timeout_ms, fire_at, traceparent, queue, concurrency_key)
     VALUES ($1, $2, $3, COALESCE($4, now() + make_interval(secs => $5::double precision)),
-            $6, $7, $8, $9, $10, $11)
+            $6, $7, $8, $9, $10, $11, $12, $13)
     ON CONFLICT DO NOTHING
     RETURNING id, status, scheduled_at
 )",
@@ -50,9 +50,10 @@ macro_rules! batch_input {
 WITH input AS (
     SELECT * FROM unnest($1::text[], $2::jsonb[], $3::int[], $4::timestamptz[],
                          $5::double precision[], $6::int[], $7::text[], $8::bigint[],
-                         $9::bigint[], $10::timestamptz[], $11::text[])
+                         $9::bigint[], $10::timestamptz[], $11::text[], $12::text[], $13::text[])
         WITH ORDINALITY AS t(kind, payload, priority, run_at, delay_s, max_retries,
-                             idempotency_key, agent_id, timeout_ms, fire_at, traceparent, ord)
+                             idempotency_key, agent_id, timeout_ms, fire_at, traceparent,
+                             queue, concurrency_key, ord)
 )"
     };
 }
@@ -78,10 +79,12 @@ pub(super) const INSERT_MANY: &str = concat!(
     SELECT ord, nextval('tasks_id_seq') AS id FROM input ORDER BY ord
 ), ins AS (
     INSERT INTO tasks (id, kind, payload, priority, scheduled_at, max_retries,
-                       idempotency_key, agent_id, timeout_ms, fire_at, traceparent)
+                       idempotency_key, agent_id, timeout_ms, fire_at, traceparent, queue,
+                       concurrency_key)
     SELECT n.id, kind, payload, priority,
            COALESCE(run_at, now() + make_interval(secs => delay_s)),
-           max_retries, idempotency_key, agent_id, timeout_ms, fire_at, traceparent
+           max_retries, idempotency_key, agent_id, timeout_ms, fire_at, traceparent, queue,
+           concurrency_key
     FROM input JOIN numbered n USING (ord)
     ORDER BY idempotency_key, agent_id, fire_at, ord
     ON CONFLICT DO NOTHING
@@ -97,10 +100,11 @@ pub(super) const INSERT_MANY_UNKEYED: &str = concat!(
     batch_input!(),
     ", ins AS (
     INSERT INTO tasks (kind, payload, priority, scheduled_at, max_retries, idempotency_key,
-                       agent_id, timeout_ms, fire_at, traceparent)
+                       agent_id, timeout_ms, fire_at, traceparent, queue, concurrency_key)
     SELECT kind, payload, priority,
            COALESCE(run_at, now() + make_interval(secs => delay_s)),
-           max_retries, idempotency_key, agent_id, timeout_ms, fire_at, traceparent
+           max_retries, idempotency_key, agent_id, timeout_ms, fire_at, traceparent, queue,
+           concurrency_key
     FROM input ORDER BY ord
     RETURNING id, status, idempotency_key, agent_id, fire_at, scheduled_at
 )",
@@ -160,6 +164,8 @@ impl Queue {
                 .bind(task.timeout.map(|t| t.as_millis() as i64))
                 .bind(task.fire_at)
                 .bind(&task.traceparent)
+                .bind(&task.queue)
+                .bind(&task.concurrency_key)
                 .fetch_optional(&mut *conn)
                 .await?;
             if let Some((id, status)) = row {
@@ -275,6 +281,8 @@ impl Queue {
             .bind(&c.timeout)
             .bind(&c.fire)
             .bind(&c.trace)
+            .bind(&c.queue)
+            .bind(&c.key_of_limits)
             .fetch_all(&mut *conn)
             .await?;
         // Ids were drawn in input order; RETURNING itself promises no order.
@@ -315,6 +323,8 @@ struct Columns<'a> {
     timeout: Vec<Option<i64>>,
     fire: Vec<Option<DateTime<Utc>>>,
     trace: Vec<Option<&'a str>>,
+    queue: Vec<&'a str>,
+    key_of_limits: Vec<Option<&'a str>>,
 }
 
 impl<'a> Columns<'a> {
@@ -340,6 +350,8 @@ impl<'a> Columns<'a> {
                 .collect(),
             fire: tasks.iter().map(|t| t.fire_at).collect(),
             trace: tasks.iter().map(|t| t.traceparent.as_deref()).collect(),
+            queue: tasks.iter().map(|t| t.queue.as_str()).collect(),
+            key_of_limits: tasks.iter().map(|t| t.concurrency_key.as_deref()).collect(),
         }
     }
 }

@@ -38,6 +38,13 @@ macro_rules! cancel_channel {
         "harness_cancel"
     };
 }
+/// The advisory lock (two-int4 form: apart from the scheduler's bigint key) that claims hold
+/// shared and a change of the limits holds exclusive.
+macro_rules! limits_lock {
+    () => {
+        "727274, 20"
+    };
+}
 /// A subquery that wakes idle replicas: one NOTIFY per statement, however many rows changed.
 macro_rules! notify_tasks {
     () => {
@@ -61,8 +68,10 @@ pub mod backoff;
 mod coalesce;
 mod enqueue;
 mod lifecycle;
+pub mod limits;
 mod listener;
 pub mod logs;
+pub mod queues;
 mod task;
 
 pub use admin::{
@@ -70,10 +79,13 @@ pub use admin::{
     SyntheticHistory, TableReads, Waiting, capped_counts, depth, estimated_total, seed_history,
     table_reads, waiting,
 };
-pub use attempt::{Completion, Outcome};
+pub use attempt::{Completion, Outcome, Round};
 pub use listener::{Listener, Wakeup};
 use task::TASK_COLUMNS;
-pub use task::{AttemptRecord, AttemptStatus, Claimed, Enqueued, NewTask, Stats, Task, TaskFilter};
+pub use task::{
+    AttemptRecord, AttemptStatus, Claimed, Enqueued, NewTask, Stats, Task, TaskFilter,
+    validate_queue_name,
+};
 
 use sqlx::PgPool;
 
@@ -180,6 +192,12 @@ pub const MAX_KEY_LEN: usize = 512;
 
 pub use crate::bounds::MAX_RETRIES;
 
+/// The queue of a task or agent that names none.
+pub const DEFAULT_QUEUE: &str = "default";
+
+/// Longest queue name accepted.
+pub const MAX_QUEUE_LEN: usize = 64;
+
 /// Longest kind name accepted.
 pub const MAX_KIND_LEN: usize = 128;
 
@@ -193,6 +211,10 @@ pub struct Queue {
     default_max_retries: u32,
     /// The writers that group concurrent single enqueues into one commit.
     coalescer: coalesce::Coalescer,
+    /// The limits as this handle (and its clones) last read them.
+    limits: std::sync::Arc<std::sync::Mutex<Option<std::sync::Arc<limits::LimitSet>>>>,
+    /// Until when the limited claim is skipped: the last one found nothing limits apply to.
+    limited_idle_until: std::sync::Arc<std::sync::Mutex<Option<std::time::Instant>>>,
 }
 
 impl Queue {
@@ -201,6 +223,8 @@ impl Queue {
             pool,
             default_max_retries,
             coalescer: Default::default(),
+            limits: Default::default(),
+            limited_idle_until: Default::default(),
         }
     }
 

@@ -8,7 +8,10 @@ use serde_json::Value;
 use std::collections::HashMap;
 use std::time::Duration;
 
-use super::{Error, MAX_KEY_LEN, MAX_KIND_LEN, MAX_PAYLOAD_BYTES, MAX_RETRIES, Status, TaskId};
+use super::{
+    DEFAULT_QUEUE, Error, MAX_KEY_LEN, MAX_KIND_LEN, MAX_PAYLOAD_BYTES, MAX_QUEUE_LEN, MAX_RETRIES,
+    Status, TaskId,
+};
 
 /// The serialised size of `v`, without building the string.
 pub(super) fn json_len(v: &Value) -> usize {
@@ -41,6 +44,10 @@ pub struct NewTask {
     pub timeout: Option<Duration>,
     pub fire_at: Option<DateTime<Utc>>,
     pub traceparent: Option<String>,
+    /// The queue it waits in ([`DEFAULT_QUEUE`] unless named).
+    pub queue: String,
+    /// What limits of scope `key` count it under (a customer, a tenant).
+    pub concurrency_key: Option<String>,
 }
 
 impl NewTask {
@@ -57,7 +64,19 @@ impl NewTask {
             timeout: None,
             fire_at: None,
             traceparent: None,
+            queue: DEFAULT_QUEUE.to_string(),
+            concurrency_key: None,
         }
+    }
+    /// What limits of scope `key` count it under (e.g. the customer it works for).
+    pub fn concurrency_key(mut self, k: impl Into<String>) -> Self {
+        self.concurrency_key = Some(k.into());
+        self
+    }
+    /// The queue it waits in (default [`DEFAULT_QUEUE`]): only replicas that serve it run it.
+    pub fn queue(mut self, q: impl Into<String>) -> Self {
+        self.queue = q.into();
+        self
     }
     /// Higher runs first (default 0).
     pub fn priority(mut self, p: i32) -> Self {
@@ -106,6 +125,7 @@ impl NewTask {
     /// Checks every field against its bounds; the error names the first field refused.
     pub(super) fn validate(&self) -> Result<(), Error> {
         self.validate_kind()?;
+        validate_queue_name(&self.queue).map_err(|reason| invalid("queue", reason))?;
         self.validate_payload()?;
         self.validate_texts()?;
         self.validate_numbers()
@@ -184,6 +204,14 @@ impl NewTask {
                 ));
             }
         }
+        if let Some(k) = &self.concurrency_key
+            && (k.is_empty() || k.chars().count() > MAX_KEY_LEN || crate::db::text::has_nul(k))
+        {
+            return Err(invalid(
+                "concurrency_key",
+                format!("must be 1 to {MAX_KEY_LEN} characters, without NUL"),
+            ));
+        }
         if self
             .traceparent
             .as_deref()
@@ -215,6 +243,22 @@ impl NewTask {
             ));
         }
         Ok(())
+    }
+}
+
+/// A queue's name: 1 to [`MAX_QUEUE_LEN`] characters of letters, digits, `_ - . :`.
+pub fn validate_queue_name(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= MAX_QUEUE_LEN
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | ':'));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "{name:?} must be 1 to {MAX_QUEUE_LEN} characters of letters, digits, _ - . :"
+        ))
     }
 }
 
@@ -279,6 +323,10 @@ pub struct AttemptRecord {
 pub struct Task {
     pub id: TaskId,
     pub kind: String,
+    /// The queue it waits in.
+    pub queue: String,
+    /// What limits of scope `key` count it under.
+    pub concurrency_key: Option<String>,
     pub agent_id: Option<i64>,
     pub status: Status,
     pub payload: Value,
@@ -309,7 +357,7 @@ pub struct Task {
     pub progress: Option<super::logs::TaskProgress>,
 }
 
-pub(super) const TASK_COLUMNS: &str = "id, kind, agent_id, status, payload, result, error, priority, attempt, \
+pub(super) const TASK_COLUMNS: &str = "id, kind, queue, concurrency_key, agent_id, status, payload, result, error, priority, attempt, \
     retry_count, max_retries, timeout_ms, idempotency_key, fire_at, scheduled_at, started_at, \
     completed_at, created_at, locked_by, attempts, cancel_requested, traceparent";
 
@@ -318,6 +366,7 @@ pub(super) const TASK_COLUMNS: &str = "id, kind, agent_id, status, payload, resu
 pub struct Claimed {
     pub id: TaskId,
     pub kind: String,
+    pub queue: String,
     pub payload: Value,
     pub priority: i32,
     pub attempt: i32,

@@ -172,10 +172,7 @@ impl HarnessBuilder {
             agents: self.agents,
             sampler: self.sampler,
             isolation: self.isolation,
-            capacity: Capacity::with_prefetch(
-                cfg.bulk.max_concurrent as usize,
-                cfg.bulk.prefetch as usize,
-            ),
+            capacity: Capacity::with_prefetch(cfg.slots(), cfg.bulk.prefetch as usize),
             replica,
             registry: Arc::new(self.registry),
             cfg,
@@ -247,7 +244,8 @@ impl Harness {
         } = self;
         // Before anything starts: a failure here must leave nothing running.
         let sampler = sampler_for(sampler, &cfg, &capacity)?;
-        let mut heartbeat = Heartbeat::new((*sessions.connect_options()).clone(), &replica);
+        let mut heartbeat =
+            Heartbeat::new((*sessions.connect_options()).clone(), &replica).serving(&cfg.queues());
         // Registered before the first claim, so no one rescues what we are about to take.
         heartbeat
             .beat(0, capacity.granted() as i32, Duration::from_secs(10))
@@ -409,7 +407,7 @@ fn sampler_for(
         None => Box::new(
             ResourceMonitor::with_capacity(
                 ResourceLimits {
-                    max_concurrent_agents: cfg.bulk.max_concurrent as usize,
+                    max_concurrent_agents: cfg.slots(),
                     max_memory_mb: cfg.executor.max_memory_mb,
                     max_cpu_percent: cfg.executor.max_cpu_percent as f64,
                     ..ResourceLimits::default()

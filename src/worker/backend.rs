@@ -17,6 +17,7 @@ use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::PollSemaphore;
 
 use super::Capacity;
+use super::lanes::{LaneSlot, Lanes};
 
 /// A claimed task on its way to the runner, holding its hold permit, and its run permit once
 /// the backend hands it to the runner.
@@ -24,6 +25,9 @@ pub struct Job {
     pub(super) claimed: Claimed,
     pub(super) hold: OwnedSemaphorePermit,
     pub(super) run: Option<OwnedSemaphorePermit>,
+    /// Its queue's lane, and the lane's slot once it runs.
+    pub(super) lane: usize,
+    pub(super) lane_slot: Option<LaneSlot>,
     /// When the claim statement was sent: a claim answered too late is not started.
     pub(super) claimed_at: tokio::time::Instant,
     /// When the claim's answer arrived: how long the row has waited in the buffer since.
@@ -50,29 +54,37 @@ pub(super) struct Feed {
     waker: Option<Waker>,
     run: PollSemaphore,
     capacity: Arc<Capacity>,
+    lanes: Arc<Lanes>,
+    /// Rows waiting, per lane.
+    buffered: Vec<usize>,
 }
 
 impl Feed {
-    pub(super) fn new(capacity: Arc<Capacity>) -> Feed {
+    pub(super) fn new(capacity: Arc<Capacity>, lanes: Arc<Lanes>) -> Feed {
         Feed {
             rows: VecDeque::new(),
             waker: None,
             run: PollSemaphore::new(capacity.run.sem.clone()),
             capacity,
+            buffered: vec![0; lanes.len()],
+            lanes,
         }
     }
 
     /// Adds claimed rows, in the claim's order.
     pub(super) fn push(&mut self, jobs: Vec<Job>) {
+        for j in &jobs {
+            self.buffered[j.lane] += 1;
+        }
         self.rows.extend(jobs);
         if let Some(waker) = self.waker.take() {
             waker.wake();
         }
     }
 
-    /// Rows waiting for a slot.
-    pub(super) fn len(&self) -> usize {
-        self.rows.len()
+    /// Rows waiting for a slot, per lane.
+    pub(super) fn buffered(&self) -> &[usize] {
+        &self.buffered
     }
 
     /// Takes the rows that waited longer than `max_wait` (every row with `all`): they go
@@ -83,7 +95,10 @@ impl Feed {
             if !all && job.arrived_at.elapsed() <= max_wait {
                 break;
             }
-            jobs.extend(self.rows.pop_front());
+            if let Some(job) = self.rows.pop_front() {
+                self.buffered[job.lane] -= 1;
+                jobs.push(job);
+            }
         }
         jobs
     }
@@ -101,8 +116,27 @@ impl Feed {
                     if !self.capacity.run.repay(&mut permit) {
                         continue;
                     }
-                    let mut job = self.rows.pop_front().expect("a row waits");
+                    // The first row whose lane has room. Watched before the look, so that an
+                    // attempt ending just after it wakes this task.
+                    let granted = self.capacity.granted();
+                    let at = if self.lanes.len() == 1 {
+                        Some(0)
+                    } else {
+                        self.lanes.watch(cx.waker());
+                        self.rows
+                            .iter()
+                            .position(|j| self.lanes.has_room(j.lane, granted))
+                    };
+                    let Some(at) = at else {
+                        // Every waiting row's lane is full: the slot goes back until one ends.
+                        drop(permit);
+                        self.waker = Some(cx.waker().clone());
+                        return Poll::Pending;
+                    };
+                    let mut job = self.rows.remove(at).expect("a row waits");
+                    self.buffered[job.lane] -= 1;
                     job.run = Some(permit);
+                    job.lane_slot = Some(self.lanes.start(job.lane));
                     return Poll::Ready(job);
                 }
                 Poll::Ready(None) | Poll::Pending => return Poll::Pending,

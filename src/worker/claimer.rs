@@ -9,10 +9,14 @@ use std::time::Duration;
 use tokio::sync::{Notify, OwnedSemaphorePermit};
 use tokio_util::sync::CancellationToken;
 
+use super::lanes;
 use super::*;
 
 /// The most rows one claim statement takes.
 pub(super) const MAX_CLAIM: usize = 1000;
+
+/// How soon a queue whose tasks a concurrency limit held back is asked again.
+pub(super) const LIMITED_RECHECK: Duration = Duration::from_millis(250);
 
 /// How long a claimer with a backlog waits for freed capacity to gather into one claim.
 pub(super) const CLAIM_GATHER: Duration = Duration::from_millis(2);
@@ -25,10 +29,17 @@ pub(super) async fn claim_loop(
     stop: CancellationToken,
 ) {
     let kinds = shared.registry.kinds();
+    let lanes = shared.lanes.clone();
     let mut failures = 0u32;
-    // Whether the last claim came back full: the queue has a backlog.
+    // Whether the last claim came back full for some queue: it has a backlog.
     let mut busy = false;
     let mut allowance = Allowance::new(&shared);
+    // Queues whose last claim came back short, until when: not asked again before a NOTIFY
+    // or the poll interval.
+    let mut drained: Vec<Option<tokio::time::Instant>> = vec![None; lanes.len()];
+    // Drained queues that an ending attempt makes claimable again (their limited tasks
+    // filled every free slot).
+    let mut on_end = vec![false; lanes.len()];
     loop {
         if !wait_for_claiming(&shared, &stop).await {
             return;
@@ -42,17 +53,56 @@ pub(super) async fn claim_loop(
         let Some(mut permits) = permits else {
             continue; // every permit went to pay a capacity decrease
         };
-        // Free slots, plus what the buffer may hold at the pace tasks end, less what waits.
-        let waiting = feed.lock().expect("backend lock").len();
+        let now = tokio::time::Instant::now();
+        for d in drained.iter_mut() {
+            if d.is_some_and(|until| until <= now) {
+                *d = None;
+            }
+        }
+        // A NOTIFY that came while other queues kept this loop busy: the drained ones may
+        // have work now (a new task, a resumed queue).
+        if drained.iter().any(Option::is_some) {
+            use futures::FutureExt;
+            if wake.notified().now_or_never().is_some() {
+                drained.fill(None);
+            }
+        }
+        // Per queue: free slots, plus its share of what the buffer may hold at the pace tasks
+        // end, less what runs and waits.
         let granted = capacity.granted();
-        let room = (granted + allowance.rows(&shared, granted, capacity.prefetch()))
-            .saturating_sub(shared.running_count() + waiting);
+        let extra = allowance.rows(&shared, granted, capacity.prefetch());
+        let rooms: Vec<usize> = {
+            let feed = feed.lock().expect("backend lock");
+            (0..lanes.len())
+                .map(|l| match drained[l] {
+                    Some(_) => 0,
+                    // A limited queue is claimed into free slots only: no buffer.
+                    None if shared.queue.queue_limited(lanes.name(l)) => {
+                        lanes.free(l, granted, feed.buffered()[l])
+                    }
+                    None => lanes.room(l, granted, extra, feed.buffered()[l]),
+                })
+                .collect()
+        };
+        let room: usize = rooms.iter().sum();
         if room == 0 {
-            // Every slot is busy and the buffer is full enough: wait for an attempt to end.
             drop(permits);
+            // Some queue's slots are all busy and its buffer full enough: wait for an attempt
+            // to end. The drained ones wait for a NOTIFY or the poll.
+            let full = drained.iter().any(Option::is_none);
+            let slot_bound = on_end.iter().any(|b| *b);
+            let poll = drained.iter().flatten().min().copied();
             tokio::select! {
-                _ = ended => {}
-                _ = tokio::time::sleep(PREFETCH_HORIZON) => {}
+                _ = ended, if full || slot_bound => {
+                    for l in 0..lanes.len() {
+                        if std::mem::take(&mut on_end[l]) {
+                            drained[l] = None;
+                        }
+                    }
+                }
+                _ = tokio::time::sleep(PREFETCH_HORIZON), if full => {}
+                _ = wake.notified(), if poll.is_some() => drained.fill(None),
+                _ = tokio::time::sleep_until(poll.unwrap_or(now)), if poll.is_some() => {}
                 _ = stop.cancelled() => return,
             }
             continue;
@@ -61,6 +111,19 @@ pub(super) async fn claim_loop(
             drop(permits.split(permits.num_permits() - room));
         }
         let want = permits.num_permits();
+        let limits = lanes::split(want, &rooms);
+        // Tasks a limit applies to are claimed only into free slots, not into the buffer.
+        let free: Vec<usize> = {
+            let feed = feed.lock().expect("backend lock");
+            (0..lanes.len())
+                .map(|l| lanes.free(l, granted, feed.buffered()[l]))
+                .collect()
+        };
+        let asked: Vec<(&str, u32, u32)> = limits
+            .iter()
+            .enumerate()
+            .map(|(l, n)| (lanes.name(l), *n as u32, free[l] as u32))
+            .collect();
         let seq = shared.holds.lock().expect("holds lock").claim_started();
         let t0 = tokio::time::Instant::now();
         // Not raced against `stop`: a claim dropped after its COMMIT was sent would leave rows
@@ -68,10 +131,10 @@ pub(super) async fn claim_loop(
         // whatever was not started.
         let claimed = shared
             .queue
-            .claim(&shared.options.replica, want as u32, &kinds)
+            .claim_round(&shared.options.replica, &asked, &kinds)
             .await;
-        let rows = match claimed {
-            Ok(rows) => rows,
+        let round = match claimed {
+            Ok(round) => round,
             Err(e) => {
                 // Claiming is what a replica is for: it goes on trying, at most every 5 s,
                 // for as long as it serves. A claim whose COMMIT went through although this
@@ -91,31 +154,52 @@ pub(super) async fn claim_loop(
             }
         };
         failures = 0;
+        // A queue that limits held back is asked again when a token returns, or soon (a
+        // slot freed anywhere in the fleet sends no NOTIFY), not at once.
+        let ask_again = match (round.held_back, round.next_token_in) {
+            (_, Some(t)) => t.min(shared.options.poll_interval),
+            (true, None) => LIMITED_RECHECK.min(shared.options.poll_interval),
+            (false, None) => shared.options.poll_interval,
+        };
+        let rows = round.rows;
         let got = rows.len();
-        busy = got == want;
+        let mut got_per_lane = vec![0usize; lanes.len()];
+        for row in &rows {
+            got_per_lane[lanes.of(&row.queue)] += 1;
+        }
         let arrived_at = tokio::time::Instant::now();
+        busy = false;
+        for (l, n) in limits.iter().enumerate() {
+            if *n == 0 {
+                continue;
+            }
+            if got_per_lane[l] < *n {
+                // Drained (or paused, or held back by limits): what comes next may be other
+                // work.
+                drained[l] = Some(arrived_at + ask_again);
+                on_end[l] = round.slot_bound.iter().any(|q| q == lanes.name(l));
+            } else {
+                busy = true;
+            }
+        }
         tracing::trace!(want, got, ms = t0.elapsed().as_secs_f64() * 1000.0, "claim");
         let jobs: Vec<Job> = ours(&shared, seq, rows)
             .into_iter()
             .map(|row| Job {
+                lane: lanes.of(&row.queue),
                 claimed: row,
                 hold: permits.split(1).expect("one permit per claimed row"),
                 run: None,
+                lane_slot: None,
                 claimed_at: t0,
                 arrived_at,
             })
             .collect();
         feed.lock().expect("backend lock").push(jobs);
         drop(permits);
-        if got < want {
-            // The queue is drained: sleep until a NOTIFY or the next poll. What comes next
-            // may be other work: the buffer starts again from free slots only.
+        if drained.iter().all(Option::is_some) {
+            // Every queue is drained: the buffer starts again from free slots only.
             allowance.reset(&shared);
-            tokio::select! {
-                _ = wake.notified() => {}
-                _ = tokio::time::sleep(shared.options.poll_interval) => {}
-                _ = stop.cancelled() => return,
-            }
         }
     }
 }

@@ -34,6 +34,7 @@ mod claimer;
 mod completer;
 mod handler;
 mod holds;
+mod lanes;
 mod quarantine;
 mod runner;
 
@@ -71,8 +72,10 @@ pub const BUFFER_MAX_WAIT: Duration = Duration::from_secs(1);
 #[derive(Debug, Clone)]
 pub struct WorkerOptions {
     pub replica: String,
-    /// The largest capacity the governor may grant (`bulk.max_concurrent`).
+    /// The largest capacity the governor may grant: the sum of the queues' capacities.
     pub max_concurrent: usize,
+    /// The queues served, each with its capacity (`worker.queues`), in claim order.
+    pub queues: Vec<(String, usize)>,
     pub retry_base: Duration,
     /// Timeout of a kind with none of its own.
     pub default_timeout: Duration,
@@ -87,7 +90,8 @@ impl WorkerOptions {
     pub fn from_config(cfg: &crate::config::Config, replica: &str) -> WorkerOptions {
         WorkerOptions {
             replica: replica.to_string(),
-            max_concurrent: cfg.bulk.max_concurrent as usize,
+            max_concurrent: cfg.slots(),
+            queues: cfg.queues(),
             retry_base: Duration::from_secs(cfg.bulk.retry_delay_seconds),
             default_timeout: Duration::from_secs(cfg.executor.default_timeout_s),
             poll_interval: Duration::from_millis(cfg.bulk.poll_interval_ms),
@@ -125,6 +129,8 @@ struct Shared {
     quarantines: Quarantines,
     /// How long attempts take: what the prefetch buffer may hold.
     pace: Pace,
+    /// The queues served and what runs in each.
+    lanes: Arc<lanes::Lanes>,
 }
 
 /// Handlers that returned and the time they took: what the prefetch buffer is sized by.
@@ -202,6 +208,7 @@ impl Worker {
             claiming_changed: Notify::new(),
             quarantines: Quarantines::default(),
             pace: Pace::default(),
+            lanes: Arc::new(lanes::Lanes::new(&options.queues)),
         });
 
         let stop_writer = CancellationToken::new();
@@ -211,7 +218,10 @@ impl Worker {
             stop_writer.clone(),
         ));
 
-        let unstarted = Arc::new(Mutex::new(Feed::new(capacity.clone())));
+        let unstarted = Arc::new(Mutex::new(Feed::new(
+            capacity.clone(),
+            shared.lanes.clone(),
+        )));
         let stop_claiming = CancellationToken::new();
         let claimer = tokio::spawn(claim_loop(
             shared.clone(),

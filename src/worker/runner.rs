@@ -57,6 +57,8 @@ pub(super) async fn run_attempt(shared: Arc<Shared>, job: Job) {
         claimed: c,
         hold,
         run,
+        lane,
+        lane_slot,
         claimed_at,
         arrived_at,
     } = job;
@@ -94,6 +96,8 @@ pub(super) async fn run_attempt(shared: Arc<Shared>, job: Job) {
         .await;
     // The slot is free for the next buffered row while this completion waits to be written.
     drop(run);
+    drop(lane_slot);
+    shared.lanes.ended(lane, began.elapsed());
     count(&shared, &c, &outcome, began.elapsed(), buffered);
     let retry_at = chrono::Utc::now()
         + backoff::delay(

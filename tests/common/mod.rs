@@ -637,3 +637,36 @@ impl Drop for Proc {
         let _ = self.child.wait();
     }
 }
+
+/// Serves `harness` in the background until the returned sender is used or dropped; see
+/// [`stop`].
+pub fn serve(
+    harness: harness::Harness,
+) -> (
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<()>,
+) {
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let handle = tokio::spawn(async move {
+        harness
+            .serve(async {
+                let _ = rx.await;
+            })
+            .await
+            .unwrap();
+    });
+    (tx, handle)
+}
+
+/// Stops replicas [`serve`] started, each after the one before has drained.
+pub async fn stop(
+    replicas: Vec<(
+        tokio::sync::oneshot::Sender<()>,
+        tokio::task::JoinHandle<()>,
+    )>,
+) {
+    for (tx, handle) in replicas {
+        let _ = tx.send(());
+        handle.await.unwrap();
+    }
+}

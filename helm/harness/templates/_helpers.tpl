@@ -39,6 +39,40 @@ app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
 app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end }}
 
+{{/* A worker group's pods: a name label of their own, so no other selector matches them. */}}
+{{- define "harness.groupSelectorLabels" -}}
+app.kubernetes.io/name: {{ printf "%s-worker-%s" (include "harness.name" .root) .group | trunc 63 | trimSuffix "-" }}
+app.kubernetes.io/instance: {{ .root.Release.Name }}
+{{- end }}
+
+{{- define "harness.groupLabels" -}}
+helm.sh/chart: {{ include "harness.chart" .root }}
+{{ include "harness.groupSelectorLabels" . }}
+app.kubernetes.io/component: worker-group
+app.kubernetes.io/version: {{ .root.Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .root.Release.Service }}
+{{- end }}
+
+{{/* Every pod name label of the release's replicas: the API's, the workers', each group's. */}}
+{{- define "harness.podNames" -}}
+{{- $names := list (include "harness.name" .) (printf "%s-worker" (include "harness.name" .)) }}
+{{- range .Values.workerGroups }}
+{{- $names = append $names (printf "%s-worker-%s" (include "harness.name" $) .name | trunc 63 | trimSuffix "-") }}
+{{- end }}
+{{- toJson $names }}
+{{- end }}
+
+{{/* The work of some queues, what KEDA scales a group on: their runnable backlog (due now, in
+a queue not paused; tasks_queue_claim_idx) plus their running tasks (tasks_status_idx), so
+that a group is not scaled down under tasks it is running. Queue names are checked by
+values.schema.json. */}}
+{{- define "harness.runnableQuery" -}}
+{{- $quoted := list }}
+{{- range . }}{{ $quoted = append $quoted (printf "'%s'" .) }}{{ end }}
+{{- $in := join ", " $quoted }}
+{{- printf "SELECT (SELECT count(*) FROM tasks WHERE queue IN (%s) AND status IN ('pending', 'retry_scheduled') AND scheduled_at <= now() AND queue NOT IN (SELECT name FROM queues WHERE paused)) + (SELECT count(*) FROM tasks WHERE queue IN (%s) AND status = 'running')" $in $in }}
+{{- end }}
+
 {{- define "harness.labels" -}}
 helm.sh/chart: {{ include "harness.chart" . }}
 {{ include "harness.selectorLabels" . }}
@@ -102,6 +136,11 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- $pods = add $pods (int .Values.workers.replicaCount) }}
 {{- $surge = mul $surge 2 }}
 {{- end }}
+{{- range .Values.workerGroups }}
+{{- /* Each group's Deployment surges too; with KEDA, at its most. */}}
+{{- $pods = add $pods (int (ternary (dig "keda" "maxReplicaCount" 5 .) (default 1 .replicaCount) (dig "keda" "enabled" false .))) }}
+{{- $surge = add $surge (int (dig "rollingUpdate" "maxSurge" 0 $.Values.strategy)) }}
+{{- end }}
 {{- $room := sub (int .Values.database.serverMaxConnections) (int .Values.database.reservedConnections) }}
 {{- if .Values.database.sessionUrl }}
 {{- /* The pools go to the pooler; straight to PostgreSQL: a listener and a heartbeat per pod, one more while it stops, the leader's lock session and its listener, the migration. */}}
@@ -119,15 +158,23 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end }}
 
 {{/* /tmp of a pod: every agent running at once may write its largest file there. */}}
+{{/* Tasks a pod runs at once: its group's queues' capacities (`slots`), else those of
+config.worker.queues, else config.bulk.max_concurrent. */}}
+{{- define "harness.slots" -}}
+{{- $slots := 0 }}
+{{- range $q, $n := (dig "worker" "queues" dict .root.Values.config) }}{{ $slots = add $slots (int $n) }}{{ end }}
+{{- int (default (default (dig "bulk" "max_concurrent" 8 .root.Values.config) $slots) .slots) }}
+{{- end }}
+
 {{- define "harness.tmpSize" -}}
-{{- $files := mul (int (dig "bulk" "max_concurrent" 8 .Values.config)) (int (dig "executor" "max_file_mb" 1024 .Values.config)) }}
+{{- $files := mul (int (include "harness.slots" .)) (int (dig "executor" "max_file_mb" 1024 .root.Values.config)) }}
 {{- printf "%dMi" (add $files 256) }}
 {{- end }}
 
 {{/* Memory limit of a pod: what agents may use at once plus the harness itself. */}}
 {{- define "harness.memoryLimit" -}}
-{{- $agents := mul (int (dig "bulk" "max_concurrent" 8 .Values.config)) (int (dig "executor" "max_memory_mb" 256 .Values.config)) }}
-{{- printf "%dMi" (add $agents (int .Values.harnessMemoryMi)) }}
+{{- $agents := mul (int (include "harness.slots" .)) (int (dig "executor" "max_memory_mb" 256 .root.Values.config)) }}
+{{- printf "%dMi" (add $agents (int .root.Values.harnessMemoryMi)) }}
 {{- end }}
 
 {{/* Seconds a pod gets after SIGTERM: the harness's task grace plus margin. */}}

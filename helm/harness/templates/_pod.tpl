@@ -18,6 +18,9 @@ containers:
     args: {{ toJson .args }}
     env:
       {{- include "harness.env" $root | nindent 6 }}
+      {{- with .extraEnv }}
+      {{- toYaml . | nindent 6 }}
+      {{- end }}
     {{- with $root.Values.extraEnvFrom }}
     envFrom:
       {{- toYaml . | nindent 6 }}
@@ -49,7 +52,7 @@ containers:
       {{- $resources := deepCopy $root.Values.resources }}
       {{- $limits := default dict $resources.limits }}
       {{- if not (hasKey $limits "memory") }}
-      {{- $_ := set $limits "memory" (include "harness.memoryLimit" $root) }}
+      {{- $_ := set $limits "memory" (include "harness.memoryLimit" (dict "root" $root "slots" .slots)) }}
       {{- end }}
       {{- $_ := set $resources "limits" $limits }}
       {{- toYaml $resources | nindent 6 }}
@@ -79,7 +82,7 @@ volumes:
       name: {{ include "harness.fullname" $root }}
   - name: tmp
     emptyDir:
-      sizeLimit: {{ default (include "harness.tmpSize" $root) $root.Values.tmpSizeLimit }}
+      sizeLimit: {{ default (include "harness.tmpSize" (dict "root" $root "slots" .slots)) $root.Values.tmpSizeLimit }}
   - name: data
     emptyDir:
       sizeLimit: {{ $root.Values.dataSizeLimit }}

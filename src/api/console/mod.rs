@@ -50,6 +50,7 @@ pub fn routes(state: Arc<ApiState>) -> Router<Arc<ApiState>> {
         .route("/fleet", get(fleet))
         .route("/fleet/{replica}/resume", post(resume_replica))
         .route("/fleet/lift-quarantines", post(lift_quarantines))
+        .route("/fleet/queues/{name}/{action}", post(queue_action))
         .route("/logout", post(logout))
         .route_layer(middleware::from_fn_with_state(state, signed_in));
     Router::new()
@@ -891,9 +892,13 @@ async fn fleet(State(st): Shared, Extension(s): Extension<Session>) -> Response 
     let samples = crate::fleet::health::samples(&st.pool, &ids, 60)
         .await
         .unwrap_or_default();
+    let queues = crate::fleet::serving::queues(&st.pool, max_age)
+        .await
+        .unwrap_or_default();
     pages::fleet(
         &s,
         &replicas,
+        &queues,
         &samples,
         &quarantines,
         &events,
@@ -912,6 +917,30 @@ async fn resume_replica(
         return csrf_refused();
     }
     match crate::fleet::replicas::request_resume(&st.pool, Some(&replica)).await {
+        Ok(_) => Redirect::to("/fleet").into_response(),
+        Err(e) => failed(e),
+    }
+}
+
+/// Pause or resume a queue fleet-wide (`action`: pause or resume).
+async fn queue_action(
+    State(st): Shared,
+    Extension(s): Extension<Session>,
+    Path((name, action)): Path<(String, String)>,
+    Form(f): Form<CsrfForm>,
+) -> Response {
+    if !session::csrf_ok(&s, &f.csrf) {
+        return csrf_refused();
+    }
+    let done = match action.as_str() {
+        "pause" => crate::queue::queues::pause(&st.pool, &name, "paused from the console").await,
+        "resume" => crate::queue::queues::resume(&st.pool, &name).await,
+        _ => {
+            let page = pages::not_found(&s, &format!("There is no queue action {action:?}."));
+            return (StatusCode::NOT_FOUND, page).into_response();
+        }
+    };
+    match done {
         Ok(_) => Redirect::to("/fleet").into_response(),
         Err(e) => failed(e),
     }

@@ -773,6 +773,7 @@ pub fn agent(session: &Session, p: &AgentPage<'_>) -> Markup {
 pub fn fleet(
     session: &Session,
     replicas: &[ReplicaRow],
+    queues: &[crate::fleet::serving::QueueView],
     samples: &[crate::fleet::health::Sample],
     quarantines: &[Quarantine],
     events: &[crate::fleet::health::EventLine],
@@ -827,6 +828,34 @@ pub fn fleet(
                     (quarantine_list(quarantines))
                     @if admin { (button(session, "/fleet/lift-quarantines", "Lift every quarantine", "")) }
                 }
+                h2 { "Queues" }
+                div #fleet-queues .scroll { table {
+                    thead { tr { th { "Queue" } th { "State" } th { "Runnable" } th { "Delayed" } th { "Running" } th { "Served by" } th {} } }
+                    tbody {
+                        @for v in queues {
+                            @let q = &v.queue;
+                            tr {
+                                td { (q.name) }
+                                td.wrap { @if q.paused { "paused" @if !q.reason.is_empty() { ": " (q.reason) } } @else { "running" } }
+                                td { (q.runnable) }
+                                td { (q.delayed) }
+                                td { (q.running) }
+                                td.wrap { @if v.served_by.is_empty() { span.muted { "no live replica" } } @else {
+                                    (v.served_by.iter().map(|(r, n)| format!("{r} ({n})")).collect::<Vec<_>>().join(", "))
+                                } }
+                                td {
+                                    @if admin {
+                                        @if q.paused {
+                                            (button(session, &format!("/fleet/queues/{}/resume", q.name), "Resume", ""))
+                                        } @else {
+                                            (button(session, &format!("/fleet/queues/{}/pause", q.name), "Pause", ""))
+                                        }
+                                    }
+                                }
+                            }
+                        }
+                    }
+                } }
                 h2 { "Governance events" }
                 @if events.is_empty() { p.muted { "None yet." } } @else {
                     div.scroll { table {

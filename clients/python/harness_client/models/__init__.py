@@ -18,18 +18,32 @@ from .fleet import Fleet
 from .governor_state import GovernorState
 from .handoff_artifact import HandoffArtifact
 from .health import Health
+from .limit import Limit
+from .limit_info import LimitInfo
+from .limit_list import LimitList
 from .log_chunk import LogChunk
 from .network import Network
 from .openapi_response_200 import OpenapiResponse200
 from .overlap import Overlap
+from .pause_queue import PauseQueue
 from .quarantine import Quarantine
+from .queue_list import QueueList
+from .queue_state import QueueState
+from .queue_view import QueueView
+from .queue_view_served_by import QueueViewServedBy
 from .ready import Ready
 from .ready_status import ReadyStatus
+from .remove_limit_scope import RemoveLimitScope
 from .replica_row import ReplicaRow
+from .replica_row_queues import ReplicaRowQueues
 from .resumed import Resumed
 from .resumed_count import ResumedCount
 from .run_agent import RunAgent
 from .runtime_kind import RuntimeKind
+from .scope import Scope
+from .set_limit_scope import SetLimitScope
+from .set_limit_type_0 import SetLimitType0
+from .set_limit_type_1 import SetLimitType1
 from .stats import Stats
 from .status import Status
 from .stream import Stream
@@ -60,18 +74,32 @@ __all__ = (
     "GovernorState",
     "HandoffArtifact",
     "Health",
+    "Limit",
+    "LimitInfo",
+    "LimitList",
     "LogChunk",
     "Network",
     "OpenapiResponse200",
     "Overlap",
+    "PauseQueue",
     "Quarantine",
+    "QueueList",
+    "QueueState",
+    "QueueView",
+    "QueueViewServedBy",
     "Ready",
     "ReadyStatus",
+    "RemoveLimitScope",
     "ReplicaRow",
+    "ReplicaRowQueues",
     "Resumed",
     "ResumedCount",
     "RunAgent",
     "RuntimeKind",
+    "Scope",
+    "SetLimitScope",
+    "SetLimitType0",
+    "SetLimitType1",
     "Stats",
     "Status",
     "Stream",

@@ -10,6 +10,7 @@ from ..types import UNSET, Unset
 
 from ..models.network import Network
 from ..models.overlap import Overlap
+from ..types import UNSET, Unset
 from typing import cast
 
 if TYPE_CHECKING:
@@ -41,6 +42,8 @@ class AgentSettings:
             schedule (None | str):
             timeout (int): Seconds.
             timezone (None | str):
+            queue (None | str | Unset): The queue its runs wait in (`default` when none): only replicas that serve it run
+                it.
      """
 
     cpu_percent: int
@@ -53,6 +56,7 @@ class AgentSettings:
     schedule: None | str
     timeout: int
     timezone: None | str
+    queue: None | str | Unset = UNSET
 
 
 
@@ -83,6 +87,12 @@ class AgentSettings:
         timezone: None | str
         timezone = self.timezone
 
+        queue: None | str | Unset
+        if isinstance(self.queue, Unset):
+            queue = UNSET
+        else:
+            queue = self.queue
+
 
         field_dict: dict[str, Any] = {}
 
@@ -98,6 +108,8 @@ class AgentSettings:
             "timeout": timeout,
             "timezone": timezone,
         })
+        if queue is not UNSET:
+            field_dict["queue"] = queue
 
         return field_dict
 
@@ -154,6 +166,16 @@ class AgentSettings:
         timezone = _parse_timezone(d.pop("timezone"))
 
 
+        def _parse_queue(data: object) -> None | str | Unset:
+            if data is None:
+                return data
+            if isinstance(data, Unset):
+                return data
+            return cast(None | str | Unset, data)
+
+        queue = _parse_queue(d.pop("queue", UNSET))
+
+
         agent_settings = cls(
             cpu_percent=cpu_percent,
             env=env,
@@ -165,6 +187,7 @@ class AgentSettings:
             schedule=schedule,
             timeout=timeout,
             timezone=timezone,
+            queue=queue,
         )
 
         return agent_settings

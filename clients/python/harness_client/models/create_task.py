@@ -27,22 +27,27 @@ class CreateTask:
     """ 
         Attributes:
             kind (CreateTaskKind): A kind this fleet runs
+            concurrency_key (None | str | Unset): What limits of scope key count it under (e.g. a customer)
             delay_s (float | None | Unset): Not before this many seconds from now
             idempotency_key (None | str | Unset): One task per key for ever; the Idempotency-Key header wins over it
             max_retries (int | None | Unset):
             payload (Any | Unset): Any JSON value whose strings and keys hold no NUL character and whose numbers are within
                 ±1e300
             priority (int | Unset): Higher runs first (default 0)
+            queue (None | str | Unset): A queue: only replicas serving it run the task (default: its agent's, else
+                `default`)
             run_at (datetime.datetime | None | Unset): Not before this time (RFC 3339)
             timeout_s (float | None | Unset):
      """
 
     kind: CreateTaskKind
+    concurrency_key: None | str | Unset = UNSET
     delay_s: float | None | Unset = UNSET
     idempotency_key: None | str | Unset = UNSET
     max_retries: int | None | Unset = UNSET
     payload: Any | Unset = UNSET
     priority: int | Unset = UNSET
+    queue: None | str | Unset = UNSET
     run_at: datetime.datetime | None | Unset = UNSET
     timeout_s: float | None | Unset = UNSET
 
@@ -52,6 +57,12 @@ class CreateTask:
 
     def to_dict(self) -> dict[str, Any]:
         kind = self.kind.value
+
+        concurrency_key: None | str | Unset
+        if isinstance(self.concurrency_key, Unset):
+            concurrency_key = UNSET
+        else:
+            concurrency_key = self.concurrency_key
 
         delay_s: float | None | Unset
         if isinstance(self.delay_s, Unset):
@@ -75,6 +86,12 @@ class CreateTask:
 
         priority = self.priority
 
+        queue: None | str | Unset
+        if isinstance(self.queue, Unset):
+            queue = UNSET
+        else:
+            queue = self.queue
+
         run_at: None | str | Unset
         if isinstance(self.run_at, Unset):
             run_at = UNSET
@@ -95,6 +112,8 @@ class CreateTask:
         field_dict.update({
             "kind": kind,
         })
+        if concurrency_key is not UNSET:
+            field_dict["concurrency_key"] = concurrency_key
         if delay_s is not UNSET:
             field_dict["delay_s"] = delay_s
         if idempotency_key is not UNSET:
@@ -105,6 +124,8 @@ class CreateTask:
             field_dict["payload"] = payload
         if priority is not UNSET:
             field_dict["priority"] = priority
+        if queue is not UNSET:
+            field_dict["queue"] = queue
         if run_at is not UNSET:
             field_dict["run_at"] = run_at
         if timeout_s is not UNSET:
@@ -120,6 +141,16 @@ class CreateTask:
         kind = CreateTaskKind(d.pop("kind"))
 
 
+
+
+        def _parse_concurrency_key(data: object) -> None | str | Unset:
+            if data is None:
+                return data
+            if isinstance(data, Unset):
+                return data
+            return cast(None | str | Unset, data)
+
+        concurrency_key = _parse_concurrency_key(d.pop("concurrency_key", UNSET))
 
 
         def _parse_delay_s(data: object) -> float | None | Unset:
@@ -156,6 +187,16 @@ class CreateTask:
 
         priority = d.pop("priority", UNSET)
 
+        def _parse_queue(data: object) -> None | str | Unset:
+            if data is None:
+                return data
+            if isinstance(data, Unset):
+                return data
+            return cast(None | str | Unset, data)
+
+        queue = _parse_queue(d.pop("queue", UNSET))
+
+
         def _parse_run_at(data: object) -> datetime.datetime | None | Unset:
             if data is None:
                 return data
@@ -188,11 +229,13 @@ class CreateTask:
 
         create_task = cls(
             kind=kind,
+            concurrency_key=concurrency_key,
             delay_s=delay_s,
             idempotency_key=idempotency_key,
             max_retries=max_retries,
             payload=payload,
             priority=priority,
+            queue=queue,
             run_at=run_at,
             timeout_s=timeout_s,
         )

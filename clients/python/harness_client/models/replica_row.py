@@ -12,6 +12,8 @@ from ..models.governor_state import GovernorState
 from typing import cast
 import datetime
 
+if TYPE_CHECKING:
+  from ..models.replica_row_queues import ReplicaRowQueues
 
 
 
@@ -39,6 +41,7 @@ class ReplicaRow:
             leader_since (datetime.datetime | None):
             memory_percent (float | None):
             pid (int):
+            queues (ReplicaRowQueues): The queues it serves, with its capacity for each.
             resume_requested_at (datetime.datetime | None):
             running (int):
             started_at (datetime.datetime):
@@ -57,6 +60,7 @@ class ReplicaRow:
     leader_since: datetime.datetime | None
     memory_percent: float | None
     pid: int
+    queues: ReplicaRowQueues
     resume_requested_at: datetime.datetime | None
     running: int
     started_at: datetime.datetime
@@ -68,6 +72,7 @@ class ReplicaRow:
 
 
     def to_dict(self) -> dict[str, Any]:
+        from ..models.replica_row_queues import ReplicaRowQueues # noqa: PLC0415
         capacity = self.capacity
 
         cpu_percent: float | None
@@ -99,6 +104,8 @@ class ReplicaRow:
 
         pid = self.pid
 
+        queues = self.queues.to_dict()
+
         resume_requested_at: None | str
         if isinstance(self.resume_requested_at, datetime.datetime):
             resume_requested_at = self.resume_requested_at.isoformat()
@@ -127,6 +134,7 @@ class ReplicaRow:
             "leader_since": leader_since,
             "memory_percent": memory_percent,
             "pid": pid,
+            "queues": queues,
             "resume_requested_at": resume_requested_at,
             "running": running,
             "started_at": started_at,
@@ -139,6 +147,7 @@ class ReplicaRow:
 
     @classmethod
     def from_dict(cls: type[T], src_dict: Mapping[str, Any]) -> T:
+        from ..models.replica_row_queues import ReplicaRowQueues # noqa: PLC0415
         d = dict(src_dict)
         capacity = d.pop("capacity")
 
@@ -204,6 +213,11 @@ class ReplicaRow:
 
         pid = d.pop("pid")
 
+        queues = ReplicaRowQueues.from_dict(d.pop("queues"))
+
+
+
+
         def _parse_resume_requested_at(data: object) -> datetime.datetime | None:
             if data is None:
                 return data
@@ -244,6 +258,7 @@ class ReplicaRow:
             leader_since=leader_since,
             memory_percent=memory_percent,
             pid=pid,
+            queues=queues,
             resume_requested_at=resume_requested_at,
             running=running,
             started_at=started_at,

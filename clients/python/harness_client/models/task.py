@@ -34,6 +34,7 @@ class Task:
             attempts (list[AttemptRecord]): One entry per attempt that did not succeed, oldest first.
             cancel_requested (bool):
             completed_at (datetime.datetime | None):
+            concurrency_key (None | str): What limits of scope `key` count it under.
             created_at (datetime.datetime):
             error (None | str):
             fire_at (datetime.datetime | None):
@@ -44,6 +45,7 @@ class Task:
             payload (Any):
             priority (int):
             progress (None | TaskProgress): The latest progress its run reported (on one task, not in listings).
+            queue (str): The queue it waits in.
             replica (None | str): The replica running it (`locked_by`).
             result (Any):
             retry_count (int):
@@ -59,6 +61,7 @@ class Task:
     attempts: list[AttemptRecord]
     cancel_requested: bool
     completed_at: datetime.datetime | None
+    concurrency_key: None | str
     created_at: datetime.datetime
     error: None | str
     fire_at: datetime.datetime | None
@@ -69,6 +72,7 @@ class Task:
     payload: Any
     priority: int
     progress: None | TaskProgress
+    queue: str
     replica: None | str
     result: Any
     retry_count: int
@@ -106,6 +110,9 @@ class Task:
         else:
             completed_at = self.completed_at
 
+        concurrency_key: None | str
+        concurrency_key = self.concurrency_key
+
         created_at = self.created_at.isoformat()
 
         error: None | str
@@ -135,6 +142,8 @@ class Task:
             progress = self.progress.to_dict()
         else:
             progress = self.progress
+
+        queue = self.queue
 
         replica: None | str
         replica = self.replica
@@ -168,6 +177,7 @@ class Task:
             "attempts": attempts,
             "cancel_requested": cancel_requested,
             "completed_at": completed_at,
+            "concurrency_key": concurrency_key,
             "created_at": created_at,
             "error": error,
             "fire_at": fire_at,
@@ -178,6 +188,7 @@ class Task:
             "payload": payload,
             "priority": priority,
             "progress": progress,
+            "queue": queue,
             "replica": replica,
             "result": result,
             "retry_count": retry_count,
@@ -235,6 +246,14 @@ class Task:
             return cast(datetime.datetime | None, data)
 
         completed_at = _parse_completed_at(d.pop("completed_at"))
+
+
+        def _parse_concurrency_key(data: object) -> None | str:
+            if data is None:
+                return data
+            return cast(None | str, data)
+
+        concurrency_key = _parse_concurrency_key(d.pop("concurrency_key"))
 
 
         created_at = datetime.datetime.fromisoformat(d.pop("created_at"))
@@ -304,6 +323,8 @@ class Task:
         progress = _parse_progress(d.pop("progress"))
 
 
+        queue = d.pop("queue")
+
         def _parse_replica(data: object) -> None | str:
             if data is None:
                 return data
@@ -366,6 +387,7 @@ class Task:
             attempts=attempts,
             cancel_requested=cancel_requested,
             completed_at=completed_at,
+            concurrency_key=concurrency_key,
             created_at=created_at,
             error=error,
             fire_at=fire_at,
@@ -376,6 +398,7 @@ class Task:
             payload=payload,
             priority=priority,
             progress=progress,
+            queue=queue,
             replica=replica,
             result=result,
             retry_count=retry_count,

@@ -37,6 +37,8 @@ class UpdateAgentSettings:
                 its own with nothing in it)
             overlap (Overlap | Unset): What a run due while the previous one still runs does: skip (recorded as cancelled
                 with the reason), queue (waits for it) or allow (runs alongside)
+            queue (None | str | Unset): A queue: only replicas serving it run the task (default: its agent's, else
+                `default`)
             requirements (None | str | Unset): A Python agent's requirements.txt: its runs use a virtual environment with
                 these installed
             schedule (None | str | Unset): Cron: 5 fields, or 6 with seconds first
@@ -50,6 +52,7 @@ class UpdateAgentSettings:
     memory_mb: int | Unset = UNSET
     network: Network | Unset = UNSET
     overlap: Overlap | Unset = UNSET
+    queue: None | str | Unset = UNSET
     requirements: None | str | Unset = UNSET
     schedule: None | str | Unset = UNSET
     timeout: int | Unset = UNSET
@@ -80,6 +83,12 @@ class UpdateAgentSettings:
         if not isinstance(self.overlap, Unset):
             overlap = self.overlap.value
 
+
+        queue: None | str | Unset
+        if isinstance(self.queue, Unset):
+            queue = UNSET
+        else:
+            queue = self.queue
 
         requirements: None | str | Unset
         if isinstance(self.requirements, Unset):
@@ -118,6 +127,8 @@ class UpdateAgentSettings:
             field_dict["network"] = network
         if overlap is not UNSET:
             field_dict["overlap"] = overlap
+        if queue is not UNSET:
+            field_dict["queue"] = queue
         if requirements is not UNSET:
             field_dict["requirements"] = requirements
         if schedule is not UNSET:
@@ -171,6 +182,16 @@ class UpdateAgentSettings:
 
 
 
+        def _parse_queue(data: object) -> None | str | Unset:
+            if data is None:
+                return data
+            if isinstance(data, Unset):
+                return data
+            return cast(None | str | Unset, data)
+
+        queue = _parse_queue(d.pop("queue", UNSET))
+
+
         def _parse_requirements(data: object) -> None | str | Unset:
             if data is None:
                 return data
@@ -210,6 +231,7 @@ class UpdateAgentSettings:
             memory_mb=memory_mb,
             network=network,
             overlap=overlap,
+            queue=queue,
             requirements=requirements,
             schedule=schedule,
             timeout=timeout,
