@@ -222,7 +222,7 @@ async fn a_pause_stops_every_replicas_claims_from_the_queue_within_a_second_and_
             .await
             .unwrap()
     );
-    // Resumed: claims start again at once (a NOTIFY, not the next poll), and all finish.
+    // Resumed: claims start again, and all finish.
     assert!(
         harness::queue::queues::resume(&db.pool, "default")
             .await
