@@ -453,3 +453,63 @@ async fn limits_are_set_listed_and_removed_from_the_cli() {
         Some("acme")
     );
 }
+
+#[tokio::test]
+async fn a_limited_claim_that_found_nothing_rests_briefly_and_says_when_to_ask_again() {
+    let db = TestDb::new().await;
+    let q = Queue::new(db.pool.clone(), 0);
+    let kinds = vec!["llm".to_string()];
+    let ask = [("default", 10, 10)];
+    limits::set(&db.pool, &limit(Scope::Kind, "llm", Some(5), None))
+        .await
+        .unwrap();
+    // Nothing the limit applies to: the limited claim finds none, and is not made again for
+    // a while.
+    let r = q.claim_round("r1", &ask, &kinds).await.unwrap();
+    assert!(r.rows.is_empty() && !r.held_back, "{r:?}");
+    q.enqueue(NewTask::new("llm", json!({}))).await.unwrap();
+    let r = q.claim_round("r1", &ask, &kinds).await.unwrap();
+    assert!(r.rows.is_empty(), "claimed while resting: {r:?}");
+    assert!(r.held_back);
+    let wait = r.next_token_in.expect("when to ask again");
+    assert!(wait <= limits::IDLE_RECHECK, "{wait:?}");
+    tokio::time::sleep(wait).await;
+    let r = q.claim_round("r1", &ask, &kinds).await.unwrap();
+    assert_eq!(r.rows.len(), 1, "{r:?}");
+}
+
+#[tokio::test]
+async fn limited_tasks_that_fill_every_free_slot_are_claimed_again_as_attempts_end() {
+    let db = TestDb::new().await;
+    // A limit that binds nothing, and a poll interval far longer than the work.
+    limits::set(&db.pool, &limit(Scope::Kind, "work", Some(100), None))
+        .await
+        .unwrap();
+    let work = Concurrency::default();
+    let h = Harness::builder()
+        .config(db.fast_config(&[
+            ("HARNESS_WORKER__QUEUES", "{default: 2}"),
+            ("HARNESS_BULK__POLL_INTERVAL_MS", "5000"),
+        ]))
+        .pool(db.pool.clone())
+        .handler_with("work", work.handler(20))
+        .build()
+        .await
+        .unwrap();
+    let q = h.queue().clone();
+    q.enqueue_many((0..40).map(|_| NewTask::new("work", json!({}))).collect())
+        .await
+        .unwrap();
+    let t0 = Instant::now();
+    let replicas = vec![serve(h)];
+    eventually("40 limited tasks", Duration::from_secs(30), async || {
+        (count(&db, "SELECT count(*) FROM tasks WHERE status = 'completed'").await == 40)
+            .then_some(())
+    })
+    .await;
+    let took = t0.elapsed();
+    stop(replicas).await;
+    // Without asking again as attempts end, each round after the first waits out the poll.
+    assert!(took < Duration::from_secs(4), "took {took:?}");
+    assert_eq!(work.peak(), 2);
+}

@@ -1279,24 +1279,25 @@ async fn limit_target(
     if scope != Scope::Agent {
         return Ok((scope, target.to_string()));
     }
-    let by_id = match target.parse::<i64>() {
-        Ok(id) => crate::agents::names_of(&st.pool, &[id])
-            .await?
-            .contains_key(&id)
-            .then_some(id),
-        Err(_) => None,
+    let id = match crate::agents::id_of(&st.pool, target).await {
+        Ok(id) => Some(id),
+        // Not a name: an id, if an agent has it.
+        Err(crate::agents::Error::NotFound(_)) => match target.parse::<i64>() {
+            Ok(id) => crate::agents::names_of(&st.pool, &[id])
+                .await?
+                .contains_key(&id)
+                .then_some(id),
+            Err(_) => None,
+        },
+        Err(e) => return Err(e.into()),
     };
-    match crate::agents::id_of(&st.pool, target).await {
-        Ok(id) => Ok((scope, id.to_string())),
-        Err(crate::agents::Error::NotFound(_)) if by_id.is_some() => {
-            Ok((scope, by_id.unwrap_or_default().to_string()))
-        }
-        Err(crate::agents::Error::NotFound(_)) => Err(ApiError::new(
+    match id {
+        Some(id) => Ok((scope, id.to_string())),
+        None => Err(ApiError::new(
             StatusCode::NOT_FOUND,
             format!("no agent {target:?}"),
             Value::Null,
         )),
-        Err(e) => Err(e.into()),
     }
 }
 

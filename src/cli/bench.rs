@@ -241,12 +241,12 @@ pub async fn run(cfg: Config, args: BenchArgs) -> anyhow::Result<()> {
 
 /// `kind:llm=3` (at most 3 running) or `queue:heavy=60/min` (a rate), as `--limit` takes it.
 fn bench_limit(spec: &str) -> anyhow::Result<harness::queue::limits::Limit> {
-    use harness::queue::limits::{Limit, Scope, parse_rate};
+    use harness::queue::limits::{Limit, Scope, parse_rate, parse_target};
     let bad =
         || anyhow::anyhow!("--limit {spec:?}: give TARGET=N or TARGET=R/INTERVAL, e.g. kind:llm=3");
     let (target, value) = spec.rsplit_once('=').ok_or_else(bad)?;
-    let (scope, target) = target.split_once(':').ok_or_else(bad)?;
-    let scope = Scope::parse(scope).ok_or_else(bad)?;
+    let (scope, target) =
+        parse_target(target).map_err(|e| anyhow::anyhow!("--limit {spec:?}: {e}"))?;
     if scope == Scope::Agent {
         bail!("--limit {spec:?}: the benchmark runs no agents; limit a queue, kind or key");
     }

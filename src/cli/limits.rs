@@ -90,11 +90,7 @@ pub async fn run(cfg: Config, args: LimitsArgs) -> anyhow::Result<()> {
 
 /// `queue:heavy` → (Queue, "heavy"); `agent:NAME` → (Agent, its id).
 async fn parse_target(pool: &sqlx::PgPool, s: &str) -> anyhow::Result<(Scope, String)> {
-    let (scope, target) = s
-        .split_once(':')
-        .context("a target is queue:NAME, kind:KIND, agent:NAME or key:KEY (key:* for each key)")?;
-    let scope = Scope::parse(scope)
-        .with_context(|| format!("{scope:?} is not a scope; use queue, kind, agent or key"))?;
+    let (scope, target) = limits::parse_target(s).map_err(anyhow::Error::msg)?;
     if scope == Scope::Agent {
         let id = harness::agents::id_of(pool, target)
             .await

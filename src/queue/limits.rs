@@ -168,6 +168,19 @@ impl Limit {
     }
 }
 
+/// `queue:heavy` → (Queue, "heavy"): a limit's target as the CLI and `harness bench` take it
+/// (an agent by its name, which the caller turns into its id).
+pub fn parse_target(s: &str) -> Result<(Scope, &str), String> {
+    let (scope, target) = s.split_once(':').ok_or_else(|| {
+        format!(
+            "{s:?}: a target is queue:NAME, kind:KIND, agent:NAME or key:KEY (key:* for each key)"
+        )
+    })?;
+    let scope = Scope::parse(scope)
+        .ok_or_else(|| format!("{scope:?} is not a scope; use queue, kind, agent or key"))?;
+    Ok((scope, target))
+}
+
 /// `30s`-style interval for a rate: `60/min` is 60 per 60,000 ms.
 pub fn parse_rate(s: &str) -> Result<(i32, i64), String> {
     let (n, per) = s
@@ -227,6 +240,14 @@ impl Row {
 
 const BUMP: &str = "UPDATE limits_version SET version = version + 1";
 
+/// Every limit, in one order (the order claims lock them in).
+macro_rules! select_limits {
+    () => {
+        "SELECT scope, target, concurrency, rate, per_ms, updated_at FROM limits \
+         ORDER BY scope, target"
+    };
+}
+
 /// Taken first by a change of the limits: it waits for the claims in flight (they hold it
 /// shared), and claims that begin meanwhile wait for the change to commit.
 const LOCK: &str = concat!("SELECT pg_advisory_xact_lock(", limits_lock!(), ")");
@@ -280,12 +301,7 @@ pub async fn remove(pool: &PgPool, scope: Scope, target: &str) -> Result<bool, E
 
 /// Every limit with its running tasks and the due tasks it holds back now.
 pub async fn list(pool: &PgPool) -> Result<Vec<LimitInfo>, Error> {
-    let rows: Vec<Row> = sqlx::query_as(
-        "SELECT scope, target, concurrency, rate, per_ms, updated_at FROM limits \
-         ORDER BY scope, target",
-    )
-    .fetch_all(pool)
-    .await?;
+    let rows: Vec<Row> = sqlx::query_as(select_limits!()).fetch_all(pool).await?;
     let mut conn = pool.acquire().await?;
     let running = running_tasks(&mut conn).await?;
     let (buckets, now) = buckets(&mut conn).await?;
@@ -369,40 +385,18 @@ impl LimitSet {
         let version: i64 = sqlx::query_scalar("SELECT version FROM limits_version")
             .fetch_one(&mut *conn)
             .await?;
-        let rows: Vec<Row> = sqlx::query_as(
-            "SELECT scope, target, concurrency, rate, per_ms, updated_at FROM limits \
-             ORDER BY scope, target",
-        )
-        .fetch_all(&mut *conn)
-        .await?;
+        let rows: Vec<Row> = sqlx::query_as(select_limits!())
+            .fetch_all(&mut *conn)
+            .await?;
         Ok(LimitSet {
             version,
             limits: rows.iter().filter_map(Row::limit).collect(),
         })
     }
 
-    fn targets(&self, scope: Scope) -> Vec<String> {
-        self.limits
-            .iter()
-            .filter(|l| l.scope == scope)
-            .map(|l| l.target.clone())
-            .collect()
-    }
-
-    /// What the plain claim leaves out: whole queues, kinds, agents, keys (or every keyed
-    /// task, with a `*` key limit).
+    /// What the plain claim leaves out (see [`exclusions`]).
     pub(super) fn exclusions(&self) -> Exclusions {
-        Exclusions {
-            queues: self.targets(Scope::Queue),
-            kinds: self.targets(Scope::Kind),
-            agents: self
-                .targets(Scope::Agent)
-                .iter()
-                .filter_map(|t| t.parse().ok())
-                .collect(),
-            keys: self.targets(Scope::Key),
-            every_key: self.targets(Scope::Key).iter().any(|k| k == EACH_KEY),
-        }
+        exclusions(&self.limits)
     }
 
     pub fn is_empty(&self) -> bool {
@@ -410,7 +404,50 @@ impl LimitSet {
     }
 }
 
-/// See [`LimitSet::exclusions`].
+/// What a claim that takes no limited task leaves out: whole queues, kinds, agents, keys (or
+/// every keyed task, with a `*` key limit).
+pub(super) fn exclusions(limits: &[Limit]) -> Exclusions {
+    let targets = |scope: Scope| -> Vec<String> {
+        limits
+            .iter()
+            .filter(|l| l.scope == scope)
+            .map(|l| l.target.clone())
+            .collect()
+    };
+    Exclusions {
+        queues: targets(Scope::Queue),
+        kinds: targets(Scope::Kind),
+        agents: targets(Scope::Agent)
+            .iter()
+            .filter_map(|t| t.parse().ok())
+            .collect(),
+        keys: targets(Scope::Key),
+        every_key: limits
+            .iter()
+            .any(|l| l.scope == Scope::Key && l.target == EACH_KEY),
+    }
+}
+
+/// Slots taken (or tokens left) per limit, by its index, and bucket key.
+type Counts<T> = HashMap<(usize, String), T>;
+
+/// Whether `limit` lets one more task under `key` start now: (a slot is free, a token is
+/// left). A bucket not stored is full.
+fn allows(
+    limit: &Limit,
+    key: &(usize, String),
+    used: &Counts<i64>,
+    tokens: &Counts<f64>,
+) -> (bool, bool) {
+    let slot = limit
+        .concurrency
+        .is_none_or(|n| used.get(key).copied().unwrap_or(0) < n as i64);
+    let token =
+        limit.rate.is_none() || tokens.get(key).copied().unwrap_or_else(|| limit.burst()) >= 1.0;
+    (slot, token)
+}
+
+/// What [`LimitSet::exclusions`] gives.
 #[derive(Debug, Clone, Default)]
 pub(super) struct Exclusions {
     pub queues: Vec<String>,
@@ -528,12 +565,9 @@ pub(super) async fn claim_limited(
     let mut tx = pool.begin().await?;
     super::attempt::pin_plan(&mut tx, super::attempt::CLAIM_PLAN).await?;
     // The limits as they are now, locked: they may have changed since `set` was read.
-    let rows: Vec<Row> = sqlx::query_as(
-        "SELECT scope, target, concurrency, rate, per_ms, updated_at FROM limits \
-         ORDER BY scope, target FOR UPDATE",
-    )
-    .fetch_all(&mut *tx)
-    .await?;
+    let rows: Vec<Row> = sqlx::query_as(concat!(select_limits!(), " FOR UPDATE"))
+        .fetch_all(&mut *tx)
+        .await?;
     let limits: Vec<Limit> = rows.iter().filter_map(Row::limit).collect();
     let version: i64 = sqlx::query_scalar("SELECT version FROM limits_version")
         .fetch_one(&mut *tx)
@@ -541,7 +575,7 @@ pub(super) async fn claim_limited(
     let running = running_tasks(&mut tx).await?;
     let (stored, now) = buckets(&mut tx).await?;
     // Slots taken and tokens left, per limit and bucket key.
-    let mut used: HashMap<(usize, String), i64> = HashMap::new();
+    let mut used: Counts<i64> = HashMap::new();
     for t in &running {
         for (i, l) in limits.iter().enumerate() {
             if let Some(k) = l.key_for(t) {
@@ -549,7 +583,7 @@ pub(super) async fn claim_limited(
             }
         }
     }
-    let mut tokens: HashMap<(usize, String), f64> = HashMap::new();
+    let mut tokens: Counts<f64> = HashMap::new();
     for b in &stored {
         if let Some(i) = limits
             .iter()
@@ -562,15 +596,8 @@ pub(super) async fn claim_limited(
         }
     }
     // What is full now: walked past by the candidate scan.
-    let full = |i: usize,
-                key: &str,
-                used: &HashMap<(usize, String), i64>,
-                tokens: &HashMap<(usize, String), f64>| {
-        let l = &limits[i];
-        let k = (i, key.to_string());
-        l.concurrency
-            .is_some_and(|c| used.get(&k).copied().unwrap_or(0) >= c as i64)
-            || tokens.get(&k).is_some_and(|t| *t < 1.0)
+    let allows = |i: usize, key: &str, used: &Counts<i64>, tokens: &Counts<f64>| {
+        allows(&limits[i], &(i, key.to_string()), used, tokens)
     };
     let (mut skip_kinds, mut skip_agents, mut skip_keys) = (Vec::new(), Vec::new(), Vec::new());
     let mut skip_queues = Vec::new();
@@ -578,10 +605,11 @@ pub(super) async fn claim_limited(
     keys_seen.extend(tokens.keys().cloned());
     let mut dry: std::collections::HashSet<(usize, String)> = Default::default();
     for (i, k) in keys_seen {
-        if !full(i, &k, &used, &tokens) {
+        let (slot, token) = allows(i, &k, &used, &tokens);
+        if slot && token {
             continue;
         }
-        if tokens.get(&(i, k.clone())).is_some_and(|t| *t < 1.0) {
+        if !token {
             dry.insert((i, k.clone()));
         }
         let l = &limits[i];
@@ -593,11 +621,7 @@ pub(super) async fn claim_limited(
             Scope::Key => skip_keys.push(l.target.clone()),
         }
     }
-    let ex = LimitSet {
-        version: 0,
-        limits: limits.clone(),
-    }
-    .exclusions();
+    let ex = exclusions(&limits);
     let (queues, ns): (Vec<&str>, Vec<i64>) = want
         .iter()
         .filter(|(q, n)| *n > 0 && !skip_queues.iter().any(|s| s == q))
@@ -665,29 +689,12 @@ pub(super) async fn claim_limited(
             .enumerate()
             .filter_map(|(i, l)| l.key_for(c).map(|k| (i, k)))
             .collect();
-        let ok = applies.iter().all(|(i, k)| {
-            let l = &limits[*i];
-            let key = (*i, k.clone());
-            let slots = l
-                .concurrency
-                .is_none_or(|n| used.get(&key).copied().unwrap_or(0) < n as i64);
-            let token =
-                l.rate.is_none() || tokens.get(&key).copied().unwrap_or_else(|| l.burst()) >= 1.0;
-            slots && token
-        });
-        if !ok {
-            for (i, k) in &applies {
-                let key = (*i, k.clone());
-                let l = &limits[*i];
-                let no_slot = l
-                    .concurrency
-                    .is_some_and(|n| used.get(&key).copied().unwrap_or(0) >= n as i64);
-                let no_token = l.rate.is_some()
-                    && tokens.get(&key).copied().unwrap_or_else(|| l.burst()) < 1.0;
-                if no_slot || no_token {
-                    rejected.insert(key);
-                }
-            }
+        let blocked: Vec<&(usize, String)> = applies
+            .iter()
+            .filter(|(i, k)| allows(*i, k, &used, &tokens) != (true, true))
+            .collect();
+        if !blocked.is_empty() {
+            rejected.extend(blocked.into_iter().cloned());
             continue;
         }
         for (i, k) in applies {

@@ -71,19 +71,19 @@ pub(super) async fn claim_loop(
         // end, less what runs and waits.
         let granted = capacity.granted();
         let extra = allowance.rows(&shared, granted, capacity.prefetch());
-        let rooms: Vec<usize> = {
-            let feed = feed.lock().expect("backend lock");
-            (0..lanes.len())
-                .map(|l| match drained[l] {
-                    Some(_) => 0,
-                    // A limited queue is claimed into free slots only: no buffer.
-                    None if shared.queue.queue_limited(lanes.name(l)) => {
-                        lanes.free(l, granted, feed.buffered()[l])
-                    }
-                    None => lanes.room(l, granted, extra, feed.buffered()[l]),
-                })
-                .collect()
-        };
+        let buffered: Vec<usize> = feed.lock().expect("backend lock").buffered().to_vec();
+        // Free slots: all that tasks a limit applies to may take (never the buffer).
+        let free: Vec<usize> = (0..lanes.len())
+            .map(|l| lanes.free(l, granted, buffered[l]))
+            .collect();
+        let rooms: Vec<usize> = (0..lanes.len())
+            .map(|l| match drained[l] {
+                Some(_) => 0,
+                // A limited queue is claimed into free slots only.
+                None if shared.queue.queue_limited(lanes.name(l)) => free[l],
+                None => lanes.room(l, granted, extra, buffered[l]),
+            })
+            .collect();
         let room: usize = rooms.iter().sum();
         if room == 0 {
             drop(permits);
@@ -112,13 +112,6 @@ pub(super) async fn claim_loop(
         }
         let want = permits.num_permits();
         let limits = lanes::split(want, &rooms);
-        // Tasks a limit applies to are claimed only into free slots, not into the buffer.
-        let free: Vec<usize> = {
-            let feed = feed.lock().expect("backend lock");
-            (0..lanes.len())
-                .map(|l| lanes.free(l, granted, feed.buffered()[l]))
-                .collect()
-        };
         let asked: Vec<(&str, u32, u32)> = limits
             .iter()
             .enumerate()
