@@ -319,8 +319,22 @@ impl Queue {
         async {
             // Twice at most: a claim made for limits that changed meanwhile takes nothing, and
             // is made again with the limits read anew.
+            // A step that fails after rows were claimed (and committed) must not lose them: the
+            // round ends with what it has, and the replica runs them.
+            macro_rules! or_keep {
+                ($e:expr) => {
+                    match $e {
+                        Ok(v) => v,
+                        Err(e) if round.rows.is_empty() => return Err(e),
+                        Err(e) => {
+                            tracing::warn!(error = %e, claimed = round.rows.len(), "a claim round failed after claiming; running what it claimed");
+                            break;
+                        }
+                    }
+                };
+            }
             for _ in 0..2 {
-                let set = self.limit_set(false).await?;
+                let set = or_keep!(self.limit_set(false).await);
                 // A limited claim that found nothing to take is not made again for a while:
                 // limits that apply to none of these tasks cost the plain claims nothing.
                 let idle = self
@@ -346,7 +360,7 @@ impl Queue {
                         })
                         .collect();
                     let limited =
-                        super::limits::claim_limited(&self.pool, replica, &want, kinds).await?;
+                        or_keep!(super::limits::claim_limited(&self.pool, replica, &want, kinds).await);
                     for (q, w) in &want {
                         let took = limited.rows.iter().filter(|r| r.queue == *q).count() as u32;
                         let room = asked.iter().find(|(a, _)| a == q).map_or(0, |(_, n)| *n);
@@ -370,7 +384,7 @@ impl Queue {
                     if limited.version != set.version {
                         // Limits changed since they were cached: the plain claim would leave
                         // out the wrong tasks. Read them again and go on with those.
-                        self.limit_set(true).await?;
+                        or_keep!(self.limit_set(true).await);
                         continue;
                     }
                 }
@@ -388,9 +402,10 @@ impl Queue {
                 if wanted == 0 {
                     break;
                 }
-                let rows = self
-                    .claim_unlimited(replica, &unlimited, kinds, &set)
-                    .await?;
+                let rows = or_keep!(
+                    self.claim_unlimited(replica, &unlimited, kinds, &set)
+                        .await
+                );
                 let got = rows.len() as u32;
                 for row in &rows {
                     if let Some(a) = asked.iter_mut().find(|(q, _)| *q == row.queue) {
@@ -398,7 +413,7 @@ impl Queue {
                     }
                 }
                 round.rows.extend(rows);
-                if got == wanted || self.limit_set(true).await?.version == set.version {
+                if got == wanted || or_keep!(self.limit_set(true).await).version == set.version {
                     break;
                 }
             }
