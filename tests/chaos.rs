@@ -51,7 +51,11 @@ async fn until<T>(within: Duration, what: &str, probe: impl AsyncFnMut() -> Opti
     common::eventually(what, within, probe).await
 }
 
-async fn start_replica(url: &str) -> Replica {
+/// Starts a replica logging (at info) to a file of its own in `logs`, kept for the report of a
+/// failure ([`said_about`]).
+async fn start_replica(url: &str, logs: &std::path::Path) -> Replica {
+    let n = std::fs::read_dir(logs).map_or(0, |d| d.count());
+    let log = std::fs::File::create(logs.join(format!("replica-{n}.log"))).unwrap();
     let child = common::Proc::spawn(
         common::harness_at(url)
             .arg("serve")
@@ -65,7 +69,7 @@ async fn start_replica(url: &str) -> Replica {
             .env("HARNESS_GOVERNANCE__CPU_HIGH_PCT", "100")
             .env("HARNESS_GOVERNANCE__MEM_HIGH_PCT", "100")
             .stdout(Stdio::null())
-            .stderr(Stdio::null()),
+            .stderr(log),
     );
     let pid = child.pid();
     let pool = harness::db::connect(url, 1).await.unwrap();
@@ -84,6 +88,26 @@ async fn start_replica(url: &str) -> Replica {
     .await;
     pool.close().await;
     Replica { child, id }
+}
+
+/// What every replica logged about task `id`, for the message of a failed assertion.
+fn said_about(logs: &std::path::Path, id: i64) -> String {
+    let needles = [format!("\"task.id\":{id},"), format!("\"task.id\":{id}}}")];
+    let mut said = String::new();
+    let mut files: Vec<_> = std::fs::read_dir(logs)
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    files.sort();
+    for path in files {
+        let text = std::fs::read_to_string(&path).unwrap_or_default();
+        for line in text
+            .lines()
+            .filter(|l| needles.iter().any(|n| l.contains(n.as_str())))
+        {
+            said.push_str(&format!("\n  {}: {line}", path.display()));
+        }
+    }
+    said
 }
 
 /// What a fault did, for the report and the accounting.
@@ -189,6 +213,7 @@ async fn chaos_every_task_once_through_kills_stops_and_postgres_faults() {
     let q = Queue::new(pool.clone(), 20);
 
     let dir = common::agent_writable_dir("harness-chaos-");
+    let logs = tempfile::tempdir().unwrap();
     let effects = common::agent_writable_file(&dir.path().join("effects"));
 
     // Two thirds in-process sleeps, one third sandboxed commands that leave a mark; both
@@ -224,7 +249,7 @@ async fn chaos_every_task_once_through_kills_stops_and_postgres_faults() {
 
     let mut replicas = Vec::new();
     for _ in 0..replicas_n {
-        replicas.push(start_replica(&url).await);
+        replicas.push(start_replica(&url, logs.path()).await);
     }
 
     let mut faults = Vec::new();
@@ -243,7 +268,7 @@ async fn chaos_every_task_once_through_kills_stops_and_postgres_faults() {
                     replica: r.id.clone(),
                     at,
                 });
-                replicas.insert(i, start_replica(&url).await);
+                replicas.insert(i, start_replica(&url, logs.path()).await);
             }
             Plan::Stop => {
                 let i = next % replicas.len();
@@ -325,9 +350,9 @@ async fn chaos_every_task_once_through_kills_stops_and_postgres_faults() {
     .await;
     let finished = started.elapsed();
 
-    // The record of every task: its key, when it completed, and its lost attempts.
-    let rows: Vec<(String, DateTime<Utc>, Value, i32)> =
-        sqlx::query_as("SELECT idempotency_key, completed_at, attempts, attempt FROM tasks")
+    // The record of every task: its key, when it completed, its lost attempts, its id.
+    let rows: Vec<(String, DateTime<Utc>, Value, i32, i64)> =
+        sqlx::query_as("SELECT idempotency_key, completed_at, attempts, attempt, id FROM tasks")
             .fetch_all(&pool)
             .await
             .unwrap();
@@ -335,8 +360,10 @@ async fn chaos_every_task_once_through_kills_stops_and_postgres_faults() {
     let mut lost_by_replica: HashMap<String, Vec<DateTime<Utc>>> = HashMap::new();
     let mut lost_total = 0usize;
     let mut completed_at = HashMap::new();
-    for (key, done, attempts, _) in &rows {
+    let mut id_of = HashMap::new();
+    for (key, done, attempts, _, id) in &rows {
         completed_at.insert(key.clone(), *done);
+        id_of.insert(key.clone(), (*id, attempts.clone()));
         for a in attempts.as_array().unwrap() {
             assert_eq!(
                 a["status"], "lost",
@@ -375,7 +402,11 @@ async fn chaos_every_task_once_through_kills_stops_and_postgres_faults() {
             // the command ends. Same host, so the clocks agree (to within a few ms).
             assert!(
                 *m <= done + chrono::Duration::milliseconds(50),
-                "{key} started again at {m} after it completed at {done}"
+                "{key} started again at {m} after it completed at {done}; faults {faults:?}; \
+                 its runs {marks:?}; its lost attempts {}; the replicas about task {}:{}",
+                id_of[*key].1,
+                id_of[*key].0,
+                said_about(logs.path(), id_of[*key].0)
             );
         }
     }

@@ -647,6 +647,147 @@ async fn a_claim_that_returns_after_a_long_stop_is_not_started() {
     );
 }
 
+/// A sandboxed run held up between its attempt's start and its process's start (here: reading
+/// the agent's handoff behind a table lock) while its replica is stopped; its task is rescued
+/// and completed elsewhere meanwhile. Once resumed, the replica must not start the process —
+/// neither a command nor a Python agent (forked from the fork server).
+#[tokio::test]
+async fn a_run_held_up_before_its_start_does_not_start_after_its_task_was_rescued() {
+    let db = TestDb::new().await;
+    let dir = shared_dir();
+    let effects = common::agent_writable_file(&dir.path().join("effects"));
+    let code = dir.path().join("marker.py");
+    std::fs::write(
+        &code,
+        format!(
+            "class Agent:\n    def execute(self):\n        open({:?}, 'a').write('py\\n')\n        return {{}}\n",
+            effects.display().to_string()
+        ),
+    )
+    .unwrap();
+    let command = format!("sh -c 'echo sh >> {}'", effects.display());
+    for (name, how, what) in [
+        ("marker-sh", "--command", command.as_str()),
+        ("marker-py", "--file", code.to_str().unwrap()),
+    ] {
+        let out = harness(&db)
+            .args(["agents", "add", name, "--overlap", "allow", how, what])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    // A run reads the agent's last handoff before it starts its process: a table lock holds
+    // it there, its attempt started but nothing of it spawned.
+    let mut handoffs = db.pool.begin().await.unwrap();
+    sqlx::query("LOCK TABLE handoffs IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *handoffs)
+        .await
+        .unwrap();
+    let a = Replica::start_logged(&db, &[("RUST_LOG", "info")]);
+    replica_id_of(&db, a.pid()).await;
+    let mut ids = Vec::new();
+    for name in ["marker-sh", "marker-py"] {
+        let run = harness(&db)
+            .args(["agents", "run", name, "--json"])
+            .output()
+            .unwrap();
+        assert!(
+            run.status.success(),
+            "{}",
+            String::from_utf8_lossy(&run.stderr)
+        );
+        ids.push(
+            serde_json::from_slice::<Value>(&run.stdout).unwrap()["id"]
+                .as_i64()
+                .unwrap(),
+        );
+    }
+    until(
+        Duration::from_secs(10),
+        "both runs to wait for the handoffs",
+        async || {
+            let n: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_stat_activity \
+             WHERE wait_event_type = 'Lock' AND query LIKE '%FROM handoffs%'",
+            )
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+            (n == 2).then_some(())
+        },
+    )
+    .await;
+    // The replica stops there; its tasks are rescued and run to the end elsewhere (here, by
+    // the test acting as another replica).
+    a.signal(Signal::SIGSTOP);
+    let q = Queue::new(db.pool.clone(), 3);
+    let mut rescued = Vec::new();
+    until(
+        Duration::from_secs(20),
+        "the tasks to be rescued",
+        async || {
+            rescued.extend(q.rescue(Duration::from_secs(RESCUE_AFTER_S)).await.unwrap());
+            (rescued.len() == 2).then_some(())
+        },
+    )
+    .await;
+    let claimed = q.claim("other", 2, &["agent".to_string()]).await.unwrap();
+    assert_eq!(claimed.len(), 2);
+    let completions: Vec<harness::queue::Completion> = claimed
+        .iter()
+        .map(|c| harness::queue::Completion {
+            id: c.id,
+            attempt: c.attempt,
+            outcome: harness::queue::Outcome::Success(json!({"by": "other"})),
+            retry_at: chrono::Utc::now(),
+            handoff: None,
+        })
+        .collect();
+    assert_eq!(q.complete("other", &completions).await.unwrap(), 2);
+    // The stopped replica's reads are answered; then it runs again, its reconciliation (which
+    // would stop the runs once it learns the tasks are gone) held up by a lock on the tasks.
+    let mut tasks = db.pool.begin().await.unwrap();
+    sqlx::query("LOCK TABLE tasks IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *tasks)
+        .await
+        .unwrap();
+    handoffs.commit().await.unwrap();
+    a.signal(Signal::SIGCONT);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    tasks.commit().await.unwrap();
+    // Give a started process time to leave its mark, should one have been started.
+    let marker = q
+        .enqueue(NewTask::new(
+            "command",
+            json!({"argv": ["sh", "-c", format!("echo marker >> {}.marker", effects.display())]}),
+        ))
+        .await
+        .unwrap()
+        .id;
+    until(
+        Duration::from_secs(20),
+        "a to run the next task",
+        async || (q.get(marker).await.unwrap().status == Status::Completed).then_some(()),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        std::fs::read_to_string(&effects).unwrap(),
+        "",
+        "the stopped replica started runs after their tasks were rescued and completed"
+    );
+    assert!(a.log_contains("not starting the run"));
+    for id in ids {
+        let t = q.get(id).await.unwrap();
+        assert_eq!((t.status, t.attempt), (Status::Completed, 2));
+        assert_eq!(t.result, Some(json!({"by": "other"})));
+    }
+}
+
 fn alive(pid: i32) -> bool {
     // A zombie is dead for our purposes: only its parent has not reaped it yet.
     std::fs::read_to_string(format!("/proc/{pid}/stat"))

@@ -907,10 +907,10 @@ impl Agents {
         // The sandboxed process continues this run's trace.
         spec.traceparent =
             crate::telemetry::current_traceparent().or_else(|| ctx.traceparent.clone());
-        let result = self
-            .run_logged(&ctx, &mut spec)
-            .await
-            .map_err(setup_error)?;
+        let result = match self.run_logged(&ctx, &mut spec).await {
+            Err(crate::executor::Error::NotStarted(why)) => return Ok(given_back(&ctx, &why)),
+            r => r.map_err(setup_error)?,
+        };
         let error = result.error.clone().unwrap_or_default();
         let record = serde_json::to_value(&result).expect("result serialises");
         match result.status {
@@ -933,12 +933,15 @@ impl Agents {
     }
 
     /// Runs `spec` for the attempt of `ctx`, its output and progress stored as it goes
-    /// (`queue::logs`) and all of it stored before this returns.
+    /// (`queue::logs`) and all of it stored before this returns. Its process starts only
+    /// while the attempt holds its lease ([`crate::executor::Error::NotStarted`] if not).
     async fn run_logged(
         &self,
         ctx: &TaskContext,
         spec: &mut RunSpec,
     ) -> Result<crate::executor::ExecutionResult, crate::executor::Error> {
+        let lease = ctx.lease();
+        spec.gate = Some(crate::executor::StartGate::new(move || lease.check()));
         let limit = self.executor.output_limit;
         let output = Arc::new(crate::executor::output::RunOutput::new(limit));
         spec.output = Some(output.clone());
@@ -987,10 +990,12 @@ impl Agents {
                     })?;
                 }
                 spec.traceparent = ctx.traceparent.clone();
-                let result = agents
-                    .run_logged(&ctx, &mut spec)
-                    .await
-                    .map_err(setup_error)?;
+                let result = match agents.run_logged(&ctx, &mut spec).await {
+                    Err(crate::executor::Error::NotStarted(why)) => {
+                        return Ok(given_back(&ctx, &why));
+                    }
+                    r => r.map_err(setup_error)?,
+                };
                 let record = serde_json::to_value(&result).expect("result serialises");
                 match result.status {
                     ExecStatus::Success => Ok(record),
@@ -1084,6 +1089,17 @@ pub fn validate_command_payload(payload: &Value) -> Result<(), String> {
         return Err("payload.env must map variable names to strings".into());
     }
     Ok(())
+}
+
+/// A run whose process was not started because another replica may have taken its task over:
+/// the task goes back to the queue, the attempt not counted (if it is still this replica's).
+fn given_back(ctx: &TaskContext, why: &str) -> Value {
+    tracing::warn!(
+        reason = why,
+        "not starting the run; returning its task to the queue"
+    );
+    ctx.defer(Duration::ZERO);
+    Value::Null
 }
 
 /// A run that could not be set up: permanent when no retry can cure it (see

@@ -94,6 +94,31 @@ pub enum Error {
     NoNetworkNamespace,
     #[error("executor.uid_range: {0}")]
     UidRange(String),
+    /// The run's [`StartGate`] refused just before its process would have started.
+    #[error("not started: {0}")]
+    NotStarted(String),
+}
+
+/// Asked just before a run's process starts (after everything else about the run is ready):
+/// `Err` with a reason stops the run there, with nothing of it started ([`Error::NotStarted`]).
+/// The worker passes one that refuses once another replica may have taken the task over.
+#[derive(Clone)]
+pub struct StartGate(std::sync::Arc<dyn Fn() -> Result<(), String> + Send + Sync>);
+
+impl StartGate {
+    pub fn new(check: impl Fn() -> Result<(), String> + Send + Sync + 'static) -> StartGate {
+        StartGate(std::sync::Arc::new(check))
+    }
+
+    pub fn check(&self) -> Result<(), String> {
+        (self.0)()
+    }
+}
+
+impl std::fmt::Debug for StartGate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("StartGate")
+    }
 }
 
 impl Error {
@@ -171,6 +196,8 @@ pub struct RunSpec {
     /// Where the output and progress go while the run goes on (whoever stores them takes
     /// from it); none: only the result's head and tail.
     pub output: Option<std::sync::Arc<output::RunOutput>>,
+    /// Asked just before the process starts; none: it always starts.
+    pub gate: Option<StartGate>,
 }
 
 impl RunSpec {
@@ -188,6 +215,7 @@ impl RunSpec {
             python: None,
             traceparent: None,
             output: None,
+            gate: None,
         }
     }
 }
@@ -552,10 +580,13 @@ impl Executor {
                 unsafe {
                     cmd.pre_exec(move || setup.apply());
                 }
-                let mut child = spawner::spawn(cmd).await.map_err(|source| Error::Spawn {
-                    program: run.program.display().to_string(),
-                    source,
-                })?;
+                let mut child = spawner::spawn_if(cmd, spec.gate.clone())
+                    .await
+                    .map_err(Error::NotStarted)?
+                    .map_err(|source| Error::Spawn {
+                        program: run.program.display().to_string(),
+                        source,
+                    })?;
                 if let Some(mut stdin) = child.stdin.take() {
                     let input = run.input_text.clone();
                     tokio::spawn(async move {
@@ -578,6 +609,10 @@ impl Executor {
             .map_err(|e| tracing::warn!(error = %e, "could not record the run's process group"))
             .ok();
         if let Running::Forked(forked) = &running {
+            // Nothing of the agent's has run yet: a refusal drops the child (`cleanup`).
+            if let Some(gate) = &spec.gate {
+                gate.check().map_err(Error::NotStarted)?;
+            }
             // Tracked now (`cleanup` kills its group): the agent's code may load. A child
             // that is gone already shows as its exit below.
             if let Err(e) = forked.start().await {

@@ -14,7 +14,8 @@ use tokio::sync::oneshot;
 type Request = (
     Command,
     tokio::runtime::Handle,
-    oneshot::Sender<std::io::Result<Child>>,
+    Option<super::StartGate>,
+    oneshot::Sender<Result<std::io::Result<Child>, String>>,
 );
 
 static SPAWNER: OnceLock<mpsc::Sender<Request>> = OnceLock::new();
@@ -22,24 +23,46 @@ static SPAWNER: OnceLock<mpsc::Sender<Request>> = OnceLock::new();
 /// Spawns `cmd` from the spawner thread, registered with the caller's runtime (which reaps
 /// the child and drives its pipes).
 pub async fn spawn(cmd: Command) -> std::io::Result<Child> {
+    match spawn_if(cmd, None).await {
+        Ok(spawned) => spawned,
+        Err(why) => Err(std::io::Error::other(why)),
+    }
+}
+
+/// [`spawn`] once `gate` allows it, asked on the spawner thread just before the fork (so that
+/// nothing of this process runs between the last check and the child): `Err` with the
+/// gate's reason when it refuses, and nothing is spawned.
+pub async fn spawn_if(
+    cmd: Command,
+    gate: Option<super::StartGate>,
+) -> Result<std::io::Result<Child>, String> {
     let requests = SPAWNER.get_or_init(|| {
         let (tx, rx) = mpsc::channel::<Request>();
         std::thread::Builder::new()
             .name("harness-spawner".into())
             .spawn(move || {
-                for (mut cmd, runtime, reply) in rx {
+                for (mut cmd, runtime, gate, reply) in rx {
                     let _entered = runtime.enter();
-                    let _ = reply.send(cmd.spawn());
+                    let spawned = match gate.as_ref().map_or(Ok(()), super::StartGate::check) {
+                        Ok(()) => Ok(cmd.spawn()),
+                        Err(why) => Err(why),
+                    };
+                    let _ = reply.send(spawned);
                 }
             })
             .expect("start the spawner thread");
         tx
     });
     let (reply, answer) = oneshot::channel();
-    requests
-        .send((cmd, tokio::runtime::Handle::current(), reply))
-        .map_err(|_| std::io::Error::other("the spawner thread is gone"))?;
-    answer
-        .await
-        .map_err(|_| std::io::Error::other("the spawner thread dropped the request"))?
+    if requests
+        .send((cmd, tokio::runtime::Handle::current(), gate, reply))
+        .is_err()
+    {
+        return Ok(Err(std::io::Error::other("the spawner thread is gone")));
+    }
+    answer.await.unwrap_or_else(|_| {
+        Ok(Err(std::io::Error::other(
+            "the spawner thread dropped the request",
+        )))
+    })
 }

@@ -3,7 +3,9 @@
 //!
 //! It also keeps the replica honest about itself: past half of `rescue_after` without a
 //! heartbeat, other replicas may soon take its tasks, so claiming stops until a beat gets
-//! through; and it publishes since when beats have succeeded without a break ([`Health`]), which
+//! through; every beat that gets through is told to the worker, whose claims may start only
+//! while no break in the beats could have let another replica take them (`worker::Lease`);
+//! and it publishes since when beats have succeeded without a break ([`Health`]), which
 //! the rescuer requires before judging anyone else.
 
 use std::time::Duration;
@@ -48,9 +50,11 @@ pub fn start(
         while ticks.next().await {
             let running = worker.running() as i32;
             let granted = worker.capacity().granted() as i32;
+            let sent = Instant::now();
             match heartbeat.beat(running, granted, interval).await {
                 Ok(()) => {
                     last_ok = Instant::now();
+                    worker.beat_through(sent.into_std(), last_ok.into_std());
                     healthy_tx.send_if_modified(|since| {
                         since.get_or_insert(last_ok);
                         false

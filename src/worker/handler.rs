@@ -28,6 +28,7 @@ pub struct TaskContext {
     /// may watch it to stop early (it is also dropped at that point).
     pub cancel: CancellationToken,
     pub(super) control: Arc<Mutex<Control>>,
+    pub(super) lease: super::Lease,
 }
 
 /// What a handler asks of the pool beyond its `Ok`/`Err`.
@@ -45,6 +46,12 @@ pub(super) enum Verdict {
 }
 
 impl TaskContext {
+    /// The attempt's right to start: ask [`super::Lease::check`] right before anything the
+    /// task does outside the process (a sandboxed run's process is started only if it allows).
+    pub fn lease(&self) -> super::Lease {
+        self.lease.clone()
+    }
+
     /// State for the agent's next run, written in the transaction that completes this task
     /// (only if it completes successfully and this attempt still owns it).
     pub fn hand_off(&self, write: HandoffWrite) {

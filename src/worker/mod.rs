@@ -22,7 +22,9 @@
 //! - every attempt ends in exactly one [`crate::queue::Outcome`] (success, error, panic →
 //!   failed, timeout, cancel), written back in batches through
 //!   [`crate::queue::Queue::complete`];
-//! - a buffered row whose claim is older than `claim_max_age` is given back, not started;
+//! - a buffered row whose claim is older than `claim_max_age` is given back, not started, and
+//!   so is an attempt whose claim a long enough break in the heartbeats outlived (see
+//!   `lease`), checked again just before a sandboxed run's process starts;
 //! - on shutdown, claimed-but-unstarted tasks and tasks still running after the grace period
 //!   go back to `pending` without counting an attempt.
 //!
@@ -35,6 +37,7 @@ mod completer;
 mod handler;
 mod holds;
 mod lanes;
+mod lease;
 mod quarantine;
 mod runner;
 
@@ -54,6 +57,7 @@ use completer::write_completions;
 use handler::{Control, Verdict};
 pub use handler::{Handler, HandlerError, Registry, TaskContext, whole};
 use holds::Holds;
+pub use lease::Lease;
 use quarantine::Quarantines;
 pub use quarantine::Target;
 use runner::Runner;
@@ -84,6 +88,8 @@ pub struct WorkerOptions {
     /// A claim answered later than this after it was sent is not started (half of
     /// `rescue_after`: by then another replica may have rescued the rows and run them).
     pub claim_max_age: Duration,
+    /// After how long without a heartbeat other replicas rescue this one's tasks.
+    pub rescue_after: Duration,
 }
 
 impl WorkerOptions {
@@ -98,6 +104,7 @@ impl WorkerOptions {
             shutdown_grace: Duration::from_secs(cfg.bulk.shutdown_grace_s),
             // Half of rescue_after: by then another replica may have rescued the rows.
             claim_max_age: Duration::from_secs(cfg.persistence.rescue_after_s) / 2,
+            rescue_after: Duration::from_secs(cfg.persistence.rescue_after_s),
         }
     }
 }
@@ -131,6 +138,8 @@ struct Shared {
     pace: Pace,
     /// The queues served and what runs in each.
     lanes: Arc<lanes::Lanes>,
+    /// What the heartbeats say about this replica's claims (see `lease`).
+    beats: Arc<Mutex<lease::Beats>>,
 }
 
 /// Handlers that returned and the time they took: what the prefetch buffer is sized by.
@@ -159,6 +168,11 @@ impl Shared {
         for (id, attempt) in attempts {
             holds.forget(id, attempt);
         }
+    }
+
+    /// The right to start of what was claimed at `claimed_at`.
+    fn lease(&self, claimed_at: std::time::Instant) -> Lease {
+        Lease::new(claimed_at, self.beats.clone())
     }
 
     fn running_count(&self) -> usize {
@@ -209,6 +223,7 @@ impl Worker {
             quarantines: Quarantines::default(),
             pace: Pace::default(),
             lanes: Arc::new(lanes::Lanes::new(&options.queues)),
+            beats: Arc::new(Mutex::new(lease::Beats::new(options.rescue_after))),
         });
 
         let stop_writer = CancellationToken::new();
@@ -395,6 +410,16 @@ impl WorkerHandle {
 
     pub fn capacity(&self) -> &Arc<Capacity> {
         &self.capacity
+    }
+
+    /// A heartbeat sent at `sent` got through at `answered`: what decides whether claims may
+    /// still start (see [`Lease`]). A pool never told of a heartbeat starts everything.
+    pub fn beat_through(&self, sent: std::time::Instant, answered: std::time::Instant) {
+        self.shared
+            .beats
+            .lock()
+            .expect("beats lock")
+            .beat(sent, answered);
     }
 
     /// Stops or resumes claiming (running attempts are not touched).

@@ -62,7 +62,8 @@ pub(super) async fn run_attempt(shared: Arc<Shared>, job: Job) {
         claimed_at,
         arrived_at,
     } = job;
-    if give_back_stale(&shared, &c, claimed_at).await {
+    let lease = shared.lease(claimed_at.into_std());
+    if give_back_stale(&shared, &c, claimed_at, &lease).await {
         shared.ended.notify_waiters();
         return;
     }
@@ -91,7 +92,7 @@ pub(super) async fn run_attempt(shared: Arc<Shared>, job: Job) {
         let _ = span.set_parent(parent);
     }
     let began = std::time::Instant::now();
-    let outcome = attempt(&shared, &c, &token, &control)
+    let outcome = attempt(&shared, &c, &token, &control, lease)
         .instrument(span)
         .await;
     // The slot is free for the next buffered row while this completion waits to be written.
@@ -148,13 +149,19 @@ pub(super) async fn run_attempt(shared: Arc<Shared>, job: Job) {
 }
 
 /// A claim that came back late (the process was stopped, or the database stalled) may already
-/// have been rescued and run elsewhere; one made while claiming is suspended may be rescued at
-/// any moment. Such a claim is given back (fenced by the attempt) rather than run twice.
-/// Returns whether it was.
-async fn give_back_stale(shared: &Shared, c: &Claimed, claimed_at: tokio::time::Instant) -> bool {
+/// have been rescued and run elsewhere, and so may one that a break in the heartbeats outlived
+/// (its lease); one made while claiming is suspended may be rescued at any moment. Such a claim
+/// is given back (fenced by the attempt) rather than run twice. Returns whether it was.
+async fn give_back_stale(
+    shared: &Shared,
+    c: &Claimed,
+    claimed_at: tokio::time::Instant,
+    lease: &Lease,
+) -> bool {
     let age = claimed_at.elapsed();
     let suspended = !shared.claiming.load(std::sync::atomic::Ordering::SeqCst);
-    if age <= shared.options.claim_max_age && !suspended {
+    let revoked = lease.check().err();
+    if age <= shared.options.claim_max_age && !suspended && revoked.is_none() {
         return false;
     }
     tracing::warn!(
@@ -162,8 +169,9 @@ async fn give_back_stale(shared: &Shared, c: &Claimed, claimed_at: tokio::time::
         task.attempt = c.attempt,
         claim_age_ms = age.as_millis() as u64,
         suspended,
-        "not starting a claimed task: the claim is too old or claiming is suspended; \
-         returning it to the queue"
+        lease = revoked.as_deref().unwrap_or("held"),
+        "not starting a claimed task: the claim is too old, its lease is lost or claiming is \
+         suspended; returning it to the queue"
     );
     if let Err(e) = shared
         .queue
@@ -183,6 +191,7 @@ async fn attempt(
     c: &Claimed,
     token: &CancellationToken,
     control: &Arc<Mutex<Control>>,
+    lease: Lease,
 ) -> Outcome {
     let Some(handler) = shared.registry.get(&c.kind) else {
         return Outcome::Failed(format!(
@@ -213,6 +222,7 @@ async fn attempt(
         traceparent: c.traceparent.clone(),
         cancel: token.clone(),
         control: control.clone(),
+        lease,
     };
     // Inside the guard, so a handler that panics while building its future is caught too.
     let func = handler.func.clone();
