@@ -417,6 +417,41 @@ async fn limits_are_set_listed_and_removed_from_the_cli() {
         table.contains("kind:echo") && table.contains("60/1m"),
         "{table}"
     );
+    // An agent's limit is shown by the agent's name.
+    assert!(table.contains("agent:llm"), "{table}");
+    // The fleet view says what holds work back: a limit of one `work` task at a time, one
+    // running, two waiting.
+    let (ok, _, err) = run(cli().args(["limits", "set", "kind:work", "--concurrency", "1"]));
+    assert!(ok, "{err}");
+    let q = Queue::new(db.pool.clone(), 0);
+    for _ in 0..3 {
+        q.enqueue(NewTask::new("work", json!({}))).await.unwrap();
+    }
+    sqlx::query(
+        "UPDATE tasks SET status = 'running', locked_by = 'r1', attempt = 1 \
+         WHERE id = (SELECT min(id) FROM tasks)",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let (ok, fleet, err) = run(cli().args(["fleet"]));
+    assert!(ok, "{err}");
+    for line in [
+        "limit: agent:llm, at most 3 running: 0 running, 0 held back",
+        "limit: kind:echo, at most 60 starts per 1m: 0 running, 0 held back",
+        "limit: kind:work, at most 1 running: 1 running, 2 held back",
+    ] {
+        assert!(fleet.contains(line), "{line:?} in {fleet}");
+    }
+    let (ok, out, err) = run(cli().args(["limits", "rm", "kind:work"]));
+    assert!(
+        ok && out.contains("limit on kind:work removed"),
+        "{out} {err}"
+    );
+    sqlx::query("DELETE FROM tasks")
+        .execute(&db.pool)
+        .await
+        .unwrap();
     for (args, says) in [
         (
             vec!["limits", "set", "agent:nobody", "--concurrency", "1"],

@@ -384,6 +384,10 @@ async fn the_cli_enqueues_into_a_queue_lists_pauses_and_resumes_it_with_a_servin
     assert!(table.contains("paused: upgrade"), "{table}");
     let fleet = run(cli().args(["fleet"]));
     assert!(fleet.contains("heavy:2"), "{fleet}");
+    assert!(
+        fleet.contains("paused: queue heavy (upgrade), 1 runnable"),
+        "{fleet}"
+    );
     let stats: Value = serde_json::from_str(&run(cli().args(["stats", "--json"]))).unwrap();
     assert_eq!(stats["queues"][0]["name"], "heavy", "{stats}");
     tokio::time::sleep(Duration::from_millis(500)).await;

@@ -3,6 +3,7 @@
 
 use anyhow::{Context, bail};
 use clap::{Args, Subcommand};
+use std::collections::HashMap;
 
 use harness::Config;
 use harness::db::IfAbsent;
@@ -70,15 +71,16 @@ pub async fn run(cfg: Config, args: LimitsArgs) -> anyhow::Result<()> {
                     per_ms,
                 };
                 limits::set(&pool, &limit).await?;
-                println!("limit set: {}", describe(&limit));
+                let names = agent_names(&pool, [&limit]).await?;
+                println!("limit set: {}", describe(&limit, &names));
                 Ok(())
             }
-            LimitsCommand::Rm { target } => {
-                let (scope, target) = parse_target(&pool, &target).await?;
+            LimitsCommand::Rm { target: named } => {
+                let (scope, target) = parse_target(&pool, &named).await?;
                 if !limits::remove(&pool, scope, &target).await? {
-                    bail!("no limit on {}:{target}", scope.as_str());
+                    bail!("no limit on {named}");
                 }
-                println!("limit on {}:{target} removed", scope.as_str());
+                println!("limit on {named} removed");
                 Ok(())
             }
         }
@@ -100,8 +102,33 @@ async fn parse_target(pool: &sqlx::PgPool, s: &str) -> anyhow::Result<(Scope, St
     Ok((scope, target.to_string()))
 }
 
-fn describe(l: &Limit) -> String {
-    let mut parts = vec![format!("{}:{}", l.scope.as_str(), l.target)];
+/// The names of the agents that agent limits among `limits` name by id.
+pub(super) async fn agent_names<'a>(
+    pool: &sqlx::PgPool,
+    limits: impl IntoIterator<Item = &'a Limit>,
+) -> anyhow::Result<HashMap<i64, String>> {
+    let ids: Vec<i64> = limits
+        .into_iter()
+        .filter(|l| l.scope == Scope::Agent)
+        .filter_map(|l| l.target.parse().ok())
+        .collect();
+    if ids.is_empty() {
+        return Ok(HashMap::new());
+    }
+    Ok(harness::agents::names_of(pool, &ids).await?)
+}
+
+/// `queue:heavy`, `agent:llm` (an agent by its name while it exists, else by its id).
+pub(super) fn target_text(l: &Limit, names: &HashMap<i64, String>) -> String {
+    let name = (l.scope == Scope::Agent)
+        .then(|| l.target.parse::<i64>().ok().and_then(|id| names.get(&id)))
+        .flatten();
+    format!("{}:{}", l.scope.as_str(), name.unwrap_or(&l.target))
+}
+
+/// `kind:llm, at most 3 running, at most 20 starts per 1s`.
+pub(super) fn describe(l: &Limit, names: &HashMap<i64, String>) -> String {
+    let mut parts = vec![target_text(l, names)];
     if let Some(c) = l.concurrency {
         parts.push(format!("at most {c} running"));
     }
@@ -125,11 +152,12 @@ async fn list(pool: &sqlx::PgPool, json: bool) -> anyhow::Result<()> {
         println!("no limits (add one with `harness limits set queue:NAME --concurrency 3`)");
         return Ok(());
     }
+    let names = agent_names(pool, all.iter().map(|i| &i.limit)).await?;
     let mut t = Table::new(&["TARGET", "CONCURRENCY", "RATE", "RUNNING", "HELD BACK"]);
     for i in all {
         let l = &i.limit;
         t.row(vec![
-            format!("{}:{}", l.scope.as_str(), l.target),
+            target_text(l, &names),
             l.concurrency.map_or("-".into(), |c| c.to_string()),
             match (l.rate, l.per_ms) {
                 (Some(r), Some(p)) => format!("{r}/{}", per_text(p)),

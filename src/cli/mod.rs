@@ -112,7 +112,8 @@ second signal exits at once. The REST API listens on api.bind unless --no-api.")
     /// Register, change, run and inspect agents
     Agents(agents::AgentsArgs),
     /// List live replicas (heartbeat age, leader, governor state, capacity, running tasks,
-    /// latest CPU and memory, isolation), or resume replicas the governor holds
+    /// latest CPU and memory, isolation, queues served) after what holds work back fleet-wide
+    /// (quarantines, paused queues, limits), or resume replicas the governor holds
     Fleet {
         #[command(subcommand)]
         action: Option<FleetAction>,
@@ -900,8 +901,12 @@ async fn stats(cfg: Config, json: bool) -> anyhow::Result<()> {
     let stats = queue.stats().await;
     let queues = harness::queue::queues::list(&database.pool).await;
     let limits = harness::queue::limits::list(&database.pool).await;
+    let names = match &limits {
+        Ok(l) => limits::agent_names(&database.pool, l.iter().map(|i| &i.limit)).await,
+        Err(_) => Ok(Default::default()),
+    };
     database.close().await;
-    let (stats, queues, limits) = (stats?, queues?, limits?);
+    let (stats, queues, limits, names) = (stats?, queues?, limits?, names?);
     if json {
         let mut obj = serde_json::Map::new();
         obj.insert("total".into(), stats.total.into());
@@ -939,7 +944,7 @@ async fn stats(cfg: Config, json: bool) -> anyhow::Result<()> {
             let mut t = table::Table::new(&["LIMIT", "RUNNING", "HELD BACK"]);
             for l in limits {
                 t.row(vec![
-                    format!("{}:{}", l.limit.scope.as_str(), l.limit.target),
+                    limits::target_text(&l.limit, &names),
                     l.running.to_string(),
                     l.waiting.to_string(),
                 ]);
@@ -975,14 +980,42 @@ async fn fleet(cfg: Config, json: bool) -> anyhow::Result<()> {
     // A replica is live while its heartbeat is younger than the rescue threshold.
     let max_age = Duration::from_secs(cfg.persistence.rescue_after_s);
     let rows = harness::fleet::replicas::list(&database.pool, max_age).await;
-    let quarantines = harness::fleet::quarantines::active(&database.pool).await;
-    database.close().await;
-    let (rows, quarantines) = (rows?, quarantines?);
     if json {
-        println!("{}", serde_json::to_string(&rows)?);
+        database.close().await;
+        println!("{}", serde_json::to_string(&rows?)?);
         return Ok(());
     }
+    let quarantines = harness::fleet::quarantines::active(&database.pool).await;
+    let queues = harness::queue::queues::list(&database.pool).await;
+    let limits = harness::queue::limits::list(&database.pool).await;
+    let names = match &limits {
+        Ok(l) => limits::agent_names(&database.pool, l.iter().map(|i| &i.limit)).await,
+        Err(_) => Ok(Default::default()),
+    };
+    database.close().await;
+    let (rows, quarantines, queues, limits, names) =
+        (rows?, quarantines?, queues?, limits?, names?);
+    // What holds work back fleet-wide, one line each, before the replicas.
     print_quarantines(&quarantines);
+    for q in queues.iter().filter(|q| q.paused) {
+        let why = if q.reason.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", q.reason)
+        };
+        println!(
+            "paused: queue {}{why}, {} runnable: no replica claims from it until `harness queues resume {}`",
+            q.name, q.runnable, q.name
+        );
+    }
+    for l in &limits {
+        println!(
+            "limit: {}: {} running, {} held back",
+            limits::describe(&l.limit, &names),
+            l.running,
+            l.waiting
+        );
+    }
     if rows.is_empty() {
         println!("no live replicas (start one with `harness serve`)");
         return Ok(());
