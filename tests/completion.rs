@@ -7,27 +7,13 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::TestDb;
+use common::{TestDb, serve};
 use harness::Harness;
 use harness::agents::{AgentSettings, AgentSpec, Agents};
 use harness::executor::{Executor, Runtime};
 use harness::queue::{NewTask, Queue, Status, Task};
 use harness::replica::builtin_handlers;
 use serde_json::{Value, json};
-use tokio::sync::oneshot;
-
-fn serve(harness: Harness) -> (oneshot::Sender<()>, tokio::task::JoinHandle<()>) {
-    let (tx, rx) = oneshot::channel::<()>();
-    let handle = tokio::spawn(async move {
-        harness
-            .serve(async {
-                let _ = rx.await;
-            })
-            .await
-            .unwrap();
-    });
-    (tx, handle)
-}
 
 async fn wait_final(q: &Queue, id: i64, within: Duration) -> Task {
     common::wait_final(q.pool(), id, within).await

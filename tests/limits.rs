@@ -9,15 +9,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{Concurrency, TestDb, eventually, serve, stop};
+use common::{Concurrency, TestDb, count, enqueue_ids, eventually, serve, stop, wait_all_final};
 use harness::Harness;
 use harness::queue::limits::{self, Limit, Scope};
 use harness::queue::{NewTask, Queue, Status};
 use serde_json::{Value, json};
-
-async fn count(db: &TestDb, sql: &str) -> i64 {
-    sqlx::query_scalar(sql).fetch_one(&db.pool).await.unwrap()
-}
 
 fn limit(scope: Scope, target: &str, concurrency: Option<i32>, rate: Option<(i32, i64)>) -> Limit {
     Limit {
@@ -85,32 +81,24 @@ async fn a_concurrency_limit_on_an_agent_holds_across_three_replicas_and_other_w
         "SELECT count(*) FROM tasks WHERE kind = 'call_llm' AND status = 'running'",
         done.clone(),
     );
-    let llm: Vec<i64> = q
-        .enqueue_many(
-            (0..24)
-                .map(|_| NewTask::new("call_llm", json!({})).agent_id(agent))
-                .collect(),
-        )
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|e| e.id)
-        .collect();
+    let llm: Vec<i64> = enqueue_ids(
+        &q,
+        (0..24)
+            .map(|_| NewTask::new("call_llm", json!({})).agent_id(agent))
+            .collect(),
+    )
+    .await;
     let replicas: Vec<_> = replicas.into_iter().map(serve).collect();
     // Other work enqueued behind the limited backlog runs on the free slots meanwhile.
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let others: Vec<i64> = q
-        .enqueue_many((0..300).map(|_| NewTask::new("other", json!({}))).collect())
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|e| e.id)
-        .collect();
-    for id in &others {
-        common::wait_final(&db.pool, *id, Duration::from_secs(30)).await;
-    }
+    let others: Vec<i64> = enqueue_ids(
+        &q,
+        (0..300).map(|_| NewTask::new("other", json!({}))).collect(),
+    )
+    .await;
+    wait_all_final(&db.pool, &others, Duration::from_secs(30)).await;
     let llm_done = count(
-        &db,
+        &db.pool,
         "SELECT count(*) FROM tasks WHERE kind = 'call_llm' AND status = 'completed'",
     )
     .await;
@@ -158,13 +146,7 @@ async fn one_keys_backlog_does_not_starve_the_other_keys_under_a_limit_per_key()
     batch.extend((0..4).map(|_| task("small-1")));
     batch.extend((0..4).map(|_| task("small-2")));
     batch.extend((0..4).map(|_| NewTask::new("work", json!({}))));
-    let ids: Vec<i64> = q
-        .enqueue_many(batch)
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|e| e.id)
-        .collect();
+    let ids: Vec<i64> = enqueue_ids(&q, batch).await;
     let done = Arc::new(AtomicBool::new(false));
     let sampler = sample_max(
         &db,
@@ -173,11 +155,9 @@ async fn one_keys_backlog_does_not_starve_the_other_keys_under_a_limit_per_key()
         done.clone(),
     );
     let replicas = vec![serve(h)];
-    for id in &ids[60..] {
-        common::wait_final(&db.pool, *id, Duration::from_secs(30)).await;
-    }
+    wait_all_final(&db.pool, &ids[60..], Duration::from_secs(30)).await;
     let big_done = count(
-        &db,
+        &db.pool,
         "SELECT count(*) FROM tasks WHERE concurrency_key = 'big' AND status = 'completed'",
     )
     .await;
@@ -185,9 +165,7 @@ async fn one_keys_backlog_does_not_starve_the_other_keys_under_a_limit_per_key()
         big_done < 30,
         "the small keys waited for the big one: {big_done} of 60 done"
     );
-    for id in &ids[..60] {
-        common::wait_final(&db.pool, *id, Duration::from_secs(60)).await;
-    }
+    wait_all_final(&db.pool, &ids[..60], Duration::from_secs(60)).await;
     done.store(true, Ordering::SeqCst);
     let max_per_key = sampler.await.unwrap();
     stop(replicas).await;
@@ -238,7 +216,7 @@ async fn a_rate_limit_meters_starts_across_replicas_within_ten_percent_without_b
     }
     // Once both replicas are up, their CPU is counted until the last task starts.
     eventually("two replicas", Duration::from_secs(30), async || {
-        (count(&db, "SELECT count(*) FROM replicas").await == 2).then_some(())
+        (count(&db.pool, "SELECT count(*) FROM replicas").await == 2).then_some(())
     })
     .await;
     let cpu0: f64 = procs.iter().map(|p| cpu_seconds(p.pid())).sum();
@@ -247,7 +225,12 @@ async fn a_rate_limit_meters_starts_across_replicas_within_ten_percent_without_b
         "every task to start",
         Duration::from_secs(n as u64 / 10 + 60),
         async || {
-            (count(&db, "SELECT count(*) FROM tasks WHERE started_at IS NULL").await == 0)
+            (count(
+                &db.pool,
+                "SELECT count(*) FROM tasks WHERE started_at IS NULL",
+            )
+            .await
+                == 0)
                 .then_some(())
         },
     )
@@ -367,7 +350,7 @@ async fn bad_limits_are_refused_naming_the_field_and_nothing_is_stored() {
         let e = limits::set(&db.pool, &l).await.unwrap_err().to_string();
         assert!(e.contains(field), "{l:?}: {e}");
     }
-    assert_eq!(count(&db, "SELECT count(*) FROM limits").await, 0);
+    assert_eq!(count(&db.pool, "SELECT count(*) FROM limits").await, 0);
     for (text, ok) in [
         ("20/s", Some((20, 1000))),
         ("60/min", Some((60, 60_000))),
@@ -475,7 +458,7 @@ async fn limits_are_set_listed_and_removed_from_the_cli() {
     assert_eq!(stats["limits"].as_array().unwrap().len(), 2, "{stats}");
     let (ok, _, err) = run(cli().args(["limits", "rm", "kind:echo"]));
     assert!(ok, "{err}");
-    assert_eq!(count(&db, "SELECT count(*) FROM limits").await, 1);
+    assert_eq!(count(&db.pool, "SELECT count(*) FROM limits").await, 1);
     // A task names its key from the CLI.
     let (ok, out, err) = run(cli().args(["enqueue", "echo", "{}", "--concurrency-key", "acme"]));
     assert!(ok, "{err}");
@@ -538,7 +521,12 @@ async fn limited_tasks_that_fill_every_free_slot_are_claimed_again_as_attempts_e
     let t0 = Instant::now();
     let replicas = vec![serve(h)];
     eventually("40 limited tasks", Duration::from_secs(30), async || {
-        (count(&db, "SELECT count(*) FROM tasks WHERE status = 'completed'").await == 40)
+        (count(
+            &db.pool,
+            "SELECT count(*) FROM tasks WHERE status = 'completed'",
+        )
+        .await
+            == 40)
             .then_some(())
     })
     .await;

@@ -6,26 +6,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use common::TestDb;
+use common::{TestDb, serve};
 use harness::Harness;
 use harness::queue::{NewTask, Status, Task};
 use harness::worker::Handler;
 use serde_json::{Value, json};
 use tokio::sync::oneshot;
-
-/// Serves `harness` in the background; the returned sender stops it.
-fn serve(harness: Harness) -> (oneshot::Sender<()>, tokio::task::JoinHandle<()>) {
-    let (tx, rx) = oneshot::channel::<()>();
-    let handle = tokio::spawn(async move {
-        harness
-            .serve(async {
-                let _ = rx.await;
-            })
-            .await
-            .unwrap();
-    });
-    (tx, handle)
-}
 
 /// Adds kind `stuck`: counts its starts in `started`, then sleeps 60 s (outlives any test).
 fn with_stuck(
@@ -779,4 +765,142 @@ async fn ids(q: &harness::queue::Queue, tasks: Vec<NewTask>) -> Vec<i64> {
         .iter()
         .map(|e| e.id)
         .collect()
+}
+
+/// A pool of kind `count` (counting its starts), with `rescue_after` as given, on a database
+/// where every claim of a task is counted too ([`claims`]).
+async fn counting_pool(
+    db: &TestDb,
+    rescue_after_s: &str,
+) -> (
+    harness::worker::Worker,
+    Arc<AtomicUsize>,
+    harness::queue::Queue,
+) {
+    use harness::worker::{Capacity, Registry, Worker, WorkerOptions};
+    sqlx::raw_sql(
+        "CREATE TABLE claims (n int NOT NULL); INSERT INTO claims VALUES (0);
+         CREATE FUNCTION count_claim() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN UPDATE claims SET n = n + 1; RETURN NULL; END $$;
+         CREATE TRIGGER count_claim AFTER UPDATE ON tasks FOR EACH ROW
+             WHEN (NEW.status = 'running' AND OLD.status <> 'running')
+             EXECUTE FUNCTION count_claim();",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let cfg = db.fast_config(&[("HARNESS_PERSISTENCE__RESCUE_AFTER_S", rescue_after_s)]);
+    let q = harness::queue::Queue::new(db.pool.clone(), 0);
+    let started = Arc::new(AtomicUsize::new(0));
+    let counter = started.clone();
+    let mut registry = Registry::default();
+    registry.insert(
+        "count",
+        Handler::from_payload(move |_| {
+            let counter = counter.clone();
+            async move {
+                counter.fetch_add(1, Ordering::SeqCst);
+                Ok::<_, String>(json!({}))
+            }
+        }),
+    );
+    let worker = Worker::start(
+        q.clone(),
+        Arc::new(registry),
+        Capacity::new(2),
+        WorkerOptions::from_config(&cfg, "lease-test"),
+        Arc::new(tokio::sync::Notify::new()),
+    );
+    (worker, started, q)
+}
+
+/// How many times tasks were claimed (see [`counting_pool`]).
+async fn claims(db: &TestDb) -> i32 {
+    sqlx::query_scalar("SELECT n FROM claims")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap()
+}
+
+/// A pool whose heartbeats broke off for longer than three quarters of `rescue_after` (so
+/// another replica may be taking its tasks over) claims nothing until a beat gets through
+/// again; then the task runs, once.
+#[tokio::test]
+async fn nothing_is_claimed_while_the_heartbeats_are_broken_off() {
+    use std::time::Instant;
+    let db = TestDb::new().await;
+    let (worker, started, q) = counting_pool(&db, "4").await;
+    let pool = worker.handle();
+    // The last beat that got through was sent 5 s ago: over 3 s (three quarters of 4 s).
+    let long_ago = Instant::now() - Duration::from_secs(5);
+    pool.beat_through(long_ago, long_ago);
+    let id = q
+        .enqueue(NewTask::new("count", json!({})))
+        .await
+        .unwrap()
+        .id;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(claims(&db).await, 0, "claimed without a lease");
+    // A beat gets through: claims made from now on start.
+    pool.beat_through(Instant::now(), Instant::now());
+    let t = wait_final(&db, id, Duration::from_secs(10)).await;
+    assert_eq!(t.status, Status::Completed);
+    assert_eq!((started.load(Ordering::SeqCst), t.attempt), (1, 1));
+    worker.shutdown().await;
+}
+
+/// A claim made while the lease held, answered after a beat that got through only after a
+/// break of three quarters of `rescue_after`: another replica may have taken the task over
+/// meanwhile, so it is given back, not started — although the claim is younger than
+/// `claim_max_age` — and runs at the next claim, its given-back attempt not counted.
+#[tokio::test]
+async fn a_claim_outlived_by_a_break_in_the_heartbeats_is_given_back_not_started() {
+    use std::time::Instant;
+    let db = TestDb::new().await;
+    // rescue_after 8 s: a break of 6 s loses the lease; claims older than 4 s are stale.
+    let (worker, started, q) = counting_pool(&db, "8").await;
+    // Every claim of this task takes 3 s to commit.
+    sqlx::raw_sql(
+        "CREATE FUNCTION slow_claim() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN
+             IF NEW.status = 'running' AND OLD.status <> 'running' THEN
+                 PERFORM pg_sleep(3);
+             END IF;
+             RETURN NULL;
+         END $$;
+         CREATE CONSTRAINT TRIGGER slow_claim AFTER UPDATE ON tasks
+             DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION slow_claim();",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let pool = worker.handle();
+    // The last beat got through 4 s ago: the lease holds (under 6 s), and the claim goes out.
+    let last = Instant::now() - Duration::from_secs(4);
+    pool.beat_through(last, last);
+    let id = q
+        .enqueue(NewTask::new("count", json!({})))
+        .await
+        .unwrap()
+        .id;
+    common::eventually("the claim's COMMIT", Duration::from_secs(5), async || {
+        let n: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'PgSleep' AND query = 'COMMIT'",
+        )
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+        (n == 1).then_some(())
+    })
+    .await;
+    // While it commits, the next beat gets through: 6 s or more after the last one.
+    tokio::time::sleep_until((last + Duration::from_millis(6200)).into()).await;
+    pool.beat_through(Instant::now(), Instant::now());
+    let t = wait_final(&db, id, Duration::from_secs(20)).await;
+    assert_eq!(t.status, Status::Completed);
+    assert_eq!(claims(&db).await, 2, "the first claim was started");
+    assert_eq!(started.load(Ordering::SeqCst), 1);
+    assert_eq!(t.attempt, 1, "the attempt given back was counted");
+    assert!(t.attempts.is_empty(), "{:?}", t.attempts);
+    worker.shutdown().await;
 }

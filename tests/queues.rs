@@ -6,7 +6,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Concurrency, TestDb, eventually, serve, stop};
+use common::{Concurrency, TestDb, count, enqueue_ids, eventually, serve, stop, wait_all_final};
 use harness::Harness;
 use harness::queue::{NewTask, Queue, Status};
 use serde_json::{Value, json};
@@ -28,10 +28,6 @@ async fn replica(db: &TestDb, name: &str, queues: &str, ms: u64) -> Harness {
         .build()
         .await
         .unwrap()
-}
-
-async fn count(db: &TestDb, sql: &str) -> i64 {
-    sqlx::query_scalar(sql).fetch_one(&db.pool).await.unwrap()
 }
 
 #[tokio::test]
@@ -98,42 +94,30 @@ async fn a_queues_capacity_bounds_what_runs_of_it_and_leaves_other_queues_their_
         .unwrap();
     let q = h.queue().clone();
     // The heavy backlog first: it must not take the light queue's slots.
-    let heavy_ids: Vec<i64> = q
-        .enqueue_many(
-            (0..6)
-                .map(|_| NewTask::new("heavy_work", json!({})).queue("heavy"))
-                .collect(),
-        )
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|e| e.id)
-        .collect();
-    let light_ids: Vec<i64> = q
-        .enqueue_many(
-            (0..40)
-                .map(|_| NewTask::new("light_work", json!({})))
-                .collect(),
-        )
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|e| e.id)
-        .collect();
+    let heavy_ids: Vec<i64> = enqueue_ids(
+        &q,
+        (0..6)
+            .map(|_| NewTask::new("heavy_work", json!({})).queue("heavy"))
+            .collect(),
+    )
+    .await;
+    let light_ids: Vec<i64> = enqueue_ids(
+        &q,
+        (0..40)
+            .map(|_| NewTask::new("light_work", json!({})))
+            .collect(),
+    )
+    .await;
     let replicas = vec![serve(h)];
-    for id in &light_ids {
-        common::wait_final(&db.pool, *id, Duration::from_secs(30)).await;
-    }
+    wait_all_final(&db.pool, &light_ids, Duration::from_secs(30)).await;
     // Every light task ended while the heavy queue, one at a time, still had work.
     let heavy_done = count(
-        &db,
+        &db.pool,
         "SELECT count(*) FROM tasks WHERE queue = 'heavy' AND status = 'completed'",
     )
     .await;
     assert!(heavy_done < 6, "the light queue waited for the heavy one");
-    for id in &heavy_ids {
-        common::wait_final(&db.pool, *id, Duration::from_secs(30)).await;
-    }
+    wait_all_final(&db.pool, &heavy_ids, Duration::from_secs(30)).await;
     stop(replicas).await;
     assert_eq!(heavy.peak(), 1, "the heavy queue's capacity is 1");
     assert_eq!(light.peak(), 4, "the light queue used its 4 slots");
@@ -182,7 +166,12 @@ async fn a_pause_stops_every_replicas_claims_from_the_queue_within_a_second_and_
         .await
         .unwrap();
     eventually("work in progress", Duration::from_secs(20), async || {
-        (count(&db, "SELECT count(*) FROM tasks WHERE status = 'completed'").await > 20)
+        (count(
+            &db.pool,
+            "SELECT count(*) FROM tasks WHERE status = 'completed'",
+        )
+        .await
+            > 20)
             .then_some(())
     })
     .await;
@@ -197,7 +186,7 @@ async fn a_pause_stops_every_replicas_claims_from_the_queue_within_a_second_and_
     assert_eq!(t.status, Status::Completed);
     tokio::time::sleep(Duration::from_millis(2500)).await;
     let late: i64 = count(
-        &db,
+        &db.pool,
         "SELECT count(*) FROM tasks t, queues p WHERE p.name = 'default' \
          AND t.queue = 'default' AND t.started_at > p.updated_at + interval '1 second'",
     )
@@ -207,7 +196,7 @@ async fn a_pause_stops_every_replicas_claims_from_the_queue_within_a_second_and_
         "claims from a paused queue more than a second after the pause"
     );
     let waiting = count(
-        &db,
+        &db.pool,
         "SELECT count(*) FROM tasks WHERE queue = 'default' AND status = 'pending'",
     )
     .await;
@@ -233,7 +222,7 @@ async fn a_pause_stops_every_replicas_claims_from_the_queue_within_a_second_and_
         Duration::from_secs(5),
         async || {
             (count(
-                &db,
+                &db.pool,
                 "SELECT count(*) FROM tasks t, queues p WHERE p.name = 'default' \
              AND t.queue = 'default' AND t.started_at >= p.updated_at",
             )
@@ -248,7 +237,7 @@ async fn a_pause_stops_every_replicas_claims_from_the_queue_within_a_second_and_
         Duration::from_secs(60),
         async || {
             (count(
-                &db,
+                &db.pool,
                 "SELECT count(*) FROM tasks WHERE status <> 'completed'",
             )
             .await
@@ -277,8 +266,8 @@ async fn a_queue_name_that_cannot_exist_is_refused_naming_the_field() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("queue"), "{err}");
-    assert_eq!(count(&db, "SELECT count(*) FROM tasks").await, 0);
-    assert_eq!(count(&db, "SELECT count(*) FROM queues").await, 0);
+    assert_eq!(count(&db.pool, "SELECT count(*) FROM tasks").await, 0);
+    assert_eq!(count(&db.pool, "SELECT count(*) FROM queues").await, 0);
 }
 
 /// The chart's KEDA query (the printf format in helm/harness/templates/_helpers.tpl) for
@@ -315,7 +304,7 @@ async fn the_charts_keda_query_counts_a_groups_backlog_and_running_tasks_through
         .await
         .unwrap();
     // 4 due (2 of heavy, 2 of agents) and the running one; not the delayed or other queues.
-    assert_eq!(count(&db, &sql).await, 5, "{sql}");
+    assert_eq!(count(&db.pool, &sql).await, 5, "{sql}");
     let plan: Vec<String> = sqlx::query_scalar(&format!("EXPLAIN {sql}"))
         .fetch_all(&db.pool)
         .await
@@ -327,7 +316,7 @@ async fn the_charts_keda_query_counts_a_groups_backlog_and_running_tasks_through
     harness::queue::queues::pause(&db.pool, "heavy", "")
         .await
         .unwrap();
-    assert_eq!(count(&db, &sql).await, 3);
+    assert_eq!(count(&db.pool, &sql).await, 3);
 }
 
 fn run(cmd: &mut std::process::Command) -> String {

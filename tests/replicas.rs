@@ -554,6 +554,25 @@ fn lines(path: &std::path::Path) -> usize {
         .unwrap_or(0)
 }
 
+/// Runs a command beside `effects` on whichever replica serves, and waits for it to complete:
+/// by then a replica has had time to start anything it was about to.
+async fn run_a_marker(q: &Queue, effects: &std::path::Path) {
+    let marker = q
+        .enqueue(NewTask::new(
+            "command",
+            json!({"argv": ["sh", "-c", format!("echo marker >> {}.marker", effects.display())]}),
+        ))
+        .await
+        .unwrap()
+        .id;
+    until(
+        Duration::from_secs(20),
+        "a to run the next task",
+        async || (q.get(marker).await.unwrap().status == Status::Completed).then_some(()),
+    )
+    .await;
+}
+
 #[tokio::test]
 async fn a_claim_that_returns_after_a_long_stop_is_not_started() {
     let db = TestDb::new().await;
@@ -626,20 +645,7 @@ async fn a_claim_that_returns_after_a_long_stop_is_not_started() {
     )
     .await;
     // Give a started command time to leave its mark, should one have been started.
-    let marker = q
-        .enqueue(NewTask::new(
-            "command",
-            json!({"argv": ["sh", "-c", format!("echo marker >> {}.marker", effects.display())]}),
-        ))
-        .await
-        .unwrap()
-        .id;
-    until(
-        Duration::from_secs(20),
-        "a to run the next task",
-        async || (q.get(marker).await.unwrap().status == Status::Completed).then_some(()),
-    )
-    .await;
+    run_a_marker(&q, &effects).await;
     assert_eq!(
         lines(&effects),
         1,
@@ -760,20 +766,7 @@ async fn a_run_held_up_before_its_start_does_not_start_after_its_task_was_rescue
     tokio::time::sleep(Duration::from_secs(2)).await;
     tasks.commit().await.unwrap();
     // Give a started process time to leave its mark, should one have been started.
-    let marker = q
-        .enqueue(NewTask::new(
-            "command",
-            json!({"argv": ["sh", "-c", format!("echo marker >> {}.marker", effects.display())]}),
-        ))
-        .await
-        .unwrap()
-        .id;
-    until(
-        Duration::from_secs(20),
-        "a to run the next task",
-        async || (q.get(marker).await.unwrap().status == Status::Completed).then_some(()),
-    )
-    .await;
+    run_a_marker(&q, &effects).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(
         std::fs::read_to_string(&effects).unwrap(),

@@ -118,6 +118,15 @@ pub(super) async fn agent_names<'a>(
     Ok(harness::agents::names_of(pool, &ids).await?)
 }
 
+/// Every limit with its counts, and the names of the agents they name (for [`target_text`]).
+pub(super) async fn listed(
+    pool: &sqlx::PgPool,
+) -> anyhow::Result<(Vec<limits::LimitInfo>, HashMap<i64, String>)> {
+    let all = limits::list(pool).await?;
+    let names = agent_names(pool, all.iter().map(|i| &i.limit)).await?;
+    Ok((all, names))
+}
+
 /// `queue:heavy`, `agent:llm` (an agent by its name while it exists, else by its id).
 pub(super) fn target_text(l: &Limit, names: &HashMap<i64, String>) -> String {
     let name = (l.scope == Scope::Agent)
@@ -143,7 +152,7 @@ fn per_text(ms: i64) -> String {
 }
 
 async fn list(pool: &sqlx::PgPool, json: bool) -> anyhow::Result<()> {
-    let all = limits::list(pool).await?;
+    let (all, names) = listed(pool).await?;
     if json {
         println!("{}", serde_json::to_string(&all)?);
         return Ok(());
@@ -152,7 +161,6 @@ async fn list(pool: &sqlx::PgPool, json: bool) -> anyhow::Result<()> {
         println!("no limits (add one with `harness limits set queue:NAME --concurrency 3`)");
         return Ok(());
     }
-    let names = agent_names(pool, all.iter().map(|i| &i.limit)).await?;
     let mut t = Table::new(&["TARGET", "CONCURRENCY", "RATE", "RUNNING", "HELD BACK"]);
     for i in all {
         let l = &i.limit;

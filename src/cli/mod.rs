@@ -900,13 +900,9 @@ async fn stats(cfg: Config, json: bool) -> anyhow::Result<()> {
     let queue = Queue::new(database.pool.clone(), cfg.bulk.retry_attempts);
     let stats = queue.stats().await;
     let queues = harness::queue::queues::list(&database.pool).await;
-    let limits = harness::queue::limits::list(&database.pool).await;
-    let names = match &limits {
-        Ok(l) => limits::agent_names(&database.pool, l.iter().map(|i| &i.limit)).await,
-        Err(_) => Ok(Default::default()),
-    };
+    let limits = limits::listed(&database.pool).await;
     database.close().await;
-    let (stats, queues, limits, names) = (stats?, queues?, limits?, names?);
+    let (stats, queues, (limits, names)) = (stats?, queues?, limits?);
     if json {
         let mut obj = serde_json::Map::new();
         obj.insert("total".into(), stats.total.into());
@@ -987,14 +983,9 @@ async fn fleet(cfg: Config, json: bool) -> anyhow::Result<()> {
     }
     let quarantines = harness::fleet::quarantines::active(&database.pool).await;
     let queues = harness::queue::queues::list(&database.pool).await;
-    let limits = harness::queue::limits::list(&database.pool).await;
-    let names = match &limits {
-        Ok(l) => limits::agent_names(&database.pool, l.iter().map(|i| &i.limit)).await,
-        Err(_) => Ok(Default::default()),
-    };
+    let limits = limits::listed(&database.pool).await;
     database.close().await;
-    let (rows, quarantines, queues, limits, names) =
-        (rows?, quarantines?, queues?, limits?, names?);
+    let (rows, quarantines, queues, (limits, names)) = (rows?, quarantines?, queues?, limits?);
     // What holds work back fleet-wide, one line each, before the replicas.
     print_quarantines(&quarantines);
     for q in queues.iter().filter(|q| q.paused) {

@@ -18,6 +18,9 @@ pub(super) const MAX_CLAIM: usize = 1000;
 /// How soon a queue whose tasks a concurrency limit held back is asked again.
 pub(super) const LIMITED_RECHECK: Duration = Duration::from_millis(250);
 
+/// How often a claimer whose lease is lost looks again for a heartbeat that got through.
+pub(super) const LEASE_RECHECK: Duration = Duration::from_millis(100);
+
 /// How long a claimer with a backlog waits for freed capacity to gather into one claim.
 pub(super) const CLAIM_GATHER: Duration = Duration::from_millis(2);
 
@@ -43,6 +46,15 @@ pub(super) async fn claim_loop(
     loop {
         if !wait_for_claiming(&shared, &stop).await {
             return;
+        }
+        // No beat got through for so long that another replica may be taking this one's
+        // tasks over: nothing claimed now could start (see `lease`). Wait for a beat.
+        if shared.lease(std::time::Instant::now()).check().is_err() {
+            tokio::select! {
+                _ = tokio::time::sleep(LEASE_RECHECK) => {}
+                _ = stop.cancelled() => return,
+            }
+            continue;
         }
         capacity.hold.settle();
         // Registered before the room is reckoned, so an attempt ending meanwhile wakes it.

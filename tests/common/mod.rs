@@ -530,6 +530,31 @@ pub async fn wait_final(
     .await
 }
 
+/// Waits until every task of `ids` is final, each within `within`.
+pub async fn wait_all_final(pool: &PgPool, ids: &[i64], within: std::time::Duration) {
+    for id in ids {
+        wait_final(pool, *id, within).await;
+    }
+}
+
+/// Enqueues `tasks` in one batch; their ids, in order.
+pub async fn enqueue_ids(
+    q: &harness::queue::Queue,
+    tasks: Vec<harness::queue::NewTask>,
+) -> Vec<i64> {
+    q.enqueue_many(tasks)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.id)
+        .collect()
+}
+
+/// The one number `sql` (a count, a sum) reads.
+pub async fn count(pool: &PgPool, sql: &str) -> i64 {
+    sqlx::query_scalar(sql).fetch_one(pool).await.unwrap()
+}
+
 /// A process a test started, in a process group of its own. Dropped (a test that ends or
 /// fails), it is continued if stopped, asked to stop (SIGTERM), and killed with its whole
 /// group after `grace`: nothing a test starts outlives it.
