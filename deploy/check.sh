@@ -339,6 +339,17 @@ assert "nodeSelector" not in heavy["spec"]["template"]["spec"]
 # Memory and /tmp from the group's slots: 3 x 256 MB + 512 Mi; 16 x 256 MB + 512 Mi.
 mem = lambda d: d["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]["memory"]
 assert (mem(heavy), mem(light)) == ("1280Mi", "4608Mi"), (mem(heavy), mem(light))
+# /tmp: each slot's largest file (executor.max_file_mb, 256) + 256 Mi.
+tmp = lambda d: [v["emptyDir"]["sizeLimit"] for v in d["spec"]["template"]["spec"]["volumes"] if v["name"] == "tmp"]
+assert (tmp(heavy), tmp(light)) == (["1024Mi"], ["4352Mi"]), (tmp(heavy), tmp(light))
+# A headless Service and a PDB per group, selecting its pods.
+for dep in (heavy, light):
+    name, pods = dep["metadata"]["name"], dep["spec"]["selector"]["matchLabels"]
+    svc = [d for d in docs if d["kind"] == "Service" and d["metadata"]["name"] == name]
+    assert len(svc) == 1 and svc[0]["spec"]["clusterIP"] == "None", svc
+    assert svc[0]["spec"]["selector"] == pods, (svc[0]["spec"]["selector"], pods)
+    pdb = [d for d in docs if d["kind"] == "PodDisruptionBudget" and d["metadata"]["name"] == name]
+    assert len(pdb) == 1 and pdb[0]["spec"]["selector"]["matchLabels"] == pods, pdb
 # No Deployment's selector matches another's pods.
 for a in deps.values():
     sel = a["spec"]["selector"]["matchLabels"]
@@ -365,6 +376,17 @@ assert trig["metadata"]["query"] == (
     "('agents', 'heavy') AND status = 'running')"), trig["metadata"]["query"]
 assert trig["metadata"]["targetQueryValue"] == "10"
 print("worker groups ok")
+PY
+  # The API replicas serving config.worker.queues size memory and /tmp from its capacities:
+  # 4 x 256 + 512 Mi and 4 x 256 + 256 Mi.
+  helm_template "${GOOD[@]}" --set config.worker.queues.default=4 >"$TMP/queues.yaml"
+  python3 - "$TMP/queues.yaml" <<'PY'
+import sys, yaml
+dep = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d and d["kind"] == "Deployment"][0]
+spec = dep["spec"]["template"]["spec"]
+assert spec["containers"][0]["resources"]["limits"]["memory"] == "1536Mi", spec["containers"][0]["resources"]
+assert [v["emptyDir"]["sizeLimit"] for v in spec["volumes"] if v["name"] == "tmp"] == ["1280Mi"]
+print("config.worker.queues sizing ok")
 PY
 }
 run "worker groups (Deployments, queues, selectors, KEDA)" check_worker_groups

@@ -151,7 +151,18 @@ async fn every_metric_the_dashboard_alerts_and_readme_name_is_exported() {
                 .find(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
                 .and_then(|l| l.rsplit(' ').next()?.parse().ok())
         };
-        (value("harness_queue_delayed")? >= 1.0
+        // Labelled as the README says: by queue, and by the limit's scope and target.
+        let labelled = |name: &str, labels: &[&str]| {
+            text.lines().any(|l| {
+                l.starts_with(&format!("{name}{{")) && labels.iter().all(|x| l.contains(x))
+            })
+        };
+        (labelled("harness_queue_runnable", &["queue=\"default\""])
+            && labelled(
+                "harness_limit_waiting",
+                &["scope=\"kind\"", "target=\"noop\""],
+            )
+            && value("harness_queue_delayed")? >= 1.0
             && value("harness_queue_due")? == 0.0
             && value("harness_queue_oldest_due_age_seconds")? == 0.0
             && value("harness_database_up")? == 1.0)

@@ -402,7 +402,7 @@ impl Queue {
                 if wanted == 0 {
                     break;
                 }
-                let rows = or_keep!(
+                let (rows, version) = or_keep!(
                     self.claim_unlimited(replica, &unlimited, kinds, &set)
                         .await
                 );
@@ -413,9 +413,12 @@ impl Queue {
                     }
                 }
                 round.rows.extend(rows);
-                if got == wanted || or_keep!(self.limit_set(true).await).version == set.version {
+                // A claim that took rows was made for the limits in force (its statement checks
+                // the version); one that took none says which version was.
+                if got == wanted || version.is_none_or(|v| v == set.version) {
                     break;
                 }
+                or_keep!(self.limit_set(true).await);
             }
             // RETURNING has no order: restore the claim's, so a batch starts highest first.
             round.rows.sort_by(|a, b| {
@@ -430,14 +433,15 @@ impl Queue {
         .await
     }
 
-    /// One claim statement for the tasks no limit of `set` applies to.
+    /// One claim statement for the tasks no limit of `set` applies to; with the rows, when it
+    /// took none, the limits' version in force (a claim made for other limits takes nothing).
     async fn claim_unlimited(
         &self,
         replica: &str,
         asked: &[(&str, u32)],
         kinds: &[String],
         set: &super::limits::LimitSet,
-    ) -> Result<Vec<Claimed>, Error> {
+    ) -> Result<(Vec<Claimed>, Option<i64>), Error> {
         let (queues, ns): (Vec<&str>, Vec<i64>) = asked
             .iter()
             .filter(|(_, n)| *n > 0)
@@ -470,8 +474,18 @@ impl Queue {
                 .fetch_all(&mut *tx)
                 .await?
         };
+        // Read under the same shared limits lock: it cannot have changed since the claim.
+        let version = if rows.is_empty() {
+            Some(
+                sqlx::query_scalar("SELECT version FROM limits_version")
+                    .fetch_one(&mut *tx)
+                    .await?,
+            )
+        } else {
+            None
+        };
         tx.commit().await?;
-        Ok(rows)
+        Ok((rows, version))
     }
 
     /// Whether a limit of the queue itself was in force when this handle last read the

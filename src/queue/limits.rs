@@ -101,8 +101,11 @@ impl Limit {
                 {
                     return Err(bad(
                         "target",
-                        "must be 1 to 512 characters, without NUL (a key limit: a key, or * for \
-                         each key on its own)",
+                        &format!(
+                            "must be 1 to {} characters, without NUL (a key limit: a key, or * \
+                             for each key on its own)",
+                            super::MAX_KEY_LEN
+                        ),
                     ));
                 }
             }
@@ -117,13 +120,16 @@ impl Limit {
             .concurrency
             .is_some_and(|c| !(1..=MAX_CONCURRENCY).contains(&c))
         {
-            return Err(bad("concurrency", "must be 1 to 1000000"));
+            return Err(bad(
+                "concurrency",
+                &format!("must be 1 to {MAX_CONCURRENCY}"),
+            ));
         }
         match (self.rate, self.per_ms) {
             (None, None) => {}
             (Some(r), Some(p)) => {
                 if !(1..=MAX_RATE).contains(&r) {
-                    return Err(bad("rate", "must be 1 to 1000000 starts"));
+                    return Err(bad("rate", &format!("must be 1 to {MAX_RATE} starts")));
                 }
                 if !(1..=MAX_PER.as_millis() as i64).contains(&p) {
                     return Err(bad("rate", "its interval must be 1 ms to 24 h"));
@@ -292,9 +298,7 @@ pub async fn remove(pool: &PgPool, scope: Scope, target: &str) -> Result<bool, E
         .await?
         .rows_affected();
     sqlx::query(BUMP).execute(&mut *tx).await?;
-    sqlx::query(concat!("SELECT pg_notify('", tasks_channel!(), "', '')"))
-        .execute(&mut *tx)
-        .await?;
+    sqlx::query(super::NOTIFY_TASKS).execute(&mut *tx).await?;
     tx.commit().await?;
     Ok(n > 0)
 }

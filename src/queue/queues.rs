@@ -120,9 +120,7 @@ pub async fn resume(pool: &PgPool, name: &str) -> Result<bool, Error> {
     .execute(&mut *tx)
     .await?;
     // Sent at commit: every replica serving the queue claims from it at once.
-    sqlx::query(concat!("SELECT pg_notify('", tasks_channel!(), "', '')"))
-        .execute(&mut *tx)
-        .await?;
+    sqlx::query(super::NOTIFY_TASKS).execute(&mut *tx).await?;
     tx.commit().await?;
     Ok(was_paused.unwrap_or(false))
 }
