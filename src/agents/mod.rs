@@ -907,9 +907,8 @@ impl Agents {
         // The sandboxed process continues this run's trace.
         spec.traceparent =
             crate::telemetry::current_traceparent().or_else(|| ctx.traceparent.clone());
-        let result = match self.run_logged(&ctx, &mut spec).await {
-            Err(crate::executor::Error::NotStarted(why)) => return Ok(given_back(&ctx, &why)),
-            r => r.map_err(setup_error)?,
+        let Some(result) = self.run_logged(&ctx, &mut spec).await? else {
+            return Ok(Value::Null);
         };
         let error = result.error.clone().unwrap_or_default();
         let record = serde_json::to_value(&result).expect("result serialises");
@@ -934,12 +933,12 @@ impl Agents {
 
     /// Runs `spec` for the attempt of `ctx`, its output and progress stored as it goes
     /// (`queue::logs`) and all of it stored before this returns. Its process starts only
-    /// while the attempt holds its lease ([`crate::executor::Error::NotStarted`] if not).
+    /// while the attempt holds its lease: `None` when it did not, the task given back.
     async fn run_logged(
         &self,
         ctx: &TaskContext,
         spec: &mut RunSpec,
-    ) -> Result<crate::executor::ExecutionResult, crate::executor::Error> {
+    ) -> Result<Option<crate::executor::ExecutionResult>, HandlerError> {
         let lease = ctx.lease();
         spec.gate = Some(crate::executor::StartGate::new(move || lease.check()));
         let limit = self.executor.output_limit;
@@ -948,7 +947,14 @@ impl Agents {
         let writer = LogWriter::spawn(self.pool.clone(), ctx.id, ctx.attempt, output, limit);
         let result = self.executor.run(spec).await;
         writer.finish().await;
-        result
+        match result {
+            Ok(r) => Ok(Some(r)),
+            Err(crate::executor::Error::NotStarted(why)) => {
+                given_back(ctx, &why);
+                Ok(None)
+            }
+            Err(e) => Err(setup_error(e)),
+        }
     }
 
     /// The `agent` task kind.
@@ -990,11 +996,8 @@ impl Agents {
                     })?;
                 }
                 spec.traceparent = ctx.traceparent.clone();
-                let result = match agents.run_logged(&ctx, &mut spec).await {
-                    Err(crate::executor::Error::NotStarted(why)) => {
-                        return Ok(given_back(&ctx, &why));
-                    }
-                    r => r.map_err(setup_error)?,
+                let Some(result) = agents.run_logged(&ctx, &mut spec).await? else {
+                    return Ok(Value::Null);
                 };
                 let record = serde_json::to_value(&result).expect("result serialises");
                 match result.status {
@@ -1093,13 +1096,12 @@ pub fn validate_command_payload(payload: &Value) -> Result<(), String> {
 
 /// A run whose process was not started because another replica may have taken its task over:
 /// the task goes back to the queue, the attempt not counted (if it is still this replica's).
-fn given_back(ctx: &TaskContext, why: &str) -> Value {
+fn given_back(ctx: &TaskContext, why: &str) {
     tracing::warn!(
         reason = why,
         "not starting the run; returning its task to the queue"
     );
     ctx.defer(Duration::ZERO);
-    Value::Null
 }
 
 /// A run that could not be set up: permanent when no retry can cure it (see
